@@ -1,0 +1,36 @@
+"""Pure-torch reference backend: the CPU fallback and the oracle of every kernel test.
+
+All functions compute in float32 (float64 when an input is float64), are differentiable with
+respect to every floating input, and return the dtype the contract names.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _acc_dtype(*tensors) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def svf_matmul(x, U, S, Vh, Z, idx):
+    """y[t] = U @ (S * Z[idx[t]] * (Vh @ x[t])): x [T, n] → y [T, m] in x's dtype."""
+    acc = _acc_dtype(x, U, S, Vh, Z)
+    h = (x.to(acc) @ Vh.to(acc).T) * S.to(acc) * Z.to(acc)[idx.long()]
+    return (h @ U.to(acc).T).to(x.dtype)
+
+
+def mix_experts(alpha, bank):
+    """Z = alpha @ bank: alpha [slots, K], bank [K, r] → [slots, r] (float32 or float64)."""
+    acc = _acc_dtype(alpha, bank)
+    return alpha.to(acc) @ bank.to(acc)
+
+
+def svf_matmul_mix(x, U, S, Vh, alpha, bank, idx):
+    """svf_matmul with Z = alpha @ bank."""
+    return svf_matmul(x, U, S, Vh, mix_experts(alpha, bank), idx)
+
+
+def svf_merge(U, S, z, Vh):
+    """W' = U diag(S * z) Vh: [m, n] in U's dtype."""
+    acc = _acc_dtype(U, S, z, Vh)
+    return ((U.to(acc) * (S.to(acc) * z.to(acc))) @ Vh.to(acc)).to(U.dtype)

@@ -1,0 +1,200 @@
+"""The one dispatch point between t2fast's layers and its backends.
+
+Backends:
+    ``"triton"``  the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)
+    ``"torch"``   the pure-torch reference (:mod:`t2fast.ops.reference`)
+    ``"auto"``    triton for CUDA tensors, and for CPU tensors when the interpreter is on;
+                  torch otherwise
+
+Every entry point validates shapes, dtypes and devices and raises ``ValueError``/``TypeError``
+naming the argument. Checks that need a device sync (index range, finite α) run when
+``validate=True`` (the default); layers that build their own indices pass ``validate=False``.
+
+Autograd: the torch backend is differentiable in every input. The triton backend is
+differentiable in ``x`` and in ``Z`` (or ``alpha`` and ``bank``); the factors U, S, Vh are frozen
+(SVF trains z only), and asking for their gradient is an error.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels import launch
+from . import reference
+from .checks import (INDEX_DTYPES, KERNEL_DTYPES, check_dim, check_finite, check_index_range,
+                     check_same_device, check_svf_factors, check_tensor)
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``backend`` ("auto", "triton", "torch") to the backend that will run on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" or launch.interpreter_active() else "torch"
+    if backend == "triton" and device.type != "cuda" and not launch.interpreter_active():
+        raise ValueError(f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run the "
+                         f"kernels on the CPU through Triton's interpreter; tensors are on "
+                         f"{device}. Use backend='torch' or 'auto'.")
+    return backend
+
+
+def _check_kernel_inputs(backend: str, **tensors) -> None:
+    if backend != "triton":
+        return
+    for name, t in tensors.items():
+        if t.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"backend='triton' supports float16, bfloat16 and float32; {name} is "
+                            f"{str(t.dtype).replace('torch.', '')} (use backend='torch' for "
+                            f"float64)")
+        if name in ("U", "S", "Vh") and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"backend='triton' treats the SVD factors as constants, but {name} "
+                             f"requires grad; detach it or use backend='torch'")
+
+
+def _check_idx(idx, T: int) -> None:
+    check_tensor("idx", idx, 1, INDEX_DTYPES)
+    if idx.shape[0] != T:
+        raise ValueError(f"idx has shape {tuple(idx.shape)}: it needs one slot per token of x, "
+                         f"i.e. shape ({T},)")
+
+
+def _svf_input_grads(grad_y, x, U, S, Vh, z_tok):
+    """Gradients for y = U (S z_tok (Vh x)) per token: returns (grad_x, grad of z_tok)."""
+    g = grad_y.float() @ U.float()             # [T, r]
+    a = x.float() @ Vh.float().T               # [T, r]
+    grad_x = ((S.float() * z_tok) * g) @ Vh.float()
+    return grad_x.to(x.dtype), S.float() * a * g
+
+
+def _slot_grad(grad_ztok, idx, num_slots):
+    out = torch.zeros((num_slots, grad_ztok.shape[1]), device=grad_ztok.device,
+                      dtype=torch.float32)
+    return out.index_add_(0, idx.long(), grad_ztok)
+
+
+class _SVFMatmulTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, Z, U, S, Vh, idx):
+        ctx.save_for_backward(x, Z, U, S, Vh, idx)
+        h = launch.svf_shrink(x, Vh, S, idx, Z=Z)
+        return launch.scaled_matmul(h, U.t(), out_dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, Z, U, S, Vh, idx = ctx.saved_tensors
+        grad_x, grad_ztok = _svf_input_grads(grad_y, x, U, S, Vh, Z.float()[idx.long()])
+        grad_Z = _slot_grad(grad_ztok, idx, Z.shape[0]).to(Z.dtype)
+        return grad_x, grad_Z, None, None, None, None
+
+
+class _SVFMatmulMixTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha, bank, U, S, Vh, idx):
+        ctx.save_for_backward(x, alpha, bank, U, S, Vh, idx)
+        h = launch.svf_shrink(x, Vh, S, idx, alpha=alpha, bank=bank)
+        return launch.scaled_matmul(h, U.t(), out_dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, alpha, bank, U, S, Vh, idx = ctx.saved_tensors
+        Z = alpha.float() @ bank.float()
+        grad_x, grad_ztok = _svf_input_grads(grad_y, x, U, S, Vh, Z[idx.long()])
+        grad_Z = _slot_grad(grad_ztok, idx, alpha.shape[0])
+        grad_alpha = (grad_Z @ bank.float().T).to(alpha.dtype)
+        grad_bank = (alpha.float().T @ grad_Z).to(bank.dtype)
+        return grad_x, grad_alpha, grad_bank, None, None, None, None
+
+
+def svf_matmul(x, U, S, Vh, Z, idx, *, backend: str = "auto", validate: bool = True):
+    """Per-token SVF linear map ``y[t] = U @ (S * Z[idx[t]] * (Vh @ x[t]))``.
+
+    Args:
+        x:   [T, n] fp16/bf16/fp32 (fp64 with the torch backend); any strides.
+        U:   [m, r] left singular vectors.
+        S:   [r] singular values.
+        Vh:  [r, n] right singular vectors as rows (``torch.linalg.svd``'s ``Vh``).
+        Z:   [num_slots, r] z vector of each slot.
+        idx: [T] int32/int64 slot of each token, in [0, num_slots).
+    Returns:
+        y [T, m] in x's dtype, accumulated in fp32.
+    """
+    m, r, n = check_svf_factors(U, S, Vh, x)
+    check_tensor("Z", Z, 2)
+    check_dim("Z", Z, 1, r, "the rank r = U.shape[1]")
+    _check_idx(idx, x.shape[0])
+    device = check_same_device(x=x, U=U, S=S, Vh=Vh, Z=Z, idx=idx)
+    backend = resolve_backend(backend, device)
+    _check_kernel_inputs(backend, x=x, U=U, S=S, Vh=Vh, Z=Z)
+    if validate:
+        check_index_range(idx, Z.shape[0])
+    if x.shape[0] == 0:
+        return x.new_empty((0, m))
+    if backend == "torch":
+        return reference.svf_matmul(x, U, S, Vh, Z, idx)
+    return _SVFMatmulTriton.apply(x, Z, U, S.contiguous(), Vh, idx.contiguous())
+
+
+def svf_matmul_mix(x, U, S, Vh, alpha, bank, idx, *, backend: str = "auto",
+                   validate: bool = True):
+    """:func:`svf_matmul` with each slot's z mixed inside the kernel: ``z_s = alpha[s] @ bank``.
+
+    Args:
+        alpha: [num_slots, K] mixing weights of each slot (finite).
+        bank:  [K, r] the K experts' z vectors for this matrix.
+        (x, U, S, Vh, idx as in :func:`svf_matmul`.)
+    A request then carries only its K weights instead of an r-vector per adapted matrix.
+    """
+    m, r, n = check_svf_factors(U, S, Vh, x)
+    _check_alpha_bank(alpha, bank, r)
+    _check_idx(idx, x.shape[0])
+    device = check_same_device(x=x, U=U, S=S, Vh=Vh, alpha=alpha, bank=bank, idx=idx)
+    backend = resolve_backend(backend, device)
+    _check_kernel_inputs(backend, x=x, U=U, S=S, Vh=Vh, alpha=alpha, bank=bank)
+    if validate:
+        check_index_range(idx, alpha.shape[0])
+        check_finite("alpha", alpha)
+    if x.shape[0] == 0:
+        return x.new_empty((0, m))
+    if backend == "torch":
+        return reference.svf_matmul_mix(x, U, S, Vh, alpha, bank, idx)
+    return _SVFMatmulMixTriton.apply(x, alpha, bank, U, S.contiguous(), Vh, idx.contiguous())
+
+
+def _check_alpha_bank(alpha, bank, r=None) -> None:
+    check_tensor("alpha", alpha, 2)
+    check_tensor("bank", bank, 2)
+    k = bank.shape[0]
+    if alpha.shape[1] != k:
+        raise ValueError(f"alpha has shape {tuple(alpha.shape)}: it needs one weight per expert "
+                         f"of the bank, i.e. alpha.shape[1] == bank.shape[0] == {k}")
+    if r is not None:
+        check_dim("bank", bank, 1, r, "the rank r = U.shape[1]")
+
+
+def mix_experts(alpha, bank):
+    """Mix expert z vectors: ``alpha`` [num_slots, K] @ ``bank`` [K, r] → Z [num_slots, r].
+
+    Returned in float32 (float64 if an input is float64). Non-finite ``alpha`` is rejected.
+    """
+    _check_alpha_bank(alpha, bank)
+    check_same_device(alpha=alpha, bank=bank)
+    check_finite("alpha", alpha)
+    return reference.mix_experts(alpha, bank)
+
+
+def svf_merge(U, S, z, Vh, *, backend: str = "auto"):
+    """Merged weight ``W' = U diag(S * z) Vh``: U [m, r], S [r], z [r], Vh [r, n] → [m, n].
+
+    Returned in U's dtype (fp32 accumulation); the single-mixture fast path serves it densely.
+    """
+    check_svf_factors(U, S, Vh)
+    check_tensor("z", z, 1)
+    check_dim("z", z, 0, U.shape[1], "the rank r = U.shape[1]")
+    device = check_same_device(U=U, S=S, z=z, Vh=Vh)
+    backend = resolve_backend(backend, device)
+    _check_kernel_inputs(backend, U=U, S=S, z=z, Vh=Vh)
+    if backend == "torch":
+        return reference.svf_merge(U, S, z, Vh)
+    scale = S.float() * z.float()
+    return launch.scaled_matmul(U, Vh, scale=scale, out_dtype=U.dtype)
