@@ -1,0 +1,66 @@
+"""Arithmetic families (the paper's "math" stand-in).
+
+``arith`` (training): one operation on small integers, e.g. ``Q: 347+85=?`` -> ``432``;
+``+`` and ``-`` on 1-3 digit operands (results may be negative), ``*`` of a 2-digit by a 1-digit
+number.
+
+``arith_chain`` (held out): three 1-2 digit operands chained with ``+``/``-``, e.g.
+``Q: 12+34-7=?`` -> ``39``.
+"""
+from __future__ import annotations
+
+import random
+
+from .base import Example, ScoreResult, Task
+from .extract import extract_short_number, numbers_equal
+
+
+def _operand(rng: random.Random, max_digits: int) -> int:
+    digits = rng.randint(1, max_digits)
+    lo = 0 if digits == 1 else 10 ** (digits - 1)
+    return rng.randint(lo, 10 ** digits - 1)
+
+
+class NumberAnswerTask(Task):
+    """Base for families whose answer is an integer; scored numerically (leading zeros,
+    ``+`` sign and thousands commas accepted)."""
+
+    def extract(self, generation: str, example: Example | None = None) -> str | None:
+        return extract_short_number(generation)
+
+    def score(self, generation: str, example: Example) -> ScoreResult:
+        got = self.extract(generation, example)
+        if got is None:
+            return ScoreResult(correct=False, parsable=False, extracted=None)
+        return ScoreResult(correct=numbers_equal(got, example.answer), parsable=True, extracted=got)
+
+
+class Arithmetic(NumberAnswerTask):
+    name = "arith"
+    description = "one +, - or * on small integers: '347+85=?' -> '432'"
+
+    def sample(self, rng: random.Random):
+        op = rng.choices("+-*", weights=(2, 2, 1))[0]
+        if op == "*":
+            a, b = rng.randint(10, 99), rng.randint(2, 9)
+            if rng.random() < 0.5:
+                a, b = b, a
+            value = a * b
+        else:
+            a, b = _operand(rng, 3), _operand(rng, 3)
+            value = a + b if op == "+" else a - b
+        return f"{a}{op}{b}=?", str(value), {"a": a, "b": b, "op": op}
+
+
+class ArithmeticChain(NumberAnswerTask):
+    name = "arith_chain"
+    description = "held out: three small integers chained with + and -: '12+34-7=?' -> '39'"
+
+    def sample(self, rng: random.Random):
+        terms = [_operand(rng, 2) for _ in range(3)]
+        ops = [rng.choice("+-") for _ in range(2)]
+        value = terms[0]
+        for op, t in zip(ops, terms[1:]):
+            value = value + t if op == "+" else value - t
+        q = f"{terms[0]}{ops[0]}{terms[1]}{ops[1]}{terms[2]}=?"
+        return q, str(value), {"terms": terms, "ops": ops}

@@ -1,0 +1,66 @@
+"""Multiple-choice families (the paper's "reasoning" stand-in); the answer is a letter.
+
+``choice`` (training): compare numbers:
+``Q: Which is largest? A)34 B)71 C)12 D)55`` -> ``B`` (also "smallest").
+
+``choice_order`` (held out): a different question type over words:
+``Q: Which is first alphabetically? A)kot B)mun C)ant D)zeb`` -> ``C``.
+"""
+from __future__ import annotations
+
+import random
+import string
+
+from .base import Example, ScoreResult, Task
+from .extract import extract_choice
+
+LETTERS = "ABCD"
+
+
+def format_options(options) -> str:
+    return " ".join(f"{LETTERS[i]}){o}" for i, o in enumerate(options))
+
+
+class ChoiceTask(Task):
+    """Base for lettered multiple-choice families; ``meta['options']`` holds option texts."""
+
+    def extract(self, generation: str, example: Example | None = None) -> str | None:
+        options = example.meta.get("options") if example is not None else None
+        labels = LETTERS[: len(options)] if options else LETTERS
+        return extract_choice(generation, labels, [str(o) for o in options] if options else None)
+
+    def score(self, generation: str, example: Example) -> ScoreResult:
+        got = self.extract(generation, example)
+        if got is None:
+            return ScoreResult(correct=False, parsable=False, extracted=None)
+        return ScoreResult(correct=got == example.answer, parsable=True, extracted=got)
+
+
+class NumberChoice(ChoiceTask):
+    name = "choice"
+    description = "pick the largest / smallest of four numbers: 'Which is largest? A)34 B)71 C)12 D)55' -> 'B'"
+
+    def sample(self, rng: random.Random):
+        kind = rng.choice(("largest", "smallest"))
+        options = rng.sample(range(0, 1000), 4)
+        # Mostly 2-digit numbers, sometimes 1 or 3 digits.
+        options = [o % 100 if rng.random() < 0.7 else o for o in options]
+        if len(set(options)) < 4:
+            options = rng.sample(range(10, 100), 4)
+        target = max(options) if kind == "largest" else min(options)
+        answer = LETTERS[options.index(target)]
+        return f"Which is {kind}? {format_options(options)}", answer, {"options": options, "kind": kind}
+
+
+class AlphabeticalChoice(ChoiceTask):
+    name = "choice_order"
+    description = "held out: pick the word that comes first alphabetically: 'Which is first alphabetically? A)kot B)mun C)ant D)zeb' -> 'C'"
+
+    def sample(self, rng: random.Random):
+        words: list[str] = []
+        while len(words) < 4:
+            w = "".join(rng.choice(string.ascii_lowercase) for _ in range(3))
+            if w not in words:
+                words.append(w)
+        answer = LETTERS[words.index(min(words))]
+        return f"Which is first alphabetically? {format_options(words)}", answer, {"options": words}

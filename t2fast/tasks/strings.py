@@ -1,0 +1,58 @@
+"""String-transformation families (the paper's "code" stand-in), checked exactly.
+
+``strings`` (training): one function applied to a lowercase word, written as a call:
+``Q: reverse('kdfa')`` -> ``afdk``; ``sort('dcab')`` -> ``abcd``; ``rotate('abcd')`` -> ``bcda``
+(rotate left by one).
+
+``strings_compose`` (held out): two functions composed: ``Q: sort(reverse('kdfa'))`` -> ``adfk``.
+"""
+from __future__ import annotations
+
+import random
+import string
+
+from .base import Example, ScoreResult, Task
+from .extract import extract_word
+
+OPS = {
+    "reverse": lambda s: s[::-1],
+    "sort": lambda s: "".join(sorted(s)),
+    "rotate": lambda s: s[1:] + s[:1],
+}
+
+
+def _word(rng: random.Random, lo: int, hi: int) -> str:
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
+
+
+class WordAnswerTask(Task):
+    """Base for families whose answer is one exact word (case-sensitive)."""
+
+    def extract(self, generation: str, example: Example | None = None) -> str | None:
+        return extract_word(generation)
+
+    def score(self, generation: str, example: Example) -> ScoreResult:
+        got = self.extract(generation, example)
+        if got is None or not got.isalpha():
+            return ScoreResult(correct=False, parsable=False, extracted=got)
+        return ScoreResult(correct=got == example.answer, parsable=True, extracted=got)
+
+
+class StringOps(WordAnswerTask):
+    name = "strings"
+    description = "reverse / sort / rotate a word: \"reverse('kdfa')\" -> 'afdk'"
+
+    def sample(self, rng: random.Random):
+        op = rng.choice(sorted(OPS))
+        w = _word(rng, 3, 6)
+        return f"{op}('{w}')", OPS[op](w), {"ops": [op], "word": w}
+
+
+class StringCompose(WordAnswerTask):
+    name = "strings_compose"
+    description = "held out: two string functions composed: \"sort(reverse('kdfa'))\" -> 'adfk'"
+
+    def sample(self, rng: random.Random):
+        outer, inner = rng.sample(sorted(OPS), 2)
+        w = _word(rng, 3, 5)
+        return f"{outer}({inner}('{w}'))", OPS[outer](OPS[inner](w)), {"ops": [inner, outer], "word": w}
