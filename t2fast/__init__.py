@@ -1,2 +1,17 @@
-"""t2fast: fast Transformer-Squared (SVF experts, per-request expert mixtures)."""
+"""t2fast: fast Transformer-Squared — SVF experts and per-request expert mixtures.
+
+    import t2fast
+    handle = t2fast.patch_model(model, experts=[...])   # t2fast.patch_model is a callable module
+
+Operators live in :mod:`t2fast.ops`, the Triton kernels in :mod:`t2fast.kernels`.
+"""
 __version__ = "0.1.0"
+
+from . import patch_model  # noqa: E402  (callable module: t2fast.patch_model(model, ...))
+from .decompose import SVDCache, SVDFactors, decompose_model  # noqa: E402
+from .experts import Expert, ExpertBank, load_expert  # noqa: E402
+from .patch_model import SVFHandle  # noqa: E402
+from .safetensors_io import T2FileError  # noqa: E402
+
+__all__ = ["Expert", "ExpertBank", "SVDCache", "SVDFactors", "SVFHandle", "T2FileError",
+           "decompose_model", "load_expert", "patch_model"]

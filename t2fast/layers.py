@@ -1,0 +1,136 @@
+"""``SVFLinear``: an ``nn.Linear`` replacement computing ``y = U (S ⊙ z ⊙ (Vh x)) + b`` per row.
+
+A layer holds its SVD factors and, per step, a slot table: every token of the input belongs to a
+batch row, every row to a mixture slot, every slot has a z (or, with ``mix_in_kernel``, an α over
+the layer's expert bank). The token → slot map comes from a :class:`RowSlots` object shared by all
+layers of a model and set by :class:`t2fast.patch_model.SVFHandle`.
+
+Modes, checked in this order by ``forward``:
+    trainable  ``train_z`` is a Parameter [r]: ``W' = U diag(S ⊙ z) Vh`` built differentiably
+    merged     ``merged`` holds a dense [m, n] weight (single-mixture fast path)
+    factored   the SVF kernels with per-token slots (``t2fast.ops``)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .decompose import SVDFactors
+from .ops import reference
+
+
+class RowSlots:
+    """The mixture slot of each batch row, shared by every SVF layer of one model.
+
+    ``slots`` is a long tensor [B] (row → slot) or None when every row uses slot 0.
+    """
+
+    def __init__(self):
+        self.slots: torch.Tensor | None = None
+        self._cache: dict = {}
+
+    def set(self, slots: torch.Tensor | None) -> None:
+        self.slots = None if slots is None else slots.long()
+        self._cache = {}
+
+    def token_index(self, lead_shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """Slot of every token for an input with leading dims ``lead_shape`` ([B] or [B, L]).
+
+        Cached per shape and device, so the layers of one forward pass build it once.
+        """
+        key = (tuple(lead_shape), device)
+        idx = self._cache.get(key)
+        if idx is not None:
+            return idx
+        T = 1
+        for d in lead_shape:
+            T *= d
+        if self.slots is None:
+            idx = torch.zeros(T, dtype=torch.int32, device=device)
+        else:
+            B = self.slots.shape[0]
+            if len(lead_shape) == 0 or lead_shape[0] != B:
+                raise ValueError(f"the mixture was set for {B} batch rows, but the input has "
+                                 f"leading shape {tuple(lead_shape)}; call set_mixture with one "
+                                 f"entry per row of this batch")
+            per_row = T // B
+            idx = self.slots.to(device).repeat_interleave(per_row).to(torch.int32)
+        self._cache[key] = idx
+        return idx
+
+
+class SVFLinear(nn.Module):
+    """SVF version of an ``nn.Linear`` (weight [m, n]); see the module docstring.
+
+    Buffers: ``U`` [m, r] and ``Vh`` [r, n] in the original weight's dtype, ``S`` [r] float32,
+    ``slot_z`` [slots, r] float32, ``bank`` [K + 1, r] float32 (row 0 = base), ``slot_alpha``
+    [slots, K + 1] float32.
+    """
+
+    def __init__(self, name: str, factors: SVDFactors, linear: nn.Linear, layer: int,
+                 rows: RowSlots, backend: str = "auto", mix_in_kernel: bool = False):
+        super().__init__()
+        w = linear.weight
+        self.name = name
+        self.layer = layer
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.rows = rows
+        self.backend = backend
+        self.mix_in_kernel = mix_in_kernel
+        self.bias = linear.bias
+        r = factors.rank
+        self.register_buffer("U", factors.U.to(device=w.device, dtype=w.dtype), persistent=False)
+        self.register_buffer("S", factors.S.to(device=w.device, dtype=torch.float32),
+                             persistent=False)
+        self.register_buffer("Vh", factors.Vh.to(device=w.device, dtype=w.dtype),
+                             persistent=False)
+        ones = torch.ones(1, r, device=w.device)
+        self.register_buffer("slot_z", ones.clone(), persistent=False)
+        self.register_buffer("bank", ones.clone(), persistent=False)
+        self.register_buffer("slot_alpha", torch.ones(1, 1, device=w.device), persistent=False)
+        self.merged: torch.Tensor | None = None
+        self.train_z: nn.Parameter | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.S.shape[0]
+
+    def set_bank(self, bank: torch.Tensor) -> None:
+        """Expert bank [K + 1, r] (row 0 must be the base, ones)."""
+        self.bank = bank.to(device=self.S.device, dtype=torch.float32)
+
+    def set_slots(self, alpha: torch.Tensor) -> None:
+        """Per-slot α [slots, K + 1] for this layer; the z table is mixed from the bank."""
+        self.slot_alpha = alpha.to(device=self.S.device, dtype=torch.float32)
+        self.slot_z = ops.mix_experts(self.slot_alpha, self.bank)
+
+    def merge(self, z: torch.Tensor) -> torch.Tensor:
+        """Dense ``W' = U diag(S ⊙ z) Vh`` [m, n] in the layer's dtype."""
+        return ops.svf_merge(self.U, self.S, z.to(self.S), self.Vh, backend=self.backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.train_z is not None:
+            w = reference.svf_merge(self.U.float(), self.S, self.train_z, self.Vh.float())
+            return F.linear(x, w.to(x.dtype), self.bias)
+        if self.merged is not None:
+            return F.linear(x, self.merged, self.bias)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        idx = self.rows.token_index(lead, x.device)
+        if self.mix_in_kernel:
+            y = ops.svf_matmul_mix(x2, self.U, self.S, self.Vh, self.slot_alpha, self.bank, idx,
+                                   backend=self.backend, validate=False)
+        else:
+            y = ops.svf_matmul(x2, self.U, self.S, self.Vh, self.slot_z, idx,
+                               backend=self.backend, validate=False)
+        y = y.reshape(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        mode = ("trainable" if self.train_z is not None else
+                "merged" if self.merged is not None else "factored")
+        return (f"{self.name}: in={self.in_features}, out={self.out_features}, rank={self.rank}, "
+                f"slots={self.slot_z.shape[0]}, experts={self.bank.shape[0] - 1}, mode={mode}")

@@ -1,0 +1,267 @@
+"""Patch a Hugging Face causal LM in place so every batch row can use its own expert mixture.
+
+    import t2fast
+    handle = t2fast.patch_model(model, experts=["math.safetensors", "code.safetensors"])
+    handle.set_mixture(["math", {"math": 0.5, "code": 0.5}, None])   # one entry per batch row
+    out = model.generate(input_ids, ...)
+    handle.merge("code")        # dense weights for a single-mixture batch
+    handle.restore()            # the original modules, bit for bit
+
+``import t2fast.patch_model`` also works: the module itself is callable.
+"""
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .decompose import Decomposition, decompose_model
+from .experts import Expert, ExpertBank, Fingerprint, load_expert
+from .layers import RowSlots, SVFLinear
+from .targets import layer_index
+
+MERGE_CACHE_SIZE = 4
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def _num_layers(model: nn.Module, targets: list[str]) -> int:
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "num_hidden_layers", None)
+    found = [i for i in (layer_index(t) for t in targets) if i is not None]
+    return max(int(n or 0), 1 + max(found, default=0))
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    return str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", "") or
+               type(model).__name__)
+
+
+class SVFHandle:
+    """Controls a patched model: experts, per-row mixtures, merging, restoring.
+
+    Attributes:
+        model: the patched model.
+        decomposition: the :class:`t2fast.decompose.Decomposition` of the targets.
+        targets: adapted module names, in model order.
+        layers: ``{name: SVFLinear}``.
+        bank: the :class:`t2fast.experts.ExpertBank` of loaded experts.
+        stats: counters — ``factored_sets``, ``merged_sets``, ``base_sets``, ``merges``,
+            ``merge_cache_hits`` — showing which path the hybrid dispatcher chose.
+    """
+
+    def __init__(self, model: nn.Module, decomposition: Decomposition, backend: str,
+                 mix_in_kernel: bool, hybrid: bool):
+        self.model = model
+        self.decomposition = decomposition
+        self.targets = decomposition.targets
+        self.num_layers = _num_layers(model, self.targets)
+        self.base_model = _model_name(model)
+        self.fingerprint = Fingerprint.of(decomposition.factors)
+        self.hybrid = hybrid
+        self.rows = RowSlots()
+        self._originals: dict[str, nn.Linear] = {}
+        self.layers: dict[str, SVFLinear] = {}
+        for name, f in decomposition.factors.items():
+            linear = model.get_submodule(name)
+            layer = SVFLinear(name, f, linear, layer_index(name) or 0, self.rows, backend,
+                              mix_in_kernel)
+            parent, attr = _parent(model, name)
+            setattr(parent, attr, layer)
+            self._originals[name] = linear
+            self.layers[name] = layer
+        self.bank = ExpertBank([], decomposition.factors)
+        self._merge_cache: dict[bytes, dict[str, torch.Tensor]] = {}
+        self.stats = dict(factored_sets=0, merged_sets=0, base_sets=0, merges=0,
+                          merge_cache_hits=0)
+        self._restored = False
+        self.set_mixture(None)
+
+    # ---- experts -------------------------------------------------------------------------
+    @property
+    def expert_names(self) -> list[str]:
+        return self.bank.names
+
+    def add_experts(self, experts, allow_other_model: bool = False) -> None:
+        """Add experts (``Expert`` objects or file paths); names must be new and unique."""
+        self._check_live()
+        loaded = []
+        for e in experts:
+            if isinstance(e, (str, Path)):
+                e = load_expert(e, self.decomposition.factors, allow_other_model)
+            elif isinstance(e, Expert):
+                e.check_against(self.decomposition.factors, self.fingerprint, allow_other_model)
+            else:
+                raise TypeError(f"experts must be Expert objects or file paths, got "
+                                f"{type(e).__name__}")
+            loaded.append(e)
+        self.bank = ExpertBank(self.bank.experts + loaded, self.decomposition.factors)
+        for name, layer in self.layers.items():
+            layer.set_bank(self.bank.bank(name))
+        self._merge_cache.clear()
+        self.set_mixture(None)
+
+    def new_expert(self, name: str, z: dict[str, torch.Tensor] | None = None) -> Expert:
+        """An :class:`Expert` for this model (z = 1 where ``z`` is not given)."""
+        full = {n: torch.ones(f.rank) for n, f in self.decomposition.factors.items()}
+        full.update({n: v.detach().float().cpu() for n, v in (z or {}).items()})
+        return Expert(name, full, self.base_model, self.fingerprint)
+
+    # ---- mixtures ------------------------------------------------------------------------
+    def alpha(self, spec) -> torch.Tensor:
+        """α [num_layers, K + 1] of a mixture spec (see :meth:`ExpertBank.alpha`)."""
+        return self.bank.alpha(spec, self.num_layers)
+
+    def set_mixture(self, rows) -> str:
+        """Set the mixture of every batch row; returns the path chosen ("base"/"merged"/"factored").
+
+        ``rows`` is one spec for the whole batch, or a list with one spec per row. A spec is
+        ``None``/``"base"``, an expert name, ``{name: weight}``, K weights in bank order, or a
+        [num_layers, K] per-layer α. With ``hybrid`` on, a batch whose rows share one mixture is
+        served by dense weights (the original ones for the base, a cached merge otherwise).
+        """
+        self._check_live()
+        per_row = isinstance(rows, (list, tuple)) and not _is_number_list(rows)
+        specs = list(rows) if per_row else [rows]
+        if not specs:
+            raise ValueError("set_mixture got an empty list of rows")
+        alphas = [self.alpha(s) for s in specs]
+        keys, slot_of_row, slots = {}, [], []
+        for a in alphas:
+            k = a.numpy().tobytes()
+            if k not in keys:
+                keys[k] = len(slots)
+                slots.append(a)
+            slot_of_row.append(keys[k])
+        table = torch.stack(slots)                      # [S, L, K+1]
+        if self.hybrid and len(slots) == 1:
+            return self._set_single(table[0], next(iter(keys)))
+        self._clear_merged()
+        self.rows.set(torch.tensor(slot_of_row) if per_row else None)
+        for name, layer in self.layers.items():
+            layer.set_slots(table[:, min(layer.layer, self.num_layers - 1)])
+        self.stats["factored_sets"] += 1
+        return "factored"
+
+    def _set_single(self, alpha: torch.Tensor, key: bytes) -> str:
+        self.rows.set(None)
+        if torch.equal(alpha, self.alpha(None)):
+            for name, layer in self.layers.items():
+                layer.merged = self._originals[name].weight.detach()
+            self.stats["base_sets"] += 1
+            return "base"
+        weights = self._merge_cache.pop(key, None)
+        if weights is None:
+            weights = {n: l.merge(alpha[min(l.layer, self.num_layers - 1)] @ l.bank.cpu())
+                       for n, l in self.layers.items()}
+            self.stats["merges"] += 1
+        else:
+            self.stats["merge_cache_hits"] += 1
+        self._merge_cache[key] = weights               # most recent last
+        while len(self._merge_cache) > MERGE_CACHE_SIZE:
+            self._merge_cache.pop(next(iter(self._merge_cache)))
+        for name, layer in self.layers.items():
+            layer.merged = weights[name]
+        self.stats["merged_sets"] += 1
+        return "merged"
+
+    def merge(self, spec) -> None:
+        """Serve every row with one mixture through dense merged weights (cached)."""
+        self._check_live()
+        alpha = self.alpha(spec)
+        self._set_single(alpha, alpha.numpy().tobytes())
+
+    def unmerge(self) -> None:
+        """Back to the factored path (base mixture for every row)."""
+        self._check_live()
+        self._clear_merged()
+        self.rows.set(None)
+        for layer in self.layers.values():
+            layer.set_slots(self.alpha(None)[:1])
+
+    def _clear_merged(self) -> None:
+        for layer in self.layers.values():
+            layer.merged = None
+
+    # ---- training hook -------------------------------------------------------------------
+    def set_trainable_z(self, z: dict[str, nn.Parameter] | None) -> None:
+        """Route every row through differentiable ``W' = U diag(S ⊙ z) Vh`` (training).
+
+        ``z`` maps target names to Parameters [r]; ``None`` leaves training mode.
+        """
+        self._check_live()
+        for name, layer in self.layers.items():
+            if z is None:
+                layer.train_z = None
+                continue
+            if name not in z:
+                raise ValueError(f"set_trainable_z: no z given for target {name}")
+            if z[name].shape != (layer.rank,):
+                raise ValueError(f"set_trainable_z: z for {name} has shape "
+                                 f"{tuple(z[name].shape)}, expected ({layer.rank},)")
+            layer.train_z = z[name]
+
+    # ---- restore -------------------------------------------------------------------------
+    def restore(self) -> nn.Module:
+        """Put the original ``nn.Linear`` modules back (bit for bit); the handle is then spent."""
+        self._check_live()
+        for name, linear in self._originals.items():
+            parent, attr = _parent(self.model, name)
+            setattr(parent, attr, linear)
+        self._restored = True
+        self._merge_cache.clear()
+        return self.model
+
+    def _check_live(self) -> None:
+        if self._restored:
+            raise RuntimeError("this SVFHandle was restored; call t2fast.patch_model again")
+
+
+def _is_number_list(rows) -> bool:
+    return len(rows) > 0 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                 for v in rows)
+
+
+def patch_model(model: nn.Module, experts=(), targets="all", layers=None, *, cache_dir=None,
+                backend: str = "auto", mix_in_kernel: bool = False, hybrid: bool = True,
+                allow_other_model: bool = False, progress: bool = True) -> SVFHandle:
+    """Swap the target ``nn.Linear`` modules of ``model`` for :class:`SVFLinear` layers.
+
+    Args:
+        model: a Hugging Face causal LM (Llama, Mistral, Qwen2 families; others by pattern).
+        experts: ``Expert`` objects or expert file paths to load into the bank.
+        targets, layers: the matrices to adapt (:func:`t2fast.targets.resolve_targets`).
+        cache_dir: SVD cache folder (default ``~/.cache/t2fast/svd``); ``False`` disables it.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the SVF kernels.
+        mix_in_kernel: mix each row's z from α inside the kernel instead of a per-slot table.
+        hybrid: serve single-mixture batches with dense (merged or original) weights.
+        allow_other_model: accept experts trained on another model of equal shapes.
+    Returns:
+        An :class:`SVFHandle`; the model starts on the base mixture.
+    """
+    if any(isinstance(m, SVFLinear) for m in model.modules()):
+        raise ValueError("model is already patched; restore() the existing handle first")
+    decomposition = decompose_model(model, targets, layers, cache_dir=cache_dir,
+                                    progress=progress)
+    handle = SVFHandle(model, decomposition, backend, mix_in_kernel, hybrid)
+    if experts:
+        handle.add_experts(list(experts), allow_other_model=allow_other_model)
+    return handle
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``import t2fast.patch_model; t2fast.patch_model.patch_model(...)`` and a direct call
+    of the module object both work."""
+
+    def __call__(self, *args, **kwargs):
+        return patch_model(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
