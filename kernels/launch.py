@@ -97,12 +97,13 @@ def _dot_fp32(*tensors) -> bool:
     return interpreter_active() or any(t.dtype == torch.float32 for t in tensors)
 
 
-def svf_shrink(x, Vh, S, idx, Z=None, alpha=None, bank=None, split_n=None):
+def svf_shrink(x, Vh, S, idx, Z=None, alpha=None, bank=None, split_n=None, out=None):
     """``h[t] = S * z_{idx[t]} * (Vh @ x[t])`` as an fp32 tensor [T, r].
 
     Either ``Z`` [slots, r] (a per-slot table) or ``alpha`` [slots, K] with ``bank`` [K, r]
     (mixed inside the kernel). ``split_n`` forces the n-split (tests); by default it is 1 under
-    the interpreter and autotuned on GPU.
+    the interpreter and autotuned on GPU. ``out`` (fp32 [T, r]) is written when given, and
+    must be zero-filled when the n-split is > 1.
     """
     T, N = x.shape
     R = Vh.shape[0]
@@ -120,15 +121,15 @@ def svf_shrink(x, Vh, S, idx, Z=None, alpha=None, bank=None, split_n=None):
     strides = (*x.stride(), *Vh.stride(), *zs, *a_s, *b_s)
     if interpreter_active() or split_n is not None:
         split = split_n or 1
-        h = (torch.zeros if split > 1 else torch.empty)((T, R), device=x.device,
-                                                         dtype=torch.float32)
+        h = out if out is not None else (torch.zeros if split > 1 else torch.empty)(
+            (T, R), device=x.device, dtype=torch.float32)
         blocks = _INTERP_SHRINK if interpreter_active() else dict(BLOCK_T=16, BLOCK_R=64,
                                                                   BLOCK_N=64)
         grid = (triton.cdiv(T, blocks["BLOCK_T"]), triton.cdiv(R, blocks["BLOCK_R"]), split)
         svf_shrink_kernel[grid](*common, h, T, N, R, K, *strides, *h.stride(), _t_bucket(T),
                                 MIX=mix, SPLIT_N=split, DOT_FP32=_dot_fp32(x, Vh), **blocks)
         return h
-    h = torch.zeros((T, R), device=x.device, dtype=torch.float32)
+    h = torch.zeros((T, R), device=x.device, dtype=torch.float32) if out is None else out.zero_()
 
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(R, meta["BLOCK_R"]),
@@ -138,14 +139,16 @@ def svf_shrink(x, Vh, S, idx, Z=None, alpha=None, bank=None, split_n=None):
     return h
 
 
-def scaled_matmul(A, B, scale=None, out_dtype=None):
+def scaled_matmul(A, B, scale=None, out_dtype=None, out=None):
     """``(A * scale[None, :]) @ B`` → [P, Q] in ``out_dtype`` (default A's dtype).
 
-    ``A`` [P, R], ``B`` [R, Q] with any strides (pass ``U.t()`` for Uᵀ), ``scale`` [R] or None.
+    ``A`` [P, R], ``B`` [R, Q] with any strides (pass ``U.t()`` for Uᵀ), ``scale`` [R] or None;
+    ``out`` [P, Q] (any strides) is written when given.
     """
     P, R = A.shape
     Q = B.shape[1]
-    out = torch.empty((P, Q), device=A.device, dtype=out_dtype or A.dtype)
+    if out is None:
+        out = torch.empty((P, Q), device=A.device, dtype=out_dtype or A.dtype)
     args = (A, scale if scale is not None else A, B, out, P, Q, R,
             *A.stride(), *B.stride(), *out.stride(), _t_bucket(P))
     has_scale = scale is not None
