@@ -1,0 +1,196 @@
+"""Target selection, SVD cache, expert files and banks."""
+import pytest
+import torch
+
+from t2fast.decompose import (SVDCache, decompose_model, decompose_weight, relative_error,
+                              weight_hash)
+from t2fast.experts import Expert, ExpertBank, Fingerprint, load_expert
+from t2fast.models import random_tiny_llama
+from t2fast.safetensors_io import T2FileError
+from t2fast.targets import resolve_targets
+
+TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_tiny_llama(seed=1, **TINY)
+
+
+@pytest.fixture(scope="module")
+def decomp(model, tmp_path_factory):
+    return decompose_model(model, cache_dir=tmp_path_factory.mktemp("svd"), progress=False)
+
+
+# ---- targets ---------------------------------------------------------------------------------
+def test_targets_presets_and_layers(model):
+    all_t = resolve_targets(model)
+    assert len(all_t) == 3 * 7 and all_t[0] == "model.layers.0.self_attn.q_proj"
+    assert "lm_head" not in all_t
+    mlp = resolve_targets(model, "mlp", layers=(1, 3))
+    assert mlp == [f"model.layers.{i}.mlp.{p}" for i in (1, 2)
+                   for p in ("gate_proj", "up_proj", "down_proj")]
+    assert resolve_targets(model, ["q_proj", "model.layers.2.mlp.*"], layers=[2]) == [
+        "model.layers.2.self_attn.q_proj", "model.layers.2.mlp.gate_proj",
+        "model.layers.2.mlp.up_proj", "model.layers.2.mlp.down_proj"]
+    assert len(resolve_targets(model, "attention", layers="second_half")) == 2 * 4
+
+
+@pytest.mark.parametrize("targets, layers, pattern", [
+    ("nope_proj", None, r"no nn.Linear module matches"),
+    ("all", (2, 5), r"layers \[3, 4\] are out of range.*3 decoder layers"),
+    ([], None, r"targets must be"),
+    ("all", 2.5, r"layers must be"),
+])
+def test_targets_errors(model, targets, layers, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        resolve_targets(model, targets, layers)
+
+
+# ---- decomposition ---------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(17, 9), (9, 17), (300, 40)])
+def test_decompose_weight_reconstructs(shape):
+    w = torch.randn(*shape)
+    f = decompose_weight(w)
+    r = min(shape)
+    assert f.U.shape == (shape[0], r) and f.S.shape == (r,) and f.Vh.shape == (r, shape[1])
+    assert torch.all(f.S[:-1] >= f.S[1:]), "singular values must be descending"
+    assert relative_error(w, f) < 1e-6
+
+
+def test_cache_hits_on_second_run_and_recovers_from_corruption(model, tmp_path):
+    first = decompose_model(model, "mlp", cache_dir=tmp_path, progress=False)
+    assert first.cache_hits == 0 and len(list(tmp_path.glob("*.safetensors"))) == 9
+    second = decompose_model(model, "mlp", cache_dir=tmp_path, progress=False)
+    assert second.cache_hits == 9
+    for n in first.factors:
+        assert torch.equal(first.factors[n].S, second.factors[n].S)
+    victim = sorted(tmp_path.glob("*.safetensors"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])          # truncate
+    with pytest.warns(UserWarning, match=r"ignoring SVD cache file.*recomputing"):
+        third = decompose_model(model, "mlp", cache_dir=tmp_path, progress=False)
+    assert third.cache_hits == 8
+    assert max(third.errors.values()) < 1e-5
+    assert "9 matrices decomposed (8 from cache)" in third.report()
+
+
+def test_cache_keyed_by_weight(tmp_path):
+    a, b = torch.randn(8, 6), torch.randn(8, 6)
+    assert weight_hash(a) == weight_hash(a.clone()) != weight_hash(b)
+    assert weight_hash(a) != weight_hash(a.double())
+    cache = SVDCache(tmp_path)
+    assert cache.get_or_compute(a)[1] is False
+    assert cache.get_or_compute(a.clone())[1] is True
+    assert cache.get_or_compute(b)[1] is False
+    assert (cache.hits, cache.misses) == (1, 2)
+
+
+# ---- expert files ----------------------------------------------------------------------------
+def test_expert_roundtrip(decomp, tmp_path):
+    e = Expert.random("math", decomp.factors, scale=0.2, seed=3, base_model="tiny")
+    e.extra = {"steps": 10}
+    path = e.save(tmp_path / "math.safetensors")
+    back = load_expert(path, decomp.factors)
+    assert back.name == "math" and back.base_model == "tiny" and back.extra == {"steps": 10}
+    assert back.targets == decomp.targets
+    for n in e.z:
+        assert torch.equal(back.z[n], e.z[n])
+
+
+def _edited(decomp, tmp_path, edit):
+    e = Expert.random("x", decomp.factors, seed=1)
+    edit(e)
+    return e.save(tmp_path / "x.safetensors")
+
+
+def test_expert_missing_and_extra_matrices(decomp, tmp_path):
+    name = decomp.targets[0]
+    p = _edited(decomp, tmp_path, lambda e: e.z.pop(name))
+    with pytest.raises(T2FileError, match=r"missing 1 .*" + name.replace(".", r"\.")):
+        load_expert(p, decomp.factors)
+    p = _edited(decomp, tmp_path, lambda e: e.z.__setitem__("model.layers.9.mlp.up_proj",
+                                                             torch.ones(4)))
+    with pytest.raises(T2FileError, match=r"1 not adapted here.*layers\.9"):
+        load_expert(p, decomp.factors)
+
+
+def test_expert_wrong_length(decomp, tmp_path):
+    name = decomp.targets[1]
+    p = _edited(decomp, tmp_path, lambda e: e.z.__setitem__(name, torch.ones(3)))
+    with pytest.raises(T2FileError, match=r"z for .* has shape \(3,\), but that matrix has rank"):
+        load_expert(p, decomp.factors)
+
+
+def test_expert_nan_refused_at_save_and_load(decomp, tmp_path):
+    e = Expert.random("x", decomp.factors, seed=1)
+    e.z[decomp.targets[0]][2] = float("nan")
+    with pytest.raises(T2FileError, match="NaN or Inf"):
+        e.save(tmp_path / "x.safetensors")
+    from safetensors.torch import save_file
+    save_file({k: v for k, v in e.z.items()}, str(tmp_path / "raw.safetensors"),
+              metadata={"format": "t2fast-expert", "format_version": "1"})
+    with pytest.raises(T2FileError, match="NaN or Inf"):
+        load_expert(tmp_path / "raw.safetensors")
+
+
+def test_expert_truncated_missing_and_foreign_files(decomp, tmp_path):
+    p = Expert.random("x", decomp.factors).save(tmp_path / "x.safetensors")
+    p.write_bytes(p.read_bytes()[:-50])
+    with pytest.raises(T2FileError, match=r"not a readable safetensors file \(truncated"):
+        load_expert(p)
+    with pytest.raises(T2FileError, match="does not exist"):
+        load_expert(tmp_path / "nope.safetensors")
+    from safetensors.torch import save_file
+    save_file({"a": torch.ones(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(T2FileError, match=r"not a t2fast expert file"):
+        load_expert(tmp_path / "other.safetensors")
+
+
+def test_expert_for_another_model(decomp, tmp_path):
+    other = decompose_model(random_tiny_llama(seed=2, **TINY), cache_dir=False, progress=False)
+    p = Expert.random("x", other.factors).save(tmp_path / "x.safetensors")
+    with pytest.raises(T2FileError, match=r"trained on another base model.*allow_other_model"):
+        load_expert(p, decomp.factors)
+    # cross-model transfer between equal shapes is allowed on request
+    assert load_expert(p, decomp.factors, allow_other_model=True).name == "x"
+    smaller = decompose_model(random_tiny_llama(seed=2, **dict(TINY, num_hidden_layers=2)),
+                              cache_dir=False, progress=False)
+    with pytest.raises(T2FileError, match=r"not adapted here"):
+        load_expert(p, smaller.factors)
+    assert Fingerprint.of(decomp.factors).mismatch(Fingerprint.of(other.factors))
+
+
+# ---- banks and α -----------------------------------------------------------------------------
+def test_bank_rows_and_alpha(decomp):
+    a = Expert.random("a", decomp.factors, seed=1)
+    b = Expert.random("b", decomp.factors, seed=2)
+    bank = ExpertBank([a, b], decomp.factors)
+    t = decomp.targets[0]
+    assert torch.equal(bank.bank(t)[0], torch.ones(decomp.factors[t].rank))
+    assert torch.equal(bank.bank(t)[2], b.z[t])
+    assert bank.alpha(None).tolist() == [[1.0, 0.0, 0.0]]
+    assert bank.alpha("b").tolist() == [[0.0, 0.0, 1.0]]
+    assert bank.alpha({"a": 0.3, "base": 0.7})[0].tolist() == pytest.approx([0.7, 0.3, 0.0])
+    assert bank.alpha([0.5, 0.5], num_layers=2).tolist() == [[0, 0.5, 0.5]] * 2
+    per_layer = bank.alpha(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]), num_layers=3)
+    assert per_layer[:, 1:].tolist() == [[1, 0], [0, 1], [0.5, 0.5]]
+
+
+@pytest.mark.parametrize("spec, pattern", [
+    ("c", r"unknown expert 'c'; loaded experts: \['a', 'b'\]"),
+    ({"a": float("nan")}, r"alpha\['a'\] must be finite"),
+    ([1.0, 2.0, 3.0], r"alpha has shape \(3,\): expected \(2,\)"),
+    ([float("inf"), 0.0], r"alpha contains NaN or Inf"),
+    ({"zz": 1.0}, r"unknown expert 'zz'"),
+])
+def test_alpha_errors(decomp, spec, pattern):
+    bank = ExpertBank([Expert.random("a", decomp.factors), Expert.random("b", decomp.factors)],
+                      decomp.factors)
+    with pytest.raises(ValueError, match=pattern):
+        bank.alpha(spec)
+
+
+def test_bank_rejects_duplicate_names(decomp):
+    with pytest.raises(ValueError, match="unique"):
+        ExpertBank([Expert.random("a", decomp.factors)] * 2, decomp.factors)
