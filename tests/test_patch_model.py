@@ -1,0 +1,174 @@
+"""t2fast.patch_model on a tiny random Llama: per-row experts, merging, restoring."""
+import pytest
+import torch
+
+import t2fast
+from t2fast.experts import Expert
+from t2fast.layers import SVFLinear
+from t2fast.models import random_tiny_llama
+
+TINY = dict(hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+GEN = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+
+
+def _model(dtype=torch.float32, seed=0):
+    return random_tiny_llama(seed=seed, **TINY).to(dtype).eval()
+
+
+def _ids(batch=3, length=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 60, (batch, length), generator=g)
+
+
+def _experts(handle):
+    f = handle.decomposition.factors
+    a = handle.new_expert("a", Expert.random("a", f, scale=0.6, seed=1).z)
+    b = handle.new_expert("b", Expert.random("b", f, scale=0.6, seed=2).z)
+    return [a, b]
+
+
+@torch.no_grad()
+def _logits(model, ids):
+    return model(ids).logits.float()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)],
+                         ids=["fp32", "bf16"])
+def test_identity_z_matches_unpatched(dtype, tol, svd_cache):
+    model = _model(dtype)
+    ids = _ids()
+    ref = _logits(model, ids)
+    h = t2fast.patch_model(model, cache_dir=svd_cache, hybrid=False, progress=False)
+    assert all(isinstance(model.get_submodule(n), SVFLinear) for n in h.targets)
+    assert len(h.targets) == 14
+    out = _logits(model, ids)
+    assert (out - ref).abs().max() <= tol * ref.abs().max()
+
+
+@pytest.mark.parametrize("mix_in_kernel", [False, True], ids=["z-table", "alpha-in-kernel"])
+def test_per_row_generate_equals_each_row_alone(mix_in_kernel, svd_cache):
+    model = _model()
+    ids = _ids(batch=4)
+    h = t2fast.patch_model(model, cache_dir=svd_cache, mix_in_kernel=mix_in_kernel,
+                           progress=False)
+    h.add_experts(_experts(h))
+    rows = ["a", None, {"a": 0.5, "b": 0.5}, torch.tensor([[0.0, 1.0], [1.0, 0.0]])]
+    assert h.set_mixture(rows) == "factored"
+    with torch.no_grad():
+        batch = model.generate(ids, **GEN)
+    outs = set()
+    for i, spec in enumerate(rows):
+        h.merge(spec)
+        with torch.no_grad():
+            alone = model.generate(ids[i:i + 1], **GEN)
+        assert batch[i].tolist() == alone[0].tolist(), f"row {i} ({spec!r}) differs"
+        outs.add(tuple(alone[0, ids.shape[1]:].tolist()))
+    assert len(outs) > 1, "experts should change the generations"
+    assert h.stats["factored_sets"] >= 1 and h.stats["merges"] == 3
+
+
+def test_same_prompt_different_experts_differ_and_base_row_is_base(svd_cache):
+    model = _model()
+    ids = _ids(batch=1).repeat(3, 1)
+    base = _logits(model, ids[:1])
+    h = t2fast.patch_model(model, cache_dir=svd_cache, progress=False)
+    h.add_experts(_experts(h))
+    h.set_mixture([None, "a", "b"])
+    out = _logits(model, ids)
+    assert (out[0] - base[0]).abs().max() < 1e-4
+    assert (out[1] - out[0]).abs().max() > 1e-2 and (out[2] - out[1]).abs().max() > 1e-2
+
+
+def test_merge_matches_factored_and_hybrid_paths(svd_cache):
+    model = _model()
+    ids = _ids()
+    ref = _logits(model, ids)
+    h = t2fast.patch_model(model, cache_dir=svd_cache, progress=False)
+    h.add_experts(_experts(h))
+    assert h.set_mixture(None) == "base"
+    assert torch.equal(_logits(model, ids), ref), "hybrid base path must use the exact weights"
+    h.merge({"a": 0.3, "b": 0.7})
+    merged = _logits(model, ids)
+    h.unmerge()
+    h.set_mixture([{"a": 0.3, "b": 0.7}, {"a": 0.3, "b": 0.7}, None])
+    assert h.stats["base_sets"] >= 1
+    factored = _logits(model, ids)
+    torch.testing.assert_close(factored[:2], merged[:2], rtol=1e-4, atol=1e-4)
+    # a single mixture for the whole batch goes through the cached merge
+    assert h.set_mixture({"a": 0.3, "b": 0.7}) == "merged"
+    assert h.stats["merge_cache_hits"] == 1
+    torch.testing.assert_close(_logits(model, ids), merged, rtol=0, atol=0)
+
+
+def test_restore_is_bit_exact(svd_cache):
+    model = _model(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    originals = {n: m for n, m in model.named_modules()}
+    h = t2fast.patch_model(model, cache_dir=svd_cache, progress=False)
+    h.add_experts(_experts(h))
+    h.set_mixture(["a", "b", None])
+    _logits(model, _ids())
+    h.restore()
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(model.get_submodule(n) is originals[n] for n in h.targets)
+    with pytest.raises(RuntimeError, match="restored"):
+        h.set_mixture(None)
+    t2fast.patch_model(model, cache_dir=svd_cache, progress=False)   # patchable again
+
+
+def test_targets_subset_and_layers(svd_cache):
+    model = _model()
+    h = t2fast.patch_model(model, targets="mlp", layers=[1], cache_dir=svd_cache,
+                           progress=False)
+    assert h.targets == [f"model.layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    assert not isinstance(model.model.layers[0].mlp.down_proj, SVFLinear)
+    e = h.new_expert("m")
+    assert e.targets == h.targets
+
+
+def test_trainable_z_gets_gradients(svd_cache):
+    model = _model()
+    ids = _ids()
+    ref = _logits(model, ids)
+    h = t2fast.patch_model(model, cache_dir=svd_cache, progress=False)
+    z = {n: torch.nn.Parameter(torch.ones(l.rank)) for n, l in h.layers.items()}
+    h.set_trainable_z(z)
+    out = model(ids).logits
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-4, atol=1e-4)
+    out.logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in z.values())
+    with pytest.raises(ValueError, match=r"expected \(\d+,\)"):
+        h.set_trainable_z({n: torch.nn.Parameter(torch.ones(2)) for n in h.layers})
+    h.set_trainable_z(None)
+
+
+def test_handle_errors(svd_cache, tmp_path):
+    model = _model()
+    h = t2fast.patch_model(model, cache_dir=svd_cache, hybrid=False, progress=False)
+    h.add_experts(_experts(h))
+    with pytest.raises(ValueError, match="unknown expert 'c'"):
+        h.set_mixture(["a", "c"])
+    with pytest.raises(ValueError, match=r"alpha has shape \(3,\)"):
+        h.set_mixture([[0.1, 0.2, 0.3]])
+    h.set_mixture(["a", "b"])
+    with pytest.raises(ValueError, match=r"mixture was set for 2 batch rows.*\(3, 7\)"):
+        _logits(model, _ids(batch=3))
+    with pytest.raises(ValueError, match="already patched"):
+        t2fast.patch_model(model, cache_dir=svd_cache, progress=False)
+    with pytest.raises(ValueError, match="names must be unique"):
+        h.add_experts(_experts(h)[:1])
+    other = t2fast.decompose_model(_model(seed=5), cache_dir=False, progress=False)
+    foreign = Expert.random("f", other.factors).save(tmp_path / "f.safetensors")
+    with pytest.raises(t2fast.T2FileError, match="another base model"):
+        h.add_experts([foreign])
+    h.add_experts([foreign], allow_other_model=True)
+    assert h.expert_names == ["a", "b", "f"]
+
+
+def test_import_forms():
+    import t2fast.patch_model as pm
+    assert callable(pm) and callable(t2fast.patch_model)
+    assert pm.patch_model is t2fast.patch_model.patch_model
