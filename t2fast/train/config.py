@@ -1,0 +1,230 @@
+"""Configuration of an SVF (or LoRA baseline) training run, with validation.
+
+Every field has a default that follows the paper's recipe where it gives one (AdamW, lr 2e-3
+with cosine decay, gradient clipping, reward ±1, KL to the base model) scaled down to what a
+small CPU can run. :meth:`TrainConfig.validate` turns bad values into ``ValueError`` messages
+that name the field and the accepted values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("svf", "lora")
+OBJECTIVES = ("rl", "sft")
+PARAMETERIZATIONS = ("plain", "official")
+REDUCTIONS = ("sum", "mean")
+BASELINES = ("none", "mean")
+TARGET_PRESETS = ("all", "attention", "mlp")
+
+
+class ConfigError(ValueError):
+    """A training or adaptation configuration is invalid."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved into the expert file's metadata).
+
+    Data / task
+        task: task family to train on (``t2fast.tasks.get_task`` name, e.g. ``"arith"``).
+        train_n: number of training examples drawn from the task's train split (None: default).
+        eval_split / eval_n: split and size used for validation (best checkpoint, early stop).
+    Method
+        method: ``"svf"`` (train z vectors) or ``"lora"`` (PEFT LoRA baseline).
+        objective: ``"rl"`` (REINFORCE + KL) or ``"sft"`` (next-token loss on reference answers).
+        parameterization: ``"plain"`` (z starts at 1, W' = U diag(σ⊙z) Vᵀ) or ``"official"``
+            (z = sigmoid(p), W' rescaled by Σσ / Σ(σ⊙z), as in the authors' code).
+        official_init: initial logit p of the official parameterization (uniform p, so the
+            rescaled z starts at exactly 1 whatever the value).
+        targets / layers: adapted matrices (see :func:`t2fast.targets.resolve_targets`).
+        lora_rank / lora_alpha / lora_dropout: LoRA baseline settings (targets as above).
+    Optimisation
+        steps, batch_size (prompts per step), samples_per_prompt, lr, min_lr_ratio (cosine decay
+        ends at lr·min_lr_ratio), warmup_steps, weight_decay, betas, grad_clip (max global norm;
+        0 disables), kl_coef (λ), unparsable_penalty (reward of an unparsable answer instead of
+        -1, e.g. -0.1), temperature / top_k (rollout sampling), max_new_tokens (None: per-task
+        default), logprob_reduction (``"sum"`` over answer tokens as in log π(ŷ|x), or ``"mean"``),
+        baseline (``"none"`` as in the paper, or ``"mean"``: subtract the mean reward of the
+        prompt's samples).
+    Schedule / bookkeeping
+        eval_every (steps; 0: only at the start and the end), patience (evaluations without
+        improvement before early stopping; None: never), seed, out (expert file for SVF, folder
+        for LoRA), log (JSONL path; default ``<out>.log.jsonl``), checkpoint (resumable state;
+        default ``<out>.state.pt``), resume, tensorboard (folder, used when tensorboard is
+        installed), progress, backend (SVF kernels backend for rollouts; "torch" on CPU),
+        threads (torch threads; None leaves it), cache_dir (SVD cache; False disables).
+    """
+
+    task: str = "arith"
+    method: str = "svf"
+    objective: str = "rl"
+    parameterization: str = "plain"
+    official_init: float = 0.1
+    targets: Any = "all"
+    layers: Any = None
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+
+    steps: int = 200
+    batch_size: int = 32
+    samples_per_prompt: int = 4
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    grad_clip: float = 1.0
+    kl_coef: float = 0.0
+    unparsable_penalty: float | None = None
+    temperature: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int | None = None
+    logprob_reduction: str = "sum"
+    baseline: str = "none"
+
+    train_n: int | None = None
+    eval_split: str = "validation"
+    eval_n: int = 128
+    eval_every: int = 25
+    eval_batch_size: int = 128
+    patience: int | None = None
+    seed: int = 0
+
+    out: str | None = None
+    log: str | None = None
+    checkpoint: str | None = None
+    resume: bool = False
+    tensorboard: str | None = None
+    progress: bool = True
+    backend: str = "torch"
+    threads: int | None = None
+    cache_dir: Any = None
+    extra: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------------
+    def validate(self, check_task: bool = True) -> "TrainConfig":
+        """Raise :class:`ConfigError` on the first invalid field; return self.
+
+        ``check_task=False`` skips the task-name check (a custom :class:`t2fast.tasks.Task`
+        object is given to the trainer instead)."""
+        def bad(name, why):
+            raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r}: {why}")
+
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                bad(name, f"expected one of {', '.join(map(repr, options))}")
+
+        def positive_int(name, allow_zero=False):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if allow_zero else 1):
+                bad(name, f"expected an integer >= {0 if allow_zero else 1}")
+
+        def finite(name, lo=None, hi=None, lo_open=False):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                bad(name, "expected a finite number")
+            if lo is not None and (v < lo or (lo_open and v == lo)):
+                bad(name, f"expected a value {'>' if lo_open else '>='} {lo}")
+            if hi is not None and v > hi:
+                bad(name, f"expected a value <= {hi}")
+
+        from ..tasks import task_names
+        if check_task and self.task not in task_names():
+            bad("task", f"unknown task; known tasks: {', '.join(task_names())}")
+        choice("method", METHODS)
+        choice("objective", OBJECTIVES)
+        choice("parameterization", PARAMETERIZATIONS)
+        choice("logprob_reduction", REDUCTIONS)
+        choice("baseline", BASELINES)
+        if self.method == "lora" and self.parameterization != "plain":
+            bad("parameterization", "only applies to method='svf' (leave it 'plain' for LoRA)")
+        if isinstance(self.targets, str):
+            if self.targets not in TARGET_PRESETS and not self.targets.endswith("_proj") \
+                    and "*" not in self.targets:
+                bad("targets", f"expected {', '.join(TARGET_PRESETS)}, a module short name "
+                               f"(e.g. 'down_proj') or a list of names / glob patterns")
+        elif not (isinstance(self.targets, (list, tuple)) and self.targets
+                  and all(isinstance(t, str) for t in self.targets)):
+            bad("targets", "expected a preset name or a non-empty list of module names")
+        for name in ("steps", "batch_size", "samples_per_prompt", "eval_n", "eval_batch_size",
+                     "lora_rank"):
+            positive_int(name)
+        for name in ("warmup_steps", "eval_every", "seed"):
+            positive_int(name, allow_zero=True)
+        if self.warmup_steps >= self.steps and self.warmup_steps:
+            bad("warmup_steps", f"must be smaller than steps ({self.steps})")
+        finite("lr", 0.0, lo_open=True)
+        finite("min_lr_ratio", 0.0, 1.0)
+        finite("weight_decay", 0.0)
+        finite("grad_clip", 0.0)
+        finite("kl_coef", 0.0)
+        finite("temperature", 0.0, lo_open=True)
+        finite("official_init")
+        finite("lora_alpha", 0.0, lo_open=True)
+        finite("lora_dropout", 0.0, 1.0)
+        positive_int("top_k", allow_zero=True)
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
+                and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas)):
+            bad("betas", "expected two numbers in [0, 1)")
+        if self.unparsable_penalty is not None:
+            finite("unparsable_penalty", -1.0, 1.0)
+        if self.max_new_tokens is not None:
+            positive_int("max_new_tokens")
+        if self.train_n is not None:
+            positive_int("train_n")
+        if self.patience is not None:
+            positive_int("patience")
+        if self.threads is not None:
+            positive_int("threads")
+        from ..tasks import SPLITS
+        choice("eval_split", SPLITS)
+        if self.backend not in ("auto", "torch", "triton"):
+            bad("backend", "expected 'auto', 'torch' or 'triton'")
+        if self.baseline == "mean" and self.samples_per_prompt < 2:
+            bad("baseline", "'mean' subtracts the mean reward of a prompt's samples: needs "
+                            "samples_per_prompt >= 2")
+        if self.resume and not (self.checkpoint or self.out):
+            bad("resume", "needs a checkpoint path (or out, from which it is derived)")
+        if self.out is not None and self.method == "svf" and not str(self.out).endswith(
+                ".safetensors"):
+            bad("out", "an SVF expert is written as a .safetensors file")
+        return self
+
+    # ------------------------------------------------------------------------------------
+    @property
+    def log_path(self) -> Path | None:
+        if self.log:
+            return Path(self.log)
+        return Path(str(self.out) + ".log.jsonl") if self.out else None
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        if self.checkpoint:
+            return Path(self.checkpoint)
+        return Path(str(self.out) + ".state.pt") if self.out else None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        if isinstance(d["targets"], tuple):
+            d["targets"] = list(d["targets"])
+        if isinstance(d["layers"], range):
+            d["layers"] = [d["layers"].start, d["layers"].stop]
+        return json.loads(json.dumps(d, default=str))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig fields: {unknown}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)

@@ -1,0 +1,185 @@
+"""What the trainer trains: SVF z vectors on a patched model, or a PEFT LoRA adapter (baseline).
+
+A policy gives the trainer four things:
+    ``training()``  a context in which ``policy.model`` forwards differentiably through the
+                    trainable parameters (SVF: W' = U diag(σ⊙z) Vᵀ built with autograd through z
+                    only);
+    ``acting()``    a context for fast, gradient-free rollouts and evaluation with the current
+                    parameters (SVF: merged dense weights, computed once per context);
+    ``base()``      a context in which the model is exactly the base model (SVF: the original
+                    weights; LoRA: adapters disabled) — the KL reference;
+    ``state_dict`` / ``load_state_dict`` / ``save`` / ``num_parameters``.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..targets import resolve_targets
+from .config import TrainConfig
+from .parameterization import ZParameterization
+
+
+class SVFPolicy:
+    """SVF experts: z per adapted matrix (see :mod:`t2fast.train.parameterization`)."""
+
+    kind = "svf"
+
+    def __init__(self, handle, param: ZParameterization):
+        self.handle = handle
+        self.model = handle.model
+        self.param = param
+
+    @classmethod
+    def create(cls, model, config: TrainConfig, init_z=None) -> "SVFPolicy":
+        import t2fast
+        model.requires_grad_(False)
+        handle = t2fast.patch_model(model, targets=config.targets, layers=config.layers,
+                                    backend=config.backend, cache_dir=config.cache_dir,
+                                    progress=False)
+        param = ZParameterization(handle.decomposition.factors, config.parameterization,
+                                  config.official_init, init_z=init_z,
+                                  device=next(model.parameters()).device)
+        return cls(handle, param)
+
+    def parameters(self):
+        return list(self.param.parameters())
+
+    def num_parameters(self) -> int:
+        return self.param.num_parameters()
+
+    @contextmanager
+    def training(self):
+        self.handle.set_trainable_z(self.param.effective())
+        try:
+            yield self.model
+        finally:
+            self.handle.set_trainable_z(None)
+
+    @contextmanager
+    def acting(self):
+        with torch.no_grad():
+            z = self.param.effective()
+            self.handle.set_trainable_z(None)
+            self.handle.set_mixture(None)
+            for name, layer in self.handle.layers.items():
+                layer.merged = layer.merge(z[name])
+            try:
+                yield self.model
+            finally:
+                self.handle.set_mixture(None)
+
+    @contextmanager
+    def base(self):
+        self.handle.set_trainable_z(None)
+        self.handle.set_mixture(None)
+        with torch.no_grad():
+            yield self.model
+
+    def state_dict(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.param.state_dict().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.param.load_state_dict(state)
+
+    def expert(self, name: str, extra: dict | None = None):
+        e = self.handle.new_expert(name, self.param.export())
+        e.extra = dict(extra or {})
+        return e
+
+    def save(self, path, name: str, extra: dict | None = None) -> Path:
+        return self.expert(name, extra).save(path)
+
+    def close(self):
+        """Put the original modules back (the policy is then unusable)."""
+        self.handle.restore()
+
+
+def _require_peft():
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ImportError("the LoRA baseline needs the 'peft' package: pip install peft "
+                          "(or pip install 't2fast[peft]')") from None
+    return peft
+
+
+class LoRAPolicy:
+    """LoRA adapters (PEFT) on the same target matrices: the paper's baseline."""
+
+    kind = "lora"
+
+    def __init__(self, peft_model):
+        self.model = peft_model
+
+    @classmethod
+    def create(cls, model, config: TrainConfig) -> "LoRAPolicy":
+        peft = _require_peft()
+        names = resolve_targets(model, config.targets, config.layers)
+        cfg = peft.LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                              lora_dropout=config.lora_dropout, target_modules=names,
+                              bias="none")
+        pm = peft.get_peft_model(model, cfg)
+        pm.eval()
+        return cls(pm)
+
+    @classmethod
+    def load(cls, model, path) -> "LoRAPolicy":
+        peft = _require_peft()
+        pm = peft.PeftModel.from_pretrained(model, str(path), is_trainable=False)
+        pm.eval()
+        return cls(pm)
+
+    def parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @contextmanager
+    def training(self):
+        yield self.model
+
+    @contextmanager
+    def acting(self):
+        with torch.no_grad():
+            yield self.model
+
+    @contextmanager
+    def base(self):
+        with torch.no_grad(), self.model.disable_adapter():
+            yield self.model
+
+    def _names(self):
+        return [n for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def state_dict(self) -> dict:
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach().clone() for n in self._names()}
+
+    def load_state_dict(self, state: dict) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, v in state.items():
+                params[n].copy_(v)
+
+    def save(self, path, name: str, extra: dict | None = None) -> Path:
+        import json
+        path = Path(path)
+        self.model.save_pretrained(str(path))
+        (path / "t2fast_meta.json").write_text(json.dumps({"name": name, "extra": extra or {}},
+                                                          indent=2, default=str))
+        return path
+
+    def close(self):
+        pass
+
+
+def make_policy(model, config: TrainConfig, init_z=None):
+    if config.method == "svf":
+        return SVFPolicy.create(model, config, init_z=init_z)
+    if config.method == "lora":
+        return LoRAPolicy.create(model, config)
+    raise ValueError(f"unknown method {config.method!r}")
