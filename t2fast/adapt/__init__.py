@@ -1,0 +1,18 @@
+"""Two-pass self-adaptation: prompt-based dispatch (A), a classification expert (B), few-shot
+CEM over mixture weights (C), and the two-pass engine.
+
+    from t2fast.adapt import PromptDispatch, TwoPassEngine
+    engine = TwoPassEngine(handle, tokenizer)
+    result = engine.run(prompts, PromptDispatch(handle, tokenizer))
+"""
+from .cem import CEMConfig, CEMResult, FewShotScorer, cem_search, fewshot_cem, transform
+from .classifier import ClassifierDispatch, train_classifier
+from .engine import FixedMixture, TwoPassEngine, TwoPassResult, uniform_alpha
+from .prompt import (PromptDispatch, paper_style_prompt, parse_category, tiny_world_prompt)
+
+__all__ = [
+    "CEMConfig", "CEMResult", "ClassifierDispatch", "FewShotScorer", "FixedMixture",
+    "PromptDispatch", "TwoPassEngine", "TwoPassResult", "cem_search", "fewshot_cem",
+    "paper_style_prompt", "parse_category", "tiny_world_prompt", "train_classifier",
+    "transform", "uniform_alpha",
+]

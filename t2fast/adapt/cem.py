@@ -1,0 +1,260 @@
+"""Strategy C — few-shot adaptation: the cross-entropy method (CEM) over mixture weights α.
+
+For a task with a few examples, search α ∈ R^K (``per_layer=False``, one weight per expert) or
+α ∈ R^{L×K} (``per_layer=True``, one per layer and expert): sample a population from a diagonal
+Gaussian, clamp and optionally normalize each member, score every member on the few-shot set,
+refit mean and std to the elites, repeat. Score = accuracy of greedy answers; ties are broken by
+the mean per-token log-likelihood of the correct answers. The best member seen is kept.
+
+:class:`FewShotScorer` evaluates a whole population in **one batched call**: the batch holds
+population × examples rows and every row carries its own α (``SVFHandle.set_mixture`` with a
+list), which the SVF kernels serve without merging a weight per member.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..train.config import ConfigError
+from ..train.objectives import token_logprobs
+from ..train.rollout import completion_logits, generate, max_new_tokens_for, teacher_batch
+
+
+@dataclass
+class CEMConfig:
+    """Settings of the search.
+
+    population: members per generation; elite_ratio: share kept to refit the Gaussian;
+    iterations: generations (the paper allows up to 100); init_mean: None (uniform 1/K), a number
+    or K numbers; init_std: initial standard deviation; min_std: floor of the std after each
+    refit; clamp: (lo, hi) bounds applied to every sample, or None; normalize: divide α by its
+    sum over experts (per layer when per-layer; a sum near 0 falls back to Σ|α|); per_layer: α of
+    shape [L, K]; keep_best: return the best member ever scored (else the final mean);
+    include_mean: member 0 of each generation is the current mean; patience: stop after this
+    many generations without a better best (None: never); seed.
+    """
+
+    population: int = 16
+    elite_ratio: float = 0.25
+    iterations: int = 20
+    init_mean: float | Sequence[float] | None = None
+    init_std: float = 0.3
+    min_std: float = 0.02
+    clamp: tuple[float, float] | None = (-1.0, 2.0)
+    normalize: bool = False
+    per_layer: bool = False
+    keep_best: bool = True
+    include_mean: bool = True
+    patience: int | None = None
+    seed: int = 0
+
+    def validate(self) -> "CEMConfig":
+        def bad(name, why):
+            raise ConfigError(f"CEMConfig.{name}={getattr(self, name)!r}: {why}")
+        for name in ("population", "iterations"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "expected an integer >= 1")
+        if self.population < 2:
+            bad("population", "expected at least 2 members")
+        if not (0 < self.elite_ratio <= 1):
+            bad("elite_ratio", "expected a value in (0, 1]")
+        if not (math.isfinite(self.init_std) and self.init_std > 0):
+            bad("init_std", "expected a positive number")
+        if not (math.isfinite(self.min_std) and self.min_std >= 0):
+            bad("min_std", "expected a number >= 0")
+        if self.clamp is not None:
+            if len(self.clamp) != 2 or not all(math.isfinite(v) for v in self.clamp) or \
+                    self.clamp[0] >= self.clamp[1]:
+                bad("clamp", "expected (lo, hi) with lo < hi, or None")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+            bad("patience", "expected an integer >= 1 or None")
+        return self
+
+    @property
+    def num_elites(self) -> int:
+        return max(1, int(math.ceil(self.elite_ratio * self.population)))
+
+
+@dataclass
+class CEMResult:
+    """The α found (tensor [K] or [L, K]), its few-shot accuracy and tie-break score, and the
+    history: one dict per generation (mean, std, best so far, population statistics)."""
+    alpha: torch.Tensor
+    score: float
+    tiebreak: float
+    history: list[dict] = field(default_factory=list)
+    evaluations: int = 0
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"alpha": self.alpha.tolist(), "score": self.score, "tiebreak": self.tiebreak,
+                "evaluations": self.evaluations, "wall_s": self.wall_s,
+                "history": self.history}
+
+
+def transform(samples: torch.Tensor, clamp=None, normalize: bool = False) -> torch.Tensor:
+    """Clamp, then (optionally) normalize over the last dim (experts)."""
+    x = samples
+    if clamp is not None:
+        x = x.clamp(clamp[0], clamp[1])
+    if normalize:
+        s = x.sum(-1, keepdim=True)
+        a = x.abs().sum(-1, keepdim=True).clamp(min=1e-8)
+        s = torch.where(s.abs() < 1e-6, a, s)
+        x = x / s
+    return x
+
+
+def cem_search(score_fn: Callable[[torch.Tensor], tuple], shape: Sequence[int],
+               config: CEMConfig | None = None, callback: Callable[[dict], None] | None = None
+               ) -> CEMResult:
+    """Maximise ``score_fn`` over α of ``shape`` with CEM.
+
+    ``score_fn(alphas [P, *shape]) -> (accuracy [P], tiebreak [P])`` (tiebreak may be None);
+    members are ranked by accuracy, then by tiebreak.
+    """
+    cfg = (config or CEMConfig()).validate()
+    shape = tuple(shape)
+    K = shape[-1]
+    g = torch.Generator().manual_seed(cfg.seed)
+    if cfg.init_mean is None:
+        mean = torch.full(shape, 1.0 / K)
+    else:
+        im = torch.as_tensor(cfg.init_mean, dtype=torch.float32)
+        if im.dim() == 0 or im.shape == (K,) or im.shape == shape:
+            mean = im.expand(shape).clone().float()
+        else:
+            raise ConfigError(f"CEMConfig.init_mean has shape {tuple(im.shape)}; expected a "
+                              f"number, ({K},) or {shape}")
+    std = torch.full(shape, cfg.init_std)
+    best_alpha, best_key = None, None
+    history, n_eval, since = [], 0, 0
+    t0 = time.perf_counter()
+    for it in range(cfg.iterations):
+        noise = torch.randn((cfg.population, *shape), generator=g)
+        raw = mean + std * noise
+        if cfg.include_mean:
+            raw[0] = mean
+        pop = transform(raw, cfg.clamp, cfg.normalize)
+        acc, tie = score_fn(pop)
+        acc = torch.as_tensor(acc, dtype=torch.float64).reshape(-1)
+        tie = (torch.zeros_like(acc) if tie is None else
+               torch.as_tensor(tie, dtype=torch.float64).reshape(-1))
+        tie = torch.nan_to_num(tie, nan=-1e30, neginf=-1e30)
+        n_eval += cfg.population
+        order = sorted(range(cfg.population), key=lambda i: (float(acc[i]), float(tie[i])),
+                       reverse=True)
+        top = order[0]
+        key = (float(acc[top]), float(tie[top]))
+        improved = best_key is None or key > best_key
+        if improved:
+            best_key, best_alpha = key, pop[top].clone()
+            since = 0
+        else:
+            since += 1
+        elites = raw[order[:cfg.num_elites]]
+        # refit on the transformed elites so the mean lives where members are evaluated
+        elites_t = transform(elites, cfg.clamp, cfg.normalize)
+        mean = elites_t.mean(0)
+        std = (elites_t.std(0, unbiased=False) if elites.shape[0] > 1
+               else torch.zeros_like(mean)).clamp(min=cfg.min_std)
+        rec = {"iteration": it, "best_accuracy": best_key[0], "best_tiebreak": best_key[1],
+               "gen_best_accuracy": key[0], "pop_mean_accuracy": float(acc.mean()),
+               "elite_mean_accuracy": float(acc[order[:cfg.num_elites]].mean()),
+               "mean": mean.tolist(), "std_mean": float(std.mean()),
+               "elapsed_s": time.perf_counter() - t0}
+        history.append(rec)
+        if callback is not None:
+            callback(rec)
+        if cfg.patience is not None and since >= cfg.patience:
+            break
+    if cfg.keep_best:
+        alpha, (score, tiebreak) = best_alpha, best_key
+    else:
+        alpha = transform(mean, cfg.clamp, cfg.normalize)
+        a, t = score_fn(alpha[None])
+        score = float(torch.as_tensor(a).reshape(-1)[0])
+        tiebreak = 0.0 if t is None else float(torch.as_tensor(t).reshape(-1)[0])
+        n_eval += 1
+    return CEMResult(alpha, score, tiebreak, history, n_eval, time.perf_counter() - t0)
+
+
+class FewShotScorer:
+    """Scores a population of α on few-shot examples of a task with the patched model.
+
+    One call builds population × examples rows, sets one mixture per row, generates greedily in
+    a single batch (``max_rows`` splits larger batches) and, for the tie-break, runs one
+    teacher-forced forward over the correct answers with the same per-row mixtures.
+    """
+
+    def __init__(self, handle, tokenizer, task, examples: Sequence, *,
+                 max_new_tokens: int | None = None, max_rows: int | None = None,
+                 tiebreak: bool = True):
+        if not examples:
+            raise ValueError("few-shot CEM needs at least one example")
+        if not handle.expert_names:
+            raise ValueError("few-shot CEM needs experts loaded in the handle")
+        self.handle = handle
+        self.tokenizer = tokenizer
+        self.task = task
+        self.examples = list(examples)
+        self.max_new_tokens = max_new_tokens_for(getattr(task, "name", None), max_new_tokens)
+        self.max_rows = max_rows
+        self.tiebreak = tiebreak
+        self.calls = 0
+
+    def _chunks(self, rows: int):
+        step = self.max_rows or rows
+        for i in range(0, rows, step):
+            yield i, min(rows, i + step)
+
+    @torch.no_grad()
+    def __call__(self, alphas: torch.Tensor):
+        P, n = alphas.shape[0], len(self.examples)
+        specs = [alphas[p] for p in range(P) for _ in range(n)]
+        prompts = [e.prompt for e in self.examples] * P
+        self.handle.set_trainable_z(None)
+        texts: list[str] = []
+        for i, j in self._chunks(len(specs)):
+            self.handle.set_mixture(specs[i:j])
+            texts.extend(generate(self.handle.model, self.tokenizer, prompts[i:j],
+                                  max_new_tokens=self.max_new_tokens).texts)
+        correct = torch.tensor([float(self.task.score(t, self.examples[k % n]).correct)
+                                for k, t in enumerate(texts)]).view(P, n)
+        acc = correct.mean(1)
+        tie = None
+        if self.tiebreak:
+            answers = [e.answer for e in self.examples] * P
+            ll = []
+            device = next(self.handle.model.parameters()).device
+            for i, j in self._chunks(len(specs)):
+                self.handle.set_mixture(specs[i:j])
+                batch = teacher_batch(self.tokenizer, prompts[i:j], answers[i:j], device=device)
+                logits = completion_logits(self.handle.model, batch)
+                lp = token_logprobs(logits, batch.completion_ids) * batch.completion_mask
+                ll.append((lp.sum(-1) / batch.completion_mask.sum(-1)).cpu())
+            tie = torch.cat(ll).view(P, n).mean(1)
+        self.handle.set_mixture(None)
+        self.calls += 1
+        return acc, tie
+
+
+def fewshot_cem(handle, tokenizer, task, examples: Sequence, config: CEMConfig | None = None,
+                *, max_new_tokens: int | None = None, max_rows: int | None = None,
+                callback=None) -> CEMResult:
+    """Few-shot CEM over the handle's loaded experts (bank order) on ``examples`` of ``task``.
+
+    Returns α of shape [K] or, with ``config.per_layer``, [num_layers, K]; pass it to
+    ``handle.set_mixture(result.alpha)`` or :class:`t2fast.adapt.engine.FixedMixture`.
+    """
+    cfg = (config or CEMConfig()).validate()
+    K = len(handle.expert_names)
+    shape = (handle.num_layers, K) if cfg.per_layer else (K,)
+    scorer = FewShotScorer(handle, tokenizer, task, examples, max_new_tokens=max_new_tokens,
+                           max_rows=max_rows)
+    return cem_search(scorer, shape, cfg, callback=callback)
