@@ -35,8 +35,13 @@ def get_task(name: str, seed: int = DEFAULT_SEED) -> Task:
     """The bundled task called ``name`` (see :func:`task_names`).
 
     ``classify`` classifies prompts of the training families into their family name or
-    ``other``. Tasks are cached per (name, seed); they hold no mutable state.
+    ``other``. ``"gsm8k:PATH"``, ``"arc:PATH"``, ``"mbpp:PATH"`` and ``"humaneval:PATH"`` wrap a
+    user-supplied JSONL file (see :mod:`t2fast.tasks.jsonl`), split 80/10/10 by question hash. Tasks are cached per (name, seed); they hold no mutable state.
     """
+    kind, sep, path = name.partition(":")
+    if sep and kind in ("gsm8k", "arc", "mbpp", "humaneval"):
+        from .jsonl import load_jsonl_task
+        return load_jsonl_task(kind, path, seed=seed)
     if name == CLASSIFY:
         from .classification import Classification
         return Classification(seed=seed)

@@ -1,0 +1,268 @@
+"""Adapters for real data sets supplied by the user as JSONL files (nothing is downloaded).
+
+* ``GSM8KTask``: records ``{"question", "answer"}`` where the answer ends in ``#### N``. A
+  generation is scored like the paper's math evaluation: the number after the last "The answer
+  is", else the last number in the text, compared numerically.
+* ``ARCTask``: records in the Hugging Face layout ``{"question", "choices": {"text", "label"},
+  "answerKey"}`` or the original one ``{"question": {"stem", "choices": [{"text", "label"}]},
+  "answerKey"}``. The answer is the option label; "the answer is X" wins, else the first
+  standalone label, else an option's full text.
+* ``MBPPTask`` (``{"text", "code", "test_list", "test_setup_code"}``) and ``HumanEvalTask``
+  (``{"prompt", "entry_point", "canonical_solution", "test"}``): the code of a generation (the
+  first fenced code block, else the whole text) is run against the tests in a separate Python
+  process with a time limit; unparsable means no code that compiles.
+
+Splits: pass ``split="test"`` (or any split) when the file is one split; leave it ``None`` to
+divide the records 80/10/10 by a hash of the question, like the bundled families. Use
+``get_task("gsm8k:path/to/file.jsonl")`` (also ``arc:``, ``mbpp:``, ``humaneval:``) for the
+hashed split.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Any, Iterable
+
+from .base import (DEFAULT_SEED, PROMPT_TEMPLATE, Example, ScoreResult, Task, check_split,
+                   split_of)
+from .extract import extract_choice, extract_last_number, numbers_equal
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Records of a JSONL file (blank lines skipped; a clear error names a bad line)."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+    return records
+
+
+class JsonlTask(Task):
+    """A task whose examples come from a JSONL file (see the module docstring)."""
+
+    name = "jsonl"
+    #: Appended to the question in the prompt (tells the model how to state its answer).
+    instruction = ""
+
+    def __init__(self, path: str | os.PathLike, split: str | None = None, name: str | None = None,
+                 template: str = PROMPT_TEMPLATE, seed: int = DEFAULT_SEED):
+        super().__init__(seed)
+        if name is not None:
+            self.name = self.family = name
+        self.path = pathlib.Path(path)
+        self.split = check_split(split) if split is not None else None
+        self.template = template
+        self._examples = [self.convert(r) for r in read_jsonl(self.path)]
+
+    # -- conversion -----------------------------------------------------------------------
+    def to_example(self, question: str, answer: str, meta: dict[str, Any]) -> Example:
+        text = question + (("\n" + self.instruction) if self.instruction else "")
+        return Example(prompt=self.template.format(question=text), answer=answer,
+                       family=self.family, question=question, meta=meta)
+
+    def convert(self, record: dict) -> Example:
+        raise NotImplementedError
+
+    def examples(self, split: str, n: int | None = None) -> list[Example]:
+        check_split(split)
+        if self.split is not None:
+            chosen = self._examples if split == self.split else []
+        else:
+            chosen = [e for e in self._examples if split_of(self.name, e.question) == split]
+        return chosen if n is None else chosen[:n]
+
+    def iter_examples(self, split: str):
+        return iter(self.examples(split))
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+
+# --------------------------------------------------------------------------------- GSM8K
+def gsm8k_reference(answer_field: str) -> str:
+    """The final answer of a GSM8K solution: the text after ``####``, commas removed."""
+    if "####" not in answer_field:
+        raise ValueError("GSM8K answer has no '####' final answer")
+    return answer_field.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+class GSM8KTask(JsonlTask):
+    name = "gsm8k"
+    instruction = "Finish with: The answer is N."
+
+    def convert(self, record: dict) -> Example:
+        return self.to_example(record["question"].strip(), gsm8k_reference(record["answer"]),
+                               {"solution": record["answer"]})
+
+    def extract(self, generation: str, example: Example | None = None) -> str | None:
+        return extract_last_number(generation)
+
+    def score(self, generation: str, example: Example) -> ScoreResult:
+        got = self.extract(generation, example)
+        if got is None:
+            return ScoreResult(False, False, None)
+        return ScoreResult(numbers_equal(got, example.answer), True, got)
+
+
+# ----------------------------------------------------------------------------------- ARC
+def arc_fields(record: dict) -> tuple[str, list[str], list[str], str]:
+    """(question, labels, option texts, answer label) of an ARC record in either layout."""
+    q = record["question"]
+    if isinstance(q, dict):  # original ARC layout
+        stem = q["stem"]
+        choices = q["choices"]
+        labels = [str(c["label"]) for c in choices]
+        texts = [str(c["text"]) for c in choices]
+    else:
+        stem = q
+        choices = record["choices"]
+        labels = [str(l) for l in choices["label"]]
+        texts = [str(t) for t in choices["text"]]
+    return stem.strip(), labels, texts, str(record["answerKey"]).strip()
+
+
+class ARCTask(JsonlTask):
+    name = "arc"
+    instruction = "Answer with the letter of the correct option."
+
+    def convert(self, record: dict) -> Example:
+        stem, labels, texts, key = arc_fields(record)
+        if key not in labels:
+            raise ValueError(f"ARC record {record.get('id')!r}: answerKey {key!r} not among {labels}")
+        options = "\n".join(f"{l}) {t}" for l, t in zip(labels, texts))
+        return self.to_example(f"{stem}\n{options}", key,
+                               {"labels": labels, "options": texts, "id": record.get("id")})
+
+    def extract(self, generation: str, example: Example | None = None) -> str | None:
+        labels = example.meta["labels"] if example is not None else list("ABCDE")
+        texts = example.meta["options"] if example is not None else None
+        got = extract_choice(generation, labels, None, whole=True)
+        if got is None and texts is not None:
+            got = extract_choice(generation, labels, texts, whole=False)
+        return got
+
+    def score(self, generation: str, example: Example) -> ScoreResult:
+        got = self.extract(generation, example)
+        if got is None:
+            return ScoreResult(False, False, None)
+        return ScoreResult(got == example.answer, True, got)
+
+
+# ------------------------------------------------------------------------- MBPP / HumanEval
+_FENCE = re.compile(r"```(?:[A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+
+
+def extract_code(generation: str) -> str:
+    """The first fenced code block of a generation, or the whole generation when it has none."""
+    m = _FENCE.search(generation)
+    code = m.group(1) if m else generation
+    return code.replace("</s>", "").rstrip() + "\n"
+
+
+def compiles(code: str) -> bool:
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+def run_python(program: str, timeout: float = 10.0) -> bool:
+    """Run ``program`` in a fresh, isolated Python process in a temporary folder; True when it
+    exits with status 0 within ``timeout`` seconds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        file = pathlib.Path(tmp) / "program.py"
+        file.write_text(program, encoding="utf-8")
+        try:
+            proc = subprocess.run([sys.executable, "-I", str(file)], cwd=tmp, timeout=timeout,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return False
+    return proc.returncode == 0
+
+
+class _CodeTask(JsonlTask):
+    timeout = 10.0
+
+    def program(self, code: str, example: Example) -> str:
+        raise NotImplementedError
+
+    def extract(self, generation: str, example: Example | None = None) -> str | None:
+        code = extract_code(generation)
+        return code if code.strip() else None
+
+    def score(self, generation: str, example: Example) -> ScoreResult:
+        code = self.extract(generation, example)
+        if code is None:
+            return ScoreResult(False, False, None)
+        program = self.program(code, example)
+        if not compiles(program):
+            return ScoreResult(False, False, code)
+        return ScoreResult(run_python(program, self.timeout), True, code)
+
+
+class MBPPTask(_CodeTask):
+    name = "mbpp"
+    instruction = "Answer with Python code only."
+
+    def convert(self, record: dict) -> Example:
+        tests = list(record["test_list"])
+        question = f"{record['text'].strip()}\nYour code should pass this test:\n{tests[0]}"
+        return self.to_example(question, record.get("code", ""),
+                               {"tests": tests, "setup": record.get("test_setup_code", "") or "",
+                                "task_id": record.get("task_id")})
+
+    def program(self, code: str, example: Example) -> str:
+        return "\n".join([example.meta["setup"], code, *example.meta["tests"], ""])
+
+
+class HumanEvalTask(_CodeTask):
+    name = "humaneval"
+    instruction = ""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("template", "{question}")  # the prompt is code to be completed
+        super().__init__(*args, **kwargs)
+
+    def convert(self, record: dict) -> Example:
+        return self.to_example(record["prompt"], record.get("canonical_solution", ""),
+                               {"test": record["test"], "entry_point": record["entry_point"],
+                                "task_id": record.get("task_id"), "code_prompt": record["prompt"]})
+
+    def program(self, code: str, example: Example) -> str:
+        entry = example.meta["entry_point"]
+        if re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE):
+            body = example.meta["code_prompt"] + "\n" + code  # a whole function (redefines it)
+        else:
+            body = example.meta["code_prompt"] + code        # a completion of the prompt
+        return f"{body}\n\n{example.meta['test']}\n\ncheck({entry})\n"
+
+
+ADAPTERS: dict[str, type[JsonlTask]] = {
+    "gsm8k": GSM8KTask, "arc": ARCTask, "mbpp": MBPPTask, "humaneval": HumanEvalTask,
+}
+
+
+def load_jsonl_task(kind: str, path: str | os.PathLike, split: str | None = None, **kwargs) -> JsonlTask:
+    """An adapter over a user-supplied file: ``kind`` is gsm8k, arc, mbpp or humaneval."""
+    try:
+        cls = ADAPTERS[kind]
+    except KeyError:
+        raise KeyError(f"unknown data set kind {kind!r}; known: {', '.join(ADAPTERS)}") from None
+    return cls(path, split=split, **kwargs)
+
+
+def score_all(task: Task, generations: Iterable[str], examples: Iterable[Example]) -> list[ScoreResult]:
+    return [task.score(g, e) for g, e in zip(generations, examples)]

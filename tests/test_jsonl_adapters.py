@@ -1,0 +1,123 @@
+"""Adapters for user-supplied JSONL data sets, on small fixture files."""
+import pathlib
+
+import pytest
+
+from t2fast.tasks import SPLITS, get_task
+from t2fast.tasks.jsonl import (ARCTask, GSM8KTask, HumanEvalTask, MBPPTask, extract_code,
+                                gsm8k_reference, load_jsonl_task, read_jsonl)
+
+FIX = pathlib.Path(__file__).parent / "fixtures"
+
+
+def test_read_jsonl_reports_bad_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": 1}\n\n{oops}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:3"):
+        read_jsonl(bad)
+
+
+def test_gsm8k_examples_and_references():
+    task = GSM8KTask(FIX / "gsm8k_sample.jsonl", split="test")
+    exs = task.examples("test")
+    assert [e.answer for e in exs] == ["7", "1250", "-7", "10"]
+    assert task.examples("train") == [] and len(task) == 4
+    assert exs[0].prompt.startswith("Q: Tom has 3 apples") and exs[0].prompt.endswith("\nA: ")
+    assert "The answer is" in exs[0].prompt
+    with pytest.raises(ValueError):
+        gsm8k_reference("no final answer")
+
+
+@pytest.mark.parametrize("i,gen,correct,parsable", [
+    (0, "3 + 4 = 7. The answer is 7.", True, True),
+    (0, "He has 3 and buys 4 so he has 7", True, True),
+    (0, "The answer is 7. Check: 7 - 4 = 3", True, True),   # marker wins over the last number
+    (0, "3 + 4 = 8", False, True),
+    (0, "I do not know", False, False),
+    (1, "The answer is $1,250.", True, True),
+    (1, "625 * 2 = 1250.00", True, True),
+    (2, "5 - 12 = -7", True, True),
+    (2, "It is 7 degrees", False, True),
+    (3, "2.5 * 4 = 10.0", True, True),
+])
+def test_gsm8k_scoring(i, gen, correct, parsable):
+    task = GSM8KTask(FIX / "gsm8k_sample.jsonl", split="test")
+    r = task.score(gen, task.examples("test")[i])
+    assert (r.correct, r.parsable) == (correct, parsable), r
+
+
+def test_arc_both_layouts():
+    task = ARCTask(FIX / "arc_sample.jsonl", split="test")
+    exs = task.examples("test")
+    assert [e.answer for e in exs] == ["B", "A", "2", "C"]
+    assert "B) the Sun" in exs[0].prompt and "C) salt" in exs[1].prompt
+    assert exs[2].meta["labels"] == ["1", "2", "3", "4"]
+    assert exs[3].meta["labels"][-1] == "E"
+
+
+@pytest.mark.parametrize("i,gen,correct,parsable", [
+    (0, "B", True, True),
+    (0, "The answer is B.", True, True),
+    (0, "(B) the Sun", True, True),
+    (0, "I think C", False, True),
+    (0, "the Sun", True, True),          # option text instead of its letter
+    (0, "no idea", False, False),
+    (2, "2", True, True),                # numeric labels
+    (2, "The answer is 3", False, True),
+    (3, "E", False, True),
+    (3, "Answer: C) solid", True, True),
+])
+def test_arc_scoring(i, gen, correct, parsable):
+    task = ARCTask(FIX / "arc_sample.jsonl", split="test")
+    r = task.score(gen, task.examples("test")[i])
+    assert (r.correct, r.parsable) == (correct, parsable), r
+
+
+def test_extract_code():
+    assert extract_code("Here:\n```python\ndef f():\n    return 1\n```\nDone") == "def f():\n    return 1\n"
+    assert extract_code("def f():\n    return 1") == "def f():\n    return 1\n"
+    assert extract_code("```\nx = 1\n") == "x = 1\n"   # unterminated fence
+
+
+def test_mbpp_scoring():
+    task = MBPPTask(FIX / "mbpp_sample.jsonl", split="test")
+    add, rev = task.examples("test")
+    assert "assert add(1, 2) == 3" in add.prompt
+    assert task.score(add.answer, add).correct
+    assert task.score("```python\ndef add(a, b):\n    return b + a\n```", add).correct
+    r = task.score("def add(a, b):\n    return a - b", add)
+    assert r.parsable and not r.correct
+    r = task.score("def add(a, b) return", add)
+    assert not r.parsable and not r.correct
+    assert not task.score("", add).parsable
+    assert task.score("def rev(s):\n    return ''.join(reversed(s))", rev).correct
+
+
+def test_humaneval_scoring():
+    task = HumanEvalTask(FIX / "humaneval_sample.jsonl", split="test")
+    double, even = task.examples("test")
+    assert double.prompt.startswith("def double")
+    assert task.score(double.answer, double).correct                  # completion of the prompt
+    assert task.score("def double(x):\n    return x + x\n", double).correct   # whole function
+    assert not task.score("    return x * 3\n", double).correct
+    assert task.score(even.answer, even).correct
+
+
+def test_humaneval_timeout():
+    task = HumanEvalTask(FIX / "humaneval_sample.jsonl", split="test")
+    task.timeout = 2.0
+    even = task.examples("test")[1]
+    r = task.score("    while True:\n        pass\n", even)
+    assert r.parsable and not r.correct
+
+
+def test_hashed_splits_and_registry():
+    path = FIX / "gsm8k_sample.jsonl"
+    task = load_jsonl_task("gsm8k", path)
+    got = [e.question for s in SPLITS for e in task.examples(s)]
+    assert sorted(got) == sorted(e.question for e in GSM8KTask(path, split="test").examples("test"))
+    t2 = get_task(f"gsm8k:{path}")
+    assert isinstance(t2, GSM8KTask) and t2.split is None
+    assert isinstance(get_task(f"arc:{FIX / 'arc_sample.jsonl'}"), ARCTask)
+    with pytest.raises(KeyError):
+        load_jsonl_task("squad", path)

@@ -1,0 +1,147 @@
+"""Task generators of the tiny world: determinism, splits, templates, reference answers."""
+import pytest
+
+from t2fast.models.tiny import CHARACTERS
+from t2fast.tasks import (CLASSIFY, CLASSIFY_LABELS, HELDOUT_FAMILIES, OTHER, PARENT_FAMILY,
+                          SPLITS, TRAIN_FAMILIES, Example, ScoreResult, classify_prompt,
+                          extract_question, format_prompt, get_task, split_of, task_names)
+from t2fast.tasks.strings import OPS
+
+ALL = task_names()
+
+
+def fresh(name, seed=1234):
+    """A new task instance (bypasses get_task's cache)."""
+    return type(get_task(name))(seed=seed)
+
+
+def test_registry_names():
+    assert len(TRAIN_FAMILIES) >= 3 and len(HELDOUT_FAMILIES) >= 3
+    assert not set(TRAIN_FAMILIES) & set(HELDOUT_FAMILIES)
+    assert set(PARENT_FAMILY) == set(HELDOUT_FAMILIES)
+    assert set(PARENT_FAMILY.values()) <= set(TRAIN_FAMILIES)
+    assert CLASSIFY_LABELS == TRAIN_FAMILIES + (OTHER,)
+    for name in ALL:
+        assert get_task(name).name == name
+    with pytest.raises(KeyError):
+        get_task("no-such-task")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_deterministic_per_seed(name):
+    a = fresh(name).examples("train", 64)
+    b = fresh(name).examples("train", 64)
+    assert a == b
+    assert [e.prompt for e in fresh(name).examples("train", 16)] == [e.prompt for e in a[:16]]
+    c = fresh(name, seed=99).examples("train", 64)
+    assert [e.prompt for e in a] != [e.prompt for e in c]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_splits_do_not_overlap(name):
+    task = get_task(name)
+    questions = {s: [e.question for e in task.examples(s, 400 if s == "train" else 200)] for s in SPLITS}
+    for s, qs in questions.items():
+        assert len(set(qs)) == len(qs), f"duplicate question inside {s}"
+    assert not set(questions["train"]) & set(questions["validation"])
+    assert not set(questions["train"]) & set(questions["test"])
+    assert not set(questions["validation"]) & set(questions["test"])
+    if name != CLASSIFY:
+        for s, qs in questions.items():
+            assert all(split_of(name, q) == s for q in qs)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_template_and_fields(name):
+    task = get_task(name)
+    for ex in task.examples("test", 100):
+        assert isinstance(ex, Example)
+        assert ex.prompt == format_prompt(ex.question)
+        assert ex.prompt.startswith("Q: ") and ex.prompt.endswith("\nA: ")
+        assert extract_question(ex.prompt) == ex.question
+        assert len(ex.prompt) < 72
+        assert ex.answer and "\n" not in ex.answer and len(ex.answer) <= 8
+        assert set(ex.prompt + ex.answer) <= set(CHARACTERS)
+        assert ex.family == (CLASSIFY if name == CLASSIFY else name)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_reference_answers_score_correct(name):
+    task = get_task(name)
+    for ex in task.examples("validation", 100):
+        for gen in (ex.answer, ex.answer + "</s>", " " + ex.answer + "\nQ: junk"):
+            r = task.score(gen, ex)
+            assert isinstance(r, ScoreResult)
+            assert r.correct and r.parsable and r.reward() == 1.0, (gen, ex)
+
+
+def test_default_sizes():
+    task = get_task("arith")
+    assert len(task.examples("validation")) == 256
+    assert task.examples("test", 0) == []
+    with pytest.raises(ValueError):
+        task.examples("dev", 3)
+
+
+def test_arith_answers():
+    for ex in get_task("arith").examples("train", 300):
+        assert int(ex.answer) == eval(ex.question[:-2])  # "a+b=?" -> a+b
+    for ex in get_task("arith_chain").examples("train", 300):
+        assert ex.question.count("+") + ex.question.count("-") == 2
+        assert int(ex.answer) == eval(ex.question[:-2])
+    answers = [int(e.answer) for e in get_task("arith").examples("train", 300)]
+    assert any(a < 0 for a in answers) and any(a >= 100 for a in answers)
+
+
+def test_string_answers():
+    for ex in get_task("strings").examples("train", 300):
+        (op,) = ex.meta["ops"]
+        assert ex.question == f"{op}('{ex.meta['word']}')"
+        assert ex.answer == OPS[op](ex.meta["word"])
+    seen_ops = set()
+    for ex in get_task("strings_compose").examples("train", 300):
+        inner, outer = ex.meta["ops"]
+        assert inner != outer
+        assert ex.answer == OPS[outer](OPS[inner](ex.meta["word"]))
+        seen_ops.add((inner, outer))
+    assert len(seen_ops) == 6
+    assert OPS["rotate"]("abcd") == "bcda" and OPS["sort"]("dcab") == "abcd"
+
+
+def test_choice_answers():
+    letters = "ABCD"
+    kinds = set()
+    for ex in get_task("choice").examples("train", 300):
+        opts = ex.meta["options"]
+        assert len(set(opts)) == 4
+        pick = max(opts) if ex.meta["kind"] == "largest" else min(opts)
+        assert ex.answer == letters[opts.index(pick)]
+        kinds.add(ex.meta["kind"])
+    assert kinds == {"largest", "smallest"}
+    for ex in get_task("choice_order").examples("train", 300):
+        opts = ex.meta["options"]
+        assert ex.answer == letters[opts.index(min(opts))]
+    # answers are spread over the letters
+    counts = {l: 0 for l in letters}
+    for ex in get_task("choice").examples("test", 400):
+        counts[ex.answer] += 1
+    assert min(counts.values()) > 50
+
+
+def test_classification_task():
+    task = get_task(CLASSIFY)
+    exs = task.examples("test", 400)
+    assert {e.answer for e in exs} == set(CLASSIFY_LABELS)
+    for ex in exs:
+        assert ex.question.startswith("classify: ")
+        inner = ex.question[len("classify: "):]
+        assert ex.meta["source_family"] == ex.answer
+        if ex.answer != OTHER:
+            # drawn from the same split of the source family
+            assert split_of(ex.answer, inner) == "test"
+            assert not any(ch.isdigit() for ch in inner) or ex.answer != OTHER
+        else:
+            assert not any(ch.isdigit() for ch in inner)
+    held = get_task("arith_chain").examples("test", 1)[0]
+    assert classify_prompt(held.prompt) == f"Q: classify: {held.question}\nA: "
+    assert classify_prompt(held.question) == classify_prompt(held.prompt)
