@@ -1,0 +1,96 @@
+"""The implementations every SVF benchmark compares, on one problem definition.
+
+A problem is one adapted matrix W [m, n] (factors U [m, r], S [r], Vh [r, n]), T tokens x [T, n],
+S distinct mixtures (Z [S, r], or α [S, K] over a bank [K, r]) and the token → slot map idx [T].
+"""
+from dataclasses import dataclass
+
+import torch
+
+from t2fast import ops
+from t2fast.ops import reference
+
+
+@dataclass
+class Problem:
+    x: torch.Tensor
+    W: torch.Tensor
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+    Z: torch.Tensor
+    alpha: torch.Tensor
+    bank: torch.Tensor
+    idx: torch.Tensor
+
+    @property
+    def bytes_factors(self) -> int:
+        return (self.U.numel() + self.Vh.numel()) * self.U.element_size()
+
+    @property
+    def bytes_io(self) -> int:
+        T, m = self.x.shape[0], self.U.shape[0]
+        return (self.x.numel() + T * m) * self.x.element_size()
+
+    @property
+    def flops_factored(self) -> int:
+        T, r = self.x.shape[0], self.S.shape[0]
+        return 2 * T * r * (self.U.shape[0] + self.Vh.shape[1])
+
+    @property
+    def flops_dense(self) -> int:
+        return 2 * self.x.shape[0] * self.W.numel()
+
+
+def make_problem(m, n, T, slots, dtype=torch.bfloat16, device="cpu", K=4, seed=0) -> Problem:
+    """Random factors of a full-rank W (orthonormal U, Vh; decaying σ) and per-token slots."""
+    g = torch.Generator().manual_seed(seed)
+    r = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, r, generator=g))[0]
+    Vh = torch.linalg.qr(torch.randn(n, r, generator=g))[0].T
+    S = torch.linspace(1.0, 0.05, r)
+    W = (U * S) @ Vh
+    bank = 1 + 0.1 * torch.randn(K, r, generator=g)
+    alpha = torch.softmax(torch.randn(slots, K, generator=g), dim=-1)
+    idx = torch.randint(0, slots, (T,), generator=g)
+    idx[:slots] = torch.arange(min(slots, T))          # every slot used when S <= T
+    x = torch.randn(T, n, generator=g)
+    cast = dict(device=device, dtype=dtype)
+    return Problem(x.to(**cast), W.to(**cast), U.to(**cast), S.to(device), Vh.to(**cast),
+                   (alpha @ bank).to(device), alpha.to(device), bank.to(device), idx.to(device))
+
+
+def dense(p: Problem):
+    """The base layer: x @ Wᵀ (cuBLAS / MKL). The floor for any SVF path."""
+    return p.x @ p.W.T
+
+
+def svf_triton(p: Problem):
+    """t2fast's kernels with a per-slot z table."""
+    return ops.svf_matmul(p.x, p.U, p.S, p.Vh, p.Z, p.idx, backend="triton", validate=False)
+
+
+def svf_triton_mix(p: Problem):
+    """t2fast's kernels mixing z from α and the bank inside the kernel."""
+    return ops.svf_matmul_mix(p.x, p.U, p.S, p.Vh, p.alpha, p.bank, p.idx, backend="triton",
+                              validate=False)
+
+
+def unfused_torch(p: Problem):
+    """Gather + two matmuls in torch (the reference backend)."""
+    return reference.svf_matmul(p.x, p.U, p.S, p.Vh, p.Z, p.idx)
+
+
+def materialize_per_mixture(p: Problem):
+    """Build W' = U diag(σ ⊙ z_s) Vh for each distinct mixture s and apply it to its tokens."""
+    y = torch.empty(p.x.shape[0], p.U.shape[0], device=p.x.device, dtype=p.x.dtype)
+    for s in torch.unique(p.idx).tolist():
+        rows = (p.idx == s).nonzero().squeeze(1)
+        w = (p.U * (p.S * p.Z[s]).to(p.U.dtype)) @ p.Vh
+        y[rows] = p.x[rows] @ w.T
+    return y
+
+
+def merged_dense(p: Problem, W_merged: torch.Tensor):
+    """Single-mixture fast path: the merged W' (built once per mixture) applied densely."""
+    return p.x @ W_merged.T
