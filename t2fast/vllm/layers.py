@@ -1,0 +1,312 @@
+"""SVF inside vLLM's linear layers.
+
+vLLM's ``QKVParallelLinear`` (q, k, v), ``MergedColumnParallelLinear`` (gate, up) and
+``RowParallelLinear`` (o, down) do their math in ``layer.quant_method.apply(layer, x, bias)``.
+:func:`install_svf_layers` swaps that method, at model construction, for
+:class:`SVFLinearMethod`, which wraps the original one:
+
+* ``process_weights_after_loading``: before the original method repacks (and, on the CPU,
+  drops) ``layer.weight``, split the fused weight by ``layer.output_partition_sizes`` into the
+  Hugging Face matrices (q_proj, k_proj, v_proj / gate_proj, up_proj), take one thin SVD per
+  *full* HF matrix through :class:`t2fast.decompose.SVDCache` (so a restart reads it from disk
+  and the factors are the ones ``patch_model`` uses), keep this rank's shard of the factors, and
+  give each adapted matrix an expert bank ``[max_experts + 1, r]`` (row 0 = base, z = 1).
+* ``apply``: ``y[t] = U (S ⊙ z_{slot(t)} ⊙ (Vh x[t]))`` per HF matrix through
+  :func:`t2fast.ops.svf_matmul_mix` (z mixed from the bank by the slot's α), concatenated back
+  into vLLM's fused output. The token → slot map and the α table are persistent buffers shared
+  by all layers (:class:`t2fast.vllm.runner.T2Runtime`), updated with ``copy_`` before each
+  step, so a compiled graph (and a CUDA graph) sees each step's values.
+* Hybrid (eager mode only): a step in which every token uses the base model runs the original
+  method (bit-identical to vanilla vLLM); a step with a single non-base mixture runs a dense
+  merged ``W'`` cached per mixture.
+
+Tensor parallelism: the SVD of a shard is not a shard of the SVD, so each rank all-gathers the
+full HF matrix, decomposes it (deterministically, or reads the shared disk cache), and keeps
+the rows of ``U`` matching its output shard (column-parallel: q/k/v, gate/up) or the columns of
+``Vh`` matching its input shard (row-parallel: o, down); σ, z and the banks are replicated.
+Then the row-parallel all-reduce that vLLM already does sums ``U S z Vh_r x_r`` over ranks into
+``U S z Vh x``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..decompose import SVDCache, SVDFactors, decompose_weight
+from ..targets import layer_index, resolve_targets
+
+try:
+    from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+except Exception:  # noqa: BLE001 - vllm missing: the module stays importable for docs
+    QuantizeMethodBase = object
+
+FUSED_DEFAULT = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                 "gate_up_proj": ["gate_proj", "up_proj"]}
+ROW_PARALLEL = ("o_proj", "down_proj")
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
+
+# --------------------------------------------------------------------------------------------
+# Names and targets
+# --------------------------------------------------------------------------------------------
+def hf_part_names(prefix: str, packed: dict) -> list[str]:
+    """HF module names held by the vLLM linear layer named ``prefix``
+    (``model.layers.0.self_attn.qkv_proj`` → ``[... .q_proj, ... .k_proj, ... .v_proj]``)."""
+    parent, _, short = prefix.rpartition(".")
+    parts = packed.get(short, [short])
+    return [f"{parent}.{p}" if parent else p for p in parts]
+
+
+def select_targets(names: list[str], targets="all", layers=None) -> list[str]:
+    """The subset of HF module ``names`` that ``targets``/``layers`` select, with exactly the
+    semantics of :func:`t2fast.targets.resolve_targets` (run over a shape-less stand-in model)."""
+    root = nn.Module()
+    for name in names:
+        node = root
+        *path, leaf = name.split(".")
+        for p in path:
+            if not hasattr(node, p):
+                node.add_module(p, nn.Module())
+            node = getattr(node, p)
+        node.add_module(leaf, nn.Linear(1, 1, bias=False, device="meta"))
+    return resolve_targets(root, targets, layers)
+
+
+# --------------------------------------------------------------------------------------------
+# The quant-method wrapper
+# --------------------------------------------------------------------------------------------
+class SVFPart:
+    """One HF matrix inside a vLLM linear layer."""
+
+    def __init__(self, name: str, index: int, target: bool):
+        self.name = name
+        self.index = index
+        self.target = target
+        self.out_size = 0      # rows of this rank's shard of the part
+        self.rank = 0          # r = min(m, n) of the full HF matrix
+
+
+class SVFLinearMethod(QuantizeMethodBase):
+    """Wraps a linear layer's original (unquantized) method; see the module docstring."""
+
+    def __init__(self, base, runtime, prefix: str, parts: list[SVFPart], layer_idx: int,
+                 row_parallel: bool):
+        self.base = base
+        self.runtime = runtime
+        self.prefix = prefix
+        self.parts = parts
+        self.layer_idx = layer_idx
+        self.row_parallel = row_parallel
+        self.backend = runtime.config.backend
+        self._merged_key = None
+        self._merged = None
+        # Attributes vLLM reads from quant methods.
+        for attr in ("requires_device_loading", "uses_meta_device",
+                     "supports_pre_processed_weights"):
+            if hasattr(base, attr):
+                setattr(self, attr, getattr(base, attr))
+
+    def __getattr__(self, name):  # anything else vLLM asks of the original method
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def create_weights(self, layer, *args, **kwargs):
+        return self.base.create_weights(layer, *args, **kwargs)
+
+    # ---- loading ------------------------------------------------------------------------
+    def _full_matrices(self, layer, w: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """(full HF matrix, offset of this rank's shard in it) per part."""
+        tp = int(getattr(layer, "tp_size", 1) or 1)
+        rank = int(getattr(layer, "tp_rank", 0) or 0)
+        sizes = list(getattr(layer, "output_partition_sizes", [w.shape[0]]))
+        if len(sizes) != len(self.parts):
+            raise RuntimeError(f"t2fast: {self.prefix} has output partitions {sizes}, expected "
+                               f"{len(self.parts)} ({[p.name for p in self.parts]})")
+        locals_, off = [], 0
+        for p, size in zip(self.parts, sizes):
+            p.out_size = size
+            locals_.append(w[off:off + size])
+            off += size
+        if tp == 1:
+            return [(m, 0) for m in locals_]
+        from vllm.distributed import tensor_model_parallel_all_gather as all_gather
+
+        if self.row_parallel:
+            return [(all_gather(m.contiguous(), dim=1), rank * m.shape[1]) for m in locals_]
+        out = []
+        replicas = int(getattr(layer, "num_kv_head_replicas", 1) or 1)
+        for p, m in zip(self.parts, locals_):
+            full = all_gather(m.contiguous(), dim=0)
+            shard = m.shape[0]
+            is_kv = replicas > 1 and p.name.rsplit(".", 1)[-1] in ("k_proj", "v_proj")
+            if is_kv:
+                # tp > num_kv_heads: rank r holds kv shard r // replicas; drop the duplicates.
+                full = torch.cat([full[i * shard:(i + 1) * shard]
+                                  for i in range(0, tp, replicas)], dim=0)
+                out.append((full, (rank // replicas) * shard))
+            else:
+                out.append((full, rank * shard))
+        return out
+
+    def process_weights_after_loading(self, layer) -> None:
+        rt = self.runtime
+        w = layer.weight.detach()
+        cache = None if rt.config.cache_dir is False else SVDCache(rt.config.svd_cache_dir())
+        for p, (full, offset) in zip(self.parts, self._full_matrices(layer, w)):
+            if not p.target:
+                layer.register_buffer(f"t2_W{p.index}", _local_rows(w, self.parts, p).clone(),
+                                      persistent=False)
+                continue
+            if cache is None:
+                f, hit = decompose_weight(full), False
+            else:
+                f, hit = cache.get_or_compute(full)
+            rt.note_decomposition(p.name, f, hit)
+            p.rank = f.rank
+            U, Vh = f.U, f.Vh
+            if self.row_parallel and full.shape[1] != w.shape[1]:
+                Vh = Vh[:, offset:offset + w.shape[1]]
+            elif not self.row_parallel and full.shape[0] != p.out_size:
+                U = U[offset:offset + p.out_size]
+            dev, dt = w.device, w.dtype
+            layer.register_buffer(f"t2_U{p.index}", U.to(dev, dt).contiguous(), persistent=False)
+            layer.register_buffer(f"t2_S{p.index}", f.S.to(dev, torch.float32).contiguous(),
+                                  persistent=False)
+            layer.register_buffer(f"t2_Vh{p.index}", Vh.to(dev, dt).contiguous(),
+                                  persistent=False)
+            bank = torch.zeros(rt.max_experts + 1, f.rank, device=dev, dtype=torch.float32)
+            bank[0] = 1.0
+            layer.register_buffer(f"t2_bank{p.index}", bank, persistent=False)
+            rt.register_target(p.name, self, layer, p)
+        layer.register_buffer("t2_token_slot", rt.token_slot, persistent=False)
+        layer.register_buffer("t2_alpha", rt.alpha, persistent=False)
+        self.base.process_weights_after_loading(layer)
+
+    # ---- forward ------------------------------------------------------------------------
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        rt = self.runtime
+        if rt.config.hybrid and not torch.compiler.is_compiling():
+            mode = rt.mode
+            if mode == "base":
+                return self.base.apply(layer, x, bias)
+            if mode == "single":
+                return F.linear(x, self._merged_weight(layer, rt.single_key, rt.single_slot),
+                                bias)
+        return self._factored(layer, x, bias)
+
+    def _factored(self, layer, x, bias):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        idx = layer.t2_token_slot[:x2.shape[0]]
+        alpha = layer.t2_alpha[self.layer_idx]
+        outs = []
+        for p in self.parts:
+            i = p.index
+            if p.target:
+                outs.append(ops.svf_matmul_mix(
+                    x2, getattr(layer, f"t2_U{i}"), getattr(layer, f"t2_S{i}"),
+                    getattr(layer, f"t2_Vh{i}"), alpha, getattr(layer, f"t2_bank{i}"), idx,
+                    backend=self.backend, validate=False))
+            else:
+                outs.append(F.linear(x2, getattr(layer, f"t2_W{i}")))
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*lead, y.shape[-1])
+
+    def _merged_weight(self, layer, key, slot: int) -> torch.Tensor:
+        if self._merged_key == key and self._merged is not None:
+            return self._merged
+        self._merged = None
+        a = self.runtime.alpha[self.layer_idx, slot]
+        rows = []
+        for p in self.parts:
+            i = p.index
+            if p.target:
+                z = a @ getattr(layer, f"t2_bank{i}")
+                rows.append(ops.svf_merge(getattr(layer, f"t2_U{i}"), getattr(layer, f"t2_S{i}"),
+                                          z, getattr(layer, f"t2_Vh{i}"),
+                                          backend=self.backend))
+            else:
+                rows.append(getattr(layer, f"t2_W{i}"))
+        self._merged = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+        self._merged_key = key
+        self.runtime.stats["merges"] += 1
+        return self._merged
+
+    def drop_merged(self) -> None:
+        self._merged_key = None
+        self._merged = None
+
+
+def _local_rows(w: torch.Tensor, parts: list[SVFPart], part: SVFPart) -> torch.Tensor:
+    off = sum(p.out_size for p in parts[:part.index])
+    return w[off:off + part.out_size]
+
+
+# --------------------------------------------------------------------------------------------
+# Installation at model construction
+# --------------------------------------------------------------------------------------------
+def _linear_types():
+    from vllm.model_executor.layers.linear import (MergedColumnParallelLinear,
+                                                   QKVParallelLinear, RowParallelLinear)
+    return QKVParallelLinear, MergedColumnParallelLinear, RowParallelLinear
+
+
+def install_svf_layers(model: nn.Module, runtime, packed: dict | None = None) -> list[str]:
+    """Swap the quant methods of ``model``'s target projections for :class:`SVFLinearMethod`.
+
+    Called from the t2fast model classes' ``__init__`` (before weights load). Returns the HF
+    names of the adapted matrices, in model order.
+    """
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    qkv_t, merged_t, row_t = _linear_types()
+    packed = dict(FUSED_DEFAULT if packed is None else packed)
+    cfg = runtime.config
+    layers = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (qkv_t, merged_t, row_t)):
+            continue
+        prefix = getattr(mod, "prefix", "") or name
+        short = prefix.rsplit(".", 1)[-1]
+        if layer_index(prefix) is None:
+            continue
+        if isinstance(mod, row_t) and short not in ROW_PARALLEL:
+            continue
+        if not isinstance(mod, row_t) and short not in packed and short not in COLUMN_PARALLEL:
+            continue
+        layers.append((prefix, mod))
+    all_names = [n for prefix, _ in layers for n in hf_part_names(prefix, packed)]
+    if not all_names:
+        raise ValueError("t2fast: found no q/k/v/o/gate/up/down projections in the model")
+    chosen = set(select_targets(all_names, cfg.targets, cfg.layers_arg()))
+    adapted = []
+    for prefix, mod in layers:
+        names = hf_part_names(prefix, packed)
+        if not any(n in chosen for n in names):
+            continue
+        base = mod.quant_method
+        if isinstance(base, SVFLinearMethod):
+            raise RuntimeError(f"t2fast: {prefix} is already an SVF layer")
+        if not isinstance(base, UnquantizedLinearMethod):
+            raise NotImplementedError(
+                f"t2fast: {prefix} uses {type(base).__name__}; SVF layers wrap unquantized "
+                f"weights only (serve the unquantized model)")
+        parts = [SVFPart(n, i, n in chosen) for i, n in enumerate(names)]
+        mod.quant_method = SVFLinearMethod(base, runtime, prefix, parts, layer_index(prefix),
+                                           isinstance(mod, row_t))
+        runtime.methods[prefix] = mod.quant_method
+        adapted.extend(n for n in names if n in chosen)
+    return adapted
+
+
+def factors_stub(shape: tuple[int, int], S: torch.Tensor) -> SVDFactors:
+    """SVD factors with the right shapes and σ but no U/Vh data (for expert checks)."""
+    m, n = shape
+    r = S.shape[0]
+    return SVDFactors(torch.empty(m, r, device="meta"), S.detach().float().cpu(),
+                      torch.empty(r, n, device="meta"))

@@ -1,0 +1,173 @@
+"""``t2fast.vllm.LLM``: a ``vllm.LLM`` serving a model with SVF layers and per-request experts.
+
+    from vllm import SamplingParams
+    from t2fast.vllm import LLM
+
+    llm = LLM("path/to/llama", experts=["math.safetensors", "code.safetensors"],
+              targets="all", enforce_eager=True)
+    outs = llm.generate(["2+2=", "def f(x):"], [
+        SamplingParams(max_tokens=16, extra_args={"t2": {"expert": "math"}}),
+        SamplingParams(max_tokens=16, extra_args={"t2": {"alpha": {"math": 0.3, "code": 0.7}}}),
+    ])
+    llm.load_experts(["reasoning.safetensors"])     # every worker, between steps
+    llm.unload_experts(["code"])
+
+It only fills in vLLM's own arguments — ``hf_overrides`` (the t2fast architecture),
+``additional_config["t2fast"]`` (the settings) and ``worker_extension_cls`` — so the same
+engine can be started with ``vllm serve`` and those flags.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import ARCHITECTURES, CONFIG_KEY, T2_ARCHITECTURES, T2Config
+
+WORKER_EXTENSION = "t2fast.vllm.worker.T2WorkerExtension"
+
+
+def _hf_architecture(model: str, hf_overrides) -> str:
+    if isinstance(hf_overrides, dict) and hf_overrides.get("architectures"):
+        return hf_overrides["architectures"][0]
+    cfg_path = Path(model) / "config.json"
+    if cfg_path.exists():
+        archs = json.loads(cfg_path.read_text()).get("architectures") or []
+    else:
+        from transformers import AutoConfig
+
+        archs = getattr(AutoConfig.from_pretrained(model), "architectures", None) or []
+    if not archs:
+        raise ValueError(f"t2fast: cannot tell the architecture of {model!r} (no "
+                         f"'architectures' in its config)")
+    return archs[0]
+
+
+def engine_args(model: str, experts=(), targets="all", layers=None, *, backend: str = "auto",
+                max_experts: int | None = None, hybrid: bool = True, cache_dir=None,
+                allow_other_model: bool = False, **vllm_kwargs) -> dict:
+    """The ``vllm.LLM`` / ``EngineArgs`` keyword arguments that serve ``model`` with t2fast.
+
+    ``experts`` must be file paths here (they travel in ``additional_config``).
+    """
+    paths = [str(p) for p in experts]
+    cfg = T2Config(experts=paths, targets=targets, layers=layers, backend=backend,
+                   max_experts=max(max_experts or 8, len(paths)), hybrid=hybrid,
+                   cache_dir=cache_dir, allow_other_model=allow_other_model)
+    hf_overrides = dict(vllm_kwargs.pop("hf_overrides", None) or {})
+    arch = _hf_architecture(model, hf_overrides)
+    if arch not in T2_ARCHITECTURES:
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"t2fast: architecture {arch!r} is not supported; supported: "
+                             f"{sorted(ARCHITECTURES)}")
+        arch = ARCHITECTURES[arch]
+    hf_overrides["architectures"] = [arch]
+    additional = dict(vllm_kwargs.pop("additional_config", None) or {})
+    additional[CONFIG_KEY] = cfg.to_dict()
+    ext = vllm_kwargs.pop("worker_extension_cls", None) or WORKER_EXTENSION
+    if ext != WORKER_EXTENSION:
+        from vllm.utils.import_utils import resolve_obj_by_qualname
+
+        from .worker import T2WorkerExtension
+        if not issubclass(resolve_obj_by_qualname(ext), T2WorkerExtension):
+            raise ValueError(f"t2fast: worker_extension_cls must subclass {WORKER_EXTENSION}")
+    return dict(model=model, hf_overrides=hf_overrides, additional_config=additional,
+                worker_extension_cls=ext, **vllm_kwargs)
+
+
+class LLM:
+    """A ``vllm.LLM`` whose model uses SVF layers; each request may name expert(s) or α.
+
+    Args:
+        model: a Llama / Mistral / Qwen2 checkpoint (folder or hub name).
+        experts: expert files (bank order) or :class:`t2fast.experts.Expert` objects.
+        targets, layers: matrices to adapt, as in :func:`t2fast.patch_model`.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the SVF kernels.
+        max_experts: bank capacity (default 8, at least ``len(experts)``).
+        hybrid: in eager mode, dense weights for single-mixture steps.
+        cache_dir: SVD cache folder; ``False`` disables it.
+        **vllm_kwargs: anything ``vllm.LLM`` takes (``enforce_eager``, ``max_model_len`` ...).
+    Attributes:
+        llm: the underlying ``vllm.LLM``; ``generate``/``chat``/... are forwarded to it.
+    """
+
+    def __init__(self, model: str, experts=(), targets="all", layers=None, **kwargs):
+        from vllm import LLM as VLLM
+
+        from ..experts import Expert
+
+        experts = list(experts)
+        files = [e for e in experts if not isinstance(e, Expert)]
+        objects = [e for e in experts if isinstance(e, Expert)]
+        if kwargs.get("max_experts") is None:
+            kwargs["max_experts"] = max(8, len(experts))
+        args = engine_args(str(model), files, targets, layers, **kwargs)
+        self.llm = VLLM(**args)
+        self._frontend = self._find_frontend()
+        if objects:
+            self.load_experts(objects)
+
+    def _find_frontend(self):
+        from .requests import frontend_of
+
+        fe = frontend_of(self.llm.llm_engine.input_processor)
+        if fe is None:
+            raise RuntimeError("t2fast: the engine's front end is not t2fast's; is the t2fast "
+                               "vLLM plugin disabled (VLLM_PLUGINS)?")
+        return fe
+
+    def __getattr__(self, name):
+        if name == "llm":
+            raise AttributeError(name)
+        return getattr(self.llm, name)
+
+    # ---- experts ------------------------------------------------------------------------
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self._frontend.names)
+
+    def load_experts(self, experts, allow_other_model: bool | None = None) -> list[str]:
+        """Load experts (files or :class:`Expert` objects) into every worker; same name
+        replaces. Returns the bank order."""
+        from ..experts import Expert
+        from .requests import expert_digest, expert_file_name, file_digest
+
+        payload, entries = [], []
+        for e in experts:
+            if isinstance(e, Expert):
+                payload.append({"name": e.name, "base_model": e.base_model,
+                                "z": {n: v.detach().float().cpu() for n, v in e.z.items()},
+                                "fingerprint": (e.fingerprint.to_json()
+                                                if e.fingerprint else None)})
+                entries.append((e.name, expert_digest(e)))
+            else:
+                payload.append(str(e))
+                entries.append((expert_file_name(e), file_digest(e)))
+        results = self.llm.collective_rpc("t2_load_experts", args=(payload, allow_other_model))
+        for name, digest in entries:
+            self._frontend.add(name, digest)
+        self._check_order(results)
+        return list(self._frontend.names)
+
+    def unload_experts(self, names) -> list[str]:
+        """Remove experts from every worker's bank (and from what requests may name)."""
+        if isinstance(names, str):
+            names = [names]
+        unknown = [n for n in names if n not in self._frontend.names]
+        if unknown:
+            raise ValueError(f"t2fast: cannot unload {unknown}: not loaded (loaded: "
+                             f"{self._frontend.names or '(none)'})")
+        for n in names:  # new requests are refused from now on
+            self._frontend.remove(n)
+        results = self.llm.collective_rpc("t2_unload_experts", args=(list(names),))
+        self._check_order(results)
+        return list(self._frontend.names)
+
+    def _check_order(self, results) -> None:
+        for r in results:
+            if list(r) != list(self._frontend.names):
+                raise RuntimeError(f"t2fast: worker bank order {list(r)} differs from the front "
+                                   f"end's {self._frontend.names}")
+
+    def t2_info(self) -> list[dict]:
+        """Per worker: experts, targets, settings and step statistics."""
+        return self.llm.collective_rpc("t2_info")

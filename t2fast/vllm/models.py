@@ -1,0 +1,60 @@
+"""t2fast's vLLM model classes: vLLM's own Llama / Mistral / Qwen2 with SVF projections.
+
+Registered (lazily, by name) by :func:`t2fast.vllm.plugin.register`; selected with
+``hf_overrides={"architectures": ["T2FastLlamaForCausalLM"]}`` (or the Mistral / Qwen2 name).
+Each class builds vLLM's model, then swaps its projections' quant methods for SVF ones
+(:func:`t2fast.vllm.layers.install_svf_layers`) before the weights load, so eager and compiled
+execution both see the SVF layers.
+"""
+from __future__ import annotations
+
+import os
+
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+
+from .config import config_from_vllm
+from .layers import install_svf_layers
+from .runner import RUNTIME_ATTR, T2Runtime, install_runner_hooks
+
+
+def check_parallel(vllm_config) -> None:
+    """Tensor parallelism is designed (see :mod:`t2fast.vllm.layers`) but not verified yet."""
+    tp = int(vllm_config.parallel_config.tensor_parallel_size)
+    if tp > 1 and os.environ.get("T2FAST_EXPERIMENTAL_TP") != "1":
+        raise NotImplementedError(
+            f"t2fast: tensor_parallel_size={tp} is not supported yet: SVF layers are verified "
+            f"with one rank only. (The sharded path - each rank decomposes the full matrix and "
+            f"keeps its rows of U or columns of Vh - can be tried with "
+            f"T2FAST_EXPERIMENTAL_TP=1.)")
+
+
+def install(model, vllm_config) -> T2Runtime:
+    """Attach a :class:`T2Runtime` to a freshly built vLLM model and swap in SVF layers."""
+    cfg = config_from_vllm(vllm_config)
+    check_parallel(vllm_config)
+    runtime = T2Runtime(vllm_config, cfg)
+    adapted = install_svf_layers(model, runtime, getattr(model, "packed_modules_mapping", None))
+    runtime.expected_targets = adapted
+    object.__setattr__(model, RUNTIME_ATTR, runtime)
+    install_runner_hooks()
+    return runtime
+
+
+class T2FastLlamaForCausalLM(LlamaForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        install(self, vllm_config)
+
+
+class T2FastMistralForCausalLM(MistralForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        install(self, vllm_config)
+
+
+class T2FastQwen2ForCausalLM(Qwen2ForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        install(self, vllm_config)

@@ -1,0 +1,80 @@
+"""A tiny random Llama with a character tokenizer, saved as a folder that both Hugging Face and
+vLLM load, plus two random SVF experts for it. Used by the vLLM integration tests."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
+CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
+VOCAB = len(SPECIALS) + len(CHARS)
+
+CONFIG = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=320, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
+              tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def char_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + tuple(CHARS))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(list(SPECIALS))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="left",
+                                   clean_up_tokenization_spaces=False)
+
+
+def build_model(seed: int = 0, init_std: float = 0.25, **overrides):
+    """A random LlamaForCausalLM (float32, eval). A large init makes greedy decoding decisive,
+    so token-for-token comparisons across implementations are not decided by rounding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{**CONFIG, "initializer_range": init_std, **overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model.float().eval()
+
+
+def save_model(path, seed: int = 0, **overrides) -> Path:
+    path = Path(path)
+    model = build_model(seed, **overrides)
+    model.generation_config.bos_token_id = 1
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(path, safe_serialization=True)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def make_experts(model_path, out_dir, names=("math", "code"), scale: float = 0.5,
+                 cache_dir=None) -> dict[str, Path]:
+    """Random experts (z = 1 + scale·N(0, 1)) for every projection of the model at model_path."""
+    from transformers import LlamaForCausalLM
+
+    from t2fast.decompose import decompose_model
+    from t2fast.experts import Expert
+
+    model = LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    dec = decompose_model(model, "all", cache_dir=cache_dir, progress=False)
+    out = {}
+    for i, name in enumerate(names):
+        e = Expert.random(name, dec.factors, scale=scale, seed=100 + i, base_model="tiny")
+        out[name] = e.save(Path(out_dir) / f"{name}.safetensors")
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    p = save_model(sys.argv[1])
+    print(json.dumps({"model": str(p)}))
