@@ -19,9 +19,14 @@ import torch
 import torch.nn.functional as F
 
 
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """float32 at least (float64 stays float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log π(token) at each position: [B, G]."""
-    return torch.log_softmax(logits.float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return torch.log_softmax(_acc(logits), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
@@ -39,8 +44,8 @@ def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Te
 def full_vocab_kl(logits: torch.Tensor, base_logits: torch.Tensor, mask: torch.Tensor
                   ) -> torch.Tensor:
     """Per row [B]: mean over masked positions of KL(softmax(logits) ‖ softmax(base_logits))."""
-    logp = torch.log_softmax(logits.float(), -1)
-    logq = torch.log_softmax(base_logits.float(), -1)
+    logp = torch.log_softmax(_acc(logits), -1)
+    logq = torch.log_softmax(_acc(base_logits).to(logp.dtype), -1)
     kl = (logp.exp() * (logp - logq)).sum(-1)                       # [B, G]
     return (kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
@@ -77,7 +82,7 @@ def reinforce_kl_loss(logits: torch.Tensor, base_logits: torch.Tensor | None,
                       kl_coef: float = 0.0, reduction: str = "sum") -> LossParts:
     """−J (see the module docstring). ``rewards`` are used as given (pass advantages if a
     baseline is wanted). ``base_logits`` may be None when ``kl_coef`` is 0 (KL reported as 0)."""
-    rewards = rewards.to(logits.device, torch.float32)
+    rewards = rewards.to(logits.device, _acc(logits).dtype)
     seq_lp = sequence_logprobs(logits, tokens, mask, reduction)
     pg = -(rewards.detach() * seq_lp).mean()
     if base_logits is not None:
@@ -92,6 +97,6 @@ def reinforce_kl_loss(logits: torch.Tensor, base_logits: torch.Tensor | None,
 
 def sft_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the masked answer tokens."""
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1),
+    nll = F.cross_entropy(_acc(logits).reshape(-1, logits.shape[-1]), tokens.reshape(-1),
                           reduction="none").view_as(mask)
     return (nll * mask).sum() / mask.sum().clamp(min=1)

@@ -271,8 +271,12 @@ class Trainer:
         self.evals = json.loads(state["evals_json"])
 
     # ---- loop ---------------------------------------------------------------------------
-    def train(self) -> TrainResult:
+    def train(self, stop_after: int | None = None) -> TrainResult:
+        """Run until ``config.steps`` (or early stopping). ``stop_after`` ends this call after
+        that many steps (as an interruption would), checkpointing first, so a later run with
+        ``resume=True`` continues where it stopped."""
         c = self.config
+        stop_at = None if stop_after is None else self.step + int(stop_after)
         t_start = time.perf_counter()
         ckpt = c.checkpoint_path
         if c.resume and ckpt is not None and ckpt.exists():
@@ -294,6 +298,9 @@ class Trainer:
                        file=sys.stderr, mininterval=2, dynamic_ncols=True)
         try:
             while self.step < c.steps:
+                if stop_at is not None and self.step >= stop_at:
+                    self.save_checkpoint()
+                    break
                 if c.patience is not None and self.evals_since_best >= c.patience:
                     stopped_early = True
                     break

@@ -1,0 +1,195 @@
+"""z parameterizations, the SVF / LoRA policies' modes, rollouts and teacher forcing."""
+import pytest
+import torch
+
+from t2fast.models import build_char_tokenizer, generate_greedy, random_tiny_llama
+from t2fast.train import (SVFPolicy, TrainConfig, ZParameterization, completion_logits, generate,
+                          sequence_logprobs, teacher_batch, token_logprobs)
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: small ops (and LAPACK's SVD) slow down badly on a busy shared CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+PROMPTS = ["Q: 12+7=?\nA: ", "Q: reverse('abcd')\nA: ", "Q: Which is largest? A)1 B)2\nA: "]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+def small_model(seed=0, layers=1):
+    return random_tiny_llama(seed, num_hidden_layers=layers, hidden_size=64,
+                             intermediate_size=128, num_attention_heads=4,
+                             num_key_value_heads=2, initializer_range=0.1)
+
+
+def svf_policy(model, parameterization="plain"):
+    cfg = TrainConfig(task="arith", parameterization=parameterization, cache_dir=False)
+    return SVFPolicy.create(model, cfg)
+
+
+def test_plain_starts_at_one_and_official_is_rescaled():
+    model = small_model()
+    pol = svf_policy(model, "plain")
+    for z in pol.param.effective().values():
+        assert torch.equal(z, torch.ones_like(z))
+    pol.close()
+    pol = svf_policy(small_model(), "official")
+    eff = pol.param.effective()
+    for i, (n, z) in enumerate(eff.items()):
+        assert torch.allclose(z, torch.ones_like(z), atol=1e-6)
+    # after moving p, the official z keeps Σσ·z = Σσ (the rescaling) and stays positive
+    with torch.no_grad():
+        for p in pol.param.params:
+            p.add_(torch.randn_like(p))
+    for i, (n, z) in enumerate(pol.param.effective().items()):
+        s = pol.param.sigma(i)
+        assert (s * z).sum().item() == pytest.approx(s.sum().item(), rel=1e-5)
+        assert (z > 0).all()
+    assert all(not isinstance(z, torch.nn.Parameter) for z in pol.param.effective().values())
+
+
+def test_bad_parameterization():
+    with pytest.raises(ValueError, match="parameterization"):
+        ZParameterization({}, "sigmoid")
+
+
+@pytest.mark.parametrize("parameterization", ["plain", "official"])
+def test_training_mode_matches_acting_and_base(tok, parameterization):
+    model = small_model()
+    batch = teacher_batch(tok, PROMPTS, ["19", "dcba", "B"])
+    with torch.no_grad():
+        ref = completion_logits(model, batch)
+    pol = svf_policy(model, parameterization)
+    with torch.no_grad():
+        for p in pol.param.params:
+            p.add_(0.3 * torch.randn_like(p))
+    with pol.training() as m:
+        train_logits = completion_logits(m, batch)
+    assert train_logits.requires_grad
+    with pol.acting() as m:
+        act_logits = completion_logits(m, batch)
+    with pol.base() as m:
+        base_logits = completion_logits(m, batch)
+    assert torch.allclose(train_logits.detach(), act_logits, atol=1e-4)
+    assert not torch.allclose(act_logits, ref, atol=1e-3)
+    assert torch.equal(base_logits, ref)          # the original weights, exactly
+    # gradients reach z only
+    train_logits.sum().backward()
+    assert all(p.grad is not None for p in pol.param.params)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_generate_matches_hf_greedy_and_stops_at_eos(tok):
+    model = small_model(1, layers=2)
+    ro = generate(model, tok, PROMPTS, max_new_tokens=7)
+    assert ro.texts == generate_greedy(model, tok, PROMPTS, max_new_tokens=7)
+    assert ro.completion_ids.shape == (3, ro.completion_mask.shape[1])
+    # rows stop at their own end of sequence: a head that makes row i write "x" i times, then </s>
+    x_id = tok.convert_tokens_to_ids("x")
+
+    class Head(torch.nn.Module):
+        calls = 0
+
+        def forward(self, h):
+            out = torch.zeros(*h.shape[:-1], tok.vocab_size if hasattr(tok, "vocab_size") else 100)
+            for i in range(h.shape[0]):
+                out[i, ..., x_id if Head.calls < i else tok.eos_token_id] = 10.0
+            Head.calls += 1
+            return out
+
+    model.lm_head = Head()
+    ro = generate(model, tok, PROMPTS, max_new_tokens=7)
+    assert ro.texts == ["", "x", "xx"]
+    assert ro.completion_mask.tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    assert ro.completion_ids[0, 1:].tolist() == [tok.pad_token_id] * 2
+    assert ro.attention_mask[:, ro.prompt_len:].tolist() == ro.completion_mask.long().tolist()
+
+
+def test_sampling_is_reproducible_and_logprobs_match_teacher_forcing(tok):
+    model = small_model(2)
+    a = generate(model, tok, PROMPTS * 2, max_new_tokens=5, do_sample=True,
+                 generator=torch.Generator().manual_seed(3))
+    b = generate(model, tok, PROMPTS * 2, max_new_tokens=5, do_sample=True,
+                 generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.input_ids, b.input_ids)
+    # the completion tokens scored by one teacher-forced forward equal the step-by-step
+    # distributions of the decode loop (same prefix, same positions)
+    lp = token_logprobs(completion_logits(model, a), a.completion_ids)
+    with torch.no_grad():
+        for t in range(a.completion_ids.shape[1]):
+            rows = a.completion_mask[:, t] > 0
+            if not rows.any():
+                continue
+            P = a.prompt_len + t
+            out = model(input_ids=a.input_ids[rows, :P], attention_mask=a.attention_mask[rows, :P],
+                        position_ids=a.position_ids()[rows, :P]).logits[:, -1]
+            step_lp = torch.log_softmax(out, -1).gather(
+                -1, a.completion_ids[rows, t:t + 1]).squeeze(-1)
+            assert torch.allclose(step_lp, lp[rows, t], atol=1e-4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: small ops (and LAPACK's SVD) slow down badly on a busy shared CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_top_k_one_is_greedy(tok):
+    model = small_model(3)
+    g = generate(model, tok, PROMPTS, max_new_tokens=4)
+    s = generate(model, tok, PROMPTS, max_new_tokens=4, do_sample=True, top_k=1,
+                 generator=torch.Generator().manual_seed(0))
+    assert g.texts == s.texts
+
+
+def test_teacher_batch_layout(tok):
+    b = teacher_batch(tok, PROMPTS[:2], ["19", "dcba"])
+    assert b.completion_ids.shape == (2, 5)
+    assert b.completion_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert b.completion_ids[0, 2].item() == tok.eos_token_id
+    assert tok.decode(b.completion_ids[1, :4]) == "dcba"
+    with pytest.raises(ValueError):
+        teacher_batch(tok, PROMPTS, ["1"])
+
+
+def test_sequence_logprobs_reductions(tok):
+    model = small_model()
+    b = teacher_batch(tok, PROMPTS[:2], ["19", "dcba"])
+    logits = completion_logits(model, b)
+    s = sequence_logprobs(logits, b.completion_ids, b.completion_mask, "sum")
+    m = sequence_logprobs(logits, b.completion_ids, b.completion_mask, "mean")
+    assert torch.allclose(m * b.completion_mask.sum(-1), s)
+
+
+def test_lora_policy_modes(tok):
+    pytest.importorskip("peft")
+    from t2fast.train import LoRAPolicy
+    model = small_model()
+    batch = teacher_batch(tok, PROMPTS, ["19", "dcba", "B"])
+    with torch.no_grad():
+        ref = completion_logits(model, batch)
+    pol = LoRAPolicy.create(model, TrainConfig(task="arith", method="lora", lora_rank=2,
+                                               targets="mlp"))
+    # 1 layer, mlp: gate/up (64 -> 128) and down (128 -> 64): r (m + n) each
+    assert pol.num_parameters() == 3 * 2 * (64 + 128)
+    with torch.no_grad():
+        for p in pol.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    with pol.acting() as m:
+        act = completion_logits(m, batch)
+    with pol.base() as m:
+        base = completion_logits(m, batch)
+    assert torch.allclose(base, ref, atol=1e-6)
+    assert not torch.allclose(act, ref, atol=1e-3)
