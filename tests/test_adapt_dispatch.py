@@ -1,0 +1,146 @@
+"""Prompt / classifier dispatch (parsing, base weights in pass 1, fallback to the base model on
+"other") and the two-pass engine (per-row experts in one batch)."""
+import pytest
+import torch
+
+import t2fast
+from t2fast.adapt import (ClassifierDispatch, FixedMixture, PromptDispatch, TwoPassEngine,
+                          paper_style_prompt, parse_category, tiny_world_prompt, uniform_alpha)
+from t2fast.adapt import prompt as prompt_mod
+from t2fast.experts import Expert
+from t2fast.models import build_char_tokenizer, random_tiny_llama
+from t2fast.train.rollout import generate
+
+LABELS = ["arith", "strings", "choice"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: small ops slow down badly on a busy shared CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("arith", "arith"), ("Arith.", "arith"), ("  strings</s>", "strings"), ("'choice'", "choice"),
+    ("Category: choice", "choice"), ("the answer is strings", "strings"), ("choices", "choice"),
+    ("string", "strings"), ("arit", "arith"), ("I think it is strings, not arith", "strings"),
+    ("other", "other"), ("Others", "other"), ("none", "other"), ("", "other"),
+    ("xyz", "other"), ("ar", "other"), ("reverse\narith", "other"), ("42", "other"),
+])
+def test_parse_category(text, expected):
+    assert parse_category(text, LABELS) == expected
+
+
+def test_prompt_templates():
+    assert tiny_world_prompt("Q: 1+2=?\nA: ", LABELS) == "Q: classify: 1+2=?\nA: "
+    p = paper_style_prompt("What is 1+2?", LABELS)
+    assert "'arith', 'strings', 'choice'" in p and "'other'" in p and "What is 1+2?" in p
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = build_char_tokenizer()
+    model = random_tiny_llama(5, num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                              num_attention_heads=4, num_key_value_heads=2,
+                              initializer_range=0.1)
+    handle = t2fast.patch_model(model, backend="torch", progress=False, cache_dir=False)
+    f = handle.decomposition.factors
+    handle.add_experts([Expert.random(n, f, scale=0.5, seed=i)
+                        for i, n in enumerate(LABELS + ["classify"])])
+    return handle, tok
+
+
+def _stub_pass1(monkeypatch, handle, answers, seen):
+    """Replace pass-1 generation by fixed answers; record which weights were active."""
+    def fake(model, tok, prompts, **kw):
+        layer = next(iter(handle.layers.values()))
+        seen.append({"prompts": list(prompts), "merged": layer.merged,
+                     "original": handle._originals[layer.name].weight})
+        return list(answers)[:len(prompts)]
+    monkeypatch.setattr(prompt_mod, "generate_texts", fake)
+
+
+def test_dispatch_falls_back_to_base_on_other(monkeypatch, setup):
+    handle, tok = setup
+    seen = []
+    _stub_pass1(monkeypatch, handle, ["arith", "other", "nonsense", "Strings", "choice"], seen)
+    d = PromptDispatch(handle, tok, LABELS)
+    handle.set_mixture("classify")                      # an expert was active before pass 1
+    specs, labels = d.select(["Q: 1+2=?\nA: "] * 5)
+    assert labels == ["arith", "other", "other", "strings", "choice"]
+    assert specs == ["arith", None, None, "strings", "choice"]
+    # pass 1 ran on the original base weights, not on the last-used expert
+    assert seen[0]["merged"].data_ptr() == seen[0]["original"].data_ptr()
+    assert seen[0]["prompts"][0] == "Q: classify: 1+2=?\nA: "
+
+
+def test_classifier_dispatch_uses_the_classifier_for_pass1_only(monkeypatch, setup):
+    handle, tok = setup
+    seen = []
+    _stub_pass1(monkeypatch, handle, ["strings", "other"], seen)
+    d = ClassifierDispatch(handle, tok, "classify")
+    assert d.labels == LABELS and "classify" not in d.categories.values()
+    specs, labels = d.select(["Q: x\nA: ", "Q: y\nA: "])
+    assert specs == ["strings", None]
+    layer = next(iter(handle.layers.values()))
+    expected = layer.merge(handle.bank.bank(layer.name)[1 + handle.expert_names.index("classify")])
+    assert torch.allclose(seen[0]["merged"], expected)
+    # pass 2 through the engine: the classifier is not used for answering
+    engine = TwoPassEngine(handle, tok, max_new_tokens=3)
+    res = engine.run(["Q: x\nA: ", "Q: y\nA: "], d)
+    assert res.mixtures == ["strings", None] and res.pass2_paths == ["factored"]
+
+
+def test_dispatch_errors(setup):
+    handle, tok = setup
+    with pytest.raises(ValueError, match="not loaded"):
+        PromptDispatch(handle, tok, {"arith": "no-such-expert"})
+    with pytest.raises(ValueError, match="fallback"):
+        PromptDispatch(handle, tok, {"other": "arith"})
+    with pytest.raises(ValueError, match="neither a loaded expert"):
+        ClassifierDispatch(handle, tok, "missing.safetensors")
+    with pytest.raises(ValueError, match="cannot also be a pass-2 expert"):
+        ClassifierDispatch(handle, tok, "classify", ["arith", "classify"])
+
+
+def test_engine_per_row_experts_match_running_alone(setup):
+    handle, tok = setup
+    prompts = ["Q: 12+5=?\nA: ", "Q: sort('dcba')\nA: ", "Q: Which is largest? A)3 B)9\nA: ",
+               "Q: hello\nA: "]
+    specs = ["arith", "strings", {"choice": 0.5, "arith": 0.5}, None]
+
+    class Fixed:
+        name = "test"
+
+        def select(self, ps):
+            return specs, ["a", "b", "c", "d"]
+
+    engine = TwoPassEngine(handle, tok, max_new_tokens=5)
+    res = engine.run(prompts, Fixed())
+    assert res.pass2_paths == ["factored"] and res.labels == ["a", "b", "c", "d"]
+    assert res.pass1_s >= 0 and res.pass2_s > 0 and res.total_s == res.pass1_s + res.pass2_s
+    for p, s, out in zip(prompts, specs, res.outputs):
+        handle.set_mixture(s)
+        assert generate(handle.model, tok, [p], max_new_tokens=5).texts[0] == out
+    handle.set_mixture(None)
+    # chunked pass 2 gives the same answers
+    res2 = TwoPassEngine(handle, tok, max_new_tokens=5, batch_size=3).run(prompts, Fixed())
+    assert res2.outputs == res.outputs and len(res2.pass2_paths) == 2
+
+
+def test_fixed_mixtures(setup):
+    handle, tok = setup
+    prompts = ["Q: 1+1=?\nA: ", "Q: 2+2=?\nA: "]
+    engine = TwoPassEngine(handle, tok, max_new_tokens=3)
+    res = engine.run(prompts, FixedMixture(uniform_alpha(4), "uniform"))
+    assert res.labels is None and res.pass2_paths == ["merged"]
+    base = engine.run(prompts, FixedMixture(None))
+    assert base.pass2_paths == ["base"]
+    assert uniform_alpha(4) == [0.25] * 4
+    with pytest.raises(ValueError):
+        uniform_alpha(0)
+    with pytest.raises(ValueError, match="no prompts"):
+        engine.run([], FixedMixture(None))
