@@ -1,0 +1,121 @@
+"""The t2fast command line: train / eval / adapt on a random tiny model, errors, the registry."""
+import json
+
+import pytest
+import torch
+
+from t2fast import cli
+from t2fast.experts import load_expert
+
+MODEL = ["--model", "random:0:1", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("experts")
+    paths = []
+    for task in ("arith", "strings"):
+        out = d / f"{task}.safetensors"
+        rc = cli.main(["train", "--task", task, "--out", str(out), *MODEL, "--steps", "2",
+                       "--batch-size", "4", "--samples-per-prompt", "2", "--eval-n", "8",
+                       "--eval-every", "1", "--no-progress", "--no-cache", "--kl-coef", "0.1"])
+        assert rc == 0
+        paths.append(out)
+    return paths
+
+
+def test_train_writes_expert_log_and_removes_checkpoint(experts, capsys):
+    e = load_expert(experts[0])
+    assert e.name == "arith" and e.extra["task"] == "arith"
+    assert e.extra["config"]["kl_coef"] == 0.1
+    assert e.extra["config"]["extra"]["command"].startswith("t2fast train --task arith")
+    log = [json.loads(l) for l in open(str(experts[0]) + ".log.jsonl")]
+    assert [r["event"] for r in log].count("step") == 2
+    assert not (experts[0].parent / "arith.safetensors.state.pt").exists()
+
+
+def test_eval_base_and_expert(experts, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert cli.main(["eval", "--task", "arith", *MODEL, "--n", "6", "--expert",
+                     str(experts[0]), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["n"] == 6 and r["what"] == "expert arith" and len(r["ci95"]) == 2
+    assert cli.main(["eval", "--task", "arith", *MODEL, "--n", "4"]) == 0
+    assert "base: arith:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("strategy", ["prompt", "uniform", "base", "expert:strings", "cem",
+                                      "classifier"])
+def test_adapt_strategies(experts, tmp_path, strategy):
+    out = tmp_path / "a.json"
+    extra = ["--classifier", str(experts[1])] if strategy == "classifier" else []
+    experts_arg = [str(experts[0])] if strategy == "classifier" else [str(p) for p in experts]
+    args = ["adapt", *MODEL, "--experts", *experts_arg, "--strategy", strategy, "--task",
+            "arith_chain", "--n", "4", "--shots", "2", "--cem-iterations", "1",
+            "--cem-population", "3", "--json", str(out), *extra]
+    assert cli.main(args) == 0
+    r = json.loads(out.read_text())
+    assert r["n"] == 4 and r["pass2_s"] > 0
+    if strategy == "cem":
+        assert len(r["cem"]["alpha"]) == 2
+    if strategy in ("prompt", "classifier"):
+        assert sum(r["pass1_labels"].values()) == 4
+
+
+def test_adapt_on_prompts(experts, capsys):
+    assert cli.main(["adapt", *MODEL, "--experts", *map(str, experts), "--strategy", "prompt",
+                     "--prompt", "1+2=?", "reverse('ab')"]) == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.strip().splitlines()]
+    assert [l["prompt"] for l in lines] == ["Q: 1+2=?\nA: ", "Q: reverse('ab')\nA: "]
+
+
+def test_errors(experts, tmp_path, capsys):
+    assert cli.main(["train", "--task", "nope", "--out", str(tmp_path / "x.safetensors"),
+                     *MODEL]) == 2
+    assert "unknown task" in capsys.readouterr().err
+    assert cli.main(["train", "--task", "arith", "--out", str(tmp_path / "x.safetensors"),
+                     "--lr", "-1", *MODEL]) == 2
+    assert "TrainConfig.lr" in capsys.readouterr().err
+    assert cli.main(["eval", "--task", "nope", *MODEL]) == 2
+    assert cli.main(["adapt", *MODEL, "--experts", str(experts[0]), "--strategy", "magic",
+                     "--task", "arith"]) == 2
+    assert "unknown --strategy" in capsys.readouterr().err
+    assert cli.main(["adapt", *MODEL, "--experts", str(tmp_path / "missing.safetensors"),
+                     "--task", "arith"]) == 2
+    assert "error" in capsys.readouterr().err
+    assert cli.main(["adapt", *MODEL, "--experts", str(experts[0]), "--strategy",
+                     "classifier", "--task", "arith"]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--task", "arith", "--out", "x.safetensors", "--layers", "a:b"])
+    assert cli.main([]) == 2
+
+
+def test_layers_and_targets_parsing():
+    assert cli.parse_layers("0:2") == (0, 2)
+    assert cli.parse_layers("1,3") == [1, 3]
+    assert cli.parse_layers("2") == 2
+    assert cli.parse_layers("second_half") == "second_half"
+    assert cli.parse_layers(None) is None
+    assert cli.parse_targets("mlp") == "mlp"
+    assert cli.parse_targets("q_proj,v_proj") == ["q_proj", "v_proj"]
+
+
+def test_registry(capsys):
+    calls = []
+    cli.register("hello-test", "say hello", lambda p: p.add_argument("--name", default="x"),
+                 lambda a: calls.append(a.name) or 0)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            cli.register("hello-test", "again", lambda p: None, lambda a: 0)
+        assert cli.main(["hello-test", "--name", "t2"]) == 0
+        assert calls == ["t2"]
+        assert {"train", "eval", "adapt"} <= set(cli.SUBCOMMANDS)
+    finally:
+        cli.SUBCOMMANDS.pop("hello-test")
