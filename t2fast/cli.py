@@ -145,6 +145,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="reward of an unparsable answer instead of -1 (e.g. -0.1)")
     p.add_argument("--logprob-reduction", choices=("sum", "mean"), default=d.logprob_reduction)
     p.add_argument("--baseline", choices=BASELINES, default=d.baseline)
+    p.add_argument("--log-kl", action="store_true",
+                   help="log the KL to the base model even when --kl-coef is 0 (one more forward)")
     p.add_argument("--eval-split", default=d.eval_split)
     p.add_argument("--log", default=None, help="JSONL log (default: <out>.log.jsonl)")
     p.add_argument("--checkpoint", default=None, help="resumable state (default: <out>.state.pt)")
@@ -167,7 +169,7 @@ def _train_run(args) -> int:
         "weight_decay", "grad_clip", "kl_coef", "temperature", "top_k", "max_new_tokens",
         "train_n", "eval_n", "eval_every", "eval_batch_size", "patience", "seed", "lora_rank",
         "lora_alpha", "official_init", "unparsable_penalty", "logprob_reduction", "baseline",
-        "eval_split", "log", "checkpoint", "resume", "tensorboard", "backend", "threads")}
+        "eval_split", "log_kl", "log", "checkpoint", "resume", "tensorboard", "backend", "threads")}
     fields["progress"] = not args.no_progress
     fields["cache_dir"] = False if args.no_cache else None
     fields["extra"] = {"command": "t2fast " + " ".join(getattr(args, "_argv", []))}

@@ -50,7 +50,8 @@ class TrainConfig:
         -1, e.g. -0.1), temperature / top_k (rollout sampling), max_new_tokens (None: per-task
         default), logprob_reduction (``"sum"`` over answer tokens as in log π(ŷ|x), or ``"mean"``),
         baseline (``"none"`` as in the paper, or ``"mean"``: subtract the mean reward of the
-        prompt's samples).
+        prompt's samples), log_kl (compute and log the KL even when kl_coef is 0; it costs a
+        forward pass of the base model per step, which is otherwise skipped).
     Schedule / bookkeeping
         eval_every (steps; 0: only at the start and the end), patience (evaluations without
         improvement before early stopping; None: never), seed, out (expert file for SVF, folder
@@ -87,6 +88,7 @@ class TrainConfig:
     max_new_tokens: int | None = None
     logprob_reduction: str = "sum"
     baseline: str = "none"
+    log_kl: bool = False
 
     train_n: int | None = None
     eval_split: str = "validation"

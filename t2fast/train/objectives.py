@@ -69,11 +69,12 @@ def advantages(rewards: torch.Tensor, group_size: int = 1, baseline: str = "none
 class LossParts:
     loss: torch.Tensor
     pg: torch.Tensor        # policy-gradient term (−1/B Σ A_i log π(ŷ_i))
-    kl: torch.Tensor        # mean KL (not multiplied by λ)
+    kl: torch.Tensor | None  # mean KL (not multiplied by λ); None when not computed
     logprob: torch.Tensor   # mean log π(ŷ|x)
 
     def stats(self) -> dict:
-        return {"loss": float(self.loss.detach()), "pg_loss": float(self.pg), "kl": float(self.kl),
+        return {"loss": float(self.loss.detach()), "pg_loss": float(self.pg),
+                "kl": None if self.kl is None else float(self.kl),
                 "logprob": float(self.logprob)}
 
 
@@ -81,7 +82,7 @@ def reinforce_kl_loss(logits: torch.Tensor, base_logits: torch.Tensor | None,
                       tokens: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
                       kl_coef: float = 0.0, reduction: str = "sum") -> LossParts:
     """−J (see the module docstring). ``rewards`` are used as given (pass advantages if a
-    baseline is wanted). ``base_logits`` may be None when ``kl_coef`` is 0 (KL reported as 0)."""
+    baseline is wanted). ``base_logits`` may be None when ``kl_coef`` is 0 (KL then not computed: None)."""
     rewards = rewards.to(logits.device, _acc(logits).dtype)
     seq_lp = sequence_logprobs(logits, tokens, mask, reduction)
     pg = -(rewards.detach() * seq_lp).mean()
@@ -90,7 +91,7 @@ def reinforce_kl_loss(logits: torch.Tensor, base_logits: torch.Tensor | None,
     else:
         if kl_coef:
             raise ValueError("kl_coef > 0 needs the base model's logits")
-        kl = torch.zeros((), device=logits.device)
+        return LossParts(pg, pg.detach(), None, seq_lp.detach().mean())
     loss = pg + kl_coef * kl
     return LossParts(loss, pg.detach(), kl.detach(), seq_lp.detach().mean())
 

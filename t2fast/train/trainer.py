@@ -150,8 +150,10 @@ class Trainer:
         scores = [self.task.score(t, e) for t, e in zip(ro.texts, exs)]
         rewards = torch.tensor([s.reward(c.unparsable_penalty) for s in scores])
         adv = advantages(rewards, c.samples_per_prompt, c.baseline)
-        with self.policy.base() as model:
-            base_logits = completion_logits(model, ro)
+        base_logits = None
+        if c.kl_coef > 0 or c.log_kl:
+            with self.policy.base() as model:
+                base_logits = completion_logits(model, ro)
         with self.policy.training() as model:
             logits = completion_logits(model, ro)
         parts = reinforce_kl_loss(logits, base_logits, ro.completion_ids, ro.completion_mask,
