@@ -146,6 +146,33 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
+def test_grouped_completion_logits_equal_plain(tok):
+    """Samples of one prompt share one prompt forward (KV cache repeated): same logits, same
+    gradients."""
+    model = small_model(4, layers=2)
+    pol = svf_policy(model)
+    with torch.no_grad():
+        for p in pol.param.params:
+            p.add_(0.2 * torch.randn_like(p))
+    prompts = [p for p in PROMPTS for _ in range(3)]
+    ro = generate(model, tok, prompts, max_new_tokens=5, do_sample=True, temperature=2.0,
+                  generator=torch.Generator().manual_seed(0))
+    results = []
+    for g in (1, 3):
+        with pol.training() as m:
+            logits = completion_logits(m, ro, group_size=g)
+        (torch.log_softmax(logits, -1)[..., 7] * ro.completion_mask).sum().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in pol.param.params]))
+        for p in pol.param.params:
+            p.grad = None
+    (l1, g1), (l3, g3) = results
+    assert torch.allclose(l1, l3, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g1, g3))
+    shuffled = generate(model, tok, PROMPTS * 3, max_new_tokens=2)
+    with pytest.raises(ValueError, match="do not share their prompt"):
+        completion_logits(model, shuffled, group_size=3)
+
+
 def test_top_k_one_is_greedy(tok):
     model = small_model(3)
     g = generate(model, tok, PROMPTS, max_new_tokens=4)

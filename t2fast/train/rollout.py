@@ -190,12 +190,35 @@ def teacher_batch(tokenizer, prompts: Sequence[str], answers: Sequence[str], *,
     return Rollout(ids, am, enc["input_ids"].shape[1], cmask, list(answers))
 
 
-def completion_logits(model, rollout: Rollout) -> torch.Tensor:
-    """Logits [B, G, V] predicting each completion token (one teacher-forced forward)."""
+def completion_logits(model, rollout: Rollout, group_size: int = 1) -> torch.Tensor:
+    """Logits [B, G, V] predicting each completion token (teacher-forced).
+
+    With ``group_size`` > 1, consecutive groups of that many rows must share their prompt (the
+    samples of one prompt, see :func:`repeat_prompts`): the prompt is then run once per group and
+    its KV cache repeated for the group's completions — the same numbers (up to float rounding)
+    for about half the compute when answers are short. Gradients flow through both parts.
+    """
     G = rollout.completion_ids.shape[1]
-    out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                position_ids=rollout.position_ids(), use_cache=False, logits_to_keep=G + 1)
-    return out.logits[:, :-1].float()
+    B, P = rollout.num_rows, rollout.prompt_len
+    pos = rollout.position_ids()
+    if group_size <= 1 or B % group_size or P < 2:
+        out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                    position_ids=pos, use_cache=False, logits_to_keep=G + 1)
+        return out.logits[:, :-1].float()
+    heads = slice(0, B, group_size)
+    prompt_ids = rollout.input_ids[heads, :P]
+    if not torch.equal(prompt_ids.repeat_interleave(group_size, 0), rollout.input_ids[:, :P]):
+        raise ValueError(f"completion_logits(group_size={group_size}): rows of a group do not "
+                         f"share their prompt")
+    am = rollout.attention_mask
+    # prompt minus its last token (whose logits predict the first completion token)
+    out = model(input_ids=prompt_ids[:, :P - 1], attention_mask=am[heads, :P - 1],
+                position_ids=pos[heads, :P - 1], use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(group_size)
+    out = model(input_ids=rollout.input_ids[:, P - 1:-1], attention_mask=am[:, :-1],
+                position_ids=pos[:, P - 1:-1], past_key_values=cache, use_cache=True)
+    return out.logits.float()
 
 
 def repeat_prompts(prompts: Sequence, n: int) -> list:

@@ -153,9 +153,9 @@ class Trainer:
         base_logits = None
         if c.kl_coef > 0 or c.log_kl:
             with self.policy.base() as model:
-                base_logits = completion_logits(model, ro)
+                base_logits = completion_logits(model, ro, c.samples_per_prompt)
         with self.policy.training() as model:
-            logits = completion_logits(model, ro)
+            logits = completion_logits(model, ro, c.samples_per_prompt)
         parts = reinforce_kl_loss(logits, base_logits, ro.completion_ids, ro.completion_mask,
                                   adv, c.kl_coef, c.logprob_reduction)
         stats = self._update(parts.loss)
