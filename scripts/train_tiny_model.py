@@ -8,7 +8,7 @@ training family is well above zero and well below perfect: RL then has signal an
 
 Reproduce the bundled weights (about 20-30 minutes on 2 CPU cores):
 
-    python scripts/train_tiny_model.py --seed 0 --threads 2
+    python scripts/train_tiny_model.py --seed 0
 
 The model, tokenizer and a ``training_report.json`` (per-family greedy accuracy on the test
 split) are written to ``t2fast/assets/tiny_llama/`` unless ``--out`` says otherwise.
@@ -36,8 +36,8 @@ from t2fast.tasks import CLASSIFY, HELDOUT_FAMILIES, TRAIN_FAMILIES, get_task  #
 
 #: Share of each task in the pre-training mixture.
 DEFAULT_MIX = {
-    "arith": 0.28, "strings": 0.26, "choice": 0.21, CLASSIFY: 0.16,
-    "arith_chain": 0.03, "strings_compose": 0.03, "choice_order": 0.03,
+    "arith": 0.30, "strings": 0.30, "choice": 0.24, CLASSIFY: 0.10,
+    "arith_chain": 0.02, "strings_compose": 0.02, "choice_order": 0.02,
 }
 #: New tokens to generate when evaluating each task (answers are short).
 MAX_NEW_TOKENS = {"arith": 8, "arith_chain": 8, "strings": 10, "strings_compose": 10,
@@ -47,13 +47,15 @@ MAX_NEW_TOKENS = {"arith": 8, "arith_chain": 8, "strings": 10, "strings_compose"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="torch / data-order seed")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=2400, help="optimizer steps (at most)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument("--eval-every", type=int, default=500, help="validation every N steps (0: never)")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    p.add_argument("--eval-every", type=int, default=300, help="validation every N steps (0: never)")
+    p.add_argument("--stop-at", type=float, default=0.3,
+                   help="stop early once every training family's validation accuracy reaches this")
     p.add_argument("--eval-n", type=int, default=128, help="validation examples per task")
     p.add_argument("--test-n", type=int, default=500, help="test examples per task for the final report")
     p.add_argument("--mix", type=str, default=None,
@@ -70,7 +72,8 @@ class Mixture:
         self.names = sorted(mix)
         self.weights = [mix[n] for n in self.names]
         self.rng = random.Random(f"mixture:{seed}")
-        self.streams = {n: get_task(n).iter_examples("train") for n in self.names}
+        # Sampled with replacement from the training split (small question spaces repeat).
+        self.streams = {n: get_task(n).iter_examples("train", distinct=False) for n in self.names}
 
         self.buffer: list[list] = []
 
@@ -165,6 +168,7 @@ def main(argv=None) -> dict:
     start = time.time()
     history = []
     ema = None
+    stopped_at = args.steps
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
@@ -178,11 +182,15 @@ def main(argv=None) -> dict:
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            val = evaluate(model, tokenizer, all_names, "validation", args.eval_n)
+            val = evaluate(model, tokenizer, TRAIN_FAMILIES, "validation", args.eval_n)
             history.append({"step": step + 1, "loss": round(ema, 4), "elapsed_s": round(time.time() - start, 1),
                             "validation": {k: v["accuracy"] for k, v in val.items()}})
             print(f"\nstep {step + 1} loss {ema:.3f} validation accuracy " +
                   " ".join(f"{k}={v['accuracy']:.2f}" for k, v in val.items()), flush=True)
+            if args.stop_at and min(v["accuracy"] for v in val.values()) >= args.stop_at:
+                print(f"every training family reached {args.stop_at:.2f}: stopping at step {step + 1}", flush=True)
+                stopped_at = step + 1
+                break
     train_s = time.time() - start
 
     test = evaluate(model, tokenizer, all_names, "test", args.test_n)
@@ -200,7 +208,7 @@ def main(argv=None) -> dict:
         "args": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items() if k != "out"},
         "mixture": mix, "parameters": n_params, "train_seconds": round(train_s, 1),
         "wall_seconds": round(wall_s, 1), "torch": torch.__version__, "machine": platform.machine(),
-        "final_loss": round(ema, 4), "validation_history": history, "test": test,
+        "steps_run": stopped_at, "final_loss": round(ema, 4), "validation_history": history, "test": test,
     }
     (args.out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"saved to {args.out} (train {train_s:.0f}s, total {wall_s:.0f}s)", flush=True)

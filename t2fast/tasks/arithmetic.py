@@ -1,8 +1,8 @@
 """Arithmetic families (the paper's "math" stand-in).
 
-``arith`` (training): one operation on small integers, e.g. ``Q: 347+85=?`` -> ``432``;
-``+`` and ``-`` on 1-3 digit operands (results may be negative), ``*`` of a 2-digit by a 1-digit
-number.
+``arith`` (training): one operation on small integers, e.g. ``Q: 47+85=?`` -> ``132``;
+``+`` and ``-`` on 1-2 digit operands (results may be negative), ``*`` of a 1-digit by a
+1-2 digit number.
 
 ``arith_chain`` (held out): three 1-2 digit operands chained with ``+``/``-``, e.g.
 ``Q: 12+34-7=?`` -> ``39``.
@@ -37,17 +37,17 @@ class NumberAnswerTask(Task):
 
 class Arithmetic(NumberAnswerTask):
     name = "arith"
-    description = "one +, - or * on small integers: '347+85=?' -> '432'"
+    description = "one +, - or * on small integers: '47+85=?' -> '132'"
 
     def sample(self, rng: random.Random):
         op = rng.choices("+-*", weights=(2, 2, 1))[0]
         if op == "*":
-            a, b = rng.randint(10, 99), rng.randint(2, 9)
+            a, b = rng.randint(2, 19), rng.randint(2, 9)
             if rng.random() < 0.5:
                 a, b = b, a
             value = a * b
         else:
-            a, b = _operand(rng, 3), _operand(rng, 3)
+            a, b = _operand(rng, 2), _operand(rng, 2)
             value = a + b if op == "+" else a - b
         return f"{a}{op}{b}=?", str(value), {"a": a, "b": b, "op": op}
 

@@ -140,19 +140,20 @@ class Task:
         return Example(prompt=format_prompt(question), answer=answer, family=self.family,
                        question=question, meta=dict(meta or {}))
 
-    def _stream(self, split: str) -> Iterator[Example]:
+    def _stream(self, split: str, distinct: bool = True) -> Iterator[Example]:
         rng = random.Random(f"{self.name}:{split}:{self.seed}")
         seen: set[str] = set()
         misses = 0
         while True:
             question, answer, meta = self.sample(rng)
-            if question in seen or split_of(self.name, question) != split:
+            if (distinct and question in seen) or split_of(self.name, question) != split:
                 misses += 1
                 if misses > 200_000:
                     raise RuntimeError(f"task {self.name!r} ran out of distinct {split} questions")
                 continue
             misses = 0
-            seen.add(question)
+            if distinct:
+                seen.add(question)
             yield self.make_example(question, answer, meta)
 
     def examples(self, split: str, n: int | None = None) -> list[Example]:
@@ -173,9 +174,11 @@ class Task:
                 break
         return out
 
-    def iter_examples(self, split: str) -> Iterator[Example]:
-        """An endless deterministic stream of distinct examples of ``split``."""
-        return self._stream(check_split(split))
+    def iter_examples(self, split: str, distinct: bool = True) -> Iterator[Example]:
+        """A deterministic stream of examples of ``split``: distinct questions (the order of
+        ``examples``; ends when the split's question space is exhausted), or, with
+        ``distinct=False``, an endless stream sampled with replacement (for pre-training)."""
+        return self._stream(check_split(split), distinct)
 
     # -- scoring --------------------------------------------------------------------------
     def extract(self, generation: str, example: Example | None = None) -> str | None:

@@ -42,11 +42,7 @@ class NumberChoice(ChoiceTask):
 
     def sample(self, rng: random.Random):
         kind = rng.choice(("largest", "smallest"))
-        options = rng.sample(range(0, 1000), 4)
-        # Mostly 2-digit numbers, sometimes 1 or 3 digits.
-        options = [o % 100 if rng.random() < 0.7 else o for o in options]
-        if len(set(options)) < 4:
-            options = rng.sample(range(10, 100), 4)
+        options = rng.sample(range(10, 100), 4)
         target = max(options) if kind == "largest" else min(options)
         answer = LETTERS[options.index(target)]
         return f"Which is {kind}? {format_options(options)}", answer, {"options": options, "kind": kind}

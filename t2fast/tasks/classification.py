@@ -70,30 +70,31 @@ class Classification(Task):
         self.families = tuple(families) if families is not None else TRAIN_FAMILIES
         self.labels = self.families + (OTHER,)
 
-    def _source_streams(self, split: str) -> dict[str, Iterator[Example]]:
+    def _source_streams(self, split: str, distinct: bool) -> dict[str, Iterator[Example]]:
         from .registry import get_task
-        return {f: get_task(f, seed=self.seed + 1).iter_examples(split) for f in self.families}
+        return {f: get_task(f, seed=self.seed + 1).iter_examples(split, distinct) for f in self.families}
 
-    def _other_stream(self, split: str) -> Iterator[str]:
+    def _other_stream(self, split: str, distinct: bool) -> Iterator[str]:
         rng = random.Random(f"{OTHER}:{split}:{self.seed}")
         seen: set[str] = set()
         misses = 0
         while True:
             q = other_question(rng)
-            if q in seen or split_of(OTHER, q) != split:
+            if (distinct and q in seen) or split_of(OTHER, q) != split:
                 misses += 1
                 if misses > 100_000:
                     raise RuntimeError(f"ran out of distinct '{OTHER}' questions for {split}")
                 continue
             misses = 0
-            seen.add(q)
+            if distinct:
+                seen.add(q)
             yield q
 
-    def _stream(self, split: str) -> Iterator[Example]:
+    def _stream(self, split: str, distinct: bool = True) -> Iterator[Example]:
         check_split(split)
         rng = random.Random(f"{self.name}:{split}:{self.seed}")
-        sources = self._source_streams(split)
-        others = self._other_stream(split)
+        sources = self._source_streams(split, distinct)
+        others = self._other_stream(split, distinct)
         while True:
             label = rng.choice(self.labels)
             if label == OTHER:

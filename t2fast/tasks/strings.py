@@ -44,7 +44,7 @@ class StringOps(WordAnswerTask):
 
     def sample(self, rng: random.Random):
         op = rng.choice(sorted(OPS))
-        w = _word(rng, 3, 6)
+        w = _word(rng, 3, 5)
         return f"{op}('{w}')", OPS[op](w), {"ops": [op], "word": w}
 
 
