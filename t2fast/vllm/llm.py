@@ -128,21 +128,28 @@ class LLM:
     def load_experts(self, experts, allow_other_model: bool | None = None) -> list[str]:
         """Load experts (files or :class:`Expert` objects) into every worker; same name
         replaces. Returns the bank order."""
-        from ..experts import Expert
+        from ..experts import Expert, load_expert
         from .requests import expert_digest, expert_file_name, file_digest
+        from .worker import encode_expert
 
         payload, entries = [], []
         for e in experts:
             if isinstance(e, Expert):
-                payload.append({"name": e.name, "base_model": e.base_model,
-                                "z": {n: v.detach().float().cpu() for n, v in e.z.items()},
-                                "fingerprint": (e.fingerprint.to_json()
-                                                if e.fingerprint else None)})
+                payload.append(encode_expert(e))
                 entries.append((e.name, expert_digest(e)))
             else:
+                load_expert(e)  # readable, finite: fail here rather than in the workers
                 payload.append(str(e))
                 entries.append((expert_file_name(e), file_digest(e)))
-        results = self.llm.collective_rpc("t2_load_experts", args=(payload, allow_other_model))
+        names = [n for n, _ in entries]
+        if len(set(names)) != len(names):
+            raise ValueError(f"t2fast: expert names must be unique, got {names}")
+        new = [n for n in names if n not in self._frontend.names]
+        if len(self._frontend.names) + len(new) > self._frontend.max_experts:
+            raise ValueError(f"t2fast: the expert bank holds {self._frontend.max_experts} "
+                             f"experts; {len(self._frontend.names)} are loaded and {len(new)} "
+                             f"more were given")
+        results = self._rpc("t2_load_experts", payload, allow_other_model)
         for name, digest in entries:
             self._frontend.add(name, digest)
         self._check_order(results)
@@ -158,16 +165,23 @@ class LLM:
                              f"{self._frontend.names or '(none)'})")
         for n in names:  # new requests are refused from now on
             self._frontend.remove(n)
-        results = self.llm.collective_rpc("t2_unload_experts", args=(list(names),))
+        results = self._rpc("t2_unload_experts", list(names))
         self._check_order(results)
         return list(self._frontend.names)
 
+    def _rpc(self, method: str, *args) -> list:
+        results = self.llm.collective_rpc(method, args=args)
+        errors = [r["error"] for r in results if isinstance(r, dict) and "error" in r]
+        if errors:
+            raise ValueError(f"t2fast: {method} failed in a worker: {errors[0]}")
+        return results
+
     def _check_order(self, results) -> None:
         for r in results:
-            if list(r) != list(self._frontend.names):
-                raise RuntimeError(f"t2fast: worker bank order {list(r)} differs from the front "
-                                   f"end's {self._frontend.names}")
+            if list(r["names"]) != list(self._frontend.names):
+                raise RuntimeError(f"t2fast: worker bank order {list(r['names'])} differs from "
+                                   f"the front end's {self._frontend.names}")
 
     def t2_info(self) -> list[dict]:
         """Per worker: experts, targets, settings and step statistics."""
-        return self.llm.collective_rpc("t2_info")
+        return self._rpc("t2_info")

@@ -110,9 +110,8 @@ class T2Runtime:
 
     # ---- expert bank --------------------------------------------------------------------
     def load_experts(self, experts, allow_other_model: bool | None = None) -> list[str]:
-        """Load experts into the bank (same name: replaced). ``experts`` are file paths,
-        :class:`Expert` objects, or dicts ``{"name", "z": {target: [r]}, ...}``.
-        Returns the bank's names in order."""
+        """Load experts (file paths or :class:`Expert` objects) into the bank; a loaded name is
+        replaced. All are checked before any is written. Returns the bank's names in order."""
         allow = self.config.allow_other_model if allow_other_model is None else allow_other_model
         loaded = [self._as_expert(e, allow) for e in experts]
         names = [e.name for e in loaded]
@@ -156,14 +155,6 @@ class T2Runtime:
         if isinstance(e, Expert):
             e.check_against(self.factors, self.fingerprint, allow_other_model=allow)
             return e
-        if isinstance(e, dict):
-            fp = e.get("fingerprint")
-            ex = Expert(name=e["name"],
-                        z={n: torch.as_tensor(v, dtype=torch.float32) for n, v in e["z"].items()},
-                        base_model=e.get("base_model", ""),
-                        fingerprint=Fingerprint(fp["shapes"], fp["sigma_sums"]) if fp else None)
-            ex.check_against(self.factors, self.fingerprint, allow_other_model=allow)
-            return ex
         return load_expert(e, self.factors, allow_other_model=allow)
 
     def _bank_changed(self) -> None:

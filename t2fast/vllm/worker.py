@@ -20,12 +20,49 @@ class T2WorkerExtension:
                                "T2Fast* architecture through hf_overrides)")
         return rt
 
-    def t2_load_experts(self, experts, allow_other_model=None) -> list[str]:
-        """Load experts (file paths or ``{"name", "z", ...}`` dicts); returns the bank order."""
-        return self._t2_runtime().load_experts(list(experts), allow_other_model)
+    # An exception escaping a collective_rpc method is fatal to vLLM's engine, so these
+    # methods report errors in their result; t2fast.vllm.LLM raises them in the caller.
+    def t2_load_experts(self, experts, allow_other_model=None) -> dict:
+        """Load experts (file paths or ``{"name", "z", ...}`` dicts, z as float32 bytes);
+        all-or-nothing. Returns ``{"names": bank order}`` or ``{"error": message}``."""
+        return _guard(lambda: {"names": self._t2_runtime().load_experts(
+            [decode_expert(e) for e in experts], allow_other_model)})
 
-    def t2_unload_experts(self, names) -> list[str]:
-        return self._t2_runtime().unload_experts(names)
+    def t2_unload_experts(self, names) -> dict:
+        return _guard(lambda: {"names": self._t2_runtime().unload_experts(list(names))})
 
     def t2_info(self) -> dict:
-        return self._t2_runtime().info()
+        return _guard(lambda: self._t2_runtime().info())
+
+
+def _guard(fn) -> dict:
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - see the comment above
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def encode_expert(expert) -> dict:
+    """An :class:`t2fast.experts.Expert` as plain data for vLLM's RPC serializer."""
+    return {"name": expert.name, "base_model": expert.base_model,
+            "fingerprint": expert.fingerprint.to_json() if expert.fingerprint else None,
+            "z": {n: [list(v.shape), v.detach().float().cpu().contiguous().numpy().tobytes()]
+                  for n, v in expert.z.items()}}
+
+
+def decode_expert(e):
+    """Inverse of :func:`encode_expert`; file paths pass through."""
+    if not isinstance(e, dict):
+        return e
+    import numpy as np
+    import torch
+
+    from ..experts import Expert, Fingerprint
+
+    z = {}
+    for n, (shape, data) in e["z"].items():
+        z[n] = torch.from_numpy(np.frombuffer(bytes(data), dtype=np.float32).copy()).reshape(
+            shape)
+    fp = e.get("fingerprint")
+    return Expert(name=e["name"], z=z, base_model=e.get("base_model") or "",
+                  fingerprint=Fingerprint(fp["shapes"], fp["sigma_sums"]) if fp else None)

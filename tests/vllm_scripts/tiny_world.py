@@ -56,9 +56,10 @@ def save_model(path, seed: int = 0, **overrides) -> Path:
     return path
 
 
-def make_experts(model_path, out_dir, names=("math", "code"), scale: float = 0.5,
-                 cache_dir=None) -> dict[str, Path]:
-    """Random experts (z = 1 + scale·N(0, 1)) for every projection of the model at model_path."""
+def make_experts(model_path, out_dir, names=("math", "code", "neg"), scale: float = 0.5,
+                 cache_dir=False, ones: str | None = "ones") -> dict[str, Path]:
+    """Random experts (z = 1 + scale·N(0, 1)) for every projection of the model at model_path,
+    and an identity expert (z = 1) named ``ones``."""
     from transformers import LlamaForCausalLM
 
     from t2fast.decompose import decompose_model
@@ -70,11 +71,47 @@ def make_experts(model_path, out_dir, names=("math", "code"), scale: float = 0.5
     for i, name in enumerate(names):
         e = Expert.random(name, dec.factors, scale=scale, seed=100 + i, base_model="tiny")
         out[name] = e.save(Path(out_dir) / f"{name}.safetensors")
+    if ones:
+        out[ones] = Expert.ones(ones, dec.factors, base_model="tiny").save(
+            Path(out_dir) / f"{ones}.safetensors")
     return out
 
 
-if __name__ == "__main__":
-    import sys
+def make_world(root) -> Path:
+    """model/ (tiny Llama + tokenizer), experts/ (math, code, neg, ones), svd/ (empty cache)."""
+    root = Path(root)
+    save_model(root / "model")
+    make_experts(root / "model", root / "experts")
+    (root / "svd").mkdir(parents=True, exist_ok=True)
+    return root
 
-    p = save_model(sys.argv[1])
-    print(json.dumps({"model": str(p)}))
+
+@torch.no_grad()
+def hf_reference(world, requests, max_tokens: int, experts=("math", "code", "neg", "ones"),
+                 cache_dir=None):
+    """Greedy tokens of each (prompt, patch_model mixture spec) from the Hugging Face model
+    patched by t2fast.patch_model (one request at a time, full recompute each step).
+    Returns (token lists, decomposition cache hits)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    import t2fast
+
+    world = Path(world)
+    tok = AutoTokenizer.from_pretrained(world / "model")
+    model = LlamaForCausalLM.from_pretrained(world / "model", dtype=torch.float32).eval()
+    handle = t2fast.patch_model(model, [world / "experts" / f"{n}.safetensors" for n in experts],
+                                cache_dir=cache_dir if cache_dir is not None else world / "svd",
+                                backend="torch", progress=False)
+    outs = []
+    for prompt, spec in requests:
+        handle.set_mixture(spec)
+        ids = tok(prompt, return_tensors="pt").input_ids
+        new = []
+        for _ in range(max_tokens):
+            nxt = int(model(ids).logits[0, -1].argmax())
+            new.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        outs.append(new)
+    return outs, handle.decomposition.cache_hits
+
+

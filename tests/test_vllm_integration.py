@@ -1,0 +1,299 @@
+"""t2fast.vllm on vLLM's CPU build: per-request expert mixtures inside vLLM's executor.
+
+Engine runs are expensive on a CPU (each start-up takes tens of seconds), so two subprocesses
+(tests/vllm_scripts/engine_checks.py) start three engines in all and run every check on them:
+
+* ``main``: a t2fast engine, eager, in vLLM's real multiprocess layout (front end, engine core,
+  worker), prefix caching on, a 64-token step budget (chunked prefill mixes with decode);
+* ``compiled``: vanilla vLLM (eager), then a t2fast engine with torch.compile (in-process).
+
+The tests below compare their token ids with each other and with the Hugging Face reference
+(``t2fast.patch_model`` on the same tiny random Llama, same experts, greedy).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+try:
+    import vllm  # noqa: F401
+    _VLLM_ERROR = None
+except Exception as exc:  # noqa: BLE001 - any import failure means "no vLLM here"
+    _VLLM_ERROR = f"{type(exc).__name__}: {exc}"
+
+pytestmark = [pytest.mark.vllm,
+              pytest.mark.skipif(_VLLM_ERROR is not None,
+                                 reason=f"vllm is not importable ({_VLLM_ERROR})")]
+
+SCRIPTS = Path(__file__).resolve().parent / "vllm_scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import plan  # noqa: E402
+import tiny_world  # noqa: E402
+
+ENGINE_TIMEOUT_S = 600
+
+
+# ------------------------------------------------------------------------------------------
+# Fixtures: one tiny world, two engine subprocesses, one Hugging Face reference
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return tiny_world.make_world(tmp_path_factory.mktemp("t2world"))
+
+
+def _run_engines(mode: str, world: Path) -> dict:
+    out = world / f"{mode}.json"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["VLLM_DISABLE_COMPILE_CACHE"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parent.parent)] + env.get("PYTHONPATH", "").split(os.pathsep))
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "engine_checks.py"), mode, str(world),
+                           str(out)], env=env, capture_output=True, text=True,
+                          timeout=ENGINE_TIMEOUT_S)
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stdout + proc.stderr)[-6000:]
+        pytest.fail(f"engine run {mode!r} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def main_run(world):
+    return _run_engines("main", world)
+
+
+@pytest.fixture(scope="module")
+def compiled_run(world, main_run):  # after main_run: its SVDs are then read from disk
+    return _run_engines("compiled", world)
+
+
+@pytest.fixture(scope="module")
+def hf(world, main_run):
+    reqs = {
+        "batch": plan.BATCH,
+        "base": [(p, None) for p, _ in plan.BATCH],
+        "prefix": [(plan.PREFIX_PROMPT, s) for s in plan.PREFIX_SPECS],
+        "objects": plan.OBJECT_REQUESTS,
+    }
+    flat = [(p, plan.hf_spec(s)) for group in reqs.values() for p, s in group]
+    toks, hits = tiny_world.hf_reference(world, flat, plan.MAX_TOKENS)
+    out, i = {"cache_hits": hits}, 0
+    for k, group in reqs.items():
+        out[k] = toks[i:i + len(group)]
+        i += len(group)
+    return out
+
+
+BASE_ROWS = [i for i, (_, s) in enumerate(plan.BATCH) if s is None]
+
+
+# ------------------------------------------------------------------------------------------
+# Engine tests
+# ------------------------------------------------------------------------------------------
+def test_base_requests_match_vanilla_vllm(main_run, compiled_run, hf):
+    vanilla = compiled_run["vanilla"]
+    assert vanilla == hf["base"], "vanilla vLLM vs the unpatched-equivalent HF base model"
+    for i in BASE_ROWS:
+        assert main_run["batch"][i] == vanilla[i], f"eager t2fast base row {i}"
+        assert compiled_run["compiled_batch"][i] == vanilla[i], f"compiled t2fast base row {i}"
+    # z = 1 everywhere (the "ones" expert) is the base model too.
+    p1_base = plan.BATCH.index((plan.PROMPTS[1], None))
+    assert main_run["objects"][1] == vanilla[p1_base]
+    assert main_run["prefix"][0]["tokens"] == compiled_run["vanilla_prefix"][0]
+
+
+def test_mixed_batch_matches_alone_and_hf_reference(main_run, hf):
+    batch, alone = main_run["batch"], main_run["alone"]
+    for i, (prompt, spec) in enumerate(plan.BATCH):
+        assert len(batch[i]) == plan.MAX_TOKENS
+        assert batch[i] == alone[i], f"request {i} ({spec}) in the batch vs alone"
+        assert batch[i] == hf["batch"][i], f"request {i} ({spec}) vs HF patch_model reference"
+    # The experts do change the output (same prompt, base vs math in the same batch).
+    same_prompt = [i for i, (p, _) in enumerate(plan.BATCH) if p == plan.PROMPTS[1]]
+    assert len({tuple(batch[i]) for i in same_prompt}) == len(same_prompt)
+    stats = main_run["info_end"]["stats"]
+    assert stats["steps_mixed"] > 0 and stats["steps_single"] > 0 and stats["steps_base"] > 0
+    assert stats["rejected_in_worker"] == 0
+
+
+def test_compiled_matches_eager(main_run, compiled_run):
+    assert compiled_run["compiled_batch"] == main_run["batch"]
+    assert compiled_run["compiled_alone"] == main_run["alone"][1:3]
+    stats = compiled_run["compiled_info"]["stats"]
+    assert stats["merges"] == 0  # compiled graphs always run the factored kernels
+
+
+def test_prefix_cache_never_crosses_mixtures(main_run, hf):
+    pref = main_run["prefix"]
+    for k, (spec, row) in enumerate(zip(plan.PREFIX_SPECS, pref)):
+        assert row["tokens"] == hf["prefix"][k], f"shared prefix served with {spec}"
+    # base filled the cache; math and code must not reuse it; the second math reuses its own.
+    assert pref[1]["cached"] == 0 and pref[2]["cached"] == 0
+    assert pref[3]["cached"] > 0
+    assert pref[1]["tokens"] != pref[0]["tokens"] != pref[2]["tokens"]
+
+
+def test_bad_requests_rejected_at_front_end_engine_keeps_serving(main_run):
+    expected = ["unknown expert 'nope'", "expected 2", "finite", "finite", "alpha must be",
+                "unknown key", "not both", "must be a number"]
+    assert len(main_run["errors"]) == len(plan.BAD_SPECS) == len(expected)
+    for err, want in zip(main_run["errors"], expected):
+        assert err["error"] is not None, f"{err['spec']} was accepted"
+        assert want in err["error"], (err["spec"], err["error"])
+        assert err["type"] == "T2RequestError" and err["is_value_error"]
+        assert "extra_args['t2']" in err["error"]
+    assert "nope" in main_run["batch_error"]
+    assert main_run["after_errors"] == main_run["batch"][:2]
+    assert main_run["info_end"]["stats"]["rejected_in_worker"] == 0
+
+
+def test_expert_banks_load_and_unload_at_run_time(main_run, hf):
+    assert main_run["unload"] == ["math"]
+    assert "unknown expert 'code'" in main_run["unloaded_error"]
+    assert main_run["reload"] == ["math", "code"]
+    code_rows = [i for i, (_, s) in enumerate(plan.BATCH) if "code" in json.dumps(s)]
+    assert main_run["reloaded"] == [main_run["batch"][i] for i in code_rows]
+    assert main_run["load_objects"] == ["math", "code", "neg", "ones"]
+    assert main_run["objects"] == hf["objects"]
+    assert main_run["info_end"]["experts"] == ["math", "code", "neg", "ones"]
+
+
+def test_svd_computed_once_and_shared_with_patch_model(main_run, compiled_run, hf):
+    n = len(main_run["info_start"]["targets"])
+    assert n == 7 * tiny_world.CONFIG["num_hidden_layers"]
+    assert main_run["info_start"]["stats"]["svd_misses"] == n  # fresh cache: computed
+    assert compiled_run["compiled_info"]["stats"]["svd_hits"] == n  # restart: read from disk
+    assert compiled_run["compiled_info"]["stats"]["svd_misses"] == 0
+    assert hf["cache_hits"] == n  # patch_model finds the same matrices under the same keys
+
+
+def test_plain_vllm_is_unchanged_by_the_plugin(compiled_run):
+    # The plugin is installed (entry point) but the vanilla engine did not opt in: a t2 request
+    # is neither validated nor served with an expert.
+    assert compiled_run["vanilla_ignores_t2"][0] == compiled_run["vanilla"][0]
+
+
+# ------------------------------------------------------------------------------------------
+# Fast checks (no engine)
+# ------------------------------------------------------------------------------------------
+def test_normalize_spec_forms_and_errors():
+    from t2fast.vllm.requests import T2RequestError, mixture_key, normalize_spec
+
+    names, L = ["math", "code"], 2
+    assert normalize_spec(None, names, L) is None
+    assert normalize_spec({}, names, L) is None
+    assert normalize_spec({"expert": "base"}, names, L) is None
+    assert normalize_spec({"alpha": {"base": 1}}, names, L) is None
+    assert normalize_spec("math", names, L) == {"alpha": {"math": 1.0}}
+    same = [normalize_spec({"expert": "math"}, names, L),
+            normalize_spec({"alpha": {"math": 1.0, "code": 0}}, names, L),
+            normalize_spec({"alpha": [1, 0]}, names, L),
+            normalize_spec({"alpha": [[1, 0], [1, 0]]}, names, L)]
+    assert len({mixture_key(s) for s in same}) == 1
+    per_layer = normalize_spec({"alpha": [[1, 0], [0.5, 0.5]]}, names, L)
+    assert per_layer == {"alpha": {"code": [0.0, 0.5], "math": [1.0, 0.5]}}
+    assert normalize_spec({"alpha": [0, 0]}, names, L) == {"alpha": {"base": 0.0}}
+    for bad, msg in [({"expert": "x"}, "unknown expert"), ({"alpha": [1]}, "expected 2"),
+                     ({"alpha": [1, math.nan]}, "finite"), ({"alpha": {"math": math.inf}},
+                                                            "finite"),
+                     ({"alpha": [[1, 0]]}, "shape (2, 2)"), ({"alpha": {"math": [1]}},
+                                                             "2 decoder layers"),
+                     ({"alpha": [True, 0]}, "number"), (3, "must be a dict"),
+                     ({"expert": 1}, "strings"), ({"foo": 1}, "unknown key")]:
+        with pytest.raises(T2RequestError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            normalize_spec(bad, names, L)
+
+
+def test_salt_depends_on_mixture_and_expert_contents():
+    from t2fast.vllm.requests import FrontEnd, combine_salt
+
+    fe = FrontEnd(num_layers=2, max_experts=4)
+    fe.add("math", "d1")
+    fe.add("code", "d2")
+    s_math = fe.salt(fe.normalize({"expert": "math"}))
+    assert fe.salt(fe.normalize(None)) is None
+    assert s_math == fe.salt(fe.normalize({"alpha": [1, 0]}))
+    assert s_math != fe.salt(fe.normalize({"expert": "code"}))
+    assert s_math != fe.salt(fe.normalize({"alpha": [1, 1e-3]}))
+    fe.add("math", "d1-retrained")
+    assert fe.salt(fe.normalize({"expert": "math"})) != s_math
+    assert combine_salt("user", "t2fast-x") == "user|t2fast-x"
+    assert combine_salt(None, None) is None and combine_salt("u", None) == "u"
+    with pytest.raises(ValueError, match="full"):
+        for i in range(3):
+            fe.add(f"e{i}", "d")
+
+
+def test_targets_selection_matches_patch_model():
+    from t2fast.vllm.layers import FUSED_DEFAULT, hf_part_names, select_targets
+
+    names = []
+    for i in range(4):
+        for fused in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                      "mlp.down_proj"):
+            names += hf_part_names(f"model.layers.{i}.{fused}", FUSED_DEFAULT)
+    assert names[:3] == [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    assert len(select_targets(names)) == 28
+    mlp_half = select_targets(names, "mlp", "second_half")
+    assert mlp_half == [n for n in names if ".mlp." in n and int(n.split(".")[2]) >= 2]
+    assert select_targets(names, ["q_proj", "model.layers.3.mlp.*"], [3]) == [
+        "model.layers.3.self_attn.q_proj", "model.layers.3.mlp.gate_proj",
+        "model.layers.3.mlp.up_proj", "model.layers.3.mlp.down_proj"]
+    with pytest.raises(ValueError, match="no nn.Linear module matches"):
+        select_targets(names, "lm_head")
+
+
+def test_config_and_engine_args(world):
+    from t2fast.vllm import CONFIG_KEY, T2Config, engine_args
+
+    cfg = T2Config.from_dict({"experts": "a.safetensors", "layers": {"start": 1, "stop": 3}})
+    assert cfg.experts == ["a.safetensors"] and cfg.layers == [1, 2]
+    assert T2Config.from_dict(json.dumps(cfg.to_dict())) == cfg
+    with pytest.raises(ValueError, match="unknown settings"):
+        T2Config.from_dict({"expert": []})
+    with pytest.raises(ValueError, match="backend"):
+        T2Config(backend="cuda")
+    args = engine_args(str(world / "model"), [world / "experts" / "math.safetensors"],
+                       targets="mlp", enforce_eager=True)
+    assert args["hf_overrides"] == {"architectures": ["T2FastLlamaForCausalLM"]}
+    assert args["additional_config"][CONFIG_KEY]["targets"] == "mlp"
+    assert args["worker_extension_cls"] == "t2fast.vllm.worker.T2WorkerExtension"
+    assert args["enforce_eager"] is True
+    json.dumps(args["additional_config"])  # vLLM hashes it as JSON
+
+
+def test_plugin_register_is_idempotent_and_inert_for_other_models():
+    from types import SimpleNamespace
+
+    from vllm import ModelRegistry
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from t2fast.vllm.plugin import register
+    from t2fast.vllm.requests import frontend_of
+
+    register()
+    hook = InputProcessor.process_inputs
+    register()
+    assert InputProcessor.process_inputs is hook and hook._t2fast_hook
+    assert "T2FastLlamaForCausalLM" in ModelRegistry.get_supported_archs()
+    plain = SimpleNamespace(vllm_config=SimpleNamespace(
+        model_config=SimpleNamespace(architectures=["LlamaForCausalLM"])))
+    assert frontend_of(plain) is None
+
+
+def test_tensor_parallel_fails_clearly():
+    from types import SimpleNamespace
+
+    from t2fast.vllm.models import check_parallel
+
+    cfg = SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=2))
+    with pytest.raises(NotImplementedError, match="tensor_parallel_size=2"):
+        check_parallel(cfg)
+    check_parallel(SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=1)))

@@ -1,0 +1,156 @@
+"""vLLM engine runs for tests/test_vllm_integration.py (run as a subprocess: vLLM spawns).
+
+    python engine_checks.py main     WORLD OUT.json   # t2fast engine, eager, multiprocess
+    python engine_checks.py compiled WORLD OUT.json   # vanilla eager + t2fast compiled, in-process
+
+WORLD is a folder made by ``tiny_world.make_world`` (model/, experts/, svd/). Each mode starts as
+few engines as possible and runs many checks on each; results (token ids, errors, stats) are
+written as JSON for the test to compare with vanilla vLLM and the Hugging Face reference.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("TRITON_INTERPRET", None)  # the engine uses the torch backend; keep vLLM's view
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import plan  # noqa: E402
+
+MAX_TOKENS = plan.MAX_TOKENS
+
+
+def engine_kwargs(**kw):
+    base = dict(dtype="float32", max_model_len=256, kv_cache_memory_bytes=32 << 20,
+                max_num_seqs=8, seed=0, gpu_memory_utilization=0.1)
+    base.update(kw)
+    return base
+
+
+def sp(spec=None, **kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                          extra_args=None if spec is None else {"t2": spec}, **kw)
+
+
+def tokens(outs):
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def t2_llm(world: Path, **kw):
+    from t2fast.vllm import LLM
+
+    return LLM(str(world / "model"), experts=[str(world / "experts" / f"{n}.safetensors")
+                                              for n in plan.FILE_EXPERTS],
+               backend="torch", cache_dir=str(world / "svd"), **engine_kwargs(**kw))
+
+
+def run_batch(llm, requests):
+    prompts = [p for p, _ in requests]
+    return tokens(llm.generate(prompts, [sp(s) for _, s in requests], use_tqdm=False))
+
+
+def run_main(world: Path) -> dict:
+    """Eager t2fast engine in vLLM's default multiprocess layout, prefix caching on, small
+    token budget (long prompts are chunked, so prefill and decode steps mix)."""
+    from t2fast.experts import load_expert
+    from t2fast.vllm import T2RequestError
+
+    res: dict = {}
+    t0 = time.time()
+    llm = t2_llm(world, enforce_eager=True, enable_prefix_caching=True,
+                 max_num_batched_tokens=64)
+    res["startup_s"] = time.time() - t0
+    res["info_start"] = llm.t2_info()[0]
+
+    res["batch"] = run_batch(llm, plan.BATCH)
+    res["alone"] = [run_batch(llm, [r])[0] for r in plan.BATCH]
+
+    # Shared long prefix, served with different mixtures in turn (prefix caching on).
+    pref = []
+    for spec in plan.PREFIX_SPECS:
+        out = llm.generate([plan.PREFIX_PROMPT], [sp(spec)], use_tqdm=False)[0]
+        pref.append({"tokens": list(out.outputs[0].token_ids),
+                     "cached": int(out.num_cached_tokens or 0)})
+    res["prefix"] = pref
+
+    # Bad requests: clear errors at the front end, and the engine keeps serving.
+    errors = []
+    for spec in plan.BAD_SPECS:
+        try:
+            llm.generate([plan.BATCH[0][0]], [sp(spec)], use_tqdm=False)
+            errors.append({"spec": repr(spec), "error": None})
+        except T2RequestError as exc:
+            errors.append({"spec": repr(spec), "error": str(exc), "type": type(exc).__name__,
+                           "is_value_error": isinstance(exc, ValueError)})
+    res["errors"] = errors
+    try:  # a bad request inside a batch with good ones
+        run_batch(llm, [plan.BATCH[1], (plan.BATCH[0][0], {"expert": "nope"})])
+        res["batch_error"] = None
+    except T2RequestError as exc:
+        res["batch_error"] = str(exc)
+    res["after_errors"] = run_batch(llm, plan.BATCH[:2])
+
+    # Expert banks at run time (collective_rpc into the worker).
+    res["unload"] = llm.unload_experts(["code"])
+    try:
+        run_batch(llm, [(plan.BATCH[0][0], {"expert": "code"})])
+        res["unloaded_error"] = None
+    except T2RequestError as exc:
+        res["unloaded_error"] = str(exc)
+    res["reload"] = llm.load_experts([str(world / "experts" / "code.safetensors")])
+    res["reloaded"] = run_batch(llm, [r for r in plan.BATCH if "code" in json.dumps(r[1])])
+    objects = [load_expert(world / "experts" / f"{n}.safetensors") for n in plan.OBJECT_EXPERTS]
+    res["load_objects"] = llm.load_experts(objects)
+    res["objects"] = run_batch(llm, plan.OBJECT_REQUESTS)
+    res["info_end"] = llm.t2_info()[0]
+    res["total_s"] = time.time() - t0
+    return res
+
+
+def run_compiled(world: Path) -> dict:
+    """In-process engines (faster start): vanilla vLLM (eager), then t2fast compiled."""
+    import gc
+
+    from vllm import LLM as VLLM
+
+    res: dict = {}
+    t0 = time.time()
+    llm = VLLM(str(world / "model"), enforce_eager=True, **engine_kwargs())
+    base_reqs = [(p, None) for p, _ in plan.BATCH]
+    res["vanilla"] = run_batch(llm, base_reqs)
+    # Plain vLLM with the plugin installed ignores extra_args["t2"] (no opt-in, no checks).
+    res["vanilla_ignores_t2"] = run_batch(llm, [(plan.BATCH[0][0], {"expert": "nope"})])
+    res["vanilla_prefix"] = run_batch(llm, [(plan.PREFIX_PROMPT, None)])
+    res["vanilla_s"] = time.time() - t0
+    del llm
+    gc.collect()
+
+    t1 = time.time()
+    llm = t2_llm(world, enforce_eager=False)
+    res["compiled_startup_s"] = time.time() - t1
+    res["compiled_batch"] = run_batch(llm, plan.BATCH)
+    res["compiled_alone"] = [run_batch(llm, [r])[0] for r in plan.BATCH[1:3]]
+    res["compiled_info"] = llm.t2_info()[0]
+    res["total_s"] = time.time() - t0
+    return res
+
+
+if __name__ == "__main__":
+    mode, world, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    if mode == "compiled":
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        result = run_compiled(world)
+    elif mode == "main":
+        result = run_main(world)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
