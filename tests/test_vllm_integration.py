@@ -211,6 +211,21 @@ def test_normalize_spec_forms_and_errors():
             normalize_spec(bad, names, L)
 
 
+def test_flat_and_json_request_forms_for_the_openai_server():
+    from t2fast.vllm.requests import T2RequestError, extract_spec, normalize_spec
+
+    names = ["math", "code"]
+    assert extract_spec(None) == (False, None)
+    assert extract_spec({"other": 1}) == (False, None)
+    assert extract_spec({"t2_expert": "math"}) == (True, {"expert": "math"})
+    present, raw = extract_spec({"t2_alpha": [0.3, 0.7]})
+    assert present and normalize_spec(raw, names, 2) == {"alpha": {"code": 0.7, "math": 0.3}}
+    present, raw = extract_spec({"t2": '{"alpha": {"math": 0.3}}'})
+    assert normalize_spec(raw, names, 2) == {"alpha": {"math": 0.3}}
+    with pytest.raises(T2RequestError, match="not valid JSON"):
+        normalize_spec("{alpha", names, 2)
+
+
 def test_salt_depends_on_mixture_and_expert_contents():
     from t2fast.vllm.requests import FrontEnd, combine_salt
 

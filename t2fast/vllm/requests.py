@@ -9,6 +9,7 @@ A request names its mixture with one of::
     extra_args={"t2": {"alpha": [[...K...], ...L...]}}         # per-layer α, bank order
     extra_args={"t2": {"alpha": {"math": [...L...]}}}          # per-layer α by name
     extra_args={"t2": "math"}                                  # shorthand for {"expert": ...}
+    extra_args={"t2_expert": "math"} / {"t2_alpha": [0.3, 0.7]}  # flat (OpenAI ``vllm_xargs``)
 
 No ``"t2"`` key (or ``{}``) is the base model. ``z' = α_base·1 + Σ_k α_k z_k`` per adapted matrix.
 
@@ -93,6 +94,11 @@ def normalize_spec(raw, names, num_layers: int):
     names = list(names)
     if raw is None:
         return None
+    if isinstance(raw, str) and raw.lstrip().startswith("{"):
+        try:
+            raw = json.loads(raw)
+        except ValueError as exc:
+            raise T2RequestError(f"is a string that is not valid JSON ({exc})") from None
     if isinstance(raw, str):
         raw = {"expert": raw}
     if not isinstance(raw, dict):
@@ -278,11 +284,29 @@ def frontend_of(input_processor):
     return None if fe is _NOT_T2 else fe
 
 
-def _raw_spec(params):
-    extra = getattr(params, "extra_args", None)
-    if not extra or REQUEST_KEY not in extra:
+FLAT_KEYS = {f"{REQUEST_KEY}_expert": "expert", f"{REQUEST_KEY}_alpha": "alpha"}
+
+
+def extract_spec(extra_args) -> tuple[bool, object]:
+    """``(present, raw spec)`` from a request's ``extra_args``.
+
+    ``extra_args["t2"]`` (a dict, an expert name, or a JSON string), or the flat keys
+    ``t2_expert`` / ``t2_alpha`` — the OpenAI server's ``vllm_xargs`` accepts only strings,
+    numbers and lists of them, so ``{"vllm_xargs": {"t2_alpha": [0.3, 0.7]}}`` or
+    ``{"vllm_xargs": {"t2": "{\"alpha\": {\"math\": 0.3}}"}}`` work there.
+    """
+    if not extra_args:
         return False, None
-    return True, extra[REQUEST_KEY]
+    if REQUEST_KEY in extra_args:
+        return True, extra_args[REQUEST_KEY]
+    flat = {v: extra_args[k] for k, v in FLAT_KEYS.items() if k in extra_args}
+    if flat:
+        return True, flat
+    return False, None
+
+
+def _raw_spec(params):
+    return extract_spec(getattr(params, "extra_args", None))
 
 
 def install_input_processor_hook() -> None:
@@ -303,7 +327,7 @@ def install_input_processor_hook() -> None:
         request = orig(self, request_id, prompt, params, *args, **kwargs)
         sp = getattr(request, "sampling_params", None)
         if sp is not None and present:
-            extra = dict(sp.extra_args or {})
+            extra = {k: v for k, v in (sp.extra_args or {}).items() if k not in FLAT_KEYS}
             if normal is None:
                 extra.pop(REQUEST_KEY, None)
             else:

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from ..experts import Expert, Fingerprint, load_expert
-from .config import REQUEST_KEY, T2Config, num_decoder_layers
+from .config import T2Config, num_decoder_layers
 from .layers import factors_stub
-from .requests import BASE, T2RequestError, mixture_key, normalize_spec
+from .requests import BASE, T2RequestError, extract_spec, mixture_key, normalize_spec
 
 logger = logging.getLogger("t2fast.vllm")
 
@@ -273,10 +273,7 @@ def _copy_tensor(dst: torch.Tensor, src: torch.Tensor) -> None:
 # Runner hooks
 # --------------------------------------------------------------------------------------------
 def raw_spec(params) -> tuple[bool, object]:
-    extra = getattr(params, "extra_args", None) if params is not None else None
-    if not extra or REQUEST_KEY not in extra:
-        return False, None
-    return True, extra[REQUEST_KEY]
+    return extract_spec(getattr(params, "extra_args", None) if params is not None else None)
 
 
 def runtime_of(runner) -> T2Runtime | None:
