@@ -5,7 +5,10 @@ Engine runs are expensive on a CPU (each start-up takes tens of seconds), so two
 
 * ``main``: a t2fast engine, eager, in vLLM's real multiprocess layout (front end, engine core,
   worker), prefix caching on, a 64-token step budget (chunked prefill mixes with decode);
-* ``compiled``: vanilla vLLM (eager), then a t2fast engine with torch.compile (in-process).
+* ``compiled``: vanilla vLLM (eager), then a t2fast engine with torch.compile (in-process);
+
+and a third starts a tensor-parallel engine (two CPU ranks) on a model with one kv head, so
+the kv heads are replicated across ranks.
 
 The tests below compare their token ids with each other and with the Hugging Face reference
 (``t2fast.patch_model`` on the same tiny random Llama, same experts, greedy).
@@ -174,6 +177,19 @@ def test_svd_computed_once_and_shared_with_patch_model(main_run, compiled_run, h
     assert hf["cache_hits"] == n  # patch_model finds the same matrices under the same keys
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="tensor parallel needs two CPUs")
+def test_tensor_parallel_two_ranks_matches_hf(tmp_path_factory):
+    world = tiny_world.make_world(tmp_path_factory.mktemp("t2world_tp"), num_key_value_heads=1)
+    run = _run_engines("tp", world)
+    ref, _ = tiny_world.hf_reference(world, [(p, plan.hf_spec(s)) for p, s in plan.BATCH],
+                                     plan.MAX_TOKENS, experts=plan.FILE_EXPERTS)
+    assert run["batch"] == ref
+    n = 7 * tiny_world.CONFIG["num_hidden_layers"]
+    rank0, rank1 = (i["stats"] for i in run["info"])
+    assert rank0["svd_misses"] == n and rank1["svd_from_rank0"] == n  # one SVD per matrix
+    assert rank0["steps_mixed"] > 0 and rank0 == {**rank1, "svd_misses": n, "svd_from_rank0": 0}
+
+
 def test_plain_vllm_is_unchanged_by_the_plugin(compiled_run):
     # The plugin is installed (entry point) but the vanilla engine did not opt in: a t2 request
     # is neither validated nor served with an expert.
@@ -303,12 +319,14 @@ def test_plugin_register_is_idempotent_and_inert_for_other_models():
     assert frontend_of(plain) is None
 
 
-def test_tensor_parallel_fails_clearly():
+def test_pipeline_parallel_fails_clearly():
     from types import SimpleNamespace
 
     from t2fast.vllm.models import check_parallel
 
-    cfg = SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=2))
-    with pytest.raises(NotImplementedError, match="tensor_parallel_size=2"):
+    cfg = SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=2,
+                                                          tensor_parallel_size=1))
+    with pytest.raises(NotImplementedError, match="pipeline_parallel_size=2"):
         check_parallel(cfg)
-    check_parallel(SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=1)))
+    check_parallel(SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=1,
+                                                                   tensor_parallel_size=2)))

@@ -21,9 +21,11 @@ vLLM's ``QKVParallelLinear`` (q, k, v), ``MergedColumnParallelLinear`` (gate, up
   merged ``W'`` cached per mixture.
 
 Tensor parallelism: the SVD of a shard is not a shard of the SVD, so each rank all-gathers the
-full HF matrix, decomposes it (deterministically, or reads the shared disk cache), and keeps
-the rows of ``U`` matching its output shard (column-parallel: q/k/v, gate/up) or the columns of
-``Vh`` matching its input shard (row-parallel: o, down); σ, z and the banks are replicated.
+full HF matrix, rank 0 decomposes it (or reads the disk cache) and broadcasts the factors, and
+each rank keeps the rows of ``U`` matching its output shard (column-parallel: q/k/v, gate/up)
+or the columns of ``Vh`` matching its input shard (row-parallel: o, down); σ, z and the banks
+are replicated. With ``tp > num_kv_heads`` (replicated kv heads) the duplicate k/v shards are
+dropped from the gather.
 Then the row-parallel all-reduce that vLLM already does sums ``U S z Vh_r x_r`` over ranks into
 ``U S z Vh x``.
 """
@@ -160,10 +162,7 @@ class SVFLinearMethod(QuantizeMethodBase):
                 layer.register_buffer(f"t2_W{p.index}", _local_rows(w, self.parts, p).clone(),
                                       persistent=False)
                 continue
-            if cache is None:
-                f, hit = decompose_weight(full), False
-            else:
-                f, hit = cache.get_or_compute(full)
+            f, hit = self._decompose(layer, full, cache)
             rt.note_decomposition(p.name, f, hit)
             p.rank = f.rank
             U, Vh = f.U, f.Vh
@@ -184,6 +183,32 @@ class SVFLinearMethod(QuantizeMethodBase):
         layer.register_buffer("t2_token_slot", rt.token_slot, persistent=False)
         layer.register_buffer("t2_alpha", rt.alpha, persistent=False)
         self.base.process_weights_after_loading(layer)
+
+    @staticmethod
+    def _decompose(layer, full: torch.Tensor, cache):
+        """Factors of ``full``; with tensor parallelism rank 0 computes (or reads) them and
+        broadcasts, so every rank holds the same basis and only one process writes the cache."""
+        tp = int(getattr(layer, "tp_size", 1) or 1)
+        rank = int(getattr(layer, "tp_rank", 0) or 0)
+        if tp == 1 or rank == 0:
+            if cache is None:
+                f, hit = decompose_weight(full), False
+            else:
+                f, hit = cache.get_or_compute(full)
+        if tp == 1:
+            return f, hit
+        from vllm.distributed import get_tp_group
+
+        m, n = full.shape
+        r = min(m, n)
+        if rank != 0:
+            f, hit = SVDFactors(full.new_empty(m, r, dtype=torch.float32),
+                                full.new_empty(r, dtype=torch.float32),
+                                full.new_empty(r, n, dtype=torch.float32)), None
+        group = get_tp_group()
+        U, S, Vh = (group.broadcast(t.to(full.device).contiguous(), src=0)
+                    for t in (f.U, f.S, f.Vh))
+        return SVDFactors(U, S, Vh), hit
 
     # ---- forward ------------------------------------------------------------------------
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,8 +8,6 @@ execution both see the SVF layers.
 """
 from __future__ import annotations
 
-import os
-
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
@@ -20,14 +18,13 @@ from .runner import RUNTIME_ATTR, T2Runtime, install_runner_hooks
 
 
 def check_parallel(vllm_config) -> None:
-    """Tensor parallelism is designed (see :mod:`t2fast.vllm.layers`) but not verified yet."""
-    tp = int(vllm_config.parallel_config.tensor_parallel_size)
-    if tp > 1 and os.environ.get("T2FAST_EXPERIMENTAL_TP") != "1":
+    """Tensor parallelism is supported (see :mod:`t2fast.vllm.layers`); pipeline parallelism is
+    not verified, so it is refused rather than left to chance."""
+    pp = int(getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1) or 1)
+    if pp > 1:
         raise NotImplementedError(
-            f"t2fast: tensor_parallel_size={tp} is not supported yet: SVF layers are verified "
-            f"with one rank only. (The sharded path - each rank decomposes the full matrix and "
-            f"keeps its rows of U or columns of Vh - can be tried with "
-            f"T2FAST_EXPERIMENTAL_TP=1.)")
+            f"t2fast: pipeline_parallel_size={pp} is not supported; use tensor parallelism "
+            f"(tensor_parallel_size) to split the model")
 
 
 def install(model, vllm_config) -> T2Runtime:

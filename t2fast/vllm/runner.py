@@ -83,12 +83,16 @@ class T2Runtime:
         self._req: dict = {}
         self._warned: set = set()
         self.stats = dict(steps_base=0, steps_single=0, steps_mixed=0, merges=0, svd_hits=0,
-                          svd_misses=0, rejected_in_worker=0)
+                          svd_misses=0, svd_from_rank0=0, rejected_in_worker=0)
 
     # ---- construction -------------------------------------------------------------------
-    def note_decomposition(self, name: str, factors, from_cache: bool) -> None:
+    def note_decomposition(self, name: str, factors, from_cache) -> None:
+        """``from_cache``: True/False, or None when the factors came from tensor-parallel
+        rank 0."""
         self.factors[name] = factors_stub(factors.shape, factors.S)
-        self.stats["svd_hits" if from_cache else "svd_misses"] += 1
+        key = "svd_from_rank0" if from_cache is None else (
+            "svd_hits" if from_cache else "svd_misses")
+        self.stats[key] += 1
 
     def register_target(self, name: str, method, layer, part) -> None:
         self.targets[name] = (layer, part.index)

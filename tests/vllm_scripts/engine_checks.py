@@ -2,6 +2,7 @@
 
     python engine_checks.py main     WORLD OUT.json   # t2fast engine, eager, multiprocess
     python engine_checks.py compiled WORLD OUT.json   # vanilla eager + t2fast compiled, in-process
+    python engine_checks.py tp       WORLD OUT.json   # t2fast, eager, tensor_parallel_size=2
 
 WORLD is a folder made by ``tiny_world.make_world`` (model/, experts/, svd/). Each mode starts as
 few engines as possible and runs many checks on each; results (token ids, errors, stats) are
@@ -143,6 +144,25 @@ def run_compiled(world: Path) -> dict:
     return res
 
 
+def run_tp(world: Path) -> dict:
+    """Tensor parallel over two CPU ranks (one core each)."""
+    res: dict = {}
+    t0 = time.time()
+    llm = t2_llm(world, enforce_eager=True, tensor_parallel_size=2)
+    res["startup_s"] = time.time() - t0
+    res["batch"] = run_batch(llm, plan.BATCH)
+    res["info"] = llm.t2_info()
+    res["total_s"] = time.time() - t0
+    return res
+
+
+def bind_two_cpus() -> None:
+    """vLLM's CPU backend binds one OpenMP core per rank (and reserves one by default)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
 if __name__ == "__main__":
     mode, world, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     if mode == "compiled":
@@ -150,6 +170,9 @@ if __name__ == "__main__":
         result = run_compiled(world)
     elif mode == "main":
         result = run_main(world)
+    elif mode == "tp":
+        bind_two_cpus()
+        result = run_tp(world)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     out.write_text(json.dumps(result, indent=1))

@@ -77,10 +77,10 @@ def make_experts(model_path, out_dir, names=("math", "code", "neg"), scale: floa
     return out
 
 
-def make_world(root) -> Path:
+def make_world(root, **overrides) -> Path:
     """model/ (tiny Llama + tokenizer), experts/ (math, code, neg, ones), svd/ (empty cache)."""
     root = Path(root)
-    save_model(root / "model")
+    save_model(root / "model", **overrides)
     make_experts(root / "model", root / "experts")
     (root / "svd").mkdir(parents=True, exist_ok=True)
     return root
