@@ -330,3 +330,73 @@ def test_pipeline_parallel_fails_clearly():
         check_parallel(cfg)
     check_parallel(SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=1,
                                                                    tensor_parallel_size=2)))
+
+
+def _runtime(max_num_seqs=4, max_tokens=32, num_layers=2, max_experts=3):
+    from types import SimpleNamespace
+
+    from t2fast.vllm.config import T2Config
+    from t2fast.vllm.runner import T2Runtime
+
+    vc = SimpleNamespace(
+        scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs,
+                                         max_num_batched_tokens=max_tokens),
+        model_config=SimpleNamespace(hf_config=SimpleNamespace(num_hidden_layers=num_layers)),
+        device_config=SimpleNamespace(device="cpu"))
+    rt = T2Runtime(vc, T2Config(max_experts=max_experts, backend="torch"))
+    rt.names, rt.row_of = ["math", "code"], {"math": 1, "code": 3}  # rows need not be dense
+    return rt
+
+
+def test_step_metadata_token_map_alpha_table_and_modes():
+    import numpy as np
+
+    rt = _runtime()
+    specs = {"a": (False, None), "b": (True, {"expert": "math"}),
+             "c": (True, {"alpha": {"math": 0.25, "code": [0.5, 1.0]}}),
+             "d": (True, {"expert": "math"}), "e": (True, {"expert": "nope"})}
+    rt.prepare_step(["a", "b", "c", "d"], specs.__getitem__, np.array([3, 1, 2, 1]))
+    assert rt.mode == "mixed"
+    assert rt.token_slot[:7].tolist() == [0, 0, 0, 1, 2, 2, 1]
+    assert rt.token_slot[7:].abs().sum() == 0
+    a = rt.alpha
+    assert a[:, 0].tolist() == [[1, 0, 0, 0]] * 2                 # slot 0: base
+    assert a[:, 1].tolist() == [[0, 1, 0, 0]] * 2                 # slot 1: math (row 1)
+    assert a[0, 2].tolist() == [0, 0.25, 0, 0.5] and a[1, 2].tolist() == [0, 0.25, 0, 1.0]
+    # Fewer tokens next step: the tail goes back to the base slot; one mixture -> "single".
+    rt.prepare_step(["b", "d"], specs.__getitem__, [1, 1])
+    assert rt.mode == "single" and rt.token_slot[:7].tolist() == [1, 1, 0, 0, 0, 0, 0]
+    rt.prepare_step(["a"], specs.__getitem__, [5])
+    assert rt.mode == "base"
+    # A spec that skipped the front end's check is served with the base model, not raised.
+    rt.prepare_step(["e", "b"], specs.__getitem__, [1, 1])
+    assert rt.token_slot[:2].tolist() == [0, 1] and rt.stats["rejected_in_worker"] == 1
+    assert rt.stats["steps_mixed"] == 2 and rt.stats["steps_single"] == 1
+
+
+def test_v2_runner_hook_steps():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from t2fast.vllm.runner import v2_forget_finished, v2_prepare_step, v2_record_new_requests
+
+    rt, specs = _runtime(), {}
+    new = [SimpleNamespace(req_id="r1", sampling_params=SimpleNamespace(
+               extra_args={"t2": {"expert": "code"}})),
+           SimpleNamespace(req_id="r2", sampling_params=SimpleNamespace(extra_args=None)),
+           SimpleNamespace(req_id="r3", sampling_params=None)]
+    v2_record_new_requests(specs, SimpleNamespace(scheduled_new_reqs=new))
+    assert specs == {"r1": (True, {"expert": "code"}), "r2": (False, None),
+                     "r3": (False, None)}
+    batch = SimpleNamespace(num_reqs=2, req_ids=["r2", "r1", "pad"],
+                            num_scheduled_tokens=np.array([2, 3, 0]), num_tokens=5)
+    v2_prepare_step(rt, batch, specs)
+    assert rt.token_slot[:6].tolist() == [0, 0, 1, 1, 1, 0]
+    assert rt.alpha[0, 1].tolist() == [0, 0, 0, 1]
+    v2_forget_finished(specs, SimpleNamespace(finished_req_ids={"r1", "zz"}))
+    assert set(specs) == {"r2", "r3"}
+    with pytest.raises(RuntimeError, match="adaptive draft verification"):
+        v2_prepare_step(rt, SimpleNamespace(num_reqs=1, req_ids=["r2"],
+                                            num_scheduled_tokens=np.array([4]), num_tokens=3),
+                        specs)

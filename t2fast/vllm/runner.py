@@ -320,11 +320,35 @@ def install_v1_hook() -> bool:
     return True
 
 
+# V2 runner: the steps of each hook, kept free of the runner so they can be tested on the CPU.
+def v2_record_new_requests(specs: dict, scheduler_output) -> None:
+    """Remember each new request's spec (V2 keeps no SamplingParams per request)."""
+    for new in scheduler_output.scheduled_new_reqs:
+        specs[new.req_id] = raw_spec(new.sampling_params)
+
+
+def v2_forget_finished(specs: dict, scheduler_output) -> None:
+    """Drop finished requests (preempted ones come back without new SamplingParams: keep)."""
+    for rid in scheduler_output.finished_req_ids:
+        specs.pop(rid, None)
+
+
+def v2_prepare_step(rt: T2Runtime, batch, specs: dict) -> None:
+    """Write the step's metadata from the V2 ``InputBatch`` (requests in batch order)."""
+    n = batch.num_reqs
+    counts = np.asarray(batch.num_scheduled_tokens[:n])
+    if int(counts.sum()) != int(batch.num_tokens):
+        raise RuntimeError("t2fast: per-request mixtures need the per-request token counts on "
+                           "the host; disable adaptive draft verification")
+    rt.prepare_step(batch.req_ids[:n], lambda rid: specs.get(rid, (False, None)), counts)
+
+
 def install_v2_hook() -> bool:
     """Wrap the V2 runner's ``add_requests``, ``finish_requests`` and ``prepare_inputs``.
 
-    Written against vLLM 0.32's ``vllm/v1/worker/gpu/model_runner.py``; the CPU build cannot run
-    the V2 runner, so this path is exercised on CUDA builds only.
+    Written against vLLM 0.32's ``vllm/v1/worker/gpu/model_runner.py``. The CPU build cannot run
+    the V2 runner ("Model Runner V2 requires Triton"), so only the steps above are tested here;
+    the wrapping itself runs on CUDA builds.
     """
     try:
         from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2
@@ -343,34 +367,25 @@ def install_v2_hook() -> bool:
 
     def add_requests(self, scheduler_output, *args, **kwargs):
         if runtime_of(self) is not None:
-            d = specs(self)
-            for new in scheduler_output.scheduled_new_reqs:
-                d[new.req_id] = raw_spec(new.sampling_params)
+            v2_record_new_requests(specs(self), scheduler_output)
         return orig_add(self, scheduler_output, *args, **kwargs)
 
     def finish_requests(self, scheduler_output, *args, **kwargs):
-        # Preempted requests keep their spec: they come back without new SamplingParams.
-        d = self.__dict__.get("_t2fast_specs")
-        if d:
-            for rid in scheduler_output.finished_req_ids:
-                d.pop(rid, None)
+        if runtime_of(self) is not None:
+            v2_forget_finished(specs(self), scheduler_output)
         return orig_finish(self, scheduler_output, *args, **kwargs)
 
     def prepare_inputs(self, scheduler_output, *args, **kwargs):
         batch = orig_prepare(self, scheduler_output, *args, **kwargs)
         rt = runtime_of(self)
         if rt is not None:
-            d = specs(self)
-            n = batch.num_reqs
-            counts = np.asarray(batch.num_scheduled_tokens[:n])
-            if int(counts.sum()) != int(batch.num_tokens):
-                raise RuntimeError("t2fast: per-request mixtures need the per-request token "
-                                   "counts on the host; disable adaptive draft verification")
-            rt.prepare_step(batch.req_ids[:n], lambda rid: d.get(rid, (False, None)), counts)
+            v2_prepare_step(rt, batch, specs(self))
         return batch
 
-    for fn in (add_requests, finish_requests, prepare_inputs):
+    for fn, orig in ((add_requests, orig_add), (finish_requests, orig_finish),
+                     (prepare_inputs, orig_prepare)):
         fn._t2fast_hook = True
+        fn.__wrapped__ = orig
     V2.add_requests = add_requests
     V2.finish_requests = finish_requests
     V2.prepare_inputs = prepare_inputs
