@@ -48,7 +48,8 @@ ENGINE_TIMEOUT_S = 600
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return tiny_world.make_world(tmp_path_factory.mktemp("t2world"))
+    return tiny_world.make_world(tmp_path_factory.mktemp("t2world"),
+                                 subset=(plan.SUBSET_TARGETS, plan.SUBSET_LAYERS))
 
 
 def _run_engines(mode: str, world: Path) -> dict:
@@ -131,6 +132,19 @@ def test_compiled_matches_eager(main_run, compiled_run):
     assert compiled_run["compiled_alone"] == main_run["alone"][1:3]
     stats = compiled_run["compiled_info"]["stats"]
     assert stats["merges"] == 0  # compiled graphs always run the factored kernels
+
+
+def test_target_subset_partly_adapted_fused_layers(world, compiled_run):
+    info = compiled_run["subset_info"]
+    assert info["targets"] == ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj",
+                               "model.layers.1.mlp.down_proj"]
+    ref, _ = tiny_world.hf_reference(
+        world, [(p, plan.hf_spec(s)) for p, s in plan.SUBSET_BATCH], plan.MAX_TOKENS,
+        experts=("math", "code"), targets=plan.SUBSET_TARGETS, layers=plan.SUBSET_LAYERS,
+        expert_dir="experts/subset")
+    assert compiled_run["subset_batch"] == compiled_run["subset_alone"] == ref
+    assert compiled_run["subset_batch"][1] != compiled_run["subset_batch"][3]
+    assert info["stats"]["steps_mixed"] > 0
 
 
 def test_prefix_cache_never_crosses_mixtures(main_run, hf):

@@ -140,6 +140,20 @@ def run_compiled(world: Path) -> dict:
     res["compiled_batch"] = run_batch(llm, plan.BATCH)
     res["compiled_alone"] = [run_batch(llm, [r])[0] for r in plan.BATCH[1:3]]
     res["compiled_info"] = llm.t2_info()[0]
+    del llm
+    gc.collect()
+
+    # A subset of the matrices (partly adapted fused layers), eager.
+    from t2fast.vllm import LLM
+
+    sub = world / "experts" / "subset"
+    llm = LLM(str(world / "model"), experts=[str(sub / "math.safetensors"),
+                                             str(sub / "code.safetensors")],
+              targets=plan.SUBSET_TARGETS, layers=plan.SUBSET_LAYERS, backend="torch",
+              cache_dir=str(world / "svd"), enforce_eager=True, **engine_kwargs())
+    res["subset_batch"] = run_batch(llm, plan.SUBSET_BATCH)
+    res["subset_alone"] = [run_batch(llm, [r])[0] for r in plan.SUBSET_BATCH]
+    res["subset_info"] = llm.t2_info()[0]
     res["total_s"] = time.time() - t0
     return res
 

@@ -57,3 +57,14 @@ def hf_spec(spec):
         return spec["expert"]
     a = spec["alpha"]
     return dict(zip(FILE_EXPERTS, a)) if isinstance(a, list) else a
+
+
+# A subset of matrices: parts of the fused qkv and gate_up layers stay dense.
+SUBSET_TARGETS = ["q_proj", "up_proj", "down_proj"]
+SUBSET_LAYERS = [1]
+SUBSET_BATCH = [
+    (PROMPTS[0], None),
+    (PROMPTS[1], {"expert": "math"}),
+    (PROMPTS[3], {"alpha": {"math": 0.5, "code": 0.5}}),
+    (PROMPTS[1], {"expert": "code"}),
+]

@@ -57,16 +57,17 @@ def save_model(path, seed: int = 0, **overrides) -> Path:
 
 
 def make_experts(model_path, out_dir, names=("math", "code", "neg"), scale: float = 0.5,
-                 cache_dir=False, ones: str | None = "ones") -> dict[str, Path]:
-    """Random experts (z = 1 + scale·N(0, 1)) for every projection of the model at model_path,
-    and an identity expert (z = 1) named ``ones``."""
+                 cache_dir=False, ones: str | None = "ones", targets="all",
+                 layers=None) -> dict[str, Path]:
+    """Random experts (z = 1 + scale·N(0, 1)) for the target projections of the model at
+    model_path, and an identity expert (z = 1) named ``ones``."""
     from transformers import LlamaForCausalLM
 
     from t2fast.decompose import decompose_model
     from t2fast.experts import Expert
 
     model = LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    dec = decompose_model(model, "all", cache_dir=cache_dir, progress=False)
+    dec = decompose_model(model, targets, layers, cache_dir=cache_dir, progress=False)
     out = {}
     for i, name in enumerate(names):
         e = Expert.random(name, dec.factors, scale=scale, seed=100 + i, base_model="tiny")
@@ -77,18 +78,22 @@ def make_experts(model_path, out_dir, names=("math", "code", "neg"), scale: floa
     return out
 
 
-def make_world(root, **overrides) -> Path:
-    """model/ (tiny Llama + tokenizer), experts/ (math, code, neg, ones), svd/ (empty cache)."""
+def make_world(root, subset=None, **overrides) -> Path:
+    """model/ (tiny Llama + tokenizer), experts/ (math, code, neg, ones), svd/ (empty cache);
+    with ``subset=(targets, layers)`` also experts/subset/ (math, code) for those matrices."""
     root = Path(root)
     save_model(root / "model", **overrides)
     make_experts(root / "model", root / "experts")
+    if subset is not None:
+        make_experts(root / "model", root / "experts" / "subset", names=("math", "code"),
+                     ones=None, targets=subset[0], layers=subset[1])
     (root / "svd").mkdir(parents=True, exist_ok=True)
     return root
 
 
 @torch.no_grad()
 def hf_reference(world, requests, max_tokens: int, experts=("math", "code", "neg", "ones"),
-                 cache_dir=None):
+                 cache_dir=None, targets="all", layers=None, expert_dir="experts"):
     """Greedy tokens of each (prompt, patch_model mixture spec) from the Hugging Face model
     patched by t2fast.patch_model (one request at a time, full recompute each step).
     Returns (token lists, decomposition cache hits)."""
@@ -99,7 +104,8 @@ def hf_reference(world, requests, max_tokens: int, experts=("math", "code", "neg
     world = Path(world)
     tok = AutoTokenizer.from_pretrained(world / "model")
     model = LlamaForCausalLM.from_pretrained(world / "model", dtype=torch.float32).eval()
-    handle = t2fast.patch_model(model, [world / "experts" / f"{n}.safetensors" for n in experts],
+    handle = t2fast.patch_model(model, [world / expert_dir / f"{n}.safetensors" for n in experts],
+                                targets=targets, layers=layers,
                                 cache_dir=cache_dir if cache_dir is not None else world / "svd",
                                 backend="torch", progress=False)
     outs = []
