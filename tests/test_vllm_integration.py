@@ -124,6 +124,7 @@ def test_mixed_batch_matches_alone_and_hf_reference(main_run, hf):
     assert len({tuple(batch[i]) for i in same_prompt}) == len(same_prompt)
     stats = main_run["info_end"]["stats"]
     assert stats["steps_mixed"] > 0 and stats["steps_single"] > 0 and stats["steps_base"] > 0
+    assert main_run["info_end"]["hybrid"] and stats["merges"] > 0  # eager: merged fast path
     assert stats["rejected_in_worker"] == 0
 
 
@@ -131,6 +132,7 @@ def test_compiled_matches_eager(main_run, compiled_run):
     assert compiled_run["compiled_batch"] == main_run["batch"]
     assert compiled_run["compiled_alone"] == main_run["alone"][1:3]
     stats = compiled_run["compiled_info"]["stats"]
+    assert not compiled_run["compiled_info"]["hybrid"]
     assert stats["merges"] == 0  # compiled graphs always run the factored kernels
 
 
@@ -312,6 +314,16 @@ def test_config_and_engine_args(world):
     assert args["worker_extension_cls"] == "t2fast.vllm.worker.T2WorkerExtension"
     assert args["enforce_eager"] is True
     json.dumps(args["additional_config"])  # vLLM hashes it as JSON
+    # Settings may also come through hf_overrides (a "t2fast" attribute of the HF config).
+    from types import SimpleNamespace
+
+    from t2fast.vllm.config import config_from_vllm
+
+    vc = SimpleNamespace(additional_config={}, model_config=SimpleNamespace(
+        hf_config=SimpleNamespace(t2fast={"targets": "attention", "max_experts": 2})))
+    assert config_from_vllm(vc).targets == "attention" and config_from_vllm(vc).max_experts == 2
+    vc.additional_config = {CONFIG_KEY: {"targets": "mlp"}}
+    assert config_from_vllm(vc).targets == "mlp"
 
 
 def test_plugin_register_is_idempotent_and_inert_for_other_models():

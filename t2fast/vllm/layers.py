@@ -16,9 +16,9 @@ vLLM's ``QKVParallelLinear`` (q, k, v), ``MergedColumnParallelLinear`` (gate, up
   into vLLM's fused output. The token → slot map and the α table are persistent buffers shared
   by all layers (:class:`t2fast.vllm.runner.T2Runtime`), updated with ``copy_`` before each
   step, so a compiled graph (and a CUDA graph) sees each step's values.
-* Hybrid (eager mode only): a step in which every token uses the base model runs the original
-  method (bit-identical to vanilla vLLM); a step with a single non-base mixture runs a dense
-  merged ``W'`` cached per mixture.
+* Hybrid (eager execution only: no torch.compile graph, no CUDA graph): a step in which every
+  token uses the base model runs the original method (bit-identical to vanilla vLLM); a step
+  with a single non-base mixture runs a dense merged ``W'`` cached per mixture.
 
 Tensor parallelism: the SVD of a shard is not a shard of the SVD, so each rank all-gathers the
 full HF matrix, rank 0 decomposes it (or reads the disk cache) and broadcasts the factors, and
@@ -213,7 +213,7 @@ class SVFLinearMethod(QuantizeMethodBase):
     # ---- forward ------------------------------------------------------------------------
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         rt = self.runtime
-        if rt.config.hybrid and not torch.compiler.is_compiling():
+        if rt.hybrid and not torch.compiler.is_compiling() and not _capturing():
             mode = rt.mode
             if mode == "base":
                 return self.base.apply(layer, x, bias)
@@ -265,6 +265,10 @@ class SVFLinearMethod(QuantizeMethodBase):
     def drop_merged(self) -> None:
         self._merged_key = None
         self._merged = None
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _local_rows(w: torch.Tensor, parts: list[SVFPart], part: SVFPart) -> torch.Tensor:

@@ -53,6 +53,8 @@ class T2Runtime:
     def __init__(self, vllm_config, config: T2Config, device=None):
         sched = vllm_config.scheduler_config
         self.config = config
+        # Per-step Python dispatch (hybrid) only where no graph freezes it: eager execution.
+        self.hybrid = bool(config.hybrid) and runs_eagerly(vllm_config)
         self.num_layers = num_decoder_layers(vllm_config.model_config)
         self.max_experts = config.max_experts
         self.max_slots = int(sched.max_num_seqs) + 1
@@ -171,7 +173,7 @@ class T2Runtime:
     def info(self) -> dict:
         return {"experts": list(self.names), "targets": list(self.factors),
                 "max_experts": self.max_experts, "num_layers": self.num_layers,
-                "backend": self.config.backend, "hybrid": self.config.hybrid,
+                "backend": self.config.backend, "hybrid": self.hybrid,
                 "stats": dict(self.stats)}
 
     # ---- per step -----------------------------------------------------------------------
@@ -258,6 +260,21 @@ class T2Runtime:
         else:
             self.mode = "mixed"
             self.stats["steps_mixed"] += 1
+
+
+def runs_eagerly(vllm_config) -> bool:
+    """True when the model's forward runs as plain Python each step (no torch.compile graph,
+    no CUDA graph), so a layer may branch on per-step state."""
+    if getattr(getattr(vllm_config, "model_config", None), "enforce_eager", False):
+        return True
+    cc = getattr(vllm_config, "compilation_config", None)
+    if cc is None:
+        return False
+    try:
+        from vllm.config import CompilationMode, CUDAGraphMode
+    except Exception:  # noqa: BLE001
+        return False
+    return cc.mode == CompilationMode.NONE and cc.cudagraph_mode in (None, CUDAGraphMode.NONE)
 
 
 def _copy_np(dst: torch.Tensor, arr: np.ndarray) -> None:
