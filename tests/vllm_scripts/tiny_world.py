@@ -2,7 +2,6 @@
 vLLM load, plus two random SVF experts for it. Used by the vLLM integration tests."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
