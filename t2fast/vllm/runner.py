@@ -81,6 +81,7 @@ class T2Runtime:
         self.single_key = None
         self.single_slot = 0
         self._prev_tokens = 0
+        self._finalized = False
         self._table = None
         self._req: dict = {}
         self._warned: set = set()
@@ -98,7 +99,9 @@ class T2Runtime:
 
     def register_target(self, name: str, method, layer, part) -> None:
         self.targets[name] = (layer, part.index)
-        if self.expected_targets and len(self.targets) == len(self.expected_targets):
+        if not self._finalized and self.expected_targets and \
+                len(self.targets) == len(self.expected_targets):
+            self._finalized = True
             self._finalize()
 
     def _finalize(self) -> None:
