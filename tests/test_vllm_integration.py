@@ -214,6 +214,10 @@ def test_tensor_parallel_two_ranks_matches_hf(world, main_run, hf):
     assert rank0["svd_hits"] + rank0["svd_misses"] == n and rank0["svd_from_rank0"] == 0
     assert rank1["svd_from_rank0"] == n and rank1["svd_hits"] + rank1["svd_misses"] == 0
     assert rank0["steps_mixed"] > 0 and rank0["steps_mixed"] == rank1["steps_mixed"]
+    assert run["unload"] == ["math"] and run["load"] == ["math", "code"]
+    assert [i["experts"] for i in run["info"]] == [["math", "code"]] * 2
+    code_rows = [i for i, (_, s) in enumerate(plan.BATCH) if "code" in json.dumps(s)]
+    assert run["reloaded"] == [hf["batch"][i] for i in code_rows]
 
 
 @pytest.mark.slow

@@ -165,6 +165,11 @@ def run_tp(world: Path) -> dict:
     llm = t2_llm(world, enforce_eager=True, tensor_parallel_size=2)
     res["startup_s"] = time.time() - t0
     res["batch"] = run_batch(llm, plan.BATCH)
+    # Banks change on every rank (collective_rpc reaches both workers).
+    code_rows = [r for r in plan.BATCH if "code" in json.dumps(r[1])]
+    res["unload"] = llm.unload_experts(["code"])
+    res["load"] = llm.load_experts([str(world / "experts" / "code.safetensors")])
+    res["reloaded"] = run_batch(llm, code_rows)
     res["info"] = llm.t2_info()
     res["total_s"] = time.time() - t0
     return res
