@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--experts", type=Path, default=ROOT / "experts")
     p.add_argument("--baselines", type=Path, default=ROOT / "experts" / "baselines")
     p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--model", type=Path, default=None,
+                   help="model folder (default: the bundled tiny model)")
     p.add_argument("--n", type=int, default=500, help="test examples per task")
     p.add_argument("--shots", type=int, default=5, help="few-shot examples for CEM")
     p.add_argument("--cem-seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -95,7 +97,7 @@ class World:
                 raise SystemExit(f"missing expert {p}; see experts/README.md for the commands")
 
     def fresh(self):
-        model, tok = load_tiny()
+        model, tok = load_tiny(path=self.args.model)
         return model, tok
 
     def examples(self, task, split="test"):
