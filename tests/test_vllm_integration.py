@@ -441,3 +441,27 @@ def test_v2_runner_hook_steps():
         v2_prepare_step(rt, SimpleNamespace(num_reqs=1, req_ids=["r2"],
                                             num_scheduled_tokens=np.array([4]), num_tokens=3),
                         specs)
+
+
+def test_svf_custom_op_compiles_with_dynamic_token_count():
+    import torch
+
+    from t2fast import ops
+    from t2fast.vllm.layers import svf_matmul_mix_op  # noqa: F401 - registers the op
+
+    g = torch.Generator().manual_seed(0)
+    U, S, Vh = (torch.randn(24, 16, generator=g), torch.rand(16, generator=g),
+                torch.randn(16, 32, generator=g))
+    alpha = torch.rand(5, 3, generator=g)
+    bank = torch.rand(3, 16, generator=g)
+    slots = torch.randint(0, 5, (64,), generator=g, dtype=torch.int32)
+
+    def f(x):
+        return torch.ops.t2fast.svf_matmul_mix(x, U, S, Vh, alpha, bank, slots[:x.shape[0]],
+                                               "torch") * 2
+
+    compiled = torch.compile(f, dynamic=True, fullgraph=True)
+    for T in (3, 7, 40):
+        x = torch.randn(T, 32, generator=g)
+        want = ops.svf_matmul_mix(x, U, S, Vh, alpha, bank, slots[:T], backend="torch") * 2
+        torch.testing.assert_close(compiled(x), want)

@@ -77,6 +77,23 @@ def select_targets(names: list[str], targets="all", layers=None) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
+# The Triton path as one opaque op: torch.compile (vLLM compiles the whole model graph) does not
+# trace into the launch wrappers, and CUDA graphs capture the kernels it launches.
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("t2fast::svf_matmul_mix", mutates_args=())
+def svf_matmul_mix_op(x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor,
+                      alpha: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor,
+                      backend: str) -> torch.Tensor:
+    """``t2fast.ops.svf_matmul_mix`` (no validation) as a custom op."""
+    return ops.svf_matmul_mix(x, U, S, Vh, alpha, bank, idx, backend=backend, validate=False)
+
+
+@svf_matmul_mix_op.register_fake
+def _svf_matmul_mix_fake(x, U, S, Vh, alpha, bank, idx, backend):
+    return x.new_empty((x.shape[0], U.shape[0]))
+
+
+# --------------------------------------------------------------------------------------------
 # The quant-method wrapper
 # --------------------------------------------------------------------------------------------
 class SVFPart:
@@ -156,6 +173,7 @@ class SVFLinearMethod(QuantizeMethodBase):
     def process_weights_after_loading(self, layer) -> None:
         rt = self.runtime
         w = layer.weight.detach()
+        self.backend = ops.resolve_backend(rt.config.backend, w.device)  # clear error if unusable
         cache = None if rt.config.cache_dir is False else SVDCache(rt.config.svd_cache_dir())
         for p, (full, offset) in zip(self.parts, self._full_matrices(layer, w)):
             if not p.target:
@@ -231,10 +249,12 @@ class SVFLinearMethod(QuantizeMethodBase):
         for p in self.parts:
             i = p.index
             if p.target:
-                outs.append(ops.svf_matmul_mix(
-                    x2, getattr(layer, f"t2_U{i}"), getattr(layer, f"t2_S{i}"),
-                    getattr(layer, f"t2_Vh{i}"), alpha, getattr(layer, f"t2_bank{i}"), idx,
-                    backend=self.backend, validate=False))
+                args = (x2, getattr(layer, f"t2_U{i}"), getattr(layer, f"t2_S{i}"),
+                        getattr(layer, f"t2_Vh{i}"), alpha, getattr(layer, f"t2_bank{i}"), idx)
+                if self.backend == "torch":  # plain torch ops: traced and fused by inductor
+                    outs.append(ops.svf_matmul_mix(*args, backend="torch", validate=False))
+                else:
+                    outs.append(torch.ops.t2fast.svf_matmul_mix(*args, self.backend))
             else:
                 outs.append(F.linear(x2, getattr(layer, f"t2_W{i}")))
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
