@@ -3,6 +3,9 @@
     python engine_checks.py main     WORLD OUT.json   # t2fast engine, eager, multiprocess
     python engine_checks.py compiled WORLD OUT.json   # vanilla eager + t2fast compiled, in-process
     python engine_checks.py tp       WORLD OUT.json   # t2fast, eager, tensor_parallel_size=2
+    python engine_checks.py triton   WORLD OUT.json [compiled]
+        # the Triton kernels under TRITON_INTERPRET=1 (manual check, minutes to tens of
+        # minutes on a CPU; not run by the test suite): compare with the main run's batch
 
 WORLD is a folder made by ``tiny_world.make_world`` (model/, experts/, svd/). Each mode starts as
 few engines as possible and runs many checks on each; results (token ids, errors, stats) are
@@ -45,12 +48,13 @@ def tokens(outs):
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def t2_llm(world: Path, **kw):
+def t2_llm(world: Path, backend: str = "torch", hybrid: bool = True, **kw):
     from t2fast.vllm import LLM
 
     return LLM(str(world / "model"), experts=[str(world / "experts" / f"{n}.safetensors")
                                               for n in plan.FILE_EXPERTS],
-               backend="torch", cache_dir=str(world / "svd"), **engine_kwargs(**kw))
+               backend=backend, hybrid=hybrid, cache_dir=str(world / "svd"),
+               **engine_kwargs(**kw))
 
 
 def run_batch(llm, requests):
@@ -175,6 +179,19 @@ def run_tp(world: Path) -> dict:
     return res
 
 
+def run_triton(world: Path, compiled: bool) -> dict:
+    """backend="triton" through the custom op, run by Triton's CPU interpreter."""
+    res: dict = {}
+    t0 = time.time()
+    llm = t2_llm(world, enforce_eager=not compiled, hybrid=False, backend="triton",
+                 max_num_batched_tokens=256)
+    res["startup_s"] = time.time() - t0
+    res["batch"] = run_batch(llm, plan.BATCH[:4])
+    res["info"] = llm.t2_info()[0]
+    res["total_s"] = time.time() - t0
+    return res
+
+
 def bind_two_cpus() -> None:
     """vLLM's CPU backend binds one OpenMP core per rank (and reserves one by default)."""
     cpus = sorted(os.sched_getaffinity(0))
@@ -192,6 +209,10 @@ if __name__ == "__main__":
     elif mode == "tp":
         bind_two_cpus()
         result = run_tp(world)
+    elif mode == "triton":
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        result = run_triton(world, compiled=sys.argv[4:5] == ["compiled"])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     out.write_text(json.dumps(result, indent=1))
