@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from pathlib import Path
 
 import torch
@@ -60,7 +62,8 @@ def write_file(path, tensors: dict[str, torch.Tensor], fmt: str, version: str,
         else:
             meta[f"{k}_json"] = json.dumps(v)
     clean = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-    tmp = path.with_name(path.name + ".tmp")
+    # unique temporary name: several processes may write the same cache entry at once
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     save_file(clean, str(tmp), metadata=meta)
     tmp.replace(path)
     return path
