@@ -36,7 +36,7 @@ from t2fast.tasks import CLASSIFY, HELDOUT_FAMILIES, TRAIN_FAMILIES, get_task  #
 
 #: Share of each task in the pre-training mixture.
 DEFAULT_MIX = {
-    "arith": 0.30, "strings": 0.30, "choice": 0.24, CLASSIFY: 0.10,
+    "arith": 0.42, "strings": 0.12, "choice": 0.30, CLASSIFY: 0.10,
     "arith_chain": 0.02, "strings_compose": 0.02, "choice_order": 0.02,
 }
 #: New tokens to generate when evaluating each task (answers are short).
@@ -47,8 +47,10 @@ MAX_NEW_TOKENS = {"arith": 8, "arith_chain": 8, "strings": 10, "strings_compose"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="torch / data-order seed")
-    p.add_argument("--steps", type=int, default=2400, help="optimizer steps (at most)")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps (at most)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--micro-batches", type=int, default=2,
+                   help="forward/backward passes per step (examples grouped by length)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -75,18 +77,15 @@ class Mixture:
         # Sampled with replacement from the training split (small question spaces repeat).
         self.streams = {n: get_task(n).iter_examples("train", distinct=False) for n in self.names}
 
-        self.buffer: list[list] = []
 
-    def next_batch(self, size: int, pool_batches: int = 16):
-        """The next batch. Examples are drawn ``pool_batches`` batches at a time, grouped by
-        length (so little compute goes to padding), and the groups served in random order."""
-        if not self.buffer:
-            names = self.rng.choices(self.names, weights=self.weights, k=size * pool_batches)
-            pool = [next(self.streams[n]) for n in names]
-            pool.sort(key=lambda e: len(e.prompt) + len(e.answer))
-            self.buffer = [pool[i:i + size] for i in range(0, len(pool), size)]
-            self.rng.shuffle(self.buffer)
-        return self.buffer.pop()
+    def next_batch(self, size: int, micro_batches: int = 2) -> list[list]:
+        """The next batch (drawn from the whole mixture), cut into ``micro_batches`` groups of
+        similar length so that little compute goes to padding."""
+        names = self.rng.choices(self.names, weights=self.weights, k=size)
+        batch = [next(self.streams[n]) for n in names]
+        batch.sort(key=lambda e: len(e.prompt) + len(e.answer))
+        step = -(-size // micro_batches)
+        return [batch[i:i + step] for i in range(0, size, step)]
 
 
 def encode_batch(tokenizer, examples):
@@ -172,10 +171,18 @@ def main(argv=None) -> dict:
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        ids, mask, labels = encode_batch(tokenizer, data.next_batch(args.batch_size))
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        micro = data.next_batch(args.batch_size, args.micro_batches)
+        encoded = [encode_batch(tokenizer, m) for m in micro]
+        n_targets = sum(int((lab != -100).sum()) for _, _, lab in encoded)
+        total = 0.0
+        for ids, mask, labels in encoded:
+            # mean over all answer tokens of the batch, whatever the micro-batch split
+            k = int((labels != -100).sum())
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss * (k / n_targets)
+            loss.backward()
+            total += loss.item()
+        loss = torch.tensor(total)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
