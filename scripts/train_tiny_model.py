@@ -6,7 +6,8 @@ Trains from scratch on the training split of the training families, the classifi
 end-of-sequence token. Training deliberately stops early, so that greedy accuracy on each
 training family is well above zero and well below perfect: RL then has signal and room.
 
-Reproduce the bundled weights (about 20-30 minutes on 2 CPU cores):
+Reproduce the bundled weights (1500 steps, about 30 minutes on one busy CPU core; see
+t2fast/assets/tiny_llama/README.md for the measured time and accuracies):
 
     python scripts/train_tiny_model.py --seed 0
 

@@ -82,7 +82,7 @@ class JsonlTask(Task):
             chosen = [e for e in self._examples if split_of(self.name, e.question) == split]
         return chosen if n is None else chosen[:n]
 
-    def iter_examples(self, split: str):
+    def iter_examples(self, split: str, distinct: bool = True):
         return iter(self.examples(split))
 
     def __len__(self) -> int:
