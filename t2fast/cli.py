@@ -186,7 +186,8 @@ def _train_run(args) -> int:
                       "stopped_early": res.stopped_early, "num_parameters": res.num_parameters,
                       "wall_s": round(res.wall_s, 1)}))
     ckpt = cfg.checkpoint_path
-    if ckpt and ckpt.exists() and not args.keep_checkpoint and res.steps_run >= cfg.steps:
+    finished = res.steps_run >= cfg.steps or res.stopped_early
+    if ckpt and ckpt.exists() and not args.keep_checkpoint and finished:
         ckpt.unlink()
     return 0
 
