@@ -23,3 +23,13 @@ def device() -> torch.device:
 def svd_cache(tmp_path):
     """A fresh SVD cache folder per test."""
     return tmp_path / "svd"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: small ops (and LAPACK's SVD) slow down badly when a
+    2-core CPU is shared with other work."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -11,13 +11,7 @@ from t2fast.tasks import get_task
 from t2fast.train.config import ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: small ops slow down badly on a busy shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TARGET = torch.tensor([0.7, -0.2, 0.4])

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from t2fast import cli
 from t2fast.experts import load_expert
@@ -10,11 +9,7 @@ from t2fast.experts import load_expert
 MODEL = ["--model", "random:0:1", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

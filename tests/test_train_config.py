@@ -1,18 +1,11 @@
 """Bad training configurations give clear errors."""
 import pytest
-import torch
 
 from t2fast.train import TrainConfig
 from t2fast.train.config import ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: small ops (and LAPACK's SVD) slow down badly on a busy shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -9,13 +9,7 @@ from t2fast.train.objectives import (advantages, full_vocab_kl, reinforce_kl_los
                                      sequence_logprobs, sft_loss, token_logprobs)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: small ops (and LAPACK's SVD) slow down badly on a busy shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _case(seed=0, B=2, G=3, V=5):

@@ -7,14 +7,7 @@ from t2fast.train import (SVFPolicy, TrainConfig, ZParameterization, completion_
                           sequence_logprobs, teacher_batch, token_logprobs)
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: small ops (and LAPACK's SVD) slow down badly on a busy shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROMPTS = ["Q: 12+7=?\nA: ", "Q: reverse('abcd')\nA: ", "Q: Which is largest? A)1 B)2\nA: "]
@@ -135,15 +128,6 @@ def test_sampling_is_reproducible_and_logprobs_match_teacher_forcing(tok):
             step_lp = torch.log_softmax(out, -1).gather(
                 -1, a.completion_ids[rows, t:t + 1]).squeeze(-1)
             assert torch.allclose(step_lp, lp[rows, t], atol=1e-4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: small ops (and LAPACK's SVD) slow down badly on a busy shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_grouped_completion_logits_equal_plain(tok):

@@ -11,13 +11,7 @@ from t2fast.tasks.base import ScoreResult, Task
 from t2fast.train import TrainConfig, Trainer, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: small ops (and LAPACK's SVD) slow down badly on a busy shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class DigitTask(Task):
