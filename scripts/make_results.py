@@ -95,6 +95,7 @@ class World:
         for p in [*self.expert_paths.values(), self.classifier_path]:
             if not p.exists():
                 raise SystemExit(f"missing expert {p}; see experts/README.md for the commands")
+        self.column_labels = {"base": "base"}
 
     def fresh(self):
         model, tok = load_tiny(path=self.args.model)
@@ -121,6 +122,8 @@ def train_family_results(w: World) -> tuple[dict, dict]:
         handle.set_mixture(f)
         rows[f]["svf_rl"] = acc_record(w.eval_model(model, tok, f))
     params["svf"] = sum(int(l.rank) for l in handle.layers.values())
+    lr = load_expert(w.expert_paths[TRAIN_FAMILIES[0]]).extra.get("config", {}).get("lr")
+    w.column_labels["svf_rl"] = f"SVF (RL, lr {lr:g})" if lr else "SVF (RL)"
     handle.restore()
     if w.args.skip_baselines:
         return rows, params
@@ -132,15 +135,24 @@ def train_family_results(w: World) -> tuple[dict, dict]:
             h = t2fast.patch_model(model, experts=[p], backend="torch", progress=False)
             h.set_mixture(h.expert_names[0])
             rows[f]["svf_sft"] = acc_record(w.eval_model(model, tok, f))
-        for obj in ("rl", "sft"):
-            d = bdir / f"lora_{obj}_{f}"
-            if d.exists():
-                from t2fast.train.policy import LoRAPolicy
-                model, tok = w.fresh()
-                pol = LoRAPolicy.load(model, d)
-                params.setdefault("lora", sum(v.numel() for n, v in pol.model.named_parameters()
-                                              if "lora_" in n))
-                rows[f][f"lora_{obj}"] = acc_record(w.eval_model(pol.model, tok, f))
+            lr = load_expert(p).extra.get("config", {}).get("lr")
+            w.column_labels["svf_sft"] = f"SVF (SFT, lr {lr:g})" if lr else "SVF (SFT)"
+        for d in sorted(bdir.glob(f"lora_*_{f}")):
+            if not (d / "adapter_config.json").exists():
+                continue
+            from t2fast.train.policy import LoRAPolicy
+            variant = d.name[len("lora_"):-len(f) - 1]           # "rl", "sft", "rl_lr1e-3"
+            model, tok = w.fresh()
+            pol = LoRAPolicy.load(model, d)
+            params.setdefault("lora", sum(v.numel() for n, v in pol.model.named_parameters()
+                                          if "lora_" in n))
+            meta = json.loads((d / "t2fast_meta.json").read_text()) if (
+                d / "t2fast_meta.json").exists() else {}
+            cfg = meta.get("extra", {}).get("config", {})
+            labels = w.column_labels
+            labels[f"lora_{variant}"] = (f"LoRA ({cfg.get('objective', variant).upper()}, "
+                                         f"lr {cfg.get('lr', '?'):g})")
+            rows[f][f"lora_{variant}"] = acc_record(w.eval_model(pol.model, tok, f))
     return rows, params
 
 
@@ -259,9 +271,9 @@ def render(results: dict) -> str:
          "iterations). Brackets are Wilson 95% intervals. Do not edit by hand.", "",
          f"Machine: {results['machine']}; total {results['wall_s']:.0f} s.", ""]
     tr = results["train_families"]
-    cols = [("base", "base"), ("svf_rl", "SVF (RL)"), ("svf_sft", "SVF (SFT)"),
-            ("lora_rl", "LoRA (RL)"), ("lora_sft", "LoRA (SFT)")]
-    cols = [c for c in cols if any(c[0] in r for r in tr.values())]
+    labels = results["column_labels"]
+    order = ["base", "svf_rl", "svf_sft"] + sorted(k for k in labels if k.startswith("lora_"))
+    cols = [(k, labels[k]) for k in order if k in labels]
     L += ["## 1. Training families (test split)", "",
           "| family | " + " | ".join(c[1] for c in cols) + " |",
           "|---|" + "---|" * len(cols)]
@@ -333,12 +345,12 @@ def trends(results: dict) -> list[str]:
                    "lower": "NOT reproduced (SVF is worse)"}[s]
         out.append(f"SVF (RL) improves on the base model on {f}: {verdict} "
                    f"({fmt(r['svf_rl'])} vs {fmt(r['base'])}).")
-        for b in ("lora_rl", "lora_sft"):
+        for b in sorted(k for k in r if k.startswith("lora_")):
             if b in r:
                 s = significantly(r["svf_rl"], r[b])
                 word = {"higher": "SVF better", "same": "no significant difference",
                         "lower": "LoRA better"}[s]
-                out.append(f"SVF (RL) vs {b.replace('_', ' ').upper().replace('LORA', 'LoRA')} "
+                out.append(f"SVF (RL) vs {results['column_labels'].get(b, b)} "
                            f"on {f}: {word} ({fmt(r['svf_rl'])} vs {fmt(r[b])}).")
     ho = results["heldout"]
     for h, r in ho.items():
@@ -377,6 +389,7 @@ def main(argv=None) -> int:
                "bank": list(TRAIN_FAMILIES)}
     print("training families ...", flush=True)
     results["train_families"], results["parameters"] = train_family_results(w)
+    results["column_labels"] = w.column_labels
     print("classification ...", flush=True)
     results["classification"] = classification_results(w)
     print("held-out families ...", flush=True)
