@@ -62,6 +62,22 @@ def test_reward_rises_on_toy_task(tmp_path, tok):
     e = load_expert(cfg.out)
     assert e.extra["task"] == "toy_digit" and e.extra["best_step"] == res.best_step
     assert e.extra["num_parameters"] == res.num_parameters == sum(v.numel() for v in e.z.values())
+    # shipped metadata holds the recipe, not this run's file locations
+    assert "log" not in e.extra["config"] and "out" not in e.extra["config"]
+    assert e.extra["config"]["lr"] == 0.3 and e.extra["config"]["seed"] == 0
+
+
+def test_portable_names_and_config():
+    from t2fast.train.policy import portable_model_name
+    from t2fast.train.trainer import portable_config
+    assert portable_model_name("/some/where/tiny_llama") == "tiny_llama"
+    assert portable_model_name("org/model-7b") == "org/model-7b"
+    cfg = TrainConfig(task="arith", log="/x/y.jsonl", out="e/a.safetensors",
+                      extra={"command": "t2fast train --task arith --log /x/y.jsonl "
+                                        "--checkpoint=/x/s.pt --lr 0.1"})
+    d = portable_config(cfg)
+    assert d["extra"]["command"] == "t2fast train --task arith --lr 0.1"
+    assert "log" not in d and d["lr"] == 2e-3
 
 
 def test_official_parameterization_and_kl_also_learn(tmp_path, tok):

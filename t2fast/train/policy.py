@@ -18,6 +18,16 @@ from pathlib import Path
 import torch
 
 from ..targets import resolve_targets
+
+
+def portable_model_name(name: str) -> str:
+    """A base-model name fit for files that are shared: a local folder path becomes its last
+    component (``/any/where/tiny_llama`` → ``tiny_llama``); hub ids (``org/name``) stay."""
+    name = str(name or "")
+    p = Path(name)
+    if p.is_absolute() or name.startswith(".") or p.exists():
+        return p.name or name
+    return name
 from .config import TrainConfig
 from .parameterization import ZParameterization
 
@@ -86,6 +96,7 @@ class SVFPolicy:
 
     def expert(self, name: str, extra: dict | None = None):
         e = self.handle.new_expert(name, self.param.export())
+        e.base_model = portable_model_name(e.base_model)
         e.extra = dict(extra or {})
         return e
 
@@ -169,6 +180,15 @@ class LoRAPolicy:
         import json
         path = Path(path)
         self.model.save_pretrained(str(path))
+        card = path / "README.md"            # PEFT's empty model card
+        if card.exists():
+            card.unlink()
+        cfg_path = path / "adapter_config.json"
+        if cfg_path.exists():
+            cfg = json.loads(cfg_path.read_text())
+            cfg["base_model_name_or_path"] = portable_model_name(
+                cfg.get("base_model_name_or_path", ""))
+            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (path / "t2fast_meta.json").write_text(json.dumps({"name": name, "extra": extra or {}},
                                                           indent=2, default=str))
         return path

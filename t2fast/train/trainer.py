@@ -77,6 +77,34 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)
 
 
+_BOOKKEEPING = ("log", "checkpoint", "tensorboard", "resume", "progress", "threads", "cache_dir",
+                "out")
+_PATH_FLAGS = ("--log", "--checkpoint", "--tensorboard")
+
+
+def portable_config(config: TrainConfig) -> dict:
+    """The configuration as stored in a shipped expert: the recipe, without this run's file
+    locations and bookkeeping (the command line keeps ``--out`` but drops ``--log`` etc.)."""
+    d = {k: v for k, v in config.to_dict().items() if k not in _BOOKKEEPING}
+    extra = dict(d.get("extra") or {})
+    cmd = extra.get("command")
+    if isinstance(cmd, str):
+        words, out, skip = cmd.split(), [], False
+        for w in words:
+            if skip:
+                skip = False
+                continue
+            if w in _PATH_FLAGS:
+                skip = True
+                continue
+            if any(w.startswith(f + "=") for f in _PATH_FLAGS):
+                continue
+            out.append(w)
+        extra["command"] = " ".join(out)
+    d["extra"] = extra
+    return d
+
+
 def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919 + 17) % (2 ** 63 - 1)
 
@@ -226,7 +254,8 @@ class Trainer:
         extra = {"task": c.task, "method": c.method, "objective": c.objective,
                  "parameterization": c.parameterization, "best_step": self.best_step,
                  f"{c.eval_split}_accuracy": self.best_score, "eval_n": len(self.eval_examples),
-                 "num_parameters": self.policy.num_parameters(), "config": c.to_dict()}
+                 "num_parameters": self.policy.num_parameters(),
+                 "config": portable_config(c)}
         Path(c.out).parent.mkdir(parents=True, exist_ok=True)
         self.policy.save(c.out, Path(c.out).name.split(".")[0], extra)
 
