@@ -159,4 +159,7 @@ def test_lora_baseline(tmp_path, tok, objective):
     # 7 matrices of one layer: q, o 64x64; k, v 32x64; gate, up 128x64; down 64x128
     assert res.num_parameters == 2 * (2 * 128 + 2 * 96 + 3 * 192)
     assert (tmp_path / "lora" / "adapter_config.json").exists()
+    assert not (tmp_path / "lora" / "README.md").exists()
+    meta = json.loads((tmp_path / "lora" / "t2fast_meta.json").read_text())
+    assert meta["extra"]["config"]["method"] == "lora" and "log" not in meta["extra"]["config"]
     assert len(steps_of(cfg.log_path)) == 4
