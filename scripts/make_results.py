@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-baselines", action="store_true")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="re-render README.md from an earlier results.json (no measurement)")
     return p.parse_args(argv)
 
 
@@ -75,6 +77,35 @@ def fmt(rec: dict | None) -> str:
         return "—"
     lo, hi = rec["ci95"]
     return f"{rec['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def cem_summary(runs: list[dict]) -> dict:
+    """CEM over several seeds (each seed: its own few-shot set and search, evaluated on the same
+    test examples): the mean accuracy and the per-seed range. Seeds are not pooled into one
+    interval because they share the test questions."""
+    accs = [r["accuracy"] for r in runs]
+    return {"runs": runs, "accuracy": sum(accs) / len(accs), "min": min(accs),
+            "max": max(accs), "n": runs[0]["n"], "seeds": len(runs)}
+
+
+def fmt_any(rec: dict | None) -> str:
+    """Wilson-interval format, or 'mean (per-seed accuracies)' for a CEM summary."""
+    if rec is not None and "runs" in rec:
+        per = ", ".join(f"{r['accuracy']:.3f}" for r in rec["runs"])
+        return f"{rec['accuracy']:.3f} (seeds: {per})"
+    return fmt(rec)
+
+
+def seeds_vs(cem: dict, other: dict) -> dict:
+    """How many CEM seeds are significantly higher / same / lower than ``other``."""
+    c = Counter(significantly(r, other) for r in cem["runs"])
+    return {k: c.get(k, 0) for k in ("higher", "same", "lower")}
+
+
+def seeds_phrase(counts: dict) -> str:
+    n = sum(counts.values())
+    return (f"{counts['higher']}/{n} seeds significantly higher, {counts['same']}/{n} no "
+            f"significant difference, {counts['lower']}/{n} significantly lower")
 
 
 def significantly(a: dict, b: dict) -> str:
@@ -237,12 +268,27 @@ def heldout_results(w: World) -> dict:
                              "cem_s": res.wall_s, "evaluations": res.evaluations,
                              "pass2_s": r.pass2_s,
                              "best_by_iteration": [x["best_accuracy"] for x in res.history]})
-            correct = sum(r["correct"] for r in runs)
-            total = sum(r["n"] for r in runs)
-            lo, hi = wilson_interval(correct, total)
-            rec[key] = {"runs": runs, "n": total, "correct": correct,
-                        "accuracy": correct / total, "ci95": [lo, hi]}
+            rec[key] = cem_summary(runs)
         out[h] = rec
+    return out
+
+
+def checkpoint_info(w: World) -> dict:
+    """Best step of every shipped expert and baseline (from their metadata)."""
+    out = {}
+    files = [*w.expert_paths.values(), w.classifier_path]
+    if not w.args.skip_baselines:
+        files += sorted(w.args.baselines.glob("svf_sft_*.safetensors"))
+    for p in files:
+        out[str(p.relative_to(w.args.experts.parent)) if p.is_relative_to(w.args.experts.parent)
+            else p.name] = {"best_step": load_expert(p).extra.get("best_step")}
+    if not w.args.skip_baselines:
+        for d in sorted(w.args.baselines.glob("lora_*")):
+            m = d / "t2fast_meta.json"
+            if m.exists():
+                key = (str(d.relative_to(w.args.experts.parent))
+                       if d.is_relative_to(w.args.experts.parent) else d.name)
+                out[key] = {"best_step": json.loads(m.read_text())["extra"].get("best_step")}
     return out
 
 
@@ -289,13 +335,15 @@ def render(results: dict) -> str:
           "parent expert (reference) |", "|---|---|---|---|---|---|---|"]
     for h, r in ho.items():
         L.append(f"| {h} | {fmt(r['base'])} | {fmt(r['prompt'])} | {fmt(r['classifier'])} | "
-                 f"{fmt(r['cem'])} | {fmt(r['uniform'])} | {fmt(r['parent_expert'])} "
+                 f"{fmt_any(r['cem'])} | {fmt(r['uniform'])} | {fmt(r['parent_expert'])} "
                  f"({r['parent']}) |")
     if any("cem_per_layer" in r for r in ho.values()):
-        L += ["", "Per-layer CEM: " + "; ".join(f"{h} {fmt(r.get('cem_per_layer'))}"
+        L += ["", "Per-layer CEM (α ∈ R^{layers × experts}): " + "; ".join(
+            f"{h} {fmt_any(r.get('cem_per_layer'))}"
                                                 for h, r in ho.items()) + "."]
-    L += ["", "CEM rows pool the test predictions of every seed (n = seeds × test examples); "
-          "per-seed numbers below.", "",
+    L += ["", "Few-shot CEM: mean test accuracy over the seeds (each seed draws its own "
+          "few-shot examples from the validation split and runs its own search), then each seed's "
+          "accuracy; Wilson intervals per seed below.", "",
           "### α found by few-shot CEM (bank order: " + ", ".join(results["bank"]) + ")", "",
           "| family | seed | α | few-shot acc | test acc | CEM time (s) |", "|---|---|---|---|---|---|"]
     for h, r in ho.items():
@@ -323,7 +371,10 @@ def render(results: dict) -> str:
         for lab, row in zip(labels, r["confusion"]):
             L.append(f"| {lab} | " + " | ".join(str(v) for v in row) + " |")
         L.append("")
-    L += ["## 4. Paper trends: reproduced or not", ""]
+    L += ["## 4. Reading the numbers", ""]
+    L += [f"- {t}" for t in results.get("notes", [])]
+    L += ["", "## 5. Paper trends: reproduced or not", "",
+          "Two-sided two-proportion z-test at 5% on the test examples.", ""]
     L += [f"- {t}" for t in results["trends"]]
     L += ["", "## Experts", "", "| expert | seed | steps | best step | validation acc | lr | λ (KL) "
           "| batch × samples | z |", "|---|---|---|---|---|---|---|---|---|"]
@@ -334,6 +385,31 @@ def render(results: dict) -> str:
                  f"{e['batch_size']} × {e['samples_per_prompt']} | {e['parameterization']} |")
     L += ["", "Commands: see `experts/README.md`.", ""]
     return "\n".join(L)
+
+
+def notes(results: dict) -> list[str]:
+    """Facts needed to read the tables, derived from the measurements and the files."""
+    out = []
+    for name, info in results.get("checkpoints", {}).items():
+        if info.get("best_step") == 0:
+            out.append(f"`{name}`: no evaluation during training beat step 0 on the validation "
+                       f"split, so its best checkpoint is its initialisation — the base model "
+                       f"(z = 1 for SVF, B = 0 for LoRA); its column equals the base model.")
+    c = results["classification"]
+    if min(c["prompt"]["accuracy"], c["classifier"]["accuracy"]) >= 0.99:
+        out.append("The base model already classifies the classify test split (questions of the "
+                   "training families and 'other') perfectly with the adaptation prompt, so a "
+                   "classification expert cannot improve on prompt-based dispatch in "
+                   "distribution; strategies A and B pick the same experts here.")
+    for h, r in results["heldout"].items():
+        picked = r["prompt"].get("picked", {})
+        n = sum(picked.values()) or 1
+        share = picked.get(r["parent"], 0) / n
+        out.append(f"{h}: pass 1 (prompt) sends {share:.0%} of the prompts to the "
+                   f"{r['parent']} expert and {picked.get(OTHER, 0) / n:.0%} to the base "
+                   f"model ('other'); the {r['parent']} expert alone scores "
+                   f"{fmt(r['parent_expert'])} against the base model's {fmt(r['base'])}.")
+    return out
 
 
 def trends(results: dict) -> list[str]:
@@ -354,21 +430,19 @@ def trends(results: dict) -> list[str]:
                            f"on {f}: {word} ({fmt(r['svf_rl'])} vs {fmt(r[b])}).")
     ho = results["heldout"]
     for h, r in ho.items():
-        for s in ("prompt", "classifier", "cem"):
+        for s in ("prompt", "classifier"):
             d = significantly(r[s], r["base"])
             out.append(f"Two-pass {s} beats the base model on {h}: "
                        + {"higher": "reproduced", "same": "NOT reproduced (no significant "
                           "difference)", "lower": "NOT reproduced (worse than base)"}[d]
                        + f" ({fmt(r[s])} vs {fmt(r['base'])}).")
-        d = significantly(r["cem"], r["uniform"])
-        out.append(f"Few-shot CEM beats uniform α on {h}: "
-                   + {"higher": "reproduced", "same": "NOT reproduced (no significant "
-                      "difference)", "lower": "NOT reproduced (uniform is better)"}[d]
-                   + f" ({fmt(r['cem'])} vs {fmt(r['uniform'])}).")
-        d = significantly(r["cem"], r["prompt"])
-        out.append(f"CEM (C) ≥ prompt dispatch (A) on {h} (the paper's ordering): "
-                   + {"higher": "reproduced (C better)", "same": "no significant difference",
-                      "lower": "NOT reproduced (A better)"}[d] + ".")
+        for other, what in (("base", "the base model"), ("uniform", "uniform α"),
+                            ("prompt", "prompt dispatch (A)")):
+            c = seeds_vs(r["cem"], r[other])
+            verdict = ("reproduced" if c["higher"] == sum(c.values()) else
+                       "NOT reproduced" if c["higher"] == 0 else "partly reproduced")
+            out.append(f"Few-shot CEM (C) beats {what} on {h}: {verdict} ({seeds_phrase(c)}; "
+                       f"CEM {fmt_any(r['cem'])} vs {fmt(r[other])}).")
     c = results["classification"]
     d = significantly(c["classifier"], c["prompt"])
     out.append("The classification expert classifies better than the prompt alone: "
@@ -380,6 +454,19 @@ def trends(results: dict) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        results["checkpoints"] = checkpoint_info(World(args))
+        for h in results["heldout"].values():
+            for key in ("cem", "cem_per_layer"):
+                if key in h:
+                    h[key] = cem_summary(h[key]["runs"])
+        results["notes"] = notes(results)
+        results["trends"] = trends(results)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        (args.out / "README.md").write_text(render(results))
+        return 0
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     w = World(args)
@@ -395,6 +482,8 @@ def main(argv=None) -> int:
     print("held-out families ...", flush=True)
     results["heldout"] = heldout_results(w)
     results["experts"] = expert_info(w)
+    results["checkpoints"] = checkpoint_info(w)
+    results["notes"] = notes(results)
     results["trends"] = trends(results)
     results["wall_s"] = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
