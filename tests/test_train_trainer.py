@@ -163,3 +163,21 @@ def test_lora_baseline(tmp_path, tok, objective):
     meta = json.loads((tmp_path / "lora" / "t2fast_meta.json").read_text())
     assert meta["extra"]["config"]["method"] == "lora" and "log" not in meta["extra"]["config"]
     assert len(steps_of(cfg.log_path)) == 4
+
+
+@pytest.mark.parametrize("targets,layers,expected", [
+    ("mlp", None, 2 * 3 * 64),                  # 2 layers × gate, up, down (rank 64 each)
+    ("attention", None, 2 * (64 + 32 + 32 + 64)),  # 2 layers × q, k, v, o
+    (["q_proj", "down_proj"], None, 2 * 128),
+    ("all", (1, 2), 64 + 32 + 32 + 64 + 3 * 64),
+])
+def test_target_selection(tmp_path, tok, targets, layers, expected):
+    model = random_tiny_llama(0, num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                              num_attention_heads=4, num_key_value_heads=2)
+    cfg = toy_config(tmp_path, targets=targets, layers=layers, steps=1)
+    tr = Trainer(cfg, model, tok, task=DigitTask())
+    assert tr.policy.num_parameters() == expected
+    res = tr.train()
+    assert set(load_expert(cfg.out).z) == set(tr.policy.handle.layers)
+    if layers is not None:
+        assert all(".layers.1." in n for n in tr.policy.handle.layers)
