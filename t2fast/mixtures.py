@@ -1,0 +1,254 @@
+"""The one mixture language of t2fast: parsing and bounding α, expert names, z ranges.
+
+Every entry point — :meth:`t2fast.patch_model.SVFHandle.set_mixture`, the vLLM front end
+(``extra_args["t2"]``), the CLI and the server — parses mixtures with :func:`parse_mixture`, so
+they accept the same forms and give the same errors.
+
+A **mixture** over a bank of K experts (bank order ``expert_names``) gives every adapted matrix
+``z' = α_base · 1 + Σ_k α_k z_k``. A spec is one of::
+
+    None or "base"              the base model (α_base = 1)
+    "math"                      one expert (α_math = 1)
+    {"math": 0.3, "code": 0.7}  weights by name; "base" may be named too
+    {"math": [w_0, ..., w_L-1]} per-layer weights by name (needs ``num_layers``)
+    [0.3, 0.7]                  K weights in bank order (list, tuple, tensor or array)
+    [[...K...], ...L rows...]   per-layer weights [num_layers, K] in bank order
+
+**Bounds** (:class:`MixtureBounds`, configurable): every weight is a finite real number (no
+booleans, no strings), ``|α_k| ≤ max_abs`` and ``Σ_k |α_k| ≤ max_l1`` (base included, per layer).
+An all-zero α (``{}``, ``[0, 0]``) would zero every adapted weight; it is refused unless the spec
+names ``"base"`` explicitly (``{"base": 0}``: the caller asks for it).
+
+**Expert files** hold z vectors that must be finite with ``|z| ≤ Z_MAX`` (:func:`check_z`); z = 1
+is the base model, and the official parameterization's rescaled ``sigmoid(p)`` stays well inside.
+
+**Expert names** (:func:`check_expert_name`): letters, digits, ``-``, ``_`` and ``.``, starting
+with a letter or digit, at most ``MAX_NAME_LENGTH`` characters, and not ``"base"``.
+
+Errors are :class:`MixtureError` (a ``ValueError``); a value of the wrong type raises
+:class:`MixtureTypeError`, which is both a ``MixtureError`` and a ``TypeError``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from dataclasses import dataclass
+
+import torch
+
+BASE = "base"
+Z_MAX = 8.0
+MAX_NAME_LENGTH = 64
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class MixtureError(ValueError):
+    """A mixture spec is invalid (unknown expert, out-of-bounds or non-finite weight ...)."""
+
+
+class MixtureTypeError(MixtureError, TypeError):
+    """A mixture spec holds a value of the wrong type (a boolean or string as a weight ...)."""
+
+
+@dataclass(frozen=True)
+class MixtureBounds:
+    """Limits on a mixture's weights: ``|α_k| ≤ max_abs`` and ``Σ_k |α_k| ≤ max_l1`` per layer.
+
+    The defaults allow any convex or moderately extrapolating mixture (the paper's CEM search
+    stays within ``[-1, 2]`` per expert) while refusing weights that make answers degenerate.
+    """
+    max_abs: float = 4.0
+    max_l1: float = 8.0
+
+    def __post_init__(self):
+        for field in ("max_abs", "max_l1"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or \
+                    not (math.isfinite(v) and v > 0):
+                raise ValueError(f"MixtureBounds.{field} must be a finite number > 0, got {v!r}")
+
+
+DEFAULT_BOUNDS = MixtureBounds()
+
+
+def check_expert_name(name, where: str = "expert name") -> str:
+    """Return ``name`` if it is a valid expert name (see the module docstring), else raise."""
+    if not isinstance(name, str):
+        raise MixtureTypeError(f"{where} must be a string, got {name!r}")
+    if name == BASE:
+        raise MixtureError(f"{where} may not be {BASE!r} (reserved for the base model)")
+    if len(name) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name):
+        raise MixtureError(f"{where} {name!r} is not valid: use at most {MAX_NAME_LENGTH} "
+                           f"letters, digits, '-', '_' or '.', starting with a letter or digit")
+    return name
+
+
+def check_z(name: str, z, bound: float = Z_MAX, where: str = "expert") -> None:
+    """Raise :class:`t2fast.safetensors_io.T2FileError` unless ``z`` is a finite 1-D float
+    tensor with ``|z| ≤ bound``; the message names ``where``, the matrix ``name`` and the bound."""
+    from .safetensors_io import T2FileError
+
+    if not isinstance(z, torch.Tensor) or z.dim() != 1 or not z.is_floating_point():
+        raise T2FileError(f"{where}: z for {name} must be a 1-D float tensor, got "
+                          f"{getattr(z, 'shape', type(z).__name__)}")
+    if not bool(torch.isfinite(z).all()):
+        raise T2FileError(f"{where}: z for {name} contains NaN or Inf")
+    worst = float(z.abs().max()) if z.numel() else 0.0
+    if worst > bound:
+        raise T2FileError(f"{where}: z for {name} reaches |z| = {worst:.6g}, outside the allowed "
+                          f"range [-{bound:g}, {bound:g}] (z = 1 is the base model)")
+
+
+def _number(v, what: str) -> float:
+    if isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype != torch.bool:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise MixtureTypeError(f"{what} must be a real number, got {v!r} "
+                               f"({type(v).__name__})")
+    v = float(v)
+    if not math.isfinite(v):
+        raise MixtureError(f"{what} must be finite, got {v}")
+    return v
+
+
+def _as_list(v):
+    """Tensors and arrays as (nested) Python lists; other values unchanged."""
+    if isinstance(v, torch.Tensor) or (hasattr(v, "tolist") and hasattr(v, "shape")):
+        return v.tolist()
+    return v
+
+
+def _weights(v, what: str, num_layers: int | None) -> list[float]:
+    """A weight as ``num_layers`` floats (a scalar repeats; a list is per layer)."""
+    v = _as_list(v)
+    if isinstance(v, (list, tuple)):
+        if num_layers is None:
+            raise MixtureError(f"{what} is a list of {len(v)} per-layer weights, but per-layer "
+                               f"mixtures are not available here (no layer count)")
+        if len(v) != num_layers:
+            raise MixtureError(f"{what} is a per-layer list of {len(v)} weights; the model has "
+                               f"{num_layers} decoder layers")
+        return [_number(x, f"{what}[{i}]") for i, x in enumerate(v)]
+    return [_number(v, what)] * (num_layers or 1)
+
+
+def _column(name, names: list[str], what: str) -> int:
+    if not isinstance(name, str):
+        raise MixtureTypeError(f"{what}: expert names must be strings, got {name!r}")
+    if name == BASE:
+        return 0
+    try:
+        return 1 + names.index(name)
+    except ValueError:
+        raise MixtureError(f"unknown expert {name!r}; loaded experts: {names or '(none)'} "
+                           f"(or {BASE!r})") from None
+
+
+def parse_mixture(spec, expert_names, num_layers: int | None = None,
+                  bounds: MixtureBounds | None = None) -> torch.Tensor:
+    """Parse and bound a mixture spec (forms in the module docstring).
+
+    Args:
+        spec: the mixture.
+        expert_names: the bank's experts in bank order (K names, without ``"base"``).
+        num_layers: decoder layers of the model; ``None`` refuses per-layer specs.
+        bounds: :class:`MixtureBounds` (default ``MixtureBounds()``: 4 and 8).
+    Returns:
+        float32 α of shape ``[K + 1]`` (``num_layers`` None) or ``[num_layers, K + 1]``;
+        column 0 is the base (z = 1), column k the expert ``expert_names[k - 1]``.
+    Raises:
+        MixtureTypeError (a TypeError and ValueError) for values of the wrong type;
+        MixtureError (a ValueError) for unknown names, wrong lengths, non-finite weights,
+        weights beyond the bounds and all-zero mixtures — naming the value and the bound.
+    """
+    names = list(expert_names)
+    bounds = bounds or DEFAULT_BOUNDS
+    if num_layers is not None and (isinstance(num_layers, bool) or
+                                   not isinstance(num_layers, int) or num_layers < 1):
+        raise ValueError(f"num_layers must be an integer >= 1 or None, got {num_layers!r}")
+    L, K = num_layers or 1, len(names)
+    alpha = torch.zeros(L, K + 1, dtype=torch.float64)
+    names_base = False
+    spec = _as_list(spec)
+    if spec is None:
+        alpha[:, 0] = 1.0
+        names_base = True
+    elif isinstance(spec, str):
+        alpha[:, _column(spec, names, "mixture")] = 1.0
+        names_base = spec == BASE
+    elif isinstance(spec, dict):
+        for name, w in spec.items():
+            col = _column(name, names, "mixture")
+            alpha[:, col] = torch.tensor(_weights(w, f"alpha[{name!r}]", num_layers),
+                                         dtype=torch.float64)
+            names_base |= col == 0
+    elif isinstance(spec, (list, tuple)):
+        if spec and all(isinstance(_as_list(r), (list, tuple)) for r in spec):
+            rows = [_as_list(r) for r in spec]
+            if num_layers is None or len(rows) != num_layers or any(len(r) != K for r in rows):
+                raise MixtureError(
+                    f"per-layer alpha must have shape (num_layers={num_layers}, K={K}) "
+                    f"(layers × experts in bank order {names}), got {len(rows)} rows of lengths "
+                    f"{sorted({len(r) for r in rows})}")
+            for i, r in enumerate(rows):
+                for k, w in enumerate(r):
+                    alpha[i, 1 + k] = _number(w, f"alpha[{i}][{k}]")
+        else:
+            if len(spec) != K:
+                raise MixtureError(
+                    f"alpha has {len(spec)} weights; expected {K}, one per loaded expert in bank "
+                    f"order {names}" + (" (no experts are loaded)" if not K else ""))
+            for k, w in enumerate(spec):
+                alpha[:, 1 + k] = _number(w, f"alpha[{k}]")
+    else:
+        raise MixtureTypeError(
+            f"a mixture must be None, 'base', an expert name, a dict {{name: weight}} or a list "
+            f"of {K} weights in bank order, got {type(spec).__name__} {spec!r}")
+    _check_bounds(alpha, names, bounds, names_base)
+    out = alpha.float()
+    return out if num_layers is not None else out[0]
+
+
+def _check_bounds(alpha: torch.Tensor, names: list[str], bounds: MixtureBounds,
+                  names_base: bool) -> None:
+    """alpha: float64 [L, K + 1]."""
+    cols = [BASE] + names
+    worst = alpha.abs().max(dim=0).values
+    k = int(worst.argmax())
+    if float(worst[k]) > bounds.max_abs:
+        raise MixtureError(f"alpha[{cols[k]!r}] = {float(alpha[:, k].abs().max()):.6g} is outside "
+                           f"the bound |α| ≤ {bounds.max_abs:g} (MixtureBounds.max_abs)")
+    l1 = alpha.abs().sum(dim=1)
+    i = int(l1.argmax())
+    if float(l1[i]) > bounds.max_l1:
+        where = f" (layer {i})" if alpha.shape[0] > 1 else ""
+        raise MixtureError(f"Σ|α| = {float(l1[i]):.6g}{where} is outside the bound Σ|α| ≤ "
+                           f"{bounds.max_l1:g} (MixtureBounds.max_l1)")
+    if not names_base and bool((l1 == 0).any()):
+        where = f" in layer {int((l1 == 0).nonzero()[0])}" if alpha.shape[0] > 1 else ""
+        raise MixtureError(f"the mixture is all zero{where}, which would zero every adapted "
+                           f"weight; use 'base' (or None) for the base model, or name 'base' "
+                           f"explicitly (e.g. {{'base': 0}}) to ask for zero weights")
+
+
+def normal_form(alpha: torch.Tensor, expert_names) -> dict | None:
+    """A canonical JSON-able form of a parsed α [num_layers, K + 1] (or [K + 1]).
+
+    ``None`` for the base model, else ``{name: weight or [per-layer weights]}`` sorted by name,
+    zero weights dropped (``{"base": 0.0}`` for the explicitly asked-for all-zero mixture).
+    Parsing the normal form gives the same α back.
+    """
+    a = alpha if alpha.dim() == 2 else alpha[None]
+    cols = [BASE] + list(expert_names)
+    out = {}
+    for k, name in enumerate(cols):
+        ws = [float(w) for w in a[:, k].tolist()]
+        if all(w == 0.0 for w in ws):
+            continue
+        out[name] = ws[0] if all(w == ws[0] for w in ws) else ws
+    if not out:
+        return {BASE: 0.0}
+    if out == {BASE: 1.0}:
+        return None
+    return dict(sorted(out.items()))
