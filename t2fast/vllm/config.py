@@ -43,7 +43,9 @@ class T2Config:
         backend: SVF kernel backend, ``"auto"`` (Triton on CUDA, else torch), ``"triton"``,
             ``"torch"``.
         hybrid: in eager mode, serve a step whose requests all use one mixture with dense
-            weights (the original ones for the base model, a cached merge otherwise).
+            weights (the original ones for the base model, a cached merge otherwise). Off by
+            default: dense and factored results differ in rounding, so with it a request's
+            greedy answer may depend on which other requests share its step.
         cache_dir: SVD cache folder (default: t2fast's cache); ``False`` disables it.
         allow_other_model: accept experts made for another base model of equal shapes.
     """
@@ -52,7 +54,7 @@ class T2Config:
     layers: object = None
     max_experts: int = 8
     backend: str = "auto"
-    hybrid: bool = True
+    hybrid: bool = False
     cache_dir: object = None
     allow_other_model: bool = False
 

@@ -16,6 +16,8 @@ vLLM's ``QKVParallelLinear`` (q, k, v), ``MergedColumnParallelLinear`` (gate, up
   into vLLM's fused output. The token → slot map and the α table are persistent buffers shared
   by all layers (:class:`t2fast.vllm.runner.T2Runtime`), updated with ``copy_`` before each
   step, so a compiled graph (and a CUDA graph) sees each step's values.
+* The output of every layer that writes keys and values is passed through
+  :func:`t2fast.vllm.kv_guard.finite_guard`, so the KV cache never holds a non-finite number.
 * Hybrid (eager execution only: no torch.compile graph, no CUDA graph): a step in which every
   token uses the base model runs the original method (bit-identical to vanilla vLLM); a step
   with a single non-base mixture runs a dense merged ``W'`` cached per mixture.
@@ -38,6 +40,7 @@ from torch import nn
 from .. import ops
 from ..decompose import SVDCache, SVDFactors, decompose_weight
 from ..targets import layer_index, resolve_targets
+from .kv_guard import KVGuardMethod, finite_guard, writes_kv
 
 try:
     from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
@@ -118,6 +121,7 @@ class SVFLinearMethod(QuantizeMethodBase):
         self.parts = parts
         self.layer_idx = layer_idx
         self.row_parallel = row_parallel
+        self.guard_kv = writes_kv(p.name for p in parts)
         self.backend = runtime.config.backend
         self._merged_key = None
         self._merged = None
@@ -230,6 +234,10 @@ class SVFLinearMethod(QuantizeMethodBase):
 
     # ---- forward ------------------------------------------------------------------------
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = self._apply(layer, x, bias)
+        return finite_guard(y) if self.guard_kv else y
+
+    def _apply(self, layer, x, bias):
         rt = self.runtime
         if rt.hybrid and not torch.compiler.is_compiling() and not _capturing():
             mode = rt.mode
@@ -308,11 +316,10 @@ def _linear_types():
 def install_svf_layers(model: nn.Module, runtime, packed: dict | None = None) -> list[str]:
     """Swap the quant methods of ``model``'s target projections for :class:`SVFLinearMethod`.
 
-    Called from the t2fast model classes' ``__init__`` (before weights load). Returns the HF
-    names of the adapted matrices, in model order.
+    Called from the t2fast model classes' ``__init__`` (before weights load). Layers that write
+    the KV cache but hold no target get a :class:`t2fast.vllm.kv_guard.KVGuardMethod`. Returns
+    the HF names of the adapted matrices, in model order.
     """
-    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-
     qkv_t, merged_t, row_t = _linear_types()
     packed = dict(FUSED_DEFAULT if packed is None else packed)
     cfg = runtime.config
@@ -337,20 +344,29 @@ def install_svf_layers(model: nn.Module, runtime, packed: dict | None = None) ->
     for prefix, mod in layers:
         names = hf_part_names(prefix, packed)
         if not any(n in chosen for n in names):
+            if writes_kv(names):  # no target here, but its output still goes to the KV cache
+                _check_unquantized(prefix, mod.quant_method)
+                mod.quant_method = KVGuardMethod(mod.quant_method)
             continue
         base = mod.quant_method
         if isinstance(base, SVFLinearMethod):
             raise RuntimeError(f"t2fast: {prefix} is already an SVF layer")
-        if not isinstance(base, UnquantizedLinearMethod):
-            raise NotImplementedError(
-                f"t2fast: {prefix} uses {type(base).__name__}; SVF layers wrap unquantized "
-                f"weights only (serve the unquantized model)")
+        _check_unquantized(prefix, base)
         parts = [SVFPart(n, i, n in chosen) for i, n in enumerate(names)]
         mod.quant_method = SVFLinearMethod(base, runtime, prefix, parts, layer_index(prefix),
                                            isinstance(mod, row_t))
         runtime.methods[prefix] = mod.quant_method
         adapted.extend(n for n in names if n in chosen)
     return adapted
+
+
+def _check_unquantized(prefix: str, method) -> None:
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    if not isinstance(method, UnquantizedLinearMethod):
+        raise NotImplementedError(
+            f"t2fast: {prefix} uses {type(method).__name__}; t2fast wraps unquantized weights "
+            f"only (serve the unquantized model)")
 
 
 def factors_stub(shape: tuple[int, int], S: torch.Tensor) -> SVDFactors:

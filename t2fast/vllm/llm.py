@@ -43,7 +43,7 @@ def _hf_architecture(model: str, hf_overrides) -> str:
 
 
 def engine_args(model: str, experts=(), targets="all", layers=None, *, backend: str = "auto",
-                max_experts: int | None = None, hybrid: bool = True, cache_dir=None,
+                max_experts: int | None = None, hybrid: bool = False, cache_dir=None,
                 allow_other_model: bool = False, **vllm_kwargs) -> dict:
     """The ``vllm.LLM`` / ``EngineArgs`` keyword arguments that serve ``model`` with t2fast.
 
@@ -83,7 +83,8 @@ class LLM:
         targets, layers: matrices to adapt, as in :func:`t2fast.patch_model`.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the SVF kernels.
         max_experts: bank capacity (default 8, at least ``len(experts)``).
-        hybrid: in eager mode, dense weights for single-mixture steps.
+        hybrid: in eager mode, dense weights for single-mixture steps (off by default:
+            a request's greedy answer may then depend on its batch).
         cache_dir: SVD cache folder; ``False`` disables it.
         **vllm_kwargs: anything ``vllm.LLM`` takes (``enforce_eager``, ``max_model_len`` ...).
     Attributes:
