@@ -1,59 +1,82 @@
-"""Scaled matmul kernel: ``out[P, Q] = (A ⊙ scale[None, :]) @ B`` with fp32 accumulation.
+"""Scaled matmul: ``out[M, N] = (A ⊙ scale[None, :]) @ B`` with fp32 accumulation.
 
-One body serves two SVF steps (launch code in :mod:`t2fast.kernels.launch`):
-    expand  y[T, m]  = h[T, r] @ Uᵀ            A = h (fp32), B = Uᵀ (strides of U swapped), no scale
-    merge   W'[m, n] = U diag(σ ⊙ z) Vh        A = U, scale = σ ⊙ z, B = Vh
+One body serves two SVF steps (plans in :mod:`t2fast.kernels.configs`, launch code in
+:mod:`t2fast.kernels.launch`):
+    expand  y[T, m]  = h[T, r] @ Uᵀ          A = h (fp32 or x's dtype), B = Uᵀ (U's strides swapped)
+    merge   W'[m, n] = U diag(σ ⊙ z) Vh      A = U, scale = σ ⊙ z (fp32), B = Vh
 
-Shapes: A [P, R], scale [R] (HAS_SCALE), B [R, Q], out [P, Q] in out's dtype.
-Grid: 1-D, cdiv(P, BLOCK_P) * cdiv(Q, BLOCK_Q) programs in grouped order (GROUP_P row-tiles share
-a column band, as in Triton's matmul tutorial, for L2 reuse of B).
+A is cast to B's dtype before the dot (one rounding of h, tensor cores for bf16/fp16 weights),
+unless DOT_FP32.
+
+Shapes: A [M, K], scale [K] (HAS_SCALE), B [K, N]. Grid: (cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N) in
+grouped order, SPLIT_K). With SPLIT_K == 1, ``out`` is [M, N] in the output dtype; with
+SPLIT_K > 1 each split writes its partial sum to its own fp32 slab ``out[split]`` of a
+workspace [SPLIT_K, M, N] (no atomics: the result is deterministic), and
+:func:`split_sum_kernel` adds the slabs and casts.
 """
 import triton
 import triton.language as tl
 
-from .svf_shrink import _dot_acc
+from .tile_utils import dot_acc, grouped_tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def scaled_matmul_kernel(
     a_ptr, scale_ptr, b_ptr, out_ptr,
-    P, Q, R,
-    stride_ap, stride_ar,
-    stride_br, stride_bq,
-    stride_op, stride_oq,
-    P_BUCKET,  # autotune key only (P rounded up to a power of two)
+    M, N, K,
+    stride_am, stride_ak,
+    stride_bk, stride_bn,
+    stride_os, stride_om, stride_on,
     HAS_SCALE: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     DOT_FP32: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_p = tl.cdiv(P, BLOCK_P)
-    num_q = tl.cdiv(Q, BLOCK_Q)
-    in_group = GROUP_P * num_q
-    group = pid // in_group
-    first_p = group * GROUP_P
-    group_size = min(num_p - first_p, GROUP_P)
-    pid_p = first_p + ((pid % in_group) % group_size)
-    pid_q = (pid % in_group) // group_size
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N),
+                                GROUP_M)
+    pid_k = tl.program_id(1)
 
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    mask_p = offs_p < P
-    mask_q = offs_q < Q
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
 
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        a = tl.load(a_ptr + offs_p[:, None] * stride_ap + offs_r[None, :] * stride_ar,
-                    mask=mask_p[:, None] & mask_r[None, :], other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if HAS_SCALE:
-            sc = tl.load(scale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+            sc = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             a = a.to(tl.float32) * sc[None, :]
-        b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_q[None, :] * stride_bq,
-                    mask=mask_r[:, None] & mask_q[None, :], other=0.0)
-        acc = _dot_acc(a, b, acc, DOT_FP32)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = dot_acc(a, b, acc, DOT_FP32)
 
-    out_ptrs = out_ptr + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
+    out_ptrs = (out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om
+                + offs_n[None, :] * stride_on)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def split_sum_kernel(
+    ws_ptr, out_ptr, M, N,
+    stride_ws, stride_wm, stride_wn,
+    stride_om, stride_on,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``out[M, N] = Σ_s ws[s]`` (fp32 workspace [SPLIT_K, M, N]) cast to out's dtype.
+
+    Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)). The slabs are summed in a fixed order.
+    """
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ptrs = ws_ptr + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(ptrs + s * stride_ws, mask=mask, other=0.0)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)

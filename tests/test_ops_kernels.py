@@ -8,12 +8,17 @@ import torch
 
 from t2fast import ops
 from t2fast.kernels import launch
+from t2fast.kernels.configs import SVFPlan, TileConfig
 from t2fast.ops import reference
 
 pytestmark = pytest.mark.interpreter
 
-# Relative tolerance on max|y|: output rounding of the dtype plus fp32 accumulation.
+# Tolerances: max |y - y64| relative to max |y64|, and the relative Frobenius error
+# ‖y - y64‖ / ‖y64‖. They cover the output rounding of the dtype plus fp32 accumulation; the triton
+# path also rounds h once to the activation dtype (the expand's tensor-core operand), the torch
+# composition rounds x Vhᵀ, the scale and their product.
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+TOL_FRO = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = list(TOL)
 
 # (T, n, m, r, slots): decode-like, odd, S = T, r < min(m, n), wide-n
@@ -47,6 +52,8 @@ def _close(y, ref, dtype):
     scale = ref.abs().max().clamp_min(1e-6)
     err = (y.double() - ref).abs().max()
     assert err <= TOL[dtype] * scale, f"max error {err:.3e} > {TOL[dtype]:.0e} * {scale:.3e}"
+    fro = (y.double() - ref).norm() / ref.norm().clamp_min(1e-12)
+    assert fro <= TOL_FRO[dtype], f"relative Frobenius error {fro:.3e} > {TOL_FRO[dtype]:.0e}"
 
 
 def _idx(T, slots, gen, device, dtype=torch.int64):
@@ -118,7 +125,7 @@ def test_non_contiguous_inputs(device):
 
 @pytest.mark.parametrize("split", [1, 2, 3])
 def test_shrink_poisoned_output_and_split(split, device):
-    """Every h entry is written (split 1 overwrites NaNs) and split-n sums equal one pass."""
+    """Every h entry is written (split 1 overwrites NaNs) and split-K sums equal one pass."""
     gen = torch.Generator().manual_seed(5)
     T, n, r, slots = 17, 77, 19, 3
     x = _rand((T, n), torch.float32, device, gen)
@@ -128,7 +135,8 @@ def test_shrink_poisoned_output_and_split(split, device):
     idx = torch.randint(0, slots, (T,), generator=gen).to(device)
     out = torch.full((T, r), float("nan"), device=device) if split == 1 else \
         torch.zeros((T, r), device=device)
-    h = launch.svf_shrink(x, Vh, S, idx, Z=Z, split_n=split, out=out)
+    h = launch.svf_shrink(x, Vh, S, idx, Z=Z, tile=TileConfig(16, 32, 16, split_k=split),
+                          out=out)
     assert h is out
     ref = (x.double() @ Vh.double().T) * S.double() * Z.double()[idx]
     assert torch.isfinite(h).all()
@@ -181,3 +189,51 @@ def test_triton_autograd_matches_reference(mix, device):
         grads[backend] = [xs.grad] + [p.grad for p in ps]
     for g_tr, g_ref in zip(grads["triton"], grads["torch"]):
         torch.testing.assert_close(g_tr, g_ref, rtol=1e-4, atol=1e-4)
+
+
+# Plans as the GPU runs them, with interpreter-sized blocks: decode (split reductions in both
+# ops, fp32 h), prefill (unsplit, h in x's dtype), and mixed (split shrink only / expand only).
+PLANS = {
+    "decode-split": SVFPlan(TileConfig(16, 16, 16, split_k=4), TileConfig(16, 16, 16, split_k=3)),
+    "prefill": SVFPlan(TileConfig(32, 32, 16, group_m=2), TileConfig(32, 16, 32, group_m=2)),
+    "split-shrink": SVFPlan(TileConfig(16, 32, 16, split_k=8), TileConfig(16, 32, 32)),
+    "split-expand": SVFPlan(TileConfig(16, 32, 32), TileConfig(16, 16, 16, split_k=2)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("plan", list(PLANS), ids=str)
+@pytest.mark.parametrize("mix", [False, True], ids=["table", "mix"])
+def test_launch_plans_match_float64(plan, mix, dtype, device):
+    """Every plan shape (splits, h dtype, grouped tiles) on odd sizes against float64."""
+    gen = torch.Generator().manual_seed(hash((plan, mix, str(dtype))) % 2**31)
+    T, n, m, r, slots, K = 41, 83, 57, 45, 5, 3
+    x = _rand((T, n), dtype, device, gen)
+    U, S, Vh = _factors(n, m, r, dtype, device, gen)
+    idx = _idx(T, slots, gen, device)
+    alpha = torch.randn(slots, K, generator=gen).to(device)
+    bank = (1 + 0.3 * torch.randn(K, r, generator=gen)).to(device)
+    Z = alpha @ bank
+    p = PLANS[plan]
+    assert p.h_dtype(dtype) == (torch.float32 if p.shrink.split_k > 1 else dtype)
+    if mix:
+        y = launch.svf_matmul(x, U, S, Vh, idx, alpha=alpha, bank=bank, plan=p)
+    else:
+        y = launch.svf_matmul(x, U, S, Vh, idx, Z=Z, plan=p)
+    _close(y, reference.svf_matmul(*_f64(x, U, S, Vh, Z), idx), dtype)
+
+
+@pytest.mark.parametrize("split", [1, 2, 5])
+def test_expand_split_poisoned_output(split, device):
+    """Split-K expand: every output written once from the slabs, nothing outside the view."""
+    gen = torch.Generator().manual_seed(8)
+    M, K, N = 23, 70, 37
+    A = _rand((M, K), torch.float32, device, gen)
+    B = _rand((N, K), torch.bfloat16, device, gen).t()         # Uᵀ-like strides
+    big = torch.full((M, 2 * N), float("nan"), device=device, dtype=torch.bfloat16)
+    out = big[:, ::2]
+    launch.scaled_matmul(A, B, tile=TileConfig(16, 16, 16, split_k=split), out=out)
+    ref = A.double() @ B.double()
+    assert torch.isfinite(out).all()
+    assert (out.double() - ref).abs().max() <= 1e-2 * ref.abs().max()
+    assert big[:, 1::2].isnan().all(), "kernel wrote outside its output view"

@@ -2,8 +2,10 @@
 
 Backends:
     ``"triton"``  the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)
-    ``"torch"``   the pure-torch reference (:mod:`t2fast.ops.reference`)
-    ``"auto"``    triton for CUDA tensors, and for CPU tensors when the interpreter is on;
+    ``"torch"``   torch ops in the activation dtype (:mod:`t2fast.ops.torch_backend`)
+    ``"auto"``    on CUDA, the backend the kernel plan names for this shape and token count
+                  (the shipped config table records which one measured faster; triton where
+                  nothing was measured); triton for CPU tensors when the interpreter is on;
                   torch otherwise
 
 Every entry point validates shapes, dtypes and devices and raises ``ValueError``/``TypeError``
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import launch
-from . import reference
+from . import reference, torch_backend
 from .checks import (INDEX_DTYPES, KERNEL_DTYPES, check_dim, check_finite, check_index_range,
                      check_same_device, check_svf_factors, check_tensor)
 
@@ -37,6 +39,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                          f"kernels on the CPU through Triton's interpreter; tensors are on "
                          f"{device}. Use backend='torch' or 'auto'.")
     return backend
+
+
+def _auto_backend(asked: str, resolved: str, x, U, Vh) -> str:
+    """``"auto"`` on CUDA takes the backend of the kernel plan for this shape and T."""
+    if asked == "auto" and resolved == "triton" and x.device.type == "cuda":
+        return launch.svf_plan(x, U, Vh).backend
+    return resolved
 
 
 def _check_kernel_inputs(backend: str, **tensors) -> None:
@@ -77,8 +86,7 @@ class _SVFMatmulTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, Z, U, S, Vh, idx):
         ctx.save_for_backward(x, Z, U, S, Vh, idx)
-        h = launch.svf_shrink(x, Vh, S, idx, Z=Z)
-        return launch.scaled_matmul(h, U.t(), out_dtype=x.dtype)
+        return launch.svf_matmul(x, U, S, Vh, idx, Z=Z)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -92,8 +100,7 @@ class _SVFMatmulMixTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, bank, U, S, Vh, idx):
         ctx.save_for_backward(x, alpha, bank, U, S, Vh, idx)
-        h = launch.svf_shrink(x, Vh, S, idx, alpha=alpha, bank=bank)
-        return launch.scaled_matmul(h, U.t(), out_dtype=x.dtype)
+        return launch.svf_matmul(x, U, S, Vh, idx, alpha=alpha, bank=bank)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -124,14 +131,14 @@ def svf_matmul(x, U, S, Vh, Z, idx, *, backend: str = "auto", validate: bool = T
     check_dim("Z", Z, 1, r, "the rank r = U.shape[1]")
     _check_idx(idx, x.shape[0])
     device = check_same_device(x=x, U=U, S=S, Vh=Vh, Z=Z, idx=idx)
-    backend = resolve_backend(backend, device)
+    backend = _auto_backend(backend, resolve_backend(backend, device), x, U, Vh)
     _check_kernel_inputs(backend, x=x, U=U, S=S, Vh=Vh, Z=Z)
     if validate:
         check_index_range(idx, Z.shape[0])
     if x.shape[0] == 0:
         return x.new_empty((0, m))
     if backend == "torch":
-        return reference.svf_matmul(x, U, S, Vh, Z, idx)
+        return torch_backend.svf_matmul(x, U, S, Vh, Z, idx)
     return _SVFMatmulTriton.apply(x, Z, U, S.contiguous(), Vh, idx.contiguous())
 
 
@@ -149,7 +156,7 @@ def svf_matmul_mix(x, U, S, Vh, alpha, bank, idx, *, backend: str = "auto",
     _check_alpha_bank(alpha, bank, r)
     _check_idx(idx, x.shape[0])
     device = check_same_device(x=x, U=U, S=S, Vh=Vh, alpha=alpha, bank=bank, idx=idx)
-    backend = resolve_backend(backend, device)
+    backend = _auto_backend(backend, resolve_backend(backend, device), x, U, Vh)
     _check_kernel_inputs(backend, x=x, U=U, S=S, Vh=Vh, alpha=alpha, bank=bank)
     if validate:
         check_index_range(idx, alpha.shape[0])
@@ -157,7 +164,7 @@ def svf_matmul_mix(x, U, S, Vh, alpha, bank, idx, *, backend: str = "auto",
     if x.shape[0] == 0:
         return x.new_empty((0, m))
     if backend == "torch":
-        return reference.svf_matmul_mix(x, U, S, Vh, alpha, bank, idx)
+        return torch_backend.svf_matmul_mix(x, U, S, Vh, alpha, bank, idx)
     return _SVFMatmulMixTriton.apply(x, alpha, bank, U, S.contiguous(), Vh, idx.contiguous())
 
 

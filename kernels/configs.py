@@ -1,0 +1,286 @@
+"""Launch plans for the SVF kernels: shipped tables, nearest-key lookup, a heuristic.
+
+A *plan* fixes, for one matrix (U [m, r], Vh [r, n]) and one token count T, the tile config of the
+shrink (``h = S ⊙ z ⊙ (x Vhᵀ)``, a [T, r] GEMM over n) and of the expand (``y = h Uᵀ``, a [T, m]
+GEMM over r), and which backend ``backend="auto"`` uses there. No autotuning runs on a user's hot
+path: a plan comes from
+
+1. the table shipped for the GPU architecture (``configs/<arch>.json``, e.g. ``sm90.json`` for
+   H100/H200), written by ``bench/tune_svf.py`` (see ``configs/README.md``): the entry of the
+   T bucket (the smallest bucket ≥ T, else the largest) and of the nearest matrix shape
+   (log-distance in m and n);
+2. otherwise :func:`heuristic_plan`.
+
+Either way the reduction splits are then sized so that small-T launches fill the GPU: each op
+launches at least ``2 × num_sms`` programs where the reduction is long enough to split (decode).
+Plans depend on T only through its bucket, so a shape compiles at most one binary per bucket and
+op. The first call on a new shape costs compilation only.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+TABLE_FORMAT = 1
+# Token buckets of the tables: a plan is chosen for the smallest bucket >= T.
+T_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+DECODE_MAX_T = 64
+# Programs each launch should reach at decode, per SM (two resident CTAs hide memory latency).
+PROGRAMS_PER_SM = 2
+MAX_SPLIT = 32
+BACKEND_CHOICES = ("triton", "torch")
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def t_bucket(T: int) -> int:
+    """The table bucket of a token count: the smallest of :data:`T_BUCKETS` ≥ T, else the last."""
+    for b in T_BUCKETS:
+        if T <= b:
+            return b
+    return T_BUCKETS[-1]
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tiles of one GEMM ``out[M, N] = A[M, K] @ B[K, N]`` (M = tokens).
+
+    ``block_m`` ≥ 16 (tokens, padded: ``tl.dot`` needs 16), ``block_n`` / ``block_k`` ≥ 16,
+    all powers of two; ``split_k`` programs share each output tile's reduction.
+    """
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 16 and v & (v - 1) == 0):
+                raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {v!r}")
+        for name in ("split_k", "group_m", "num_warps", "num_stages"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"TileConfig.{name} must be a positive int, got {v!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"TileConfig.num_warps must be 1, 2, 4, 8 or 16, got "
+                             f"{self.num_warps}")
+
+    def meta(self) -> dict:
+        """The kernel's constexpr block arguments."""
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                    SPLIT_K=self.split_k, GROUP_M=self.group_m)
+
+    def tiles(self, M: int, N: int) -> int:
+        return cdiv(M, self.block_m) * cdiv(N, self.block_n)
+
+    def grid(self, M: int, N: int) -> tuple[int, int]:
+        return (self.tiles(M, N), self.split_k)
+
+    def programs(self, M: int, N: int) -> int:
+        return self.tiles(M, N) * self.split_k
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "TileConfig":
+        fields = set(cls.__dataclass_fields__)
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"{where}: unknown tile field(s) {sorted(unknown)}; expected "
+                             f"{sorted(fields)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+@dataclass(frozen=True)
+class SVFPlan:
+    """How one SVF matmul runs: shrink and expand tiles, and the backend ``auto`` picks.
+
+    ``source`` says where the plan came from (``"table:sm90.json"``, ``"heuristic"``,
+    ``"interpreter"``, ``"given"``).
+    """
+    shrink: TileConfig
+    expand: TileConfig
+    backend: str = "triton"
+    source: str = "given"
+
+    def h_dtype(self, x_dtype: torch.dtype) -> torch.dtype:
+        """``h`` is fp32 when the shrink splits (atomics) or for fp32 inputs, else x's dtype."""
+        return torch.float32 if self.shrink.split_k > 1 or x_dtype == torch.float32 else x_dtype
+
+    def launches(self, T: int, m: int, r: int) -> list[tuple[str, int]]:
+        """The kernels of one call and their program counts (a memset counts as a launch)."""
+        out = []
+        if self.shrink.split_k > 1:
+            out.append(("memset h", 1))
+        out.append(("shrink", self.shrink.programs(T, r)))
+        out.append(("expand", self.expand.programs(T, m)))
+        if self.expand.split_k > 1:
+            out.append(("split sum", cdiv(T, SPLIT_SUM_BLOCK[0]) * cdiv(m, SPLIT_SUM_BLOCK[1])))
+        return out
+
+
+# Tile of the split-sum kernel (rows, columns).
+SPLIT_SUM_BLOCK = (16, 256)
+
+# Interpreter (CPU tests): small blocks keep the numpy emulation fast.
+INTERPRETER_PLAN = SVFPlan(TileConfig(16, 32, 32, group_m=4), TileConfig(16, 32, 32, group_m=4),
+                           source="interpreter")
+
+
+def _pow2_at_least(v: int, lo: int = 16) -> int:
+    return max(lo, 1 << max(0, int(v - 1).bit_length()))
+
+
+def gemm_tile(T: int, dtype: torch.dtype) -> TileConfig:
+    """Unsplit tiles for a GEMM with T rows (tokens) in ``dtype``."""
+    T = _pow2_at_least(T)
+    if dtype == torch.float32:       # IEEE fp32 dots: no tensor cores, keep register tiles small
+        return TileConfig(min(64, _pow2_at_least(T)), 64, 32, num_warps=4, num_stages=2)
+    if T <= DECODE_MAX_T:            # memory-bound: one row tile, long k-blocks, deep pipeline
+        bm = _pow2_at_least(T)
+        return TileConfig(bm, 64, 128, num_warps=4, num_stages=3 if bm == 64 else 4)
+    if T <= 256:
+        return TileConfig(64, 128, 64, num_warps=4, num_stages=4)
+    return TileConfig(128, 128, 64, num_warps=8, num_stages=3)
+
+
+def fill_gpu(cfg: TileConfig, M: int, N: int, K: int, num_sms: int) -> TileConfig:
+    """Narrow ``block_n`` (down to 16) and split K until the launch has ``2 × num_sms`` programs.
+
+    Splits keep at least one k-block per split and stay ≤ :data:`MAX_SPLIT`; a launch that is
+    already wide enough is returned unchanged (the split a table gives is kept as the minimum).
+    """
+    target = PROGRAMS_PER_SM * num_sms
+    k_blocks = cdiv(K, cfg.block_k)
+
+    def best_split(c):
+        s = c.split_k
+        while c.tiles(M, N) * s < target and s * 2 <= min(k_blocks, MAX_SPLIT):
+            s *= 2
+        return replace(c, split_k=min(s, max(1, k_blocks)))
+
+    cfg = best_split(cfg)
+    while cfg.programs(M, N) < target and cfg.block_n > 16:
+        cfg = best_split(replace(cfg, block_n=cfg.block_n // 2, split_k=1))
+    return cfg
+
+
+def heuristic_plan(T: int, m: int, n: int, r: int, dtype: torch.dtype, num_sms: int) -> SVFPlan:
+    """The plan used where no table entry exists (see the module docstring)."""
+    Tb = _pow2_at_least(T)
+    shrink = gemm_tile(Tb, dtype)
+    expand = gemm_tile(Tb, dtype)
+    if dtype != torch.float32 and Tb <= DECODE_MAX_T:
+        # the expand streams U with an fp32 h tile: narrower columns than the shrink
+        expand = replace(expand, block_n=32)
+    return SVFPlan(fill_gpu(shrink, Tb, r, n, num_sms), fill_gpu(expand, Tb, m, r, num_sms),
+                   source="heuristic")
+
+
+# ---------------------------------------------------------------- shipped tables
+
+@dataclass(frozen=True)
+class TableEntry:
+    t: int
+    m: int
+    n: int
+    plan: SVFPlan
+
+
+def parse_table(data: dict, where: str) -> list[TableEntry]:
+    """Check a config table (the JSON written by ``bench/tune_svf.py``) and return its entries."""
+    if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
+        raise ValueError(f"{where}: not a t2fast kernel config table of format {TABLE_FORMAT} "
+                         f"(got format {data.get('format') if isinstance(data, dict) else None!r})")
+    entries = data.get("entries")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{where}: 'entries' must be a non-empty list")
+    out = []
+    for i, e in enumerate(entries):
+        at = f"{where}: entries[{i}]"
+        missing = {"t", "m", "n", "shrink", "expand", "backend"} - set(e)
+        if missing:
+            raise ValueError(f"{at} lacks {sorted(missing)}")
+        if e["t"] not in T_BUCKETS:
+            raise ValueError(f"{at}: t = {e['t']!r} is not one of the buckets {T_BUCKETS}")
+        if e["backend"] not in BACKEND_CHOICES:
+            raise ValueError(f"{at}: backend must be one of {BACKEND_CHOICES}, got "
+                             f"{e['backend']!r}")
+        plan = SVFPlan(TileConfig.from_dict(e["shrink"], f"{at}.shrink"),
+                       TileConfig.from_dict(e["expand"], f"{at}.expand"),
+                       backend=e["backend"], source=f"table:{Path(where).name}")
+        out.append(TableEntry(int(e["t"]), int(e["m"]), int(e["n"]), plan))
+    return out
+
+
+def table_to_json(entries: list[TableEntry], arch: str, meta: dict) -> dict:
+    """The JSON form of a table (inverse of :func:`parse_table`)."""
+    rows = [dict(t=e.t, m=e.m, n=e.n, backend=e.plan.backend, shrink=asdict(e.plan.shrink),
+                 expand=asdict(e.plan.expand))
+            for e in sorted(entries, key=lambda e: (e.m, e.n, e.t))]
+    return dict(format=TABLE_FORMAT, arch=arch, **meta, entries=rows)
+
+
+@lru_cache(maxsize=None)
+def load_table(arch: str) -> tuple[TableEntry, ...]:
+    """Entries of the shipped table for ``arch`` (e.g. ``"sm90"``); empty when none ships."""
+    path = CONFIG_DIR / f"{arch}.json"
+    if not path.exists():
+        return ()
+    return tuple(parse_table(json.loads(path.read_text()), str(path)))
+
+
+def lookup(entries, T: int, m: int, n: int) -> SVFPlan | None:
+    """The plan of the T bucket's entry nearest in shape, or None when the table is empty."""
+    if not entries:
+        return None
+    b = t_bucket(T)
+    ts = sorted({e.t for e in entries})
+    tb = next((t for t in ts if t >= b), ts[-1])
+    same_t = [e for e in entries if e.t == tb]
+    best = min(same_t, key=lambda e: (abs(math.log(e.m / m)) + abs(math.log(e.n / n)), e.m, e.n))
+    return best.plan
+
+
+def device_arch(device: torch.device) -> tuple[str, int]:
+    """(``"sm90"``-style architecture name, number of SMs) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device)
+    return f"sm{props.major}{props.minor}", props.multi_processor_count
+
+
+@lru_cache(maxsize=4096)
+def plan_for(Tb: int, m: int, n: int, r: int, dtype: torch.dtype, arch: str,
+             num_sms: int) -> SVFPlan:
+    """The plan for a token bucket ``Tb`` (see :func:`plan`)."""
+    entry = lookup(load_table(arch), Tb, m, n) if dtype != torch.float32 else None
+    if entry is None:
+        return heuristic_plan(Tb, m, n, r, dtype, num_sms)
+    Tp = _pow2_at_least(Tb)
+    return replace(entry, shrink=fill_gpu(entry.shrink, Tp, r, n, num_sms),
+                   expand=fill_gpu(entry.expand, Tp, m, r, num_sms))
+
+
+def plan(T: int, m: int, n: int, r: int, dtype: torch.dtype, device: torch.device) -> SVFPlan:
+    """The plan for T tokens through U [m, r], Vh [r, n] in ``dtype`` on ``device``.
+
+    Under Triton's interpreter (CPU) this is :data:`INTERPRETER_PLAN`; on CUDA the shipped table
+    of the device's architecture, else :func:`heuristic_plan`. Cached per T bucket.
+    """
+    if device.type != "cuda":
+        return INTERPRETER_PLAN
+    arch, sms = device_arch(device)
+    return plan_for(t_bucket(T) if T <= T_BUCKETS[-1] else _pow2_at_least(T), m, n, r, dtype,
+                    arch, sms)
