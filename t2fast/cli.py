@@ -27,30 +27,28 @@ class Subcommand:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    #: Unknown options are handed to ``run`` as ``args._extra`` (e.g. vLLM's, for ``serve``).
+    accepts_extra: bool = False
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {}
-#: Modules that register further subcommands on import (missing modules are skipped).
+#: Modules that register further subcommands on import.
 SUBCOMMAND_MODULES: list[str] = ["t2fast.serve.cli"]
 
 
-def register(name: str, help: str, add_arguments, run, *, replace: bool = False) -> Subcommand:
+def register(name: str, help: str, add_arguments, run, *, replace: bool = False,
+             accepts_extra: bool = False) -> Subcommand:
     """Add a subcommand to ``t2fast``."""
     if name in SUBCOMMANDS and not replace:
         raise ValueError(f"subcommand {name!r} is already registered")
-    cmd = Subcommand(name, help, add_arguments, run)
+    cmd = Subcommand(name, help, add_arguments, run, accepts_extra)
     SUBCOMMANDS[name] = cmd
     return cmd
 
 
 def _load_plugins() -> None:
     for mod in SUBCOMMAND_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name and (mod == e.name or mod.startswith(e.name + ".")):
-                continue
-            raise
+        importlib.import_module(mod)
 
 
 # ---- shared helpers ------------------------------------------------------------------------
@@ -375,11 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     args._argv = argv
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    if extra and not SUBCOMMANDS[args.command].accepts_extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args._extra = extra
     try:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError, ImportError) as e:

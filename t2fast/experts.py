@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from .decompose import SVDFactors
+from .mixtures import MixtureBounds, MixtureError, check_expert_name, check_z, parse_mixture
 from .safetensors_io import T2FileError, read_file, write_file
 
 EXPERT_FORMAT = "t2fast-expert"
 EXPERT_VERSION = "1"
-BASE = "base"
 SIGMA_RTOL = 1e-3
 
 
@@ -63,12 +63,19 @@ class Fingerprint:
 
 @dataclass
 class Expert:
-    """A named set of z vectors, one float32 [r] per target matrix."""
+    """A named set of z vectors, one float32 [r] per target matrix.
+
+    ``name`` must be a valid expert name (:func:`t2fast.mixtures.check_expert_name`); every z is
+    checked (finite, ``|z| ≤ Z_MAX``) when the expert is saved, loaded or added to a bank.
+    """
     name: str
     z: dict[str, torch.Tensor]
     base_model: str = ""
     fingerprint: Fingerprint | None = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_expert_name(self.name, "Expert.name")
 
     @property
     def targets(self) -> list[str]:
@@ -91,7 +98,7 @@ class Expert:
     def save(self, path) -> Path:
         """Write the expert as a safetensors file (see the module docstring)."""
         for n, v in self.z.items():
-            _check_z(n, v, f"expert {self.name!r}")
+            check_z(n, v, where=f"expert {self.name!r}")
         meta = {
             "name": self.name,
             "base_model": self.base_model,
@@ -103,6 +110,20 @@ class Expert:
         return write_file(path, {n: v.float() for n, v in self.z.items()}, EXPERT_FORMAT,
                           EXPERT_VERSION, meta)
 
+    def save_pretrained(self, folder) -> Path:
+        """Write a PEFT-style folder: ``expert.safetensors`` (the single-file format) and
+        ``expert_config.json`` (format, version, name, base model, targets with z lengths).
+        :func:`load_expert` reads the folder."""
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"{str(folder)!r} exists and is not a folder")
+        self.save(folder / EXPERT_WEIGHTS)
+        cfg = {"format": EXPERT_FORMAT, "format_version": EXPERT_VERSION, "name": self.name,
+               "base_model": self.base_model, "targets": self.targets,
+               "ranks": {n: int(v.shape[0]) for n, v in self.z.items()}}
+        (folder / EXPERT_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+        return folder
+
     def check_against(self, factors: dict[str, SVDFactors], fingerprint: Fingerprint | None = None,
                       allow_other_model: bool = False, where: str = "") -> None:
         """Raise :class:`T2FileError` unless this expert fits the decomposition ``factors``.
@@ -112,6 +133,8 @@ class Expert:
         model's fingerprint must match too.
         """
         where = where or f"expert {self.name!r}"
+        for n, v in self.z.items():
+            check_z(n, v, where=where)
         missing = [n for n in factors if n not in self.z]
         extra = [n for n in self.z if n not in factors]
         if missing or extra:
@@ -137,56 +160,110 @@ class Expert:
                               f"allow_other_model=True for cross-model transfer")
 
 
-def _check_z(name: str, v, where: str) -> None:
-    if not isinstance(v, torch.Tensor) or v.dim() != 1 or not v.is_floating_point():
-        raise T2FileError(f"{where}: z for {name} must be a 1-D float tensor, got "
-                          f"{getattr(v, 'shape', type(v).__name__)}")
-    if not bool(torch.isfinite(v).all()):
-        raise T2FileError(f"{where}: z for {name} contains NaN or Inf")
+def _meta(meta: dict, key: str, kind, expected: str, where: str, default=None):
+    """Metadata field ``key`` of the expected type, or a T2FileError naming file and field."""
+    v = meta.get(key, default)
+    if v is not None and not isinstance(v, kind):
+        raise T2FileError(f"{where}: metadata field {key!r} must be {expected}, got "
+                          f"{type(v).__name__} {str(v)[:80]!r}")
+    return v
+
+
+def _fingerprint(fp, where: str) -> Fingerprint | None:
+    if fp is None:
+        return None
+    bad = (not isinstance(fp, dict) or not isinstance(fp.get("shapes"), str) or
+           not isinstance(fp.get("sigma_sums"), dict) or
+           not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and math.isfinite(v) for k, v in fp["sigma_sums"].items()))
+    if bad:
+        raise T2FileError(f"{where}: metadata field 'fingerprint' must be {{'shapes': str, "
+                          f"'sigma_sums': {{target: number}}}}, got {str(fp)[:80]!r}")
+    return Fingerprint(fp["shapes"], {k: float(v) for k, v in fp["sigma_sums"].items()})
+
+
+EXPERT_CONFIG = "expert_config.json"
+EXPERT_WEIGHTS = "expert.safetensors"
 
 
 def load_expert(path, factors: dict[str, SVDFactors] | None = None,
                 allow_other_model: bool = False) -> Expert:
-    """Read an expert file; with ``factors``, check it fits that decomposition.
+    """Read an expert file or folder; with ``factors``, check it fits that decomposition.
 
-    Raises :class:`t2fast.safetensors_io.T2FileError` (a ``ValueError``) naming the problem:
-    missing/truncated file, wrong format, NaN/Inf, missing or extra matrices, wrong lengths,
-    another base model.
+    ``path`` is a single ``.safetensors`` file or a folder written by
+    :meth:`Expert.save_pretrained` (``expert_config.json`` + ``expert.safetensors``).
+    Raises :class:`t2fast.safetensors_io.T2FileError` (a ``ValueError``) naming the file and the
+    problem: missing/truncated file, wrong format, metadata of the wrong type, invalid name,
+    NaN/Inf or out-of-range z, missing or extra matrices, wrong lengths, another base model.
     """
+    path = Path(path)
+    if path.is_dir():
+        return _load_folder(path, factors, allow_other_model)
     tensors, meta = read_file(path, "expert", EXPERT_FORMAT, (EXPERT_VERSION,))
     where = f"expert file {str(path)!r}"
-    listed = meta.get("targets")
-    if listed is not None and sorted(listed) != sorted(tensors):
+    listed = _meta(meta, "targets", list, "a list of target names", where)
+    if listed is not None and (not all(isinstance(n, str) for n in listed) or
+                               sorted(listed) != sorted(tensors)):
         raise T2FileError(f"{where}: metadata lists {len(listed)} targets but the file holds "
-                          f"{len(tensors)} tensors")
+                          f"{len(tensors)} tensors named otherwise")
     for n, v in tensors.items():
-        _check_z(n, v, where)
-    order = listed or list(tensors)
-    fp = meta.get("fingerprint")
+        check_z(n, v, where=where)
+    name = _meta(meta, "name", str, "a string", where) or path.stem
+    try:
+        check_expert_name(name, f"{where}: expert name")
+    except MixtureError as exc:
+        raise T2FileError(str(exc)) from None
     expert = Expert(
-        name=meta.get("name") or Path(path).stem,
-        z={n: tensors[n].float() for n in order},
-        base_model=meta.get("base_model", ""),
-        fingerprint=Fingerprint(fp["shapes"], fp["sigma_sums"]) if fp else None,
-        extra=meta.get("extra") or {},
+        name=name,
+        z={n: tensors[n].float() for n in (listed or list(tensors))},
+        base_model=_meta(meta, "base_model", str, "a string", where, ""),
+        fingerprint=_fingerprint(meta.get("fingerprint"), where),
+        extra=_meta(meta, "extra", dict, "a JSON object", where) or {},
     )
     if factors is not None:
         expert.check_against(factors, allow_other_model=allow_other_model, where=where)
     return expert
 
 
+def _load_folder(folder: Path, factors, allow_other_model: bool) -> Expert:
+    cfg_path, weights = folder / EXPERT_CONFIG, folder / EXPERT_WEIGHTS
+    where = f"expert folder {str(folder)!r}"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise T2FileError(f"{where} is not a t2fast expert folder: it needs {EXPERT_CONFIG} and "
+                          f"{EXPERT_WEIGHTS} (written by Expert.save_pretrained)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise T2FileError(f"{where}: {EXPERT_CONFIG} is not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != EXPERT_FORMAT:
+        raise T2FileError(f"{where}: {EXPERT_CONFIG} does not declare format "
+                          f"{EXPERT_FORMAT!r}")
+    if cfg.get("format_version") != EXPERT_VERSION:
+        raise T2FileError(f"{where}: {EXPERT_CONFIG} has format_version "
+                          f"{cfg.get('format_version')!r}; this t2fast reads {EXPERT_VERSION!r}")
+    expert = load_expert(weights, factors, allow_other_model)
+    for key, have in (("name", expert.name), ("targets", expert.targets)):
+        if cfg.get(key) != have:
+            raise T2FileError(f"{where}: {EXPERT_CONFIG} says {key} = {cfg.get(key)!r} but "
+                              f"{EXPERT_WEIGHTS} holds {have!r}")
+    return expert
+
+
 class ExpertBank:
     """K experts over the same targets, stacked per matrix with the base (z = 1) as row 0.
 
-    ``bank(target)`` → float32 [K + 1, r]; mixtures are α vectors of length K + 1 (see
-    :meth:`alpha`), per layer when given as [num_layers, K].
+    ``bank(target)`` → float32 [K + 1, r]; mixtures are parsed by
+    :func:`t2fast.mixtures.parse_mixture` into α [num_layers, K + 1] (see :meth:`alpha`).
     """
 
     def __init__(self, experts: list[Expert], factors: dict[str, SVDFactors]):
         names = [e.name for e in experts]
-        if len(set(names)) != len(names) or BASE in names:
-            raise ValueError(f"expert names must be unique and not {BASE!r}; got {names}")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"expert names must be unique; {dup} appear more than once in "
+                             f"{names}")
         for e in experts:
+            check_expert_name(e.name)
             e.check_against(factors, allow_other_model=True)
         self.experts = list(experts)
         self.targets = list(factors)
@@ -206,53 +283,14 @@ class ExpertBank:
         """[K + 1, r] float32 on the CPU: row 0 the base (ones), then the experts in order."""
         return self._banks[target]
 
-    def alpha(self, spec, num_layers: int = 1) -> torch.Tensor:
-        """Parse a mixture into α of shape [num_layers, K + 1] (column 0 = base).
+    def alpha(self, spec, num_layers: int = 1, bounds: MixtureBounds | None = None
+              ) -> torch.Tensor:
+        """α float32 [num_layers, K + 1] (column 0 = base) of a mixture spec.
 
-        ``spec`` may be: ``None`` or ``"base"``; an expert name; a dict ``{name: weight}`` (may
-        include ``"base"``); a list/tensor of K weights in bank order; or a tensor
-        [num_layers, K] (per-layer α). Unknown names and non-finite or wrong-length α raise
-        ``ValueError``.
+        ``spec`` takes the forms of :func:`t2fast.mixtures.parse_mixture` (``None``/``"base"``,
+        an expert name, ``{name: weight or per-layer weights}``, K weights in bank order, a
+        [num_layers, K] per-layer α) within ``bounds``; invalid specs raise
+        :class:`t2fast.mixtures.MixtureError` (a ``ValueError``; also a ``TypeError`` for values
+        of the wrong type).
         """
-        K = len(self.experts)
-        out = torch.zeros(num_layers, K + 1, dtype=torch.float32)
-        if spec is None or (isinstance(spec, str) and spec == BASE):
-            out[:, 0] = 1.0
-            return out
-        if isinstance(spec, str):
-            out[:, 1 + self._index(spec)] = 1.0
-            return out
-        if isinstance(spec, dict):
-            for name, w in spec.items():
-                col = 0 if name == BASE else 1 + self._index(name)
-                out[:, col] = _finite_weight(w, f"alpha[{name!r}]")
-            return out
-        a = torch.as_tensor(spec, dtype=torch.float32)
-        if a.dim() == 1 and a.shape[0] == K:
-            out[:, 1:] = a
-        elif a.dim() == 2 and a.shape == (num_layers, K):
-            out[:, 1:] = a
-        else:
-            raise ValueError(f"alpha has shape {tuple(a.shape)}: expected ({K},) (one weight per "
-                             f"expert in bank order {self.names}) or ({num_layers}, {K}) "
-                             f"(per layer)")
-        if not bool(torch.isfinite(out).all()):
-            raise ValueError("alpha contains NaN or Inf")
-        return out
-
-    def _index(self, name: str) -> int:
-        try:
-            return self.names.index(name)
-        except ValueError:
-            raise ValueError(f"unknown expert {name!r}; loaded experts: "
-                             f"{self.names or '(none)'} (or 'base')") from None
-
-
-def _finite_weight(w, what: str) -> float:
-    try:
-        v = float(w)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number, got {w!r}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"{what} must be finite, got {v}")
-    return v
+        return parse_mixture(spec, self.names, num_layers, bounds)

@@ -24,16 +24,29 @@ from .ops import reference
 class RowSlots:
     """The mixture slot of each batch row, shared by every SVF layer of one model.
 
-    ``slots`` is a long tensor [B] (row → slot) or None when every row uses slot 0.
+    ``slots`` is a long tensor [B] (row → slot) or None when every row uses slot 0;
+    ``num_rows`` is the batch size the mixture was set for (B, or None when any batch size may
+    follow: one mixture for the whole batch).
     """
 
     def __init__(self):
         self.slots: torch.Tensor | None = None
+        self.num_rows: int | None = None
         self._cache: dict = {}
 
-    def set(self, slots: torch.Tensor | None) -> None:
+    def set(self, slots: torch.Tensor | None, num_rows: int | None = None) -> None:
         self.slots = None if slots is None else slots.long()
+        self.num_rows = int(slots.shape[0]) if slots is not None else num_rows
         self._cache = {}
+
+    def check_rows(self, lead_shape: torch.Size) -> None:
+        """Raise unless an input with leading dims ``lead_shape`` has the rows the mixture was
+        set for."""
+        B = self.num_rows
+        if B is not None and (len(lead_shape) == 0 or lead_shape[0] != B):
+            raise ValueError(f"the mixture was set for {B} batch rows, but the input has "
+                             f"leading shape {tuple(lead_shape)}; call set_mixture with one "
+                             f"entry per row of this batch")
 
     def token_index(self, lead_shape: torch.Size, device: torch.device) -> torch.Tensor:
         """Slot of every token for an input with leading dims ``lead_shape`` ([B] or [B, L]).
@@ -47,15 +60,11 @@ class RowSlots:
         T = 1
         for d in lead_shape:
             T *= d
+        self.check_rows(lead_shape)
         if self.slots is None:
             idx = torch.zeros(T, dtype=torch.int32, device=device)
         else:
-            B = self.slots.shape[0]
-            if len(lead_shape) == 0 or lead_shape[0] != B:
-                raise ValueError(f"the mixture was set for {B} batch rows, but the input has "
-                                 f"leading shape {tuple(lead_shape)}; call set_mixture with one "
-                                 f"entry per row of this batch")
-            per_row = T // B
+            per_row = T // self.slots.shape[0]
             idx = self.slots.to(device).repeat_interleave(per_row).to(torch.int32)
         self._cache[key] = idx
         return idx
@@ -116,6 +125,7 @@ class SVFLinear(nn.Module):
             w = reference.svf_merge(self.U.float(), self.S, self.train_z, self.Vh.float())
             return F.linear(x, w.to(x.dtype), self.bias)
         if self.merged is not None:
+            self.rows.check_rows(x.shape[:-1])
             return F.linear(x, self.merged, self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
@@ -128,6 +138,19 @@ class SVFLinear(nn.Module):
                                backend=self.backend, validate=False)
         y = y.reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """A state dict holds this layer's dense weight only when one exists: the merged (or,
+        on the base mixture, original) weight. Per-row and trainable modes have none, so saving
+        then raises instead of writing a state dict without the adapted weights."""
+        if self.train_z is not None or self.merged is None:
+            mode = "trainable z" if self.train_z is not None else "per-row mixtures"
+            raise RuntimeError(
+                f"{self.name} is an SVF layer serving {mode} and has no dense weight to save; "
+                f"call handle.merge(spec) to save the adapted model, or handle.restore() to save "
+                f"the original one")
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.merged if keep_vars else self.merged.detach()
 
     def extra_repr(self) -> str:
         mode = ("trainable" if self.train_z is not None else

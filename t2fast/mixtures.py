@@ -146,7 +146,8 @@ def _column(name, names: list[str], what: str) -> int:
 
 
 def parse_mixture(spec, expert_names, num_layers: int | None = None,
-                  bounds: MixtureBounds | None = None) -> torch.Tensor:
+                  bounds: MixtureBounds | None = None, dtype: torch.dtype = torch.float32
+                  ) -> torch.Tensor:
     """Parse and bound a mixture spec (forms in the module docstring).
 
     Args:
@@ -154,8 +155,10 @@ def parse_mixture(spec, expert_names, num_layers: int | None = None,
         expert_names: the bank's experts in bank order (K names, without ``"base"``).
         num_layers: decoder layers of the model; ``None`` refuses per-layer specs.
         bounds: :class:`MixtureBounds` (default ``MixtureBounds()``: 4 and 8).
+        dtype: of the result (``torch.float64`` keeps the given numbers exactly, as
+            :func:`normal_form` wants them).
     Returns:
-        float32 α of shape ``[K + 1]`` (``num_layers`` None) or ``[num_layers, K + 1]``;
+        α (float32 by default) of shape ``[K + 1]`` (``num_layers`` None) or ``[num_layers, K + 1]``;
         column 0 is the base (z = 1), column k the expert ``expert_names[k - 1]``.
     Raises:
         MixtureTypeError (a TypeError and ValueError) for values of the wrong type;
@@ -186,10 +189,13 @@ def parse_mixture(spec, expert_names, num_layers: int | None = None,
     elif isinstance(spec, (list, tuple)):
         if spec and all(isinstance(_as_list(r), (list, tuple)) for r in spec):
             rows = [_as_list(r) for r in spec]
-            if num_layers is None or len(rows) != num_layers or any(len(r) != K for r in rows):
+            if num_layers is None:
+                raise MixtureError(f"alpha is a per-layer list of {len(rows)} rows, but "
+                                   f"per-layer mixtures are not available here (no layer count)")
+            if len(rows) != num_layers or any(len(r) != K for r in rows):
                 raise MixtureError(
-                    f"per-layer alpha must have shape (num_layers={num_layers}, K={K}) "
-                    f"(layers × experts in bank order {names}), got {len(rows)} rows of lengths "
+                    f"per-layer alpha must have shape ({num_layers}, {K}) (decoder layers × "
+                    f"experts in bank order {names}), got {len(rows)} rows of lengths "
                     f"{sorted({len(r) for r in rows})}")
             for i, r in enumerate(rows):
                 for k, w in enumerate(r):
@@ -206,7 +212,7 @@ def parse_mixture(spec, expert_names, num_layers: int | None = None,
             f"a mixture must be None, 'base', an expert name, a dict {{name: weight}} or a list "
             f"of {K} weights in bank order, got {type(spec).__name__} {spec!r}")
     _check_bounds(alpha, names, bounds, names_base)
-    out = alpha.float()
+    out = alpha.to(dtype)
     return out if num_layers is not None else out[0]
 
 
@@ -214,11 +220,10 @@ def _check_bounds(alpha: torch.Tensor, names: list[str], bounds: MixtureBounds,
                   names_base: bool) -> None:
     """alpha: float64 [L, K + 1]."""
     cols = [BASE] + names
-    worst = alpha.abs().max(dim=0).values
-    k = int(worst.argmax())
-    if float(worst[k]) > bounds.max_abs:
-        raise MixtureError(f"alpha[{cols[k]!r}] = {float(alpha[:, k].abs().max()):.6g} is outside "
-                           f"the bound |α| ≤ {bounds.max_abs:g} (MixtureBounds.max_abs)")
+    i, k = divmod(int(alpha.abs().argmax()), alpha.shape[1])
+    if abs(float(alpha[i, k])) > bounds.max_abs:
+        raise MixtureError(f"alpha[{cols[k]!r}] = {float(alpha[i, k]):.6g} is outside the bound "
+                           f"|α| ≤ {bounds.max_abs:g} (MixtureBounds.max_abs)")
     l1 = alpha.abs().sum(dim=1)
     i = int(l1.argmax())
     if float(l1[i]) > bounds.max_l1:
@@ -233,7 +238,8 @@ def _check_bounds(alpha: torch.Tensor, names: list[str], bounds: MixtureBounds,
 
 
 def normal_form(alpha: torch.Tensor, expert_names) -> dict | None:
-    """A canonical JSON-able form of a parsed α [num_layers, K + 1] (or [K + 1]).
+    """A canonical JSON-able form of a parsed α [num_layers, K + 1] (or [K + 1]), best parsed
+    with ``dtype=torch.float64`` so that the weights keep their given values.
 
     ``None`` for the base model, else ``{name: weight or [per-layer weights]}`` sorted by name,
     zero weights dropped (``{"base": 0.0}`` for the explicitly asked-for all-zero mixture).

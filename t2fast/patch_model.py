@@ -21,6 +21,7 @@ from torch import nn
 from .decompose import Decomposition, decompose_model
 from .experts import Expert, ExpertBank, Fingerprint, load_expert
 from .layers import RowSlots, SVFLinear
+from .mixtures import MixtureBounds
 from .targets import layer_index
 
 MERGE_CACHE_SIZE = 4
@@ -55,11 +56,13 @@ class SVFHandle:
         bank: the :class:`t2fast.experts.ExpertBank` of loaded experts.
         stats: counters — ``factored_sets``, ``merged_sets``, ``base_sets``, ``merges``,
             ``merge_cache_hits`` — showing which path the hybrid dispatcher chose.
+        mixture_bounds: the :class:`t2fast.mixtures.MixtureBounds` every mixture must meet.
     """
 
     def __init__(self, model: nn.Module, decomposition: Decomposition, backend: str,
-                 mix_in_kernel: bool, hybrid: bool):
+                 mix_in_kernel: bool, hybrid: bool, mixture_bounds: MixtureBounds | None = None):
         self.model = model
+        self.mixture_bounds = mixture_bounds or MixtureBounds()
         self.decomposition = decomposition
         self.targets = decomposition.targets
         self.num_layers = _num_layers(model, self.targets)
@@ -67,16 +70,14 @@ class SVFHandle:
         self.fingerprint = Fingerprint.of(decomposition.factors)
         self.hybrid = hybrid
         self.rows = RowSlots()
-        self._originals: dict[str, nn.Linear] = {}
-        self.layers: dict[str, SVFLinear] = {}
-        for name, f in decomposition.factors.items():
-            linear = model.get_submodule(name)
-            layer = SVFLinear(name, f, linear, layer_index(name) or 0, self.rows, backend,
-                              mix_in_kernel)
+        self._originals = {name: model.get_submodule(name) for name in decomposition.factors}
+        self.layers: dict[str, SVFLinear] = {
+            name: SVFLinear(name, f, self._originals[name], layer_index(name) or 0, self.rows,
+                            backend, mix_in_kernel)
+            for name, f in decomposition.factors.items()}
+        for name, layer in self.layers.items():     # built every layer first: swap all or none
             parent, attr = _parent(model, name)
             setattr(parent, attr, layer)
-            self._originals[name] = linear
-            self.layers[name] = layer
         self.bank = ExpertBank([], decomposition.factors)
         self._merge_cache: dict[bytes, dict[str, torch.Tensor]] = {}
         self.stats = dict(factored_sets=0, merged_sets=0, base_sets=0, merges=0,
@@ -89,43 +90,58 @@ class SVFHandle:
     def expert_names(self) -> list[str]:
         return self.bank.names
 
-    def add_experts(self, experts, allow_other_model: bool = False) -> None:
-        """Add experts (``Expert`` objects or file paths); names must be new and unique."""
+    def add_experts(self, experts, allow_other_model: bool = False,
+                    replace: bool = False) -> None:
+        """Add experts (``Expert`` objects, expert files or expert folders) to the bank.
+
+        Every expert is checked before the bank changes (a failure leaves it as it was). Names
+        must be unique; a name already in the bank is an error unless ``replace=True``, which
+        swaps that expert in place (its bank position is kept).
+        """
         self._check_live()
-        loaded = []
-        for e in experts:
-            if isinstance(e, (str, Path)):
-                e = load_expert(e, self.decomposition.factors, allow_other_model)
-            elif isinstance(e, Expert):
-                e.check_against(self.decomposition.factors, self.fingerprint, allow_other_model)
-            else:
-                raise TypeError(f"experts must be Expert objects or file paths, got "
-                                f"{type(e).__name__}")
-            loaded.append(e)
-        self.bank = ExpertBank(self.bank.experts + loaded, self.decomposition.factors)
+        loaded = _load_experts(experts, self.decomposition.factors, self.fingerprint,
+                               allow_other_model)
+        ExpertBank(loaded, self.decomposition.factors)     # unique, valid names among the new
+        current = self.bank.names
+        clash = [e.name for e in loaded if e.name in current]
+        if clash and not replace:
+            raise ValueError(f"experts {clash} are already loaded (loaded: {current}); pass "
+                             f"replace=True to replace them")
+        new = {e.name: e for e in loaded}
+        kept = [new.pop(e.name, e) for e in self.bank.experts]
+        self.bank = ExpertBank(kept + list(new.values()), self.decomposition.factors)
         for name, layer in self.layers.items():
             layer.set_bank(self.bank.bank(name))
         self._merge_cache.clear()
         self.set_mixture(None)
 
     def new_expert(self, name: str, z: dict[str, torch.Tensor] | None = None) -> Expert:
-        """An :class:`Expert` for this model (z = 1 where ``z`` is not given)."""
+        """An :class:`Expert` for this model (z = 1 where ``z`` is not given), with its base
+        model name and fingerprint. It is *not* added to the bank: pass it to
+        :meth:`add_experts` (or save it) to use it."""
+        unknown = sorted(set(z or {}) - set(self.decomposition.factors))
+        if unknown:
+            raise ValueError(f"new_expert: z given for {unknown[:3]}, which are not adapted "
+                             f"here (targets: {self.targets[:3]}...)")
         full = {n: torch.ones(f.rank) for n, f in self.decomposition.factors.items()}
         full.update({n: v.detach().float().cpu() for n, v in (z or {}).items()})
         return Expert(name, full, self.base_model, self.fingerprint)
 
     # ---- mixtures ------------------------------------------------------------------------
     def alpha(self, spec) -> torch.Tensor:
-        """α [num_layers, K + 1] of a mixture spec (see :meth:`ExpertBank.alpha`)."""
-        return self.bank.alpha(spec, self.num_layers)
+        """α [num_layers, K + 1] of a mixture spec (see :func:`t2fast.mixtures.parse_mixture`),
+        within :attr:`mixture_bounds`."""
+        return self.bank.alpha(spec, self.num_layers, self.mixture_bounds)
 
     def set_mixture(self, rows) -> str:
         """Set the mixture of every batch row; returns the path chosen ("base"/"merged"/"factored").
 
         ``rows`` is one spec for the whole batch, or a list with one spec per row. A spec is
-        ``None``/``"base"``, an expert name, ``{name: weight}``, K weights in bank order, or a
-        [num_layers, K] per-layer α. With ``hybrid`` on, a batch whose rows share one mixture is
-        served by dense weights (the original ones for the base, a cached merge otherwise).
+        ``None``/``"base"``, an expert name, ``{name: weight or per-layer weights}``, K weights
+        in bank order, or a [num_layers, K] per-layer α (:mod:`t2fast.mixtures`). With ``hybrid``
+        on, a batch whose rows share one mixture is served by dense weights (the original ones
+        for the base, a cached merge otherwise). With a list, every forward pass must have
+        exactly ``len(rows)`` batch rows, on every path.
         """
         self._check_live()
         per_row = isinstance(rows, (list, tuple)) and not _is_number_list(rows)
@@ -142,7 +158,8 @@ class SVFHandle:
             slot_of_row.append(keys[k])
         table = torch.stack(slots)                      # [S, L, K+1]
         if self.hybrid and len(slots) == 1:
-            return self._set_single(table[0], next(iter(keys)))
+            return self._set_single(table[0], next(iter(keys)),
+                                    len(specs) if per_row else None)
         self._clear_merged()
         self.rows.set(torch.tensor(slot_of_row) if per_row else None)
         for name, layer in self.layers.items():
@@ -150,8 +167,8 @@ class SVFHandle:
         self.stats["factored_sets"] += 1
         return "factored"
 
-    def _set_single(self, alpha: torch.Tensor, key: bytes) -> str:
-        self.rows.set(None)
+    def _set_single(self, alpha: torch.Tensor, key: bytes, num_rows: int | None = None) -> str:
+        self.rows.set(None, num_rows)
         if torch.equal(alpha, self.alpha(None)):
             for name, layer in self.layers.items():
                 layer.merged = self._originals[name].weight.detach()
@@ -224,6 +241,25 @@ class SVFHandle:
             raise RuntimeError("this SVFHandle was restored; call t2fast.patch_model again")
 
 
+def _load_experts(experts, factors, fingerprint: Fingerprint,
+                  allow_other_model: bool) -> list[Expert]:
+    """Load (paths) and check (objects) every expert against ``factors``; raises on the first
+    bad one, before anything changes."""
+    if isinstance(experts, (str, Path, Expert)):
+        experts = [experts]
+    loaded = []
+    for e in experts:
+        if isinstance(e, (str, Path)):
+            e = load_expert(e, factors, allow_other_model)
+        elif isinstance(e, Expert):
+            e.check_against(factors, fingerprint, allow_other_model)
+        else:
+            raise TypeError(f"experts must be Expert objects or expert file/folder paths, got "
+                            f"{type(e).__name__}")
+        loaded.append(e)
+    return loaded
+
+
 def _is_number_list(rows) -> bool:
     return len(rows) > 0 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                  for v in rows)
@@ -231,7 +267,8 @@ def _is_number_list(rows) -> bool:
 
 def patch_model(model: nn.Module, experts=(), targets="all", layers=None, *, cache_dir=None,
                 backend: str = "auto", mix_in_kernel: bool = False, hybrid: bool = True,
-                allow_other_model: bool = False, progress: bool = True) -> SVFHandle:
+                allow_other_model: bool = False, progress: bool = True,
+                mixture_bounds: MixtureBounds | None = None) -> SVFHandle:
     """Swap the target ``nn.Linear`` modules of ``model`` for :class:`SVFLinear` layers.
 
     Args:
@@ -243,16 +280,27 @@ def patch_model(model: nn.Module, experts=(), targets="all", layers=None, *, cac
         mix_in_kernel: mix each row's z from α inside the kernel instead of a per-slot table.
         hybrid: serve single-mixture batches with dense (merged or original) weights.
         allow_other_model: accept experts trained on another model of equal shapes.
+        progress: show the SVD's progress bar (on a terminal).
+        mixture_bounds: limits on every mixture's α (default ``MixtureBounds()``).
     Returns:
         An :class:`SVFHandle`; the model starts on the base mixture.
+    Raises:
+        Everything is checked (targets, SVD, every expert) before the model changes: on an
+        error the model is left exactly as it was.
     """
     if any(isinstance(m, SVFLinear) for m in model.modules()):
         raise ValueError("model is already patched; restore() the existing handle first")
     decomposition = decompose_model(model, targets, layers, cache_dir=cache_dir,
                                     progress=progress)
-    handle = SVFHandle(model, decomposition, backend, mix_in_kernel, hybrid)
-    if experts:
-        handle.add_experts(list(experts), allow_other_model=allow_other_model)
+    loaded = _load_experts(experts, decomposition.factors, Fingerprint.of(decomposition.factors),
+                           allow_other_model)
+    handle = SVFHandle(model, decomposition, backend, mix_in_kernel, hybrid, mixture_bounds)
+    try:
+        if loaded:
+            handle.add_experts(loaded, allow_other_model=allow_other_model)
+    except BaseException:
+        handle.restore()
+        raise
     return handle
 
 

@@ -180,8 +180,10 @@ def test_bank_rows_and_alpha(decomp):
 @pytest.mark.parametrize("spec, pattern", [
     ("c", r"unknown expert 'c'; loaded experts: \['a', 'b'\]"),
     ({"a": float("nan")}, r"alpha\['a'\] must be finite"),
-    ([1.0, 2.0, 3.0], r"alpha has shape \(3,\): expected \(2,\)"),
-    ([float("inf"), 0.0], r"alpha contains NaN or Inf"),
+    ([1.0, 2.0, 3.0], r"alpha has 3 weights; expected 2"),
+    ([float("inf"), 0.0], r"alpha\[0\] must be finite, got inf"),
+    ([5.0, 0.0], r"alpha\['a'\] = 5 is outside the bound \|α\| ≤ 4"),
+    ({}, r"all zero"),
     ({"zz": 1.0}, r"unknown expert 'zz'"),
 ])
 def test_alpha_errors(decomp, spec, pattern):

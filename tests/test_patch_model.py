@@ -151,14 +151,14 @@ def test_handle_errors(svd_cache, tmp_path):
     h.add_experts(_experts(h))
     with pytest.raises(ValueError, match="unknown expert 'c'"):
         h.set_mixture(["a", "c"])
-    with pytest.raises(ValueError, match=r"alpha has shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"alpha has 3 weights; expected 2"):
         h.set_mixture([[0.1, 0.2, 0.3]])
     h.set_mixture(["a", "b"])
     with pytest.raises(ValueError, match=r"mixture was set for 2 batch rows.*\(3, 7\)"):
         _logits(model, _ids(batch=3))
     with pytest.raises(ValueError, match="already patched"):
         t2fast.patch_model(model, cache_dir=svd_cache, progress=False)
-    with pytest.raises(ValueError, match="names must be unique"):
+    with pytest.raises(ValueError, match=r"\['a'\] are already loaded.*replace=True"):
         h.add_experts(_experts(h)[:1])
     other = t2fast.decompose_model(_model(seed=5), cache_dir=False, progress=False)
     foreign = Expert.random("f", other.factors).save(tmp_path / "f.safetensors")
@@ -166,6 +166,68 @@ def test_handle_errors(svd_cache, tmp_path):
         h.add_experts([foreign])
     h.add_experts([foreign], allow_other_model=True)
     assert h.expert_names == ["a", "b", "f"]
+
+
+def test_add_experts_replace_keeps_bank_order(svd_cache):
+    model = _model()
+    h = t2fast.patch_model(model, cache_dir=svd_cache, progress=False)
+    a, b = _experts(h)
+    h.add_experts([a, b])
+    h.set_mixture("a")
+    before = _logits(model, _ids())
+    a2 = h.new_expert("a", Expert.random("a", h.decomposition.factors, scale=0.6, seed=9).z)
+    with pytest.raises(ValueError, match="more than once"):
+        h.add_experts([a2, a2], replace=True)
+    h.add_experts([a2], replace=True)
+    assert h.expert_names == ["a", "b"]
+    h.set_mixture("a")
+    assert (_logits(model, _ids()) - before).abs().max() > 1e-3
+
+
+def test_new_expert_is_not_added_to_the_bank(svd_cache):
+    h = t2fast.patch_model(_model(), cache_dir=svd_cache, progress=False)
+    e = h.new_expert("m")
+    assert h.expert_names == [] and e.fingerprint == h.fingerprint
+    with pytest.raises(ValueError, match="not adapted here"):
+        h.new_expert("m", {"model.embed_tokens": torch.ones(3)})
+    h.add_experts([e])
+    assert h.expert_names == ["m"]
+
+
+def test_row_count_is_checked_on_the_merged_path(svd_cache):
+    model = _model()
+    h = t2fast.patch_model(model, cache_dir=svd_cache, progress=False)
+    h.add_experts(_experts(h))
+    assert h.set_mixture(["a"] * 3) == "merged"
+    with pytest.raises(ValueError, match=r"set for 3 batch rows.*\(5, 7\)"):
+        _logits(model, _ids(batch=5))
+    assert h.set_mixture([None] * 2) == "base"
+    with pytest.raises(ValueError, match="set for 2 batch rows"):
+        _logits(model, _ids(batch=3))
+    h.set_mixture("a")                      # one spec: any batch size
+    _logits(model, _ids(batch=5))
+
+
+def test_save_pretrained_writes_merged_weights_or_refuses(svd_cache, tmp_path):
+    from safetensors.torch import load_file
+
+    model = _model()
+    ids = _ids()
+    keys = set(model.state_dict())
+    h = t2fast.patch_model(model, cache_dir=svd_cache, hybrid=False, progress=False)
+    h.add_experts(_experts(h))
+    h.set_mixture(["a", "b", None])
+    with pytest.raises(RuntimeError, match=r"per-row mixtures.*merge\(spec\).*restore\(\)"):
+        model.save_pretrained(tmp_path / "partial")
+    assert not (tmp_path / "partial" / "model.safetensors").exists()
+    h.merge("a")
+    adapted = _logits(model, ids)
+    model.save_pretrained(tmp_path / "merged")
+    saved = load_file(tmp_path / "merged" / "model.safetensors")
+    assert keys <= set(saved) | {"lm_head.weight"}
+    h.restore()
+    model.load_state_dict(saved, strict=False)
+    torch.testing.assert_close(_logits(model, ids), adapted, rtol=1e-5, atol=1e-5)
 
 
 def test_import_forms():

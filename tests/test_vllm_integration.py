@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -231,6 +232,7 @@ def test_plain_vllm_is_unchanged_by_the_plugin(compiled_run):
 # Fast checks (no engine)
 # ------------------------------------------------------------------------------------------
 def test_normalize_spec_forms_and_errors():
+    from t2fast.mixtures import MixtureBounds
     from t2fast.vllm.requests import T2RequestError, mixture_key, normalize_spec
 
     names, L = ["math", "code"], 2
@@ -246,16 +248,21 @@ def test_normalize_spec_forms_and_errors():
     assert len({mixture_key(s) for s in same}) == 1
     per_layer = normalize_spec({"alpha": [[1, 0], [0.5, 0.5]]}, names, L)
     assert per_layer == {"alpha": {"code": [0.0, 0.5], "math": [1.0, 0.5]}}
-    assert normalize_spec({"alpha": [0, 0]}, names, L) == {"alpha": {"base": 0.0}}
+    assert normalize_spec({"alpha": {"base": 0}}, names, L) == {"alpha": {"base": 0.0}}
+    per_name = normalize_spec({"alpha": {"math": [1, 0.5], "code": 0.5}}, names, L)
+    assert per_name == {"alpha": {"code": 0.5, "math": [1.0, 0.5]}}
     for bad, msg in [({"expert": "x"}, "unknown expert"), ({"alpha": [1]}, "expected 2"),
                      ({"alpha": [1, math.nan]}, "finite"), ({"alpha": {"math": math.inf}},
                                                             "finite"),
                      ({"alpha": [[1, 0]]}, "shape (2, 2)"), ({"alpha": {"math": [1]}},
                                                              "2 decoder layers"),
                      ({"alpha": [True, 0]}, "number"), (3, "must be a dict"),
-                     ({"expert": 1}, "strings"), ({"foo": 1}, "unknown key")]:
-        with pytest.raises(T2RequestError, match=msg.replace("(", r"\(").replace(")", r"\)")):
-            normalize_spec(bad, names, L)
+                     ({"expert": 1}, "strings"), ({"foo": 1}, "unknown key"),
+                     ({"alpha": [0, 0]}, "all zero"), ({"alpha": {}}, "all zero"),
+                     ({"alpha": [1e30, 0]}, "bound |α| ≤ 4"), ({"alpha": [3, 3]}, "Σ|α| ≤ 5"),
+                     ({"alpha": ["0.5", 0]}, "number"), ({"alpha": "math"}, "use 'expert'")]:
+        with pytest.raises(T2RequestError, match=re.escape(msg)):
+            normalize_spec(bad, names, L, MixtureBounds(max_abs=4, max_l1=5))
 
 
 def test_flat_and_json_request_forms_for_the_openai_server():

@@ -16,6 +16,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..mixtures import MixtureBounds
+
 CONFIG_KEY = "t2fast"
 REQUEST_KEY = "t2"
 
@@ -48,6 +50,9 @@ class T2Config:
             greedy answer may depend on which other requests share its step.
         cache_dir: SVD cache folder (default: t2fast's cache); ``False`` disables it.
         allow_other_model: accept experts made for another base model of equal shapes.
+        max_alpha_abs, max_alpha_l1: bounds on every request's mixture weights,
+            ``|α_k| ≤ max_alpha_abs`` and ``Σ|α_k| ≤ max_alpha_l1``
+            (:class:`t2fast.mixtures.MixtureBounds`).
     """
     experts: list = field(default_factory=list)
     targets: object = "all"
@@ -57,6 +62,8 @@ class T2Config:
     hybrid: bool = False
     cache_dir: object = None
     allow_other_model: bool = False
+    max_alpha_abs: float = 4.0
+    max_alpha_l1: float = 8.0
 
     def __post_init__(self):
         if isinstance(self.experts, (str, os.PathLike)):
@@ -78,6 +85,15 @@ class T2Config:
             raise ValueError(f"t2fast: backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.cache_dir is not None and self.cache_dir is not False:
             self.cache_dir = str(self.cache_dir)
+        try:
+            MixtureBounds(self.max_alpha_abs, self.max_alpha_l1)
+        except ValueError as exc:
+            raise ValueError(f"t2fast: max_alpha_abs / max_alpha_l1: {exc}") from None
+
+    @property
+    def mixture_bounds(self) -> MixtureBounds:
+        """The :class:`t2fast.mixtures.MixtureBounds` of ``max_alpha_abs`` / ``max_alpha_l1``."""
+        return MixtureBounds(self.max_alpha_abs, self.max_alpha_l1)
 
     @classmethod
     def from_dict(cls, d) -> "T2Config":

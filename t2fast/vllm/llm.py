@@ -126,11 +126,13 @@ class LLM:
     def expert_names(self) -> list[str]:
         return list(self._frontend.names)
 
-    def load_experts(self, experts, allow_other_model: bool | None = None) -> list[str]:
-        """Load experts (files or :class:`Expert` objects) into every worker; same name
-        replaces. Returns the bank order."""
+    def load_experts(self, experts, allow_other_model: bool | None = None,
+                     replace: bool = False) -> list[str]:
+        """Load experts (files or :class:`Expert` objects) into every worker. A name already
+        loaded is an error unless ``replace=True`` (the new expert then takes its bank row).
+        Returns the bank order."""
         from ..experts import Expert, load_expert
-        from .requests import expert_digest, expert_file_name, file_digest
+        from .requests import expert_digest, file_digest
         from .worker import encode_expert
 
         payload, entries = [], []
@@ -139,12 +141,19 @@ class LLM:
                 payload.append(encode_expert(e))
                 entries.append((e.name, expert_digest(e)))
             else:
-                load_expert(e)  # readable, finite: fail here rather than in the workers
+                # readable, valid name, finite and bounded z: fail here, not in the workers
+                name = load_expert(e).name
                 payload.append(str(e))
-                entries.append((expert_file_name(e), file_digest(e)))
+                entries.append((name, file_digest(e)))
         names = [n for n, _ in entries]
-        if len(set(names)) != len(names):
-            raise ValueError(f"t2fast: expert names must be unique, got {names}")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"t2fast: expert names must be unique; {dup} appear more than once "
+                             f"in {names}")
+        clash = [n for n in names if n in self._frontend.names]
+        if clash and not replace:
+            raise ValueError(f"t2fast: experts {clash} are already loaded (loaded: "
+                             f"{self._frontend.names}); pass replace=True to replace them")
         new = [n for n in names if n not in self._frontend.names]
         if len(self._frontend.names) + len(new) > self._frontend.max_experts:
             raise ValueError(f"t2fast: the expert bank holds {self._frontend.max_experts} "

@@ -13,9 +13,12 @@ A request names its mixture with one of::
 
 No ``"t2"`` key (or ``{}``) is the base model. ``z' = α_base·1 + Σ_k α_k z_k`` per adapted matrix.
 
-The front end (the process that owns the engine's ``InputProcessor``) rejects unknown experts,
-wrong lengths, non-numbers and NaN/Inf with :class:`T2RequestError` (a ``ValueError`` and a vLLM
-validation error, i.e. HTTP 400 in ``vllm serve``) before the request reaches the engine, then
+The mixture inside the envelope is the language of :mod:`t2fast.mixtures` (the one
+``SVFHandle.set_mixture`` speaks). The front end (the process that owns the engine's
+``InputProcessor``) rejects unknown experts, wrong lengths, non-numbers, NaN/Inf, weights beyond
+the bounds (``T2Config.max_alpha_abs`` / ``max_alpha_l1``) and all-zero α with
+:class:`T2RequestError` (a ``ValueError`` and a vLLM validation error, i.e. HTTP 400 in
+``vllm serve``) before the request reaches the engine, then
 replaces the spec by its *normal form* (``{"alpha": {name: weight or [per-layer weights]}}``) and
 salts the request's prefix-cache key with a digest of the mixture (and of the experts' contents),
 so KV blocks are never shared between different mixtures.
@@ -24,15 +27,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import numbers
 import threading
 from pathlib import Path
 
+import torch
+
+from ..mixtures import BASE, MixtureBounds, MixtureError, check_expert_name, normal_form, \
+    parse_mixture
 from .config import REQUEST_KEY, T2Config, config_from_vllm, is_t2_model_config, \
     num_decoder_layers
 
-BASE = "base"
 NORMAL_FORM_VERSION = 1
 _SPEC_KEYS = ("expert", "alpha")
 
@@ -56,38 +60,21 @@ class T2RequestError(_ValidationBase, ValueError):
 # --------------------------------------------------------------------------------------------
 # Parsing
 # --------------------------------------------------------------------------------------------
-def _number(v, what: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise T2RequestError(f"{what} must be a number, got {v!r}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise T2RequestError(f"{what} must be finite, got {v}")
-    return v
-
-
-def _weight(v, what: str, num_layers: int):
-    """A scalar weight, or a list of ``num_layers`` weights (collapsed when all equal)."""
-    if hasattr(v, "tolist"):
-        v = v.tolist()
-    if isinstance(v, (list, tuple)):
-        if len(v) != num_layers:
-            raise T2RequestError(f"{what} is a per-layer list of {len(v)} weights; the model has "
-                                 f"{num_layers} decoder layers")
-        ws = [_number(x, f"{what}[{i}]") for i, x in enumerate(v)]
-        return ws[0] if all(w == ws[0] for w in ws) else ws
-    return _number(v, what)
-
-
-def normalize_spec(raw, names, num_layers: int):
+def normalize_spec(raw, names, num_layers: int, bounds: MixtureBounds | None = None):
     """Validate a request's ``extra_args["t2"]`` and return its normal form.
+
+    The envelope (``{"expert": name}``, ``{"alpha": spec}``, a bare expert name or a JSON string
+    of either) is unwrapped here; the mixture itself is parsed and bounded by
+    :func:`t2fast.mixtures.parse_mixture`, the parser ``SVFHandle.set_mixture`` uses too.
 
     Args:
         raw: the value of ``extra_args["t2"]`` (see the module docstring).
         names: the loaded experts' names, in bank order.
         num_layers: decoder layers of the model (for per-layer α).
+        bounds: :class:`t2fast.mixtures.MixtureBounds` (default ``MixtureBounds()``).
     Returns:
         ``None`` for the base model, else ``{"alpha": {name: float | [float] * num_layers}}``
-        with zero weights dropped (an all-zero α becomes ``{"base": 0.0}``).
+        (:func:`t2fast.mixtures.normal_form`: zero weights dropped, sorted by name).
     Raises:
         T2RequestError naming the problem.
     """
@@ -104,63 +91,29 @@ def normalize_spec(raw, names, num_layers: int):
     if not isinstance(raw, dict):
         raise T2RequestError(f"must be a dict such as {{'expert': 'math'}} or "
                              f"{{'alpha': {{'math': 0.5, 'code': 0.5}}}}, got {raw!r}")
-    unknown = sorted(set(raw) - set(_SPEC_KEYS) - {"v"})
+    unknown = sorted(set(raw) - set(_SPEC_KEYS) - {"v"}, key=str)
     if unknown:
         raise T2RequestError(f"unknown key(s) {unknown}; use 'expert' or 'alpha'")
     if "expert" in raw and "alpha" in raw:
         raise T2RequestError("give either 'expert' or 'alpha', not both")
-
-    def check_name(n):
-        if not isinstance(n, str):
-            raise T2RequestError(f"expert names must be strings, got {n!r}")
-        if n != BASE and n not in names:
-            raise T2RequestError(f"unknown expert {n!r}; loaded experts: "
-                                 f"{names or '(none)'} (or 'base')")
-        return n
-
     if "expert" in raw:
-        e = raw["expert"]
-        if e is None:
-            return None
-        check_name(e)
-        return None if e == BASE else {"alpha": {e: 1.0}}
-    if "alpha" not in raw:
-        return None
-    a = raw["alpha"]
-    if hasattr(a, "tolist") and not isinstance(a, dict):
-        a = a.tolist()
-    weights: dict = {}
-    if isinstance(a, dict):
-        for n, w in a.items():
-            weights[check_name(n)] = _weight(w, f"alpha[{n!r}]", num_layers)
-    elif isinstance(a, (list, tuple)):
-        K = len(names)
-        per_layer = len(a) > 0 and all(isinstance(r, (list, tuple)) for r in a)
-        if per_layer:
-            if len(a) != num_layers or any(len(r) != K for r in a):
-                raise T2RequestError(
-                    f"per-layer alpha must have shape ({num_layers}, {K}) (layers × experts in "
-                    f"bank order {names}), got {len(a)} rows of lengths "
-                    f"{sorted({len(r) for r in a})}")
-            for k, n in enumerate(names):
-                weights[n] = _weight([r[k] for r in a], f"alpha[:, {k}]", num_layers)
-        else:
-            if len(a) != K:
-                raise T2RequestError(
-                    f"alpha has {len(a)} weights; expected {K}, one per loaded expert in bank "
-                    f"order {names}" + (" (no experts are loaded)" if not K else ""))
-            for k, n in enumerate(names):
-                weights[n] = _weight(a[k], f"alpha[{k}]", num_layers)
+        spec = raw["expert"]
+        if spec is not None and not isinstance(spec, str):
+            raise T2RequestError(f"'expert' must be an expert name (expert names are strings), "
+                                 f"got {spec!r}; use 'alpha' for weights")
+    elif "alpha" in raw:
+        spec = raw["alpha"]
+        if spec is None or isinstance(spec, str):
+            raise T2RequestError(f"'alpha' must be a dict {{name: weight}} or a list of weights "
+                                 f"in bank order, got {spec!r}; use 'expert' for one expert")
     else:
-        raise T2RequestError(f"alpha must be a dict {{name: weight}} or a list in bank order, "
-                             f"got {type(a).__name__}")
-    weights = {n: w for n, w in weights.items()
-               if not (isinstance(w, float) and w == 0.0)}
-    if not weights:
-        return {"alpha": {BASE: 0.0}}
-    if list(weights) == [BASE] and weights[BASE] == 1.0:
         return None
-    return {"alpha": dict(sorted(weights.items()))}
+    try:
+        alpha = parse_mixture(spec, names, num_layers, bounds, dtype=torch.float64)
+    except MixtureError as exc:
+        raise T2RequestError(str(exc)) from None
+    normal = normal_form(alpha, names)
+    return None if normal is None else {"alpha": normal}
 
 
 def mixture_key(normal) -> str | None:
@@ -174,8 +127,12 @@ def mixture_key(normal) -> str | None:
 # The front end's view of the bank
 # --------------------------------------------------------------------------------------------
 def file_digest(path) -> str:
+    """Digest of an expert file's bytes (of its ``expert.safetensors`` for an expert folder)."""
+    from ..experts import EXPERT_WEIGHTS
+
+    path = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path / EXPERT_WEIGHTS if path.is_dir() else path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:32]
@@ -191,27 +148,23 @@ def expert_digest(expert) -> str:
 
 
 def expert_file_name(path) -> str:
-    """The ``name`` recorded in an expert file's metadata (the file stem when absent)."""
-    from ..safetensors_io import T2FileError
+    """The name of the expert in a file or folder (its metadata ``name``, else the file stem).
 
-    try:
-        from safetensors import safe_open
+    The whole expert is read and checked (:func:`t2fast.experts.load_expert`: format, name
+    rules, finite and bounded z), so a bad file fails here with a :class:`T2FileError`.
+    """
+    from ..experts import load_expert
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except FileNotFoundError:
-        raise T2FileError(f"expert file {str(path)!r} does not exist") from None
-    except Exception as exc:  # noqa: BLE001 - report unreadable files uniformly
-        raise T2FileError(f"expert file {str(path)!r} cannot be read: {exc}") from None
-    return meta.get("name") or Path(path).stem
+    return load_expert(path).name
 
 
 class FrontEnd:
     """What the front end knows of an engine's experts: names in bank order and digests."""
 
-    def __init__(self, num_layers: int, max_experts: int):
+    def __init__(self, num_layers: int, max_experts: int, bounds: MixtureBounds | None = None):
         self.num_layers = num_layers
         self.max_experts = max_experts
+        self.bounds = bounds or MixtureBounds()
         self.names: list[str] = []
         self.digests: dict[str, str] = {}
         self.lock = threading.Lock()
@@ -219,15 +172,16 @@ class FrontEnd:
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "FrontEnd":
         cfg: T2Config = config_from_vllm(vllm_config)
-        fe = cls(num_decoder_layers(vllm_config.model_config), cfg.max_experts)
+        fe = cls(num_decoder_layers(vllm_config.model_config), cfg.max_experts,
+                 cfg.mixture_bounds)
         for p in cfg.experts:
             fe.add(expert_file_name(p), file_digest(p))
         return fe
 
     def add(self, name: str, digest: str) -> None:
+        """Add an expert (a name already present is replaced: its digest changes)."""
+        check_expert_name(name)
         with self.lock:
-            if name == BASE:
-                raise ValueError(f"an expert may not be called {BASE!r}")
             if name not in self.names:
                 if len(self.names) >= self.max_experts:
                     raise ValueError(f"the expert bank is full ({self.max_experts} experts); "
@@ -244,7 +198,7 @@ class FrontEnd:
 
     def normalize(self, raw):
         with self.lock:
-            return normalize_spec(raw, self.names, self.num_layers)
+            return normalize_spec(raw, self.names, self.num_layers, self.bounds)
 
     def salt(self, normal) -> str | None:
         """Prefix-cache salt of a normal-form mixture (None for the base model)."""

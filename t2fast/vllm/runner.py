@@ -205,7 +205,8 @@ class T2Runtime:
         normal = None
         if present:
             try:
-                normal = normalize_spec(raw, self.names, self.num_layers)
+                normal = normalize_spec(raw, self.names, self.num_layers,
+                                        self.config.mixture_bounds)
             except T2RequestError as exc:
                 # The front end validates requests; one that skipped it must not kill the worker.
                 self.stats["rejected_in_worker"] += 1

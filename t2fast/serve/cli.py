@@ -1,0 +1,201 @@
+"""``t2fast serve``: vLLM's OpenAI-compatible server with SVF experts.
+
+    t2fast serve tiny --experts experts/arith.safetensors experts/strings.safetensors \\
+        experts/choice.safetensors --classifier experts/classify.safetensors --adapt prompt
+
+It builds vLLM's own ``serve`` arguments — the t2fast architecture (``--hf-overrides``), the
+engine settings and the server settings (``--additional-config``), the worker extension — adds
+CPU-friendly defaults, allowlists t2fast's plugins in ``VLLM_PLUGINS`` and runs vLLM's ``serve``
+command in this process. Every option t2fast does not know goes to vLLM unchanged
+(``--enforce-eager``, ``--max-model-len=512``, ``--served-model-name tiny`` ...).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..cli import parse_layers, parse_targets, register
+
+ENDPOINT_GROUP = "vllm.endpoint_plugins"
+GENERAL_GROUP = "vllm.general_plugins"
+PLUGIN_NAME = "t2fast"
+#: vLLM options that ``t2fast serve`` sets itself.
+OWNED_VLLM_OPTIONS = ("--hf-overrides", "--additional-config", "--worker-extension-cls",
+                      "--model")
+#: On a CPU with no KV-cache size given: this share of the memory available at start-up ...
+CPU_KV_SHARE = 0.25
+#: ... capped at this many bytes.
+CPU_KV_MAX_BYTES = 4 << 30
+
+
+def _add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="'tiny' (the bundled model) or a Llama / Mistral / Qwen2 "
+                                 "checkpoint (folder or hub name)")
+    p.add_argument("--experts", nargs="+", default=[], metavar="[NAME=]PATH",
+                   help="expert files served from the start (bank order); NAME= serves one "
+                        "under another name")
+    p.add_argument("--classifier", default=None, metavar="[NAME=]PATH|NAME",
+                   help="classification expert for t2_adapt='classifier' (a file, loaded too, "
+                        "or the name of one of --experts)")
+    p.add_argument("--adapt", default="none", choices=("none", "prompt", "classifier"),
+                   help="t2_adapt of requests that name no mixture (default: none = base)")
+    p.add_argument("--adapt-template", default="tiny", choices=("tiny", "paper"),
+                   help="pass-1 prompt: the tiny world's or the paper's (chat models)")
+    p.add_argument("--targets", type=parse_targets, default="all",
+                   help="matrices to adapt: all | attention | mlp | comma list / globs")
+    p.add_argument("--layers", type=parse_layers, default=None,
+                   help="decoder layers: START:STOP | comma list | int | first_half | "
+                        "second_half")
+    p.add_argument("--max-experts", type=int, default=8,
+                   help="bank capacity (experts loaded at once; fixed for the server's life)")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
+    p.add_argument("--hybrid", action="store_true",
+                   help="eager mode: dense weights for single-mixture steps (faster, but a "
+                        "request's answer may then depend on its batch)")
+    p.add_argument("--svd-cache-dir", default=None, help="SVD cache folder (default: t2fast's)")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="accept experts made for another base model of equal shapes")
+    p.add_argument("--max-alpha-abs", type=float, default=None,
+                   help="bound on each |α_k| of a request (default 4)")
+    p.add_argument("--max-alpha-l1", type=float, default=None,
+                   help="bound on Σ|α_k| of a request (default 8)")
+    p.add_argument("--allow-runtime-loading", action="store_true",
+                   help="enable POST/DELETE /v1/t2/experts (they read files named by clients)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000)
+
+
+def _named(entry: str) -> tuple[str | None, str]:
+    name, sep, path = entry.partition("=")
+    return (name, path) if sep and not Path(entry).exists() else (None, entry)
+
+
+def vllm_arguments(args, extra: list[str]) -> list[str]:
+    """vLLM ``serve`` arguments for the parsed ``t2fast serve`` ones (``extra``: vLLM's own)."""
+    from ..vllm.config import CONFIG_KEY, T2Config
+    from ..vllm.llm import engine_args
+    from .config import SERVE_KEY, ServeConfig
+
+    owned = [o for o in OWNED_VLLM_OPTIONS if any(a.split("=", 1)[0] == o for a in extra)]
+    if owned:
+        raise ValueError(f"t2fast serve sets {', '.join(owned)} itself; use its own options "
+                         f"(t2fast serve --help)")
+    model = args.model
+    served = []
+    if model == "tiny":
+        from ..models import tiny_model_path
+
+        model = str(tiny_model_path())
+        served = ["--served-model-name", "tiny"]
+    files, named = [], {}
+    for entry in args.experts:
+        name, path = _named(entry)
+        if name is None:
+            files.append(path)
+        else:
+            named[name] = path
+    classifier = args.classifier
+    if classifier is not None and (Path(classifier).exists() or "=" in classifier):
+        name, path = _named(classifier)
+        if name is None:
+            from ..vllm.requests import expert_file_name
+
+            name = expert_file_name(path)
+            files.append(path)
+        else:
+            named[name] = path
+        classifier = name
+    bounds = {k: v for k, v in (("max_alpha_abs", args.max_alpha_abs),
+                                ("max_alpha_l1", args.max_alpha_l1)) if v is not None}
+    serve_cfg = ServeConfig(adapt=args.adapt, classifier=classifier,
+                            adapt_template=args.adapt_template,
+                            allow_runtime_loading=args.allow_runtime_loading,
+                            named_experts=named)
+    kw = engine_args(model, files, args.targets, args.layers, backend=args.backend,
+                     max_experts=args.max_experts, hybrid=args.hybrid,
+                     cache_dir=args.svd_cache_dir, allow_other_model=args.allow_other_model)
+    kw["additional_config"][CONFIG_KEY].update(bounds)
+    T2Config.from_dict(kw["additional_config"][CONFIG_KEY])  # bounds checked before start-up
+    kw["additional_config"][SERVE_KEY] = serve_cfg.to_dict()
+    out = [model, *served, "--host", args.host, "--port", str(args.port),
+           "--hf-overrides", json.dumps(kw["hf_overrides"]),
+           "--additional-config", json.dumps(kw["additional_config"]),
+           "--worker-extension-cls", kw["worker_extension_cls"]]
+    return out + cpu_defaults(extra) + list(extra)
+
+
+def cpu_defaults(extra: list[str]) -> list[str]:
+    """On vLLM's CPU build, a KV cache sized from the memory available now (vLLM's default
+    asks for most of the machine's memory and fails on a small one), unless given."""
+    from vllm.platforms import current_platform
+
+    given = any(a.split("=", 1)[0] in ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
+                for a in extra) or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    if not current_platform.is_cpu() or given:
+        return []
+    import psutil
+
+    size = min(int(psutil.virtual_memory().available * CPU_KV_SHARE), CPU_KV_MAX_BYTES)
+    return ["--kv-cache-memory-bytes", str(size)]
+
+
+def check_plugins_installed() -> None:
+    """The endpoint plugin is found through package metadata: fail clearly without it."""
+    from importlib.metadata import entry_points
+
+    for group in (GENERAL_GROUP, ENDPOINT_GROUP):
+        if not any(ep.name == PLUGIN_NAME for ep in entry_points(group=group)):
+            raise ImportError(f"t2fast's {group} entry point is not installed; reinstall "
+                              f"t2fast (pip install -e .) so that vLLM finds its plugins")
+
+
+def allowlist_plugins() -> None:
+    """Name t2fast in ``VLLM_PLUGINS`` (vLLM loads endpoint plugins only when named there),
+    keeping every general plugin that would load without the allowlist."""
+    from importlib.metadata import entry_points
+
+    current = os.environ.get("VLLM_PLUGINS")
+    if current is None:
+        names = [ep.name for ep in entry_points(group=GENERAL_GROUP)]
+    else:
+        names = [n for n in current.split(",") if n]
+    if PLUGIN_NAME not in names:
+        names.append(PLUGIN_NAME)
+    os.environ["VLLM_PLUGINS"] = ",".join(dict.fromkeys(names))
+
+
+def _run(args) -> int:
+    check_plugins_installed()
+    allowlist_plugins()
+    argv = vllm_arguments(args, list(getattr(args, "_extra", [])))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s",
+                                           "%m-%d %H:%M:%S"))
+    t2_logger = logging.getLogger("t2fast")
+    t2_logger.addHandler(handler)
+    t2_logger.setLevel(logging.INFO)
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    vargs = make_arg_parser(FlexibleArgumentParser(prog="t2fast serve")).parse_args(argv)
+    if vargs.api_server_count not in (None, 1) or vargs.headless:
+        raise ValueError("t2fast serve runs one API server process (the expert list lives "
+                         "there); drop --api-server-count / --headless")
+    vargs.api_server_count = 1
+    configure_logging_from_args(vargs)
+    validate_parsed_serve_args(vargs)
+    ServeSubcommand.cmd(vargs)
+    return 0
+
+
+register("serve", "OpenAI-compatible HTTP server over vLLM: experts as models, per-request "
+                  "mixtures, automatic two-pass adaptation", _add_args, _run,
+         accepts_extra=True)

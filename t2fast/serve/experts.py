@@ -1,0 +1,181 @@
+"""The server's experts: what requests may name, run-time loading and unloading, in-flight use.
+
+:class:`ServedExperts` keeps three things in step, the way vLLM's ``OpenAIServingModels`` does
+for LoRA adapters: the engine front end's list of names (:class:`t2fast.vllm.requests.FrontEnd`,
+which validates every request's mixture), the banks of every worker (through
+``engine_client.collective_rpc`` into :class:`t2fast.vllm.worker.T2WorkerExtension`), and the
+count of in-flight requests per expert, so that an expert is never unloaded under a request that
+uses it (its answer would silently change mid-generation).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from http import HTTPStatus
+from pathlib import Path
+
+from ..mixtures import BASE, MixtureError, check_expert_name
+from .translate import T2HTTPError
+
+#: How long an unload waits for the requests that use the expert to finish.
+DRAIN_TIMEOUT_S = 60.0
+
+
+class ServedExperts:
+    """Experts of one t2fast server.
+
+    Args:
+        engine_client: vLLM's ``EngineClient`` (``AsyncLLM``).
+        frontend: the engine's :class:`t2fast.vllm.requests.FrontEnd`.
+        base_names: the served names of the base model (an expert may not take one).
+        paths: ``{name: file}`` of the experts loaded at start-up.
+    """
+
+    def __init__(self, engine_client, frontend, base_names, paths: dict | None = None):
+        self.engine_client = engine_client
+        self.frontend = frontend
+        self.base_names = list(base_names)
+        self.paths: dict[str, str] = dict(paths or {})
+        self.in_flight: Counter = Counter()
+        self.lock = asyncio.Lock()
+        self.drained = asyncio.Condition()
+
+    @property
+    def names(self) -> list[str]:
+        """Loaded experts, in bank order (the order of α lists)."""
+        return list(self.frontend.names)
+
+    def normalize(self, raw):
+        """The normal form of a raw mixture (raises ``T2RequestError``, a ``ValueError``)."""
+        return self.frontend.normalize(raw)
+
+    # ---- in-flight requests -------------------------------------------------------------
+    def acquire(self, normal) -> list[str]:
+        """Count a request that uses the experts of the normal-form mixture ``normal``."""
+        used = [] if normal is None else [n for n in normal["alpha"] if n != BASE]
+        self.in_flight.update(used)
+        return used
+
+    async def release(self, used: list[str]) -> None:
+        if not used:
+            return
+        self.in_flight.subtract(used)
+        async with self.drained:
+            self.drained.notify_all()
+
+    # ---- loading ------------------------------------------------------------------------
+    def check_name(self, name) -> str:
+        try:
+            check_expert_name(name, "expert name")
+        except MixtureError as exc:
+            raise T2HTTPError(str(exc), param="name") from None
+        if name in self.base_names:
+            raise T2HTTPError(f"expert name {name!r} is the base model's served name",
+                              param="name")
+        return name
+
+    async def load(self, name: str, path: str, replace: bool = False) -> dict:
+        """Load the expert file ``path`` as ``name`` into every worker (all or nothing).
+
+        Raises:
+            T2HTTPError: 400 for a bad name or file, 409 when ``name`` is loaded and not
+                ``replace``, or when the bank is full.
+        """
+        from ..experts import Expert, load_expert
+        from ..vllm.requests import expert_digest
+        from ..vllm.worker import encode_expert
+
+        self.check_name(name)
+        if not isinstance(path, str) or not path:
+            raise T2HTTPError("'path' must be the path of an expert file", param="path")
+        async with self.lock:
+            if name in self.frontend.names and not replace:
+                raise T2HTTPError(f"expert {name!r} is already loaded; pass \"replace\": true "
+                                  f"to replace it", param="name", status=HTTPStatus.CONFLICT)
+            if name not in self.frontend.names and \
+                    len(self.frontend.names) >= self.frontend.max_experts:
+                raise T2HTTPError(
+                    f"the expert bank is full ({self.frontend.max_experts} experts: "
+                    f"{self.frontend.names}); unload one, or restart with a larger "
+                    f"--max-experts", param="name", status=HTTPStatus.CONFLICT)
+            try:  # readable, finite, z in range: refuse here rather than in the workers
+                e = load_expert(path)
+            except (ValueError, OSError) as exc:
+                raise T2HTTPError(str(exc), param="path") from None
+            e = Expert(name=name, z=e.z, base_model=e.base_model, fingerprint=e.fingerprint,
+                       extra=e.extra)
+            results = await self._rpc("t2_load_experts", [encode_expert(e)], None)
+            self.frontend.add(name, expert_digest(e))
+            self._check_order(results)
+            self.paths[name] = str(Path(path).resolve())
+        return self.card(name)
+
+    async def unload(self, name: str) -> dict:
+        """Unload ``name`` from every worker once the requests using it have finished.
+
+        New requests naming it are refused at once (404 / 400); the unload waits up to
+        ``DRAIN_TIMEOUT_S`` for in-flight ones, then gives up with 409 and keeps the expert.
+        """
+        async with self.lock:
+            if name not in self.frontend.names:
+                raise T2HTTPError(f"expert {name!r} is not loaded; loaded: "
+                                  f"{self.frontend.names or '(none)'}", param="name",
+                                  status=HTTPStatus.NOT_FOUND)
+            digest = self.frontend.digests.get(name, "")
+            names_before = self.names
+            self.frontend.remove(name)
+            if not await self._drain(name):
+                self._restore(names_before, name, digest)
+                raise T2HTTPError(f"expert {name!r} is still used by {self.in_flight[name]} "
+                                  f"request(s) after {DRAIN_TIMEOUT_S:.0f} s; not unloaded",
+                                  param="name", status=HTTPStatus.CONFLICT)
+            self._check_order(await self._rpc("t2_unload_experts", [name]))
+            self.paths.pop(name, None)
+        return {"id": name, "object": "model", "deleted": True}
+
+    def _restore(self, names_before: list[str], name: str, digest: str) -> None:
+        """Put ``name`` back at its bank position in the front end's list."""
+        with self.frontend.lock:
+            self.frontend.names[:] = names_before
+            self.frontend.digests[name] = digest
+
+    async def _drain(self, name: str) -> bool:
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        async with self.drained:
+            while self.in_flight[name] > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                try:
+                    await asyncio.wait_for(self.drained.wait(), timeout=left)
+                except asyncio.TimeoutError:
+                    return False
+        return True
+
+    async def _rpc(self, method: str, *args) -> list:
+        results = await self.engine_client.collective_rpc(method, args=args)
+        errors = [r["error"] for r in results if isinstance(r, dict) and "error" in r]
+        if errors:
+            raise T2HTTPError(f"{method} failed in a worker: {errors[0]}")
+        return results
+
+    def _check_order(self, results) -> None:
+        for r in results:
+            if list(r["names"]) != self.frontend.names:
+                raise RuntimeError(f"t2fast: worker bank order {list(r['names'])} differs from "
+                                   f"the front end's {self.frontend.names}")
+
+    # ---- listing ------------------------------------------------------------------------
+    def card(self, name: str) -> dict:
+        """``/v1/models`` entry of an expert (shaped like vLLM's LoRA cards)."""
+        return {"id": name, "object": "model", "created": int(time.time()),
+                "owned_by": "t2fast", "root": self.paths.get(name), "parent": self.base_names[0],
+                "max_model_len": None, "permission": []}
+
+    async def info(self) -> dict:
+        """Experts in bank order, in-flight use, and each worker's settings and statistics."""
+        workers = await self._rpc("t2_info")
+        return {"experts": [{**self.card(n), "in_flight": self.in_flight[n]}
+                            for n in self.names],
+                "max_experts": self.frontend.max_experts, "workers": workers}

@@ -1,0 +1,186 @@
+"""What a t2fast HTTP request may say about its mixture, and its translation for vLLM.
+
+A request to ``/v1/completions`` or ``/v1/chat/completions`` names its mixture in one of these
+ways (``extra_body`` of the ``openai`` client puts keys at the top level of the JSON body):
+
+==============================  =============================================================
+``"model": "<expert>"``         that expert (experts are listed in ``/v1/models``)
+``t2_expert``                   an expert name (or ``"base"``)
+``t2_alpha``                    α: a list in bank order, ``{name: weight}``, or per layer
+``t2``                          ``{"expert": ...}`` / ``{"alpha": ...}`` (or its JSON string)
+``t2_adapt``                    ``"prompt"``, ``"classifier"`` or ``"none"``: the server runs
+                                pass 1 and picks the expert itself
+==============================  =============================================================
+
+each either at the top level or inside ``vllm_xargs`` — at most one of them per request. Any
+other key starting with ``t2`` (``t2_experts``, ``t2-alpha`` ...) and the look-alikes
+``expert``, ``experts``, ``alpha``, ``adapt`` and ``mixture`` at the top level are refused with
+HTTP 400 instead of being ignored (vLLM ignores unknown fields, which would silently serve the
+base model).
+
+:func:`translate` turns the body into what vLLM's own routes take: the base model's name in
+``"model"`` and the mixture as ``vllm_xargs["t2"]`` (a JSON string, since ``vllm_xargs`` only
+holds strings, numbers and flat lists). The mixture itself is validated by the engine's front
+end (:mod:`t2fast.vllm.requests`), the one place that knows the bank.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from http import HTTPStatus
+
+XARGS = "vllm_xargs"
+SPEC_KEYS = {"t2": None, "t2_expert": "expert", "t2_alpha": "alpha"}
+ADAPT_KEY = "t2_adapt"
+T2_KEYS = (*SPEC_KEYS, ADAPT_KEY)
+ADAPT_MODES = ("none", "prompt", "classifier")
+LOOKALIKES = ("expert", "experts", "alpha", "adapt", "mixture")
+#: Routes whose bodies are translated.
+ROUTES = ("/v1/completions", "/v1/chat/completions")
+
+
+class T2HTTPError(Exception):
+    """A request the server refuses before vLLM sees it (``status``: 400, 404 or 409)."""
+
+    def __init__(self, message: str, param: str | None = None,
+                 status: HTTPStatus = HTTPStatus.BAD_REQUEST):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+
+    def payload(self) -> dict:
+        """The body of vLLM's (and OpenAI's) error responses."""
+        kind = {HTTPStatus.NOT_FOUND: "NotFoundError",
+                HTTPStatus.CONFLICT: "ConflictError"}.get(self.status, "BadRequestError")
+        return {"error": {"message": self.message, "type": kind, "param": self.param,
+                          "code": int(self.status)}}
+
+
+@dataclass
+class Translated:
+    """A request after :func:`translate`.
+
+    Attributes:
+        body: the JSON body for vLLM's route (a new dict; the input is not changed).
+        spec: the raw mixture (``{"expert": ...}`` / ``{"alpha": ...}`` or a JSON string), or
+            None for the base model or when pass 1 is still to choose it.
+        adapt: ``"prompt"`` or ``"classifier"`` when the server must run pass 1, else None.
+        via_model: the expert named by ``"model"``, if any.
+    """
+    body: dict
+    spec: object = None
+    adapt: str | None = None
+    via_model: str | None = None
+
+
+def _spec_from(key: str, value):
+    """The raw spec of one request key (``t2`` passes through; flat keys become a dict)."""
+    inner = SPEC_KEYS[key]
+    return value if inner is None else {inner: value}
+
+
+def translate(body, expert_names, base_names, default_adapt: str = "none") -> Translated:
+    """Check the t2 keys of a request body and move them where vLLM's routes carry them.
+
+    Args:
+        body: the parsed JSON body (anything else is passed through for vLLM to judge).
+        expert_names: the loaded experts (what ``"model"`` may name besides the base).
+        base_names: the served names of the base model (the first is used for experts).
+        default_adapt: the server's ``t2_adapt`` for requests that name no mixture.
+    Raises:
+        T2HTTPError naming the offending key.
+    """
+    if not isinstance(body, dict):
+        return Translated(body)
+    body = dict(body)
+    xargs = body.get(XARGS)
+    if xargs is None:
+        xargs = {}
+    if not isinstance(xargs, dict):
+        return Translated(body)  # vLLM's own validation reports it
+    xargs = dict(xargs)
+    for where, d in (("", body), (f"{XARGS}.", xargs)):
+        for k in d:
+            if isinstance(k, str) and k.lower().replace("-", "_").startswith("t2") \
+                    and k not in T2_KEYS:
+                raise T2HTTPError(f"unknown t2fast key {where + k!r}; known keys: "
+                                  f"{', '.join(T2_KEYS)}", param=where + k)
+    for k in LOOKALIKES:
+        if k in body:
+            raise T2HTTPError(f"unknown field {k!r}: t2fast mixtures go in "
+                              f"{', '.join(T2_KEYS)} (top level or {XARGS})", param=k)
+    for k in T2_KEYS:
+        if k in body:
+            if k in xargs:
+                raise T2HTTPError(f"{k!r} is given both at the top level and in {XARGS}",
+                                  param=k)
+            xargs[k] = body.pop(k)
+    given = [k for k in T2_KEYS if k in xargs]
+    model = body.get("model")
+    via_model = model if isinstance(model, str) and model in expert_names else None
+    if via_model is not None:
+        given.insert(0, "model")
+    if len(given) > 1:
+        raise T2HTTPError(f"give one mixture per request, got {' and '.join(given)}",
+                          param=given[1])
+    out = Translated(body)
+    if via_model is not None:
+        body["model"] = base_names[0]
+        out.spec, out.via_model = {"expert": via_model}, via_model
+    elif given and given[0] == ADAPT_KEY:
+        out.adapt = _adapt_mode(xargs.pop(ADAPT_KEY), ADAPT_KEY)
+    elif given:
+        out.spec = _spec_from(given[0], xargs.pop(given[0]))
+    elif model is None or model in base_names:
+        out.adapt = _adapt_mode(default_adapt, "the server's default adapt mode")
+    if out.spec is not None:
+        xargs["t2"] = out.spec if isinstance(out.spec, str) else json.dumps(out.spec)
+    if xargs:
+        body[XARGS] = xargs
+    else:
+        body.pop(XARGS, None)
+    return out
+
+
+def _adapt_mode(value, what: str) -> str | None:
+    if value not in ADAPT_MODES:
+        raise T2HTTPError(f"{what} must be one of {', '.join(ADAPT_MODES)}, got {value!r}",
+                          param=ADAPT_KEY)
+    return None if value == "none" else value
+
+
+def set_spec(body: dict, spec) -> None:
+    """Put a mixture chosen by pass 1 into a translated body (None: the base model)."""
+    if spec is None:
+        return
+    xargs = dict(body.get(XARGS) or {})
+    xargs["t2"] = json.dumps(spec)
+    body[XARGS] = xargs
+
+
+def prompt_text(path: str, body: dict) -> str:
+    """The text pass 1 classifies: the completion prompt, or the last user message of a chat.
+
+    Raises:
+        T2HTTPError when there is no single text prompt.
+    """
+    if path.endswith("/chat/completions"):
+        msgs = body.get("messages")
+        users = [m for m in msgs if isinstance(m, dict) and m.get("role") == "user"] \
+            if isinstance(msgs, list) else []
+        if users:
+            content = users[-1].get("content")
+            if isinstance(content, list):
+                content = "".join(p.get("text", "") for p in content
+                                  if isinstance(p, dict) and p.get("type") == "text")
+            if isinstance(content, str) and content.strip():
+                return content
+        raise T2HTTPError(f"{ADAPT_KEY} needs a user message with text", param=ADAPT_KEY)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt.strip():
+        return prompt
+    raise T2HTTPError(f"{ADAPT_KEY} needs one text prompt (a string), got "
+                      f"{type(prompt).__name__}", param=ADAPT_KEY)

@@ -1,0 +1,118 @@
+"""t2fast.mixtures: the one mixture language (forms, bounds, errors), expert names, z range."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from t2fast.mixtures import (MixtureBounds, MixtureError, MixtureTypeError, check_expert_name,
+                             check_z, normal_form, parse_mixture)
+from t2fast.safetensors_io import T2FileError
+
+NAMES = ["math", "code"]
+
+
+@pytest.mark.parametrize("spec, expected", [
+    (None, [1, 0, 0]),
+    ("base", [1, 0, 0]),
+    ("code", [0, 0, 1]),
+    ({"math": 0.25, "base": 0.75}, [0.75, 0.25, 0]),
+    ({"base": 0}, [0, 0, 0]),                       # all zero, but asked for by naming base
+    ([0.5, -0.5], [0, 0.5, -0.5]),
+    ((1, 2), [0, 1, 2]),
+    (torch.tensor([0.5, 0.5]), [0, 0.5, 0.5]),
+    (np.array([0.5, 0.5]), [0, 0.5, 0.5]),
+    ({"math": np.float32(0.5), "code": torch.tensor(0.5)}, [0, 0.5, 0.5]),
+])
+def test_forms(spec, expected):
+    a = parse_mixture(spec, NAMES)
+    assert a.dtype == torch.float32 and a.tolist() == expected
+
+
+def test_per_layer_forms_agree():
+    by_rows = parse_mixture([[1, 0], [0.5, 0.5]], NAMES, num_layers=2)
+    by_name = parse_mixture({"math": [1, 0.5], "code": [0, 0.5]}, NAMES, num_layers=2)
+    assert by_rows.shape == (2, 3) and torch.equal(by_rows, by_name)
+    assert parse_mixture("math", NAMES, num_layers=3).tolist() == [[0, 1, 0]] * 3
+
+
+def test_normal_form_round_trip():
+    for spec in [{"math": 0.3}, [[1, 0], [0.5, 0.5]], {"base": 0}, {"base": 0.5, "code": 0.1}]:
+        a = parse_mixture(spec, NAMES, num_layers=2, dtype=torch.float64)
+        normal = normal_form(a, NAMES)
+        assert torch.equal(parse_mixture(normal, NAMES, num_layers=2, dtype=torch.float64), a)
+    assert normal_form(parse_mixture(None, NAMES), NAMES) is None
+    assert normal_form(parse_mixture({"math": 0.3, "code": 0}, NAMES, dtype=torch.float64),
+                       NAMES) == {"math": 0.3}
+
+
+@pytest.mark.parametrize("spec, error, pattern", [
+    ({"math": True}, MixtureTypeError, r"alpha\['math'\] must be a real number, got True"),
+    ([1, "0.5"], MixtureTypeError, r"alpha\[1\] must be a real number, got '0.5'"),
+    (3.0, MixtureTypeError, r"a mixture must be None"),
+    ({1: 1.0}, MixtureTypeError, r"expert names must be strings, got 1"),
+    ({"math": math.nan}, MixtureError, r"alpha\['math'\] must be finite, got nan"),
+    ([math.inf, 0], MixtureError, r"alpha\[0\] must be finite, got inf"),
+    ({"math": 1e30}, MixtureError, r"alpha\['math'\] = 1e\+30 is outside the bound \|α\| ≤ 4"),
+    ({"base": -4.5}, MixtureError, r"alpha\['base'\] = -4.5 is outside"),
+    ([3, 3], MixtureError, r"Σ\|α\| = 6 is outside the bound Σ\|α\| ≤ 5"),
+    ({}, MixtureError, r"all zero.*'base'"),
+    ([0, 0], MixtureError, r"all zero"),
+    ({"math": 0.0}, MixtureError, r"all zero"),
+    ("physics", MixtureError, r"unknown expert 'physics'; loaded experts: \['math', 'code'\]"),
+    ([1], MixtureError, r"alpha has 1 weights; expected 2"),
+    ([[1, 0]], MixtureError, r"per-layer mixtures are not available here"),
+    ({"math": [1, 0]}, MixtureError, r"per-layer weights.*not available here"),
+])
+def test_errors_name_the_value_and_bound(spec, error, pattern):
+    with pytest.raises(error, match=pattern) as info:
+        parse_mixture(spec, NAMES, bounds=MixtureBounds(max_abs=4, max_l1=5))
+    assert isinstance(info.value, ValueError)
+
+
+def test_per_layer_errors_and_bounds():
+    with pytest.raises(MixtureError, match=r"shape \(2, 2\).*got 3 rows"):
+        parse_mixture([[1, 0]] * 3, NAMES, num_layers=2)
+    with pytest.raises(MixtureError, match=r"2 decoder layers"):
+        parse_mixture({"math": [1, 0, 0]}, NAMES, num_layers=2)
+    with pytest.raises(MixtureError, match=r"Σ\|α\| = 7 \(layer 1\)"):
+        parse_mixture([[1, 0], [3.5, 3.5]], NAMES, num_layers=2, bounds=MixtureBounds(4, 6))
+    with pytest.raises(MixtureError, match=r"all zero in layer 1"):
+        parse_mixture([[1, 0], [0, 0]], NAMES, num_layers=2)
+    assert parse_mixture([3.9, -3.9], NAMES, bounds=MixtureBounds(4, 8)).tolist() == \
+        pytest.approx([0, 3.9, -3.9])
+    assert parse_mixture([10, 0], NAMES, bounds=MixtureBounds(max_abs=16, max_l1=16))[1] == 10
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_abs=0), dict(max_l1=math.inf),
+                                    dict(max_abs=True), dict(max_l1="8")])
+def test_bounds_are_checked(kwargs):
+    with pytest.raises(ValueError, match="MixtureBounds"):
+        MixtureBounds(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["math", "arith-v2", "a.b_c", "0x"])
+def test_valid_names(name):
+    assert check_expert_name(name) == name
+
+
+@pytest.mark.parametrize("name, pattern", [
+    ("base", "reserved"), ("../../etc/passwd", "not valid"), ("", "not valid"),
+    ("a b", "not valid"), ("-x", "not valid"), ("x" * 65, "not valid"), (3, "string"),
+])
+def test_invalid_names(name, pattern):
+    with pytest.raises(MixtureError, match=pattern):
+        check_expert_name(name)
+
+
+def test_check_z():
+    check_z("q", torch.tensor([0.5, 1.0, -8.0]))
+    for z, pattern in [(torch.tensor([1.0, math.nan]), "NaN or Inf"),
+                       (torch.tensor([1e30]), r"\|z\| = 1e\+30, outside the allowed range "
+                                              r"\[-8, 8\]"),
+                       (torch.ones(2, 2), "1-D float tensor"),
+                       (torch.ones(3, dtype=torch.int64), "1-D float tensor")]:
+        with pytest.raises(T2FileError, match=pattern):
+            check_z("model.layers.0.mlp.down_proj", z, where="expert file 'x'")
+    with pytest.raises(T2FileError, match=r"\[-2, 2\]"):
+        check_z("q", torch.tensor([3.0]), bound=2)
