@@ -70,8 +70,11 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _named(entry: str) -> tuple[str | None, str]:
+    """``NAME=PATH`` → (NAME, absolute PATH); ``PATH`` → (None, absolute PATH)."""
     name, sep, path = entry.partition("=")
-    return (name, path) if sep and not Path(entry).exists() else (None, entry)
+    if not sep or Path(entry).exists():
+        name, path = None, entry
+    return name, str(Path(path).resolve())
 
 
 def vllm_arguments(args, extra: list[str]) -> list[str]:
