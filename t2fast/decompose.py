@@ -5,12 +5,16 @@ Vh [r, n]. Factors are computed in float64 on the CPU when the matrix is small e
 float32 otherwise (on whatever device the weight lives on), and stored in float32.
 
 Cache files are safetensors named ``<sha256 of the weight>.safetensors`` holding U, S, Vh and
-metadata (format, version, shape, dtype). A file that cannot be read or does not match is
-recomputed and overwritten, with a warning that names it.
+metadata (format, version, shape, dtype, ``probe_rtol``). A cache entry is trusted only after a
+check against the weight it claims to factor: finite factors, σ non-negative and descending, and
+``‖W v − U(σ ⊙ (Vh v))‖ / ‖W v‖ ≤ probe_rtol`` for a few fixed random probe vectors v (cheap:
+``PROBES`` matrix-vector products). A file that cannot be read, does not match or fails the check
+is recomputed and overwritten, with a warning that names it and says why.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -26,6 +30,8 @@ from .targets import resolve_targets
 SVD_FORMAT = "t2fast-svd"
 SVD_VERSION = "1"
 FLOAT64_MAX_ELEMENTS = 1 << 22  # ~4M elements: float64 SVD on the CPU is still quick
+PROBES = 4                      # random probe vectors of the cache check
+PROBE_RTOL_MIN = 1e-4           # the check's tolerance: max(this, 10 × the error when written)
 
 
 @dataclass
@@ -60,11 +66,14 @@ def weight_hash(weight: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def decompose_weight(weight: torch.Tensor) -> SVDFactors:
+def decompose_weight(weight: torch.Tensor, name: str = "weight") -> SVDFactors:
     """Thin SVD of ``weight`` [m, n] → float32 factors on the weight's device."""
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+        raise ValueError(f"{name} must be 2-D [out, in], got shape {tuple(weight.shape)}")
     w = weight.detach()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{name} contains NaN or Inf: it cannot be decomposed (is the model "
+                         f"checkpoint damaged?)")
     if w.device.type == "cpu" and w.numel() <= FLOAT64_MAX_ELEMENTS:
         U, S, Vh = torch.linalg.svd(w.double(), full_matrices=False)
     else:
@@ -77,6 +86,37 @@ def relative_error(weight: torch.Tensor, factors: SVDFactors) -> float:
     w = weight.detach().float()
     err = torch.linalg.norm(w - factors.reconstruct().to(w.device))
     return float(err / torch.linalg.norm(w).clamp_min(1e-30))
+
+
+def probe_error(weight: torch.Tensor, factors: SVDFactors) -> float:
+    """``max_v ‖W v − U(σ ⊙ (Vh v))‖ / ‖W v‖`` over ``PROBES`` fixed random vectors (float32).
+
+    NaN/Inf in the factors give ``inf``.
+    """
+    w = weight.detach().float()
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(w.shape[1], PROBES, generator=g).to(w.device)
+    f = factors.to(w.device)
+    wv = w @ v
+    err = torch.linalg.norm(wv - f.U @ (f.S[:, None] * (f.Vh @ v)), dim=0)
+    rel = err / torch.linalg.norm(wv, dim=0).clamp_min(1e-30)
+    worst = float(rel.max())
+    return worst if math.isfinite(worst) else math.inf
+
+
+def check_factors(weight: torch.Tensor, factors: SVDFactors, rtol: float) -> str | None:
+    """Why ``factors`` are not the SVD of ``weight`` (None when they are, to ``rtol``)."""
+    for k in ("U", "S", "Vh"):
+        if not bool(torch.isfinite(getattr(factors, k)).all()):
+            return f"its {k} contains NaN or Inf"
+    S = factors.S
+    if bool((S < 0).any()) or bool((S[:-1] < S[1:]).any()):
+        return "its singular values are not non-negative and descending"
+    err = probe_error(weight, factors)
+    if err > rtol:
+        return (f"it does not reconstruct the weight: probe error {err:.3g} > tolerance "
+                f"{rtol:.3g}")
+    return None
 
 
 def default_cache_dir() -> Path:
@@ -96,32 +136,52 @@ class SVDCache:
     def path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
 
-    def load(self, key: str, shape: tuple[int, int]) -> SVDFactors | None:
+    def load(self, key: str, weight: torch.Tensor) -> SVDFactors | None:
+        """The cached factors of ``weight`` (its hash is ``key``) if the entry exists and passes
+        the check (module docstring); else None, with a warning naming the file when it exists
+        but is unreadable, of the wrong shape or fails the check."""
         path = self.path(key)
         if not path.exists():
             return None
+        shape = tuple(weight.shape)
         try:
             t, meta = read_file(path, "decomposition", SVD_FORMAT, (SVD_VERSION,))
-            f = SVDFactors(t["U"], t["S"], t["Vh"])
-            if f.shape != tuple(shape) or f.U.shape[1] != f.rank or f.Vh.shape[0] != f.rank:
-                raise T2FileError(f"holds factors of shape {f.shape}, expected {tuple(shape)}")
-        except (T2FileError, KeyError) as exc:
-            warnings.warn(f"ignoring SVD cache file {str(path)!r} ({exc}); recomputing",
-                          stacklevel=2)
+            missing = sorted({"U", "S", "Vh"} - set(t))
+            if missing:
+                raise T2FileError(f"it lacks the tensors {missing}")
+            f = SVDFactors(t["U"].float(), t["S"].float(), t["Vh"].float())
+            if f.U.dim() != 2 or f.S.dim() != 1 or f.Vh.dim() != 2 or f.shape != shape or \
+                    f.U.shape[1] != f.rank or f.Vh.shape[0] != f.rank:
+                raise T2FileError(f"it holds factors U {tuple(f.U.shape)}, S "
+                                  f"{tuple(f.S.shape)}, Vh {tuple(f.Vh.shape)}; expected a "
+                                  f"weight of shape {shape}")
+            rtol = meta.get("probe_rtol", PROBE_RTOL_MIN)
+            if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or \
+                    not 0 < rtol < 1:
+                raise T2FileError(f"its metadata probe_rtol {rtol!r} is not a number in (0, 1)")
+            why = check_factors(weight, f, rtol)
+            if why:
+                raise T2FileError(why)
+        except T2FileError as exc:
+            warnings.warn(f"ignoring SVD cache file {str(path)!r}: {exc}; recomputing it",
+                          stacklevel=3)
             return None
         return f
 
-    def get_or_compute(self, weight: torch.Tensor) -> tuple[SVDFactors, bool]:
+    def get_or_compute(self, weight: torch.Tensor, name: str = "weight"
+                       ) -> tuple[SVDFactors, bool]:
         """Factors of ``weight`` on its device, and whether they came from the cache."""
         key = weight_hash(weight)
-        cached = self.load(key, tuple(weight.shape))
+        cached = self.load(key, weight)
         if cached is not None:
             self.hits += 1
             return cached.to(weight.device), True
         self.misses += 1
-        f = decompose_weight(weight)
+        f = decompose_weight(weight, name)
+        rtol = max(PROBE_RTOL_MIN, 10 * probe_error(weight, f))
         write_file(self.path(key), {"U": f.U, "S": f.S, "Vh": f.Vh}, SVD_FORMAT, SVD_VERSION,
-                   {"shape": list(f.shape), "weight_dtype": str(weight.dtype)})
+                   {"shape": list(f.shape), "weight_dtype": str(weight.dtype),
+                    "probe_rtol": rtol})
         return f, False
 
 
@@ -147,12 +207,14 @@ def decompose_modules(modules: dict[str, nn.Linear], cache_dir=None, progress: b
     """SVD of each ``nn.Linear``'s weight; ``cache_dir=False`` disables the disk cache."""
     cache = None if cache_dir is False else SVDCache(cache_dir)
     factors, errors, hits = {}, {}, 0
-    for name, mod in tqdm(modules.items(), desc="SVD", disable=not progress, leave=False):
+    # disable=None: a bar on a terminal only, never escape codes in logs and pipes
+    for name, mod in tqdm(modules.items(), desc="SVD", disable=None if progress else True,
+                          leave=False):
         w = mod.weight
         if cache is None:
-            f, hit = decompose_weight(w), False
+            f, hit = decompose_weight(w, name), False
         else:
-            f, hit = cache.get_or_compute(w)
+            f, hit = cache.get_or_compute(w, name)
         factors[name] = f
         errors[name] = relative_error(w, f)
         hits += int(hit)

@@ -1,4 +1,7 @@
 """Target selection, SVD cache, expert files and banks."""
+import json
+import re
+
 import pytest
 import torch
 
@@ -75,6 +78,58 @@ def test_cache_hits_on_second_run_and_recovers_from_corruption(model, tmp_path):
     assert "9 matrices decomposed (8 from cache)" in third.report()
 
 
+def _tamper(path, edit):
+    """Rewrite a cache entry's tensors with ``edit(tensors)``, keeping its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), framework="pt") as f:
+        meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    edit(t)
+    save_file(t, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda t: t["U"].__setitem__((0, 0), float("nan")), r"U contains NaN or Inf"),
+    (lambda t: t.__setitem__("S", t["S"] * 0.5), r"does not reconstruct the weight: probe error"),
+    (lambda t: t.__setitem__("S", t["S"].flip(0)), r"not non-negative and descending"),
+    (lambda t: t.__setitem__("Vh", t["Vh"][:, :-1].contiguous()), r"expected a weight of shape"),
+    (lambda t: t.pop("Vh"), r"lacks the tensors \['Vh'\]"),
+])
+def test_cache_entry_is_checked_against_the_weight(model, tmp_path, decomp, edit, why):
+    name = "model.layers.0.mlp.down_proj"
+    w = model.get_submodule(name).weight
+    cache = SVDCache(tmp_path)
+    good, _ = cache.get_or_compute(w, name)
+    path = cache.path(weight_hash(w))
+    _tamper(path, edit)
+    with pytest.warns(UserWarning, match=f"ignoring SVD cache file '{re.escape(str(path))}': .*"
+                                         f"{why}.*recomputing"):
+        f, hit = cache.get_or_compute(w, name)
+    assert not hit and torch.equal(f.S, good.S)
+    assert cache.get_or_compute(w, name)[1], "the recomputed entry replaces the bad one"
+
+
+def test_cache_stores_its_tolerance_and_tampered_sigma_does_not_blame_experts(model, tmp_path):
+    from safetensors import safe_open
+    d = decompose_model(model, "mlp", cache_dir=tmp_path, progress=False)
+    e = Expert.random("math", d.factors, seed=3).save(tmp_path / "e" / "math.safetensors")
+    for path in tmp_path.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            assert 1e-4 <= json.loads(f.metadata()["probe_rtol_json"]) < 1e-3
+        _tamper(path, lambda t: t.__setitem__("S", t["S"] * 0.5))
+    with pytest.warns(UserWarning, match="does not reconstruct"):
+        again = decompose_model(model, "mlp", cache_dir=tmp_path, progress=False)
+    assert again.cache_hits == 0 and max(again.errors.values()) < 1e-5
+    assert load_expert(e, again.factors).name == "math"
+
+
+def test_weight_with_nan_is_named(model):
+    w = torch.randn(6, 4)
+    w[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.x contains NaN or Inf"):
+        decompose_weight(w, "model.x")
+
+
 def test_cache_keyed_by_weight(tmp_path):
     a, b = torch.randn(8, 6), torch.randn(8, 6)
     assert weight_hash(a) == weight_hash(a.clone()) != weight_hash(b)
@@ -145,6 +200,67 @@ def test_expert_truncated_missing_and_foreign_files(decomp, tmp_path):
     save_file({"a": torch.ones(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(T2FileError, match=r"not a t2fast expert file"):
         load_expert(tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize("meta, pattern", [
+    ({"name": "../../etc/passwd"}, r"expert name '\.\./\.\./etc/passwd' is not valid"),
+    ({"name": "base"}, r"may not be 'base'"),
+    ({"targets_json": "\"abc\""}, r"metadata field 'targets' must be a list"),
+    ({"targets_json": "[1, 2]"}, r"metadata lists 2 targets"),
+    ({"fingerprint_json": "3"}, r"metadata field 'fingerprint' must be"),
+    ({"fingerprint_json": "{\"shapes\": \"x\"}"}, r"metadata field 'fingerprint' must be"),
+    ({"fingerprint_json": "{\"shapes\": \"x\", \"sigma_sums\": {\"a\": \"1\"}}"},
+     r"'fingerprint' must be"),
+    ({"extra_json": "[1]"}, r"metadata field 'extra' must be a JSON object"),
+    ({"base_model_json": "7"}, r"metadata field 'base_model' must be a string"),
+])
+def test_expert_metadata_of_the_wrong_type_names_file_and_field(decomp, tmp_path, meta, pattern):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    p = Expert.random("x", decomp.factors).save(tmp_path / "x.safetensors")
+    with safe_open(str(p), framework="pt") as f:
+        base, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for k in meta:                      # replace the plain or the JSON form of the field
+        base.pop(k.removesuffix("_json"), None)
+        base.pop(k.removesuffix("_json") + "_json", None)
+    save_file(t, str(p), metadata={**base, **meta})
+    with pytest.raises(T2FileError, match=r"expert file '.*x\.safetensors'.*" + pattern):
+        load_expert(p, decomp.factors)
+
+
+def test_expert_z_out_of_range_refused(decomp, tmp_path):
+    e = Expert.random("x", decomp.factors)
+    e.z[decomp.targets[0]] *= 1e30
+    with pytest.raises(T2FileError, match=r"outside the allowed range \[-8, 8\]"):
+        e.save(tmp_path / "x.safetensors")
+    with pytest.raises(T2FileError, match=r"outside the allowed range"):
+        e.check_against(decomp.factors)
+
+
+def test_invalid_expert_name_refused():
+    with pytest.raises(ValueError, match="not valid"):
+        Expert("a/b", {})
+
+
+def test_expert_folder_roundtrip_and_checks(decomp, tmp_path):
+    e = Expert.random("math", decomp.factors, scale=0.2, seed=3, base_model="tiny")
+    folder = e.save_pretrained(tmp_path / "math-expert")
+    cfg = json.loads((folder / "expert_config.json").read_text())
+    assert cfg["format"] == "t2fast-expert" and cfg["base_model"] == "tiny"
+    assert cfg["targets"] == decomp.targets
+    back = load_expert(folder, decomp.factors)
+    assert back.name == "math" and all(torch.equal(back.z[n], e.z[n]) for n in e.z)
+    cfg["name"] = "code"
+    (folder / "expert_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(T2FileError, match=r"says name = 'code' but expert\.safetensors holds"):
+        load_expert(folder)
+    (folder / "expert_config.json").write_text("{nope")
+    with pytest.raises(T2FileError, match=r"expert_config\.json is not valid JSON"):
+        load_expert(folder)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(T2FileError, match=r"not a t2fast expert folder.*expert_config\.json"):
+        load_expert(empty)
 
 
 def test_expert_for_another_model(decomp, tmp_path):
