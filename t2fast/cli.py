@@ -198,7 +198,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--expert", default=None, help="SVF expert file (default: the base model)")
     g.add_argument("--lora", default=None, help="LoRA adapter folder (PEFT)")
     p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, default=500, help="examples (from the start of the split)")
+    p.add_argument("--n", type=int, default=500,
+                   help="examples (from the start of the split), at least 1")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--backend", default="torch", choices=("auto", "torch", "triton"))
@@ -213,6 +214,9 @@ def _eval_run(args) -> int:
         task = get_task(args.task)
     except KeyError as e:
         print(f"t2fast eval: {e.args[0]}", file=sys.stderr)
+        return 2
+    if args.n < 1:
+        print(f"t2fast eval: --n {args.n}: expected at least 1 example", file=sys.stderr)
         return 2
     model, tok = load_model(args.model)
     what = "base"
@@ -251,16 +255,20 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", nargs="+", help="answer these prompts (bare questions or "
                                                  "templated prompts)")
     p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--n", type=int, default=500,
+                   help="examples of --task (from the start of --split), at least 1")
     p.add_argument("--shots", type=int, default=5, help="few-shot examples for cem (taken "
                                                        "from the validation split)")
+    p.add_argument("--shot-set", type=int, default=None,
+                   help="which block of --shots validation examples cem uses (0: the first "
+                        "--shots, 1: the next --shots, ...; default: the --seed value)")
     p.add_argument("--cem-iterations", type=int, default=20)
     p.add_argument("--cem-population", type=int, default=16)
     p.add_argument("--cem-elite-ratio", type=float, default=0.25)
     p.add_argument("--cem-std", type=float, default=0.3)
     p.add_argument("--per-layer", action="store_true")
     p.add_argument("--normalize", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="cem's search seed")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--backend", default="torch", choices=("auto", "torch", "triton"))
@@ -270,11 +278,19 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
 def _adapt_run(args) -> int:
     import t2fast
     from .adapt import (CEMConfig, ClassifierDispatch, FixedMixture, PromptDispatch,
-                        TwoPassEngine, fewshot_cem, uniform_alpha)
+                        TwoPassEngine, fewshot_cem, fewshot_examples, uniform_alpha)
     from .tasks import format_prompt, get_task
     from .train import max_new_tokens_for
     from .train.evaluate import score_generations
     _set_threads(args.threads)
+    if args.task and args.n < 1:
+        print(f"t2fast adapt: --n {args.n}: expected at least 1 example", file=sys.stderr)
+        return 2
+    shot_set = args.seed if args.shot_set is None else args.shot_set
+    if args.strategy == "cem" and (args.shots < 1 or shot_set < 0):
+        print(f"t2fast adapt: --shots {args.shots} / --shot-set {shot_set}: expected "
+              f"--shots >= 1 and --shot-set >= 0", file=sys.stderr)
+        return 2
     model, tok = load_model(args.model)
     handle = t2fast.patch_model(model, experts=args.experts, backend=args.backend,
                                 progress=False)
@@ -299,7 +315,8 @@ def _adapt_run(args) -> int:
             print("t2fast adapt: --strategy cem needs --task (few-shot examples)",
                   file=sys.stderr)
             return 2
-        shots = task.examples("validation", args.shots)
+        shots = fewshot_examples(task, args.shots, shot_set)
+        extra["shot_set"] = shot_set
         cfg = CEMConfig(population=args.cem_population, iterations=args.cem_iterations,
                         elite_ratio=args.cem_elite_ratio, init_std=args.cem_std,
                         per_layer=args.per_layer, normalize=args.normalize, seed=args.seed)

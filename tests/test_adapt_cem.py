@@ -118,7 +118,7 @@ def test_fewshot_scorer_batches_rows_with_their_own_alpha(patched):
     exs = task.examples("validation", 3)
     # score the population in one batched call (rows carry their own α) ...
     scorer = FewShotScorer(handle, tok, task, exs, max_new_tokens=4)
-    pop = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.3, 0.3, 0.4], [0.0, 0.0, 0.0]])
+    pop = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.3, 0.3, 0.4], [0.5, -0.2, 0.0]])
     acc, ll = scorer(pop)
     assert acc.shape == (4,) and ll.shape == (4,) and scorer.calls == 1
     # ... and compare with each member alone on merged weights
@@ -134,7 +134,7 @@ def test_fewshot_scorer_batches_rows_with_their_own_alpha(patched):
         alone = ((lp * b.completion_mask).sum(-1) / b.completion_mask.sum(-1)).mean()
         assert acc[p].item() == pytest.approx(a)
         assert ll[p].item() == pytest.approx(alone.item(), abs=1e-4)
-    # the base row (α = 0 for every expert plus base weight 0) is a real mixture, distinct
+    # four different mixtures, four different log-likelihoods
     assert len(set(ll.tolist())) == 4
     handle.set_mixture(None)
     # split into several calls when max_rows is small: same numbers

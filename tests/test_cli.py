@@ -36,6 +36,24 @@ def test_train_writes_expert_log_and_removes_checkpoint(experts, capsys):
     assert not (experts[0].parent / "arith.safetensors.state.pt").exists()
 
 
+@pytest.mark.parametrize("kl", [[], ["--kl-coef", "0"]], ids=["default-kl", "no-kl"])
+def test_train_default_path_with_progress_bar(tmp_path, capsys, kl):
+    """``t2fast train`` as a user types it: progress bar on, KL at its default (or off)."""
+    out = tmp_path / "e.safetensors"
+    rc = cli.main(["train", "--task", "arith", "--out", str(out), *MODEL, "--steps", "2",
+                   "--batch-size", "4", "--samples-per-prompt", "2", "--eval-n", "4",
+                   "--no-cache", *kl])
+    assert rc == 0
+    assert "train arith" in capsys.readouterr().err          # the bar was drawn
+    from t2fast.train import TrainConfig
+    assert load_expert(out).extra["config"]["kl_coef"] == (0.0 if kl else
+                                                          TrainConfig().kl_coef)
+    assert TrainConfig().kl_coef > 0                          # KL to the base is on by default
+    steps = [json.loads(l) for l in open(str(out) + ".log.jsonl")]
+    kls = [r["kl"] for r in steps if r.get("event") == "step"]
+    assert len(kls) == 2 and all((k is None) == bool(kl) for k in kls)
+
+
 def test_eval_base_and_expert(experts, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert cli.main(["eval", "--task", "arith", *MODEL, "--n", "6", "--expert",
@@ -59,9 +77,35 @@ def test_adapt_strategies(experts, tmp_path, strategy):
     r = json.loads(out.read_text())
     assert r["n"] == 4 and r["pass2_s"] > 0
     if strategy == "cem":
-        assert len(r["cem"]["alpha"]) == 2
+        assert len(r["cem"]["alpha"]) == 2 and r["shot_set"] == 0
     if strategy in ("prompt", "classifier"):
         assert sum(r["pass1_labels"].values()) == 4
+
+
+def test_adapt_defaults_and_cem_shot_set(experts, tmp_path, monkeypatch):
+    """--n defaults to 500 (the results table's size); cem's few-shot examples are block
+    --shot-set (default: --seed) of the validation split."""
+    from t2fast.adapt import fewshot_examples
+    from t2fast.tasks import get_task
+    args = cli.build_parser().parse_args(["adapt", "--experts", "x", "--task", "arith"])
+    assert args.n == 500 and args.shot_set is None
+    seen = []
+    import t2fast.adapt
+    real = t2fast.adapt.fewshot_cem
+    monkeypatch.setattr(t2fast.adapt, "fewshot_cem",
+                        lambda h, t, task, shots, cfg: seen.append((shots, cfg.seed)) or
+                        real(h, t, task, shots, cfg))
+    base = ["adapt", *MODEL, "--experts", *map(str, experts), "--strategy", "cem", "--task",
+            "arith_chain", "--n", "2", "--shots", "2", "--cem-iterations", "1",
+            "--cem-population", "2", "--json", str(tmp_path / "c.json")]
+    assert cli.main([*base, "--seed", "2"]) == 0
+    assert cli.main([*base, "--seed", "2", "--shot-set", "0"]) == 0
+    task = get_task("arith_chain")
+    val = task.examples("validation", 6)
+    assert [(s, seed) for s, seed in seen] == [(val[4:6], 2), (val[0:2], 2)]
+    assert fewshot_examples(task, 2, 2) == val[4:6]
+    with pytest.raises(ValueError, match="shot_set"):
+        fewshot_examples(task, 2, -1)
 
 
 def test_adapt_on_prompts(experts, capsys):
@@ -79,6 +123,13 @@ def test_errors(experts, tmp_path, capsys):
                      "--lr", "-1", *MODEL]) == 2
     assert "TrainConfig.lr" in capsys.readouterr().err
     assert cli.main(["eval", "--task", "nope", *MODEL]) == 2
+    for n in ("0", "-3"):            # rejected before any model is loaded
+        assert cli.main(["eval", "--task", "arith", "--model", str(tmp_path / "absent"),
+                         "--n", n]) == 2
+        assert f"--n {n}: expected at least 1" in capsys.readouterr().err
+        assert cli.main(["adapt", "--model", str(tmp_path / "absent"), "--experts",
+                         str(experts[0]), "--task", "arith", "--n", n]) == 2
+        assert f"--n {n}: expected at least 1" in capsys.readouterr().err
     assert cli.main(["adapt", *MODEL, "--experts", str(experts[0]), "--strategy", "magic",
                      "--task", "arith"]) == 2
     assert "unknown --strategy" in capsys.readouterr().err

@@ -138,3 +138,23 @@ def test_sft_loss_is_masked_cross_entropy():
     got = sft_loss(logits, tokens, mask)
     lp = token_logprobs(logits, tokens)
     assert got.item() == pytest.approx((-(lp * mask).sum() / mask.sum()).item(), rel=1e-10)
+
+
+def test_temperature_gives_on_policy_logprobs_and_kl():
+    """At sampling temperature T the loss uses log softmax(logits / T) for both the policy
+    gradient and the KL: the same numbers as passing logits / T at T = 1, not those at T = 1."""
+    logits, base, tokens, mask = _case(seed=3)
+    r = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    T = 0.7
+    at_t = reinforce_kl_loss(logits, base, tokens, mask, r, kl_coef=0.2, temperature=T)
+    scaled = reinforce_kl_loss(logits / T, base / T, tokens, mask, r, kl_coef=0.2)
+    plain = reinforce_kl_loss(logits, base, tokens, mask, r, kl_coef=0.2)
+    assert at_t.loss.item() == pytest.approx(scaled.loss.item(), rel=1e-12)
+    assert at_t.kl.item() == pytest.approx(full_vocab_kl(logits / T, base / T, mask).mean()
+                                           .item(), rel=1e-12)
+    assert abs(at_t.loss.item() - plain.loss.item()) > 1e-3
+    # the policy-gradient term is -mean(r * log π_T(ŷ)) with π_T the sampling distribution
+    lp = torch.log_softmax(logits / T, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    assert at_t.pg.item() == pytest.approx(-(r * (lp * mask).sum(-1)).mean().item(), rel=1e-12)
+    with pytest.raises(ValueError, match="temperature"):
+        reinforce_kl_loss(logits, base, tokens, mask, r, temperature=0.0)

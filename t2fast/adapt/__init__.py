@@ -5,7 +5,8 @@ CEM over mixture weights (C), and the two-pass engine.
     engine = TwoPassEngine(handle, tokenizer)
     result = engine.run(prompts, PromptDispatch(handle, tokenizer))
 """
-from .cem import CEMConfig, CEMResult, FewShotScorer, cem_search, fewshot_cem, transform
+from .cem import (CEMConfig, CEMResult, FewShotScorer, cem_search, fewshot_cem,
+                  fewshot_examples, transform)
 from .classifier import ClassifierDispatch, train_classifier
 from .engine import FixedMixture, TwoPassEngine, TwoPassResult, uniform_alpha
 from .prompt import (PromptDispatch, paper_style_prompt, parse_category, tiny_world_prompt)
@@ -13,6 +14,6 @@ from .prompt import (PromptDispatch, paper_style_prompt, parse_category, tiny_wo
 __all__ = [
     "CEMConfig", "CEMResult", "ClassifierDispatch", "FewShotScorer", "FixedMixture",
     "PromptDispatch", "TwoPassEngine", "TwoPassResult", "cem_search", "fewshot_cem",
-    "paper_style_prompt", "parse_category", "tiny_world_prompt", "train_classifier",
+    "fewshot_examples", "paper_style_prompt", "parse_category", "tiny_world_prompt", "train_classifier",
     "transform", "uniform_alpha",
 ]

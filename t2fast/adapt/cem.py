@@ -244,6 +244,16 @@ class FewShotScorer:
         return acc, tie
 
 
+def fewshot_examples(task, shots: int, shot_set: int = 0, split: str = "validation") -> list:
+    """The few-shot examples of ``task`` for CEM: the ``shot_set``-th block of ``shots``
+    consecutive examples of ``split`` (set 0 is the first ``shots`` examples, set 1 the next
+    ``shots``, ...), so distinct sets never share an example."""
+    for name, v, lo in (("shots", shots, 1), ("shot_set", shot_set, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"{name}={v!r}: expected an integer >= {lo}")
+    return task.examples(split, shots * (shot_set + 1))[shots * shot_set:]
+
+
 def fewshot_cem(handle, tokenizer, task, examples: Sequence, config: CEMConfig | None = None,
                 *, max_new_tokens: int | None = None, max_rows: int | None = None,
                 callback=None) -> CEMResult:

@@ -8,7 +8,7 @@ Modules: :mod:`.config` (validated dataclass), :mod:`.rollout` (batched generati
 :mod:`.policy` (SVF z or PEFT LoRA), :mod:`.trainer` (the loop), :mod:`.evaluate`.
 """
 from .config import ConfigError, TrainConfig
-from .evaluate import EvalResult, evaluate, wilson_interval
+from .evaluate import EvalResult, evaluate, mcnemar_exact, wilson_interval
 from .objectives import (advantages, full_vocab_kl, reinforce_kl_loss, sequence_logprobs,
                          sft_loss, token_logprobs)
 from .parameterization import ZParameterization
@@ -21,6 +21,6 @@ __all__ = [
     "ConfigError", "EvalResult", "LoRAPolicy", "Rollout", "SVFPolicy", "TrainConfig",
     "TrainResult", "Trainer", "ZParameterization", "advantages", "completion_logits",
     "evaluate", "full_vocab_kl", "generate", "generate_texts", "make_policy",
-    "max_new_tokens_for", "reinforce_kl_loss", "sequence_logprobs", "sft_loss",
+    "max_new_tokens_for", "mcnemar_exact", "reinforce_kl_loss", "sequence_logprobs", "sft_loss",
     "teacher_batch", "token_logprobs", "train", "wilson_interval",
 ]

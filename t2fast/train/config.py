@@ -46,12 +46,16 @@ class TrainConfig:
     Optimisation
         steps, batch_size (prompts per step), samples_per_prompt, lr, min_lr_ratio (cosine decay
         ends at lr·min_lr_ratio), warmup_steps, weight_decay, betas, grad_clip (max global norm;
-        0 disables), kl_coef (λ), unparsable_penalty (reward of an unparsable answer instead of
-        -1, e.g. -0.1), temperature / top_k (rollout sampling), max_new_tokens (None: per-task
-        default), logprob_reduction (``"sum"`` over answer tokens as in log π(ŷ|x), or ``"mean"``),
-        baseline (``"none"`` as in the paper, or ``"mean"``: subtract the mean reward of the
-        prompt's samples), log_kl (compute and log the KL even when kl_coef is 0; it costs a
-        forward pass of the base model per step, which is otherwise skipped).
+        0 disables), kl_coef (λ of λ·KL(π_W' ‖ π_W), the full-vocabulary KL to the base model
+        averaged over answer tokens; default 0.05, on; 0 turns the penalty off),
+        unparsable_penalty (reward of an unparsable answer instead of -1, e.g. -0.1),
+        temperature / top_k (rollout sampling; log-probabilities and KL are taken at the same
+        temperature, so the gradient is on-policy; top_k > 0 truncates the sampling distribution
+        and makes it slightly off-policy), max_new_tokens (None: per-task default),
+        logprob_reduction (``"sum"`` over answer tokens as in log π(ŷ|x), or ``"mean"``),
+        baseline (``"none"``: plain REINFORCE as in the paper, or ``"mean"``: subtract the mean
+        reward of the prompt's samples), log_kl (compute and log the KL even when kl_coef is 0;
+        it costs a forward pass of the base model per step, which is otherwise skipped).
     Schedule / bookkeeping
         eval_every (steps; 0: only at the start and the end), patience (evaluations without
         improvement before early stopping; None: never), seed, out (expert file for SVF, folder
@@ -81,7 +85,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
     grad_clip: float = 1.0
-    kl_coef: float = 0.0
+    kl_coef: float = 0.05
     unparsable_penalty: float | None = None
     temperature: float = 1.0
     top_k: int = 0

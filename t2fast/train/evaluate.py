@@ -1,4 +1,4 @@
-"""Greedy evaluation on a task split, with Wilson 95% intervals."""
+"""Greedy evaluation on a task split, with Wilson 95% intervals and paired McNemar tests."""
 from __future__ import annotations
 
 import math
@@ -17,6 +17,25 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> dict:
+    """Exact two-sided McNemar test of two systems scored on the *same* examples.
+
+    ``a``, ``b``: per-example correctness (same length, same order). Only discordant examples
+    count: ``a_only`` (a right, b wrong) and ``b_only``; under "equally accurate" each
+    discordant example is a fair coin, so p = P(Binomial(a_only + b_only, 1/2) at least as far
+    from the middle as observed), two-sided, capped at 1 (p = 1 with no discordant example).
+    Returns ``{"a_only", "b_only", "p"}``.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"mcnemar_exact: {len(a)} vs {len(b)} examples; the test is paired "
+                         f"(both systems scored on the same examples)")
+    a_only = sum(1 for x, y in zip(a, b) if x and not y)
+    b_only = sum(1 for x, y in zip(a, b) if y and not x)
+    n, k = a_only + b_only, min(a_only, b_only)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n if n else 1.0
+    return {"a_only": a_only, "b_only": b_only, "p": min(1.0, 2 * tail)}
 
 
 @dataclass

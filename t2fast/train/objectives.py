@@ -10,6 +10,11 @@ REINFORCE (the paper's objective, maximised):
 with log π(ŷ_i|x_i) = Σ_t log π(ŷ_it | x_i, ŷ_i<t) (``reduction="sum"``; ``"mean"`` divides by
 the answer length) and KL_i the mean over answer positions t of the full-vocabulary
 KL(π_{W'}(·|x_i, ŷ_i<t) ‖ π_W(·|x_i, ŷ_i<t)). The returned loss is −J.
+
+π is the distribution the completions were *sampled* from: softmax(logits / T) at the sampling
+``temperature`` T (T = 1, the paper's setting, is the model's own distribution). Computing the
+log-probabilities at the sampling temperature keeps the gradient on-policy; the KL compares the
+adapted and the base model's sampling distributions at the same T.
 """
 from __future__ import annotations
 
@@ -43,7 +48,10 @@ def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Te
 
 def full_vocab_kl(logits: torch.Tensor, base_logits: torch.Tensor, mask: torch.Tensor
                   ) -> torch.Tensor:
-    """Per row [B]: mean over masked positions of KL(softmax(logits) ‖ softmax(base_logits))."""
+    """Per row [B]: mean over masked positions of KL(softmax(logits) ‖ softmax(base_logits)).
+
+    Pass logits already divided by the sampling temperature for the KL between sampling
+    distributions."""
     logp = torch.log_softmax(_acc(logits), -1)
     logq = torch.log_softmax(_acc(base_logits).to(logp.dtype), -1)
     kl = (logp.exp() * (logp - logq)).sum(-1)                       # [B, G]
@@ -80,9 +88,17 @@ class LossParts:
 
 def reinforce_kl_loss(logits: torch.Tensor, base_logits: torch.Tensor | None,
                       tokens: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
-                      kl_coef: float = 0.0, reduction: str = "sum") -> LossParts:
+                      kl_coef: float = 0.0, reduction: str = "sum",
+                      temperature: float = 1.0) -> LossParts:
     """−J (see the module docstring). ``rewards`` are used as given (pass advantages if a
-    baseline is wanted). ``base_logits`` may be None when ``kl_coef`` is 0 (KL then not computed: None)."""
+    baseline is wanted). ``base_logits`` may be None when ``kl_coef`` is 0 (KL then not
+    computed: None). ``temperature``: the one the completions were sampled at; both models'
+    logits are divided by it (on-policy log-probabilities, KL between sampling distributions)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if temperature != 1.0:
+        logits = _acc(logits) / temperature
+        base_logits = None if base_logits is None else _acc(base_logits) / temperature
     rewards = rewards.to(logits.device, _acc(logits).dtype)
     seq_lp = sequence_logprobs(logits, tokens, mask, reduction)
     pg = -(rewards.detach() * seq_lp).mean()

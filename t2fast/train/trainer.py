@@ -4,11 +4,12 @@
     result = train(TrainConfig(task="arith", out="experts/arith.safetensors", steps=200))
 
 Each step draws ``batch_size`` prompts from the task's train split (a seeded shuffle per epoch),
-samples ``samples_per_prompt`` completions per prompt with the current parameters on the fast
-path (merged weights), scores them with the task's scorer (reward +1 / −1, or the unparsable
-penalty), computes the base model's logits on the same tokens (original weights), and takes one
-AdamW step on −J (see :mod:`t2fast.train.objectives`) with the learning rate on a cosine
-schedule and the gradient norm clipped. Every ``eval_every`` steps (and at step 0 and the end)
+samples ``samples_per_prompt`` completions per prompt at ``temperature`` with the current
+parameters on the fast path (merged weights), scores them with the task's scorer (reward +1 / −1,
+or the unparsable penalty), computes the base model's logits on the same tokens (original
+weights), and takes one AdamW step on −J (see :mod:`t2fast.train.objectives`; log-probabilities
+and KL at the sampling temperature, so the gradient is on-policy) with the learning rate on a
+cosine schedule and the gradient norm clipped. Every ``eval_every`` steps (and at step 0 and the end)
 greedy accuracy on the validation split decides the best checkpoint (written to ``out``) and
 early stopping. The full state is checkpointed at every evaluation for ``resume``.
 Sampling uses a generator seeded from (seed, step), so a resumed run continues exactly.
@@ -185,7 +186,7 @@ class Trainer:
         with self.policy.training() as model:
             logits = completion_logits(model, ro, c.samples_per_prompt)
         parts = reinforce_kl_loss(logits, base_logits, ro.completion_ids, ro.completion_mask,
-                                  adv, c.kl_coef, c.logprob_reduction)
+                                  adv, c.kl_coef, c.logprob_reduction, c.temperature)
         stats = self._update(parts.loss)
         stats.update(parts.stats())
         stats.update(reward=float(rewards.mean()),
@@ -343,7 +344,8 @@ class Trainer:
                 self.logger.log(stats)
                 if bar is not None:
                     bar.update(1)
-                    show = {k: f"{stats[k]:.3f}" for k in ("reward", "kl", "loss") if k in stats}
+                    show = {k: f"{stats[k]:.3f}" for k in ("reward", "kl", "loss")
+                            if stats.get(k) is not None}
                     if self.evals:
                         show["val"] = f"{self.evals[-1]['accuracy']:.3f}"
                     bar.set_postfix(show, refresh=False)
