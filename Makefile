@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.t2fast-installed
 
-.PHONY: demo test bench install clean-venv
+.PHONY: demo test bench results install clean-venv
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest bench/ --benchmark-only -q
+
+# The tiny world's quality table from the shipped experts (trains nothing; RESULTS_FLAGS=--train
+# rebuilds the experts first). Writes results/README.md and results/results.json.
+results: $(STAMP)
+	$(BIN)/python scripts/make_results.py $(RESULTS_FLAGS)
 
 clean-venv:
 	rm -rf $(VENV)
