@@ -224,14 +224,15 @@ def _check_bounds(alpha: torch.Tensor, names: list[str], bounds: MixtureBounds,
     if abs(float(alpha[i, k])) > bounds.max_abs:
         raise MixtureError(f"alpha[{cols[k]!r}] = {float(alpha[i, k]):.6g} is outside the bound "
                            f"|α| ≤ {bounds.max_abs:g} (MixtureBounds.max_abs)")
+    per_layer = not bool((alpha == alpha[0]).all())
     l1 = alpha.abs().sum(dim=1)
     i = int(l1.argmax())
     if float(l1[i]) > bounds.max_l1:
-        where = f" (layer {i})" if alpha.shape[0] > 1 else ""
+        where = f" (layer {i})" if per_layer else ""
         raise MixtureError(f"Σ|α| = {float(l1[i]):.6g}{where} is outside the bound Σ|α| ≤ "
                            f"{bounds.max_l1:g} (MixtureBounds.max_l1)")
     if not names_base and bool((l1 == 0).any()):
-        where = f" in layer {int((l1 == 0).nonzero()[0])}" if alpha.shape[0] > 1 else ""
+        where = f" in layer {int((l1 == 0).nonzero()[0])}" if per_layer else ""
         raise MixtureError(f"the mixture is all zero{where}, which would zero every adapted "
                            f"weight; use 'base' (or None) for the base model, or name 'base' "
                            f"explicitly (e.g. {{'base': 0}}) to ask for zero weights")
