@@ -11,7 +11,7 @@ library = find_packages(include=["t2fast", "t2fast.*"])
 setup(
     packages=library + ["t2fast.kernels"],
     package_dir={"t2fast.kernels": "kernels"},
-    package_data={"t2fast": ["assets/**/*", "assets/*", "kernels/configs/*.json"],
-                  "t2fast.kernels": ["configs/*.json"]},
+    package_data={"t2fast": ["assets/**/*", "assets/*"],
+                  "t2fast.kernels": ["configs/*.json", "configs/README.md"]},
     include_package_data=True,
 )

@@ -31,8 +31,9 @@ TABLE_FORMAT = 1
 # Token buckets of the tables: a plan is chosen for the smallest bucket >= T.
 T_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 DECODE_MAX_T = 64
-# Programs each launch should reach at decode, per SM (two resident CTAs hide memory latency).
-PROGRAMS_PER_SM = 2
+# Programs each launch should reach, per SM: two at decode (two resident CTAs hide memory
+# latency), one wave beyond it (large tiles; splitting them would add fp32 atomics and a memset).
+DECODE_PROGRAMS_PER_SM = 2
 MAX_SPLIT = 32
 BACKEND_CHOICES = ("triton", "torch")
 
@@ -151,22 +152,24 @@ def gemm_tile(T: int, dtype: torch.dtype) -> TileConfig:
         return TileConfig(min(64, _pow2_at_least(T)), 64, 32, num_warps=4, num_stages=2)
     if T <= DECODE_MAX_T:            # memory-bound: one row tile, long k-blocks, deep pipeline
         bm = _pow2_at_least(T)
-        return TileConfig(bm, 64, 128, num_warps=4, num_stages=3 if bm == 64 else 4)
+        return TileConfig(bm, 64, 128, num_warps=4, num_stages=4 if bm == 16 else 3)
     if T <= 256:
         return TileConfig(64, 128, 64, num_warps=4, num_stages=4)
     return TileConfig(128, 128, 64, num_warps=8, num_stages=3)
 
 
 def fill_gpu(cfg: TileConfig, M: int, N: int, K: int, num_sms: int) -> TileConfig:
-    """Narrow ``block_n`` (down to 16) and split K until the launch has ``2 × num_sms`` programs.
+    """Split K, then narrow ``block_n`` (to 16) and ``block_k`` (to 32), until the launch fills
+    the GPU.
 
+    The target is ``2 × num_sms`` programs for decode-sized M (≤ 64 tokens), ``num_sms`` beyond.
     Splits keep at least one k-block per split and stay ≤ :data:`MAX_SPLIT`; a launch that is
     already wide enough is returned unchanged (the split a table gives is kept as the minimum).
     """
-    target = PROGRAMS_PER_SM * num_sms
-    k_blocks = cdiv(K, cfg.block_k)
+    target = (DECODE_PROGRAMS_PER_SM if M <= DECODE_MAX_T else 1) * num_sms
 
     def best_split(c):
+        k_blocks = cdiv(K, c.block_k)
         s = c.split_k
         while c.tiles(M, N) * s < target and s * 2 <= min(k_blocks, MAX_SPLIT):
             s *= 2
@@ -175,6 +178,8 @@ def fill_gpu(cfg: TileConfig, M: int, N: int, K: int, num_sms: int) -> TileConfi
     cfg = best_split(cfg)
     while cfg.programs(M, N) < target and cfg.block_n > 16:
         cfg = best_split(replace(cfg, block_n=cfg.block_n // 2, split_k=1))
+    while cfg.programs(M, N) < target and cfg.block_k > 32:
+        cfg = best_split(replace(cfg, block_k=cfg.block_k // 2, split_k=1))
     return cfg
 
 
@@ -184,8 +189,9 @@ def heuristic_plan(T: int, m: int, n: int, r: int, dtype: torch.dtype, num_sms: 
     shrink = gemm_tile(Tb, dtype)
     expand = gemm_tile(Tb, dtype)
     if dtype != torch.float32 and Tb <= DECODE_MAX_T:
-        # the expand streams U with an fp32 h tile: narrower columns than the shrink
-        expand = replace(expand, block_n=32)
+        # the expand streams U with an fp32 h tile: narrower columns than the shrink (and
+        # shorter k-blocks at 32 tokens, where 32x128 fp32 tiles spill on sm_90)
+        expand = replace(expand, block_n=32, block_k=64 if Tb == 32 else 128)
     return SVFPlan(fill_gpu(shrink, Tb, r, n, num_sms), fill_gpu(expand, Tb, m, r, num_sms),
                    source="heuristic")
 
@@ -243,15 +249,25 @@ def load_table(arch: str) -> tuple[TableEntry, ...]:
     return tuple(parse_table(json.loads(path.read_text()), str(path)))
 
 
+# A table entry serves shapes within this factor of its own m and n.
+NEAREST_MAX_RATIO = 2.0
+
+
 def lookup(entries, T: int, m: int, n: int) -> SVFPlan | None:
-    """The plan of the T bucket's entry nearest in shape, or None when the table is empty."""
+    """The plan of the T bucket's entry nearest in shape (log-distance in m and n).
+
+    None when the table is empty or no entry lies within :data:`NEAREST_MAX_RATIO` of m and n.
+    """
     if not entries:
         return None
     b = t_bucket(T)
     ts = sorted({e.t for e in entries})
     tb = next((t for t in ts if t >= b), ts[-1])
-    same_t = [e for e in entries if e.t == tb]
-    best = min(same_t, key=lambda e: (abs(math.log(e.m / m)) + abs(math.log(e.n / n)), e.m, e.n))
+    near = [e for e in entries if e.t == tb
+            and max(e.m / m, m / e.m, e.n / n, n / e.n) <= NEAREST_MAX_RATIO]
+    if not near:
+        return None
+    best = min(near, key=lambda e: (abs(math.log(e.m / m)) + abs(math.log(e.n / n)), e.m, e.n))
     return best.plan
 
 
@@ -265,12 +281,12 @@ def device_arch(device: torch.device) -> tuple[str, int]:
 def plan_for(Tb: int, m: int, n: int, r: int, dtype: torch.dtype, arch: str,
              num_sms: int) -> SVFPlan:
     """The plan for a token bucket ``Tb`` (see :func:`plan`)."""
-    entry = lookup(load_table(arch), Tb, m, n) if dtype != torch.float32 else None
-    if entry is None:
+    found = lookup(load_table(arch), Tb, m, n) if dtype != torch.float32 else None
+    if found is None:
         return heuristic_plan(Tb, m, n, r, dtype, num_sms)
     Tp = _pow2_at_least(Tb)
-    return replace(entry, shrink=fill_gpu(entry.shrink, Tp, r, n, num_sms),
-                   expand=fill_gpu(entry.expand, Tp, m, r, num_sms))
+    return replace(found, shrink=fill_gpu(found.shrink, Tp, r, n, num_sms),
+                   expand=fill_gpu(found.expand, Tp, m, r, num_sms))
 
 
 def plan(T: int, m: int, n: int, r: int, dtype: torch.dtype, device: torch.device) -> SVFPlan:

@@ -1,0 +1,77 @@
+"""Timing for the SVF benchmarks and the tuner: L2-cold weights, CUDA graphs, medians.
+
+On a CUDA device a measured call runs over ``copies`` distinct copies of its weights (enough
+that together they exceed L2 several times), all captured in one CUDA graph after a warm-up;
+each replay is timed with CUDA events and the result is the median over replays divided by the
+number of copies. On the CPU (Triton's interpreter) it is a wall-clock median: it checks that a
+script works and says nothing about GPU speed.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+
+CUDA = torch.cuda.is_available()
+
+
+def l2_cold_copies(bytes_per_copy: int, factor: float = 3.0, cap: int = 64) -> int:
+    """How many weight copies make a rotation ``factor`` × the GPU's L2 (2 on the CPU)."""
+    if not CUDA:
+        return 2
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    return max(2, min(cap, math.ceil(factor * l2 / max(1, bytes_per_copy))))
+
+
+def time_us(calls, reps: int = 30) -> float:
+    """Median microseconds of one call, ``calls`` being one zero-argument callable per copy."""
+    if not CUDA:
+        for c in calls:
+            c()
+        times = []
+        for _ in range(max(3, reps // 10)):
+            t0 = time.perf_counter()
+            for c in calls:
+                c()
+            times.append((time.perf_counter() - t0) * 1e6 / len(calls))
+        return statistics.median(times)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):            # warm-up: compiles, allocator pools
+        for _ in range(2):
+            for c in calls:
+                c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    return statistics.median(times)
+
+
+def ceilings(small: bool = False) -> dict:
+    """Measured device-to-device copy bandwidth (GB/s) and dense GEMM rate (TFLOP/s)."""
+    device = "cuda" if CUDA else "cpu"
+    n = (1 << 22) if small or not CUDA else (1 << 28)
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    copy_us = time_us([lambda: b.copy_(a)])
+    k = 256 if small or not CUDA else 8192
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    x = torch.randn(k, k, device=device, dtype=dtype)
+    w = torch.randn(k, k, device=device, dtype=dtype)
+    gemm_us = time_us([lambda: x @ w])
+    return {"copy_GBps": 2 * n / copy_us / 1e3, "gemm_TFLOPs": 2 * k ** 3 / gemm_us / 1e6,
+            "gemm_dtype": str(dtype).replace("torch.", "")}

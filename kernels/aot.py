@@ -1,0 +1,179 @@
+"""Ahead-of-time compilation of the SVF kernels for a GPU target, on any machine (no GPU needed).
+
+``compile_plan_kernels`` builds each kernel of a plan with ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", 90, 32))`` with the specializations a real launch gets (16-byte-aligned
+pointers, unit strides as constants, 16-divisible sizes), and ``ptxas -v`` reports registers and
+spills. The CPU test gates (tensor-core instructions in the PTX, no spills, shared memory within
+the SM's limit) use it through :func:`compile_reports`, which runs the compiler in a child
+process when this one has Triton's interpreter on (interpreted kernels cannot be compiled).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .configs import SVFPlan, TileConfig
+from .scaled_matmul import scaled_matmul_kernel
+from .svf_shrink import svf_shrink_kernel
+
+H100 = GPUTarget("cuda", 90, 32)
+# Shared memory one CTA may use on sm_90 (227 KB).
+SM90_MAX_SHARED = 227 * 1024
+_PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    """What the compiler reports for one kernel binary."""
+    name: str
+    ptx: str
+    shared: int
+    registers: int | None
+    spill_bytes: int | None
+
+    @property
+    def tensor_cores(self) -> bool:
+        """``mma.sync`` or ``wgmma`` in the PTX."""
+        return bool(re.search(r"\b(wgmma\.mma_async|mma\.sync)", self.ptx))
+
+    @property
+    def atomics(self) -> bool:
+        return bool(re.search(r"\b(red|atom)\.global\.", self.ptx))
+
+    def report(self) -> dict:
+        """What the gates check, without the PTX text."""
+        return dict(name=self.name, shared=self.shared, registers=self.registers,
+                    spill_bytes=self.spill_bytes, tensor_cores=self.tensor_cores,
+                    wgmma="wgmma.mma_async" in self.ptx, cp_async="cp.async" in self.ptx,
+                    atomics=self.atomics, tf32=bool(re.search(r"\.tf32", self.ptx)),
+                    target=re.search(r"\.target\s+(\S+)", self.ptx).group(1))
+
+
+def _signature(kernel, pointers: dict, constants: dict, divisible: set):
+    sig, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constants:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            if name in divisible:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def ptxas_path() -> str | None:
+    """A ptxas that accepts the PTX this Triton emits (Triton ships one, newer ones too)."""
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    for name in ("ptxas-blackwell", "ptxas"):
+        p = bin_dir / name
+        if p.exists():
+            return str(p)
+    return shutil.which("ptxas")
+
+
+def _ptxas_report(ptx: str, arch: str) -> tuple[int | None, int | None]:
+    exe = ptxas_path()
+    if exe is None:
+        return None, None
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        res = subprocess.run([exe, "-v", "--gpu-name", arch, str(src), "-o", str(Path(d) / "k.o")],
+                             capture_output=True, text=True)
+    if res.returncode != 0:
+        return None, None
+    text = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
+    return (int(regs.group(1)) if regs else None), sum(spills)
+
+
+def _compile(kernel, sig, attrs, constants, tile: TileConfig, target: GPUTarget):
+    src = ASTSource(fn=kernel, signature=sig, constexprs=constants, attrs=attrs)
+    c = triton.compile(src, target=target,
+                       options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
+    ptx = c.asm["ptx"]
+    arch = re.search(r"\.target\s+(\S+)", ptx).group(1)
+    regs, spills = _ptxas_report(ptx, arch)
+    return CompiledKernel(kernel.__name__, ptx, int(c.metadata.shared), regs, spills)
+
+
+def compile_shrink(tile: TileConfig, dtype: str = "bf16", mix: bool = False, h_dtype: str = "",
+                   target: GPUTarget = H100) -> CompiledKernel:
+    """The shrink kernel of ``tile`` for inputs of ``dtype`` ("bf16", "fp16", "fp32")."""
+    h_dtype = "fp32" if tile.split_k > 1 or dtype == "fp32" else (h_dtype or dtype)
+    pointers = dict(x_ptr=_PTR[dtype], vh_ptr=_PTR[dtype], s_ptr="*fp32", z_ptr="*fp32",
+                    alpha_ptr="*fp32", bank_ptr="*fp32", idx_ptr="*i32", h_ptr=_PTR[h_dtype])
+    constants = dict(MIX=mix, DOT_FP32=dtype == "fp32", stride_xn=1, stride_vn=1,
+                     stride_hr=1, **tile.meta())
+    constants.update(dict(stride_ak=1, stride_br=1, stride_zs=0, stride_zr=0) if mix else
+                     dict(stride_zr=1, stride_as=0, stride_ak=0, stride_bk=0, stride_br=0))
+    sig, attrs = _signature(svf_shrink_kernel, pointers, constants,
+                            {"N", "R", "stride_xt", "stride_vr", "stride_zs", "stride_ht",
+                             "stride_as", "stride_bk"})
+    return _compile(svf_shrink_kernel, sig, attrs, constants, tile, target)
+
+
+def compile_expand(tile: TileConfig, dtype: str = "bf16", h_dtype: str = "",
+                   target: GPUTarget = H100) -> CompiledKernel:
+    """The expand (``h @ Uᵀ``) kernel of ``tile``; h is fp32 when the shrink split, else x's."""
+    h_dtype = h_dtype or dtype
+    out = "fp32" if tile.split_k > 1 else dtype
+    pointers = dict(a_ptr=_PTR[h_dtype], scale_ptr=_PTR[h_dtype], b_ptr=_PTR[dtype],
+                    out_ptr=_PTR[out])
+    constants = dict(HAS_SCALE=False, DOT_FP32=dtype == "fp32", stride_ak=1, stride_bk=1,
+                     stride_on=1, **tile.meta())
+    sig, attrs = _signature(scaled_matmul_kernel, pointers, constants,
+                            {"N", "K", "stride_am", "stride_bn", "stride_os", "stride_om"})
+    return _compile(scaled_matmul_kernel, sig, attrs, constants, tile, target)
+
+
+def compile_plan_kernels(plan: SVFPlan, dtype: str = "bf16", mix: bool = False,
+                         target: GPUTarget = H100) -> dict[str, CompiledKernel]:
+    """Shrink and expand of ``plan`` compiled for ``target`` (default sm_90, H100/H200)."""
+    h = "fp32" if plan.shrink.split_k > 1 or dtype == "fp32" else dtype
+    return {"shrink": compile_shrink(plan.shrink, dtype, mix, h, target),
+            "expand": compile_expand(plan.expand, dtype, h, target)}
+
+
+def _compile_spec(spec: dict) -> dict:
+    tile = TileConfig(**spec["tile"])
+    if spec["op"] == "shrink":
+        k = compile_shrink(tile, spec["dtype"], spec.get("mix", False))
+    else:
+        k = compile_expand(tile, spec["dtype"], spec.get("h_dtype", ""))
+    return k.report()
+
+
+def compile_reports(specs: list[dict]) -> list[dict]:
+    """Compile each ``{"op": "shrink"|"expand", "tile": {...}, "dtype": "bf16", "mix": bool,
+    "h_dtype": "fp32"}`` for sm_90 and return :meth:`CompiledKernel.report` dicts.
+
+    Runs in a child process with ``TRITON_INTERPRET=0`` when the interpreter is on here.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return [_compile_spec(s) for s in specs]
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run([sys.executable, "-m", "t2fast.kernels.aot"], input=json.dumps(specs),
+                         capture_output=True, text=True, env=env, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"ahead-of-time compilation failed:\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.splitlines()[-1])
+
+
+if __name__ == "__main__":
+    print(json.dumps([_compile_spec(s) for s in json.loads(sys.stdin.read())]))

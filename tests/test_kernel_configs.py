@@ -1,0 +1,153 @@
+"""Kernel plans: the shipped tables, nearest-key lookup, the heuristic, the tuner's table format.
+
+Plans are plain data, so everything here runs on the CPU without launching a kernel. The decode
+launch plan must fill an H100 (132 SMs): every op of every Llama-3-8B / Qwen2.5-7B shape launches
+at least 2 × 132 programs at T = 1.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from t2fast.kernels import configs
+from t2fast.kernels.configs import SVFPlan, TableEntry, TileConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from shapes import projections  # noqa: E402
+
+H100_SMS = 132
+SHAPES_8B = sorted({mn for model in ("llama3-8b", "mistral-7b", "qwen2.5-7b")
+                    for mn in projections(model).values()})
+
+
+def _sm90_plan(T, m, n):
+    return configs.plan_for(configs.t_bucket(T), m, n, min(m, n), torch.bfloat16, "sm90",
+                            H100_SMS)
+
+
+def test_shipped_tables_parse_and_cover_every_bucket():
+    tables = sorted(configs.CONFIG_DIR.glob("*.json"))
+    assert tables, "no config table ships with the kernels"
+    for path in tables:
+        data = json.loads(path.read_text())
+        entries = configs.parse_table(data, str(path))
+        assert data["arch"] == path.stem
+        assert isinstance(data["tuned"], bool) and data["note"]
+        assert {e.t for e in entries} == set(configs.T_BUCKETS), path.name
+    sm90 = configs.load_table("sm90")
+    assert {(e.m, e.n) for e in sm90} >= set(SHAPES_8B)
+
+
+@pytest.mark.parametrize("mn", SHAPES_8B, ids=lambda mn: f"{mn[0]}x{mn[1]}")
+def test_decode_plan_fills_an_h100(mn):
+    m, n = mn
+    r = min(m, n)
+    for T in (1, 8, 16, 32, 64):
+        plan = _sm90_plan(T, m, n)
+        assert plan.source == "table:sm90.json"
+        counts = dict(plan.launches(T, m, r))
+        assert counts["shrink"] >= 2 * H100_SMS, (T, plan.shrink)
+        assert counts["expand"] >= 2 * H100_SMS, (T, plan.expand)
+        # split reductions keep at least one k-block per split
+        assert plan.shrink.split_k <= configs.cdiv(n, plan.shrink.block_k)
+        assert plan.expand.split_k <= configs.cdiv(r, plan.expand.block_k)
+
+
+def test_prefill_plan_uses_large_unsplit_tiles():
+    plan = _sm90_plan(4096, 4096, 4096)
+    assert plan.shrink.block_m == 128 and plan.shrink.split_k == 1
+    assert plan.expand.block_m == 128 and plan.expand.split_k == 1
+    assert plan.h_dtype(torch.bfloat16) == torch.bfloat16      # h stored in x's dtype
+    decode = _sm90_plan(1, 4096, 4096)
+    assert decode.h_dtype(torch.bfloat16) == torch.float32      # split shrink: fp32 atomics
+    assert [name for name, _ in decode.launches(1, 4096, 4096)] == [
+        "memset h", "shrink", "expand", "split sum"]
+
+
+def test_plans_depend_on_the_bucket_only():
+    """One binary per bucket: every T of a bucket gets the same plan."""
+    for lo, hi in ((1, 16), (17, 32), (65, 128), (513, 1024)):
+        assert _sm90_plan(lo, 4096, 14336) == _sm90_plan(hi, 4096, 14336)
+    assert configs.t_bucket(1) == 16 and configs.t_bucket(17) == 32
+    assert configs.t_bucket(10_000) == configs.T_BUCKETS[-1]
+
+
+def test_lookup_nearest_shape_and_fallback():
+    a = SVFPlan(TileConfig(16, 64, 128), TileConfig(16, 32, 128), source="a")
+    b = SVFPlan(TileConfig(16, 32, 64), TileConfig(16, 16, 64), backend="torch", source="b")
+    entries = [TableEntry(16, 4096, 4096, a), TableEntry(16, 1024, 4096, b),
+               TableEntry(64, 4096, 4096, b)]
+    assert configs.lookup(entries, 1, 4000, 4100) is a
+    assert configs.lookup(entries, 1, 900, 4096) is b
+    assert configs.lookup(entries, 40, 4096, 4096) is b        # bucket 64
+    assert configs.lookup(entries, 5000, 4096, 4096) is b      # past the last bucket: the last
+    assert configs.lookup(entries, 1, 256, 256) is None        # nothing near: heuristic
+    assert configs.lookup([], 1, 4096, 4096) is None
+
+
+def test_unknown_arch_and_fp32_use_the_heuristic():
+    p = configs.plan_for(16, 4096, 4096, 4096, torch.bfloat16, "sm75", 40)
+    assert p.source == "heuristic"
+    p32 = configs.plan_for(16, 4096, 4096, 4096, torch.float32, "sm90", H100_SMS)
+    assert p32.source == "heuristic" and p32.shrink.block_k == 32   # small IEEE-fp32 tiles
+
+
+def test_fill_gpu_splits_only_what_is_too_narrow():
+    wide = TileConfig(16, 32, 128)
+    assert configs.fill_gpu(wide, 16, 14336, 4096, H100_SMS) == wide          # 448 tiles
+    narrow = configs.fill_gpu(TileConfig(16, 64, 128), 16, 1024, 4096, H100_SMS)
+    assert narrow.programs(16, 1024) >= 2 * H100_SMS
+    short_k = configs.fill_gpu(TileConfig(16, 64, 128), 16, 64, 128, H100_SMS)
+    assert (short_k.block_n, short_k.block_k, short_k.split_k) == (16, 32, 4)  # 4 k-blocks
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(block_m=8, block_n=16, block_k=16), "block_m must be a power of two >= 16"),
+    (dict(block_m=16, block_n=48, block_k=16), "block_n must be a power of two"),
+    (dict(block_m=16, block_n=16, block_k=16, split_k=0), "split_k must be a positive int"),
+    (dict(block_m=16, block_n=16, block_k=16, num_warps=3), "num_warps must be 1, 2, 4, 8"),
+])
+def test_tile_config_rejects_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TileConfig(**bad)
+
+
+def test_parse_table_names_what_is_wrong(tmp_path):
+    good = configs.table_to_json([TableEntry(16, 64, 64, configs.INTERPRETER_PLAN)], "x", {})
+    assert configs.parse_table(json.loads(json.dumps(good)), "t.json")[0].plan.shrink == \
+        configs.INTERPRETER_PLAN.shrink
+    cases = [
+        ({**good, "format": 9}, "not a t2fast kernel config table of format 1"),
+        ({**good, "entries": []}, "'entries' must be a non-empty list"),
+        ({**good, "entries": [{**good["entries"][0], "t": 17}]}, r"entries\[0\]: t = 17"),
+        ({**good, "entries": [{**good["entries"][0], "backend": "cuda"}]}, "backend must be"),
+        ({**good, "entries": [{**good["entries"][0], "shrink": {"block_m": 16}}]},
+         r"entries\[0\].shrink"),
+        ({**good, "entries": [{**good["entries"][0],
+                               "expand": {**good["entries"][0]["expand"], "bm": 1}}]},
+         r"unknown tile field\(s\) \['bm'\]"),
+        ({**good, "entries": [{"t": 16}]}, r"lacks \['backend', 'expand', 'm', 'n', 'shrink'\]"),
+    ]
+    for data, match in cases:
+        with pytest.raises(ValueError, match=match):
+            configs.parse_table(data, "t.json")
+
+
+def test_tuner_writes_a_table_the_loader_reads(tmp_path):
+    """The tuner's dry run (interpreter timing, one tiny shape) writes a valid table."""
+    out = tmp_path / "cpu.json"
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "tune_svf.py"), "--shapes", "40x48",
+         "--buckets", "16", "--quick", "--num-sms", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                           "TRITON_INTERPRET": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    entries = configs.parse_table(data, str(out))
+    assert data["tuned"] is True and len(entries) == 1
+    assert (entries[0].m, entries[0].n, entries[0].t) == (40, 48, 16)
+    assert entries[0].plan.backend in ("triton", "torch")
