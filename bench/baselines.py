@@ -76,9 +76,21 @@ def svf_triton_mix(p: Problem):
                               validate=False)
 
 
+def torch_composition(p: Problem):
+    """The three lines a user would write, in the activation dtype (cuBLAS, fp32 accumulate)."""
+    return ((p.x @ p.Vh.T) * (p.S * p.Z[p.idx]).to(p.x.dtype)) @ p.U.T
+
+
 def unfused_torch(p: Problem):
-    """Gather + two matmuls in torch (the reference backend)."""
+    """Gather + two matmuls in float32 (the reference module; copies half weights to fp32)."""
     return reference.svf_matmul(p.x, p.U, p.S, p.Vh, p.Z, p.idx)
+
+
+def rel_err_vs_f64(p: Problem, y: torch.Tensor) -> float:
+    """max |y − y64| / max |y64| against a float64 reference on the same inputs."""
+    ref = reference.svf_matmul(p.x.double(), p.U.double(), p.S.double(), p.Vh.double(),
+                               p.Z.double(), p.idx)
+    return float((y.double() - ref).abs().max() / ref.abs().max())
 
 
 def materialize_per_mixture(p: Problem):

@@ -37,7 +37,8 @@ def problem(request):
 
 
 @pytest.mark.benchmark(group="svf")
-@pytest.mark.parametrize("impl", ["dense", "unfused_torch", "materialize_per_mixture",
+@pytest.mark.parametrize("impl", ["dense", "torch_composition", "unfused_torch",
+                                  "materialize_per_mixture",
                                   "svf_triton", "svf_triton_mix"])
 def test_svf_paths(benchmark, problem, impl):
     T = problem.x.shape[0]
