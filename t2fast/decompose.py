@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .safetensors_io import T2FileError, read_file, write_file
-from .targets import resolve_targets
+from .targets import resolve_targets, target_weights
 
 SVD_FORMAT = "t2fast-svd"
 SVD_VERSION = "1"
@@ -202,15 +202,15 @@ class Decomposition:
                 f"max relative reconstruction error {worst[1]:.2e} ({worst[0]})")
 
 
-def decompose_modules(modules: dict[str, nn.Linear], cache_dir=None, progress: bool = True,
+def decompose_weights(weights: dict[str, torch.Tensor], cache_dir=None, progress: bool = True,
                       ) -> Decomposition:
-    """SVD of each ``nn.Linear``'s weight; ``cache_dir=False`` disables the disk cache."""
+    """SVD of each weight [out, in] (keyed by its target name); ``cache_dir=False`` disables
+    the disk cache."""
     cache = None if cache_dir is False else SVDCache(cache_dir)
     factors, errors, hits = {}, {}, 0
     # disable=None: a bar on a terminal only, never escape codes in logs and pipes
-    for name, mod in tqdm(modules.items(), desc="SVD", disable=None if progress else True,
-                          leave=False):
-        w = mod.weight
+    for name, w in tqdm(weights.items(), desc="SVD", disable=None if progress else True,
+                        leave=False):
         if cache is None:
             f, hit = decompose_weight(w, name), False
         else:
@@ -225,5 +225,5 @@ def decompose_model(model: nn.Module, targets="all", layers=None, cache_dir=None
                     progress: bool = True) -> Decomposition:
     """Decompose the target matrices of ``model`` (see :func:`t2fast.targets.resolve_targets`)."""
     names = resolve_targets(model, targets, layers)
-    mods = dict(model.named_modules())
-    return decompose_modules({n: mods[n] for n in names}, cache_dir=cache_dir, progress=progress)
+    return decompose_weights(target_weights(model, names), cache_dir=cache_dir,
+                             progress=progress)

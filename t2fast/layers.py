@@ -157,3 +157,46 @@ class SVFLinear(nn.Module):
                 "merged" if self.merged is not None else "factored")
         return (f"{self.name}: in={self.in_features}, out={self.out_features}, rank={self.rank}, "
                 f"slots={self.slot_z.shape[0]}, experts={self.bank.shape[0] - 1}, mode={mode}")
+
+
+def row_block(linear: nn.Linear, start: int, stop: int) -> nn.Linear:
+    """An ``nn.Linear`` computing rows ``start:stop`` of ``linear``'s output; its weight and bias
+    are views of ``linear``'s (no copy)."""
+    block = nn.Linear(linear.in_features, stop - start, bias=linear.bias is not None,
+                      device="meta")
+    block.weight = nn.Parameter(linear.weight[start:stop], linear.weight.requires_grad)
+    if linear.bias is not None:
+        block.bias = nn.Parameter(linear.bias[start:stop], linear.bias.requires_grad)
+    return block
+
+
+class FusedSVF(nn.Module):
+    """A fused projection (Phi-3's ``qkv_proj``, ``gate_up_proj``) whose logical matrices are
+    adapted separately: ``y = concat_i part_i(x)`` over the output dimension.
+
+    ``parts`` are :class:`SVFLinear` layers for adapted matrices and :func:`row_block` views for
+    the others. Its state dict holds the fused ``weight`` [out, in] (and ``bias``), built from
+    the parts' dense weights, so a merged model saves in the original layout.
+    """
+
+    def __init__(self, name: str, parts: list[nn.Module]):
+        super().__init__()
+        self.name = name
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.register_state_dict_post_hook(_fused_state_dict)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def _fused_state_dict(module: FusedSVF, state: dict, prefix: str, local_metadata) -> None:
+    """Replace the parts' entries (``parts.{i}.weight``...) by the fused ``weight``/``bias``."""
+    parts = {k[len(prefix):]: state.pop(k) for k in list(state)
+             if k.startswith(prefix + "parts.")}
+    n = len(module.parts)
+    for key in ("weight", "bias"):
+        blocks = [parts.get(f"parts.{i}.{key}") for i in range(n)]
+        if all(b is not None for b in blocks):
+            state[prefix + key] = torch.cat(blocks)

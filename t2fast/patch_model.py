@@ -20,9 +20,9 @@ from torch import nn
 
 from .decompose import Decomposition, decompose_model
 from .experts import Expert, ExpertBank, Fingerprint, load_expert
-from .layers import RowSlots, SVFLinear
+from .layers import FusedSVF, RowSlots, SVFLinear, row_block
 from .mixtures import MixtureBounds
-from .targets import layer_index
+from .targets import layer_index, target_modules
 
 MERGE_CACHE_SIZE = 4
 
@@ -70,14 +70,26 @@ class SVFHandle:
         self.fingerprint = Fingerprint.of(decomposition.factors)
         self.hybrid = hybrid
         self.rows = RowSlots()
-        self._originals = {name: model.get_submodule(name) for name in decomposition.factors}
-        self.layers: dict[str, SVFLinear] = {
-            name: SVFLinear(name, f, self._originals[name], layer_index(name) or 0, self.rows,
-                            backend, mix_in_kernel)
-            for name, f in decomposition.factors.items()}
-        for name, layer in self.layers.items():     # built every layer first: swap all or none
-            parent, attr = _parent(model, name)
-            setattr(parent, attr, layer)
+        self._originals: dict[str, nn.Linear] = {}     # module name → the original module
+        self._dense: dict[str, nn.Linear] = {}         # target → its original (row-block) linear
+        self.layers: dict[str, SVFLinear] = {}
+        swaps = {}
+        for module_name, parts in target_modules(model, self.targets).items():
+            linear = model.get_submodule(module_name)
+            self._originals[module_name] = linear
+            blocks = {module_name: linear} if parts is None else {
+                logical: row_block(linear, a, b) for logical, a, b in parts}
+            for name, dense in blocks.items():
+                if name in decomposition.factors:
+                    self._dense[name] = dense
+                    self.layers[name] = SVFLinear(name, decomposition.factors[name], dense,
+                                                  layer_index(name) or 0, self.rows, backend,
+                                                  mix_in_kernel)
+            swaps[module_name] = self.layers[module_name] if parts is None else FusedSVF(
+                module_name, [self.layers.get(n, dense) for n, dense in blocks.items()])
+        for module_name, module in swaps.items():   # built every layer first: swap all or none
+            parent, attr = _parent(model, module_name)
+            setattr(parent, attr, module)
         self.bank = ExpertBank([], decomposition.factors)
         self._merge_cache: dict[bytes, dict[str, torch.Tensor]] = {}
         self.stats = dict(factored_sets=0, merged_sets=0, base_sets=0, merges=0,
@@ -171,7 +183,7 @@ class SVFHandle:
         self.rows.set(None, num_rows)
         if torch.equal(alpha, self.alpha(None)):
             for name, layer in self.layers.items():
-                layer.merged = self._originals[name].weight.detach()
+                layer.merged = self._dense[name].weight.detach()
             self.stats["base_sets"] += 1
             return "base"
         weights = self._merge_cache.pop(key, None)

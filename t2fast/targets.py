@@ -3,6 +3,12 @@
 Names are Hugging Face module names (``model.layers.3.mlp.down_proj``); expert files and
 decomposition caches are keyed by them. A selection is a module set (a preset, short names or
 glob patterns) and optionally a layer selection.
+
+**Fused projections** (Phi-3's ``qkv_proj`` and ``gate_up_proj``) stack several logical matrices
+along the output dimension. They are split per logical matrix, as the vLLM path does: the
+targets are ``...self_attn.q_proj``, ``.k_proj``, ``.v_proj``, ``...mlp.gate_proj``, ``.up_proj``
+(row blocks of the fused weight), so experts carry the same names on every architecture.
+:func:`fused_parts` gives the row blocks, :func:`target_weights` the weight of every target.
 """
 from __future__ import annotations
 
@@ -10,11 +16,15 @@ import fnmatch
 import re
 from typing import Iterable, Sequence
 
+import torch
 from torch import nn
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 PRESETS = {"all": ATTENTION + MLP, "attention": ATTENTION, "mlp": MLP}
+
+#: fused projection → the logical matrices it stacks along its output dimension, in order.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -59,6 +69,85 @@ def _layer_set(layers, num_layers: int) -> set[int] | None:
     return chosen
 
 
+def _text_config(model: nn.Module):
+    cfg = getattr(model, "config", None)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def fused_parts(model: nn.Module, name: str, linear: nn.Linear) -> list[tuple[str, int, int]]:
+    """``[(logical name, first row, end row)]`` of the fused projection ``name`` (weight
+    [out, in]); the sizes come from the model's config and must add up to ``out``."""
+    parent, _, short = name.rpartition(".")
+    out = linear.out_features
+    cfg = _text_config(model)
+    if short == "gate_up_proj":
+        sizes = [out // 2, out // 2]
+    else:
+        heads = getattr(cfg, "num_attention_heads", None)
+        if not heads:
+            raise ValueError(f"cannot split the fused projection {name}: the model has no config "
+                             f"with num_attention_heads")
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        sizes = [heads * head_dim, kv * head_dim, kv * head_dim]
+    if sum(sizes) != out:
+        raise ValueError(f"cannot split the fused projection {name} (out_features {out}) into "
+                         f"{list(FUSED[short])} of sizes {sizes} from the model's config")
+    parts, start = [], 0
+    for logical, size in zip(FUSED[short], sizes):
+        parts.append((f"{parent}.{logical}" if parent else logical, start, start + size))
+        start += size
+    return parts
+
+
+def _linear_matrices(model: nn.Module) -> list[tuple[str, str | None]]:
+    """``(matrix name, fused module name or None)`` of every linear matrix, in model order."""
+    out = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        if name.rsplit(".", 1)[-1] in FUSED and layer_index(name) is not None:
+            out.extend((logical, name) for logical, _, _ in fused_parts(model, name, mod))
+        else:
+            out.append((name, None))
+    return out
+
+
+def target_modules(model: nn.Module, names: Sequence[str]) -> dict:
+    """The modules holding the targets ``names``, in their order: ``{module name: None}`` for a
+    target that is a whole ``nn.Linear``; ``{fused module name: [(logical name, first row, end
+    row)]}`` (every part, targeted or not) for logical matrices of a fused projection."""
+    mods = dict(model.named_modules())
+    out = {}
+    for name in names:
+        if isinstance(mods.get(name), nn.Linear):
+            out[name] = None
+            continue
+        parent, _, short = name.rpartition(".")
+        fused = [f"{parent}.{f}" if parent else f for f, logical in FUSED.items()
+                 if short in logical]
+        fused = [f for f in fused if isinstance(mods.get(f), nn.Linear)]
+        if not fused:
+            raise ValueError(f"target {name} is neither a linear module of the model nor part "
+                             f"of a fused projection")
+        if fused[0] not in out:
+            out[fused[0]] = fused_parts(model, fused[0], mods[fused[0]])
+    return out
+
+
+def target_weights(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The weight [out, in] of every target in ``names`` (a row-block view for a logical matrix
+    of a fused projection)."""
+    weights = {}
+    for module_name, parts in target_modules(model, names).items():
+        w = model.get_submodule(module_name).weight
+        if parts is None:
+            weights[module_name] = w
+        else:
+            weights.update({logical: w[a:b] for logical, a, b in parts})
+    return {n: weights[n] for n in names}
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     short = name.rsplit(".", 1)[-1]
     return any(short == p or fnmatch.fnmatchcase(name, p) for p in patterns)
@@ -74,20 +163,33 @@ def resolve_targets(model: nn.Module, targets="all", layers=None) -> list[str]:
         layers: ``None`` (every layer), an int, ``(start, stop)``, a range or list of ints,
             ``"first_half"`` or ``"second_half"``.
     Returns:
-        Full module names in model order. Raises ``ValueError`` if nothing matches.
+        Full names in model order; the logical matrices of a fused projection (``qkv_proj`` →
+        ``q_proj``, ``k_proj``, ``v_proj``) in its place. A pattern that matches the fused
+        module's own name selects all its parts.
+    Raises:
+        ValueError if nothing matches, or if ``targets="all"`` leaves linear matrices of the
+        selected decoder layers unadapted (an architecture whose projections t2fast cannot tell
+        apart); the message lists them.
     """
     patterns = _module_patterns(targets)
-    linears = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    matrices = _linear_matrices(model)
+    linears = [n for n, _ in matrices]
     layer_ids = [layer_index(n) for n in linears]
     num_layers = 1 + max((i for i in layer_ids if i is not None), default=-1)
     chosen_layers = _layer_set(layers, num_layers)
-    out = []
-    for name, li in zip(linears, layer_ids):
-        if not _matches(name, patterns):
-            continue
+    out, left = [], []
+    for (name, fused), li in zip(matrices, layer_ids):
         if chosen_layers is not None and li not in chosen_layers:
             continue
-        out.append(name)
+        if _matches(name, patterns) or (fused is not None and _matches(fused, patterns)):
+            out.append(name)
+        elif li is not None:
+            left.append(name)
+    if out and left and targets == "all":
+        raise ValueError(f"targets='all' adapts q, k, v, o, gate, up and down projections, but "
+                         f"{len(left)} linear modules of the decoder layers are none of these "
+                         f"and cannot be adapted: {left[:6]}{' ...' if len(left) > 6 else ''}; "
+                         f"pass targets= (short names or glob patterns) to adapt the others")
     if not out:
         sample = ", ".join(linears[:8]) + (" ..." if len(linears) > 8 else "")
         raise ValueError(f"no nn.Linear module matches targets={targets!r} layers={layers!r}; "
