@@ -357,6 +357,32 @@ def _adapt_run(args) -> int:
     return 0
 
 
+# ---- import-official ------------------------------------------------------------------------
+def _import_official_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="the official code's policy_params.pt")
+    add_model_argument(p)
+    p.add_argument("--out", required=True,
+                   help="expert file to write (.safetensors), else an expert folder")
+    p.add_argument("--name", default=None,
+                   help="expert name (default: the checkpoint's folder or file name)")
+    p.add_argument("--max-mult", type=float, default=1.0, help="the official policy's max_mult")
+
+
+def _import_official_run(args) -> int:
+    from .official import import_official
+    _set_threads(args.threads)
+    model, _ = load_model(args.model)
+    expert = import_official(args.checkpoint, model, args.name, args.max_mult,
+                             base_model=Path(args.model).name)
+    out = Path(args.out)
+    if out.suffix == ".safetensors":
+        expert.save(out)
+    else:
+        expert.save_pretrained(out)
+    print(f"wrote expert {expert.name!r} ({len(expert.z)} matrices) to {out}")
+    return 0
+
+
 def _jsonable(spec):
     try:
         import torch
@@ -373,6 +399,9 @@ register("eval", "greedy accuracy of the base model, an SVF expert or a LoRA ada
          _eval_args, _eval_run)
 register("adapt", "two-pass adaptation (prompt / classifier / few-shot CEM / uniform) on a task "
                   "or on prompts", _adapt_args, _adapt_run)
+register("import-official", "convert an expert trained with the official Transformer² code "
+                            "(policy_params.pt) into a t2fast expert", _import_official_args,
+         _import_official_run)
 
 
 def build_parser() -> argparse.ArgumentParser:
