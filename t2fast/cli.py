@@ -62,6 +62,8 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
 def load_model(spec: str):
     """(model, tokenizer) for a ``--model`` value."""
     import torch
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()    # no "Loading weights" bars around the CLI's output
     if spec == "tiny":
         from .models import load_tiny
         return load_tiny()
@@ -218,17 +220,20 @@ def _eval_run(args) -> int:
     if args.n < 1:
         print(f"t2fast eval: --n {args.n}: expected at least 1 example", file=sys.stderr)
         return 2
+    lora = _lora_folder(args.lora) if args.lora else None     # bad paths fail before loading
+    if args.expert:
+        from .experts import load_expert
+        load_expert(args.expert)
     model, tok = load_model(args.model)
     what = "base"
     if args.expert:
         import t2fast
-        handle = t2fast.patch_model(model, experts=[args.expert], backend=args.backend,
-                                    progress=False)
+        handle = t2fast.patch_model(model, experts=[args.expert], backend=args.backend)
         handle.set_mixture(handle.expert_names[0])
         what = f"expert {handle.expert_names[0]}"
     elif args.lora:
         from .train.policy import LoRAPolicy
-        model = LoRAPolicy.load(model, args.lora).model
+        model = LoRAPolicy.load(model, lora).model
         what = f"lora {args.lora}"
     examples = task.examples(args.split, args.n)
     res = evaluate(model, tok, task, examples,
@@ -237,6 +242,18 @@ def _eval_run(args) -> int:
     print(f"{what}: {res}")
     _emit({"model": args.model, "what": what, "split": args.split, **res.summary()}, args.json)
     return 0
+
+
+def _lora_folder(path: str) -> Path:
+    """``path`` if it is a local PEFT adapter folder; never a Hub name (no network lookup)."""
+    p = Path(path)
+    if p.is_dir() and (p / "adapter_config.json").is_file():
+        return p
+    hint = ("; it is a t2fast expert: use --expert" if p.suffix == ".safetensors" or
+            (p / "expert_config.json").is_file() else "")
+    what = "does not exist" if not p.exists() else "is not a LoRA adapter folder (no " \
+        "adapter_config.json)"
+    raise FileNotFoundError(f"--lora {path!r} {what}{hint}")
 
 
 # ---- adapt ---------------------------------------------------------------------------------
@@ -292,8 +309,7 @@ def _adapt_run(args) -> int:
               f"--shots >= 1 and --shot-set >= 0", file=sys.stderr)
         return 2
     model, tok = load_model(args.model)
-    handle = t2fast.patch_model(model, experts=args.experts, backend=args.backend,
-                                progress=False)
+    handle = t2fast.patch_model(model, experts=args.experts, backend=args.backend)
     experts = list(handle.expert_names)
     task = get_task(args.task) if args.task else None
     if task is not None:

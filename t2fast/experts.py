@@ -229,8 +229,11 @@ def _load_folder(folder: Path, factors, allow_other_model: bool) -> Expert:
     cfg_path, weights = folder / EXPERT_CONFIG, folder / EXPERT_WEIGHTS
     where = f"expert folder {str(folder)!r}"
     if not cfg_path.is_file() or not weights.is_file():
+        lora = (folder / "adapter_config.json").is_file()
         raise T2FileError(f"{where} is not a t2fast expert folder: it needs {EXPERT_CONFIG} and "
-                          f"{EXPERT_WEIGHTS} (written by Expert.save_pretrained)")
+                          f"{EXPERT_WEIGHTS} (written by Expert.save_pretrained)"
+                          + ("; it is a PEFT LoRA adapter folder (use --lora / PEFT)"
+                             if lora else ""))
     try:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
