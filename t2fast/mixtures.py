@@ -158,8 +158,9 @@ def parse_mixture(spec, expert_names, num_layers: int | None = None,
         dtype: of the result (``torch.float64`` keeps the given numbers exactly, as
             :func:`normal_form` wants them).
     Returns:
-        α (float32 by default) of shape ``[K + 1]`` (``num_layers`` None) or ``[num_layers, K + 1]``;
-        column 0 is the base (z = 1), column k the expert ``expert_names[k - 1]``.
+        α (float32 by default) of shape ``[K + 1]`` (``num_layers`` None) or
+        ``[num_layers, K + 1]``; column 0 is the base (z = 1), column k the expert
+        ``expert_names[k - 1]``.
     Raises:
         MixtureTypeError (a TypeError and ValueError) for values of the wrong type;
         MixtureError (a ValueError) for unknown names, wrong lengths, non-finite weights,
