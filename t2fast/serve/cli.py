@@ -29,7 +29,7 @@ OWNED_VLLM_OPTIONS = ("--hf-overrides", "--additional-config", "--worker-extensi
 #: On a CPU with no KV-cache size given: this share of the memory available at start-up ...
 CPU_KV_SHARE = 0.25
 #: ... capped at this many bytes.
-CPU_KV_MAX_BYTES = 4 << 30
+CPU_KV_MAX_BYTES = 1 << 30
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
@@ -83,7 +83,7 @@ def vllm_arguments(args, extra: list[str]) -> list[str]:
     from ..vllm.llm import engine_args
     from .config import SERVE_KEY, ServeConfig
 
-    owned = [o for o in OWNED_VLLM_OPTIONS if any(a.split("=", 1)[0] == o for a in extra)]
+    owned = [o for o in OWNED_VLLM_OPTIONS if _given(extra, o)]
     if owned:
         raise ValueError(f"t2fast serve sets {', '.join(owned)} itself; use its own options "
                          f"(t2fast serve --help)")
@@ -94,6 +94,8 @@ def vllm_arguments(args, extra: list[str]) -> list[str]:
 
         model = str(tiny_model_path())
         served = ["--served-model-name", "tiny"]
+        if not _given(extra, "--dtype"):  # the float32 weights it was trained and tested in
+            served += ["--dtype", "float32"]
     files, named = [], {}
     for entry in args.experts:
         name, path = _named(entry)
@@ -131,13 +133,17 @@ def vllm_arguments(args, extra: list[str]) -> list[str]:
     return out + cpu_defaults(extra) + list(extra)
 
 
+def _given(extra: list[str], *options: str) -> bool:
+    return any(a.split("=", 1)[0] in options for a in extra)
+
+
 def cpu_defaults(extra: list[str]) -> list[str]:
     """On vLLM's CPU build, a KV cache sized from the memory available now (vLLM's default
     asks for most of the machine's memory and fails on a small one), unless given."""
     from vllm.platforms import current_platform
 
-    given = any(a.split("=", 1)[0] in ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
-                for a in extra) or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    given = _given(extra, "--kv-cache-memory-bytes", "--gpu-memory-utilization") or \
+        os.environ.get("VLLM_CPU_KVCACHE_SPACE")
     if not current_platform.is_cpu() or given:
         return []
     import psutil

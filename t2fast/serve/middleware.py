@@ -9,8 +9,9 @@ For ``POST /v1/completions`` and ``/v1/chat/completions`` it reads the JSON body
    engine would give) and counts the request as in flight for the experts it uses;
 4. hands the rewritten body to vLLM's route and adds ``x-t2-*`` headers to its response.
 
-Everything else, and every request when the engine is not a t2fast engine, passes through
-untouched.
+Other ``POST`` routes (``/v1/responses`` ...) are refused with 400 when their body carries a
+t2 key, since they would ignore it. Everything else, and every request when the engine is not a
+t2fast engine, passes through untouched.
 """
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ import json
 from http import HTTPStatus
 
 from .adapt import HEADER_EXPERT
-from .translate import ROUTES, T2HTTPError, prompt_text, set_spec, translate
+from .translate import ROUTES, T2HTTPError, prompt_text, set_spec, t2_keys_in, translate
 
 STATE_ATTR = "t2fast"
+#: t2fast's own routes (their bodies are not requests for a model).
+T2_ROUTES = "/v1/t2/"
 
 
 class T2RequestMiddleware:
@@ -30,15 +33,26 @@ class T2RequestMiddleware:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        path = scope.get("path", "") if scope["type"] == "http" else ""
+        server = getattr(scope["app"].state, STATE_ATTR, None) \
+            if scope["type"] == "http" and scope.get("method") == "POST" else None
+        if server is None:
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
         route = next((r for r in ROUTES if path.endswith(r)), None)
-        server = getattr(scope["app"].state, STATE_ATTR, None) if route else None
-        if server is None or scope.get("method") != "POST":
+        ctype = dict(scope.get("headers", [])).get(b"content-type", b"")
+        if route is None and b"json" not in ctype:  # uploads etc.: not read
             return await self.app(scope, receive, send)
         raw = await _read_body(receive)
         try:
             body = json.loads(raw)
         except ValueError:  # not JSON: vLLM's own validation answers
+            return await self.app(scope, _replay(raw, receive), send)
+        if route is None:  # other routes do not serve mixtures: say so rather than ignore
+            keys = t2_keys_in(body) if not path.startswith(T2_ROUTES) else []
+            if keys:
+                err = T2HTTPError(f"{path} does not serve t2fast mixtures (got {keys}); use "
+                                  f"{' or '.join(ROUTES)}", param=keys[0])
+                return await _send_json(send, err.status, err.payload())
             return await self.app(scope, _replay(raw, receive), send)
         try:
             new_body, normal, headers = await server.prepare(route, body)

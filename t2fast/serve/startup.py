@@ -57,7 +57,7 @@ def log_startup(server: T2Server, info: dict, vllm_config) -> None:
                 "%d from rank 0", len(w["targets"]), w["targets"][0] if w["targets"] else "-",
                 w["targets"][-1] if w["targets"] else "-", stats["svd_hits"],
                 stats["svd_misses"], stats["svd_from_rank0"])
-    logger.info("t2fast: path: %s; backend %s; %s", path, w["backend"],
+    logger.info("t2fast: path: %s; SVF kernels: %s; %s", path, "/".join(w["kernels"]),
                 "eager" if eager else "compiled (torch.compile / CUDA graphs)")
     cfg = server.config
     logger.info("t2fast: default t2_adapt=%s, classifier=%s, template=%s; run-time loading %s",

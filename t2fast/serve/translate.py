@@ -143,6 +143,15 @@ def translate(body, expert_names, base_names, default_adapt: str = "none") -> Tr
     return out
 
 
+def t2_keys_in(body) -> list[str]:
+    """The t2-looking keys of a body sent to a route that does not serve mixtures."""
+    if not isinstance(body, dict):
+        return []
+    xargs = body.get(XARGS) if isinstance(body.get(XARGS), dict) else {}
+    return [k for k in body if isinstance(k, str) and k.lower().startswith("t2")] + \
+        [f"{XARGS}.{k}" for k in xargs if isinstance(k, str) and k.lower().startswith("t2")]
+
+
 def _adapt_mode(value, what: str) -> str | None:
     if value not in ADAPT_MODES:
         raise T2HTTPError(f"{what} must be one of {', '.join(ADAPT_MODES)}, got {value!r}",

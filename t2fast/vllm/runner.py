@@ -177,6 +177,7 @@ class T2Runtime:
         return {"experts": list(self.names), "targets": list(self.factors),
                 "max_experts": self.max_experts, "num_layers": self.num_layers,
                 "backend": self.config.backend, "hybrid": self.hybrid,
+                "kernels": sorted({m.backend for m in self.methods.values()}),
                 "stats": dict(self.stats)}
 
     # ---- per step -----------------------------------------------------------------------
