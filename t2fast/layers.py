@@ -27,17 +27,47 @@ class RowSlots:
     ``slots`` is a long tensor [B] (row → slot) or None when every row uses slot 0;
     ``num_rows`` is the batch size the mixture was set for (B, or None when any batch size may
     follow: one mixture for the whole batch).
+
+    On each device the layers run on, the row → slot map lives in one persistent int32 buffer
+    that :meth:`set` overwrites in place (``copy_``), so a forward pass captured in a CUDA graph
+    (or compiled) reads whatever mixture is set before each replay. The buffer only grows, by
+    reallocation, when a batch has more rows than it holds: capture after the largest batch's
+    mixture has been set once (or call :meth:`reserve`).
     """
 
-    def __init__(self):
+    def __init__(self, device: torch.device | None = None):
         self.slots: torch.Tensor | None = None
         self.num_rows: int | None = None
-        self._cache: dict = {}
+        self._buffers: dict[torch.device, torch.Tensor] = {}
+        if device is not None:                  # the layers' device: allocated before any step
+            self.reserve(1, torch.device(device))
 
     def set(self, slots: torch.Tensor | None, num_rows: int | None = None) -> None:
         self.slots = None if slots is None else slots.long()
         self.num_rows = int(slots.shape[0]) if slots is not None else num_rows
-        self._cache = {}
+        for device in list(self._buffers):
+            self._write(device, self._buffers[device].numel())
+
+    def reserve(self, rows: int, device: torch.device) -> torch.Tensor:
+        """The persistent buffer on ``device``, with room for at least ``rows`` rows."""
+        buf = self._buffers.get(device)
+        if buf is None or buf.numel() < rows:
+            buf = self._write(device, max(rows, 2 * (buf.numel() if buf is not None else 0)))
+        return buf
+
+    def _write(self, device: torch.device, capacity: int) -> torch.Tensor:
+        """Write the current map into the buffer on ``device`` (reallocated if too small)."""
+        n = 0 if self.slots is None else self.slots.shape[0]
+        buf = self._buffers.get(device)
+        if buf is None or buf.numel() < max(capacity, n):
+            buf = torch.zeros(max(capacity, n), dtype=torch.int32, device=device)
+            self._buffers[device] = buf
+        if self.slots is None:
+            buf.zero_()
+        else:
+            buf[:n].copy_(self.slots.to(torch.int32), non_blocking=True)
+            buf[n:].zero_()
+        return buf
 
     def check_rows(self, lead_shape: torch.Size) -> None:
         """Raise unless an input with leading dims ``lead_shape`` has the rows the mixture was
@@ -49,33 +79,25 @@ class RowSlots:
                              f"entry per row of this batch")
 
     def token_index(self, lead_shape: torch.Size, device: torch.device) -> torch.Tensor:
-        """Slot of every token for an input with leading dims ``lead_shape`` ([B] or [B, L]).
-
-        Cached per shape and device, so the layers of one forward pass build it once.
-        """
-        key = (tuple(lead_shape), device)
-        idx = self._cache.get(key)
-        if idx is not None:
-            return idx
-        T = 1
-        for d in lead_shape:
-            T *= d
+        """Slot of every token (int32 [T]) for an input with leading dims ``lead_shape``
+        ([B] or [B, L]): a view of the persistent buffer when L == 1 (decode), else that view
+        repeated L times per row."""
         self.check_rows(lead_shape)
-        if self.slots is None:
-            idx = torch.zeros(T, dtype=torch.int32, device=device)
-        else:
-            per_row = T // self.slots.shape[0]
-            idx = self.slots.to(device).repeat_interleave(per_row).to(torch.int32)
-        self._cache[key] = idx
-        return idx
+        B = lead_shape[0] if len(lead_shape) else 1
+        per_row = 1
+        for d in lead_shape[1:]:
+            per_row *= d
+        rows = self.reserve(B, device)[:B]
+        return rows if per_row == 1 else rows[:, None].expand(B, per_row).reshape(-1)
 
 
 class SVFLinear(nn.Module):
     """SVF version of an ``nn.Linear`` (weight [m, n]); see the module docstring.
 
     Buffers: ``U`` [m, r] and ``Vh`` [r, n] in the original weight's dtype, ``S`` [r] float32,
-    ``slot_z`` [slots, r] float32, ``bank`` [K + 1, r] float32 (row 0 = base), ``slot_alpha``
-    [slots, K + 1] float32.
+    ``slot_z`` [capacity, r] float32 (rows ≥ the slots in use are stale), ``bank`` [K + 1, r]
+    float32 (row 0 = base), ``slot_alpha`` [capacity, K + 1] float32. :meth:`set_slots` writes
+    ``slot_z`` and ``slot_alpha`` in place (they only grow), so captured steps see new mixtures.
     """
 
     def __init__(self, name: str, factors: SVDFactors, linear: nn.Linear, layer: int,
@@ -112,9 +134,21 @@ class SVFLinear(nn.Module):
         self.bank = bank.to(device=self.S.device, dtype=torch.float32)
 
     def set_slots(self, alpha: torch.Tensor) -> None:
-        """Per-slot α [slots, K + 1] for this layer; the z table is mixed from the bank."""
-        self.slot_alpha = alpha.to(device=self.S.device, dtype=torch.float32)
-        self.slot_z = ops.mix_experts(self.slot_alpha, self.bank)
+        """Per-slot α [slots, K + 1] for this layer; the z table is mixed from the bank.
+
+        Both tables are overwritten in place; they are reallocated only when they have too few
+        rows, or (``slot_alpha``) when the number of experts changed.
+        """
+        alpha = alpha.to(device=self.S.device, dtype=torch.float32)
+        S = alpha.shape[0]
+        if self.slot_z.shape[0] < S:
+            self.slot_z = torch.ones(max(S, 2 * self.slot_z.shape[0]), self.rank,
+                                     device=self.S.device)
+        if self.slot_alpha.shape[0] < S or self.slot_alpha.shape[1] != alpha.shape[1]:
+            self.slot_alpha = torch.zeros(max(S, self.slot_z.shape[0]), alpha.shape[1],
+                                          device=self.S.device)
+        self.slot_alpha[:S].copy_(alpha)
+        self.slot_z[:S].copy_(ops.mix_experts(alpha, self.bank))
 
     def merge(self, z: torch.Tensor) -> torch.Tensor:
         """Dense ``W' = U diag(S ⊙ z) Vh`` [m, n] in the layer's dtype."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .decompose import Decomposition, decompose_model
+from .decompose import Decomposition, SVDFactors, decompose_model
 from .experts import Expert, ExpertBank, Fingerprint, load_expert
 from .layers import FusedSVF, RowSlots, SVFLinear, row_block
 from .mixtures import MixtureBounds
@@ -57,11 +57,17 @@ class SVFHandle:
         stats: counters — ``factored_sets``, ``merged_sets``, ``base_sets``, ``merges``,
             ``merge_cache_hits`` — showing which path the hybrid dispatcher chose.
         mixture_bounds: the :class:`t2fast.mixtures.MixtureBounds` every mixture must meet.
+        keep_dense: whether the original dense weights are kept (see :func:`patch_model`).
+
+    The decomposition's factors share the layers' U and Vh (in the weight's dtype) once the
+    model is patched, so the model holds one copy of them.
     """
 
     def __init__(self, model: nn.Module, decomposition: Decomposition, backend: str,
-                 mix_in_kernel: bool, hybrid: bool, mixture_bounds: MixtureBounds | None = None):
+                 mix_in_kernel: bool, hybrid: bool, mixture_bounds: MixtureBounds | None = None,
+                 keep_dense: bool = True):
         self.model = model
+        self.keep_dense = keep_dense
         self.mixture_bounds = mixture_bounds or MixtureBounds()
         self.decomposition = decomposition
         self.targets = decomposition.targets
@@ -69,7 +75,8 @@ class SVFHandle:
         self.base_model = _model_name(model)
         self.fingerprint = Fingerprint.of(decomposition.factors)
         self.hybrid = hybrid
-        self.rows = RowSlots()
+        self.rows = RowSlots(next(iter(decomposition.factors.values())).U.device
+                             if decomposition.factors else None)
         self._originals: dict[str, nn.Linear] = {}     # module name → the original module
         self._dense: dict[str, nn.Linear] = {}         # target → its original (row-block) linear
         self.layers: dict[str, SVFLinear] = {}
@@ -90,6 +97,10 @@ class SVFHandle:
         for module_name, module in swaps.items():   # built every layer first: swap all or none
             parent, attr = _parent(model, module_name)
             setattr(parent, attr, module)
+        for name, layer in self.layers.items():     # one copy of U, Vh: the layers'
+            decomposition.factors[name] = SVDFactors(layer.U, layer.S, layer.Vh)
+        if not keep_dense:
+            self._drop_dense()
         self.bank = ExpertBank([], decomposition.factors)
         self._merge_cache: dict[bytes, dict[str, torch.Tensor]] = {}
         self.stats = dict(factored_sets=0, merged_sets=0, base_sets=0, merges=0,
@@ -183,7 +194,10 @@ class SVFHandle:
         self.rows.set(None, num_rows)
         if torch.equal(alpha, self.alpha(None)):
             for name, layer in self.layers.items():
-                layer.merged = self._dense[name].weight.detach()
+                dense = self._dense.get(name)
+                layer.merged = None if dense is None else dense.weight.detach()
+                if dense is None:                   # keep_dense=False: base through the factors
+                    layer.set_slots(alpha[min(layer.layer, self.num_layers - 1)][None])
             self.stats["base_sets"] += 1
             return "base"
         weights = self._merge_cache.pop(key, None)
@@ -239,14 +253,65 @@ class SVFHandle:
 
     # ---- restore -------------------------------------------------------------------------
     def restore(self) -> nn.Module:
-        """Put the original ``nn.Linear`` modules back (bit for bit); the handle is then spent."""
+        """Put the original ``nn.Linear`` modules back (bit for bit); the handle is then spent.
+
+        With ``keep_dense=False`` the dropped weights are rebuilt from the factors,
+        ``U diag(σ) Vh`` in the weight's dtype: as exact as the decomposition, not bit for bit.
+        """
         self._check_live()
         for name, linear in self._originals.items():
+            if linear is None:
+                linear = self._rebuild_linear(name)
             parent, attr = _parent(self.model, name)
             setattr(parent, attr, linear)
         self._restored = True
         self._merge_cache.clear()
         return self.model
+
+    # ---- memory --------------------------------------------------------------------------
+    def _drop_dense(self) -> None:
+        """Forget the original dense weights of plain (unfused) targets, so they can be freed.
+
+        A fused projection (``qkv_proj``) keeps its dense storage: its unadapted parts are views
+        of it.
+        """
+        for module_name in list(self._originals):
+            if module_name in self.layers:
+                self._originals[module_name] = None
+                self._dense.pop(module_name, None)
+
+    def _rebuild_linear(self, name: str) -> nn.Linear:
+        layer = self.layers[name]
+        w = (layer.U.float() * layer.S) @ layer.Vh.float()
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device=w.device, dtype=layer.U.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+        if layer.bias is not None:
+            linear.bias = layer.bias
+        return linear
+
+    def memory_report(self) -> dict:
+        """Bytes the patched model holds for each adapted matrix, by role, and their totals.
+
+        Roles: ``dense`` (the original weight, 0 with ``keep_dense=False``), ``U``, ``S``,
+        ``Vh``, ``tables`` (slot z/α tables and the expert bank) and ``merged`` (merged weights
+        cached for single-mixture batches).
+        """
+        def nbytes(*ts):
+            return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+        per = {}
+        for name, layer in self.layers.items():
+            dense = self._dense.get(name)
+            per[name] = dict(
+                dense=nbytes(dense.weight) if dense is not None else 0,
+                U=nbytes(layer.U), S=nbytes(layer.S), Vh=nbytes(layer.Vh),
+                tables=nbytes(layer.slot_z, layer.slot_alpha, layer.bank),
+                merged=sum(nbytes(w[name]) for w in self._merge_cache.values()))
+        total = {k: sum(v[k] for v in per.values()) for k in next(iter(per.values()), {})}
+        total["all"] = sum(total.values())
+        return dict(keep_dense=self.keep_dense, per_matrix=per, total=total)
 
     def _check_live(self) -> None:
         if self._restored:
@@ -280,7 +345,7 @@ def _is_number_list(rows) -> bool:
 def patch_model(model: nn.Module, experts=(), targets="all", layers=None, *, cache_dir=None,
                 backend: str = "auto", mix_in_kernel: bool = False, hybrid: bool = True,
                 allow_other_model: bool = False, progress: bool = True,
-                mixture_bounds: MixtureBounds | None = None) -> SVFHandle:
+                mixture_bounds: MixtureBounds | None = None, keep_dense: bool = True) -> SVFHandle:
     """Swap the target ``nn.Linear`` modules of ``model`` for :class:`SVFLinear` layers.
 
     Args:
@@ -294,6 +359,10 @@ def patch_model(model: nn.Module, experts=(), targets="all", layers=None, *, cac
         allow_other_model: accept experts trained on another model of equal shapes.
         progress: show the SVD's progress bar (on a terminal).
         mixture_bounds: limits on every mixture's α (default ``MixtureBounds()``).
+        keep_dense: keep the original dense weights (the base mixture then runs at dense
+            speed, and ``restore()`` is bit for bit). ``False`` drops them once the layers hold
+            U and Vh, so the model needs about 1.4× its weights' memory instead of 2.4×: the
+            base mixture then runs through the factored kernels.
     Returns:
         An :class:`SVFHandle`; the model starts on the base mixture.
     Raises:
@@ -306,7 +375,8 @@ def patch_model(model: nn.Module, experts=(), targets="all", layers=None, *, cac
                                     progress=progress)
     loaded = _load_experts(experts, decomposition.factors, Fingerprint.of(decomposition.factors),
                            allow_other_model)
-    handle = SVFHandle(model, decomposition, backend, mix_in_kernel, hybrid, mixture_bounds)
+    handle = SVFHandle(model, decomposition, backend, mix_in_kernel, hybrid, mixture_bounds,
+                       keep_dense)
     try:
         if loaded:
             handle.add_experts(loaded, allow_other_model=allow_other_model)
