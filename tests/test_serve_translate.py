@@ -1,0 +1,121 @@
+"""The server's request forms, without a server: t2 keys, "model": "<expert>", adapt modes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from t2fast.serve.config import ServeConfig
+from t2fast.serve.translate import T2HTTPError, prompt_text, set_spec, t2_keys_in, translate
+
+EXPERTS, BASE_NAMES = ["arith", "strings"], ["tiny"]
+
+
+def tr(body, default_adapt="none"):
+    return translate(body, EXPERTS, BASE_NAMES, default_adapt)
+
+
+def test_forms_become_one_t2_json_string():
+    plain = {"model": "tiny", "prompt": "x"}
+    assert tr(plain).body == plain and tr(plain).spec is None and tr(plain).adapt is None
+    out = tr({"model": "arith", "prompt": "x"})
+    assert out.body["model"] == "tiny" and out.via_model == "arith"
+    assert json.loads(out.body["vllm_xargs"]["t2"]) == {"expert": "arith"}
+    out = tr({"model": "tiny", "t2_alpha": {"arith": 0.5}, "vllm_xargs": {"other": 1}})
+    assert out.body["vllm_xargs"] == {"other": 1, "t2": json.dumps({"alpha": {"arith": 0.5}})}
+    assert "t2_alpha" not in out.body
+    out = tr({"model": "tiny", "vllm_xargs": {"t2_expert": "strings"}})
+    assert out.spec == {"expert": "strings"}
+    out = tr({"model": "tiny", "t2": '{"expert": "arith"}'})
+    assert out.body["vllm_xargs"]["t2"] == '{"expert": "arith"}'
+    body = {"model": "tiny", "t2_expert": "arith"}
+    tr(body)
+    assert body == {"model": "tiny", "t2_expert": "arith"}  # the input is not changed
+
+
+def test_adapt_modes_and_server_default():
+    assert tr({"model": "tiny", "t2_adapt": "prompt"}).adapt == "prompt"
+    assert tr({"model": "tiny", "t2_adapt": "none"}).adapt is None
+    assert tr({"model": "tiny"}, default_adapt="classifier").adapt == "classifier"
+    assert tr({}, default_adapt="prompt").adapt == "prompt"
+    # a request naming a mixture, or another model, is not adapted by default
+    assert tr({"model": "tiny", "t2_expert": "arith"}, "prompt").adapt is None
+    assert tr({"model": "arith"}, "prompt").adapt is None
+    assert tr({"model": "other"}, "prompt").adapt is None
+    body = tr({"model": "tiny", "t2_adapt": "prompt"}).body
+    assert "vllm_xargs" not in body
+    set_spec(body, {"expert": "strings"})
+    assert json.loads(body["vllm_xargs"]["t2"]) == {"expert": "strings"}
+
+
+@pytest.mark.parametrize("body, param, msg", [
+    ({"vllm_xargs": {"t2_experts": "arith"}}, "vllm_xargs.t2_experts", "unknown t2fast key"),
+    ({"t2_exper": "arith"}, "t2_exper", "unknown t2fast key"),
+    ({"T2-alpha": [1, 0]}, "T2-alpha", "unknown t2fast key"),
+    ({"expert": "arith"}, "expert", "unknown field 'expert'"),
+    ({"alpha": [1, 0]}, "alpha", "unknown field 'alpha'"),
+    ({"t2_expert": "arith", "vllm_xargs": {"t2_expert": "arith"}}, "t2_expert", "both"),
+    ({"t2_expert": "arith", "t2_alpha": [1, 0]}, "t2_alpha", "one mixture"),
+    ({"model": "arith", "t2_alpha": [1, 0]}, "t2_alpha", "one mixture"),
+    ({"t2_adapt": "prompt", "t2": {"expert": "arith"}}, "t2_adapt", "one mixture"),
+    ({"t2_adapt": "always"}, "t2_adapt", "must be one of"),
+])
+def test_refused_with_400_naming_the_key(body, param, msg):
+    with pytest.raises(T2HTTPError, match=msg) as err:
+        tr({"model": "tiny", **body})
+    assert err.value.param == param and int(err.value.status) == 400
+    payload = err.value.payload()["error"]
+    assert payload["code"] == 400 and payload["type"] == "BadRequestError"
+
+
+def test_bodies_that_are_not_t2_requests_pass_through():
+    assert tr([1, 2]).body == [1, 2]
+    assert tr({"model": "tiny", "vllm_xargs": "junk"}).body["vllm_xargs"] == "junk"
+    assert t2_keys_in({"input": "x", "t2_expert": "a", "vllm_xargs": {"t2": "b", "k": 1}}) == [
+        "t2_expert", "vllm_xargs.t2"]
+    assert t2_keys_in({"input": "x"}) == [] and t2_keys_in("x") == []
+
+
+def test_prompt_text_for_pass_one():
+    assert prompt_text("/v1/completions", {"prompt": "Q: 1+1=?\nA: "}) == "Q: 1+1=?\nA: "
+    assert prompt_text("/v1/completions", {"prompt": ["only one"]}) == "only one"
+    chat = {"messages": [{"role": "system", "content": "be brief"},
+                         {"role": "user", "content": "first"},
+                         {"role": "assistant", "content": "ok"},
+                         {"role": "user", "content": [{"type": "text", "text": "last"}]}]}
+    assert prompt_text("/v1/chat/completions", chat) == "last"
+    for path, body in [("/v1/completions", {"prompt": ["a", "b"]}),
+                       ("/v1/completions", {"prompt": [1, 2, 3]}),
+                       ("/v1/chat/completions", {"messages": [{"role": "system",
+                                                               "content": "x"}]})]:
+        with pytest.raises(T2HTTPError, match="t2_adapt needs"):
+            prompt_text(path, body)
+
+
+def test_serve_config():
+    cfg = ServeConfig.from_dict({"adapt": "prompt", "named_experts": {"a": "a.safetensors"}})
+    assert ServeConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown settings"):
+        ServeConfig.from_dict({"adapt_mode": "prompt"})
+    with pytest.raises(ValueError, match="adapt must be one of"):
+        ServeConfig(adapt="sometimes")
+    with pytest.raises(ValueError, match="needs a classifier"):
+        ServeConfig(adapt="classifier")
+    with pytest.raises(ValueError, match="adapt_template"):
+        ServeConfig(adapt_template="chatml")
+
+
+def test_serve_command_line_parses_and_refuses_owned_vllm_options(tmp_path):
+    from t2fast.cli import build_parser
+    from t2fast.serve.cli import _named, vllm_arguments
+
+    f = tmp_path / "math.safetensors"
+    f.write_bytes(b"")
+    assert _named(str(f)) == (None, str(f.resolve()))
+    assert _named(f"m2={f}") == ("m2", str(f.resolve()))
+    args, extra = build_parser().parse_known_args(
+        ["serve", "tiny", "--experts", str(f), "--enforce-eager", "--max-model-len=256"])
+    assert args.model == "tiny" and args.experts == [str(f)] and args.port == 8000
+    assert extra == ["--enforce-eager", "--max-model-len=256"]
+    with pytest.raises(ValueError, match="sets --hf-overrides itself"):
+        vllm_arguments(args, ["--hf-overrides={}"])
