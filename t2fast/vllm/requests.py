@@ -259,8 +259,26 @@ def extract_spec(extra_args) -> tuple[bool, object]:
     return False, None
 
 
+def check_request_keys(extra_args) -> None:
+    """Refuse keys that look like t2fast's but are not read (``t2_experts``, ``t2_adapt``
+    outside ``t2fast serve``), and more than one spec key: they would silently be ignored."""
+    keys = [k for k in (extra_args or {}) if isinstance(k, str)]
+    unknown = [k for k in keys if k.lower().replace("-", "_").startswith(REQUEST_KEY)
+               and k != REQUEST_KEY and k not in FLAT_KEYS]
+    if unknown:
+        raise T2RequestError(f"unknown key(s) {unknown} in extra_args; t2fast reads "
+                             f"{[REQUEST_KEY, *FLAT_KEYS]}" +
+                             ("; t2_adapt is served by `t2fast serve`" if "t2_adapt" in unknown
+                              else ""))
+    given = [k for k in keys if k == REQUEST_KEY or k in FLAT_KEYS]
+    if len(given) > 1:
+        raise T2RequestError(f"give one of {given}, not several")
+
+
 def _raw_spec(params):
-    return extract_spec(getattr(params, "extra_args", None))
+    extra_args = getattr(params, "extra_args", None)
+    check_request_keys(extra_args)
+    return extract_spec(extra_args)
 
 
 def install_input_processor_hook() -> None:
