@@ -252,6 +252,13 @@ def _load_folder(folder: Path, factors, allow_other_model: bool) -> Expert:
     return expert
 
 
+def check_unique_names(names: list[str]) -> None:
+    """Raise ``ValueError`` naming the duplicates when ``names`` repeats a name."""
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"expert names must be unique; {dup} appear more than once in {names}")
+
+
 class ExpertBank:
     """K experts over the same targets, stacked per matrix with the base (z = 1) as row 0.
 
@@ -260,11 +267,7 @@ class ExpertBank:
     """
 
     def __init__(self, experts: list[Expert], factors: dict[str, SVDFactors]):
-        names = [e.name for e in experts]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"expert names must be unique; {dup} appear more than once in "
-                             f"{names}")
+        check_unique_names([e.name for e in experts])
         for e in experts:
             check_expert_name(e.name)
             e.check_against(factors, allow_other_model=True)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .decompose import Decomposition, SVDFactors, decompose_model
-from .experts import Expert, ExpertBank, Fingerprint, load_expert
+from .experts import Expert, ExpertBank, Fingerprint, check_unique_names, load_expert
 from .layers import FusedSVF, RowSlots, SVFLinear, row_block
 from .mixtures import MixtureBounds
 from .targets import layer_index, target_modules
@@ -124,7 +124,7 @@ class SVFHandle:
         self._check_live()
         loaded = _load_experts(experts, self.decomposition.factors, self.fingerprint,
                                allow_other_model)
-        ExpertBank(loaded, self.decomposition.factors)     # unique, valid names among the new
+        check_unique_names([e.name for e in loaded])
         current = self.bank.names
         clash = [e.name for e in loaded if e.name in current]
         if clash and not replace:

@@ -131,7 +131,7 @@ class LLM:
         """Load experts (files or :class:`Expert` objects) into every worker. A name already
         loaded is an error unless ``replace=True`` (the new expert then takes its bank row).
         Returns the bank order."""
-        from ..experts import Expert, load_expert
+        from ..experts import Expert, check_unique_names, load_expert
         from .requests import expert_digest, file_digest
         from .worker import encode_expert
 
@@ -146,10 +146,7 @@ class LLM:
                 payload.append(str(e))
                 entries.append((name, file_digest(e)))
         names = [n for n, _ in entries]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"t2fast: expert names must be unique; {dup} appear more than once "
-                             f"in {names}")
+        check_unique_names(names)
         clash = [n for n in names if n in self._frontend.names]
         if clash and not replace:
             raise ValueError(f"t2fast: experts {clash} are already loaded (loaded: "
