@@ -271,6 +271,7 @@ def lookup(entries, T: int, m: int, n: int) -> SVFPlan | None:
     return best.plan
 
 
+@lru_cache(maxsize=None)
 def device_arch(device: torch.device) -> tuple[str, int]:
     """(``"sm90"``-style architecture name, number of SMs) of a CUDA device."""
     props = torch.cuda.get_device_properties(device)
