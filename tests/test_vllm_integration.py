@@ -184,6 +184,18 @@ def test_bad_requests_rejected_at_front_end_engine_keeps_serving(main_run):
 
 
 @pytest.mark.slow
+def test_poisoned_expert_cannot_change_other_requests(main_run, compiled_run):
+    # z = 1e30 in the bank (behind every check): that request's activations overflow; nobody
+    # else's tokens change, alone or batched, eager (merged and factored steps) or compiled,
+    # and no non-finite number reaches the KV cache (whose blocks other requests reuse).
+    for run in (main_run["poison"], compiled_run["compiled_poison"]):
+        assert run["batch"] == run["reference"]
+        assert run["after"] == run["reference"]
+        assert run["kv_finite"] == [True]
+        assert len(run["alone"][0]) == plan.MAX_TOKENS
+
+
+@pytest.mark.slow
 def test_expert_banks_load_and_unload_at_run_time(main_run, hf):
     assert main_run["unload"] == ["math"]
     assert "unknown expert 'code'" in main_run["unloaded_error"]
@@ -278,6 +290,19 @@ def test_flat_and_json_request_forms_for_the_openai_server():
     assert normalize_spec(raw, names, 2) == {"alpha": {"math": 0.3}}
     with pytest.raises(T2RequestError, match="not valid JSON"):
         normalize_spec("{alpha", names, 2)
+
+
+def test_misspelled_or_repeated_request_keys_are_errors():
+    from t2fast.vllm.requests import T2RequestError, check_request_keys
+
+    check_request_keys(None)
+    check_request_keys({"t2_expert": "math", "kv_transfer_params": {}})
+    for bad, msg in [({"t2_experts": "math"}, "unknown key"), ({"T2-alpha": [1]}, "unknown key"),
+                     ({"t2_adapt": "prompt"}, "t2fast serve"),
+                     ({"t2": "math", "t2_expert": "code"}, "not several"),
+                     ({"t2_expert": "math", "t2_alpha": [1, 0]}, "not several")]:
+        with pytest.raises(T2RequestError, match=msg):
+            check_request_keys(bad)
 
 
 def test_salt_depends_on_mixture_and_expert_contents():

@@ -67,6 +67,9 @@ def _add_args(p: argparse.ArgumentParser) -> None:
                    help="enable POST/DELETE /v1/t2/experts (they read files named by clients)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000)
+    p.epilog = ("Every other option goes to vLLM's serve unchanged (python -m "
+                "vllm.entrypoints.cli.main serve --help lists them); write options that take a "
+                "value as --option=value.")
 
 
 def _named(entry: str) -> tuple[str | None, str]:

@@ -62,6 +62,47 @@ def run_batch(llm, requests):
     return tokens(llm.generate(prompts, [sp(s) for _, s in requests], use_tqdm=False))
 
 
+def _poison_bank(worker, name: str, value: float):
+    """Runs in each worker (``collective_rpc`` with a function): overwrite the bank rows of
+    expert ``name`` with ``value``, past every check of ``load_experts``."""
+    rt = worker._t2_runtime()
+    row = rt.row_of[name]
+    for target in rt.factors:
+        rt.bank(target)[row].fill_(value)
+    rt._bank_changed()
+    return row
+
+
+def _kv_cache_finite(worker) -> bool:
+    import torch
+
+    caches = worker.model_runner.kv_caches
+    return bool(caches) and all(bool(torch.isfinite(c).all()) for c in caches)
+
+
+def poison_checks(llm, world: Path, reference: list) -> dict:
+    """A poisoned expert (z = 1e30 everywhere, written into the bank behind the checks) served
+    alone, in a batch with good requests, and before them: the others' tokens must equal
+    ``reference`` (``plan.BATCH`` served before) and the KV cache must stay finite."""
+    from t2fast.experts import Expert, load_expert
+
+    # α lists follow the bank order, which the poisoned expert extends: keep the named forms.
+    rows = [i for i, (_, spec) in enumerate(plan.BATCH)
+            if not isinstance((spec or {}).get("alpha"), list)]
+    good = [plan.BATCH[i] for i in rows]
+    e = load_expert(world / "experts" / "math.safetensors")
+    llm.load_experts([Expert("poison", e.z, e.base_model, e.fingerprint)])
+    llm.collective_rpc(_poison_bank, args=("poison", 1e30))
+    bad = [(p, {"expert": "poison"}) for p in plan.PROMPTS[:2]]
+    out = {"alone": run_batch(llm, bad[:1])}
+    out["batch"] = run_batch(llm, bad + good)[len(bad):]
+    out["after"] = run_batch(llm, good)
+    out["kv_finite"] = llm.collective_rpc(_kv_cache_finite)
+    out["reference"] = [reference[i] for i in rows]
+    llm.unload_experts(["poison"])
+    return out
+
+
 def run_main(world: Path) -> dict:
     """Eager t2fast engine in vLLM's default multiprocess layout, prefix caching on, small
     token budget (long prompts are chunked, so prefill and decode steps mix)."""
@@ -115,6 +156,7 @@ def run_main(world: Path) -> dict:
     objects = [load_expert(world / "experts" / f"{n}.safetensors") for n in plan.OBJECT_EXPERTS]
     res["load_objects"] = llm.load_experts(objects)
     res["objects"] = run_batch(llm, plan.OBJECT_REQUESTS)
+    res["poison"] = poison_checks(llm, world, res["batch"])
     res["info_end"] = llm.t2_info()[0]
     res["total_s"] = time.time() - t0
     return res
@@ -143,6 +185,7 @@ def run_compiled(world: Path) -> dict:
     res["compiled_startup_s"] = time.time() - t1
     res["compiled_batch"] = run_batch(llm, plan.BATCH)
     res["compiled_alone"] = [run_batch(llm, [r])[0] for r in plan.BATCH[1:3]]
+    res["compiled_poison"] = poison_checks(llm, world, res["compiled_batch"])
     res["compiled_info"] = llm.t2_info()[0]
     del llm
     gc.collect()
@@ -205,6 +248,8 @@ if __name__ == "__main__":
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         result = run_compiled(world)
     elif mode == "main":
+        # poison_checks sends a function to the worker process (pickled: test-only).
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         result = run_main(world)
     elif mode == "tp":
         bind_two_cpus()
