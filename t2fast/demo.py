@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
 
-    steps = tqdm(total=4, desc="demo", leave=False)
+    steps = tqdm(total=4, desc="demo", leave=False, disable=None)   # a bar on terminals only
     model, tok, what = _load_model(args.random)
     tok.padding_side = "left"
     steps.update()
