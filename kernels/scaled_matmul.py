@@ -17,7 +17,7 @@ workspace [SPLIT_K, M, N] (no atomics: the result is deterministic), and
 import triton
 import triton.language as tl
 
-from .tile_utils import dot_acc, grouped_tile
+from .tile_utils import reduce_tile, tile_offsets
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -33,29 +33,12 @@ def scaled_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N),
-                                GROUP_M)
-    pid_k = tl.program_id(1)
+    offs_m, offs_n, mask_m, mask_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = reduce_tile(a_ptr, b_ptr, scale_ptr, offs_m, offs_n, mask_m, mask_n, K,
+                      stride_am, stride_ak, stride_bk, stride_bn,
+                      HAS_SCALE, SPLIT_K, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if HAS_SCALE:
-            sc = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            a = a.to(tl.float32) * sc[None, :]
-        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = dot_acc(a, b, acc, DOT_FP32)
-
-    out_ptrs = (out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om
+    out_ptrs = (out_ptr + tl.program_id(1) * stride_os + offs_m[:, None] * stride_om
                 + offs_n[None, :] * stride_on)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 

@@ -22,7 +22,7 @@ GPU. The order of those additions is not fixed, so split results vary in the las
 import triton
 import triton.language as tl
 
-from .tile_utils import dot_acc, grouped_tile
+from .tile_utils import reduce_tile, tile_offsets
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -41,28 +41,11 @@ def svf_shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_t, pid_r = grouped_tile(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(R, BLOCK_N),
-                                GROUP_M)
-    pid_k = tl.program_id(1)
-
-    offs_t = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_t = offs_t < T
-    mask_r = offs_r < R
-
-    # This program reduces the n-blocks pid_k, pid_k + SPLIT_K, ...
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for n0 in range(pid_k * BLOCK_K, N, BLOCK_K * SPLIT_K):
-        offs_n = n0 + tl.arange(0, BLOCK_K)
-        mask_n = offs_n < N
-        x_tile = tl.load(
-            x_ptr + offs_t[:, None] * stride_xt + offs_n[None, :] * stride_xn,
-            mask=mask_t[:, None] & mask_n[None, :], other=0.0)
-        # Vh tile read transposed: [BLOCK_K, BLOCK_N]
-        v_tile = tl.load(
-            vh_ptr + offs_r[None, :] * stride_vr + offs_n[:, None] * stride_vn,
-            mask=mask_r[None, :] & mask_n[:, None], other=0.0)
-        acc = dot_acc(x_tile, v_tile, acc, DOT_FP32)
+    offs_t, offs_r, mask_t, mask_r = tile_offsets(T, R, BLOCK_M, BLOCK_N, GROUP_M)
+    # x [T, n] @ Vhᵀ [n, r]: Vhᵀ[k, j] = Vh[j, k]
+    acc = reduce_tile(x_ptr, vh_ptr, x_ptr, offs_t, offs_r, mask_t, mask_r, N,
+                      stride_xt, stride_xn, stride_vn, stride_vr,
+                      False, SPLIT_K, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
 
     # Epilogue: scale by sigma and by each token's z (gathered or mixed), in fp32.
     slot = tl.load(idx_ptr + offs_t, mask=mask_t, other=0)

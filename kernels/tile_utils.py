@@ -40,3 +40,38 @@ def dot_acc(a, b, acc, DOT_FP32: tl.constexpr):
     else:
         acc = tl.dot(a.to(b.dtype), b, acc)
     return acc
+
+
+@triton.jit
+def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Row and column offsets (and their masks) of this program's output tile (axis 0)."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N),
+                                GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def reduce_tile(a_ptr, b_ptr, scale_ptr, offs_m, offs_n, mask_m, mask_n, K,
+                stride_am, stride_ak, stride_bk, stride_bn,
+                HAS_SCALE: tl.constexpr, SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 ``Σ_k (A ⊙ scale)[offs_m, k] B[k, offs_n]`` over this program's k-blocks.
+
+    The program of split ``tl.program_id(1)`` reduces the k-blocks pid, pid + SPLIT_K, ...
+    Masked loads fill with 0, so ragged edges add nothing.
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_SCALE:
+            sc = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            a = a.to(tl.float32) * sc[None, :]
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = dot_acc(a, b, acc, DOT_FP32)
+    return acc
