@@ -237,3 +237,30 @@ def test_expand_split_poisoned_output(split, device):
     assert torch.isfinite(out).all()
     assert (out.double() - ref).abs().max() <= 1e-2 * ref.abs().max()
     assert big[:, 1::2].isnan().all(), "kernel wrote outside its output view"
+
+
+def _shipped_entries():
+    from t2fast.kernels import configs
+    if not torch.cuda.is_available():
+        return []
+    arch, _ = configs.device_arch(torch.device("cuda"))
+    return list(configs.load_table(arch)) or list(configs.load_table("sm90"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real shapes run compiled on a GPU")
+@pytest.mark.parametrize("entry", _shipped_entries(),
+                         ids=lambda e: f"{e.m}x{e.n}-T{e.t}")
+def test_every_shipped_config_on_real_shapes(entry):
+    """Each shipped table entry's plan (as the GPU resolves it) at its own shape and bucket."""
+    from t2fast.kernels import configs
+    gen = torch.Generator().manual_seed(entry.m + entry.n + entry.t)
+    T, n, m, r = entry.t - 3 if entry.t > 16 else 1, entry.n, entry.m, min(entry.m, entry.n)
+    device = torch.device("cuda")
+    x = _rand((T, n), torch.bfloat16, device, gen)
+    U, S, Vh = _factors(n, m, r, torch.bfloat16, device, gen)
+    slots = min(T, 16)
+    Z = (1 + 0.5 * torch.randn(slots, r, generator=gen)).to(device)
+    idx = _idx(T, slots, gen, device)
+    plan = configs.plan(T, m, n, r, torch.bfloat16, device)
+    y = launch.svf_matmul(x, U, S, Vh, idx, Z=Z, plan=plan)
+    _close(y, reference.svf_matmul(*_f64(x, U, S, Vh, Z), idx), torch.bfloat16)
