@@ -10,9 +10,9 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1
 export TRITON_CACHE_DIR="$(mktemp -d)"      # cold compiles: first-call times are compile times
 export TRITON_INTERPRET=0
-timeout 150 python3 -m pytest -q -x tests/test_ops_kernels.py tests/test_kernel_configs.py \
+timeout 180 python3 -m pytest -q -x tests/test_ops_kernels.py tests/test_kernel_configs.py \
     > "$OUT/tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/tests.log"
-timeout 180 python3 bench/svf_perf.py --quick --out "$OUT" > "$OUT/sweep.log" 2>&1
+timeout 150 python3 bench/svf_perf.py --quick --out "$OUT" > "$OUT/sweep.log" 2>&1
 echo "sweep rc=$?" >> "$OUT/sweep.log"
-timeout 150 python3 bench/decode_step.py --batch 1 32 --reps 5 --out "$OUT" \
+timeout 120 python3 bench/decode_step.py --batch 1 32 --reps 5 --out "$OUT" \
     > "$OUT/decode.log" 2>&1; echo "decode rc=$?" >> "$OUT/decode.log"
