@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU run: the kernel tests compiled (not interpreted), the kernel sweep and the
 # decode-step benchmark. Everything goes to $OUT (default bench/results). About 8 minutes on an
-# H100; each step has its own time limit so a slow one cannot starve the rest.
+# H100; each step has its own time limit so a slow one cannot starve the rest. The decode
+# benchmark runs 2 layers here (its SVDs and weight hashes dominate its start-up).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -14,5 +15,5 @@ timeout 180 python3 -m pytest -q -x tests/test_ops_kernels.py tests/test_kernel_
     > "$OUT/tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/tests.log"
 timeout 150 python3 bench/svf_perf.py --quick --out "$OUT" > "$OUT/sweep.log" 2>&1
 echo "sweep rc=$?" >> "$OUT/sweep.log"
-timeout 120 python3 bench/decode_step.py --batch 1 32 --reps 5 --out "$OUT" \
+timeout 120 python3 bench/decode_step.py --layers 2 --batch 1 32 --reps 5 --out "$OUT" \
     > "$OUT/decode.log" 2>&1; echo "decode rc=$?" >> "$OUT/decode.log"
