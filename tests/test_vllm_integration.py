@@ -170,7 +170,7 @@ def test_prefix_cache_never_crosses_mixtures(main_run, hf):
 
 @pytest.mark.slow
 def test_bad_requests_rejected_at_front_end_engine_keeps_serving(main_run):
-    expected = ["unknown expert 'nope'", "expected 2", "finite", "finite", "alpha must be",
+    expected = ["unknown expert 'nope'", "expected 2", "finite", "finite", "'alpha' must be",
                 "unknown key", "not both", "must be a number"]
     assert len(main_run["errors"]) == len(plan.BAD_SPECS) == len(expected)
     for err, want in zip(main_run["errors"], expected):
