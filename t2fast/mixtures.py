@@ -104,8 +104,7 @@ def _number(v, what: str) -> float:
     if isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype != torch.bool:
         v = v.item()
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise MixtureTypeError(f"{what} must be a real number, got {v!r} "
-                               f"({type(v).__name__})")
+        raise MixtureTypeError(f"{what} must be a number, got {v!r} ({type(v).__name__})")
     v = float(v)
     if not math.isfinite(v):
         raise MixtureError(f"{what} must be finite, got {v}")
