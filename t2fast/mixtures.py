@@ -166,7 +166,9 @@ def parse_mixture(spec, expert_names, num_layers: int | None = None,
         weights beyond the bounds and all-zero mixtures — naming the value and the bound.
     """
     names = list(expert_names)
-    bounds = bounds or DEFAULT_BOUNDS
+    bounds = DEFAULT_BOUNDS if bounds is None else bounds
+    if not isinstance(bounds, MixtureBounds):
+        raise TypeError(f"bounds must be a MixtureBounds or None, got {type(bounds).__name__}")
     if num_layers is not None and (isinstance(num_layers, bool) or
                                    not isinstance(num_layers, int) or num_layers < 1):
         raise ValueError(f"num_layers must be an integer >= 1 or None, got {num_layers!r}")

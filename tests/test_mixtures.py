@@ -84,6 +84,11 @@ def test_per_layer_errors_and_bounds():
     assert parse_mixture([10, 0], NAMES, bounds=MixtureBounds(max_abs=16, max_l1=16))[1] == 10
 
 
+def test_bounds_argument_type():
+    with pytest.raises(TypeError, match="bounds must be a MixtureBounds"):
+        parse_mixture("math", NAMES, bounds={"max_abs": 4})
+
+
 @pytest.mark.parametrize("kwargs", [dict(max_abs=0), dict(max_l1=math.inf),
                                     dict(max_abs=True), dict(max_l1="8")])
 def test_bounds_are_checked(kwargs):
