@@ -371,6 +371,9 @@ def patch_model(model: nn.Module, experts=(), targets="all", layers=None, *, cac
     """
     if any(isinstance(m, SVFLinear) for m in model.modules()):
         raise ValueError("model is already patched; restore() the existing handle first")
+    if mixture_bounds is not None and not isinstance(mixture_bounds, MixtureBounds):
+        raise TypeError(f"mixture_bounds must be a t2fast.mixtures.MixtureBounds or None, got "
+                        f"{type(mixture_bounds).__name__}")
     decomposition = decompose_model(model, targets, layers, cache_dir=cache_dir,
                                     progress=progress)
     loaded = _load_experts(experts, decomposition.factors, Fingerprint.of(decomposition.factors),

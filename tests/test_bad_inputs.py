@@ -173,6 +173,9 @@ def test_failed_patch_model_leaves_the_model_untouched(world):
         assert not any(isinstance(m, SVFLinear) for m in model.modules())
         assert list(model.state_dict()) == keys
         assert torch.equal(_logits(model), before)
+    with pytest.raises(TypeError, match="mixture_bounds must be"):
+        t2fast.patch_model(model, mixture_bounds=(4, 8), cache_dir=world["dir"] / "svd")
+    assert not any(isinstance(m, SVFLinear) for m in model.modules())
     with pytest.raises(ValueError, match="more than once"):
         t2fast.patch_model(model, experts=[files["c"], files["c"]],
                            cache_dir=world["dir"] / "svd", progress=False)
