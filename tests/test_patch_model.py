@@ -234,3 +234,16 @@ def test_import_forms():
     import t2fast.patch_model as pm
     assert callable(pm) and callable(t2fast.patch_model)
     assert pm.patch_model is t2fast.patch_model.patch_model
+
+
+def test_mixture_bounds_are_configurable(svd_cache):
+    from t2fast.mixtures import MixtureBounds
+    h = t2fast.patch_model(_model(), cache_dir=svd_cache, progress=False,
+                           mixture_bounds=MixtureBounds(max_abs=16, max_l1=16))
+    h.add_experts(_experts(h))
+    assert h.set_mixture({"a": 10.0}) == "merged"
+    with pytest.raises(ValueError, match=r"Σ\|α\| = 20 is outside the bound Σ\|α\| ≤ 16"):
+        h.set_mixture({"a": 10.0, "b": -10.0})
+    h.mixture_bounds = MixtureBounds()
+    with pytest.raises(ValueError, match=r"alpha\['a'\] = 10 is outside the bound \|α\| ≤ 4"):
+        h.set_mixture({"a": 10.0})
