@@ -38,6 +38,7 @@ class ServedExperts:
         self.base_names = list(base_names)
         self.paths: dict[str, str] = dict(paths or {})
         self.in_flight: Counter = Counter()
+        self.swapping: dict[str, asyncio.Event] = {}   # name -> set when its replace is done
         self.lock = asyncio.Lock()
         self.drained = asyncio.Condition()
 
@@ -51,9 +52,12 @@ class ServedExperts:
         return self.frontend.normalize(raw)
 
     # ---- in-flight requests -------------------------------------------------------------
-    def acquire(self, normal) -> list[str]:
-        """Count a request that uses the experts of the normal-form mixture ``normal``."""
+    async def acquire(self, normal) -> list[str]:
+        """Count a request that uses the experts of the normal-form mixture ``normal`` (after
+        waiting for a replacement of one of them to finish)."""
         used = [] if normal is None else [n for n in normal["alpha"] if n != BASE]
+        while any(n in self.swapping for n in used):
+            await next(self.swapping[n] for n in used if n in self.swapping).wait()
         self.in_flight.update(used)
         return used
 
@@ -105,9 +109,23 @@ class ServedExperts:
                 raise T2HTTPError(str(exc), param="path") from None
             e = Expert(name=name, z=e.z, base_model=e.base_model, fingerprint=e.fingerprint,
                        extra=e.extra)
-            results = await self._rpc("t2_load_experts", [encode_expert(e)], None)
-            self.frontend.add(name, expert_digest(e))
-            self._check_order(results)
+            # A replacement waits for the requests using the old z (new ones wait for it), so
+            # no request sees its expert change mid-generation.
+            swap = None
+            if name in self.frontend.names:
+                swap = self.swapping[name] = asyncio.Event()
+            try:
+                if swap is not None and not await self._drain(name):
+                    raise T2HTTPError(f"expert {name!r} is still used by {self.in_flight[name]} "
+                                      f"request(s) after {DRAIN_TIMEOUT_S:.0f} s; not replaced",
+                                      param="name", status=HTTPStatus.CONFLICT)
+                results = await self._rpc("t2_load_experts", [encode_expert(e)], None)
+                self.frontend.add(name, expert_digest(e))
+                self._check_order(results)
+            finally:
+                if swap is not None:
+                    del self.swapping[name]
+                    swap.set()
             self.paths[name] = str(Path(path).resolve())
         return self.card(name)
 

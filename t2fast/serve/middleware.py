@@ -58,7 +58,7 @@ class T2RequestMiddleware:
             new_body, normal, headers = await server.prepare(route, body)
         except T2HTTPError as exc:
             return await _send_json(send, exc.status, exc.payload())
-        used = server.experts.acquire(normal)
+        used = await server.experts.acquire(normal)
         data = json.dumps(new_body).encode()
         scope = dict(scope)
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-length"] + \
