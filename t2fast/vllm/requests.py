@@ -104,7 +104,7 @@ def normalize_spec(raw, names, num_layers: int, bounds: MixtureBounds | None = N
     elif "alpha" in raw:
         spec = raw["alpha"]
         if spec is None or isinstance(spec, str):
-            raise T2RequestError(f"alpha must be a dict {{name: weight}} or a list of weights "
+            raise T2RequestError(f"'alpha' must be a dict {{name: weight}} or a list of weights "
                                  f"in bank order, got {spec!r}; use 'expert' for one expert")
     else:
         return None
