@@ -132,12 +132,15 @@ class LLM:
         loaded is an error unless ``replace=True`` (the new expert then takes its bank row).
         Returns the bank order."""
         from ..experts import Expert, check_unique_names, load_expert
+        from ..mixtures import check_z
         from .requests import expert_digest, file_digest
         from .worker import encode_expert
 
         payload, entries = [], []
         for e in experts:
             if isinstance(e, Expert):
+                for target, z in e.z.items():    # finite, in range: refuse here, not in workers
+                    check_z(target, z, where=f"expert {e.name!r}")
                 payload.append(encode_expert(e))
                 entries.append((e.name, expert_digest(e)))
             else:
