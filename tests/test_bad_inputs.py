@@ -231,3 +231,25 @@ def test_python_m_t2fast_reports_errors_without_a_traceback():
                        text=True, timeout=300, cwd=SHIPPED.parent)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "nope.safetensors' does not exist" in r.stderr
+
+
+def test_vllm_front_refuses_bad_experts_before_the_workers(world):
+    """``t2fast.vllm.LLM.load_experts`` checks names, z and duplicates before any RPC."""
+    from t2fast.vllm.llm import LLM
+    from t2fast.vllm.requests import FrontEnd
+
+    llm = LLM.__new__(LLM)
+    llm._frontend = FrontEnd(num_layers=2, max_experts=4)
+    llm._frontend.add("a", "digest")
+    llm._rpc = lambda *a: pytest.fail("reached the workers")
+    z = {n: torch.full((l.rank,), 1e30) for n, l in world["handle"].layers.items()}
+    files = world["files"]
+    for experts, error, pattern in [
+            ([Expert("huge", z)], T2FileError, r"expert 'huge': z for .* outside the allowed"),
+            ([files["nan"]], T2FileError, r"contains NaN or Inf"),
+            ([files["path_name"]], T2FileError, r"is not valid"),
+            ([files["c"], files["c"]], ValueError, r"\['c'\] appear more than once"),
+            ([files["a"]], ValueError, r"\['a'\] are already loaded.*replace=True")]:
+        with pytest.raises(error, match=pattern):
+            llm.load_experts(experts)
+    assert llm.expert_names == ["a"]
