@@ -1,8 +1,9 @@
 """SVD of the adapted weights, cached on disk by a hash of each weight.
 
-``W = U diag(S) Vh`` with ``W`` [m, n] (``y = W x``), ``r = min(m, n)``: U [m, r], S [r] (descending),
-Vh [r, n]. Factors are computed in float64 on the CPU when the matrix is small enough to be cheap,
-float32 otherwise (on whatever device the weight lives on), and stored in float32.
+``W = U diag(S) Vh`` with ``W`` [m, n] (``y = W x``), ``r = min(m, n)``: U [m, r], S [r]
+(descending), Vh [r, n]. Factors are computed in float64 on the CPU when the matrix is small
+enough to be cheap, float32 otherwise (on whatever device the weight lives on), and stored in
+float32.
 
 Cache files are safetensors named ``<sha256 of the weight>.safetensors`` holding U, S, Vh and
 metadata (format, version, shape, dtype, ``probe_rtol``). A cache entry is trusted only after a
