@@ -253,3 +253,10 @@ def test_vllm_front_refuses_bad_experts_before_the_workers(world):
         with pytest.raises(error, match=pattern):
             llm.load_experts(experts)
     assert llm.expert_names == ["a"]
+
+
+def test_training_refuses_an_invalid_expert_name_before_it_starts():
+    from t2fast.train import TrainConfig
+    with pytest.raises(ValueError, match=r"TrainConfig\.out=.*the expert name 'my expert' is "
+                                         r"not valid"):
+        TrainConfig(task="arith", out="x/my expert.safetensors").validate()

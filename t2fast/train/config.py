@@ -200,6 +200,12 @@ class TrainConfig:
         if self.out is not None and self.method == "svf" and not str(self.out).endswith(
                 ".safetensors"):
             bad("out", "an SVF expert is written as a .safetensors file")
+        if self.out is not None and self.method == "svf":
+            from ..mixtures import check_expert_name
+            try:        # the file name is the expert's name: refuse a bad one before training
+                check_expert_name(Path(self.out).name.split(".")[0], "the expert name")
+            except ValueError as exc:
+                bad("out", str(exc))
         return self
 
     # ------------------------------------------------------------------------------------
