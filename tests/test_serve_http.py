@@ -7,6 +7,7 @@ and the ``openai`` client (``extra_body``, model list). Token-level comparisons 
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -51,10 +52,14 @@ MIXED = [
 def server(tmp_path_factory):
     from t2fast.serve.launch import ServerProcess, t2fast_serve_command
 
+    from t2fast.serve.profiles import save_profile
+
     log = tmp_path_factory.mktemp("serve") / "server.log"
+    profile = save_profile(log.parent / "mix.json", [0.7, 0.0, 0.3], BANK[:3], task="demo")
     cmd = t2fast_serve_command(
         "tiny", "--experts", *(str(EXPERTS / f"{n}.safetensors") for n in BANK[:3]),
         "--classifier", str(EXPERTS / "classify.safetensors"), "--allow-runtime-loading",
+        "--profiles", f"mix={profile}",
         "--svd-cache-dir", str(log.parent / "svd"), "--enforce-eager",
         "--max-num-seqs=16", "--seed=0")
     # TRITON_INTERPRET (set for the kernel tests) would make "auto" pick the interpreter.
@@ -234,6 +239,12 @@ def test_automatic_adaptation_picks_the_labelled_expert(http):
             assert r.headers["x-t2-expert"] == want, (mode, prompt)
             assert float(r.headers["x-t2-pass1-ms"]) > 0
             assert tokens(r) == tokens(complete(http, prompt, {"t2_expert": want}))
+    r = complete(http, ARITH, {"t2_adapt": "profile:mix"})
+    assert tokens(r) == tokens(complete(http, ARITH, {"t2_alpha": {"arith": 0.7, "choice": 0.3}}))
+    assert r.headers["x-t2-adapt"] == "profile:mix"
+    assert json.loads(r.headers["x-t2-alpha"]) == {"arith": 0.7, "strings": 0.0, "choice": 0.3}
+    r = complete(http, ARITH, {"t2_adapt": "profile:nope"})
+    assert r.status_code == 400 and "unknown profile 'nope'" in r.text
     chat = http.post("/v1/chat/completions", json={
         "model": "tiny", "max_tokens": MAX_TOKENS, "temperature": 0, "t2_adapt": "prompt",
         "messages": [{"role": "user", "content": "reverse('kdfa')"}]})

@@ -36,6 +36,7 @@ def test_forms_become_one_t2_json_string():
 def test_adapt_modes_and_server_default():
     assert tr({"model": "tiny", "t2_adapt": "prompt"}).adapt == "prompt"
     assert tr({"model": "tiny", "t2_adapt": "none"}).adapt is None
+    assert tr({"model": "tiny", "t2_adapt": "profile:mix"}).adapt == "profile:mix"
     assert tr({"model": "tiny"}, default_adapt="classifier").adapt == "classifier"
     assert tr({}, default_adapt="prompt").adapt == "prompt"
     # a request naming a mixture, or another model, is not adapted by default
@@ -59,6 +60,7 @@ def test_adapt_modes_and_server_default():
     ({"model": "arith", "t2_alpha": [1, 0]}, "t2_alpha", "one mixture"),
     ({"t2_adapt": "prompt", "t2": {"expert": "arith"}}, "t2_adapt", "one mixture"),
     ({"t2_adapt": "always"}, "t2_adapt", "must be one of"),
+    ({"t2_adapt": "profile:"}, "t2_adapt", "must be one of"),
 ])
 def test_refused_with_400_naming_the_key(body, param, msg):
     with pytest.raises(T2HTTPError, match=msg) as err:
@@ -90,6 +92,28 @@ def test_prompt_text_for_pass_one():
                                                                "content": "x"}]})]:
         with pytest.raises(T2HTTPError, match="t2_adapt needs"):
             prompt_text(path, body)
+
+
+def test_profiles_save_load_and_errors(tmp_path):
+    from t2fast.serve.profiles import load_profile, profile_alpha, save_profile
+
+    assert profile_alpha([0.5, 0.25], ["a", "b"]) == {"a": 0.5, "b": 0.25}
+    assert profile_alpha([[1, 0], [0.5, 2]], ["a", "b"]) == {"a": [1.0, 0.5], "b": [0.0, 2.0]}
+    with pytest.raises(ValueError, match="2 experts"):
+        profile_alpha([1, 2, 3], ["a", "b"])
+    path = save_profile(tmp_path / "p.json", [0.5, 0.25], ["a", "b"], task="arith")
+    assert load_profile(path) == {"a": 0.5, "b": 0.25}
+    assert json.loads(path.read_text())["meta"] == {"task": "arith"}
+    bad = tmp_path / "bad.json"
+    for text, msg in [("{", "not JSON"), ('{"format": "x"}', "not a t2fast profile"),
+                      ('{"format": "t2fast-profile", "version": 9, "alpha": {"a": 1}}',
+                       "version 9"),
+                      ('{"format": "t2fast-profile", "version": 1, "alpha": []}', "alpha")]:
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=msg):
+            load_profile(bad)
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_profile(tmp_path / "missing.json")
 
 
 def test_serve_config():

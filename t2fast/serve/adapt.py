@@ -21,6 +21,7 @@ HEADER_ADAPT = "x-t2-adapt"
 HEADER_EXPERT = "x-t2-expert"
 HEADER_PASS1_MS = "x-t2-pass1-ms"
 HEADER_LABEL = "x-t2-pass1-label"
+HEADER_ALPHA = "x-t2-alpha"
 #: How pass 1 phrases the question: the tiny world's template, or the paper's for chat models.
 TEMPLATES = {"tiny": tiny_world_prompt, "paper": paper_style_prompt}
 PASS1_MAX_TOKENS = 10

@@ -41,8 +41,11 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier", default=None, metavar="[NAME=]PATH|NAME",
                    help="classification expert for t2_adapt='classifier' (a file, loaded too, "
                         "or the name of one of --experts)")
-    p.add_argument("--adapt", default="none", choices=("none", "prompt", "classifier"),
-                   help="t2_adapt of requests that name no mixture (default: none = base)")
+    p.add_argument("--adapt", default="none",
+                   help="t2_adapt of requests that name no mixture: none (the base model, "
+                        "default), prompt, classifier or profile:NAME")
+    p.add_argument("--profiles", nargs="+", default=[], metavar="NAME=FILE",
+                   help="mixture profiles (saved α) served as t2_adapt='profile:NAME'")
     p.add_argument("--adapt-template", default="tiny", choices=("tiny", "paper"),
                    help="pass-1 prompt: the tiny world's or the paper's (chat models)")
     p.add_argument("--targets", type=parse_targets, default="all",
@@ -119,10 +122,16 @@ def vllm_arguments(args, extra: list[str]) -> list[str]:
         classifier = name
     bounds = {k: v for k, v in (("max_alpha_abs", args.max_alpha_abs),
                                 ("max_alpha_l1", args.max_alpha_l1)) if v is not None}
+    profiles = {}
+    for entry in args.profiles:
+        name, path = _named(entry)
+        if name is None:
+            raise ValueError(f"--profiles {entry!r}: expected NAME=FILE")
+        profiles[name] = path
     serve_cfg = ServeConfig(adapt=args.adapt, classifier=classifier,
                             adapt_template=args.adapt_template,
                             allow_runtime_loading=args.allow_runtime_loading,
-                            named_experts=named)
+                            named_experts=named, profiles=profiles)
     kw = engine_args(model, files, args.targets, args.layers, backend=args.backend,
                      max_experts=args.max_experts, hybrid=args.hybrid,
                      cache_dir=args.svd_cache_dir, allow_other_model=args.allow_other_model)

@@ -26,18 +26,21 @@ class ServeConfig:
         allow_runtime_loading: expose ``POST`` / ``DELETE /v1/t2/experts`` (off by default,
             like vLLM's ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``: they read files named by clients).
         named_experts: ``{name: file}`` loaded at start-up under the given names.
+        profiles: ``{name: file}`` of mixture profiles (:mod:`t2fast.serve.profiles`) served
+            as ``t2_adapt="profile:NAME"``.
     """
     adapt: str = "none"
     classifier: str | None = None
     adapt_template: str = "tiny"
     allow_runtime_loading: bool = False
     named_experts: dict = field(default_factory=dict)
+    profiles: dict = field(default_factory=dict)
 
     def __post_init__(self):
         from .adapt import TEMPLATES
         from .translate import ADAPT_MODES
 
-        if self.adapt not in ADAPT_MODES:
+        if self.adapt not in ADAPT_MODES and not self.adapt.startswith("profile:"):
             raise ValueError(f"t2fast serve: adapt must be one of {ADAPT_MODES}, got "
                              f"{self.adapt!r}")
         if self.adapt == "classifier" and not self.classifier:

@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 from http import HTTPStatus
 
-from .adapt import HEADER_EXPERT
-from .translate import ROUTES, T2HTTPError, prompt_text, set_spec, t2_keys_in, translate
+from .adapt import HEADER_ADAPT, HEADER_ALPHA, HEADER_EXPERT
+from .profiles import PREFIX
+from .translate import (ADAPT_KEY, ROUTES, T2HTTPError, prompt_text, set_spec, t2_keys_in,
+                        translate)
 
 STATE_ATTR = "t2fast"
 #: t2fast's own routes (their bodies are not requests for a model).
@@ -78,10 +80,11 @@ class T2Server:
         config: :class:`t2fast.serve.config.ServeConfig`.
     """
 
-    def __init__(self, experts, adapter, config):
+    def __init__(self, experts, adapter, config, profiles: dict | None = None):
         self.experts = experts
         self.adapter = adapter
         self.config = config
+        self.profiles = dict(profiles or {})   # name -> α {expert: weight}
 
     async def prepare(self, route: str, body) -> tuple[object, object, dict]:
         """(body for vLLM, normal-form mixture or None, response headers) of one request.
@@ -91,7 +94,15 @@ class T2Server:
         """
         tr = translate(body, self.experts.names, self.experts.base_names, self.config.adapt)
         headers = {}
-        if tr.adapt is not None:
+        if tr.adapt is not None and tr.adapt.startswith(PREFIX):
+            name = tr.adapt[len(PREFIX):]
+            if name not in self.profiles:
+                raise T2HTTPError(f"unknown profile {name!r}; served profiles: "
+                                  f"{sorted(self.profiles) or '(none)'}", param=ADAPT_KEY)
+            tr.spec = {"alpha": self.profiles[name]}
+            set_spec(tr.body, tr.spec)
+            headers = {HEADER_ADAPT: tr.adapt, HEADER_ALPHA: json.dumps(self.profiles[name])}
+        elif tr.adapt is not None:
             choice = await self.adapter.choose(tr.adapt, prompt_text(route, tr.body),
                                                self.experts.names)
             tr.spec = None if choice.expert is None else {"expert": choice.expert}

@@ -7,6 +7,7 @@ from .adapt import Adapter
 from .config import ServeConfig
 from .experts import ServedExperts
 from .middleware import T2Server
+from .profiles import load_profile
 
 logger = logging.getLogger("t2fast.serve")
 
@@ -37,7 +38,19 @@ async def build_server(engine_client, args) -> T2Server | None:
     if cfg.classifier is not None and cfg.classifier not in experts.names:
         raise ValueError(f"t2fast serve: the classifier {cfg.classifier!r} is not among the "
                          f"loaded experts {experts.names}")
-    server = T2Server(experts, Adapter(engine_client, cfg.adapt_template, cfg.classifier), cfg)
+    profiles = {}
+    for name, path in cfg.profiles.items():
+        alpha = load_profile(path)
+        try:
+            experts.normalize({"alpha": alpha})
+        except ValueError as exc:
+            raise ValueError(f"t2fast serve: profile {name!r} ({path}): {exc}") from None
+        profiles[name] = alpha
+    if cfg.adapt.startswith("profile:") and cfg.adapt[len("profile:"):] not in profiles:
+        raise ValueError(f"t2fast serve: --adapt {cfg.adapt}: no such profile; given: "
+                         f"{sorted(profiles) or '(none)'}")
+    server = T2Server(experts, Adapter(engine_client, cfg.adapt_template, cfg.classifier), cfg,
+                      profiles)
     log_startup(server, await experts.info(), vllm_config)
     return server
 
@@ -60,6 +73,7 @@ def log_startup(server: T2Server, info: dict, vllm_config) -> None:
     logger.info("t2fast: path: %s; SVF kernels: %s; %s", path, "/".join(w["kernels"]),
                 "eager" if eager else "compiled (torch.compile / CUDA graphs)")
     cfg = server.config
-    logger.info("t2fast: default t2_adapt=%s, classifier=%s, template=%s; run-time loading %s",
-                cfg.adapt, cfg.classifier or "-", cfg.adapt_template,
+    logger.info("t2fast: default t2_adapt=%s, classifier=%s, template=%s, profiles %s; run-time "
+                "loading %s", cfg.adapt, cfg.classifier or "-", cfg.adapt_template,
+                sorted(server.profiles) or "-",
                 "allowed" if cfg.allow_runtime_loading else "disabled")

@@ -9,7 +9,8 @@ ways (``extra_body`` of the ``openai`` client puts keys at the top level of the 
 ``t2_alpha``                    α: a list in bank order, ``{name: weight}``, or per layer
 ``t2``                          ``{"expert": ...}`` / ``{"alpha": ...}`` (or its JSON string)
 ``t2_adapt``                    ``"prompt"``, ``"classifier"`` or ``"none"``: the server runs
-                                pass 1 and picks the expert itself
+                                pass 1 and picks the expert itself; ``"profile:NAME"``: a
+                                saved α (:mod:`t2fast.serve.profiles`)
 ==============================  =============================================================
 
 each either at the top level or inside ``vllm_xargs`` — at most one of them per request. Any
@@ -153,9 +154,12 @@ def t2_keys_in(body) -> list[str]:
 
 
 def _adapt_mode(value, what: str) -> str | None:
-    if value not in ADAPT_MODES:
-        raise T2HTTPError(f"{what} must be one of {', '.join(ADAPT_MODES)}, got {value!r}",
-                          param=ADAPT_KEY)
+    from .profiles import PREFIX
+
+    is_profile = isinstance(value, str) and value.startswith(PREFIX) and len(value) > len(PREFIX)
+    if value not in ADAPT_MODES and not is_profile:
+        raise T2HTTPError(f"{what} must be one of {', '.join(ADAPT_MODES)} or "
+                          f"'{PREFIX}NAME', got {value!r}", param=ADAPT_KEY)
     return None if value == "none" else value
 
 
