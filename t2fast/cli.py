@@ -283,6 +283,9 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cem-population", type=int, default=16)
     p.add_argument("--cem-elite-ratio", type=float, default=0.25)
     p.add_argument("--cem-std", type=float, default=0.3)
+    p.add_argument("--save-profile", default=None, metavar="FILE",
+                   help="cem: write the α found as a mixture profile (t2fast serve --profiles "
+                        "NAME=FILE serves it as t2_adapt='profile:NAME')")
     p.add_argument("--per-layer", action="store_true")
     p.add_argument("--normalize", action="store_true")
     p.add_argument("--seed", type=int, default=0, help="cem's search seed")
@@ -304,6 +307,9 @@ def _adapt_run(args) -> int:
         print(f"t2fast adapt: --n {args.n}: expected at least 1 example", file=sys.stderr)
         return 2
     shot_set = args.seed if args.shot_set is None else args.shot_set
+    if args.save_profile and args.strategy != "cem":
+        print("t2fast adapt: --save-profile needs --strategy cem", file=sys.stderr)
+        return 2
     if args.strategy == "cem" and (args.shots < 1 or shot_set < 0):
         print(f"t2fast adapt: --shots {args.shots} / --shot-set {shot_set}: expected "
               f"--shots >= 1 and --shot-set >= 0", file=sys.stderr)
@@ -338,6 +344,11 @@ def _adapt_run(args) -> int:
                         per_layer=args.per_layer, normalize=args.normalize, seed=args.seed)
         res = fewshot_cem(handle, tok, task, shots, cfg)
         extra["cem"] = res.to_dict()
+        if args.save_profile:
+            from .serve.profiles import save_profile
+            save_profile(args.save_profile, res.alpha, experts, task=task.name,
+                         fewshot_accuracy=res.score, shots=args.shots, shot_set=shot_set,
+                         seed=args.seed)
         strategy = FixedMixture(res.alpha, "cem")
         print(f"cem: alpha={[round(v, 3) for v in res.alpha.reshape(-1).tolist()]} "
               f"few-shot accuracy {res.score:.2f} ({res.evaluations} evaluations, "

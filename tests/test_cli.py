@@ -69,6 +69,9 @@ def test_eval_base_and_expert(experts, tmp_path, capsys):
 def test_adapt_strategies(experts, tmp_path, strategy):
     out = tmp_path / "a.json"
     extra = ["--classifier", str(experts[1])] if strategy == "classifier" else []
+    profile = tmp_path / "profile.json"
+    if strategy == "cem":
+        extra = ["--save-profile", str(profile)]
     experts_arg = [str(experts[0])] if strategy == "classifier" else [str(p) for p in experts]
     args = ["adapt", *MODEL, "--experts", *experts_arg, "--strategy", strategy, "--task",
             "arith_chain", "--n", "4", "--shots", "2", "--cem-iterations", "1",
@@ -78,6 +81,8 @@ def test_adapt_strategies(experts, tmp_path, strategy):
     assert r["n"] == 4 and r["pass2_s"] > 0
     if strategy == "cem":
         assert len(r["cem"]["alpha"]) == 2 and r["shot_set"] == 0
+        from t2fast.serve.profiles import load_profile
+        assert list(load_profile(profile).values()) == r["cem"]["alpha"]  # by expert name
     if strategy in ("prompt", "classifier"):
         assert sum(r["pass1_labels"].values()) == 4
 
