@@ -24,7 +24,7 @@ from torch import nn
 from .decompose import decompose_weights
 from .experts import Expert, Fingerprint
 from .safetensors_io import T2FileError
-from .targets import target_weights
+from .targets import FUSED, target_weights
 
 OFFICIAL_KEY = re.compile(r"learnable_params_module_list\.(\d+)")
 
@@ -40,7 +40,13 @@ def official_targets(model: nn.Module) -> list[str]:
             raise ValueError(f"the official code adapts every state_dict entry containing "
                              f"'mlp', but {key} (shape {tuple(v.shape)}) is not a 2-D weight; "
                              f"t2fast cannot import experts for this model")
-        names.append(key[:-len(".weight")])
+        name = key[:-len(".weight")]
+        if name.rsplit(".", 1)[-1] in FUSED:
+            raise ValueError(f"the official code adapts the fused projection {name} as one "
+                             f"matrix, while t2fast adapts its logical parts "
+                             f"{list(FUSED[name.rsplit('.', 1)[-1]])}: its experts for this "
+                             f"model cannot be imported")
+        names.append(name)
     if not names:
         raise ValueError("the model has no state_dict entries containing 'mlp'")
     return names

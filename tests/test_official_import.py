@@ -116,3 +116,12 @@ def test_pickled_objects_are_not_executed(tmp_path):
         import_official(p, random_tiny_llama(seed=0, **TINY), cache_dir=False, progress=False)
     with pytest.raises(T2FileError, match="does not exist"):
         import_official(tmp_path / "none.pt", random_tiny_llama(seed=0, **TINY))
+
+
+def test_fused_mlp_models_are_refused_with_a_reason():
+    from transformers import Phi3Config, Phi3ForCausalLM
+    phi3 = Phi3ForCausalLM(Phi3Config(vocab_size=64, max_position_embeddings=64, pad_token_id=0,
+                                      bos_token_id=1, eos_token_id=2, **TINY))
+    with pytest.raises(ValueError, match=r"fused projection model\.layers\.0\.mlp\."
+                                         r"gate_up_proj as one matrix"):
+        official_targets(phi3)
