@@ -10,8 +10,14 @@ module name (``model.layers.0.mlp.down_proj``), and metadata::
     fingerprint_json {"shapes": sha256 of (name, shape) of every target,
                       "sigma_sums": {target: Σσ}}  — identifies the base weights
     targets_json     [target names, model order]
-    shapes_json      {target: [m, n]}
+    shapes_json      {target: [r]} (the length of each z)
     extra_json       free-form (training config, scores ...)
+
+An expert **folder** (:meth:`Expert.save_pretrained`, PEFT-style) holds that file as
+``expert.safetensors`` beside ``expert_config.json`` (format, format_version, name, base_model,
+targets, ranks); :func:`load_expert` reads either. Names follow
+:func:`t2fast.mixtures.check_expert_name`; every z is finite with ``|z| ≤ 8``
+(:func:`t2fast.mixtures.check_z`).
 
 A **bank** stacks K experts over the same targets. A **mixture** α gives ``z' = Σ_k α_k z_k``;
 slot 0 of every bank matrix is the base model (z = 1), so "base" is a mixture too.
