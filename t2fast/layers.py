@@ -9,6 +9,11 @@ Modes, checked in this order by ``forward``:
     trainable  ``train_z`` is a Parameter [r]: ``W' = U diag(S ⊙ z) Vh`` built differentiably
     merged     ``merged`` holds a dense [m, n] weight (single-mixture fast path)
     factored   the SVF kernels with per-token slots (``t2fast.ops``)
+A layer's state dict holds its dense ``weight`` only in merged mode (the weight it serves); in
+the other modes saving raises, so a patched model never writes a partial state dict.
+
+:class:`FusedSVF` stands for a fused projection (Phi-3's ``qkv_proj``): the concatenation of its
+logical parts, each an ``SVFLinear`` or a :func:`row_block` view of the original weight.
 """
 from __future__ import annotations
 
