@@ -150,9 +150,20 @@ def test_concurrent_mixed_experts_equal_alone_and_reference(http, alone):
     assert texts == hf_reference([(p, s) for (p, _), s in zip(MIXED, specs)])
 
 
-def test_model_name_selects_expert(http, alone):
+def test_model_name_selects_expert(server, http, alone):
     r = complete(http, ARITH, {}, model="arith")
     assert tokens(r) == alone[1] and r.headers["x-t2-expert"] == "arith"
+    assert r.json()["model"] == "arith"  # as vLLM answers for a LoRA adapter
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    chunks = list(client.chat.completions.create(
+        model="strings", max_tokens=MAX_TOKENS, temperature=0, stream=True,
+        messages=[{"role": "user", "content": "reverse('kdfa')"}]))
+    assert chunks and {c.model for c in chunks} == {"strings"}
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = client.chat.completions.create(
+        model="tiny", max_tokens=MAX_TOKENS, temperature=0, extra_body={"t2_expert": "strings"},
+        messages=[{"role": "user", "content": "reverse('kdfa')"}])
+    assert text == whole.choices[0].message.content and whole.model == "tiny"
 
 
 BAD = [

@@ -60,6 +60,8 @@ class T2RequestMiddleware:
             new_body, normal, headers = await server.prepare(route, body)
         except T2HTTPError as exc:
             return await _send_json(send, exc.status, exc.payload())
+        if headers.get(HEADER_EXPERT) and body.get("model") == headers[HEADER_EXPERT]:
+            send = _renaming(send, body["model"])  # answer as the model that was asked for
         used = await server.experts.acquire(normal)
         data = json.dumps(new_body).encode()
         scope = dict(scope)
@@ -141,6 +143,49 @@ def _replay(data: bytes, receive):
         return await receive()
 
     return replay
+
+
+def _renaming(send, model: str):
+    """Set ``"model"`` to ``model`` in the response body: one JSON object, or server-sent
+    events (``data: {...}``), as vLLM answers for a LoRA adapter named as the model."""
+    start = None
+
+    async def wrapped(msg):
+        nonlocal start
+        if msg["type"] == "http.response.start":
+            start = msg  # held: the body's length changes
+            return
+        if msg["type"] == "http.response.body":
+            data = _rename(msg.get("body", b""), model)
+            if start is not None:
+                headers = [(k, v) for k, v in start.get("headers", [])
+                           if k.lower() != b"content-length"]
+                if not msg.get("more_body", False):
+                    headers.append((b"content-length", str(len(data)).encode()))
+                await send({**start, "headers": headers})
+                start = None
+            msg = {**msg, "body": data}
+        await send(msg)
+
+    return wrapped
+
+
+def _rename(data: bytes, model: str) -> bytes:
+    def one(text: bytes) -> bytes:
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return text
+        if isinstance(obj, dict) and "model" in obj:
+            obj["model"] = model
+            return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+        return text
+
+    if data.lstrip().startswith(b"{"):
+        return one(data)
+    lines = data.split(b"\n")
+    return b"\n".join(b"data: " + one(line[6:]) if line.startswith(b"data: ") else line
+                       for line in lines)
 
 
 def _with_headers(send, headers: dict):
