@@ -7,7 +7,8 @@ For ``POST /v1/completions`` and ``/v1/chat/completions`` it reads the JSON body
 2. runs pass 1 when the request asks for ``t2_adapt`` (:class:`t2fast.serve.adapt.Adapter`);
 3. validates the mixture with the engine front end's parser (400, with the same message the
    engine would give) and counts the request as in flight for the experts it uses;
-4. hands the rewritten body to vLLM's route and adds ``x-t2-*`` headers to its response.
+4. hands the rewritten body to vLLM's route and adds ``x-t2-*`` headers to its response (whose
+   ``"model"`` is the expert's name when the request named the expert as its model).
 
 Other ``POST`` routes (``/v1/responses`` ...) are refused with 400 when their body carries a
 t2 key, since they would ignore it. Everything else, and every request when the engine is not a
