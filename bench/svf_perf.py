@@ -40,7 +40,7 @@ import triton  # noqa: E402
 
 import baselines as B  # noqa: E402
 from shapes import projections  # noqa: E402
-from t2fast.kernels import launch  # noqa: E402
+from t2fast.kernels import svf_matmul as svf_op  # noqa: E402
 from timing import CUDA, ceilings, l2_cold_copies, time_us  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -63,7 +63,7 @@ def sweep_shape(m, n, names, T, dtype, ceil, reps) -> dict:
     if CUDA:
         torch.cuda.synchronize()
     row["first_call_s"] = time.perf_counter() - t0
-    plan = launch.svf_plan(p0.x, p0.U, p0.Vh)
+    plan = svf_op.svf_plan(p0.x, p0.U, p0.Vh)
     row["plan"] = dict(source=plan.source, backend=plan.backend,
                        launches=plan.launches(T, m, r))
     row["rel_err_triton"] = B.rel_err_vs_f64(p0, B.svf_triton(p0))

@@ -33,7 +33,7 @@ import triton  # noqa: E402
 
 import baselines as B  # noqa: E402
 from shapes import projections  # noqa: E402
-from t2fast.kernels import configs, launch  # noqa: E402
+from t2fast.kernels import configs, scaled_matmul as sm, svf_matmul as svf_op  # noqa: E402
 from t2fast.kernels.configs import SVFPlan, TableEntry, TileConfig  # noqa: E402
 from timing import CUDA, l2_cold_copies, time_us  # noqa: E402
 
@@ -74,12 +74,12 @@ def tune_shape(m: int, n: int, T: int, dtype, num_sms: int, quick: bool, log) ->
 
     def shrink_us(tile):
         h_dtype = torch.float32 if tile.split_k > 1 else dtype
-        return time_us([lambda p=p: launch.svf_shrink(p.x, p.Vh, p.S, p.idx, Z=p.Z, tile=tile,
+        return time_us([lambda p=p: svf_op.svf_shrink(p.x, p.Vh, p.S, p.idx, Z=p.Z, tile=tile,
                                                        h_dtype=h_dtype) for p in copies])
 
     def expand_us(tile):
         hs = [torch.randn(T, r, device=DEVICE) for _ in copies]
-        return time_us([lambda p=p, h=h: launch.scaled_matmul(h, p.U.t(), tile=tile,
+        return time_us([lambda p=p, h=h: sm.scaled_matmul(h, p.U.t(), tile=tile,
                                                                out_dtype=dtype)
                         for p, h in zip(copies, hs)])
 
@@ -90,7 +90,7 @@ def tune_shape(m: int, n: int, T: int, dtype, num_sms: int, quick: bool, log) ->
         timed = [(fn(c), c) for c in candidates(base_tile, T, N, K, a_bytes, num_sms, quick)]
         best[op] = min(timed, key=lambda tc: tc[0])[1]
     plan = SVFPlan(best["shrink"], best["expand"])
-    triton_us = time_us([lambda p=p: launch.svf_matmul(p.x, p.U, p.S, p.Vh, p.idx, Z=p.Z,
+    triton_us = time_us([lambda p=p: svf_op.svf_matmul(p.x, p.U, p.S, p.Vh, p.idx, Z=p.Z,
                                                         plan=plan) for p in copies])
     torch_us = time_us([lambda p=p: ((p.x @ p.Vh.T) * (p.S * p.Z[p.idx]).to(dtype)) @ p.U.T
                         for p in copies])

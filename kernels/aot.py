@@ -25,7 +25,7 @@ from triton.compiler import ASTSource
 
 from .configs import SVFPlan, TileConfig
 from .scaled_matmul import scaled_matmul_kernel
-from .svf_shrink import svf_shrink_kernel
+from .svf_matmul import svf_shrink_kernel
 
 H100 = GPUTarget("cuda", 90, 32)
 # Shared memory one CTA may use on sm_90 (227 KB).

@@ -12,11 +12,17 @@ Shapes: A [M, K], scale [K] (HAS_SCALE), B [K, N]. Grid: (cdiv(M, BLOCK_M) · cd
 grouped order, SPLIT_K). With SPLIT_K == 1, ``out`` is [M, N] in the output dtype; with
 SPLIT_K > 1 each split writes its partial sum to its own fp32 slab ``out[split]`` of a
 workspace [SPLIT_K, M, N] (no atomics: the result is deterministic), and
-:func:`split_sum_kernel` adds the slabs and casts.
+:func:`split_sum_kernel` adds the slabs and casts. :func:`scaled_matmul` launches both.
 """
+from __future__ import annotations
+
+import torch
 import triton
 import triton.language as tl
 
+from . import configs
+from .configs import SPLIT_SUM_BLOCK, TileConfig
+from .launch import dot_fp32, interpreter_active, launch_options
 from .tile_utils import reduce_tile, tile_offsets
 
 
@@ -63,3 +69,42 @@ def split_sum_kernel(
         acc += tl.load(ptrs + s * stride_ws, mask=mask, other=0.0)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def merge_tile(A, B) -> TileConfig:
+    """Tiles of a large GEMM such as the merge ``U diag(σ⊙z) Vh`` (M = m rows)."""
+    if interpreter_active():
+        return configs.INTERPRETER_PLAN.expand
+    return configs.gemm_tile(A.shape[0], B.dtype)
+
+
+def scaled_matmul(A, B, scale=None, tile: TileConfig | None = None, out_dtype=None, out=None):
+    """``(A * scale[None, :]) @ B`` → [M, N] in ``out_dtype`` (default A's dtype).
+
+    ``A`` [M, K], ``B`` [K, N] with any strides (pass ``U.t()`` for Uᵀ), ``scale`` [K] fp32 or
+    None; ``out`` [M, N] (any strides) is written when given. ``tile.split_k > 1`` reduces into an
+    fp32 workspace of ``split_k`` slabs and sums them in a second kernel. Inputs are not checked:
+    call through :mod:`t2fast.ops`.
+    """
+    M, K = A.shape
+    N = B.shape[1]
+    tile = tile or merge_tile(A, B)
+    if out is None:
+        out = torch.empty((M, N), device=A.device, dtype=out_dtype or A.dtype)
+    target = out
+    if tile.split_k > 1:
+        target = torch.empty((tile.split_k, M, N), device=A.device, dtype=torch.float32)
+        slab_stride = target.stride()
+    else:
+        slab_stride = (0, *out.stride())
+    scaled_matmul_kernel[tile.grid(M, N)](
+        A, scale if scale is not None else A, B, target, M, N, K,
+        *A.stride(), *B.stride(), *slab_stride,
+        HAS_SCALE=scale is not None, DOT_FP32=dot_fp32(A, B), **tile.meta(),
+        **launch_options(tile))
+    if tile.split_k > 1:
+        bm, bn = SPLIT_SUM_BLOCK
+        split_sum_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+            target, out, M, N, *target.stride(), *out.stride(),
+            SPLIT_K=tile.split_k, BLOCK_M=bm, BLOCK_N=bn)
+    return out

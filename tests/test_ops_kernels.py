@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from t2fast import ops
-from t2fast.kernels import launch
+from t2fast.kernels import scaled_matmul as sm
+from t2fast.kernels import svf_matmul as svf_op
 from t2fast.kernels.configs import SVFPlan, TileConfig
 from t2fast.ops import reference
 
@@ -135,7 +136,7 @@ def test_shrink_poisoned_output_and_split(split, device):
     idx = torch.randint(0, slots, (T,), generator=gen).to(device)
     out = torch.full((T, r), float("nan"), device=device) if split == 1 else \
         torch.zeros((T, r), device=device)
-    h = launch.svf_shrink(x, Vh, S, idx, Z=Z, tile=TileConfig(16, 32, 16, split_k=split),
+    h = svf_op.svf_shrink(x, Vh, S, idx, Z=Z, tile=TileConfig(16, 32, 16, split_k=split),
                           out=out)
     assert h is out
     ref = (x.double() @ Vh.double().T) * S.double() * Z.double()[idx]
@@ -150,7 +151,7 @@ def test_expand_poisoned_output_strided(device):
     B = _rand((R, Q), torch.float32, device, gen)
     big = torch.full((P, 2 * Q), float("nan"), device=device)
     out = big[:, ::2]
-    launch.scaled_matmul(A, B, out=out)
+    sm.scaled_matmul(A, B, out=out)
     torch.testing.assert_close(out.double(), A.double() @ B.double(), rtol=1e-5, atol=1e-5)
     assert big[:, 1::2].isnan().all(), "kernel wrote outside its output view"
 
@@ -217,9 +218,9 @@ def test_launch_plans_match_float64(plan, mix, dtype, device):
     p = PLANS[plan]
     assert p.h_dtype(dtype) == (torch.float32 if p.shrink.split_k > 1 else dtype)
     if mix:
-        y = launch.svf_matmul(x, U, S, Vh, idx, alpha=alpha, bank=bank, plan=p)
+        y = svf_op.svf_matmul(x, U, S, Vh, idx, alpha=alpha, bank=bank, plan=p)
     else:
-        y = launch.svf_matmul(x, U, S, Vh, idx, Z=Z, plan=p)
+        y = svf_op.svf_matmul(x, U, S, Vh, idx, Z=Z, plan=p)
     _close(y, reference.svf_matmul(*_f64(x, U, S, Vh, Z), idx), dtype)
 
 
@@ -232,7 +233,7 @@ def test_expand_split_poisoned_output(split, device):
     B = _rand((N, K), torch.bfloat16, device, gen).t()         # Uᵀ-like strides
     big = torch.full((M, 2 * N), float("nan"), device=device, dtype=torch.bfloat16)
     out = big[:, ::2]
-    launch.scaled_matmul(A, B, tile=TileConfig(16, 16, 16, split_k=split), out=out)
+    sm.scaled_matmul(A, B, tile=TileConfig(16, 16, 16, split_k=split), out=out)
     ref = A.double() @ B.double()
     assert torch.isfinite(out).all()
     assert (out.double() - ref).abs().max() <= 1e-2 * ref.abs().max()
@@ -262,5 +263,5 @@ def test_every_shipped_config_on_real_shapes(entry):
     Z = (1 + 0.5 * torch.randn(slots, r, generator=gen)).to(device)
     idx = _idx(T, slots, gen, device)
     plan = configs.plan(T, m, n, r, torch.bfloat16, device)
-    y = launch.svf_matmul(x, U, S, Vh, idx, Z=Z, plan=plan)
+    y = svf_op.svf_matmul(x, U, S, Vh, idx, Z=Z, plan=plan)
     _close(y, reference.svf_matmul(*_f64(x, U, S, Vh, Z), idx), torch.bfloat16)

@@ -476,10 +476,11 @@ def test_v2_runner_hook_steps():
 
 
 def test_svf_custom_op_compiles_with_dynamic_token_count():
+    """The kernels' custom op (what the vLLM layers call on the Triton path) in a compiled graph
+    with a dynamic token count."""
     import torch
 
     from t2fast import ops
-    from t2fast.vllm.layers import svf_matmul_mix_op  # noqa: F401 - registers the op
 
     g = torch.Generator().manual_seed(0)
     U, S, Vh = (torch.randn(24, 16, generator=g), torch.rand(16, generator=g),
@@ -489,11 +490,10 @@ def test_svf_custom_op_compiles_with_dynamic_token_count():
     slots = torch.randint(0, 5, (64,), generator=g, dtype=torch.int32)
 
     def f(x):
-        return torch.ops.t2fast.svf_matmul_mix(x, U, S, Vh, alpha, bank, slots[:x.shape[0]],
-                                               "torch") * 2
+        return torch.ops.t2fast.svf_matmul_mix(x, U, S, Vh, alpha, bank, slots[:x.shape[0]]) * 2
 
     compiled = torch.compile(f, dynamic=True, fullgraph=True)
     for T in (3, 7, 40):
         x = torch.randn(T, 32, generator=g)
         want = ops.svf_matmul_mix(x, U, S, Vh, alpha, bank, slots[:T], backend="torch") * 2
-        torch.testing.assert_close(compiled(x), want)
+        torch.testing.assert_close(compiled(x), want, rtol=1e-4, atol=1e-4)

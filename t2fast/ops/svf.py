@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import launch
+from ..kernels import launch, scaled_matmul, svf_matmul as svf_op
 from . import reference, torch_backend
 from .checks import (INDEX_DTYPES, KERNEL_DTYPES, check_dim, check_finite, check_index_range,
                      check_same_device, check_svf_factors, check_tensor)
@@ -44,7 +44,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def _auto_backend(asked: str, resolved: str, x, U, Vh) -> str:
     """``"auto"`` on CUDA takes the backend of the kernel plan for this shape and T."""
     if asked == "auto" and resolved == "triton" and x.device.type == "cuda":
-        return launch.svf_plan(x, U, Vh).backend
+        return svf_op.svf_plan(x, U, Vh).backend
     return resolved
 
 
@@ -66,51 +66,6 @@ def _check_idx(idx, T: int) -> None:
     if idx.shape[0] != T:
         raise ValueError(f"idx has shape {tuple(idx.shape)}: it needs one slot per token of x, "
                          f"i.e. shape ({T},)")
-
-
-def _svf_input_grads(grad_y, x, U, S, Vh, z_tok):
-    """Gradients for y = U (S z_tok (Vh x)) per token: returns (grad_x, grad of z_tok)."""
-    g = grad_y.float() @ U.float()             # [T, r]
-    a = x.float() @ Vh.float().T               # [T, r]
-    grad_x = ((S.float() * z_tok) * g) @ Vh.float()
-    return grad_x.to(x.dtype), S.float() * a * g
-
-
-def _slot_grad(grad_ztok, idx, num_slots):
-    out = torch.zeros((num_slots, grad_ztok.shape[1]), device=grad_ztok.device,
-                      dtype=torch.float32)
-    return out.index_add_(0, idx.long(), grad_ztok)
-
-
-class _SVFMatmulTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, Z, U, S, Vh, idx):
-        ctx.save_for_backward(x, Z, U, S, Vh, idx)
-        return launch.svf_matmul(x, U, S, Vh, idx, Z=Z)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, Z, U, S, Vh, idx = ctx.saved_tensors
-        grad_x, grad_ztok = _svf_input_grads(grad_y, x, U, S, Vh, Z.float()[idx.long()])
-        grad_Z = _slot_grad(grad_ztok, idx, Z.shape[0]).to(Z.dtype)
-        return grad_x, grad_Z, None, None, None, None
-
-
-class _SVFMatmulMixTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, alpha, bank, U, S, Vh, idx):
-        ctx.save_for_backward(x, alpha, bank, U, S, Vh, idx)
-        return launch.svf_matmul(x, U, S, Vh, idx, alpha=alpha, bank=bank)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, alpha, bank, U, S, Vh, idx = ctx.saved_tensors
-        Z = alpha.float() @ bank.float()
-        grad_x, grad_ztok = _svf_input_grads(grad_y, x, U, S, Vh, Z[idx.long()])
-        grad_Z = _slot_grad(grad_ztok, idx, alpha.shape[0])
-        grad_alpha = (grad_Z @ bank.float().T).to(alpha.dtype)
-        grad_bank = (alpha.float().T @ grad_Z).to(bank.dtype)
-        return grad_x, grad_alpha, grad_bank, None, None, None, None
 
 
 def svf_matmul(x, U, S, Vh, Z, idx, *, backend: str = "auto", validate: bool = True):
@@ -139,7 +94,7 @@ def svf_matmul(x, U, S, Vh, Z, idx, *, backend: str = "auto", validate: bool = T
         return x.new_empty((0, m))
     if backend == "torch":
         return torch_backend.svf_matmul(x, U, S, Vh, Z, idx)
-    return _SVFMatmulTriton.apply(x, Z, U, S.contiguous(), Vh, idx.contiguous())
+    return torch.ops.t2fast.svf_matmul(x, U, S.contiguous(), Vh, Z, idx.contiguous())
 
 
 def svf_matmul_mix(x, U, S, Vh, alpha, bank, idx, *, backend: str = "auto",
@@ -165,7 +120,8 @@ def svf_matmul_mix(x, U, S, Vh, alpha, bank, idx, *, backend: str = "auto",
         return x.new_empty((0, m))
     if backend == "torch":
         return torch_backend.svf_matmul_mix(x, U, S, Vh, alpha, bank, idx)
-    return _SVFMatmulMixTriton.apply(x, alpha, bank, U, S.contiguous(), Vh, idx.contiguous())
+    return torch.ops.t2fast.svf_matmul_mix(x, U, S.contiguous(), Vh, alpha, bank,
+                                           idx.contiguous())
 
 
 def _check_alpha_bank(alpha, bank, r=None) -> None:
@@ -204,4 +160,4 @@ def svf_merge(U, S, z, Vh, *, backend: str = "auto"):
     if backend == "torch":
         return reference.svf_merge(U, S, z, Vh)
     scale = S.float() * z.float()
-    return launch.scaled_matmul(U, Vh, scale=scale, out_dtype=U.dtype)
+    return scaled_matmul.scaled_matmul(U, Vh, scale=scale, out_dtype=U.dtype)

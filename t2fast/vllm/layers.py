@@ -80,23 +80,6 @@ def select_targets(names: list[str], targets="all", layers=None) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# The Triton path as one opaque op: torch.compile (vLLM compiles the whole model graph) does not
-# trace into the launch wrappers, and CUDA graphs capture the kernels it launches.
-# --------------------------------------------------------------------------------------------
-@torch.library.custom_op("t2fast::svf_matmul_mix", mutates_args=())
-def svf_matmul_mix_op(x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor,
-                      alpha: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor,
-                      backend: str) -> torch.Tensor:
-    """``t2fast.ops.svf_matmul_mix`` (no validation) as a custom op."""
-    return ops.svf_matmul_mix(x, U, S, Vh, alpha, bank, idx, backend=backend, validate=False)
-
-
-@svf_matmul_mix_op.register_fake
-def _svf_matmul_mix_fake(x, U, S, Vh, alpha, bank, idx, backend):
-    return x.new_empty((x.shape[0], U.shape[0]))
-
-
-# --------------------------------------------------------------------------------------------
 # The quant-method wrapper
 # --------------------------------------------------------------------------------------------
 class SVFPart:
@@ -261,8 +244,8 @@ class SVFLinearMethod(QuantizeMethodBase):
                         getattr(layer, f"t2_Vh{i}"), alpha, getattr(layer, f"t2_bank{i}"), idx)
                 if self.backend == "torch":  # plain torch ops: traced and fused by inductor
                     outs.append(ops.svf_matmul_mix(*args, backend="torch", validate=False))
-                else:
-                    outs.append(torch.ops.t2fast.svf_matmul_mix(*args, self.backend))
+                else:  # the kernels' custom op: opaque to torch.compile, captured by CUDA graphs
+                    outs.append(torch.ops.t2fast.svf_matmul_mix(*args))
             else:
                 outs.append(F.linear(x2, getattr(layer, f"t2_W{i}")))
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
