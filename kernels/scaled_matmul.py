@@ -1,7 +1,7 @@
 """Scaled matmul: ``out[M, N] = (A ⊙ scale[None, :]) @ B`` with fp32 accumulation.
 
-One body serves two SVF steps (plans in :mod:`t2fast.kernels.configs`, launch code in
-:mod:`t2fast.kernels.launch`):
+One body serves two SVF steps (plans in :mod:`t2fast.kernels.configs`; the expand is launched by
+:mod:`t2fast.kernels.svf_matmul`, the merge by :func:`t2fast.ops.svf_merge`):
     expand  y[T, m]  = h[T, r] @ Uᵀ          A = h (fp32 or x's dtype), B = Uᵀ (U's strides swapped)
     merge   W'[m, n] = U diag(σ ⊙ z) Vh      A = U, scale = σ ⊙ z (fp32), B = Vh
 
