@@ -9,9 +9,9 @@ parameters on the fast path (merged weights), scores them with the task's scorer
 or the unparsable penalty), computes the base model's logits on the same tokens (original
 weights), and takes one AdamW step on −J (see :mod:`t2fast.train.objectives`; log-probabilities
 and KL at the sampling temperature, so the gradient is on-policy) with the learning rate on a
-cosine schedule and the gradient norm clipped. Every ``eval_every`` steps (and at step 0 and the end)
-greedy accuracy on the validation split decides the best checkpoint (written to ``out``) and
-early stopping. The full state is checkpointed at every evaluation for ``resume``.
+cosine schedule and the gradient norm clipped. Every ``eval_every`` steps (and at step 0 and the
+end) greedy accuracy on the validation split decides the best checkpoint (written to ``out``)
+and early stopping. The full state is checkpointed at every evaluation for ``resume``.
 Sampling uses a generator seeded from (seed, step), so a resumed run continues exactly.
 """
 from __future__ import annotations
