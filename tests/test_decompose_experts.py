@@ -312,3 +312,8 @@ def test_alpha_errors(decomp, spec, pattern):
 def test_bank_rejects_duplicate_names(decomp):
     with pytest.raises(ValueError, match="unique"):
         ExpertBank([Expert.random("a", decomp.factors)] * 2, decomp.factors)
+
+
+def test_progress_bar_only_on_a_terminal(model, tmp_path, capfd):
+    decompose_model(model, "mlp", cache_dir=tmp_path, progress=True)    # stderr is not a TTY
+    assert capfd.readouterr().err == ""
