@@ -121,3 +121,14 @@ def test_check_z():
             check_z("model.layers.0.mlp.down_proj", z, where="expert file 'x'")
     with pytest.raises(T2FileError, match=r"\[-2, 2\]"):
         check_z("q", torch.tensor([3.0]), bound=2)
+
+
+def test_bounds_travel_to_the_vllm_settings():
+    from t2fast.vllm.config import CONFIG_KEY, T2Config
+    from t2fast.vllm.llm import engine_args
+    args = engine_args("m", hf_overrides={"architectures": ["LlamaForCausalLM"]},
+                       mixture_bounds=MixtureBounds(max_abs=2, max_l1=3))
+    cfg = T2Config.from_dict(args["additional_config"][CONFIG_KEY])
+    assert cfg.mixture_bounds == MixtureBounds(2, 3)
+    with pytest.raises(ValueError, match=r"max_alpha_abs / max_alpha_l1: MixtureBounds\.max_abs"):
+        T2Config(max_alpha_abs=-1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..mixtures import MixtureBounds
 from .config import ARCHITECTURES, CONFIG_KEY, T2_ARCHITECTURES, T2Config
 
 WORKER_EXTENSION = "t2fast.vllm.worker.T2WorkerExtension"
@@ -44,15 +45,19 @@ def _hf_architecture(model: str, hf_overrides) -> str:
 
 def engine_args(model: str, experts=(), targets="all", layers=None, *, backend: str = "auto",
                 max_experts: int | None = None, hybrid: bool = False, cache_dir=None,
-                allow_other_model: bool = False, **vllm_kwargs) -> dict:
+                allow_other_model: bool = False, mixture_bounds: MixtureBounds | None = None,
+                **vllm_kwargs) -> dict:
     """The ``vllm.LLM`` / ``EngineArgs`` keyword arguments that serve ``model`` with t2fast.
 
-    ``experts`` must be file paths here (they travel in ``additional_config``).
+    ``experts`` must be file paths here (they travel in ``additional_config``);
+    ``mixture_bounds`` bounds every request's α (default ``MixtureBounds()``).
     """
     paths = [str(p) for p in experts]
+    bounds = mixture_bounds or MixtureBounds()
     cfg = T2Config(experts=paths, targets=targets, layers=layers, backend=backend,
                    max_experts=max(max_experts or 8, len(paths)), hybrid=hybrid,
-                   cache_dir=cache_dir, allow_other_model=allow_other_model)
+                   cache_dir=cache_dir, allow_other_model=allow_other_model,
+                   max_alpha_abs=bounds.max_abs, max_alpha_l1=bounds.max_l1)
     hf_overrides = dict(vllm_kwargs.pop("hf_overrides", None) or {})
     arch = _hf_architecture(model, hf_overrides)
     if arch not in T2_ARCHITECTURES:
@@ -86,6 +91,7 @@ class LLM:
         hybrid: in eager mode, dense weights for single-mixture steps (off by default:
             a request's greedy answer may then depend on its batch).
         cache_dir: SVD cache folder; ``False`` disables it.
+        mixture_bounds: :class:`t2fast.mixtures.MixtureBounds` for every request's α.
         **vllm_kwargs: anything ``vllm.LLM`` takes (``enforce_eager``, ``max_model_len`` ...).
     Attributes:
         llm: the underlying ``vllm.LLM``; ``generate``/``chat``/... are forwarded to it.
