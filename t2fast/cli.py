@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .config import BACKENDS, SVFConfig
+from .targets import HALVES, PRESETS
+
 
 @dataclass
 class Subcommand:
@@ -86,7 +89,7 @@ def parse_layers(text: str | None):
     """'0:2' → (0, 2); '1,3' → [1, 3]; '2' → 2; 'first_half' / 'second_half'; None → None."""
     if text is None or text in ("", "all", "none"):
         return None
-    if text in ("first_half", "second_half"):
+    if text in HALVES:
         return text
     try:
         if ":" in text:
@@ -102,8 +105,51 @@ def parse_layers(text: str | None):
 
 
 def parse_targets(text: str):
-    return text if text in ("all", "attention", "mlp") or "," not in text else \
-        [t for t in text.split(",") if t]
+    """'all' / 'attention' / 'mlp' / one name or glob as is; 'a,b' → ['a', 'b']."""
+    return text if text in PRESETS or "," not in text else [t for t in text.split(",") if t]
+
+
+#: The flag of each :class:`t2fast.config.SVFConfig` field the command line sets (``dest`` is
+#: the field's name), so subcommands share one spelling, one parser and one help text.
+SVF_FLAGS = {
+    "targets": ("--targets", dict(type=parse_targets, help="matrices to adapt: all | attention | "
+                                                            "mlp | comma list of names / globs")),
+    "layers": ("--layers", dict(type=parse_layers, help="decoder layers: START:STOP | comma list "
+                                                         "| int | first_half | second_half")),
+    "backend": ("--backend", dict(choices=BACKENDS,
+                                  help="SVF kernel backend (default: %(default)s)")),
+    "hybrid": ("--hybrid", dict(action="store_true",
+                                help="eager mode: dense weights for single-mixture steps "
+                                     "(faster, but a request's answer may then depend on its "
+                                     "batch)")),
+    "cache_dir": ("--svd-cache-dir", dict(help="SVD cache folder (default: t2fast's)")),
+    "allow_other_model": ("--allow-other-model", dict(
+        action="store_true", help="accept experts made for another base model of equal shapes")),
+    "max_alpha_abs": ("--max-alpha-abs", dict(type=float, help="bound on each |α_k| of a "
+                                                               "mixture (default %(default)s)")),
+    "max_alpha_l1": ("--max-alpha-l1", dict(type=float, help="bound on Σ|α_k| of a mixture "
+                                                             "(default %(default)s)")),
+}
+
+
+def add_svf_arguments(p: argparse.ArgumentParser, fields, **defaults) -> None:
+    """Add the :data:`SVF_FLAGS` of the :class:`t2fast.config.SVFConfig` ``fields``, with the
+    field's default unless ``defaults`` gives another; :func:`svf_settings` reads them back."""
+    base = SVFConfig()
+    unknown = sorted(set(defaults) - set(fields))
+    if unknown:
+        raise ValueError(f"add_svf_arguments: defaults {unknown} are not among fields {fields}")
+    for name in fields:
+        flag, kw = SVF_FLAGS[name]
+        kw = dict(kw, dest=name, default=defaults.get(name, getattr(base, name)))
+        if kw.get("action") == "store_true":
+            kw.pop("default")
+        p.add_argument(flag, **kw)
+
+
+def svf_settings(args: argparse.Namespace, fields) -> dict:
+    """``{field: value}`` of the :func:`add_svf_arguments` flags of ``fields`` in ``args``."""
+    return {name: getattr(args, name) for name in fields}
 
 
 def _emit(obj: dict, path: str | None) -> None:
@@ -119,6 +165,9 @@ def _set_threads(n):
 
 
 # ---- train ---------------------------------------------------------------------------------
+TRAIN_SVF_FIELDS = ("targets", "layers", "backend")
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     from .train.config import BASELINES, METHODS, OBJECTIVES, PARAMETERIZATIONS, TrainConfig
     d = TrainConfig()
@@ -129,10 +178,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=METHODS, default=d.method)
     p.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
     p.add_argument("--parameterization", choices=PARAMETERIZATIONS, default=d.parameterization)
-    p.add_argument("--targets", type=parse_targets, default=d.targets,
-                   help="all | attention | mlp | comma list of module names / globs")
-    p.add_argument("--layers", type=parse_layers, default=None,
-                   help="START:STOP | comma list | int | first_half | second_half")
+    add_svf_arguments(p, TRAIN_SVF_FIELDS, targets=d.targets, layers=d.layers,
+                      backend=d.backend)
     for name, typ in (("steps", int), ("batch_size", int), ("samples_per_prompt", int),
                       ("lr", float), ("min_lr_ratio", float), ("warmup_steps", int),
                       ("weight_decay", float), ("grad_clip", float), ("kl_coef", float),
@@ -152,7 +199,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="resumable state (default: <out>.state.pt)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     p.add_argument("--tensorboard", default=None, help="TensorBoard folder (if installed)")
-    p.add_argument("--backend", default=d.backend, choices=("auto", "torch", "triton"))
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-cache", action="store_true", help="do not use the SVD disk cache")
     p.add_argument("--keep-checkpoint", action="store_true",
@@ -164,12 +210,13 @@ def _train_run(args) -> int:
     from .train.config import ConfigError
     _set_threads(args.threads)
     fields = {k: getattr(args, k) for k in (
-        "task", "out", "method", "objective", "parameterization", "targets", "layers", "steps",
+        "task", "out", "method", "objective", "parameterization", "steps",
         "batch_size", "samples_per_prompt", "lr", "min_lr_ratio", "warmup_steps",
         "weight_decay", "grad_clip", "kl_coef", "temperature", "top_k", "max_new_tokens",
         "train_n", "eval_n", "eval_every", "eval_batch_size", "patience", "seed", "lora_rank",
         "lora_alpha", "official_init", "unparsable_penalty", "logprob_reduction", "baseline",
-        "eval_split", "log_kl", "log", "checkpoint", "resume", "tensorboard", "backend", "threads")}
+        "eval_split", "log_kl", "log", "checkpoint", "resume", "tensorboard", "threads")}
+    fields.update(svf_settings(args, TRAIN_SVF_FIELDS))
     fields["progress"] = not args.no_progress
     fields["cache_dir"] = False if args.no_cache else None
     fields["extra"] = {"command": "t2fast " + " ".join(getattr(args, "_argv", []))}
@@ -204,7 +251,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="examples (from the start of the split), at least 1")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--backend", default="torch", choices=("auto", "torch", "triton"))
+    add_svf_arguments(p, ("backend",), backend="torch")
     p.add_argument("--json", default=None, help="write the result as JSON here")
 
 
@@ -291,7 +338,7 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="cem's search seed")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--backend", default="torch", choices=("auto", "torch", "triton"))
+    add_svf_arguments(p, ("backend",), backend="torch")
     p.add_argument("--json", default=None)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import SVFConfig
 from .decompose import Decomposition, SVDFactors, decompose_model
 from .experts import Expert, ExpertBank, Fingerprint, check_unique_names, load_expert
 from .layers import FusedSVF, RowSlots, SVFLinear, row_block
@@ -50,6 +51,7 @@ class SVFHandle:
 
     Attributes:
         model: the patched model.
+        config: the :class:`t2fast.config.SVFConfig` it was patched with.
         decomposition: the :class:`t2fast.decompose.Decomposition` of the targets.
         targets: adapted module names, in model order.
         layers: ``{name: SVFLinear}``.
@@ -63,18 +65,17 @@ class SVFHandle:
     model is patched, so the model holds one copy of them.
     """
 
-    def __init__(self, model: nn.Module, decomposition: Decomposition, backend: str,
-                 mix_in_kernel: bool, hybrid: bool, mixture_bounds: MixtureBounds | None = None,
-                 keep_dense: bool = True):
+    def __init__(self, model: nn.Module, decomposition: Decomposition, config: SVFConfig):
         self.model = model
-        self.keep_dense = keep_dense
-        self.mixture_bounds = mixture_bounds or MixtureBounds()
+        self.config = config
+        self.keep_dense = keep_dense = config.keep_dense
+        self.mixture_bounds = config.mixture_bounds
         self.decomposition = decomposition
         self.targets = decomposition.targets
         self.num_layers = _num_layers(model, self.targets)
         self.base_model = _model_name(model)
         self.fingerprint = Fingerprint.of(decomposition.factors)
-        self.hybrid = hybrid
+        self.hybrid = config.hybrid
         self.rows = RowSlots(next(iter(decomposition.factors.values())).U.device
                              if decomposition.factors else None)
         self._originals: dict[str, nn.Linear] = {}     # module name → the original module
@@ -90,8 +91,8 @@ class SVFHandle:
                 if name in decomposition.factors:
                     self._dense[name] = dense
                     self.layers[name] = SVFLinear(name, decomposition.factors[name], dense,
-                                                  layer_index(name) or 0, self.rows, backend,
-                                                  mix_in_kernel)
+                                                  layer_index(name) or 0, self.rows,
+                                                  config.backend, config.mix_in_kernel)
             swaps[module_name] = self.layers[module_name] if parts is None else FusedSVF(
                 module_name, [self.layers.get(n, dense) for n, dense in blocks.items()])
         for module_name, module in swaps.items():   # built every layer first: swap all or none
@@ -342,27 +343,31 @@ def _is_number_list(rows) -> bool:
                                  for v in rows)
 
 
-def patch_model(model: nn.Module, experts=(), targets="all", layers=None, *, cache_dir=None,
-                backend: str = "auto", mix_in_kernel: bool = False, hybrid: bool = True,
-                allow_other_model: bool = False, progress: bool = True,
-                mixture_bounds: MixtureBounds | None = None, keep_dense: bool = True) -> SVFHandle:
+def patch_model(model: nn.Module, experts=(), targets=None, layers=None, *,
+                config: SVFConfig | None = None, progress: bool = True,
+                mixture_bounds: MixtureBounds | None = None, **settings) -> SVFHandle:
     """Swap the target ``nn.Linear`` modules of ``model`` for :class:`SVFLinear` layers.
 
     Args:
         model: a Hugging Face causal LM (Llama, Mistral, Qwen2 families; others by pattern).
         experts: ``Expert`` objects or expert file paths to load into the bank.
-        targets, layers: the matrices to adapt (:func:`t2fast.targets.resolve_targets`).
-        cache_dir: SVD cache folder (default ``~/.cache/t2fast/svd``); ``False`` disables it.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the SVF kernels.
-        mix_in_kernel: mix each row's z from α inside the kernel instead of a per-slot table.
-        hybrid: serve single-mixture batches with dense (merged or original) weights.
-        allow_other_model: accept experts trained on another model of equal shapes.
+        targets, layers: the matrices to adapt (:func:`t2fast.targets.resolve_targets`;
+            ``None``: from ``config``, whose defaults are ``"all"`` and every layer).
+        config: a :class:`t2fast.config.SVFConfig` (default ``SVFConfig()``): targets, layers,
+            ``backend``, ``hybrid``, ``cache_dir``, ``allow_other_model``, the mixture bounds,
+            ``mix_in_kernel`` and ``keep_dense``.
         progress: show the SVD's progress bar (on a terminal).
-        mixture_bounds: limits on every mixture's α (default ``MixtureBounds()``).
-        keep_dense: keep the original dense weights (the base mixture then runs at dense
-            speed, and ``restore()`` is bit for bit). ``False`` drops them once the layers hold
-            U and Vh, so the model needs about 1.4× its weights' memory instead of 2.4×: the
-            base mixture then runs through the factored kernels.
+        mixture_bounds: limits on every mixture's α (sets ``max_alpha_abs`` / ``max_alpha_l1``).
+        **settings: :class:`~t2fast.config.SVFConfig` fields, which replace ``config``'s:
+            ``cache_dir`` (default ``~/.cache/t2fast/svd``; ``False`` disables it),
+            ``backend`` (``"auto"``, ``"triton"`` or ``"torch"``), ``mix_in_kernel`` (mix each
+            row's z from α inside the kernel instead of a per-slot table), ``hybrid`` (serve
+            single-mixture batches with dense weights; default True), ``allow_other_model``
+            (accept experts trained on another model of equal shapes), ``keep_dense`` (keep
+            the original dense weights: the base mixture then runs at dense speed, and
+            ``restore()`` is bit for bit. ``False`` drops them once the layers hold U and Vh,
+            so the model needs about 1.4× its weights' memory instead of 2.4×: the base
+            mixture then runs through the factored kernels).
     Returns:
         An :class:`SVFHandle`; the model starts on the base mixture.
     Raises:
@@ -371,18 +376,15 @@ def patch_model(model: nn.Module, experts=(), targets="all", layers=None, *, cac
     """
     if any(isinstance(m, SVFLinear) for m in model.modules()):
         raise ValueError("model is already patched; restore() the existing handle first")
-    if mixture_bounds is not None and not isinstance(mixture_bounds, MixtureBounds):
-        raise TypeError(f"mixture_bounds must be a t2fast.mixtures.MixtureBounds or None, got "
-                        f"{type(mixture_bounds).__name__}")
-    decomposition = decompose_model(model, targets, layers, cache_dir=cache_dir,
-                                    progress=progress)
+    config = SVFConfig.build(config, mixture_bounds, targets=targets, layers=layers, **settings)
+    decomposition = decompose_model(model, config.targets, config.layers,
+                                    cache_dir=config.svd_cache_dir(), progress=progress)
     loaded = _load_experts(experts, decomposition.factors, Fingerprint.of(decomposition.factors),
-                           allow_other_model)
-    handle = SVFHandle(model, decomposition, backend, mix_in_kernel, hybrid, mixture_bounds,
-                       keep_dense)
+                           config.allow_other_model)
+    handle = SVFHandle(model, decomposition, config)
     try:
         if loaded:
-            handle.add_experts(loaded, allow_other_model=allow_other_model)
+            handle.add_experts(loaded, allow_other_model=config.allow_other_model)
     except BaseException:
         handle.restore()
         raise

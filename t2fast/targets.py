@@ -13,8 +13,9 @@ targets are ``...self_attn.q_proj``, ``.k_proj``, ``.v_proj``, ``...mlp.gate_pro
 from __future__ import annotations
 
 import fnmatch
+import numbers
 import re
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -35,33 +36,88 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _refuse(where: str, value, what: str):
+    """Raise ``ValueError("<where> must be <what>; got <value>")``, with ``why`` set to
+    ``"expected <what>"`` (for :class:`t2fast.config.SVFConfig`'s messages)."""
+    err = ValueError(f"{where} must be {what}; got {value!r}")
+    err.why = f"expected {what}"
+    raise err
+
+
+def normalize_targets(targets, where: str = "targets"):
+    """A target selection, checked: a non-empty string (preset, short name or glob) as is, or a
+    non-empty list of strings (a tuple becomes a list). Raises ``ValueError`` naming ``where``."""
+    if isinstance(targets, str) and targets:
+        return targets
+    if isinstance(targets, (list, tuple)) and targets and all(
+            isinstance(t, str) and t for t in targets):
+        return list(targets)
+    _refuse(where, targets, f"{', '.join(map(repr, PRESETS))}, a module short name, or a "
+                            f"non-empty list of module names / glob patterns")
+
+
 def _module_patterns(targets) -> list[str]:
-    if isinstance(targets, str):
-        if targets in PRESETS:
-            return list(PRESETS[targets])
-        return [targets]
-    pats = list(targets)
-    if not pats or not all(isinstance(p, str) for p in pats):
-        raise ValueError(f"targets must be 'all', 'attention', 'mlp', or a non-empty list of "
-                         f"module names / glob patterns; got {targets!r}")
-    return pats
+    targets = normalize_targets(targets)
+    return list(PRESETS.get(targets, (targets,))) if isinstance(targets, str) else targets
+
+
+HALVES = ("first_half", "second_half")
+_LAYERS_HELP = ("None, an int, a (start, stop) tuple, a range, a list of ints, {'start': a, "
+                "'stop': b}, 'first_half' or 'second_half'")
+
+
+def _index(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0
+
+
+def normalize_layers(layers, where: str = "layers"):
+    """The one Python form of a decoder-layer selection, checked.
+
+    ``None`` (every layer), an int, ``(start, stop)`` (a layer range, ``start < stop``), a list
+    of ints (explicit layers), or ``"first_half"`` / ``"second_half"``. A ``range`` of step 1
+    and the JSON form ``{"start": a, "stop": b}`` become ``(start, stop)``; other ranges, sets
+    and tuples of another length become lists. Raises ``ValueError`` naming ``where``.
+    """
+    if isinstance(layers, dict) and set(layers) == {"start", "stop"}:
+        layers = (layers["start"], layers["stop"])
+    elif isinstance(layers, range):
+        layers = (layers.start, layers.stop) if layers.step == 1 else list(layers)
+    elif isinstance(layers, (set, frozenset)):
+        layers = sorted(layers)
+    elif isinstance(layers, tuple) and len(layers) != 2:
+        layers = list(layers)
+    if layers is None or isinstance(layers, str) and layers in HALVES:
+        return layers
+    if _index(layers):
+        return int(layers)
+    if isinstance(layers, tuple):
+        if all(_index(v) for v in layers) and layers[0] < layers[1]:
+            return (int(layers[0]), int(layers[1]))
+        _refuse(where, layers, "a layer range (start, stop) of two ints with 0 <= start < stop")
+    if isinstance(layers, list) and layers and all(_index(v) for v in layers):
+        return [int(v) for v in layers]
+    _refuse(where, layers, _LAYERS_HELP)
+
+
+def layers_to_json(layers):
+    """The JSON form of a selection in :func:`normalize_layers`'s form: a range ``(a, b)`` is
+    ``{"start": a, "stop": b}`` (a list always means explicit layers); others are unchanged."""
+    return {"start": layers[0], "stop": layers[1]} if isinstance(layers, tuple) else layers
 
 
 def _layer_set(layers, num_layers: int) -> set[int] | None:
+    layers = normalize_layers(layers)
     if layers is None:
         return None
     if isinstance(layers, int):
         chosen = {layers}
-    elif isinstance(layers, tuple) and len(layers) == 2 and all(isinstance(v, int) for v in layers):
+    elif isinstance(layers, tuple):
         chosen = set(range(*layers))
-    elif isinstance(layers, str) and layers in ("first_half", "second_half"):
+    elif layers in HALVES:
         half = num_layers // 2
         chosen = set(range(half)) if layers == "first_half" else set(range(half, num_layers))
-    elif isinstance(layers, Iterable):
-        chosen = {int(v) for v in layers}
     else:
-        raise ValueError(f"layers must be None, an int, a (start, stop) tuple, a range, a list of "
-                         f"ints, 'first_half' or 'second_half'; got {layers!r}")
+        chosen = set(layers)
     bad = sorted(i for i in chosen if not 0 <= i < num_layers)
     if bad:
         raise ValueError(f"layers {bad} are out of range: the model has {num_layers} decoder "
@@ -161,7 +217,7 @@ def resolve_targets(model: nn.Module, targets="all", layers=None) -> list[str]:
             (``"down_proj"``), or a list of short names and/or glob patterns over full names
             (``"model.layers.*.mlp.*"``).
         layers: ``None`` (every layer), an int, ``(start, stop)``, a range or list of ints,
-            ``"first_half"`` or ``"second_half"``.
+            ``"first_half"`` or ``"second_half"`` (:func:`normalize_layers`).
     Returns:
         Full names in model order; the logical matrices of a fused projection (``qkv_proj`` →
         ``q_proj``, ``k_proj``, ``v_proj``) in its place. A pattern that matches the fused

@@ -348,7 +348,7 @@ def test_config_and_engine_args(world):
     from t2fast.vllm import CONFIG_KEY, T2Config, engine_args
 
     cfg = T2Config.from_dict({"experts": "a.safetensors", "layers": {"start": 1, "stop": 3}})
-    assert cfg.experts == ["a.safetensors"] and cfg.layers == [1, 2]
+    assert cfg.experts == ["a.safetensors"] and cfg.layers == (1, 3)
     assert T2Config.from_dict(json.dumps(cfg.to_dict())) == cfg
     with pytest.raises(ValueError, match="unknown settings"):
         T2Config.from_dict({"expert": []})

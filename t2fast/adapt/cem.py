@@ -12,6 +12,7 @@ list), which the SVF kernels serve without merging a weight per member.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -74,6 +75,26 @@ class CEMConfig:
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
             bad("patience", "expected an integer >= 1 or None")
         return self
+
+    def to_dict(self) -> dict:
+        """The JSON form (``clamp`` and a sequence ``init_mean`` as lists); :meth:`from_dict`
+        reads it back equal."""
+        d = dataclasses.asdict(self)
+        for name in ("clamp", "init_mean"):
+            if isinstance(d[name], (tuple, list)):
+                d[name] = [float(v) for v in d[name]]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CEMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown CEMConfig fields: {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        if d.get("clamp") is not None:
+            d["clamp"] = tuple(d["clamp"])
+        return cls(**d)
 
     @property
     def num_elites(self) -> int:

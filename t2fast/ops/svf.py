@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import torch
 
+from ..config import BACKENDS
 from ..kernels import launch, scaled_matmul, svf_matmul as svf_op
 from . import reference, torch_backend
 from .checks import (INDEX_DTYPES, KERNEL_DTYPES, check_dim, check_finite, check_index_range,
                      check_same_device, check_svf_factors, check_tensor)
-
-BACKENDS = ("auto", "triton", "torch")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -18,11 +18,14 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import parse_layers, parse_targets, register
+from ..cli import add_svf_arguments, register, svf_settings
 
 ENDPOINT_GROUP = "vllm.endpoint_plugins"
 GENERAL_GROUP = "vllm.general_plugins"
 PLUGIN_NAME = "t2fast"
+#: The t2fast settings (:class:`t2fast.vllm.T2Config` fields) ``t2fast serve`` has flags for.
+SERVE_SVF_FIELDS = ("targets", "layers", "backend", "hybrid", "cache_dir", "allow_other_model",
+                    "max_alpha_abs", "max_alpha_l1")
 #: vLLM options that ``t2fast serve`` sets itself.
 OWNED_VLLM_OPTIONS = ("--hf-overrides", "--additional-config", "--worker-extension-cls",
                       "--model")
@@ -48,24 +51,10 @@ def _add_args(p: argparse.ArgumentParser) -> None:
                    help="mixture profiles (saved α) served as t2_adapt='profile:NAME'")
     p.add_argument("--adapt-template", default="tiny", choices=("tiny", "paper"),
                    help="pass-1 prompt: the tiny world's or the paper's (chat models)")
-    p.add_argument("--targets", type=parse_targets, default="all",
-                   help="matrices to adapt: all | attention | mlp | comma list / globs")
-    p.add_argument("--layers", type=parse_layers, default=None,
-                   help="decoder layers: START:STOP | comma list | int | first_half | "
-                        "second_half")
+    add_svf_arguments(p, ("targets", "layers"))
     p.add_argument("--max-experts", type=int, default=8,
                    help="bank capacity (experts loaded at once; fixed for the server's life)")
-    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
-    p.add_argument("--hybrid", action="store_true",
-                   help="eager mode: dense weights for single-mixture steps (faster, but a "
-                        "request's answer may then depend on its batch)")
-    p.add_argument("--svd-cache-dir", default=None, help="SVD cache folder (default: t2fast's)")
-    p.add_argument("--allow-other-model", action="store_true",
-                   help="accept experts made for another base model of equal shapes")
-    p.add_argument("--max-alpha-abs", type=float, default=None,
-                   help="bound on each |α_k| of a request (default 4)")
-    p.add_argument("--max-alpha-l1", type=float, default=None,
-                   help="bound on Σ|α_k| of a request (default 8)")
+    add_svf_arguments(p, SERVE_SVF_FIELDS[2:])
     p.add_argument("--allow-runtime-loading", action="store_true",
                    help="enable POST/DELETE /v1/t2/experts (they read files named by clients)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -85,7 +74,6 @@ def _named(entry: str) -> tuple[str | None, str]:
 
 def vllm_arguments(args, extra: list[str]) -> list[str]:
     """vLLM ``serve`` arguments for the parsed ``t2fast serve`` ones (``extra``: vLLM's own)."""
-    from ..vllm.config import CONFIG_KEY, T2Config
     from ..vllm.llm import engine_args
     from .config import SERVE_KEY, ServeConfig
 
@@ -120,8 +108,6 @@ def vllm_arguments(args, extra: list[str]) -> list[str]:
         else:
             named[name] = path
         classifier = name
-    bounds = {k: v for k, v in (("max_alpha_abs", args.max_alpha_abs),
-                                ("max_alpha_l1", args.max_alpha_l1)) if v is not None}
     profiles = {}
     for entry in args.profiles:
         name, path = _named(entry)
@@ -132,11 +118,8 @@ def vllm_arguments(args, extra: list[str]) -> list[str]:
                             adapt_template=args.adapt_template,
                             allow_runtime_loading=args.allow_runtime_loading,
                             named_experts=named, profiles=profiles)
-    kw = engine_args(model, files, args.targets, args.layers, backend=args.backend,
-                     max_experts=args.max_experts, hybrid=args.hybrid,
-                     cache_dir=args.svd_cache_dir, allow_other_model=args.allow_other_model)
-    kw["additional_config"][CONFIG_KEY].update(bounds)
-    T2Config.from_dict(kw["additional_config"][CONFIG_KEY])  # bounds checked before start-up
+    kw = engine_args(model, files, max_experts=args.max_experts,
+                     **svf_settings(args, SERVE_SVF_FIELDS))   # settings checked before start-up
     kw["additional_config"][SERVE_KEY] = serve_cfg.to_dict()
     out = [model, *served, "--host", args.host, "--port", str(args.port),
            "--hf-overrides", json.dumps(kw["hf_overrides"]),

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import SVFConfig, SVFConfigError
+from ..targets import PRESETS, layers_to_json, normalize_layers
+
 METHODS = ("svf", "lora")
 OBJECTIVES = ("rl", "sft")
 PARAMETERIZATIONS = ("plain", "official")
 REDUCTIONS = ("sum", "mean")
 BASELINES = ("none", "mean")
-TARGET_PRESETS = ("all", "attention", "mlp")
 
 
 class ConfigError(ValueError):
@@ -41,7 +43,9 @@ class TrainConfig:
             (z = sigmoid(p), W' rescaled by Σσ / Σ(σ⊙z), as in the authors' code).
         official_init: initial logit p of the official parameterization (uniform p, so the
             rescaled z starts at exactly 1 whatever the value).
-        targets / layers: adapted matrices (see :func:`t2fast.targets.resolve_targets`).
+        targets / layers: adapted matrices (see :func:`t2fast.targets.resolve_targets`); with
+            ``backend`` and ``cache_dir`` they make the run's :class:`t2fast.config.SVFConfig`
+            (:meth:`TrainConfig.svf_config`).
         lora_rank / lora_alpha / lora_dropout: LoRA baseline settings (targets as above).
     Optimisation
         steps, batch_size (prompts per step), samples_per_prompt, lr, min_lr_ratio (cosine decay
@@ -151,9 +155,9 @@ class TrainConfig:
         if self.method == "lora" and self.parameterization != "plain":
             bad("parameterization", "only applies to method='svf' (leave it 'plain' for LoRA)")
         if isinstance(self.targets, str):
-            if self.targets not in TARGET_PRESETS and not self.targets.endswith("_proj") \
+            if self.targets not in PRESETS and not self.targets.endswith("_proj") \
                     and "*" not in self.targets:
-                bad("targets", f"expected {', '.join(TARGET_PRESETS)}, a module short name "
+                bad("targets", f"expected {', '.join(PRESETS)}, a module short name "
                                f"(e.g. 'down_proj') or a list of names / glob patterns")
         elif not (isinstance(self.targets, (list, tuple)) and self.targets
                   and all(isinstance(t, str) for t in self.targets)):
@@ -190,8 +194,10 @@ class TrainConfig:
             positive_int("threads")
         from ..tasks import SPLITS
         choice("eval_split", SPLITS)
-        if self.backend not in ("auto", "torch", "triton"):
-            bad("backend", "expected 'auto', 'torch' or 'triton'")
+        try:
+            self.svf_config()
+        except SVFConfigError as exc:
+            bad(exc.field, exc.why)
         if self.baseline == "mean" and self.samples_per_prompt < 2:
             bad("baseline", "'mean' subtracts the mean reward of a prompt's samples: needs "
                             "samples_per_prompt >= 2")
@@ -221,13 +227,20 @@ class TrainConfig:
             return Path(self.checkpoint)
         return Path(str(self.out) + ".state.pt") if self.out else None
 
+    def svf_config(self) -> SVFConfig:
+        """The :class:`t2fast.config.SVFConfig` of the adapted model (targets, layers, backend,
+        cache_dir); raises :class:`t2fast.config.SVFConfigError` on a bad one."""
+        return SVFConfig(targets=self.targets, layers=self.layers, backend=self.backend,
+                         cache_dir=self.cache_dir)
+
     def to_dict(self) -> dict:
+        """The JSON form; ``layers`` as :func:`t2fast.targets.layers_to_json` writes it (a range
+        ``(a, b)`` is ``{"start": a, "stop": b}``), so :meth:`from_dict` reads the same back."""
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         if isinstance(d["targets"], tuple):
             d["targets"] = list(d["targets"])
-        if isinstance(d["layers"], range):
-            d["layers"] = [d["layers"].start, d["layers"].stop]
+        d["layers"] = layers_to_json(normalize_layers(self.layers, "TrainConfig.layers"))
         return json.loads(json.dumps(d, default=str))
 
     @classmethod
@@ -239,4 +252,6 @@ class TrainConfig:
         d = dict(d)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
+        if "layers" in d:
+            d["layers"] = normalize_layers(d["layers"], "TrainConfig.layers")
         return cls(**d)

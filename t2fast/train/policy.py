@@ -46,9 +46,7 @@ class SVFPolicy:
     def create(cls, model, config: TrainConfig, init_z=None) -> "SVFPolicy":
         import t2fast
         model.requires_grad_(False)
-        handle = t2fast.patch_model(model, targets=config.targets, layers=config.layers,
-                                    backend=config.backend, cache_dir=config.cache_dir,
-                                    progress=False)
+        handle = t2fast.patch_model(model, config=config.svf_config(), progress=False)
         param = ZParameterization(handle.decomposition.factors, config.parameterization,
                                   config.official_init, init_z=init_z,
                                   device=next(model.parameters()).device)

@@ -322,7 +322,7 @@ def install_svf_layers(model: nn.Module, runtime, packed: dict | None = None) ->
     all_names = [n for prefix, _ in layers for n in hf_part_names(prefix, packed)]
     if not all_names:
         raise ValueError("t2fast: found no q/k/v/o/gate/up/down projections in the model")
-    chosen = set(select_targets(all_names, cfg.targets, cfg.layers_arg()))
+    chosen = set(select_targets(all_names, cfg.targets, cfg.layers))
     adapted = []
     for prefix, mod in layers:
         names = hf_part_names(prefix, packed)

@@ -18,6 +18,7 @@ engine can be started with ``vllm serve`` and those flags.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -43,21 +44,27 @@ def _hf_architecture(model: str, hf_overrides) -> str:
     return archs[0]
 
 
-def engine_args(model: str, experts=(), targets="all", layers=None, *, backend: str = "auto",
-                max_experts: int | None = None, hybrid: bool = False, cache_dir=None,
-                allow_other_model: bool = False, mixture_bounds: MixtureBounds | None = None,
-                **vllm_kwargs) -> dict:
+def engine_args(model: str, experts=(), targets=None, layers=None, *,
+                config: T2Config | None = None, mixture_bounds: MixtureBounds | None = None,
+                **kwargs) -> dict:
     """The ``vllm.LLM`` / ``EngineArgs`` keyword arguments that serve ``model`` with t2fast.
 
-    ``experts`` must be file paths here (they travel in ``additional_config``);
-    ``mixture_bounds`` bounds every request's α (default ``MixtureBounds()``).
+    ``config`` is a :class:`T2Config` (default ``T2Config()``); ``experts``, ``targets``,
+    ``layers``, ``mixture_bounds`` and every keyword argument named like a :class:`T2Config`
+    field (``backend``, ``max_experts``, ``hybrid``, ``cache_dir``, ``allow_other_model``,
+    ``max_alpha_abs`` ...) replace its settings; the other keyword arguments go to vLLM.
+    ``experts`` must be file paths here (they travel in ``additional_config``); the bank holds
+    at least all of them, whatever ``max_experts`` says.
     """
-    paths = [str(p) for p in experts]
-    bounds = mixture_bounds or MixtureBounds()
-    cfg = T2Config(experts=paths, targets=targets, layers=layers, backend=backend,
-                   max_experts=max(max_experts or 8, len(paths)), hybrid=hybrid,
-                   cache_dir=cache_dir, allow_other_model=allow_other_model,
-                   max_alpha_abs=bounds.max_abs, max_alpha_l1=bounds.max_l1)
+    t2_fields = {f.name for f in dataclasses.fields(T2Config)}
+    settings = {k: kwargs.pop(k) for k in list(kwargs) if k in t2_fields}
+    vllm_kwargs = kwargs
+    base = T2Config.build(config)
+    if experts:
+        settings["experts"] = [str(p) for p in experts]
+    settings["max_experts"] = max(settings.get("max_experts") or base.max_experts,
+                                  len(settings.get("experts", base.experts)))
+    cfg = T2Config.build(base, mixture_bounds, targets=targets, layers=layers, **settings)
     hf_overrides = dict(vllm_kwargs.pop("hf_overrides", None) or {})
     arch = _hf_architecture(model, hf_overrides)
     if arch not in T2_ARCHITECTURES:
@@ -92,12 +99,14 @@ class LLM:
             a request's greedy answer may then depend on its batch).
         cache_dir: SVD cache folder; ``False`` disables it.
         mixture_bounds: :class:`t2fast.mixtures.MixtureBounds` for every request's α.
+        config: a :class:`T2Config` whose settings the arguments above replace
+            (:func:`engine_args`).
         **vllm_kwargs: anything ``vllm.LLM`` takes (``enforce_eager``, ``max_model_len`` ...).
     Attributes:
         llm: the underlying ``vllm.LLM``; ``generate``/``chat``/... are forwarded to it.
     """
 
-    def __init__(self, model: str, experts=(), targets="all", layers=None, **kwargs):
+    def __init__(self, model: str, experts=(), targets=None, layers=None, **kwargs):
         from vllm import LLM as VLLM
 
         from ..experts import Expert
@@ -105,8 +114,8 @@ class LLM:
         experts = list(experts)
         files = [e for e in experts if not isinstance(e, Expert)]
         objects = [e for e in experts if isinstance(e, Expert)]
-        if kwargs.get("max_experts") is None:
-            kwargs["max_experts"] = max(8, len(experts))
+        given = kwargs.get("max_experts") or T2Config.build(kwargs.get("config")).max_experts
+        kwargs["max_experts"] = max(given, len(experts))
         args = engine_args(str(model), files, targets, layers, **kwargs)
         self.llm = VLLM(**args)
         self._frontend = self._find_frontend()

@@ -1,0 +1,164 @@
+"""The settings of t2fast's SVF layers: one object for the library, the vLLM plugin, the trainer
+and the command line.
+
+:class:`SVFConfig` says which matrices are adapted, how the SVF layers run and which mixtures
+they accept. :func:`t2fast.patch_model` takes one (``config=``, or its fields as keyword
+arguments), :class:`t2fast.vllm.T2Config` extends it with the engine's expert bank,
+:class:`t2fast.train.TrainConfig` builds one from its ``targets`` / ``layers`` / ``backend`` /
+``cache_dir``, and the command line's flags are checked against its fields.
+
+Its JSON form (:meth:`SVFConfig.to_dict`) holds only JSON values and reads back equal
+(:meth:`SVFConfig.from_dict`); a layer range ``(start, stop)`` is written
+``{"start": a, "stop": b}`` (a list always means explicit layers, see
+:func:`t2fast.targets.normalize_layers`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .mixtures import MixtureBounds
+from .targets import layers_to_json, normalize_layers, normalize_targets
+
+#: SVF kernel backends: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else torch),
+#: ``"triton"``, ``"torch"``.
+BACKENDS = ("auto", "triton", "torch")
+
+
+class SVFConfigError(ValueError):
+    """A setting is invalid; ``field`` names it and ``why`` says what was expected."""
+
+    def __init__(self, message: str, field: str, why: str):
+        super().__init__(message)
+        self.field, self.why = field, why
+
+
+def _flag(value) -> bool:
+    return isinstance(value, bool)
+
+
+@dataclass
+class SVFConfig:
+    """How t2fast adapts a model.
+
+    Attributes:
+        targets: the matrices to adapt: ``"all"``, ``"attention"``, ``"mlp"``, a short name
+            (``"down_proj"``) or a list of short names / globs over Hugging Face names
+            (:func:`t2fast.targets.resolve_targets`).
+        layers: the decoder layers: ``None`` (all), an int, ``(start, stop)``, a list of ints,
+            ``"first_half"`` or ``"second_half"`` (:func:`t2fast.targets.normalize_layers`).
+        backend: SVF kernel backend, one of :data:`BACKENDS`.
+        hybrid: serve a batch whose rows all use one mixture with dense weights (the original
+            ones for the base model, a cached merge otherwise).
+        cache_dir: SVD cache folder (``None``: ``~/.cache/t2fast/svd``); ``False`` disables it.
+        allow_other_model: accept experts made for another base model of equal shapes.
+        max_alpha_abs, max_alpha_l1: bounds on every mixture, ``|α_k| ≤ max_alpha_abs`` and
+            ``Σ|α_k| ≤ max_alpha_l1`` (:class:`t2fast.mixtures.MixtureBounds`).
+        mix_in_kernel: mix each row's z from α inside the kernel instead of a per-slot z table.
+        keep_dense: keep the original dense weights (see :func:`t2fast.patch_model`).
+    """
+    targets: str | list[str] = "all"
+    layers: None | int | tuple[int, int] | list[int] | str = None
+    backend: str = "auto"
+    hybrid: bool = True
+    cache_dir: str | bool | None = None
+    allow_other_model: bool = False
+    max_alpha_abs: float = 4.0
+    max_alpha_l1: float = 8.0
+    mix_in_kernel: bool = False
+    keep_dense: bool = True
+
+    def __post_init__(self):
+        self._check("targets", normalize_targets)
+        self._check("layers", normalize_layers)
+        if self.backend not in BACKENDS:
+            self._bad("backend", f"backend must be one of {BACKENDS}")
+        for name in ("hybrid", "allow_other_model", "mix_in_kernel", "keep_dense"):
+            if not _flag(getattr(self, name)):
+                self._bad(name, "expected True or False")
+        if isinstance(self.cache_dir, (str, os.PathLike)):
+            self.cache_dir = str(self.cache_dir)
+        elif self.cache_dir is not None and self.cache_dir is not False:
+            self._bad("cache_dir", "expected a folder, None (the default cache) or False (none)")
+        try:
+            self.mixture_bounds
+        except ValueError as exc:
+            self._bad("max_alpha_abs", f"max_alpha_abs / max_alpha_l1: {exc}")
+
+    def _check(self, name: str, normalize) -> None:
+        try:
+            setattr(self, name, normalize(getattr(self, name), name))
+        except ValueError as exc:
+            self._bad(name, getattr(exc, "why", str(exc)))
+
+    def _bad(self, name: str, why: str):
+        raise SVFConfigError(f"{type(self).__name__}.{name}={getattr(self, name)!r}: {why}",
+                             name, why)
+
+    @property
+    def mixture_bounds(self) -> MixtureBounds:
+        """The :class:`t2fast.mixtures.MixtureBounds` of ``max_alpha_abs`` / ``max_alpha_l1``."""
+        return MixtureBounds(self.max_alpha_abs, self.max_alpha_l1)
+
+    def svd_cache_dir(self) -> Path | bool | None:
+        """``cache_dir`` as :class:`t2fast.decompose.SVDCache` takes it."""
+        return Path(self.cache_dir) if isinstance(self.cache_dir, str) else self.cache_dir
+
+    def to_dict(self) -> dict:
+        """The JSON form: every field, JSON values only (``layers`` by :func:`layers_to_json`)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["layers"] = layers_to_json(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        """The settings of a JSON form (a dict, a JSON string, ``None`` for the defaults, or an
+        instance, returned as is); unknown keys are an error that lists the known ones."""
+        if d is None:
+            return cls()
+        if isinstance(d, cls):
+            return d
+        if isinstance(d, str):
+            d = json.loads(d)
+        if not isinstance(d, dict):
+            raise ValueError(f"{cls.__name__} settings must be a dict, got {type(d).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(known), key=str)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown settings {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def build(cls, config=None, mixture_bounds: MixtureBounds | None = None, **settings):
+        """``config`` (default ``cls()``) with ``settings`` replacing its fields, as the keyword
+        arguments of :func:`t2fast.patch_model` and :func:`t2fast.vllm.engine_args` do.
+
+        ``targets=None`` / ``layers=None`` mean "not given" (keep ``config``'s);
+        ``mixture_bounds`` (a :class:`t2fast.mixtures.MixtureBounds`) sets ``max_alpha_abs`` and
+        ``max_alpha_l1``. An unknown setting is a ``TypeError`` that lists the known ones.
+        """
+        if config is not None and not isinstance(config, cls):
+            raise TypeError(f"config must be a t2fast {cls.__name__} or None, got "
+                            f"{type(config).__name__}")
+        if mixture_bounds is not None:
+            if not isinstance(mixture_bounds, MixtureBounds):
+                raise TypeError(f"mixture_bounds must be a t2fast.mixtures.MixtureBounds or "
+                                f"None, got {type(mixture_bounds).__name__}")
+            settings.update(max_alpha_abs=mixture_bounds.max_abs,
+                            max_alpha_l1=mixture_bounds.max_l1)
+        for name in ("targets", "layers"):
+            if settings.get(name, 0) is None:
+                del settings[name]
+        return (config or cls()).replace(**settings)
+
+    def replace(self, **changes):
+        """A copy with ``changes`` (field names; checked as at construction)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no settings {unknown}; known: "
+                            f"{sorted(known)}")
+        return dataclasses.replace(self, **changes)
