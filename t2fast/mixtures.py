@@ -261,3 +261,30 @@ def normal_form(alpha: torch.Tensor, expert_names) -> dict | None:
     if out == {BASE: 1.0}:
         return None
     return dict(sorted(out.items()))
+
+
+def place_normal_form(normal: dict | None, column_of, num_layers: int, width: int
+                      ) -> tuple[torch.Tensor, list[str]]:
+    """α float32 [num_layers, width] of a normal form (:func:`normal_form`) in bank columns.
+
+    Args:
+        normal: ``None`` (the base model) or ``{name: weight or [num_layers weights]}``.
+        column_of: ``{expert name: column}`` of the bank (columns 1 .. width - 1); ``"base"``
+            is column 0.
+        num_layers, width: the shape of the result.
+    Returns:
+        ``(α, missing)``: α with each named weight in its column, zero elsewhere, and the names
+        that ``column_of`` lacks (they contribute nothing; the caller says so).
+    """
+    alpha = torch.zeros(num_layers, width, dtype=torch.float32)
+    if normal is None:
+        alpha[:, 0] = 1.0
+        return alpha, []
+    missing = []
+    for name, w in normal.items():
+        col = 0 if name == BASE else column_of.get(name)
+        if col is None:
+            missing.append(name)
+        else:
+            alpha[:, col] = torch.as_tensor(w, dtype=torch.float32)
+    return alpha, missing

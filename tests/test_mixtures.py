@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from t2fast.mixtures import (MixtureBounds, MixtureError, MixtureTypeError, check_expert_name,
-                             check_z, normal_form, parse_mixture)
+                             check_z, normal_form, parse_mixture, place_normal_form)
 from t2fast.safetensors_io import T2FileError
 
 NAMES = ["math", "code"]
@@ -132,3 +132,87 @@ def test_bounds_travel_to_the_vllm_settings():
     assert cfg.mixture_bounds == MixtureBounds(2, 3)
     with pytest.raises(ValueError, match=r"max_alpha_abs / max_alpha_l1: MixtureBounds\.max_abs"):
         T2Config(max_alpha_abs=-1)
+
+
+# ---- every front end speaks the same language ----------------------------------------------
+LAYERS = 2
+#: (spec as given to SVFHandle.set_mixture, the same as a vLLM request's extra_args["t2"]).
+FRONT_END_FORMS = [
+    (None, None),
+    ("base", {"expert": "base"}),
+    ("code", {"expert": "code"}),
+    ("code", "code"),
+    ({"math": 0.25, "base": 0.75}, {"alpha": {"math": 0.25, "base": 0.75}}),
+    ({"base": 0}, {"alpha": {"base": 0}}),
+    ([0.5, -0.5], {"alpha": [0.5, -0.5]}),
+    ((1, 2), {"alpha": [1, 2]}),
+    (torch.tensor([0.3, 0.7]), {"alpha": [0.3, 0.7]}),
+    ([[1, 0], [0.5, 0.5]], {"alpha": [[1, 0], [0.5, 0.5]]}),
+    ({"math": [1, 0.5], "code": 0.2}, {"alpha": {"math": [1, 0.5], "code": 0.2}}),
+    ({"math": True}, {"alpha": {"math": True}}),
+    ([1, "0.5"], {"alpha": [1, "0.5"]}),
+    ({1: 1.0}, {"alpha": {1: 1.0}}),
+    ({"math": math.nan}, {"alpha": {"math": math.nan}}),
+    ({"math": 1e30}, {"alpha": {"math": 1e30}}),
+    ([3, 3], {"alpha": [3, 3]}),
+    ({}, {"alpha": {}}),
+    ([0, 0], {"alpha": [0, 0]}),
+    ("physics", {"expert": "physics"}),
+    ([1], {"alpha": [1]}),
+    ([[1, 0]] * 3, {"alpha": [[1, 0]] * 3}),
+    ({"math": [1, 0, 0]}, {"alpha": {"math": [1, 0, 0]}}),
+    ([[1, 0], [0, 0]], {"alpha": [[1, 0], [0, 0]]}),
+]
+
+
+@pytest.fixture(scope="module")
+def handle(tmp_path_factory):
+    import t2fast
+    from t2fast.experts import Expert
+    from t2fast.models import random_tiny_llama
+
+    model = random_tiny_llama(0, num_hidden_layers=LAYERS)
+    h = t2fast.patch_model(model, targets="mlp", backend="torch", progress=False,
+                           cache_dir=tmp_path_factory.mktemp("svd"),
+                           mixture_bounds=MixtureBounds(max_abs=4, max_l1=5))
+    h.add_experts([Expert.random(n, h.decomposition.factors, seed=i)
+                   for i, n in enumerate(NAMES)])
+    return h
+
+
+@pytest.mark.parametrize("spec, request_t2", FRONT_END_FORMS,
+                         ids=[repr(s)[:40] for s, _ in FRONT_END_FORMS])
+def test_hf_handle_and_vllm_front_end_agree(handle, spec, request_t2):
+    """The same α from SVFHandle.alpha and from the vLLM front end + the runner's placement in
+    bank columns, or the same error message."""
+    from t2fast.vllm.requests import T2RequestError, normalize_spec
+
+    assert handle.num_layers == LAYERS and handle.expert_names == NAMES
+    hf_error = vllm_error = None
+    try:
+        hf = handle.alpha(spec)
+    except MixtureError as exc:
+        hf_error = str(exc)
+    try:
+        normal = normalize_spec(request_t2, NAMES, LAYERS, handle.mixture_bounds)
+    except T2RequestError as exc:
+        vllm_error = str(exc)
+    assert (hf_error is None) == (vllm_error is None), (hf_error, vllm_error)
+    if hf_error is not None:
+        assert vllm_error.startswith(f"extra_args['t2']: {hf_error}"), vllm_error
+        return
+    rows = {"math": 2, "code": 1}          # the engine's bank rows need not follow bank order
+    placed, missing = place_normal_form(None if normal is None else normal["alpha"], rows,
+                                        LAYERS, 4)
+    assert missing == []
+    assert torch.equal(placed[:, [0, 2, 1]], hf)
+    assert placed[:, 3].abs().sum() == 0
+
+
+def test_place_normal_form_reports_missing_experts():
+    alpha, missing = place_normal_form({"base": 0.5, "gone": 1.0, "math": [0.1, 0.2]},
+                                       {"math": 1}, 2, 3)
+    assert missing == ["gone"]
+    assert alpha.dtype == torch.float32 and torch.equal(
+        alpha, torch.tensor([[0.5, 0.1, 0], [0.5, 0.2, 0]]))
+    assert place_normal_form(None, {}, 1, 2)[0].tolist() == [[1, 0]]

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from ..experts import Expert, Fingerprint, load_expert
+from ..mixtures import BASE, place_normal_form
 from .config import T2Config, num_decoder_layers
 from .layers import factors_stub
-from .requests import BASE, T2RequestError, extract_spec, mixture_key, normalize_spec
+from .requests import T2RequestError, extract_spec, mixture_key, normalize_spec
 
 logger = logging.getLogger("t2fast.vllm")
 
@@ -182,21 +183,16 @@ class T2Runtime:
 
     # ---- per step -----------------------------------------------------------------------
     def alpha_of(self, normal) -> torch.Tensor:
-        """α [num_layers, max_experts + 1] (column 0 = base, column r = bank row r)."""
-        a = torch.zeros(self.num_layers, self.max_experts + 1, dtype=torch.float32)
-        if normal is None:
-            a[:, 0] = 1.0
-            return a
-        for name, w in normal["alpha"].items():
-            col = 0 if name == BASE else self.row_of.get(name)
-            if col is None:  # unloaded between the front end's check and this step
-                if name not in self._warned:
-                    self._warned.add(name)
-                    logger.warning("t2fast: a request uses expert %r, which is no longer "
-                                   "loaded; it contributes nothing", name)
-                continue
-            a[:, col] = torch.as_tensor(w, dtype=torch.float32)
-        return a
+        """α [num_layers, max_experts + 1] (column 0 = base, column r = bank row r) of a
+        request's normal form (:func:`t2fast.mixtures.place_normal_form`)."""
+        alpha, missing = place_normal_form(None if normal is None else normal["alpha"],
+                                           self.row_of, self.num_layers, self.max_experts + 1)
+        for name in missing:  # unloaded between the front end's check and this step
+            if name not in self._warned:
+                self._warned.add(name)
+                logger.warning("t2fast: a request uses expert %r, which is no longer loaded; "
+                               "it contributes nothing", name)
+        return alpha
 
     def _request_mixture(self, req_id, raw_of):
         hit = self._req.get(req_id)
