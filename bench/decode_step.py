@@ -87,10 +87,13 @@ class DecodeStep:
 
 
 class Captured:
-    """A step captured in a CUDA graph (on the CPU: the eager step), with its static output."""
+    """A step captured in a CUDA graph (on the CPU: the eager step), with its static output.
+
+    If capture fails, the step runs eagerly and ``error`` says why (recorded in the results).
+    """
 
     def __init__(self, step):
-        self.graph = None
+        self.graph, self.error = None, None
         if CUDA:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -98,11 +101,16 @@ class Captured:
                 for _ in range(3):
                     step()
             torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = step()
-            self.step = self.graph.replay
-        else:
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self.out = step()
+                self.graph = graph
+                self.step = graph.replay
+            except Exception as exc:  # noqa: BLE001 - reported, then timed eagerly
+                self.error = f"{type(exc).__name__}: {exc}"[:500]
+                torch.cuda.synchronize()
+        if self.graph is None:
             step()
             self.step = lambda: setattr(self, "out", step())
         self.step()
@@ -139,6 +147,9 @@ def run_batch(lm, batch: int, context: int, steps: int, reps: int, cache_dir: st
     import t2fast
     step = DecodeStep(lm, batch, context)
     graphs, memory, notes, keep = {}, {}, {}, []
+    if CUDA:
+        torch.cuda.synchronize()
+        memory["cuda_allocated_unpatched"] = torch.cuda.memory_allocated()
     graphs["unpatched"] = Captured(step)
 
     def patched(targets="all", keep_dense=True):
@@ -146,6 +157,10 @@ def run_batch(lm, batch: int, context: int, steps: int, reps: int, cache_dir: st
                                keep_dense=keep_dense)
         add_random_experts(h)
         keep.append(h)
+        if CUDA:
+            torch.cuda.synchronize()
+            memory[f"cuda_allocated_{targets}_keep_dense_{keep_dense}"] = \
+                torch.cuda.memory_allocated()
         return h
 
     h = patched()
@@ -168,11 +183,14 @@ def run_batch(lm, batch: int, context: int, steps: int, reps: int, cache_dir: st
     graphs["per_row_mlp"] = Captured(step)
     h.restore()
 
+    saved = {k: v.clone() for k, v in lm.state_dict().items()}
     h = patched(keep_dense=False)
     h.set_mixture(None)
     graphs["lean_base"] = Captured(step)
     memory["lean"] = h.memory_report()
-    h.restore()
+    h.restore()                      # rebuilt from the factors: put the exact weights back
+    lm.load_state_dict(saved)
+    del saved
 
     samples = {k: [] for k in graphs}
     for rep in range(reps):
@@ -184,7 +202,8 @@ def run_batch(lm, batch: int, context: int, steps: int, reps: int, cache_dir: st
     out = dict(batch=batch, context=context, step_us=us,
                tok_s={k: batch * 1e6 / v for k, v in us.items()},
                ratio_to_unpatched={k: us["unpatched"] / v for k, v in us.items()},
-               memory=memory, **notes)
+               memory=memory,
+               capture_errors={k: g.error for k, g in graphs.items() if g.error}, **notes)
     del graphs, keep
     return out
 
