@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -291,9 +292,16 @@ class ExpertBank:
     def __len__(self) -> int:
         return len(self.experts)
 
-    def bank(self, target: str) -> torch.Tensor:
-        """[K + 1, r] float32 on the CPU: row 0 the base (ones), then the experts in order."""
+    def bank_z(self, target: str) -> torch.Tensor:
+        """z of ``target`` [K + 1, r] float32 on the CPU: row 0 the base (ones), then the
+        experts in order."""
         return self._banks[target]
+
+    def bank(self, target: str) -> torch.Tensor:
+        """Deprecated alias of :meth:`bank_z`."""
+        warnings.warn("ExpertBank.bank is deprecated; use ExpertBank.bank_z", DeprecationWarning,
+                      stacklevel=2)
+        return self.bank_z(target)
 
     def alpha(self, spec, num_layers: int = 1, bounds: MixtureBounds | None = None
               ) -> torch.Tensor:

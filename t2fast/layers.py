@@ -100,7 +100,7 @@ class SVFLinear(nn.Module):
     """SVF version of an ``nn.Linear`` (weight [m, n]); see the module docstring.
 
     Buffers: ``U`` [m, r] and ``Vh`` [r, n] in the original weight's dtype, ``S`` [r] float32,
-    ``slot_z`` [capacity, r] float32 (rows ≥ the slots in use are stale), ``bank`` [K + 1, r]
+    ``slot_z`` [capacity, r] float32 (rows ≥ the slots in use are stale), ``bank_z`` [K + 1, r]
     float32 (row 0 = base), ``slot_alpha`` [capacity, K + 1] float32. :meth:`set_slots` writes
     ``slot_z`` and ``slot_alpha`` in place (they only grow), so captured steps see new mixtures.
     """
@@ -125,7 +125,7 @@ class SVFLinear(nn.Module):
                              persistent=False)
         ones = torch.ones(1, r, device=w.device)
         self.register_buffer("slot_z", ones.clone(), persistent=False)
-        self.register_buffer("bank", ones.clone(), persistent=False)
+        self.register_buffer("bank_z", ones.clone(), persistent=False)
         self.register_buffer("slot_alpha", torch.ones(1, 1, device=w.device), persistent=False)
         self.merged: torch.Tensor | None = None
         self.train_z: nn.Parameter | None = None
@@ -134,9 +134,9 @@ class SVFLinear(nn.Module):
     def rank(self) -> int:
         return self.S.shape[0]
 
-    def set_bank(self, bank: torch.Tensor) -> None:
-        """Expert bank [K + 1, r] (row 0 must be the base, ones)."""
-        self.bank = bank.to(device=self.S.device, dtype=torch.float32)
+    def set_bank_z(self, bank_z: torch.Tensor) -> None:
+        """Expert bank z [K + 1, r] (row 0 must be the base, ones)."""
+        self.bank_z = bank_z.to(device=self.S.device, dtype=torch.float32)
 
     def set_slots(self, alpha: torch.Tensor) -> None:
         """Per-slot α [slots, K + 1] for this layer; the z table is mixed from the bank.
@@ -153,7 +153,7 @@ class SVFLinear(nn.Module):
             self.slot_alpha = torch.zeros(max(S, self.slot_z.shape[0]), alpha.shape[1],
                                           device=self.S.device)
         self.slot_alpha[:S].copy_(alpha)
-        self.slot_z[:S].copy_(ops.mix_experts(alpha, self.bank))
+        self.slot_z[:S].copy_(ops.mix_experts(alpha, self.bank_z))
 
     def merge(self, z: torch.Tensor) -> torch.Tensor:
         """Dense ``W' = U diag(S ⊙ z) Vh`` [m, n] in the layer's dtype."""
@@ -170,7 +170,7 @@ class SVFLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         idx = self.rows.token_index(lead, x.device)
         if self.mix_in_kernel:
-            y = ops.svf_matmul_mix(x2, self.U, self.S, self.Vh, self.slot_alpha, self.bank, idx,
+            y = ops.svf_matmul_mix(x2, self.U, self.S, self.Vh, self.slot_alpha, self.bank_z, idx,
                                    backend=self.backend, validate=False)
         else:
             y = ops.svf_matmul(x2, self.U, self.S, self.Vh, self.slot_z, idx,
@@ -195,7 +195,7 @@ class SVFLinear(nn.Module):
         mode = ("trainable" if self.train_z is not None else
                 "merged" if self.merged is not None else "factored")
         return (f"{self.name}: in={self.in_features}, out={self.out_features}, rank={self.rank}, "
-                f"slots={self.slot_z.shape[0]}, experts={self.bank.shape[0] - 1}, mode={mode}")
+                f"slots={self.slot_z.shape[0]}, experts={self.bank_z.shape[0] - 1}, mode={mode}")
 
 
 def row_block(linear: nn.Linear, start: int, stop: int) -> nn.Linear:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import torch
@@ -54,7 +55,7 @@ class SVFHandle:
         config: the :class:`t2fast.config.SVFConfig` it was patched with.
         decomposition: the :class:`t2fast.decompose.Decomposition` of the targets.
         targets: adapted module names, in model order.
-        layers: ``{name: SVFLinear}``.
+        modules: ``{target name: SVFLinear}`` (``layers`` is a deprecated alias).
         bank: the :class:`t2fast.experts.ExpertBank` of loaded experts.
         stats: counters — ``factored_sets``, ``merged_sets``, ``base_sets``, ``merges``,
             ``merge_cache_hits`` — showing which path the hybrid dispatcher chose.
@@ -80,7 +81,7 @@ class SVFHandle:
                              if decomposition.factors else None)
         self._originals: dict[str, nn.Linear] = {}     # module name → the original module
         self._dense: dict[str, nn.Linear] = {}         # target → its original (row-block) linear
-        self.layers: dict[str, SVFLinear] = {}
+        self.modules: dict[str, SVFLinear] = {}
         swaps = {}
         for module_name, parts in target_modules(model, self.targets).items():
             linear = model.get_submodule(module_name)
@@ -90,15 +91,15 @@ class SVFHandle:
             for name, dense in blocks.items():
                 if name in decomposition.factors:
                     self._dense[name] = dense
-                    self.layers[name] = SVFLinear(name, decomposition.factors[name], dense,
+                    self.modules[name] = SVFLinear(name, decomposition.factors[name], dense,
                                                   layer_index(name) or 0, self.rows,
                                                   config.backend, config.mix_in_kernel)
-            swaps[module_name] = self.layers[module_name] if parts is None else FusedSVF(
-                module_name, [self.layers.get(n, dense) for n, dense in blocks.items()])
+            swaps[module_name] = self.modules[module_name] if parts is None else FusedSVF(
+                module_name, [self.modules.get(n, dense) for n, dense in blocks.items()])
         for module_name, module in swaps.items():   # built every layer first: swap all or none
             parent, attr = _parent(model, module_name)
             setattr(parent, attr, module)
-        for name, layer in self.layers.items():     # one copy of U, Vh: the layers'
+        for name, layer in self.modules.items():    # one copy of U, Vh: the layers'
             decomposition.factors[name] = SVDFactors(layer.U, layer.S, layer.Vh)
         if not keep_dense:
             self._drop_dense()
@@ -108,6 +109,13 @@ class SVFHandle:
                           merge_cache_hits=0)
         self._restored = False
         self.set_mixture(None)
+
+    @property
+    def layers(self) -> dict[str, SVFLinear]:
+        """Deprecated alias of :attr:`modules`."""
+        warnings.warn("SVFHandle.layers is deprecated; use SVFHandle.modules", DeprecationWarning,
+                      stacklevel=2)
+        return self.modules
 
     # ---- experts -------------------------------------------------------------------------
     @property
@@ -134,8 +142,8 @@ class SVFHandle:
         new = {e.name: e for e in loaded}
         kept = [new.pop(e.name, e) for e in self.bank.experts]
         self.bank = ExpertBank(kept + list(new.values()), self.decomposition.factors)
-        for name, layer in self.layers.items():
-            layer.set_bank(self.bank.bank(name))
+        for name, layer in self.modules.items():
+            layer.set_bank_z(self.bank.bank_z(name))
         self._merge_cache.clear()
         self.set_mixture(None)
 
@@ -186,7 +194,7 @@ class SVFHandle:
                                     len(specs) if per_row else None)
         self._clear_merged()
         self.rows.set(torch.tensor(slot_of_row) if per_row else None)
-        for name, layer in self.layers.items():
+        for name, layer in self.modules.items():
             layer.set_slots(table[:, min(layer.layer, self.num_layers - 1)])
         self.stats["factored_sets"] += 1
         return "factored"
@@ -194,7 +202,7 @@ class SVFHandle:
     def _set_single(self, alpha: torch.Tensor, key: bytes, num_rows: int | None = None) -> str:
         self.rows.set(None, num_rows)
         if torch.equal(alpha, self.alpha(None)):
-            for name, layer in self.layers.items():
+            for name, layer in self.modules.items():
                 dense = self._dense.get(name)
                 layer.merged = None if dense is None else dense.weight.detach()
                 if dense is None:                   # keep_dense=False: base through the factors
@@ -203,15 +211,15 @@ class SVFHandle:
             return "base"
         weights = self._merge_cache.pop(key, None)
         if weights is None:
-            weights = {n: l.merge(alpha[min(l.layer, self.num_layers - 1)] @ l.bank.cpu())
-                       for n, l in self.layers.items()}
+            weights = {n: l.merge(alpha[min(l.layer, self.num_layers - 1)] @ l.bank_z.cpu())
+                       for n, l in self.modules.items()}
             self.stats["merges"] += 1
         else:
             self.stats["merge_cache_hits"] += 1
         self._merge_cache[key] = weights               # most recent last
         while len(self._merge_cache) > MERGE_CACHE_SIZE:
             self._merge_cache.pop(next(iter(self._merge_cache)))
-        for name, layer in self.layers.items():
+        for name, layer in self.modules.items():
             layer.merged = weights[name]
         self.stats["merged_sets"] += 1
         return "merged"
@@ -227,11 +235,11 @@ class SVFHandle:
         self._check_live()
         self._clear_merged()
         self.rows.set(None)
-        for layer in self.layers.values():
+        for layer in self.modules.values():
             layer.set_slots(self.alpha(None)[:1])
 
     def _clear_merged(self) -> None:
-        for layer in self.layers.values():
+        for layer in self.modules.values():
             layer.merged = None
 
     # ---- training hook -------------------------------------------------------------------
@@ -241,7 +249,7 @@ class SVFHandle:
         ``z`` maps target names to Parameters [r]; ``None`` leaves training mode.
         """
         self._check_live()
-        for name, layer in self.layers.items():
+        for name, layer in self.modules.items():
             if z is None:
                 layer.train_z = None
                 continue
@@ -277,12 +285,12 @@ class SVFHandle:
         of it.
         """
         for module_name in list(self._originals):
-            if module_name in self.layers:
+            if module_name in self.modules:
                 self._originals[module_name] = None
                 self._dense.pop(module_name, None)
 
     def _rebuild_linear(self, name: str) -> nn.Linear:
-        layer = self.layers[name]
+        layer = self.modules[name]
         w = (layer.U.float() * layer.S) @ layer.Vh.float()
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                            device=w.device, dtype=layer.U.dtype)
@@ -303,12 +311,12 @@ class SVFHandle:
             return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
         per = {}
-        for name, layer in self.layers.items():
+        for name, layer in self.modules.items():
             dense = self._dense.get(name)
             per[name] = dict(
                 dense=nbytes(dense.weight) if dense is not None else 0,
                 U=nbytes(layer.U), S=nbytes(layer.S), Vh=nbytes(layer.Vh),
-                tables=nbytes(layer.slot_z, layer.slot_alpha, layer.bank),
+                tables=nbytes(layer.slot_z, layer.slot_alpha, layer.bank_z),
                 merged=sum(nbytes(w[name]) for w in self._merge_cache.values()))
         total = {k: sum(v[k] for v in per.values()) for k in next(iter(per.values()), {})}
         total["all"] = sum(total.values())

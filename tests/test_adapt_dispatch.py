@@ -50,7 +50,7 @@ def setup():
 def _stub_pass1(monkeypatch, handle, answers, seen):
     """Replace pass-1 generation by fixed answers; record which weights were active."""
     def fake(model, tok, prompts, **kw):
-        layer = next(iter(handle.layers.values()))
+        layer = next(iter(handle.modules.values()))
         seen.append({"prompts": list(prompts), "merged": layer.merged,
                      "original": handle._originals[layer.name].weight})
         return list(answers)[:len(prompts)]
@@ -79,8 +79,8 @@ def test_classifier_dispatch_uses_the_classifier_for_pass1_only(monkeypatch, set
     assert d.labels == LABELS and "classify" not in d.categories.values()
     specs, labels = d.select(["Q: x\nA: ", "Q: y\nA: "])
     assert specs == ["strings", None]
-    layer = next(iter(handle.layers.values()))
-    expected = layer.merge(handle.bank.bank(layer.name)[1 + handle.expert_names.index("classify")])
+    layer = next(iter(handle.modules.values()))
+    expected = layer.merge(handle.bank.bank_z(layer.name)[1 + handle.expert_names.index("classify")])
     assert torch.allclose(seen[0]["merged"], expected)
     # pass 2 through the engine: the classifier is not used for answering
     engine = TwoPassEngine(handle, tok, max_new_tokens=3)

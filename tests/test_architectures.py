@@ -51,7 +51,7 @@ def test_family_patches_every_logical_matrix(family, svd_cache, tmp_path):
     if family == "phi3":
         assert isinstance(model.model.layers[0].self_attn.qkv_proj, FusedSVF)
         assert isinstance(model.model.layers[0].mlp.gate_up_proj, FusedSVF)
-        assert h.layers["model.layers.0.self_attn.k_proj"].out_features == 16
+        assert h.modules["model.layers.0.self_attn.k_proj"].out_features == 16
 
     f = h.decomposition.factors
     h.add_experts([h.new_expert(n, Expert.random(n, f, 0.5, s).z) for n, s in (("a", 1),

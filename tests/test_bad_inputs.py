@@ -139,13 +139,13 @@ def test_missing_file_and_wrong_object(world):
 def test_wrong_batch_rows_and_trainable_z(world):
     _case(world, lambda h, f: _logits(world["model"], IDS.repeat(2, 1)), ValueError,
           r"mixture was set for 2 batch rows, but the input has leading shape \(4, 5\)")
-    _case(world, lambda h, f: h.set_trainable_z({n: torch.ones(2) for n in h.layers}),
+    _case(world, lambda h, f: h.set_trainable_z({n: torch.ones(2) for n in h.modules}),
           ValueError, r"set_trainable_z: z for .* has shape \(2,\), expected")
     _case(world, lambda h, f: h.set_mixture([]), ValueError, r"empty list of rows")
 
 
 def test_ops_reject_bad_arguments(world):
-    layer = next(iter(world["handle"].layers.values()))
+    layer = next(iter(world["handle"].modules.values()))
     x = torch.randn(3, layer.in_features)
     idx = torch.zeros(3, dtype=torch.int32)
     _case(world, lambda h, f: ops.svf_matmul(x[:, :-1], layer.U, layer.S, layer.Vh,
@@ -242,7 +242,7 @@ def test_vllm_front_refuses_bad_experts_before_the_workers(world):
     llm._frontend = FrontEnd(num_layers=2, max_experts=4)
     llm._frontend.add("a", "digest")
     llm._rpc = lambda *a: pytest.fail("reached the workers")
-    z = {n: torch.full((l.rank,), 1e30) for n, l in world["handle"].layers.items()}
+    z = {n: torch.full((l.rank,), 1e30) for n, l in world["handle"].modules.items()}
     files = world["files"]
     for experts, error, pattern in [
             ([Expert("huge", z)], T2FileError, r"expert 'huge': z for .* outside the allowed"),

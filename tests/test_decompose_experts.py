@@ -283,8 +283,8 @@ def test_bank_rows_and_alpha(decomp):
     b = Expert.random("b", decomp.factors, seed=2)
     bank = ExpertBank([a, b], decomp.factors)
     t = decomp.targets[0]
-    assert torch.equal(bank.bank(t)[0], torch.ones(decomp.factors[t].rank))
-    assert torch.equal(bank.bank(t)[2], b.z[t])
+    assert torch.equal(bank.bank_z(t)[0], torch.ones(decomp.factors[t].rank))
+    assert torch.equal(bank.bank_z(t)[2], b.z[t])
     assert bank.alpha(None).tolist() == [[1.0, 0.0, 0.0]]
     assert bank.alpha("b").tolist() == [[0.0, 0.0, 1.0]]
     assert bank.alpha({"a": 0.3, "base": 0.7})[0].tolist() == pytest.approx([0.7, 0.3, 0.0])

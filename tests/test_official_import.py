@@ -64,7 +64,7 @@ def test_imported_expert_gives_the_official_weights(checkpoint, svd_cache):
     for key, p in ps.items():
         name = key[:-len(".weight")]
         want = _official_w(h._dense[name].weight, p)
-        torch.testing.assert_close(h.layers[name].merged.double(), want, rtol=0, atol=2e-5)
+        torch.testing.assert_close(h.modules[name].merged.double(), want, rtol=0, atol=2e-5)
 
 
 def test_cli_import_official_writes_a_loadable_expert(tmp_path, capsys, monkeypatch,

@@ -31,7 +31,7 @@ def _ids(batch, length=1, seed=0):
 
 
 def _buffers(h):
-    return {n: (l.slot_z.data_ptr(), l.slot_alpha.data_ptr()) for n, l in h.layers.items()}
+    return {n: (l.slot_z.data_ptr(), l.slot_alpha.data_ptr()) for n, l in h.modules.items()}
 
 
 @pytest.mark.parametrize("length", [1, 5], ids=["decode", "prefill"])
@@ -93,7 +93,7 @@ def test_keep_dense_false_serves_base_from_factors(svd_cache):
         rep = h.memory_report()
         assert rep["keep_dense"] is False and rep["total"]["dense"] == 0
         assert h.set_mixture(None) == "base"
-        assert all(l.merged is None for l in h.layers.values())    # factored, z = 1
+        assert all(l.merged is None for l in h.modules.values())    # factored, z = 1
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
         h.set_mixture(["a", None, "b"])
         mixed = model(ids).logits
@@ -117,4 +117,4 @@ def test_memory_report_counts_every_role(svd_cache):
     assert total["all"] == sum(v for k, v in total.items() if k != "all")
     # the decomposition shares the layers' factors: one copy of U and Vh
     f = h.decomposition.factors[name]
-    assert f.U.data_ptr() == h.layers[name].U.data_ptr()
+    assert f.U.data_ptr() == h.modules[name].U.data_ptr()

@@ -134,14 +134,14 @@ def test_trainable_z_gets_gradients(svd_cache):
     ids = _ids()
     ref = _logits(model, ids)
     h = t2fast.patch_model(model, cache_dir=svd_cache, progress=False)
-    z = {n: torch.nn.Parameter(torch.ones(l.rank)) for n, l in h.layers.items()}
+    z = {n: torch.nn.Parameter(torch.ones(l.rank)) for n, l in h.modules.items()}
     h.set_trainable_z(z)
     out = model(ids).logits
     torch.testing.assert_close(out.detach(), ref, rtol=1e-4, atol=1e-4)
     out.logsumexp(-1).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in z.values())
     with pytest.raises(ValueError, match=r"expected \(\d+,\)"):
-        h.set_trainable_z({n: torch.nn.Parameter(torch.ones(2)) for n in h.layers})
+        h.set_trainable_z({n: torch.nn.Parameter(torch.ones(2)) for n in h.modules})
     h.set_trainable_z(None)
 
 
@@ -247,3 +247,13 @@ def test_mixture_bounds_are_configurable(svd_cache):
     h.mixture_bounds = MixtureBounds()
     with pytest.raises(ValueError, match=r"alpha\['a'\] = 10 is outside the bound \|α\| ≤ 4"):
         h.set_mixture({"a": 10.0})
+
+
+def test_deprecated_names_still_work(svd_cache):
+    h = t2fast.patch_model(_model(), cache_dir=svd_cache, progress=False)
+    with pytest.warns(DeprecationWarning, match="use SVFHandle.modules"):
+        assert h.layers is h.modules
+    name = h.targets[0]
+    with pytest.warns(DeprecationWarning, match="use ExpertBank.bank_z"):
+        assert h.bank.bank(name) is h.bank.bank_z(name)
+    assert torch.equal(h.modules[name].bank_z, h.bank.bank_z(name))

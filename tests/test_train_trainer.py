@@ -178,6 +178,6 @@ def test_target_selection(tmp_path, tok, targets, layers, expected):
     tr = Trainer(cfg, model, tok, task=DigitTask())
     assert tr.policy.num_parameters() == expected
     res = tr.train()
-    assert set(load_expert(cfg.out).z) == set(tr.policy.handle.layers)
+    assert set(load_expert(cfg.out).z) == set(tr.policy.handle.modules)
     if layers is not None:
-        assert all(".layers.1." in n for n in tr.policy.handle.layers)
+        assert all(".layers.1." in n for n in tr.policy.handle.modules)

@@ -72,7 +72,7 @@ class SVFPolicy:
             z = self.param.effective()
             self.handle.set_trainable_z(None)
             self.handle.set_mixture(None)
-            for name, layer in self.handle.layers.items():
+            for name, layer in self.handle.modules.items():
                 layer.merged = layer.merge(z[name])
             try:
                 yield self.model

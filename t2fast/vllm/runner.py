@@ -114,7 +114,7 @@ class T2Runtime:
         logger.info("t2fast: %d matrices adapted (%d SVDs from cache), experts %s",
                     len(self.targets), self.stats["svd_hits"], self.names or "(none)")
 
-    def bank(self, name: str) -> torch.Tensor:
+    def bank_z(self, name: str) -> torch.Tensor:
         layer, i = self.targets[name]
         return getattr(layer, f"t2_bank{i}")
 
@@ -140,7 +140,7 @@ class T2Runtime:
                 self.row_of[e.name] = row
                 self.names.append(e.name)
             for t in self.factors:
-                self.bank(t)[row].copy_(e.z[t].to(dtype=torch.float32))
+                self.bank_z(t)[row].copy_(e.z[t].to(dtype=torch.float32))
             self.experts_meta[e.name] = {"base_model": e.base_model}
         self._bank_changed()
         return list(self.names)
@@ -157,7 +157,7 @@ class T2Runtime:
             self.names.remove(n)
             self.experts_meta.pop(n, None)
             for t in self.factors:
-                self.bank(t)[row].zero_()
+                self.bank_z(t)[row].zero_()
         self._bank_changed()
         return list(self.names)
 

@@ -68,7 +68,7 @@ def _poison_bank(worker, name: str, value: float):
     rt = worker._t2_runtime()
     row = rt.row_of[name]
     for target in rt.factors:
-        rt.bank(target)[row].fill_(value)
+        rt.bank_z(target)[row].fill_(value)
     rt._bank_changed()
     return row
 
