@@ -12,6 +12,7 @@ from typing import Iterator
 
 from .base import Example, ScoreResult, Task, check_split, extract_question, format_prompt, split_of
 from .extract import extract_word
+from .families import TRAIN_FAMILIES, family_task
 
 CLASSIFY_PREFIX = "classify: "
 OTHER = "other"
@@ -66,13 +67,12 @@ class Classification(Task):
 
     def __init__(self, seed: int = 1234, families: tuple[str, ...] | None = None):
         super().__init__(seed)
-        from .registry import TRAIN_FAMILIES
         self.families = tuple(families) if families is not None else TRAIN_FAMILIES
         self.labels = self.families + (OTHER,)
 
     def _source_streams(self, split: str, distinct: bool) -> dict[str, Iterator[Example]]:
-        from .registry import get_task
-        return {f: get_task(f, seed=self.seed + 1).iter_examples(split, distinct) for f in self.families}
+        return {f: family_task(f, seed=self.seed + 1).iter_examples(split, distinct)
+                for f in self.families}
 
     def _other_stream(self, split: str, distinct: bool) -> Iterator[str]:
         rng = random.Random(f"{OTHER}:{split}:{self.seed}")

@@ -1,28 +1,15 @@
-"""Names of the bundled task families and ``get_task``."""
+"""``get_task``: the bundled tasks (the families of :mod:`t2fast.tasks.families` and
+``classify``) and user JSONL tasks by name."""
 from __future__ import annotations
 
 from functools import lru_cache
 
-from .arithmetic import Arithmetic, ArithmeticChain
 from .base import DEFAULT_SEED, Task
-from .choice import AlphabeticalChoice, NumberChoice
-from .strings import StringCompose, StringOps
+from .classification import Classification
+from .families import (FAMILY_CLASSES, HELDOUT_FAMILIES, PARENT_FAMILY, TRAIN_FAMILIES,
+                       family_task)
 
-#: Families the tiny model is pre-trained on and experts are trained for
-#: (stand-ins for the paper's math, code and reasoning).
-TRAIN_FAMILIES: tuple[str, ...] = ("arith", "strings", "choice")
-#: Families that resemble but differ from the training ones, for adaptation experiments.
-HELDOUT_FAMILIES: tuple[str, ...] = ("arith_chain", "strings_compose", "choice_order")
-#: Which training family each held-out family resembles (the expert a classifier should pick).
-PARENT_FAMILY: dict[str, str] = {
-    "arith_chain": "arith", "strings_compose": "strings", "choice_order": "choice",
-}
-CLASSIFY = "classify"
-
-_CLASSES: dict[str, type[Task]] = {
-    cls.name: cls for cls in (Arithmetic, ArithmeticChain, StringOps, StringCompose,
-                              NumberChoice, AlphabeticalChoice)
-}
+CLASSIFY = Classification.name
 
 
 def task_names() -> tuple[str, ...]:
@@ -43,10 +30,7 @@ def get_task(name: str, seed: int = DEFAULT_SEED) -> Task:
         from .jsonl import load_jsonl_task
         return load_jsonl_task(kind, path, seed=seed)
     if name == CLASSIFY:
-        from .classification import Classification
         return Classification(seed=seed)
-    try:
-        cls = _CLASSES[name]
-    except KeyError:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}") from None
-    return cls(seed=seed)
+    if name not in FAMILY_CLASSES:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
+    return family_task(name, seed)

@@ -1,0 +1,31 @@
+"""The bundled task families by name (without ``classify``, which is built over them)."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from .arithmetic import Arithmetic, ArithmeticChain
+from .base import DEFAULT_SEED, Task
+from .choice import AlphabeticalChoice, NumberChoice
+from .strings import StringCompose, StringOps
+
+#: Families the tiny model is pre-trained on and experts are trained for
+#: (stand-ins for the paper's math, code and reasoning).
+TRAIN_FAMILIES: tuple[str, ...] = ("arith", "strings", "choice")
+#: Families that resemble but differ from the training ones, for adaptation experiments.
+HELDOUT_FAMILIES: tuple[str, ...] = ("arith_chain", "strings_compose", "choice_order")
+#: Which training family each held-out family resembles (the expert a classifier should pick).
+PARENT_FAMILY: dict[str, str] = {
+    "arith_chain": "arith", "strings_compose": "strings", "choice_order": "choice",
+}
+#: family name → its task class.
+FAMILY_CLASSES: dict[str, type[Task]] = {
+    cls.name: cls for cls in (Arithmetic, ArithmeticChain, StringOps, StringCompose,
+                              NumberChoice, AlphabeticalChoice)
+}
+
+
+@lru_cache(maxsize=None)
+def family_task(name: str, seed: int = DEFAULT_SEED) -> Task:
+    """The task of the bundled family ``name`` (cached per (name, seed); tasks hold no mutable
+    state). Raises ``KeyError`` for another name."""
+    return FAMILY_CLASSES[name](seed=seed)
