@@ -169,7 +169,8 @@ TRAIN_SVF_FIELDS = ("targets", "layers", "backend")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    from .train.config import BASELINES, METHODS, OBJECTIVES, PARAMETERIZATIONS, TrainConfig
+    from .train.config import (BASELINES, METHODS, OBJECTIVES, PARAMETERIZATIONS, REDUCTIONS,
+                               TrainConfig)
     d = TrainConfig()
     p.add_argument("--task", required=True, help="task family to train on (e.g. arith, classify)")
     p.add_argument("--out", required=True,
@@ -190,7 +191,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name))
     p.add_argument("--unparsable-penalty", type=float, default=None,
                    help="reward of an unparsable answer instead of -1 (e.g. -0.1)")
-    p.add_argument("--logprob-reduction", choices=("sum", "mean"), default=d.logprob_reduction)
+    p.add_argument("--logprob-reduction", choices=REDUCTIONS, default=d.logprob_reduction)
     p.add_argument("--baseline", choices=BASELINES, default=d.baseline)
     p.add_argument("--log-kl", action="store_true",
                    help="log the KL to the base model even when --kl-coef is 0 (one more forward)")

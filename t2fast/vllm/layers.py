@@ -39,7 +39,7 @@ from torch import nn
 
 from .. import ops
 from ..decompose import SVDCache, SVDFactors, decompose_weight
-from ..targets import layer_index, resolve_targets
+from ..targets import ATTENTION, FUSED, MLP, layer_index, resolve_targets
 from .kv_guard import KVGuardMethod, finite_guard, writes_kv
 
 try:
@@ -47,10 +47,10 @@ try:
 except Exception:  # noqa: BLE001 - vllm missing: the module stays importable for docs
     QuantizeMethodBase = object
 
-FUSED_DEFAULT = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
-                 "gate_up_proj": ["gate_proj", "up_proj"]}
+#: vLLM's packed modules (its ``packed_modules_mapping`` when the model gives none).
+FUSED_DEFAULT = {fused: list(parts) for fused, parts in FUSED.items()}
 ROW_PARALLEL = ("o_proj", "down_proj")
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+COLUMN_PARALLEL = tuple(n for n in ATTENTION + MLP if n not in ROW_PARALLEL)
 
 
 # --------------------------------------------------------------------------------------------
