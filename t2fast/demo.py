@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 import t2fast
 from t2fast.experts import Expert, load_expert
+from t2fast.generation import generate
 from t2fast.models import load_tiny, random_tiny_llama, tiny_model_path
 from t2fast.models.tiny import build_char_tokenizer
 from t2fast.tasks import TRAIN_FAMILIES, get_task
@@ -58,17 +59,11 @@ def _experts_for(handle, families) -> tuple[list[Expert], dict[str, str]]:
     return [found[f] for f in families], origin
 
 
-@torch.no_grad()
 def _generate(model, tok, prompts, max_new_tokens):
-    enc = tok(prompts, return_tensors="pt", padding=True)
+    """Greedy answers, wall-clock seconds and tokens generated (end-of-sequence included)."""
     t0 = time.perf_counter()
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    secs = time.perf_counter() - t0
-    new = out[:, enc["input_ids"].shape[1]:]
-    texts = tok.batch_decode(new, skip_special_tokens=True)
-    n_tokens = int((new != tok.pad_token_id).sum())
-    return texts, secs, n_tokens
+    out = generate(model, tok, prompts, max_new_tokens=max_new_tokens)
+    return out.texts, time.perf_counter() - t0, int(out.completion_mask.sum())
 
 
 def main(argv=None) -> dict:
@@ -83,7 +78,6 @@ def main(argv=None) -> dict:
 
     steps = tqdm(total=4, desc="demo", leave=False, disable=None)   # a bar on terminals only
     model, tok, what = _load_model(args.random)
-    tok.padding_side = "left"
     steps.update()
     t0 = time.perf_counter()
     handle = t2fast.patch_model(model, backend=args.backend)

@@ -20,9 +20,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..generation import generate
 from ..train.config import ConfigError
 from ..train.objectives import token_logprobs
-from ..train.rollout import completion_logits, generate, max_new_tokens_for, teacher_batch
+from ..train.rollout import completion_logits, max_new_tokens_for, teacher_batch
 
 
 @dataclass

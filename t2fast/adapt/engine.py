@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from ..train.rollout import generate
+from ..generation import generate
 
 
 class FixedMixture:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import re
 from typing import Callable, Sequence
 
+from ..generation import generate_texts
 from ..tasks import OTHER, classify_prompt
-from ..train.rollout import generate_texts
 
 SYNONYMS = {"others": OTHER, "none": OTHER, "unknown": OTHER, "neither": OTHER}
 

@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from .rollout import generate_texts
+from ..generation import generate_texts
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -1,21 +1,21 @@
-"""Batched generation for rollouts and evaluation, and teacher-forced batches.
+"""Rollouts for training: answer budgets per task, teacher-forced batches and the logits of a
+rollout's completion.
 
-:func:`generate` runs a KV-cached decode loop over a left-padded batch: greedy or sampled
-(temperature, top-k) with an explicit ``torch.Generator`` so rollouts are reproducible, every row
-stopping at its end-of-sequence token. Whatever the model's linear layers are (original, an SVF
-merged weight, per-row SVF mixtures through the kernels, a LoRA adapter), the loop is the same;
-per-row mixtures are set by the caller (``before_chunk``) for each chunk of rows.
-
-A :class:`Rollout` holds prompt + completion ids in one tensor, so the loss can recompute the
-completion's log-probabilities with one teacher-forced forward (:func:`completion_logits`).
+Generation itself lives in :mod:`t2fast.generation` (:func:`generate`, :func:`generate_texts`,
+:class:`Rollout`, imported here for the trainer). A :class:`Rollout` holds prompt + completion
+ids in one tensor, so the loss can recompute the completion's log-probabilities with one
+teacher-forced forward (:func:`completion_logits`).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
+
+from ..generation import Rollout, generate, generate_texts, left_padding, special_ids
+
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "FALLBACK_MAX_NEW_TOKENS", "Rollout", "completion_logits",
+           "generate", "generate_texts", "max_new_tokens_for", "repeat_prompts", "teacher_batch"]
 
 #: New tokens per task when generating (answers of the tiny world are short).
 DEFAULT_MAX_NEW_TOKENS = {"arith": 8, "arith_chain": 8, "strings": 10, "strings_compose": 10,
@@ -30,142 +30,6 @@ def max_new_tokens_for(task_name: str | None, override: int | None = None) -> in
     return DEFAULT_MAX_NEW_TOKENS.get(task_name or "", FALLBACK_MAX_NEW_TOKENS)
 
 
-@dataclass
-class Rollout:
-    """A batch of prompts and their completions.
-
-    ``input_ids`` [B, P + G]: left-padded prompts (P columns) then completions (G columns, padded
-    after the end-of-sequence token); ``attention_mask`` is 1 on real prompt tokens and on
-    completion tokens up to and including end-of-sequence; ``completion_mask`` [B, G] (float) marks
-    those completion tokens; ``texts`` are the decoded completions (special tokens removed).
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    prompt_len: int
-    completion_mask: torch.Tensor
-    texts: list[str]
-
-    @property
-    def completion_ids(self) -> torch.Tensor:
-        return self.input_ids[:, self.prompt_len:]
-
-    @property
-    def num_rows(self) -> int:
-        return self.input_ids.shape[0]
-
-    def position_ids(self) -> torch.Tensor:
-        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
-@contextmanager
-def _left_padding(tokenizer):
-    old = getattr(tokenizer, "padding_side", "left")
-    tokenizer.padding_side = "left"
-    try:
-        yield
-    finally:
-        tokenizer.padding_side = old
-
-
-def _special_ids(tokenizer, eos_token_id, pad_token_id):
-    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-    pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id; pass eos_token_id=")
-    if pad is None:
-        pad = eos
-    return int(eos), int(pad)
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int,
-          generator: torch.Generator | None) -> torch.Tensor:
-    if not do_sample:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, -1)
-    if generator is not None and generator.device != probs.device:
-        # torch.multinomial needs a generator on the probabilities' device
-        u = torch.rand(probs.shape[0], 1, generator=generator).to(probs.device)
-        return (probs.cumsum(-1) < u).sum(-1).clamp(max=probs.shape[-1] - 1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-             generator: torch.Generator | None = None, eos_token_id: int | None = None,
-             pad_token_id: int | None = None) -> Rollout:
-    """Generate completions of ``prompts`` in one batch (see the module docstring).
-
-    Greedy when ``do_sample`` is False. Stops early once every row has produced end-of-sequence.
-    """
-    if not prompts:
-        raise ValueError("generate got no prompts")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    eos, pad = _special_ids(tokenizer, eos_token_id, pad_token_id)
-    device = _device(model)
-    with _left_padding(tokenizer):
-        enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
-    ids = enc["input_ids"].to(device)
-    am = enc["attention_mask"].to(device)
-    B, P = ids.shape
-    pos = (am.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True,
-                logits_to_keep=1)
-    past = out.past_key_values
-    logits = out.logits[:, -1]
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    last_pos = pos[:, -1:]
-    tokens, alive = [], []
-    for step in range(max_new_tokens):
-        tok = _pick(logits, do_sample, temperature, top_k, generator)
-        tok = torch.where(finished, torch.full_like(tok, pad), tok)
-        alive.append(~finished)
-        tokens.append(tok)
-        finished = finished | (tok == eos)
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            break
-        am = torch.cat([am, torch.ones(B, 1, dtype=am.dtype, device=device)], 1)
-        last_pos = last_pos + 1
-        out = model(input_ids=tok[:, None], attention_mask=am, position_ids=last_pos,
-                    past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        logits = out.logits[:, -1]
-    gen = torch.stack(tokens, 1)
-    cmask = torch.stack(alive, 1)
-    full_mask = torch.cat([enc["attention_mask"].to(device), cmask.long()], 1)
-    texts = tokenizer.batch_decode([row[m].tolist() for row, m in zip(gen.cpu(), cmask.cpu())],
-                                   skip_special_tokens=True)
-    return Rollout(torch.cat([ids, gen], 1), full_mask, P, cmask.float(), texts)
-
-
-def generate_texts(model, tokenizer, prompts: Sequence[str], *, batch_size: int | None = None,
-                   before_chunk: Callable[[int, int], None] | None = None, **kwargs) -> list[str]:
-    """Completions (text) of many prompts, ``batch_size`` rows at a time.
-
-    ``before_chunk(start, stop)`` is called before each chunk (e.g. to set that chunk's per-row
-    expert mixtures); other keyword arguments go to :func:`generate`.
-    """
-    prompts = list(prompts)
-    step = batch_size or max(1, len(prompts))
-    out: list[str] = []
-    for i in range(0, len(prompts), step):
-        j = min(i + step, len(prompts))
-        if before_chunk is not None:
-            before_chunk(i, j)
-        out.extend(generate(model, tokenizer, prompts[i:j], **kwargs).texts)
-    return out
-
-
 def teacher_batch(tokenizer, prompts: Sequence[str], answers: Sequence[str], *,
                   eos_token_id: int | None = None, pad_token_id: int | None = None,
                   device=None) -> Rollout:
@@ -173,8 +37,8 @@ def teacher_batch(tokenizer, prompts: Sequence[str], answers: Sequence[str], *,
     end-of-sequence (for SFT and for log-likelihoods of correct answers)."""
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    eos, pad = _special_ids(tokenizer, eos_token_id, pad_token_id)
-    with _left_padding(tokenizer):
+    eos, pad = special_ids(tokenizer, eos_token_id, pad_token_id)
+    with left_padding(tokenizer):
         enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
     ans = [tokenizer(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
     G = max(len(a) for a in ans)

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
+from ..generation import generate
 from ..tasks import get_task
 from .config import ConfigError, TrainConfig
 from .evaluate import EvalResult, evaluate
 from .objectives import advantages, reinforce_kl_loss, sft_loss
 from .policy import make_policy
-from .rollout import (completion_logits, generate, max_new_tokens_for, repeat_prompts,
-                      teacher_batch)
+from .rollout import completion_logits, max_new_tokens_for, repeat_prompts, teacher_batch
 
 
 class JSONLLogger:

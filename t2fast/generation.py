@@ -1,0 +1,185 @@
+"""Batched generation with a KV cache: prefill, one decode step, n decode steps.
+
+The pieces are small top-level functions (as in gpt-fast), so a caller can time or compile them
+one by one: :func:`prefill` runs the left-padded prompts once and returns the last position's
+logits and the cache; :func:`decode_one_token` feeds one token per row; :func:`decode_n_tokens`
+loops, greedy or sampled (temperature, top-k) with an explicit ``torch.Generator`` so runs are
+reproducible, every row stopping at its end-of-sequence token. :func:`generate` puts them
+together for a list of prompts and returns a :class:`Rollout`.
+
+Whatever the model's linear layers are (original, an SVF merged weight, per-row SVF mixtures
+through the kernels, a LoRA adapter), the loop is the same; per-row mixtures are set by the
+caller (``before_chunk`` of :func:`generate_texts`) for each chunk of rows. The trainer's
+rollouts, the adaptation engine and the demo all generate through this module.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """A batch of prompts and their completions.
+
+    ``input_ids`` [B, P + G]: left-padded prompts (P columns) then completions (G columns, padded
+    after the end-of-sequence token); ``attention_mask`` is 1 on real prompt tokens and on
+    completion tokens up to and including end-of-sequence; ``completion_mask`` [B, G] (float) marks
+    those completion tokens; ``texts`` are the decoded completions (special tokens removed).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_len: int
+    completion_mask: torch.Tensor
+    texts: list[str]
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_len:]
+
+    @property
+    def num_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def position_ids(self) -> torch.Tensor:
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@contextmanager
+def left_padding(tokenizer):
+    """Pad on the left while the block runs (generation appends on the right)."""
+    old = getattr(tokenizer, "padding_side", "left")
+    tokenizer.padding_side = "left"
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = old
+
+
+def special_ids(tokenizer, eos_token_id=None, pad_token_id=None) -> tuple[int, int]:
+    """``(eos, pad)``: the given ids, else the tokenizer's (pad falls back to eos)."""
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id; pass eos_token_id=")
+    if pad is None:
+        pad = eos
+    return int(eos), int(pad)
+
+
+def pick_token(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
+               top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of every row [B] (int64) from ``logits`` [B, V]: argmax, or a sample at
+    ``temperature`` from the ``top_k`` most likely tokens (0: all)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    if generator is not None and generator.device != probs.device:
+        # torch.multinomial needs a generator on the probabilities' device
+        u = torch.rand(probs.shape[0], 1, generator=generator).to(probs.device)
+        return (probs.cumsum(-1) < u).sum(-1).clamp(max=probs.shape[-1] - 1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Run the left-padded prompts ``input_ids`` [B, P] once.
+
+    Returns ``(logits [B, V] of the last position, KV cache, position ids [B, 1] of the last
+    position)``.
+    """
+    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], out.past_key_values, pos[:, -1:]
+
+
+def decode_one_token(model, token: torch.Tensor, attention_mask: torch.Tensor,
+                     position_ids: torch.Tensor, past):
+    """Feed one token per row (``token`` [B]; ``attention_mask`` [B, cached + 1],
+    ``position_ids`` [B, 1] already include it); returns ``(logits [B, V], KV cache)``."""
+    out = model(input_ids=token[:, None], attention_mask=attention_mask,
+                position_ids=position_ids, past_key_values=past, use_cache=True)
+    return out.logits[:, -1], out.past_key_values
+
+
+def decode_n_tokens(model, logits: torch.Tensor, past, attention_mask: torch.Tensor,
+                    last_pos: torch.Tensor, max_new_tokens: int, eos: int, pad: int, *,
+                    do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                    generator: torch.Generator | None = None):
+    """Up to ``max_new_tokens`` tokens per row after :func:`prefill`; a row that produced ``eos``
+    gets ``pad`` from then on, and the loop stops once every row has.
+
+    Returns ``(tokens [B, G] int64, alive [B, G] bool)``: ``alive`` marks the tokens produced
+    before and including each row's end-of-sequence.
+    """
+    B, device = logits.shape[0], logits.device
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, alive = [], []
+    for step in range(max_new_tokens):
+        tok = pick_token(logits, do_sample, temperature, top_k, generator)
+        tok = torch.where(finished, torch.full_like(tok, pad), tok)
+        alive.append(~finished)
+        tokens.append(tok)
+        finished = finished | (tok == eos)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat(
+            [attention_mask, torch.ones(B, 1, dtype=attention_mask.dtype, device=device)], 1)
+        last_pos = last_pos + 1
+        logits, past = decode_one_token(model, tok, attention_mask, last_pos, past)
+    return torch.stack(tokens, 1), torch.stack(alive, 1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+             generator: torch.Generator | None = None, eos_token_id: int | None = None,
+             pad_token_id: int | None = None) -> Rollout:
+    """Generate completions of ``prompts`` in one batch (see the module docstring).
+
+    Greedy when ``do_sample`` is False. Stops early once every row has produced end-of-sequence.
+    """
+    if not prompts:
+        raise ValueError("generate got no prompts")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos, pad = special_ids(tokenizer, eos_token_id, pad_token_id)
+    device = next(model.parameters()).device
+    with left_padding(tokenizer):
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    ids = enc["input_ids"].to(device)
+    am = enc["attention_mask"].to(device)
+    logits, past, last_pos = prefill(model, ids, am)
+    gen, cmask = decode_n_tokens(model, logits, past, am, last_pos, max_new_tokens, eos, pad,
+                                 do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                 generator=generator)
+    full_mask = torch.cat([am, cmask.long()], 1)
+    texts = tokenizer.batch_decode([row[m].tolist() for row, m in zip(gen.cpu(), cmask.cpu())],
+                                   skip_special_tokens=True)
+    return Rollout(torch.cat([ids, gen], 1), full_mask, ids.shape[1], cmask.float(), texts)
+
+
+def generate_texts(model, tokenizer, prompts: Sequence[str], *, batch_size: int | None = None,
+                   before_chunk: Callable[[int, int], None] | None = None, **kwargs) -> list[str]:
+    """Completions (text) of many prompts, ``batch_size`` rows at a time.
+
+    ``before_chunk(start, stop)`` is called before each chunk (e.g. to set that chunk's per-row
+    expert mixtures); other keyword arguments go to :func:`generate`.
+    """
+    prompts = list(prompts)
+    step = batch_size or max(1, len(prompts))
+    out: list[str] = []
+    for i in range(0, len(prompts), step):
+        j = min(i + step, len(prompts))
+        if before_chunk is not None:
+            before_chunk(i, j)
+        out.extend(generate(model, tokenizer, prompts[i:j], **kwargs).texts)
+    return out
