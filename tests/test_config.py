@@ -186,3 +186,10 @@ def test_backends_defined_once():
     assert t2fast.ops.BACKENDS is BACKENDS
     with pytest.raises(ValueError, match="backend must be one of"):
         t2fast.ops.resolve_backend("cuda", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, CEMConfig], ids=lambda c: c.__name__)
+def test_unknown_fields_are_named(cls):
+    from t2fast.train.config import ConfigError
+    with pytest.raises(ConfigError, match=rf"unknown {cls.__name__} fields: \['learning_rate'\]"):
+        cls.from_dict({"learning_rate": 1})

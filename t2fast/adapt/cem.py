@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..generation import generate
-from ..train.config import ConfigError
+from ..train.config import ConfigError, known_fields
 from ..train.objectives import token_logprobs
 from ..train.rollout import completion_logits, max_new_tokens_for, teacher_batch
 
@@ -88,11 +88,7 @@ class CEMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CEMConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown CEMConfig fields: {unknown}; known: {sorted(known)}")
-        d = dict(d)
+        d = known_fields(cls, d)
         if d.get("clamp") is not None:
             d["clamp"] = tuple(d["clamp"])
         return cls(**d)

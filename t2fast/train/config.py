@@ -28,6 +28,15 @@ class ConfigError(ValueError):
     """A training or adaptation configuration is invalid."""
 
 
+def known_fields(cls, d: dict) -> dict:
+    """A copy of ``d``, whose keys must all be fields of the dataclass ``cls``
+    (:class:`ConfigError` names the others)."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} fields: {unknown}")
+    return dict(d)
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (saved into the expert file's metadata).
@@ -245,11 +254,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown TrainConfig fields: {unknown}")
-        d = dict(d)
+        d = known_fields(cls, d)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
         if "layers" in d:
