@@ -20,12 +20,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .kernels.configs import BACKEND_CHOICES
 from .mixtures import MixtureBounds
 from .targets import layers_to_json, normalize_layers, normalize_targets
 
-#: SVF kernel backends: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else torch),
-#: ``"triton"``, ``"torch"``.
-BACKENDS = ("auto", "triton", "torch")
+#: SVF kernel backends: ``"auto"`` (what the kernel plan names on CUDA, Triton under
+#: ``TRITON_INTERPRET=1``, else torch), then the ones a kernel plan may name (``"triton"``,
+#: ``"torch"``).
+BACKENDS = ("auto", *BACKEND_CHOICES)
 
 
 class SVFConfigError(ValueError):
