@@ -89,8 +89,12 @@ def test_arith_answers():
     for ex in get_task("arith_chain").examples("train", 300):
         assert ex.question.count("+") + ex.question.count("-") == 2
         assert int(ex.answer) == eval(ex.question[:-2])
+        first, second, _ = ex.meta["terms"]
+        partial = first + second if ex.meta["ops"][0] == "+" else first - second
+        assert partial >= 0 and int(ex.answer) >= 0, ex.question
     answers = [int(e.answer) for e in get_task("arith").examples("train", 300)]
-    assert any(a < 0 for a in answers) and any(a >= 100 for a in answers)
+    assert min(answers) >= 0 and any(a >= 100 for a in answers)
+    assert {e.meta["op"] for e in get_task("arith").examples("train", 300)} == set("+-*")
 
 
 def test_string_answers():

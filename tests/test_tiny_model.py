@@ -71,14 +71,16 @@ def test_known_greedy_outputs(tiny):
 
 
 def test_base_accuracy_has_room(tiny):
-    """Each training family is learnt partly: signal and room for RL."""
+    """Each training family is learnt partly: reward signal and room for RL. The bundled model
+    measures 0.19 / 0.49 / 0.69 on arith / strings / choice (n = 500, see its README); 120 test
+    questions per family here, bounds wide enough for their sampling noise."""
     model, tok = tiny
     for name in TRAIN_FAMILIES:
         task = get_task(name)
-        exs = task.examples("test", 48)
+        exs = task.examples("test", 120)
         outs = generate_greedy(model, tok, [e.prompt for e in exs], max_new_tokens=10)
         acc = sum(task.score(o, e).correct for o, e in zip(outs, exs)) / len(exs)
-        assert 0.05 < acc < 0.99, (name, acc)
+        assert 0.1 < acc < 0.8, (name, acc)
 
 
 def test_random_tiny_llama():

@@ -1,11 +1,11 @@
 """Arithmetic families (the paper's "math" stand-in).
 
 ``arith`` (training): one operation on small integers, e.g. ``Q: 47+85=?`` -> ``132``;
-``+`` and ``-`` on 1-2 digit operands (results may be negative), ``*`` of a 1-digit by a
-1-2 digit number.
+``+`` and ``-`` on 1-2 digit operands (``-`` never goes below zero: ``85-47``, not ``47-85``),
+``*`` of a 1-digit by a 1-2 digit number.
 
-``arith_chain`` (held out): three 1-2 digit operands chained with ``+``/``-``, e.g.
-``Q: 12+34-7=?`` -> ``39``.
+``arith_chain`` (held out): a 1-2 digit number, then two 1-digit numbers, chained with
+``+``/``-`` and never below zero, e.g. ``Q: 34+7-5=?`` -> ``36``.
 """
 from __future__ import annotations
 
@@ -48,19 +48,26 @@ class Arithmetic(NumberAnswerTask):
             value = a * b
         else:
             a, b = _operand(rng, 2), _operand(rng, 2)
+            if op == "-" and a < b:
+                a, b = b, a
             value = a + b if op == "+" else a - b
         return f"{a}{op}{b}=?", str(value), {"a": a, "b": b, "op": op}
 
 
 class ArithmeticChain(NumberAnswerTask):
     name = "arith_chain"
-    description = "held out: three small integers chained with + and -: '12+34-7=?' -> '39'"
+    description = ("held out: a small number, then two digits, chained with + and - (never "
+                   "below zero): '34+7-5=?' -> '36'")
 
     def sample(self, rng: random.Random):
-        terms = [_operand(rng, 2) for _ in range(3)]
-        ops = [rng.choice("+-") for _ in range(2)]
-        value = terms[0]
-        for op, t in zip(ops, terms[1:]):
-            value = value + t if op == "+" else value - t
+        while True:
+            terms = [_operand(rng, 2), rng.randint(0, 9), rng.randint(0, 9)]
+            ops = [rng.choice("+-") for _ in range(2)]
+            value, partial = terms[0], []
+            for op, t in zip(ops, terms[1:]):
+                value = value + t if op == "+" else value - t
+                partial.append(value)
+            if min(partial) >= 0:
+                break
         q = f"{terms[0]}{ops[0]}{terms[1]}{ops[1]}{terms[2]}=?"
         return q, str(value), {"terms": terms, "ops": ops}

@@ -1,7 +1,7 @@
 """Multiple-choice families (the paper's "reasoning" stand-in); the answer is a letter.
 
-``choice`` (training): compare numbers:
-``Q: Which is largest? A)34 B)71 C)12 D)55`` -> ``B`` (also "smallest").
+``choice`` (training): compare four 3-digit numbers:
+``Q: Which is largest? A)347 B)712 C)128 D)550`` -> ``B`` (also "smallest").
 
 ``choice_order`` (held out): a different question type over words:
 ``Q: Which is first alphabetically? A)kot B)mun C)ant D)zeb`` -> ``C``.
@@ -38,11 +38,12 @@ class ChoiceTask(Task):
 
 class NumberChoice(ChoiceTask):
     name = "choice"
-    description = "pick the largest / smallest of four numbers: 'Which is largest? A)34 B)71 C)12 D)55' -> 'B'"
+    description = ("pick the largest / smallest of four 3-digit numbers: "
+                   "'Which is largest? A)347 B)712 C)128 D)550' -> 'B'")
 
     def sample(self, rng: random.Random):
         kind = rng.choice(("largest", "smallest"))
-        options = rng.sample(range(10, 100), 4)
+        options = rng.sample(range(100, 1000), 4)
         target = max(options) if kind == "largest" else min(options)
         answer = LETTERS[options.index(target)]
         return f"Which is {kind}? {format_options(options)}", answer, {"options": options, "kind": kind}

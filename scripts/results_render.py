@@ -1,0 +1,242 @@
+"""Render ``results/README.md`` from ``results/results.json`` (no model, no measurement).
+
+Everything in the README is derived here from the measurements stored in the JSON: accuracies
+with Wilson intervals, and every paired comparison (both systems scored on the same test
+questions, whose per-example correctness the JSON keeps as a string of 0/1) with its exact
+McNemar p-value. ``scripts/make_results.py`` writes the JSON and calls :func:`render`;
+``tests/test_results.py`` checks that the committed README is exactly ``render(results.json)``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from t2fast.train.evaluate import mcnemar_exact  # noqa: E402
+
+#: Significance levels reported by the verdicts (unadjusted for the number of comparisons).
+ALPHA, STRONG = 0.05, 0.01
+#: Base greedy accuracy wanted on each training family (reward signal and room for RL).
+BAND = (0.30, 0.60)
+#: Base greedy accuracy wanted on each held-out family.
+HELDOUT_MIN = 0.10
+HELDOUT_ROWS = (("base", "base"), ("parent_expert", "parent expert"), ("uniform", "uniform α"),
+                ("prompt", "prompt dispatch (A)"), ("classifier", "classification expert (B)"))
+
+
+def fmt(rec: dict | None) -> str:
+    """'0.412 [0.369, 0.456]': accuracy and Wilson 95% interval."""
+    if rec is None:
+        return "—"
+    lo, hi = rec["ci95"]
+    return f"{rec['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def mask(rec: dict) -> list[bool]:
+    return [c == "1" for c in rec["correct_mask"]]
+
+
+def compare(where: str, a_name: str, a: dict, b_name: str, b: dict) -> dict:
+    """One paired comparison of system a against system b on the same examples."""
+    t = mcnemar_exact(mask(a), mask(b))
+    diff = a["accuracy"] - b["accuracy"]
+    if t["p"] < ALPHA:
+        verdict = ("higher" if diff > 0 else "lower") + (" (p < 0.01)" if t["p"] < STRONG
+                                                         else " (p < 0.05)")
+    else:
+        verdict = "no significant difference"
+    return {"where": where, "a": a_name, "b": b_name, "acc_a": a["accuracy"],
+            "acc_b": b["accuracy"], "diff": diff, **t, "verdict": verdict}
+
+
+def comparisons(results: dict) -> list[dict]:
+    """Every paired comparison the README lists, in a fixed order."""
+    out = []
+    labels = results["column_labels"]
+    for f, row in results["train_families"].items():
+        others = [k for k in labels if k != "base" and k in row]
+        for k in others:
+            out.append(compare(f, labels[k], row[k], "base", row["base"]))
+        for k in others:
+            if k != "svf_rl" and "svf_rl" in row:
+                out.append(compare(f, labels["svf_rl"], row["svf_rl"], labels[k], row[k]))
+    for h, r in results["heldout"].items():
+        names = dict(HELDOUT_ROWS)
+        for key, name in HELDOUT_ROWS[1:]:
+            out.append(compare(h, name, r[key], "base", r["base"]))
+        for key in ("prompt", "classifier"):
+            out.append(compare(h, names[key], r[key], names["uniform"], r["uniform"]))
+        for key, label in (("cem", "CEM"), ("cem_per_layer", "per-layer CEM")):
+            for run in r.get(key, []):
+                name = f"{label} seed {run['seed']}"
+                for other, oname in (("base", "base"), ("uniform", "uniform α"),
+                                     ("prompt", "prompt dispatch (A)")):
+                    out.append(compare(h, name, run, oname, r[other]))
+    c = results["classification"]
+    out.append(compare("classify (pass 1)", "classification expert (B)", c["classifier"],
+                       "prompt (A)", c["prompt"]))
+    return out
+
+
+def identity_notes(results: dict) -> list[str]:
+    out = []
+    for name, info in results["checkpoints"].items():
+        if info.get("best_step") == 0:
+            out.append(f"`{name}` is the identity: no evaluation during training beat step 0 "
+                       f"on the validation split, so its best checkpoint is its initialisation "
+                       f"(z = 1 for SVF, B = 0 for LoRA) and it answers exactly like the base "
+                       f"model.")
+    return out
+
+
+def train_table(results: dict) -> list[str]:
+    labels = results["column_labels"]
+    cols = list(labels)
+    L = ["| family | " + " | ".join(labels[k] for k in cols) + " |",
+         "|---|" + "---|" * len(cols)]
+    for f, row in results["train_families"].items():
+        L.append(f"| {f} | " + " | ".join(fmt(row.get(k)) for k in cols) + " |")
+    p = results["parameters"]
+    L += ["", "Trainable parameters: " + "; ".join(f"{k} {v:,}" for k, v in p.items()) + "."]
+    return L
+
+
+def heldout_tables(results: dict) -> list[str]:
+    ho = results["heldout"]
+    L = ["| family | " + " | ".join(n for _, n in HELDOUT_ROWS) + " |",
+         "|---|" + "---|" * len(HELDOUT_ROWS)]
+    for h, r in ho.items():
+        L.append(f"| {h} | " + " | ".join(fmt(r[k]) for k, _ in HELDOUT_ROWS) + " |")
+    L += ["", "Parent expert: the training family each held-out family resembles ("
+          + ", ".join(f"{h} → {r['parent']}" for h, r in ho.items()) + ").", "",
+          "### Few-shot CEM, one row per seed", "",
+          f"Seed s draws its own {results['args']['shots']} few-shot examples (block s of the "
+          f"validation split) and runs its own search; `t2fast adapt --strategy cem --seed s "
+          f"--shots {results['args']['shots']}` reproduces a row. Bank order: "
+          + ", ".join(results["bank"]) + ".", "",
+          "| family | CEM | seed | α | few-shot acc | test acc | search (s) |",
+          "|---|---|---|---|---|---|---|"]
+    for h, r in ho.items():
+        for key, label in (("cem", "per vector"), ("cem_per_layer", "per layer")):
+            for run in r.get(key, []):
+                al = run["alpha"]
+                shown = (", ".join(f"{v:+.2f}" for v in al) if not isinstance(al[0], list)
+                         else f"{len(al)}×{len(al[0])} (layer mean: " + ", ".join(
+                             f"{sum(row[k] for row in al) / len(al):+.2f}"
+                             for k in range(len(al[0]))) + ")")
+                L.append(f"| {h} | {label} | {run['seed']} | ({shown}) | "
+                         f"{run['fewshot_accuracy']:.2f} | {fmt(run)} | {run['cem_s']:.1f} |")
+    L += ["", "### Experts picked in pass 1 on the held-out families", "",
+          "| family | strategy | picked |", "|---|---|---|"]
+    for h, r in ho.items():
+        for s in ("prompt", "classifier"):
+            picked = ", ".join(f"{k}: {v}" for k, v in sorted(r[s]["picked"].items()))
+            L.append(f"| {h} | {s} | {picked} |")
+    L += ["", "### Pass-1 / pass-2 wall time (s) on the held-out test sets", "",
+          "| family | strategy | pass 1 | pass 2 |", "|---|---|---|---|"]
+    for h, r in ho.items():
+        for s in ("base", "uniform", "prompt", "classifier"):
+            L.append(f"| {h} | {s} | {r[s]['pass1_s']:.2f} | {r[s]['pass2_s']:.2f} |")
+    return L
+
+
+def classification_tables(results: dict) -> list[str]:
+    L = []
+    for s, r in results["classification"].items():
+        labels = r["labels"]
+        L += [f"**{s}**: accuracy {fmt(r)}", "",
+              "| true \\ predicted | " + " | ".join(labels) + " |",
+              "|---|" + "---|" * len(labels)]
+        L += [f"| {lab} | " + " | ".join(str(v) for v in row) + " |"
+              for lab, row in zip(labels, r["confusion"])]
+        L.append("")
+    return L
+
+
+def comparison_table(rows: list[dict]) -> list[str]:
+    L = ["| where | A | B | acc A | acc B | A − B | A only | B only | p | A vs B |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in rows:
+        L.append(f"| {c['where']} | {c['a']} | {c['b']} | {c['acc_a']:.3f} | {c['acc_b']:.3f} "
+                 f"| {c['diff']:+.3f} | {c['a_only']} | {c['b_only']} | {c['p']:.2g} | "
+                 f"{c['verdict']} |")
+    return L
+
+
+def target_lines(results: dict, rows: list[dict]) -> list[str]:
+    """The project's quality targets, checked: base accuracy of each training family inside
+    BAND (signal and room for RL) and of each held-out family above HELDOUT_MIN, SVF (RL) at
+    least 10 points above the base model with p < 0.01."""
+    out = []
+    lo, hi = BAND
+    for f, row in results["train_families"].items():
+        acc = row["base"]["accuracy"]
+        out.append(f"Base model on {f}: {acc:.3f}; target ({lo:.2f}–{hi:.2f}) "
+                   + ("met." if lo <= acc <= hi else "NOT met."))
+    for h, r in results["heldout"].items():
+        acc = r["base"]["accuracy"]
+        out.append(f"Base model on the held-out {h}: {acc:.3f}; target (above {HELDOUT_MIN:.2f}) "
+                   + ("met." if acc > HELDOUT_MIN else "NOT met."))
+    labels = results["column_labels"]
+    for c in rows:
+        if c["a"] == labels.get("svf_rl") and c["b"] == "base":
+            met = c["diff"] >= 0.10 and c["p"] < STRONG
+            out.append(f"SVF (RL) on {c['where']}: {c['diff']:+.3f} against the base model, "
+                       f"p = {c['p']:.2g}: target (≥ +0.10 with p < 0.01) "
+                       + ("met." if met else "NOT met."))
+    return out
+
+
+def experts_table(results: dict) -> list[str]:
+    L = ["| expert | objective | steps run | best step | validation acc | lr | λ (KL) | "
+         "baseline | T | batch × samples |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, e in results["experts"].items():
+        va, steps = e.get("validation_accuracy"), e.get("steps_run")
+        rl = e.get("objective") == "rl"          # the other columns only apply to RL
+        rl_cols = (f"{e.get('kl_coef')} | {e.get('baseline')} | {e.get('temperature')} | "
+                   f"{e.get('batch_size')} × {e.get('samples_per_prompt')}" if rl else
+                   f"— | — | — | {e.get('batch_size')} references")
+        L.append(f"| {name} | {e.get('objective')} | {'—' if steps is None else steps} | "
+                 f"{e.get('best_step')} | {'—' if va is None else f'{va:.3f}'} | {e.get('lr')} "
+                 f"| {rl_cols} |")
+    return L
+
+
+def render(results: dict) -> str:
+    """The README text for ``results`` (the parsed results.json)."""
+    a = results["args"]
+    rows = comparisons(results)
+    L = ["# Measured results in the tiny world", "",
+         f"Generated by `python scripts/make_results.py{a.get('command_flags', '')}` from the "
+         f"shipped experts (`experts/`): n = {a['n']} test examples per task, greedy decoding, "
+         f"CEM seeds {a['cem_seeds']} ({a['shots']} shots, population {a['cem_population']}, "
+         f"{a['cem_iterations']} iterations). Brackets are Wilson 95% intervals. Do not edit by "
+         f"hand: `python scripts/make_results.py --render-only` rewrites this file from "
+         f"`results.json`.", "",
+         f"Machine: {results['machine']}; measuring took {results['wall_s']:.0f} s.", "",
+         "## 1. Training families (test split)", ""]
+    L += train_table(results)
+    L += ["", "## 2. Held-out families (test split)", ""]
+    L += heldout_tables(results)
+    L += ["", "## 3. Classification (pass 1) on the classify test split", ""]
+    L += classification_tables(results)
+    L += ["## 4. Every paired comparison", "",
+          "Each line compares two systems on the same test questions: *A only* / *B only* count "
+          "the questions only A / only B answers correctly; p is the exact two-sided McNemar "
+          f"test. Verdicts at p < {ALPHA} (p < {STRONG} marked), not adjusted for the "
+          f"{len(rows)} comparisons: expect about {ALPHA * len(rows):.1f} false positives at "
+          "5% if nothing differed.", ""]
+    L += comparison_table(rows)
+    L += ["", "## 5. The quality targets", ""]
+    L += [f"- {t}" for t in target_lines(results, rows)]
+    notes = identity_notes(results)
+    if notes:
+        L += ["", "## 6. Notes", ""] + [f"- {t}" for t in notes]
+    L += ["", "## Experts (from their metadata)", ""]
+    L += experts_table(results)
+    L += ["", "Recipes, commands and the λ / lr sweep: `experts/README.md`; training logs: "
+          "`experts/*.log.jsonl`, `experts/baselines/*.log.jsonl`, `experts/sweep/`.", ""]
+    return "\n".join(L)

@@ -1,0 +1,126 @@
+"""The tiny world's results: the committed README is exactly what the renderer makes of the
+committed JSON, every comparison is paired, the exact McNemar test, and the training recipes."""
+import importlib.util
+import itertools
+import json
+import math
+import pathlib
+
+import pytest
+
+from t2fast.train.evaluate import mcnemar_exact
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def results():
+    return json.loads((ROOT / "results" / "results.json").read_text())
+
+
+def test_committed_readme_is_rendered_from_committed_json(results):
+    render = load_script("results_render").render
+    assert (ROOT / "results" / "README.md").read_text() == render(results)
+
+
+def records(results):
+    """Every measured record with a per-question correctness mask, by where it was measured."""
+    for f, row in results["train_families"].items():
+        for k, rec in row.items():
+            yield f, k, rec
+    for h, r in results["heldout"].items():
+        for k, rec in r.items():
+            for run in (rec if isinstance(rec, list) else [rec]):
+                if isinstance(run, dict):
+                    yield h, k, run
+    for k, rec in results["classification"].items():
+        yield "classify", k, rec
+
+
+def test_results_are_paired_per_question(results):
+    n = results["args"]["n"]
+    seen = set()
+    for where, key, rec in records(results):
+        m = rec["correct_mask"]
+        assert set(m) <= {"0", "1"} and len(m) == rec["n"] == n, (where, key)
+        assert m.count("1") == rec["correct"], (where, key)
+        assert math.isclose(rec["accuracy"], rec["correct"] / n), (where, key)
+        seen.add(where)
+    assert seen == set(results["train_families"]) | set(results["heldout"]) | {"classify"}
+    for h, r in results["heldout"].items():      # one CEM row per seed, never pooled
+        assert [run["seed"] for run in r["cem"]] == results["args"]["cem_seeds"]
+
+
+def brute_force_p(a_only, b_only):
+    """Two-sided exact p by enumerating every sign pattern of the discordant questions."""
+    n = a_only + b_only
+    if n == 0:
+        return 1.0
+    far = abs(a_only - n / 2)
+    hits = sum(1 for signs in itertools.product((0, 1), repeat=n)
+               if abs(sum(signs) - n / 2) >= far - 1e-12)
+    return hits / 2 ** n
+
+
+@pytest.mark.parametrize("a_only,b_only,same", [(5, 0, 3), (0, 5, 0), (3, 1, 7), (7, 2, 1),
+                                                (4, 4, 2), (0, 0, 9), (6, 1, 0)])
+def test_mcnemar_exact_matches_enumeration(a_only, b_only, same):
+    a = [True] * a_only + [False] * b_only + [True] * same + [False] * 2
+    b = [False] * a_only + [True] * b_only + [True] * same + [False] * 2
+    r = mcnemar_exact(a, b)
+    assert (r["a_only"], r["b_only"]) == (a_only, b_only)
+    assert math.isclose(r["p"], brute_force_p(a_only, b_only))
+    assert math.isclose(mcnemar_exact(b, a)["p"], r["p"])
+    with pytest.raises(ValueError, match="paired"):
+        mcnemar_exact(a, b[:-1])
+
+
+def test_compare_verdicts():
+    compare = load_script("results_render").compare
+
+    def rec(bits):
+        return {"correct_mask": bits, "accuracy": bits.count("1") / len(bits)}
+    better = compare("x", "A", rec("1" * 12 + "0" * 8), "B", rec("0" * 20))
+    assert better["verdict"] == "higher (p < 0.01)" and better["a_only"] == 12
+    worse = compare("x", "A", rec("0" * 20), "B", rec("1" * 6 + "0" * 14))
+    assert worse["verdict"] == "lower (p < 0.05)"     # p = 2/64
+    same = compare("x", "A", rec("10" * 10), "B", rec("01" * 10))
+    assert same["verdict"] == "no significant difference" and same["p"] == 1.0
+
+
+def test_recipes_are_valid_train_configurations(tmp_path):
+    from t2fast import cli
+    from t2fast.train import TrainConfig
+    recipes = load_script("make_results").RECIPES
+    parser = cli.build_parser()
+    assert {pathlib.Path(o).parent.name for o in recipes} == {"experts", "baselines"}
+    for out, argv in recipes.items():
+        args = parser.parse_args(["train", "--out", str(tmp_path / pathlib.Path(out).name),
+                                  *argv])
+        cfg = TrainConfig(**{k: getattr(args, k) for k in (
+            "task", "out", "method", "objective", "steps", "lr", "kl_coef", "baseline",
+            "temperature", "batch_size", "samples_per_prompt", "seed")}).validate()
+        assert cfg.seed == 0 and (cfg.objective == "sft" or cfg.kl_coef > 0), out
+
+
+def test_experts_readme_commands_are_the_recipes():
+    """The shell variables in experts/README.md spell exactly the recipes `--train` runs."""
+    import re
+    mr = load_script("make_results")
+    text = (ROOT / "experts" / "README.md").read_text()
+    shell = {m.group(1): m.group(2).replace("\\\n", " ").split()
+             for m in re.finditer(r'^(RL|SFT|LORA)="(.*?)"', text, re.S | re.M)}
+    assert shell == {"RL": mr.RL, "SFT": mr.SFT, "LORA": mr.LORA}
+    # LoRA's RL runs: the README substitutes RL's lr; the table trains with that lr
+    m = re.search(r"\$\{RL/--lr (\S+)/--lr (\S+)\}", text)
+    assert m and mr.RL[mr.RL.index("--lr") + 1] == m.group(1)
+    assert mr.LORA_RL[mr.LORA_RL.index("--lr") + 1] == m.group(2)
+    assert [a for a in mr.LORA_RL if a not in (m.group(1), m.group(2))] == [
+        a for a in mr.RL + mr.LORA if a not in (m.group(1), m.group(2))]
