@@ -18,3 +18,9 @@ def test_ten_line_example_prints_the_documented_answers(monkeypatch):
     with contextlib.redirect_stdout(out):
         exec(compile(code, "README.md", "exec"), {})
     assert out.getvalue() == printed
+
+
+def test_api_doc_wraps_at_100_columns():
+    lines = (ROOT / "docs" / "API.md").read_text(encoding="utf-8").splitlines()
+    long = [i for i, line in enumerate(lines, 1) if len(line) > 100]
+    assert len(lines) > 50 and not long, f"docs/API.md lines over 100 columns: {long}"
