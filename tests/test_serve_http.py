@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPERTS = ROOT / "experts"
 BANK = ["arith", "strings", "choice", "classify"]          # bank order (--experts, then classifier)
 MAX_TOKENS = 8
-ARITH, STRINGS, CHOICE = ("Q: 80-14=?\nA: ", "Q: reverse('kdfa')\nA: ",
-                          "Q: Which is largest? A)34 B)71 C)12 D)55\nA: ")
+# ARITH: a question the arith expert answers differently from the base model
+ARITH, STRINGS, CHOICE = ("Q: 85-29=?\nA: ", "Q: reverse('kdfa')\nA: ",
+                          "Q: Which is largest? A)347 B)712 C)128 D)550\nA: ")
 OTHER = "Q: tell me about the quiet river\nA: "
 # (prompt, t2 fields): base, each expert, α by name and in bank order — the issue's
 # "80-14 with α [0.5, 0.5, 0]" among them.
@@ -41,7 +42,7 @@ MIXED = [
     (ARITH, {"t2_expert": "arith"}),
     (STRINGS, {"t2_expert": "strings"}),
     (CHOICE, {"t2_alpha": {"choice": 0.7, "arith": 0.3}}),
-    (ARITH, {"t2_alpha": [0.5, 0.5, 0, 0]}),
+    ("Q: 80-14=?\nA: ", {"t2_alpha": [0.5, 0.5, 0, 0]}),
     (STRINGS, {"vllm_xargs": {"t2_alpha": [0.25, 1.0, 0, 0]}}),
     ("Q: 47+85=?\nA: ", {"t2": {"alpha": {"arith": 1.5, "base": -0.5}}}),
     (OTHER, {}),
