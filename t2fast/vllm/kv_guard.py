@@ -37,14 +37,14 @@ def finite_guard(y: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(y.clamp(-lim, lim), nan=0.0)
 
 
-class KVGuardMethod(QuantizeMethodBase):
-    """Wraps the original method of a KV-producing layer that has no SVF target, so that its
-    output is guarded too (its input may come from an overflowed residual stream)."""
+class WrappedMethod(QuantizeMethodBase):
+    """A quant method that wraps a linear layer's original one: it creates the same weights and
+    answers whatever else vLLM asks of a method from the original."""
 
     def __init__(self, base):
         self.base = base
         for attr in ("requires_device_loading", "uses_meta_device",
-                     "supports_pre_processed_weights"):
+                     "supports_pre_processed_weights"):   # attributes vLLM reads directly
             if hasattr(base, attr):
                 setattr(self, attr, getattr(base, attr))
 
@@ -55,6 +55,11 @@ class KVGuardMethod(QuantizeMethodBase):
 
     def create_weights(self, layer, *args, **kwargs):
         return self.base.create_weights(layer, *args, **kwargs)
+
+
+class KVGuardMethod(WrappedMethod):
+    """Wraps the original method of a KV-producing layer that has no SVF target, so that its
+    output is guarded too (its input may come from an overflowed residual stream)."""
 
     def process_weights_after_loading(self, layer) -> None:
         self.base.process_weights_after_loading(layer)

@@ -40,12 +40,7 @@ from torch import nn
 from .. import ops
 from ..decompose import SVDCache, SVDFactors, decompose_weight
 from ..targets import ATTENTION, FUSED, MLP, layer_index, resolve_targets
-from .kv_guard import KVGuardMethod, finite_guard, writes_kv
-
-try:
-    from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
-except Exception:  # noqa: BLE001 - vllm missing: the module stays importable for docs
-    QuantizeMethodBase = object
+from .kv_guard import KVGuardMethod, WrappedMethod, finite_guard, writes_kv
 
 #: vLLM's packed modules (its ``packed_modules_mapping`` when the model gives none).
 FUSED_DEFAULT = {fused: list(parts) for fused, parts in FUSED.items()}
@@ -93,12 +88,12 @@ class SVFPart:
         self.rank = 0          # r = min(m, n) of the full HF matrix
 
 
-class SVFLinearMethod(QuantizeMethodBase):
+class SVFLinearMethod(WrappedMethod):
     """Wraps a linear layer's original (unquantized) method; see the module docstring."""
 
     def __init__(self, base, runtime, prefix: str, parts: list[SVFPart], layer_idx: int,
                  row_parallel: bool):
-        self.base = base
+        super().__init__(base)
         self.runtime = runtime
         self.prefix = prefix
         self.parts = parts
@@ -108,19 +103,6 @@ class SVFLinearMethod(QuantizeMethodBase):
         self.backend = runtime.config.backend
         self._merged_key = None
         self._merged = None
-        # Attributes vLLM reads from quant methods.
-        for attr in ("requires_device_loading", "uses_meta_device",
-                     "supports_pre_processed_weights"):
-            if hasattr(base, attr):
-                setattr(self, attr, getattr(base, attr))
-
-    def __getattr__(self, name):  # anything else vLLM asks of the original method
-        if name == "base":
-            raise AttributeError(name)
-        return getattr(self.base, name)
-
-    def create_weights(self, layer, *args, **kwargs):
-        return self.base.create_weights(layer, *args, **kwargs)
 
     # ---- loading ------------------------------------------------------------------------
     def _full_matrices(self, layer, w: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
