@@ -9,6 +9,7 @@ import torch
 
 from t2fast import ops
 from t2fast.ops import reference
+from timing import l2_cold_copies
 
 
 @dataclass
@@ -58,6 +59,16 @@ def make_problem(m, n, T, slots, dtype=torch.bfloat16, device="cpu", K=4, seed=0
     cast = dict(device=device, dtype=dtype)
     return Problem(x.to(**cast), W.to(**cast), U.to(**cast), S.to(device), Vh.to(**cast),
                    (alpha @ bank).to(device), alpha.to(device), bank.to(device), idx.to(device))
+
+
+def l2_cold_problems(m, n, T, dtype, device, with_dense: bool = True) -> list[Problem]:
+    """Distinct copies of one problem (seeds 0, 1, ...), enough that the weights a timed call
+    reads — U and Vh, and W too when ``with_dense`` — exceed the GPU's L2 several times."""
+    first = make_problem(m, n, T, T, dtype=dtype, device=device)
+    weight_bytes = first.bytes_factors + (first.W.numel() * first.W.element_size()
+                                          if with_dense else 0)
+    return [first] + [make_problem(m, n, T, T, dtype=dtype, device=device, seed=s)
+                      for s in range(1, l2_cold_copies(weight_bytes))]
 
 
 def dense(p: Problem):

@@ -39,6 +39,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0")     # on the CPU, backend "auto" 
 import torch  # noqa: E402
 
 from shapes import MODELS  # noqa: E402
+from timing import capture_graph, device_tag  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -95,18 +96,9 @@ class Captured:
     def __init__(self, step):
         self.graph, self.error = None, None
         if CUDA:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
             try:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    self.out = step()
-                self.graph = graph
-                self.step = graph.replay
+                self.graph, self.out = capture_graph(step, warmup=3)
+                self.step = self.graph.replay
             except Exception as exc:  # noqa: BLE001 - reported, then timed eagerly
                 self.error = f"{type(exc).__name__}: {exc}"[:500]
                 torch.cuda.synchronize()
@@ -237,8 +229,8 @@ def main(argv=None) -> dict:
             print(json.dumps({k: run[k] for k in ("batch", "step_us", "ratio_to_unpatched")}),
                   flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "".join(c if c.isalnum() else "-" for c in result["device"]).strip("-").lower()
-    path = args.out / f"decode-{tag}-{result['date']}{'-small' if small else ''}.json"
+    stem = f"decode-{device_tag(result['device'])}-{result['date']}" + ("-small" if small else "")
+    path = args.out / f"{stem}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
     return result

@@ -41,7 +41,7 @@ import triton  # noqa: E402
 import baselines as B  # noqa: E402
 from shapes import projections  # noqa: E402
 from t2fast.kernels import svf_matmul as svf_op  # noqa: E402
-from timing import CUDA, ceilings, l2_cold_copies, time_us  # noqa: E402
+from timing import CUDA, ceilings, device_tag, time_us  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 VARIANTS = {
@@ -54,9 +54,8 @@ VARIANTS = {
 
 def sweep_shape(m, n, names, T, dtype, ceil, reps) -> dict:
     r = min(m, n)
-    p0 = B.make_problem(m, n, T, T, dtype=dtype, device=DEVICE)
-    copies = [p0] + [B.make_problem(m, n, T, T, dtype=dtype, device=DEVICE, seed=s)
-                     for s in range(1, l2_cold_copies(p0.bytes_factors + p0.W.numel() * 2))]
+    copies = B.l2_cold_problems(m, n, T, dtype, DEVICE)
+    p0 = copies[0]
     row = dict(matrices="/".join(names), m=m, n=n, r=r, T=T, S=T, copies=len(copies))
     t0 = time.perf_counter()
     B.svf_triton(p0)
@@ -91,7 +90,8 @@ def render_markdown(result: dict) -> str:
              f"{ceil['copy_GBps']:.0f} GB/s, GEMM {ceil['gemm_TFLOPs']:.0f} TFLOP/s "
              f"({ceil['gemm_dtype']}). Weights L2-cold, CUDA graphs, medians of "
              f"{result['reps']} alternating repetitions; S = T mixtures. "
-             f"{'CPU interpreter run: times say nothing about GPU speed.' if env['interpreter'] else ''}",
+             + ("CPU interpreter run: times say nothing about GPU speed." if env["interpreter"]
+              else ""),
              "",
              "| matrices | T | dense µs | torch µs | triton µs | mix µs | byte floor µs | "
              "×floor | torch/triton | GEMM frac | rel err | first call s |",
@@ -153,8 +153,7 @@ def main(argv=None) -> dict:
     result = {"environment": env, "model": model, "dtype": str(dtype).replace("torch.", ""),
               "reps": reps, "ceilings": ceil, "kernels": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
-    stem = f"{tag}-{env['date']}" + ("-small" if small else "")
+    stem = f"{device_tag(env['device'])}-{env['date']}" + ("-small" if small else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / f"{stem}.md").write_text(render_markdown(result))
     print(f"wrote {args.out / (stem + '.json')}")

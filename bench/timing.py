@@ -25,6 +25,26 @@ def l2_cold_copies(bytes_per_copy: int, factor: float = 3.0, cap: int = 64) -> i
     return max(2, min(cap, math.ceil(factor * l2 / max(1, bytes_per_copy))))
 
 
+def device_tag(device_name: str) -> str:
+    """A file-name form of a device name ("NVIDIA H100 80GB HBM3" → "nvidia-h100-80gb-hbm3")."""
+    return "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()
+
+
+def capture_graph(fn, warmup: int = 2):
+    """Run ``fn`` ``warmup`` times on a side stream (compiles, allocator pools), then capture one
+    call in a CUDA graph; returns (graph, fn's output inside the graph)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def time_us(calls, reps: int = 30) -> float:
     """Median microseconds of one call, ``calls`` being one zero-argument callable per copy."""
     if not CUDA:
@@ -37,17 +57,7 @@ def time_us(calls, reps: int = 30) -> float:
                 c()
             times.append((time.perf_counter() - t0) * 1e6 / len(calls))
         return statistics.median(times)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):            # warm-up: compiles, allocator pools
-        for _ in range(2):
-            for c in calls:
-                c()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
+    graph, _ = capture_graph(lambda: [c() for c in calls])
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -35,7 +35,7 @@ import baselines as B  # noqa: E402
 from shapes import projections  # noqa: E402
 from t2fast.kernels import configs, scaled_matmul as sm, svf_matmul as svf_op  # noqa: E402
 from t2fast.kernels.configs import SVFPlan, TableEntry, TileConfig  # noqa: E402
-from timing import CUDA, l2_cold_copies, time_us  # noqa: E402
+from timing import CUDA, time_us  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 # Shared memory budget for a candidate's pipeline (bytes; sm_90 allows 227 KB per CTA).
@@ -68,14 +68,11 @@ def candidates(base: TileConfig, M: int, N: int, K: int, a_bytes: int, num_sms: 
 def tune_shape(m: int, n: int, T: int, dtype, num_sms: int, quick: bool, log) -> TableEntry:
     r = min(m, n)
     base = configs.heuristic_plan(T, m, n, r, dtype, num_sms)
-    p0 = B.make_problem(m, n, T, T, dtype=dtype, device=DEVICE)
-    copies = [p0] + [B.make_problem(m, n, T, T, dtype=dtype, device=DEVICE, seed=s)
-                     for s in range(1, l2_cold_copies(p0.bytes_factors))]
+    copies = B.l2_cold_problems(m, n, T, dtype, DEVICE, with_dense=False)
 
-    def shrink_us(tile):
-        h_dtype = torch.float32 if tile.split_k > 1 else dtype
+    def shrink_us(tile):          # h in x's dtype, or fp32 where the tile splits
         return time_us([lambda p=p: svf_op.svf_shrink(p.x, p.Vh, p.S, p.idx, Z=p.Z, tile=tile,
-                                                       h_dtype=h_dtype) for p in copies])
+                                                       h_dtype=dtype) for p in copies])
 
     def expand_us(tile):
         hs = [torch.randn(T, r, device=DEVICE) for _ in copies]
@@ -92,8 +89,7 @@ def tune_shape(m: int, n: int, T: int, dtype, num_sms: int, quick: bool, log) ->
     plan = SVFPlan(best["shrink"], best["expand"])
     triton_us = time_us([lambda p=p: svf_op.svf_matmul(p.x, p.U, p.S, p.Vh, p.idx, Z=p.Z,
                                                         plan=plan) for p in copies])
-    torch_us = time_us([lambda p=p: ((p.x @ p.Vh.T) * (p.S * p.Z[p.idx]).to(dtype)) @ p.U.T
-                        for p in copies])
+    torch_us = time_us([lambda p=p: B.torch_composition(p) for p in copies])
     backend = "triton" if triton_us <= torch_us else "torch"
     log(f"{m}x{n} T<={T}: triton {triton_us:.1f} us, torch {torch_us:.1f} us -> {backend}")
     return TableEntry(T, m, n, replace(plan, backend=backend))

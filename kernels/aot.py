@@ -1,8 +1,8 @@
 """Ahead-of-time compilation of the SVF kernels for a GPU target, on any machine (no GPU needed).
 
-``compile_plan_kernels`` builds each kernel of a plan with ``triton.compile(ASTSource(...),
-target=GPUTarget("cuda", 90, 32))`` with the specializations a real launch gets (16-byte-aligned
-pointers, unit strides as constants, 16-divisible sizes), and ``ptxas -v`` reports registers and
+``compile_shrink`` and ``compile_expand`` build a kernel config with ``triton.compile(ASTSource(
+...), target=GPUTarget("cuda", 90, 32))`` and the specializations a real launch gets
+(16-byte-aligned pointers, unit strides as constants, 16-divisible sizes), and ``ptxas -v`` reports registers and
 spills. The CPU test gates (tensor-core instructions in the PTX, no spills, shared memory within
 the SM's limit) use it through :func:`compile_reports`, which runs the compiler in a child
 process when this one has Triton's interpreter on (interpreted kernels cannot be compiled).
@@ -23,7 +23,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .configs import SVFPlan, TileConfig
+from .configs import TileConfig
 from .scaled_matmul import scaled_matmul_kernel
 from .svf_matmul import svf_shrink_kernel
 
@@ -140,14 +140,6 @@ def compile_expand(tile: TileConfig, dtype: str = "bf16", h_dtype: str = "",
     sig, attrs = _signature(scaled_matmul_kernel, pointers, constants,
                             {"N", "K", "stride_am", "stride_bn", "stride_os", "stride_om"})
     return _compile(scaled_matmul_kernel, sig, attrs, constants, tile, target)
-
-
-def compile_plan_kernels(plan: SVFPlan, dtype: str = "bf16", mix: bool = False,
-                         target: GPUTarget = H100) -> dict[str, CompiledKernel]:
-    """Shrink and expand of ``plan`` compiled for ``target`` (default sm_90, H100/H200)."""
-    h = "fp32" if plan.shrink.split_k > 1 or dtype == "fp32" else dtype
-    return {"shrink": compile_shrink(plan.shrink, dtype, mix, h, target),
-            "expand": compile_expand(plan.expand, dtype, h, target)}
 
 
 def _compile_spec(spec: dict) -> dict:

@@ -149,10 +149,9 @@ def gemm_tile(T: int, dtype: torch.dtype) -> TileConfig:
     """Unsplit tiles for a GEMM with T rows (tokens) in ``dtype``."""
     T = _pow2_at_least(T)
     if dtype == torch.float32:       # IEEE fp32 dots: no tensor cores, keep register tiles small
-        return TileConfig(min(64, _pow2_at_least(T)), 64, 32, num_warps=4, num_stages=2)
+        return TileConfig(min(64, T), 64, 32, num_warps=4, num_stages=2)
     if T <= DECODE_MAX_T:            # memory-bound: one row tile, long k-blocks, deep pipeline
-        bm = _pow2_at_least(T)
-        return TileConfig(bm, 64, 128, num_warps=4, num_stages=4 if bm == 16 else 3)
+        return TileConfig(T, 64, 128, num_warps=4, num_stages=4 if T == 16 else 3)
     if T <= 256:
         return TileConfig(64, 128, 64, num_warps=4, num_stages=4)
     return TileConfig(128, 128, 64, num_warps=8, num_stages=3)
@@ -281,13 +280,12 @@ def device_arch(device: torch.device) -> tuple[str, int]:
 @lru_cache(maxsize=4096)
 def plan_for(Tb: int, m: int, n: int, r: int, dtype: torch.dtype, arch: str,
              num_sms: int) -> SVFPlan:
-    """The plan for a token bucket ``Tb`` (see :func:`plan`)."""
+    """The plan for a token bucket ``Tb`` (a power of two ≥ 16; see :func:`plan`)."""
     found = lookup(load_table(arch), Tb, m, n) if dtype != torch.float32 else None
     if found is None:
         return heuristic_plan(Tb, m, n, r, dtype, num_sms)
-    Tp = _pow2_at_least(Tb)
-    return replace(found, shrink=fill_gpu(found.shrink, Tp, r, n, num_sms),
-                   expand=fill_gpu(found.expand, Tp, m, r, num_sms))
+    return replace(found, shrink=fill_gpu(found.shrink, Tb, r, n, num_sms),
+                   expand=fill_gpu(found.expand, Tb, m, r, num_sms))
 
 
 def plan(T: int, m: int, n: int, r: int, dtype: torch.dtype, device: torch.device) -> SVFPlan:

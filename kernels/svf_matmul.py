@@ -1,4 +1,5 @@
-"""The SVF matmul op ``y[t] = U (S ⊙ z_{slot(t)} ⊙ (Vh x[t]))``: shrink kernel, launchers, custom ops.
+"""The SVF matmul op ``y[t] = U (S ⊙ z_{slot(t)} ⊙ (Vh x[t]))``: shrink kernel, launchers,
+custom ops.
 
 Two kernels: the shrink below (``h = S ⊙ z ⊙ (x Vhᵀ)``) and the expand ``y = h Uᵀ``
 (:mod:`.scaled_matmul`); plans (tiles, splits, h's dtype) come from :mod:`.configs`. The op is
