@@ -172,17 +172,16 @@ class ServedExperts:
         return True
 
     async def _rpc(self, method: str, *args) -> list:
+        from ..vllm.worker import worker_error
         results = await self.engine_client.collective_rpc(method, args=args)
-        errors = [r["error"] for r in results if isinstance(r, dict) and "error" in r]
-        if errors:
-            raise T2HTTPError(f"{method} failed in a worker: {errors[0]}")
+        error = worker_error(results)
+        if error is not None:
+            raise T2HTTPError(f"{method} failed in a worker: {error}")
         return results
 
     def _check_order(self, results) -> None:
-        for r in results:
-            if list(r["names"]) != self.frontend.names:
-                raise RuntimeError(f"t2fast: worker bank order {list(r['names'])} differs from "
-                                   f"the front end's {self.frontend.names}")
+        from ..vllm.worker import check_bank_order
+        check_bank_order(results, self.frontend.names)
 
     # ---- listing ------------------------------------------------------------------------
     def card(self, name: str) -> dict:

@@ -195,17 +195,16 @@ class LLM:
         return list(self._frontend.names)
 
     def _rpc(self, method: str, *args) -> list:
+        from .worker import worker_error
         results = self.llm.collective_rpc(method, args=args)
-        errors = [r["error"] for r in results if isinstance(r, dict) and "error" in r]
-        if errors:
-            raise ValueError(f"t2fast: {method} failed in a worker: {errors[0]}")
+        error = worker_error(results)
+        if error is not None:
+            raise ValueError(f"t2fast: {method} failed in a worker: {error}")
         return results
 
     def _check_order(self, results) -> None:
-        for r in results:
-            if list(r["names"]) != list(self._frontend.names):
-                raise RuntimeError(f"t2fast: worker bank order {list(r['names'])} differs from "
-                                   f"the front end's {self._frontend.names}")
+        from .worker import check_bank_order
+        check_bank_order(results, self._frontend.names)
 
     def t2_info(self) -> list[dict]:
         """Per worker: experts, targets, settings and step statistics."""

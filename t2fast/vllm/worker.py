@@ -35,6 +35,19 @@ class T2WorkerExtension:
         return _guard(lambda: self._t2_runtime().info())
 
 
+def worker_error(results) -> str | None:
+    """The first ``{"error": message}`` among every worker's answer to one call, or None."""
+    return next((r["error"] for r in results if isinstance(r, dict) and "error" in r), None)
+
+
+def check_bank_order(results, names) -> None:
+    """Raise unless every worker's ``{"names": bank order}`` equals the front end's ``names``."""
+    for r in results:
+        if list(r["names"]) != list(names):
+            raise RuntimeError(f"t2fast: worker bank order {list(r['names'])} differs from the "
+                               f"front end's {list(names)}")
+
+
 def _guard(fn) -> dict:
     try:
         return fn()
