@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU run: the kernel tests compiled (not interpreted), the kernel sweep and the
-# decode-step benchmark. Everything goes to $OUT (default bench/results). About 8 minutes on an
-# H100; each step has its own time limit so a slow one cannot starve the rest. The decode
+# decode-step benchmark. Everything goes to $OUT (default bench/results). Each step has its own
+# time limit (7.5 minutes in all) so a slow one cannot starve the rest. The decode
 # benchmark runs 2 layers here (its SVDs and weight hashes dominate its start-up).
 set -uo pipefail
 cd "$(dirname "$0")/.."
