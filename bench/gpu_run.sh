@@ -7,8 +7,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1
+# $OUT brings back at most 8 files: machine facts and the install share one log.
+{ nvidia-smi; python3 -m pip install -q --no-deps --no-build-isolation -e .; } > "$OUT/env.log" 2>&1
 export TRITON_CACHE_DIR="$(mktemp -d)"      # cold compiles: first-call times are compile times
 export TRITON_INTERPRET=0
 timeout 180 python3 -m pytest -q -x tests/test_ops_kernels.py tests/test_kernel_configs.py \
