@@ -135,54 +135,55 @@ def add_random_experts(handle) -> None:
 
 
 def run_batch(lm, batch: int, context: int, steps: int, reps: int, cache_dir: str) -> dict:
-    """Every variant for one batch size (the model is patched and restored in turn)."""
-    import t2fast
-    step = DecodeStep(lm, batch, context)
-    graphs, memory, notes, keep = {}, {}, {}, []
-    if CUDA:
-        torch.cuda.synchronize()
-        memory["cuda_allocated_unpatched"] = torch.cuda.memory_allocated()
-    graphs["unpatched"] = Captured(step)
+    """Every variant for one batch size.
 
-    def patched(targets="all", keep_dense=True):
-        h = t2fast.patch_model(lm, targets=targets, cache_dir=cache_dir, progress=False,
-                               keep_dense=keep_dense)
-        add_random_experts(h)
-        keep.append(h)
+    Each variant patches its own copy of ``lm`` and keeps it (and its KV cache) alive until the
+    timing ends: a captured graph replays the kernels and buffers of its capture, so the model
+    behind it must not be restored or freed while the graph is in use.
+    """
+    import copy
+
+    import t2fast
+    graphs, memory, notes, keep = {}, {}, {}, []
+
+    def allocated() -> int:
         if CUDA:
             torch.cuda.synchronize()
-            memory[f"cuda_allocated_{targets}_keep_dense_{keep_dense}"] = \
-                torch.cuda.memory_allocated()
-        return h
+            return torch.cuda.memory_allocated()
+        return 0
 
-    h = patched()
-    h.set_mixture(random_mixtures(batch, 1))
-    graphs["per_row"] = Captured(step)
+    def capture(name: str, targets=None, keep_dense=True, mixture=None):
+        """Patch a copy of ``lm`` (``targets`` None: the unpatched model), set ``mixture``
+        ("per_row", "merged" or None: base), prefill its cache and capture its step."""
+        before = allocated()
+        model, handle = lm if targets is None else copy.deepcopy(lm), None
+        if targets is not None:
+            handle = t2fast.patch_model(model, targets=targets, cache_dir=cache_dir,
+                                        progress=False, keep_dense=keep_dense)
+            add_random_experts(handle)
+            if mixture == "per_row":
+                handle.set_mixture(random_mixtures(batch, 1))
+            elif mixture == "merged":
+                handle.merge([1 / NUM_EXPERTS] * NUM_EXPERTS)
+            else:
+                handle.set_mixture(None)
+            memory[name] = handle.memory_report()
+        step = DecodeStep(model, batch, context)
+        graphs[name] = Captured(step)
+        keep.append((model, handle, step))
+        memory[f"cuda_allocated_delta_{name}"] = allocated() - before
+        return handle
+
+    capture("unpatched")
+    h = capture("per_row", "all", mixture="per_row")
     before = graphs["per_row"].out.clone()
     h.set_mixture(random_mixtures(batch, 2))           # new assignment, same graph
     graphs["per_row"].step()
     notes["per_row_graph_follows_set_mixture"] = not torch.equal(before, graphs["per_row"].out)
-    memory["per_row"] = h.memory_report()
-    h.merge([1 / NUM_EXPERTS] * NUM_EXPERTS)
-    graphs["merged"] = Captured(step)
-    memory["merged"] = h.memory_report()
-    h.set_mixture(None)
-    graphs["base"] = Captured(step)
-    h.restore()
-
-    h = patched("mlp")
-    h.set_mixture(random_mixtures(batch, 1))
-    graphs["per_row_mlp"] = Captured(step)
-    h.restore()
-
-    saved = {k: v.clone() for k, v in lm.state_dict().items()}
-    h = patched(keep_dense=False)
-    h.set_mixture(None)
-    graphs["lean_base"] = Captured(step)
-    memory["lean"] = h.memory_report()
-    h.restore()                      # rebuilt from the factors: put the exact weights back
-    lm.load_state_dict(saved)
-    del saved
+    capture("merged", "all", mixture="merged")
+    capture("base", "all")
+    capture("per_row_mlp", "mlp", mixture="per_row")
+    capture("lean_base", "all", keep_dense=False)
 
     samples = {k: [] for k in graphs}
     for rep in range(reps):
@@ -197,6 +198,8 @@ def run_batch(lm, batch: int, context: int, steps: int, reps: int, cache_dir: st
                memory=memory,
                capture_errors={k: g.error for k, g in graphs.items() if g.error}, **notes)
     del graphs, keep
+    if CUDA:
+        torch.cuda.empty_cache()
     return out
 
 

@@ -19,11 +19,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .configs import TileConfig
+from .launch import dot_fp32
 from .scaled_matmul import scaled_matmul_kernel
 from .svf_matmul import svf_shrink_kernel
 
@@ -31,6 +33,7 @@ H100 = GPUTarget("cuda", 90, 32)
 # Shared memory one CTA may use on sm_90 (227 KB).
 SM90_MAX_SHARED = 227 * 1024
 _PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+_TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ def compile_shrink(tile: TileConfig, dtype: str = "bf16", mix: bool = False, h_d
     h_dtype = "fp32" if tile.split_k > 1 or dtype == "fp32" else (h_dtype or dtype)
     pointers = dict(x_ptr=_PTR[dtype], vh_ptr=_PTR[dtype], s_ptr="*fp32", z_ptr="*fp32",
                     alpha_ptr="*fp32", bank_ptr="*fp32", idx_ptr="*i32", h_ptr=_PTR[h_dtype])
-    constants = dict(MIX=mix, DOT_FP32=dtype == "fp32", stride_xn=1, stride_vn=1,
+    constants = dict(MIX=mix, DOT_FP32=dot_fp32(_TORCH[dtype]), stride_xn=1, stride_vn=1,
                      stride_hr=1, **tile.meta())
     constants.update(dict(stride_ak=1, stride_br=1, stride_zs=0, stride_zr=0) if mix else
                      dict(stride_zr=1, stride_as=0, stride_ak=0, stride_bk=0, stride_br=0))
@@ -135,7 +138,7 @@ def compile_expand(tile: TileConfig, dtype: str = "bf16", h_dtype: str = "",
     out = "fp32" if tile.split_k > 1 else dtype
     pointers = dict(a_ptr=_PTR[h_dtype], scale_ptr=_PTR[h_dtype], b_ptr=_PTR[dtype],
                     out_ptr=_PTR[out])
-    constants = dict(HAS_SCALE=False, DOT_FP32=dtype == "fp32", stride_ak=1, stride_bk=1,
+    constants = dict(HAS_SCALE=False, DOT_FP32=dot_fp32(_TORCH[dtype]), stride_ak=1, stride_bk=1,
                      stride_on=1, **tile.meta())
     sig, attrs = _signature(scaled_matmul_kernel, pointers, constants,
                             {"N", "K", "stride_am", "stride_bn", "stride_os", "stride_om"})

@@ -17,9 +17,15 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def dot_fp32(*tensors) -> bool:
-    """IEEE fp32 dots for fp32 operands and under the interpreter (its bf16 dot is inexact)."""
-    return interpreter_active() or any(t.dtype == torch.float32 for t in tensors)
+def dot_fp32(weight_dtype: torch.dtype) -> bool:
+    """The kernels' ``DOT_FP32`` for weights (the dot's B operand) of ``weight_dtype``.
+
+    IEEE fp32 dots for fp32 weights (no silent TF32) and under the interpreter (its bf16 dot is
+    inexact). Otherwise the A tile is cast to the weights' dtype in registers, so an fp32
+    activation tile (the split shrink's ``h``) meeting bf16/fp16 ``U`` still runs on tensor
+    cores. The launchers and the ahead-of-time gates (:mod:`.aot`) both take it from here.
+    """
+    return interpreter_active() or weight_dtype == torch.float32
 
 
 def launch_options(tile: TileConfig) -> dict:

@@ -100,7 +100,7 @@ def scaled_matmul(A, B, scale=None, tile: TileConfig | None = None, out_dtype=No
     scaled_matmul_kernel[tile.grid(M, N)](
         A, scale if scale is not None else A, B, target, M, N, K,
         *A.stride(), *B.stride(), *slab_stride,
-        HAS_SCALE=scale is not None, DOT_FP32=dot_fp32(A, B), **tile.meta(),
+        HAS_SCALE=scale is not None, DOT_FP32=dot_fp32(B.dtype), **tile.meta(),
         **launch_options(tile))
     if tile.split_k > 1:
         bm, bn = SPLIT_SUM_BLOCK

@@ -124,7 +124,7 @@ def svf_shrink(x, Vh, S, idx, Z=None, alpha=None, bank=None, tile: TileConfig | 
     svf_shrink_kernel[tile.grid(T, R)](
         x, Vh, S, z_arg, alpha, bank, idx, out, T, N, R, K,
         *x.stride(), *Vh.stride(), *zs, *a_s, *b_s, *out.stride(),
-        MIX=mix, DOT_FP32=dot_fp32(x, Vh), **tile.meta(), **launch_options(tile))
+        MIX=mix, DOT_FP32=dot_fp32(Vh.dtype), **tile.meta(), **launch_options(tile))
     return out
 
 

@@ -138,16 +138,54 @@ def test_parse_table_names_what_is_wrong(tmp_path):
 
 
 def test_tuner_writes_a_table_the_loader_reads(tmp_path):
-    """The tuner's dry run (interpreter timing, one tiny shape) writes a valid table."""
+    """The tuner's dry run (interpreter timing, one tiny shape) writes a valid table.
+
+    The dry run is a CPU run on every machine: a visible GPU is hidden from it (Triton's
+    interpreter does not time CUDA graphs).
+    """
     out = tmp_path / "cpu.json"
     res = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "tune_svf.py"), "--shapes", "40x48",
          "--buckets", "16", "--quick", "--num-sms", "2", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
-                                                           "TRITON_INTERPRET": "1"})
+        capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads(out.read_text())
     entries = configs.parse_table(data, str(out))
     assert data["tuned"] is True and len(entries) == 1
     assert (entries[0].m, entries[0].n, entries[0].t) == (40, 48, 16)
     assert entries[0].plan.backend in ("triton", "torch")
+
+
+class _RecordLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **meta)`` records ``meta``."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.calls.append((self.name, meta))
+
+
+@pytest.mark.parametrize("weights, want_fp32", [(torch.bfloat16, False), (torch.float16, False),
+                                                (torch.float32, True)])
+def test_launchers_pick_the_dot_from_the_weights_dtype(monkeypatch, weights, want_fp32):
+    """A decode plan splits the shrink, so ``h`` is fp32; meeting bf16/fp16 U, the expand must
+    still use tensor-core dots (``DOT_FP32`` off), as the sm_90 gates compile it. It once took
+    IEEE fp32 dots there, which an H100 runs on its FMA units: 2-25x slower than torch."""
+    from t2fast.kernels import scaled_matmul as sm, svf_matmul as svf_op
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    calls = []
+    monkeypatch.setattr(svf_op, "svf_shrink_kernel", _RecordLaunch("shrink", calls))
+    monkeypatch.setattr(sm, "scaled_matmul_kernel", _RecordLaunch("expand", calls))
+    monkeypatch.setattr(sm, "split_sum_kernel", _RecordLaunch("split sum", calls))
+    plan = configs.heuristic_plan(1, 4096, 4096, 4096, weights, H100_SMS)
+    assert plan.shrink.split_k > 1 and plan.expand.split_k > 1
+    m, n, r = 48, 40, 32
+    x, U, Vh = torch.zeros(1, n, dtype=weights), torch.zeros(m, r, dtype=weights), \
+        torch.zeros(r, n, dtype=weights)
+    svf_op.svf_matmul(x, U, torch.ones(r), Vh, torch.zeros(1, dtype=torch.int32),
+                      Z=torch.ones(1, r), plan=plan)
+    dots = {name: meta["DOT_FP32"] for name, meta in calls if "DOT_FP32" in meta}
+    assert dots == {"shrink": want_fp32, "expand": want_fp32}
+    assert [name for name, _ in calls] == ["shrink", "expand", "split sum"]
