@@ -54,7 +54,8 @@ class SVFConfig:
             ``"first_half"`` or ``"second_half"`` (:func:`t2fast.targets.normalize_layers`).
         backend: SVF kernel backend, one of :data:`BACKENDS`.
         hybrid: serve a batch whose rows all use one mixture with dense weights (the original
-            ones for the base model, a cached merge otherwise).
+            ones for the base model, a cached merge otherwise), in eager and compiled calls; a
+            CUDA graph captures the factored path, which follows every later mixture.
         cache_dir: SVD cache folder (``None``: ``~/.cache/t2fast/svd``); ``False`` disables it.
         allow_other_model: accept experts made for another base model of equal shapes.
         max_alpha_abs, max_alpha_l1: bounds on every mixture, ``|α_k| ≤ max_alpha_abs`` and

@@ -26,6 +26,11 @@ from .decompose import SVDFactors
 from .ops import reference
 
 
+def capturing() -> bool:
+    """True while the current CUDA stream is being captured into a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class RowSlots:
     """The mixture slot of each batch row, shared by every SVF layer of one model.
 
@@ -163,7 +168,10 @@ class SVFLinear(nn.Module):
         if self.train_z is not None:
             w = reference.svf_merge(self.U.float(), self.S, self.train_z, self.Vh.float())
             return F.linear(x, w.to(x.dtype), self.bias)
-        if self.merged is not None:
+        # A CUDA graph captures the factored path even where dense weights serve eager calls:
+        # it reads the persistent tables that set_mixture rewrites, so it follows every later
+        # mixture, whereas a captured dense path would keep its weights and its branch.
+        if self.merged is not None and not capturing():
             self.rows.check_rows(x.shape[:-1])
             return F.linear(x, self.merged, self.bias)
         lead = x.shape[:-1]

@@ -201,12 +201,12 @@ class SVFHandle:
 
     def _set_single(self, alpha: torch.Tensor, key: bytes, num_rows: int | None = None) -> str:
         self.rows.set(None, num_rows)
+        for layer in self.modules.values():     # the factored path stays valid (CUDA graphs)
+            layer.set_slots(alpha[min(layer.layer, self.num_layers - 1)][None])
         if torch.equal(alpha, self.alpha(None)):
             for name, layer in self.modules.items():
-                dense = self._dense.get(name)
+                dense = self._dense.get(name)   # keep_dense=False: base through the factors
                 layer.merged = None if dense is None else dense.weight.detach()
-                if dense is None:                   # keep_dense=False: base through the factors
-                    layer.set_slots(alpha[min(layer.layer, self.num_layers - 1)][None])
             self.stats["base_sets"] += 1
             return "base"
         weights = self._merge_cache.pop(key, None)

@@ -118,3 +118,25 @@ def test_memory_report_counts_every_role(svd_cache):
     # the decomposition shares the layers' factors: one copy of U and Vh
     f = h.decomposition.factors[name]
     assert f.U.data_ptr() == h.modules[name].U.data_ptr()
+
+
+@pytest.mark.parametrize("single", ["a", None], ids=["merged", "base"])
+def test_captured_step_takes_the_factored_path(monkeypatch, svd_cache, single):
+    """With ``hybrid``, a single-mixture batch runs dense weights in eager calls; a CUDA graph
+    must capture the factored path instead (here capture is simulated), since it follows later
+    mixtures, per-row ones included. Dense weights poisoned during the "capture" show the
+    factored path is taken and set for the single mixture."""
+    from t2fast import layers
+    model, h = _patched(svd_cache)
+    ids = _ids(3)
+    with torch.no_grad():
+        assert h.set_mixture(single) == ("merged" if single else "base")
+        eager = model(ids).logits
+        monkeypatch.setattr(layers, "capturing", lambda: True)
+        for layer in h.modules.values():
+            layer.merged = torch.full_like(layer.merged, float("nan"))
+        torch.testing.assert_close(model(ids).logits, eager, rtol=1e-4, atol=1e-4)
+        h.set_mixture(["b", single, "a"])
+        captured = model(ids).logits
+        monkeypatch.setattr(layers, "capturing", lambda: False)
+        torch.testing.assert_close(captured, model(ids).logits, rtol=0, atol=0)
