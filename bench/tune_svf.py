@@ -3,6 +3,7 @@
     python bench/tune_svf.py                          # tune Llama-3-8B and Qwen2.5-7B shapes
     python bench/tune_svf.py --quick                  # fewer candidates (a few minutes)
     python bench/tune_svf.py --untuned --arch sm90    # the heuristic's plans, no GPU needed
+    python bench/tune_svf.py --update --model llama3-8b --buckets 16 64 4096   # some entries
 
 For every distinct projection shape of the chosen models and every token bucket, the shrink and
 the expand are timed separately over a small grid of tiles (each candidate's reduction split
@@ -92,7 +93,7 @@ def tune_shape(m: int, n: int, T: int, dtype, num_sms: int, quick: bool, log) ->
     torch_us = time_us([lambda p=p: B.torch_composition(p) for p in copies])
     backend = "triton" if triton_us <= torch_us else "torch"
     log(f"{m}x{n} T<={T}: triton {triton_us:.1f} us, torch {torch_us:.1f} us -> {backend}")
-    return TableEntry(T, m, n, replace(plan, backend=backend))
+    return TableEntry(T, m, n, replace(plan, backend=backend), tuned=True)
 
 
 def main(argv=None) -> Path:
@@ -106,6 +107,9 @@ def main(argv=None) -> Path:
                     help="write the heuristic's plans without measuring (no GPU needed)")
     ap.add_argument("--arch", default=None, help="table name, e.g. sm90 (default: this GPU's)")
     ap.add_argument("--num-sms", type=int, default=None, help="SM count (default: this GPU's)")
+    ap.add_argument("--update", action="store_true",
+                    help="replace only the tuned entries of the existing table (--out or the "
+                         "shipped one); the others keep their plans")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     bad = [b for b in args.buckets if b not in configs.T_BUCKETS]
@@ -118,25 +122,37 @@ def main(argv=None) -> Path:
     shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes
               else shapes_of(args.model))
     dtype = torch.bfloat16
-    entries = []
+    out = args.out or configs.CONFIG_DIR / f"{arch}.json"
+    kept = {}
+    if args.update and out.exists():
+        kept = {(e.m, e.n, e.t): e for e in configs.parse_table(json.loads(out.read_text()),
+                                                                  str(out))}
     for (m, n), T in itertools.product(shapes, args.buckets):
         if args.untuned:
             plan = configs.heuristic_plan(T, m, n, min(m, n), dtype, sms)
-            entries.append(TableEntry(T, m, n, replace(plan, source="given")))
+            kept[(m, n, T)] = TableEntry(T, m, n, replace(plan, source="given"))
         else:
-            entries.append(tune_shape(m, n, T, dtype, sms, args.quick, print))
-    meta = dict(tuned=not args.untuned,
-                device=torch.cuda.get_device_name() if CUDA and not args.untuned else None,
+            kept[(m, n, T)] = tune_shape(m, n, T, dtype, sms, args.quick, print)
+            write_table(out, list(kept.values()), arch, sms)     # a cut-off run keeps its work
+    write_table(out, list(kept.values()), arch, sms)
+    print(f"wrote {len(kept)} entries to {out}")
+    return out
+
+
+def write_table(out: Path, entries: list[TableEntry], arch: str, sms: int) -> None:
+    """Write ``entries`` with the run's provenance; check that the file reads back."""
+    tuned = sum(e.tuned for e in entries)
+    meta = dict(tuned=tuned == len(entries),
+                device=torch.cuda.get_device_name() if CUDA and tuned else None,
                 num_sms=sms, date=dt.date.today().isoformat(), torch=torch.__version__,
                 triton=triton.__version__, dtype="bfloat16",
-                note=("heuristic plans (configs.heuristic_plan), not measured: re-tune on the GPU "
-                      "with bench/tune_svf.py" if args.untuned else
-                      "tuned by bench/tune_svf.py (L2-cold weights, CUDA graphs)"))
-    out = args.out or configs.CONFIG_DIR / f"{arch}.json"
+                note=(f"{tuned} of {len(entries)} entries tuned by bench/tune_svf.py (L2-cold "
+                      "weights, CUDA graphs); the others are heuristic plans "
+                      "(configs.heuristic_plan), not measured" if tuned else
+                      "heuristic plans (configs.heuristic_plan), not measured: re-tune on the "
+                      "GPU with bench/tune_svf.py"))
     out.write_text(json.dumps(configs.table_to_json(entries, arch, meta), indent=1) + "\n")
     configs.parse_table(json.loads(out.read_text()), str(out))     # what we wrote reads back
-    print(f"wrote {len(entries)} entries to {out}")
-    return out
 
 
 if __name__ == "__main__":

@@ -203,6 +203,7 @@ class TableEntry:
     m: int
     n: int
     plan: SVFPlan
+    tuned: bool = False      # measured on the table's GPU (else the heuristic's plan)
 
 
 def parse_table(data: dict, where: str) -> list[TableEntry]:
@@ -227,14 +228,17 @@ def parse_table(data: dict, where: str) -> list[TableEntry]:
         plan = SVFPlan(TileConfig.from_dict(e["shrink"], f"{at}.shrink"),
                        TileConfig.from_dict(e["expand"], f"{at}.expand"),
                        backend=e["backend"], source=f"table:{Path(where).name}")
-        out.append(TableEntry(int(e["t"]), int(e["m"]), int(e["n"]), plan))
+        tuned = e.get("tuned", data.get("tuned", False))
+        if not isinstance(tuned, bool):
+            raise ValueError(f"{at}: tuned must be true or false, got {tuned!r}")
+        out.append(TableEntry(int(e["t"]), int(e["m"]), int(e["n"]), plan, tuned))
     return out
 
 
 def table_to_json(entries: list[TableEntry], arch: str, meta: dict) -> dict:
     """The JSON form of a table (inverse of :func:`parse_table`)."""
-    rows = [dict(t=e.t, m=e.m, n=e.n, backend=e.plan.backend, shrink=asdict(e.plan.shrink),
-                 expand=asdict(e.plan.expand))
+    rows = [dict(t=e.t, m=e.m, n=e.n, tuned=e.tuned, backend=e.plan.backend,
+                 shrink=asdict(e.plan.shrink), expand=asdict(e.plan.expand))
             for e in sorted(entries, key=lambda e: (e.m, e.n, e.t))]
     return dict(format=TABLE_FORMAT, arch=arch, **meta, entries=rows)
 

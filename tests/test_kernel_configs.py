@@ -137,24 +137,32 @@ def test_parse_table_names_what_is_wrong(tmp_path):
             configs.parse_table(data, "t.json")
 
 
-def test_tuner_writes_a_table_the_loader_reads(tmp_path):
-    """The tuner's dry run (interpreter timing, one tiny shape) writes a valid table.
-
-    The dry run is a CPU run on every machine: a visible GPU is hidden from it (Triton's
-    interpreter does not time CUDA graphs).
-    """
-    out = tmp_path / "cpu.json"
+def _tuner(*argv):
+    """Run bench/tune_svf.py as a CPU dry run on every machine: a visible GPU is hidden from it
+    (Triton's interpreter does not time CUDA graphs)."""
     res = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "tune_svf.py"), "--shapes", "40x48",
-         "--buckets", "16", "--quick", "--num-sms", "2", "--out", str(out)],
+        [sys.executable, str(ROOT / "bench" / "tune_svf.py"), "--num-sms", "2", *argv],
         capture_output=True, text=True, timeout=600,
         env={**__import__("os").environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_tuner_updates_a_table_the_loader_reads(tmp_path):
+    """The tuner's dry run (interpreter timing, tiny shapes) re-tunes one entry of a heuristic
+    table in place (``--update``): the other entry keeps its plan, each says whether it was
+    tuned, and the table as a whole is not marked tuned."""
+    out = tmp_path / "cpu.json"
+    _tuner("--untuned", "--shapes", "40x48", "64x48", "--buckets", "16", "--out", str(out))
+    before = {(e.m, e.n): e for e in configs.parse_table(json.loads(out.read_text()), str(out))}
+    assert not any(e.tuned for e in before.values())
+    _tuner("--update", "--shapes", "40x48", "--buckets", "16", "--quick", "--out", str(out))
     data = json.loads(out.read_text())
-    entries = configs.parse_table(data, str(out))
-    assert data["tuned"] is True and len(entries) == 1
-    assert (entries[0].m, entries[0].n, entries[0].t) == (40, 48, 16)
-    assert entries[0].plan.backend in ("triton", "torch")
+    after = {(e.m, e.n): e for e in configs.parse_table(data, str(out))}
+    assert set(after) == {(40, 48), (64, 48)} and all(e.t == 16 for e in after.values())
+    assert after[(40, 48)].tuned and not after[(64, 48)].tuned
+    assert after[(64, 48)].plan == before[(64, 48)].plan
+    assert after[(40, 48)].plan.backend in ("triton", "torch")
+    assert data["tuned"] is False and "1 of 2 entries tuned" in data["note"]
 
 
 class _RecordLaunch:
