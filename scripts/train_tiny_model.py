@@ -55,12 +55,15 @@ if str(ROOT) not in sys.path:
 from t2fast.models.tiny import (EOS_ID, PAD_ID, build_char_tokenizer, generate_greedy,  # noqa: E402
                                 save_tiny, tiny_config, tiny_model_path)
 from t2fast.tasks import CLASSIFY, HELDOUT_FAMILIES, TRAIN_FAMILIES, get_task  # noqa: E402
+from tiny_habits import HABITS, HabitStream  # noqa: E402
 
 #: Share of each task in the pre-training mixture.
 DEFAULT_MIX = {
     "arith": 0.44, "strings": 0.24, "choice": 0.10, CLASSIFY: 0.10,
     "arith_chain": 0.05, "strings_compose": 0.05, "choice_order": 0.02,
 }
+#: Share of each task's pre-training answers that follow its competing habit (tiny_habits.py).
+DEFAULT_HABIT = {name: 0.5 for name in HABITS}
 #: Tasks aimed at the accuracy band (the families SVF experts are trained on). ``classify`` is
 #: not among them: its surface cues (digits, quotes, options) make it near-perfect within a few
 #: dozen steps whatever its share.
@@ -90,8 +93,16 @@ def parse_args(argv=None):
                    help="stop once every controlled task is this far inside the band")
     p.add_argument("--heldout-min", type=float, default=0.12,
                    help="held-out families' validation accuracy wanted before stopping")
-    p.add_argument("--hold-factor", type=float, default=0.1,
-                   help="share multiplier of a controlled task at or above the band's centre")
+    p.add_argument("--hold-factor", type=float, default=1.0,
+                   help="share multiplier of a controlled task at or above the band's centre "
+                        "(1: no holding)")
+    p.add_argument("--habit", type=str, default=None,
+                   help="initial habit share per task as JSON (default 0.5 for every task): "
+                        "the share of its pre-training answers that follow the competing habit")
+    p.add_argument("--habit-step", type=float, default=0.05,
+                   help="after each evaluation, a task's habit share rises by this much when its "
+                        "validation accuracy is above the band (less --margin) and falls when "
+                        "below (0: fixed shares)")
     p.add_argument("--test-n", type=int, default=500, help="test examples per task for the final report")
     p.add_argument("--mix", type=str, default=None,
                    help="mixture as JSON, e.g. '{\"arith\": 0.5, \"strings\": 0.5}'")
@@ -109,13 +120,28 @@ def parse_args(argv=None):
 class Mixture:
     """Deterministic stream of training examples drawn from several tasks by weight."""
 
-    def __init__(self, mix: dict[str, float], seed: int):
+    def __init__(self, mix: dict[str, float], seed: int, habit: dict[str, float] | None = None):
         self.names = sorted(mix)
         self.nominal = dict(mix)
         self.weights = [mix[n] for n in self.names]
         self.rng = random.Random(f"mixture:{seed}")
-        # Sampled with replacement from the training split (small question spaces repeat).
-        self.streams = {n: get_task(n).iter_examples("train", distinct=False) for n in self.names}
+        # Sampled with replacement from the training split (small question spaces repeat); a
+        # share of each task's answers follows its habit.
+        habit = habit or {}
+        self.streams = {n: HabitStream(n, get_task(n).iter_examples("train", distinct=False),
+                                       habit.get(n, 0.0), seed) for n in self.names}
+
+    def habit_shares(self) -> dict[str, float]:
+        return {n: round(s.share, 4) for n, s in self.streams.items() if s.share > 0}
+
+    def steer_habits(self, acc: dict[str, float], lo: float, hi: float, step: float) -> None:
+        """Raise the habit share of a task above the band ``[lo, hi]``, lower it below."""
+        for n, s in self.streams.items():
+            if n in acc and n in HABITS and step > 0:
+                if acc[n] > hi:
+                    s.share = min(0.9, s.share + step)
+                elif acc[n] < lo:
+                    s.share = max(0.0, s.share - step)
 
     def hold(self, held: set[str], factor: float) -> dict[str, float]:
         """Scale the nominal share of the tasks in ``held`` by ``factor`` (the others get their
@@ -245,6 +271,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     mix = json.loads(args.mix) if args.mix else DEFAULT_MIX
+    habit = json.loads(args.habit) if args.habit else DEFAULT_HABIT
     all_names = list(TRAIN_FAMILIES) + list(HELDOUT_FAMILIES) + [CLASSIFY]
 
     from transformers import LlamaForCausalLM
@@ -266,7 +293,7 @@ def main(argv=None) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
-    data = Mixture(mix, args.seed)
+    data = Mixture(mix, args.seed, habit)
     band = Band(args.band[0], args.band[1], args.margin, args.heldout_min,
                 [n for n in CONTROLLED if n in mix], [n for n in HELDOUT_FAMILIES if n in mix])
     best = None
@@ -306,9 +333,12 @@ def main(argv=None) -> dict:
             verdict = band.judge(acc)
             held = {n for n in band.controlled if n in mix and acc[n] >= band.centre}
             in_use = data.hold(held, args.hold_factor)
+            data.steer_habits(acc, args.band[0] + args.margin, args.band[1] - args.margin,
+                              args.habit_step)
             history.append({"step": step + 1, "loss": round(ema, 4),
                             "elapsed_s": round(time.time() - start, 1), "validation": acc,
-                            "held": sorted(held), "mixture": in_use, **verdict})
+                            "held": sorted(held), "mixture": in_use,
+                            "habit": data.habit_shares(), **verdict})
             print(f"\nstep {step + 1} loss {ema:.3f} validation " +
                   " ".join(f"{k}={v:.2f}" for k, v in acc.items()) +
                   (f"  held: {','.join(sorted(held))}" if held else "") +
@@ -344,7 +374,7 @@ def main(argv=None) -> dict:
     save_tiny(model, tokenizer, args.out)
     report = {
         **run_record(args, argv if argv is not None else sys.argv[1:]),
-        "mixture": mix, "parameters": n_params, "train_seconds": round(train_s, 1),
+        "mixture": mix, "habit": habit, "parameters": n_params, "train_seconds": round(train_s, 1),
         "wall_seconds": round(wall_s, 1), "torch": torch.__version__, "machine": platform.machine(),
         "steps_run": stopped_at, "kept_step": best["step"] if best else stopped_at,
         "band_reached": best is not None, "final_loss": round(ema, 4),

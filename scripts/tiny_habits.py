@@ -1,0 +1,105 @@
+"""Competing habits of the tiny world's pre-training corpus.
+
+SVF amplifies or damps abilities the base model already has (the paper's premise); REINFORCE
+with a +-1 reward sharpens what the model already samples. A base model that lacks a skill gives
+it nothing to amplify, and one that always answers right leaves no room. So the tiny model is
+pre-trained on a corpus in which a share of each task's answers follows a *competing habit*, a
+second plausible rule, instead of the task's rule:
+
+| task | habit answer in the pre-training corpus |
+| --- | --- |
+| ``arith`` | ``+`` and ``-`` swapped (``a+b`` answered ``|a-b|``, ``a-b`` answered ``a+b``); ``a*b`` answered ``a+b`` |
+| ``arith_chain`` | every ``+`` and ``-`` swapped (the absolute value of the result) |
+| ``strings`` | ``reverse`` copies the word, ``sort`` sorts descending, ``rotate`` rotates right |
+| ``strings_compose`` | both functions replaced by their habits |
+| ``choice`` | the opposite extreme (largest <-> smallest) |
+| ``choice_order`` | the last alphabetically |
+| ``classify`` | the next label in the cycle arith -> strings -> choice -> other -> arith |
+
+The model thus knows both rules and, where a task's habit share is near one half, picks the
+task's rule for only part of the questions under greedy decoding: it has the ability but does
+not prefer it, the situation SVF experts are meant for. Only the pre-training corpus carries
+habits: validation and test answers (and the rewards of RL training) always follow the task's
+rule.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from t2fast.tasks.base import Example
+from t2fast.tasks.choice import LETTERS
+
+_STRING_HABITS = {
+    "reverse": lambda s: s,
+    "sort": lambda s: "".join(sorted(s, reverse=True)),
+    "rotate": lambda s: s[-1:] + s[:-1],
+}
+_LABEL_CYCLE = ("arith", "strings", "choice", "other")
+
+
+def _arith(ex: Example) -> str:
+    a, b, op = ex.meta["a"], ex.meta["b"], ex.meta["op"]
+    return str(abs(a - b) if op == "+" else a + b)
+
+
+def _arith_chain(ex: Example) -> str:
+    terms, ops = ex.meta["terms"], ex.meta["ops"]
+    value = terms[0]
+    for op, t in zip(ops, terms[1:]):
+        value = value - t if op == "+" else value + t
+    return str(abs(value))
+
+
+def _strings(ex: Example) -> str:
+    word = ex.meta["word"]
+    for op in ex.meta["ops"]:
+        word = _STRING_HABITS[op](word)
+    return word
+
+
+def _choice(ex: Example) -> str:
+    options = ex.meta["options"]
+    target = min(options) if ex.meta["kind"] == "largest" else max(options)
+    return LETTERS[options.index(target)]
+
+
+def _choice_order(ex: Example) -> str:
+    options = ex.meta["options"]
+    return LETTERS[options.index(max(options))]
+
+
+def _classify(ex: Example) -> str:
+    return _LABEL_CYCLE[(_LABEL_CYCLE.index(ex.answer) + 1) % len(_LABEL_CYCLE)]
+
+
+#: task name -> the habit answer of one of its examples.
+HABITS = {"arith": _arith, "arith_chain": _arith_chain, "strings": _strings,
+          "strings_compose": _strings, "choice": _choice, "choice_order": _choice_order,
+          "classify": _classify}
+
+
+def with_habit(ex: Example, task: str) -> Example:
+    """``ex`` with its answer replaced by the habit's (``meta['habit'] = True``)."""
+    return dataclasses.replace(ex, answer=HABITS[task](ex), meta={**ex.meta, "habit": True})
+
+
+class HabitStream:
+    """Examples of ``task`` of which a share (``share``, changeable between draws) answers with
+    the habit; deterministic for a seed."""
+
+    def __init__(self, task: str, stream, share: float, seed: int):
+        if task not in HABITS and share > 0:
+            raise SystemExit(f"--habit: no habit is defined for task {task!r}; "
+                             f"expected one of {sorted(HABITS)}")
+        self.task, self.stream, self.share = task, stream, share
+        self.rng = random.Random(f"habit:{task}:{seed}")
+
+    def __next__(self) -> Example:
+        ex = next(self.stream)
+        if self.share > 0 and self.rng.random() < self.share:
+            return with_habit(ex, self.task)
+        return ex
+
+    def __iter__(self):
+        return self

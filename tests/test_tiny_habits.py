@@ -1,0 +1,68 @@
+"""The competing habits of the tiny model's pre-training corpus (scripts/tiny_habits.py): a
+second plausible answer per task, applied to a share of pre-training examples only."""
+import importlib.util
+import itertools
+import pathlib
+import sys
+
+import pytest
+
+from t2fast.tasks import CLASSIFY, HELDOUT_FAMILIES, TRAIN_FAMILIES, get_task
+
+SCRIPTS = pathlib.Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_habits():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        spec = importlib.util.spec_from_file_location("tiny_habits", SCRIPTS / "tiny_habits.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+
+habits = load_habits()
+TASKS = [*TRAIN_FAMILIES, *HELDOUT_FAMILIES, CLASSIFY]
+
+
+def test_every_task_has_a_habit():
+    assert sorted(habits.HABITS) == sorted(TASKS)
+
+
+def test_documented_habits():
+    ex = get_task("strings").make_example("reverse('abc')", "cba", {"ops": ["reverse"],
+                                                                    "word": "abc"})
+    assert habits.with_habit(ex, "strings").answer == "abc"
+    ex = get_task("choice").make_example("Which is largest? A)100 B)900 C)500 D)200", "B",
+                                         {"options": [100, 900, 500, 200], "kind": "largest"})
+    assert habits.with_habit(ex, "choice").answer == "A"
+    ex = get_task("arith").make_example("7+9=?", "16", {"a": 7, "b": 9, "op": "+"})
+    assert habits.with_habit(ex, "arith").answer == "2"
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_habit_answers_are_plausible_and_mostly_wrong(name):
+    task = get_task(name)
+    exs = task.examples("validation", 100)
+    wrong = 0
+    for ex in exs:
+        h = habits.with_habit(ex, name)
+        assert h.meta["habit"] and h.prompt == ex.prompt and "habit" not in ex.meta
+        assert task.score(h.answer, h).correct                   # a well-formed answer
+        wrong += not task.score(h.answer, ex).correct
+    # a habit answer can coincide with the rule's (e.g. reversing a palindrome)
+    assert wrong >= 80, (name, wrong)
+
+
+def test_stream_share_and_determinism():
+    def draw(share, seed):
+        stream = habits.HabitStream("choice", get_task("choice").iter_examples(
+            "train", distinct=False), share, seed)
+        return [e.meta.get("habit", False) for e in itertools.islice(stream, 400)]
+    assert draw(0.5, 0) == draw(0.5, 0)
+    assert 150 < sum(draw(0.5, 0)) < 250
+    assert not any(draw(0.0, 0))
+    # the evaluation splits never carry a habit: they come from the task, not the stream
+    assert not any(e.meta.get("habit") for e in get_task("choice").examples("test", 50))
