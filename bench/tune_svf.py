@@ -108,8 +108,8 @@ def main(argv=None) -> Path:
     ap.add_argument("--arch", default=None, help="table name, e.g. sm90 (default: this GPU's)")
     ap.add_argument("--num-sms", type=int, default=None, help="SM count (default: this GPU's)")
     ap.add_argument("--update", action="store_true",
-                    help="replace only the tuned entries of the existing table (--out or the "
-                         "shipped one); the others keep their plans")
+                    help="change only the chosen entries of the existing table (--out or the "
+                         "shipped one); with --untuned, its tuned entries are kept too")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     bad = [b for b in args.buckets if b not in configs.T_BUCKETS]
@@ -123,29 +123,36 @@ def main(argv=None) -> Path:
               else shapes_of(args.model))
     dtype = torch.bfloat16
     out = args.out or configs.CONFIG_DIR / f"{arch}.json"
-    kept = {}
+    kept, found = {}, {}
     if args.update and out.exists():
-        kept = {(e.m, e.n, e.t): e for e in configs.parse_table(json.loads(out.read_text()),
-                                                                  str(out))}
+        found = json.loads(out.read_text())
+        kept = {(e.m, e.n, e.t): e for e in configs.parse_table(found, str(out))}
+    # provenance of the measured entries: this GPU's when this run tunes, else the table's
+    where = ({k: found.get(k) for k in ("device", "date", "torch", "triton")} if args.untuned
+             else dict(device=torch.cuda.get_device_name() if CUDA else None,
+                       date=dt.date.today().isoformat(), torch=torch.__version__,
+                       triton=triton.__version__))
     for (m, n), T in itertools.product(shapes, args.buckets):
         if args.untuned:
-            plan = configs.heuristic_plan(T, m, n, min(m, n), dtype, sms)
-            kept[(m, n, T)] = TableEntry(T, m, n, replace(plan, source="given"))
+            if not (kept.get((m, n, T)) and kept[(m, n, T)].tuned):
+                plan = configs.heuristic_plan(T, m, n, min(m, n), dtype, sms)
+                kept[(m, n, T)] = TableEntry(T, m, n, replace(plan, source="given"))
         else:
             kept[(m, n, T)] = tune_shape(m, n, T, dtype, sms, args.quick, print)
-            write_table(out, list(kept.values()), arch, sms)     # a cut-off run keeps its work
-    write_table(out, list(kept.values()), arch, sms)
+            write_table(out, list(kept.values()), arch, sms, where)  # a cut-off run keeps its work
+    write_table(out, list(kept.values()), arch, sms, where)
     print(f"wrote {len(kept)} entries to {out}")
     return out
 
 
-def write_table(out: Path, entries: list[TableEntry], arch: str, sms: int) -> None:
-    """Write ``entries`` with the run's provenance; check that the file reads back."""
+def write_table(out: Path, entries: list[TableEntry], arch: str, sms: int, where: dict) -> None:
+    """Write ``entries`` with the provenance ``where`` of their measurements (device, date,
+    torch, triton); check that the file reads back."""
     tuned = sum(e.tuned for e in entries)
-    meta = dict(tuned=tuned == len(entries),
-                device=torch.cuda.get_device_name() if CUDA and tuned else None,
-                num_sms=sms, date=dt.date.today().isoformat(), torch=torch.__version__,
-                triton=triton.__version__, dtype="bfloat16",
+    meta = dict(tuned=tuned == len(entries), **(where if tuned else dict(
+                    device=None, date=dt.date.today().isoformat(), torch=torch.__version__,
+                    triton=triton.__version__)),
+                num_sms=sms, dtype="bfloat16",
                 note=(f"{tuned} of {len(entries)} entries tuned by bench/tune_svf.py (L2-cold "
                       "weights, CUDA graphs); the others are heuristic plans "
                       "(configs.heuristic_plan), not measured" if tuned else

@@ -182,8 +182,15 @@ def fill_gpu(cfg: TileConfig, M: int, N: int, K: int, num_sms: int) -> TileConfi
     return cfg
 
 
+# Largest token bucket whose heuristic plan runs the Triton kernels under ``backend="auto"``. On an
+# H100 the kernels beat the torch composition at every Llama-3-8B shape in bucket 16 and lost to
+# it at 64 tokens (3 of 4 shapes) and 4096 (all), by the tuner (bench/results/, bench/NOTES.md).
+HEURISTIC_TRITON_MAX_T = 16
+
+
 def heuristic_plan(T: int, m: int, n: int, r: int, dtype: torch.dtype, num_sms: int) -> SVFPlan:
-    """The plan used where no table entry exists (see the module docstring)."""
+    """The plan used where no table entry exists (see the module docstring); its backend is the
+    Triton kernels up to :data:`HEURISTIC_TRITON_MAX_T` tokens, the torch composition beyond."""
     Tb = _pow2_at_least(T)
     shrink = gemm_tile(Tb, dtype)
     expand = gemm_tile(Tb, dtype)
@@ -192,6 +199,7 @@ def heuristic_plan(T: int, m: int, n: int, r: int, dtype: torch.dtype, num_sms: 
         # shorter k-blocks at 32 tokens, where 32x128 fp32 tiles spill on sm_90)
         expand = replace(expand, block_n=32, block_k=64 if Tb == 32 else 128)
     return SVFPlan(fill_gpu(shrink, Tb, r, n, num_sms), fill_gpu(expand, Tb, m, r, num_sms),
+                   backend="triton" if Tb <= HEURISTIC_TRITON_MAX_T else "torch",
                    source="heuristic")
 
 
