@@ -37,7 +37,8 @@ PROBE_RTOL_MIN = 1e-4           # the check's tolerance: max(this, 10 × the err
 
 @dataclass
 class SVDFactors:
-    """Thin SVD of one weight: U [m, r], S [r], Vh [r, n], all float32 on one device."""
+    """Thin SVD of one weight: U [m, r], S [r], Vh [r, n] on one device; S is float32, U and Vh
+    float32 or (``like_weights``, as :func:`t2fast.patch_model` keeps them) the weight's dtype."""
     U: torch.Tensor
     S: torch.Tensor
     Vh: torch.Tensor
@@ -53,7 +54,7 @@ class SVDFactors:
     def reconstruct(self, z: torch.Tensor | None = None) -> torch.Tensor:
         """``U diag(S ⊙ z) Vh`` in float32 (z = 1 when omitted)."""
         s = self.S if z is None else self.S * z.to(self.S)
-        return (self.U * s) @ self.Vh
+        return (self.U.float() * s) @ self.Vh.float()
 
     def to(self, device=None) -> "SVDFactors":
         return SVDFactors(self.U.to(device), self.S.to(device), self.Vh.to(device))
@@ -204,9 +205,15 @@ class Decomposition:
 
 
 def decompose_weights(weights: dict[str, torch.Tensor], cache_dir=None, progress: bool = True,
-                      ) -> Decomposition:
+                      like_weights: bool = False) -> Decomposition:
     """SVD of each weight [out, in] (keyed by its target name); ``cache_dir=False`` disables
-    the disk cache."""
+    the disk cache.
+
+    With ``like_weights``, U and Vh are cast to each weight's dtype as soon as it is decomposed
+    (S stays float32; errors are measured before the cast), so the float32 factors of all the
+    matrices never exist at once: a bf16 model's factors then peak at about its own size plus
+    one matrix's float32 factors, not 2.8x it.
+    """
     cache = None if cache_dir is False else SVDCache(cache_dir)
     factors, errors, hits = {}, {}, 0
     # disable=None: a bar on a terminal only, never escape codes in logs and pipes
@@ -216,15 +223,18 @@ def decompose_weights(weights: dict[str, torch.Tensor], cache_dir=None, progress
             f, hit = decompose_weight(w, name), False
         else:
             f, hit = cache.get_or_compute(w, name)
-        factors[name] = f
         errors[name] = relative_error(w, f)
+        if like_weights and w.dtype != f.U.dtype:
+            f = SVDFactors(f.U.to(w.dtype), f.S, f.Vh.to(w.dtype))
+        factors[name] = f
         hits += int(hit)
     return Decomposition(factors, errors, hits)
 
 
 def decompose_model(model: nn.Module, targets="all", layers=None, cache_dir=None,
-                    progress: bool = True) -> Decomposition:
-    """Decompose the target matrices of ``model`` (see :func:`t2fast.targets.resolve_targets`)."""
+                    progress: bool = True, like_weights: bool = False) -> Decomposition:
+    """Decompose the target matrices of ``model`` (see :func:`t2fast.targets.resolve_targets`;
+    ``like_weights`` as in :func:`decompose_weights`)."""
     names = resolve_targets(model, targets, layers)
     return decompose_weights(target_weights(model, names), cache_dir=cache_dir,
-                             progress=progress)
+                             progress=progress, like_weights=like_weights)

@@ -386,7 +386,8 @@ def patch_model(model: nn.Module, experts=(), targets=None, layers=None, *,
         raise ValueError("model is already patched; restore() the existing handle first")
     config = SVFConfig.build(config, mixture_bounds, targets=targets, layers=layers, **settings)
     decomposition = decompose_model(model, config.targets, config.layers,
-                                    cache_dir=config.svd_cache_dir(), progress=progress)
+                                    cache_dir=config.svd_cache_dir(), progress=progress,
+                                    like_weights=True)
     loaded = _load_experts(experts, decomposition.factors, Fingerprint.of(decomposition.factors),
                            config.allow_other_model)
     handle = SVFHandle(model, decomposition, config)

@@ -1,0 +1,20 @@
+"""Decomposition of weights: factors in the weights' dtype when asked."""
+import torch
+
+
+def test_factors_like_weights_are_cast_as_they_are_made():
+    """``like_weights``: U and Vh in each weight's dtype (no float32 copy of every matrix at
+    once), S float32, errors as measured in float32, and reconstruct still works."""
+    from t2fast.decompose import decompose_weights
+    g = torch.Generator().manual_seed(0)
+    weights = {"a": torch.randn(24, 16, generator=g).bfloat16(),
+               "b": torch.randn(8, 20, generator=g)}
+    plain = decompose_weights(weights, cache_dir=False, progress=False)
+    cast = decompose_weights(weights, cache_dir=False, progress=False, like_weights=True)
+    assert cast.errors == plain.errors
+    for name, w in weights.items():
+        f = cast.factors[name]
+        assert (f.U.dtype, f.Vh.dtype, f.S.dtype) == (w.dtype, w.dtype, torch.float32)
+        assert torch.equal(f.U, plain.factors[name].U.to(w.dtype))
+        rel = (f.reconstruct() - w.float()).norm() / w.float().norm()
+        assert f.reconstruct().dtype == torch.float32 and rel < 2e-2
