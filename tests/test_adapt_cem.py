@@ -153,3 +153,23 @@ def test_fewshot_cem_end_to_end(patched):
     assert res.alpha.shape == (handle.num_layers, 3)
     with pytest.raises(ValueError, match="at least one example"):
         FewShotScorer(handle, tok, task, [])
+
+
+def test_members_are_scaled_into_the_mixture_bounds():
+    """With many experts the default clamp (-1, 2) allows Σ|α| = 2K; every member scored and the
+    result stay within the bounds the handle enforces (|α_k| ≤ 4, Σ|α_k| ≤ 8 by default)."""
+    from t2fast.mixtures import DEFAULT_BOUNDS
+    seen = []
+
+    def score(pop):
+        seen.append(pop.clone())
+        return pop.sum(-1), None                    # pushes every weight up to the clamp
+
+    res = cem_search(score, (6,), CEMConfig(population=8, iterations=4, init_mean=2.0),
+                     bounds=DEFAULT_BOUNDS)
+    pops = torch.cat(seen + [res.alpha[None]])
+    assert pops.abs().max() <= DEFAULT_BOUNDS.max_abs
+    assert pops.abs().sum(-1).max() <= DEFAULT_BOUNDS.max_l1 + 1e-5
+    assert pops.abs().sum(-1).max() > DEFAULT_BOUNDS.max_l1 - 1e-3    # scaled, not zeroed
+    unbounded = cem_search(score, (6,), CEMConfig(population=8, iterations=4, init_mean=2.0))
+    assert unbounded.alpha.abs().sum() > DEFAULT_BOUNDS.max_l1        # the case being guarded

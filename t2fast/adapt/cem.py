@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..generation import generate
+from ..mixtures import MixtureBounds
 from ..train.config import ConfigError, known_fields
 from ..train.objectives import token_logprobs
 from ..train.rollout import completion_logits, max_new_tokens_for, teacher_batch
@@ -115,8 +116,11 @@ class CEMResult:
                 "history": self.history}
 
 
-def transform(samples: torch.Tensor, clamp=None, normalize: bool = False) -> torch.Tensor:
-    """Clamp, then (optionally) normalize over the last dim (experts)."""
+def transform(samples: torch.Tensor, clamp=None, normalize: bool = False,
+              bounds: MixtureBounds | None = None) -> torch.Tensor:
+    """Clamp, then (optionally) normalize over the last dim (experts), then scale into
+    ``bounds`` (``|α_k| ≤ max_abs``, then ``Σ_k |α_k| ≤ max_l1`` by shrinking the whole
+    row), so that every member is a mixture the handle accepts."""
     x = samples
     if clamp is not None:
         x = x.clamp(clamp[0], clamp[1])
@@ -125,13 +129,18 @@ def transform(samples: torch.Tensor, clamp=None, normalize: bool = False) -> tor
         a = x.abs().sum(-1, keepdim=True).clamp(min=1e-8)
         s = torch.where(s.abs() < 1e-6, a, s)
         x = x / s
+    if bounds is not None:
+        x = x.clamp(-bounds.max_abs, bounds.max_abs)
+        l1 = x.abs().sum(-1, keepdim=True).clamp(min=1e-12)
+        x = x * (bounds.max_l1 / l1).clamp(max=1.0)
     return x
 
 
 def cem_search(score_fn: Callable[[torch.Tensor], tuple], shape: Sequence[int],
-               config: CEMConfig | None = None, callback: Callable[[dict], None] | None = None
-               ) -> CEMResult:
-    """Maximise ``score_fn`` over α of ``shape`` with CEM.
+               config: CEMConfig | None = None, callback: Callable[[dict], None] | None = None,
+               bounds: MixtureBounds | None = None) -> CEMResult:
+    """Maximise ``score_fn`` over α of ``shape`` with CEM; every member is scaled into
+    ``bounds`` (see :func:`transform`).
 
     ``score_fn(alphas [P, *shape]) -> (accuracy [P], tiebreak [P])`` (tiebreak may be None);
     members are ranked by accuracy, then by tiebreak.
@@ -158,7 +167,7 @@ def cem_search(score_fn: Callable[[torch.Tensor], tuple], shape: Sequence[int],
         raw = mean + std * noise
         if cfg.include_mean:
             raw[0] = mean
-        pop = transform(raw, cfg.clamp, cfg.normalize)
+        pop = transform(raw, cfg.clamp, cfg.normalize, bounds)
         acc, tie = score_fn(pop)
         acc = torch.as_tensor(acc, dtype=torch.float64).reshape(-1)
         tie = (torch.zeros_like(acc) if tie is None else
@@ -177,7 +186,7 @@ def cem_search(score_fn: Callable[[torch.Tensor], tuple], shape: Sequence[int],
             since += 1
         elites = raw[order[:cfg.num_elites]]
         # refit on the transformed elites so the mean lives where members are evaluated
-        elites_t = transform(elites, cfg.clamp, cfg.normalize)
+        elites_t = transform(elites, cfg.clamp, cfg.normalize, bounds)
         mean = elites_t.mean(0)
         std = (elites_t.std(0, unbiased=False) if elites.shape[0] > 1
                else torch.zeros_like(mean)).clamp(min=cfg.min_std)
@@ -194,7 +203,7 @@ def cem_search(score_fn: Callable[[torch.Tensor], tuple], shape: Sequence[int],
     if cfg.keep_best:
         alpha, (score, tiebreak) = best_alpha, best_key
     else:
-        alpha = transform(mean, cfg.clamp, cfg.normalize)
+        alpha = transform(mean, cfg.clamp, cfg.normalize, bounds)
         a, t = score_fn(alpha[None])
         score = float(torch.as_tensor(a).reshape(-1)[0])
         tiebreak = 0.0 if t is None else float(torch.as_tensor(t).reshape(-1)[0])
@@ -285,4 +294,4 @@ def fewshot_cem(handle, tokenizer, task, examples: Sequence, config: CEMConfig |
     shape = (handle.num_layers, K) if cfg.per_layer else (K,)
     scorer = FewShotScorer(handle, tokenizer, task, examples, max_new_tokens=max_new_tokens,
                            max_rows=max_rows)
-    return cem_search(scorer, shape, cfg, callback=callback)
+    return cem_search(scorer, shape, cfg, callback=callback, bounds=handle.mixture_bounds)
