@@ -268,7 +268,8 @@ def _eval_run(args) -> int:
     if args.n < 1:
         print(f"t2fast eval: --n {args.n}: expected at least 1 example", file=sys.stderr)
         return 2
-    lora = _lora_folder(args.lora) if args.lora else None     # bad paths fail before loading
+    from .train.policy import LoRAPolicy, lora_folder
+    lora = lora_folder(args.lora, "--lora") if args.lora else None   # bad paths: before loading
     if args.expert:
         from .experts import load_expert
         load_expert(args.expert)
@@ -280,7 +281,6 @@ def _eval_run(args) -> int:
         handle.set_mixture(handle.expert_names[0])
         what = f"expert {handle.expert_names[0]}"
     elif args.lora:
-        from .train.policy import LoRAPolicy
         model = LoRAPolicy.load(model, lora).model
         what = f"lora {args.lora}"
     examples = task.examples(args.split, args.n)
@@ -292,16 +292,6 @@ def _eval_run(args) -> int:
     return 0
 
 
-def _lora_folder(path: str) -> Path:
-    """``path`` if it is a local PEFT adapter folder; never a Hub name (no network lookup)."""
-    p = Path(path)
-    if p.is_dir() and (p / "adapter_config.json").is_file():
-        return p
-    hint = ("; it is a t2fast expert: use --expert" if p.suffix == ".safetensors" or
-            (p / "expert_config.json").is_file() else "")
-    what = "does not exist" if not p.exists() else "is not a LoRA adapter folder (no " \
-        "adapter_config.json)"
-    raise FileNotFoundError(f"--lora {path!r} {what}{hint}")
 
 
 # ---- adapt ---------------------------------------------------------------------------------

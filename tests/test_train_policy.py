@@ -204,3 +204,16 @@ def test_lora_policy_modes(tok):
         base = completion_logits(m, batch)
     assert torch.allclose(base, ref, atol=1e-6)
     assert not torch.allclose(act, ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda d: d / "missing", "does not exist"),
+    (lambda d: d, "is not a LoRA adapter folder"),
+    (lambda d: d / "e.safetensors", "does not exist; it is a t2fast expert"),
+])
+def test_lora_load_takes_local_folders_only(tmp_path, make, why):
+    """A bad path is a FileNotFoundError naming it, before PEFT could look it up on the Hub."""
+    from t2fast.train.policy import LoRAPolicy
+    path = make(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"LoRA adapter '{path}' {why}"):
+        LoRAPolicy.load(None, path)

@@ -136,6 +136,8 @@ class LoRAPolicy:
 
     @classmethod
     def load(cls, model, path) -> "LoRAPolicy":
+        """The adapter in the local PEFT folder ``path`` on ``model`` (never a Hub lookup)."""
+        path = lora_folder(path)
         peft = _require_peft()
         pm = peft.PeftModel.from_pretrained(model, str(path), is_trainable=False)
         pm.eval()
@@ -193,6 +195,19 @@ class LoRAPolicy:
 
     def close(self):
         pass
+
+
+def lora_folder(path, what: str = "LoRA adapter") -> Path:
+    """``path`` as a Path if it is a local PEFT adapter folder, else FileNotFoundError saying
+    why (``what`` names it in the message). Never a Hub name: no network lookup."""
+    p = Path(path)
+    if p.is_dir() and (p / "adapter_config.json").is_file():
+        return p
+    hint = ("; it is a t2fast expert: use --expert or t2fast.load_expert"
+            if p.suffix == ".safetensors" or (p / "expert_config.json").is_file() else "")
+    why = ("does not exist" if not p.exists() else
+           "is not a LoRA adapter folder (no adapter_config.json)")
+    raise FileNotFoundError(f"{what} {str(path)!r} {why}{hint}")
 
 
 def make_policy(model, config: TrainConfig, init_z=None):
