@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
 import warnings
@@ -59,8 +60,9 @@ class SVFHandle:
         bank: the :class:`t2fast.experts.ExpertBank` of loaded experts.
         stats: counters — ``factored_sets``, ``merged_sets``, ``base_sets``, ``merges``,
             ``merge_cache_hits`` — showing which path the hybrid dispatcher chose.
-        mixture_bounds: the :class:`t2fast.mixtures.MixtureBounds` every mixture must meet.
-        keep_dense: whether the original dense weights are kept (see :func:`patch_model`).
+        mixture_bounds: the :class:`t2fast.mixtures.MixtureBounds` every mixture must meet
+            (read from ``config``; setting it replaces ``config``'s bounds).
+        keep_dense, hybrid: ``config``'s settings (read-only).
 
     The decomposition's factors share the layers' U and Vh (in the weight's dtype) once the
     model is patched, so the model holds one copy of them.
@@ -69,14 +71,11 @@ class SVFHandle:
     def __init__(self, model: nn.Module, decomposition: Decomposition, config: SVFConfig):
         self.model = model
         self.config = config
-        self.keep_dense = keep_dense = config.keep_dense
-        self.mixture_bounds = config.mixture_bounds
         self.decomposition = decomposition
         self.targets = decomposition.targets
         self.num_layers = _num_layers(model, self.targets)
         self.base_model = _model_name(model)
         self.fingerprint = Fingerprint.of(decomposition.factors)
-        self.hybrid = config.hybrid
         self.rows = RowSlots(next(iter(decomposition.factors.values())).U.device
                              if decomposition.factors else None)
         self._originals: dict[str, nn.Linear] = {}     # module name → the original module
@@ -101,7 +100,7 @@ class SVFHandle:
             setattr(parent, attr, module)
         for name, layer in self.modules.items():    # one copy of U, Vh: the layers'
             decomposition.factors[name] = SVDFactors(layer.U, layer.S, layer.Vh)
-        if not keep_dense:
+        if not config.keep_dense:
             self._drop_dense()
         self.bank = ExpertBank([], decomposition.factors)
         self._merge_cache: dict[bytes, dict[str, torch.Tensor]] = {}
@@ -158,6 +157,24 @@ class SVFHandle:
         full = {n: torch.ones(f.rank) for n, f in self.decomposition.factors.items()}
         full.update({n: v.detach().float().cpu() for n, v in (z or {}).items()})
         return Expert(name, full, self.base_model, self.fingerprint)
+
+    # ---- settings (read from :attr:`config`) ---------------------------------------------
+    @property
+    def keep_dense(self) -> bool:
+        return self.config.keep_dense
+
+    @property
+    def hybrid(self) -> bool:
+        return self.config.hybrid
+
+    @property
+    def mixture_bounds(self) -> MixtureBounds:
+        return self.config.mixture_bounds
+
+    @mixture_bounds.setter
+    def mixture_bounds(self, bounds: MixtureBounds) -> None:
+        self.config = dataclasses.replace(self.config, max_alpha_abs=bounds.max_abs,
+                                          max_alpha_l1=bounds.max_l1)
 
     # ---- mixtures ------------------------------------------------------------------------
     def alpha(self, spec) -> torch.Tensor:
