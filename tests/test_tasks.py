@@ -40,7 +40,8 @@ def test_deterministic_per_seed(name):
 @pytest.mark.parametrize("name", ALL)
 def test_splits_do_not_overlap(name):
     task = get_task(name)
-    questions = {s: [e.question for e in task.examples(s, 400 if s == "train" else 200)] for s in SPLITS}
+    questions = {s: [e.question for e in task.examples(s, 400 if s == "train" else 200)]
+                 for s in SPLITS}
     for s, qs in questions.items():
         assert len(set(qs)) == len(qs), f"duplicate question inside {s}"
     assert not set(questions["train"]) & set(questions["validation"])

@@ -46,12 +46,14 @@ class NumberChoice(ChoiceTask):
         options = rng.sample(range(100, 1000), 4)
         target = max(options) if kind == "largest" else min(options)
         answer = LETTERS[options.index(target)]
-        return f"Which is {kind}? {format_options(options)}", answer, {"options": options, "kind": kind}
+        return (f"Which is {kind}? {format_options(options)}", answer,
+                {"options": options, "kind": kind})
 
 
 class AlphabeticalChoice(ChoiceTask):
     name = "choice_order"
-    description = "held out: pick the word that comes first alphabetically: 'Which is first alphabetically? A)kot B)mun C)ant D)zeb' -> 'C'"
+    description = ("held out: pick the word that comes first alphabetically: "
+                   "'Which is first alphabetically? A)kot B)mun C)ant D)zeb' -> 'C'")
 
     def sample(self, rng: random.Random):
         words: list[str] = []

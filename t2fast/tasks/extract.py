@@ -16,7 +16,8 @@ _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*[:=]?\s*", re.IGNORECASE)
 
 
 def parse_number(text: str) -> Decimal | None:
-    """``"1,234"`` -> 1234, ``"-007"`` -> -7, ``"\u22125"`` -> -5, ``"3.50"`` -> 3.5; None if not a number."""
+    """``"1,234"`` -> 1234, ``"-007"`` -> -7, ``"\u22125"`` -> -5, ``"3.50"`` -> 3.5; None if not a
+    number."""
     t = text.strip().replace("\u2212", "-").replace(",", "").rstrip(".")
     if t.startswith("$"):
         t = t[1:]

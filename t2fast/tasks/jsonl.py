@@ -139,7 +139,8 @@ class ARCTask(JsonlTask):
     def convert(self, record: dict) -> Example:
         stem, labels, texts, key = arc_fields(record)
         if key not in labels:
-            raise ValueError(f"ARC record {record.get('id')!r}: answerKey {key!r} not among {labels}")
+            raise ValueError(f"ARC record {record.get('id')!r}: answerKey {key!r} not among "
+                             f"{labels}")
         options = "\n".join(f"{l}) {t}" for l, t in zip(labels, texts))
         return self.to_example(f"{stem}\n{options}", key,
                                {"labels": labels, "options": texts, "id": record.get("id")})
@@ -255,7 +256,8 @@ ADAPTERS: dict[str, type[JsonlTask]] = {
 }
 
 
-def load_jsonl_task(kind: str, path: str | os.PathLike, split: str | None = None, **kwargs) -> JsonlTask:
+def load_jsonl_task(kind: str, path: str | os.PathLike, split: str | None = None,
+                    **kwargs) -> JsonlTask:
     """An adapter over a user-supplied file: ``kind`` is gsm8k, arc, mbpp or humaneval."""
     try:
         cls = ADAPTERS[kind]
@@ -264,5 +266,6 @@ def load_jsonl_task(kind: str, path: str | os.PathLike, split: str | None = None
     return cls(path, split=split, **kwargs)
 
 
-def score_all(task: Task, generations: Iterable[str], examples: Iterable[Example]) -> list[ScoreResult]:
+def score_all(task: Task, generations: Iterable[str],
+              examples: Iterable[Example]) -> list[ScoreResult]:
     return [task.score(g, e) for g, e in zip(generations, examples)]

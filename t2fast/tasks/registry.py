@@ -23,7 +23,8 @@ def get_task(name: str, seed: int = DEFAULT_SEED) -> Task:
 
     ``classify`` classifies prompts of the training families into their family name or
     ``other``. ``"gsm8k:PATH"``, ``"arc:PATH"``, ``"mbpp:PATH"`` and ``"humaneval:PATH"`` wrap a
-    user-supplied JSONL file (see :mod:`t2fast.tasks.jsonl`), split 80/10/10 by question hash. Tasks are cached per (name, seed); they hold no mutable state.
+    user-supplied JSONL file (see :mod:`t2fast.tasks.jsonl`), split 80/10/10 by question hash.
+    Tasks are cached per (name, seed); they hold no mutable state.
     """
     kind, sep, path = name.partition(":")
     if sep and kind in ("gsm8k", "arc", "mbpp", "humaneval"):

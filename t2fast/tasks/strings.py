@@ -55,4 +55,5 @@ class StringCompose(WordAnswerTask):
     def sample(self, rng: random.Random):
         outer, inner = rng.sample(sorted(OPS), 2)
         w = _word(rng, 3, 5)
-        return f"{outer}({inner}('{w}'))", OPS[outer](OPS[inner](w)), {"ops": [inner, outer], "word": w}
+        return (f"{outer}({inner}('{w}'))", OPS[outer](OPS[inner](w)),
+                {"ops": [inner, outer], "word": w})
