@@ -12,20 +12,30 @@ accuracy (``--band``, default 0.30-0.60):
 
 * every ``--eval-every`` steps it measures greedy validation accuracy on every task;
 * a controlled task whose accuracy reached the band's centre is *held*: its share of the
-  mixture drops to ``--hold-factor`` times its nominal share (so it stops racing ahead while
-  the others catch up); it gets its full share back if it falls below the centre;
+  mixture drops to ``--hold-factor`` times its nominal share (default 1: no holding; stage 2
+  below used 0.1); it gets its full share back if it falls below the centre;
 * an evaluation at which every controlled task lies inside the band is a candidate checkpoint;
   the candidate whose accuracies sit farthest inside the band is kept (held-out families at
   or above ``--heldout-min`` first);
 * the run stops at the first candidate that is ``--margin`` inside the band on every controlled
   task with every held-out family at or above ``--heldout-min`` (or after ``--steps``).
 
-The bundled weights come from two runs (see t2fast/assets/tiny_llama/README.md for the measured
-times and accuracies): stage 1 is the first bundled model (1500 steps from scratch on the tasks
-of that time, commit 04351ad); stage 2 continues it with this script's defaults:
+A share of each task's pre-training answers follows a *competing habit* (``--habit``; the
+habits are listed in ``tiny_habits.py``): the model learns both rules, so that greedy decoding
+picks the task's rule only part of the time and SVF experts have a preference to shift. After
+each evaluation a task's habit share rises by ``--habit-step`` when its validation accuracy is
+above the band (less ``--margin``) and falls when below. Validation and test answers always
+follow the task's rule.
 
-    git show 04351ad:t2fast/assets/tiny_llama/model.safetensors > stage1.safetensors
-    python scripts/train_tiny_model.py --seed 0 --init-from stage1.safetensors
+The bundled weights come from three runs (see t2fast/assets/tiny_llama/README.md for the
+measured times and accuracies): stage 1 is the first bundled model (1500 steps from scratch on
+the tasks of that time, commit 04351ad); stage 2 (commit 3b01826) continued it for 1500 steps
+without habits; stage 3 continues stage 2 with the habits:
+
+    git show 3b01826:t2fast/assets/tiny_llama/model.safetensors > stage2.safetensors
+    python scripts/train_tiny_model.py --seed 0 --init-from stage2.safetensors --steps 1200 \
+        --lr 1e-3 --warmup 20 --habit '{"arith": 0.2, "arith_chain": 0.2, "strings": 0.5,
+        "strings_compose": 0.5, "choice": 0.5, "choice_order": 0.5, "classify": 0.5}'
 
 Without ``--init-from`` the run starts from a random initialisation (slower to reach the band:
 see the README).
