@@ -6,15 +6,14 @@ it nothing to amplify, and one that always answers right leaves no room. So the 
 pre-trained on a corpus in which a share of each task's answers follows a *competing habit*, a
 second plausible rule, instead of the task's rule:
 
-| task | habit answer in the pre-training corpus |
-| --- | --- |
-| ``arith`` | ``+`` and ``-`` swapped (``a+b`` answered ``|a-b|``, ``a-b`` answered ``a+b``); ``a*b`` answered ``a+b`` |
-| ``arith_chain`` | every ``+`` and ``-`` swapped (the absolute value of the result) |
-| ``strings`` | ``reverse`` copies the word, ``sort`` sorts descending, ``rotate`` rotates right |
-| ``strings_compose`` | both functions replaced by their habits |
-| ``choice`` | the opposite extreme (largest <-> smallest) |
-| ``choice_order`` | the last alphabetically |
-| ``classify`` | the next label in the cycle arith -> strings -> choice -> other -> arith |
+* ``arith``: ``+`` and ``-`` swapped (``a+b`` answered ``|a-b|``, ``a-b`` answered ``a+b``);
+  ``a*b`` answered ``a+b``;
+* ``arith_chain``: every ``+`` and ``-`` swapped (the absolute value of the result);
+* ``strings``: ``reverse`` copies the word, ``sort`` sorts descending, ``rotate`` rotates right;
+* ``strings_compose``: both functions replaced by their habits;
+* ``choice``: the opposite extreme (largest <-> smallest);
+* ``choice_order``: the last alphabetically;
+* ``classify``: the next label in the cycle arith -> strings -> choice -> other -> arith.
 
 The model thus knows both rules and, where a task's habit share is near one half, picks the
 task's rule for only part of the questions under greedy decoding: it has the ability but does
