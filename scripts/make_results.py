@@ -54,13 +54,15 @@ from t2fast.train.evaluate import EvalResult, score_generations  # noqa: E402
 
 #: The shared recipes (``t2fast train`` options); experts/README.md explains each choice.
 RL = ["--steps", "200", "--batch-size", "16", "--samples-per-prompt", "8", "--temperature",
-      "1.0", "--lr", "2e-3", "--kl-coef", "0.05", "--baseline", "mean", "--eval-every", "25",
+      "1.0", "--lr", "1e-2", "--kl-coef", "0.05", "--baseline", "mean", "--eval-every", "25",
       "--eval-n", "256", "--patience", "4", "--seed", "0", "--threads", "1"]
 SFT = ["--objective", "sft", "--steps", "200", "--batch-size", "32", "--lr", "5e-3",
        "--eval-every", "25", "--eval-n", "256", "--patience", "4", "--seed", "0",
        "--threads", "1"]
 #: LoRA of rank 1 on the same matrices: the smallest LoRA there is (3.2x SVF's parameters).
 #: Its RL runs use lr 1e-3: at SVF's 1e-2 LoRA-RL collapsed within 25 steps in earlier runs.
+#: SVF's RL runs use lr 1e-2 (5x the paper's 2e-3, which moved too little in 100-200 steps of
+#: 16 x 8 rollouts; experts/README.md has the runs).
 LORA = ["--method", "lora", "--lora-rank", "1", "--lora-alpha", "2"]
 LORA_RL = [*(("1e-3" if prev == "--lr" else a) for prev, a in zip([""] + RL, RL)), *LORA]
 #: Output (relative to the repository) → ``t2fast train`` arguments, in training order.
@@ -89,11 +91,14 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--train", action="store_true",
                    help="first retrain every expert and baseline with RECIPES")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training runs at once with --train (each with its own process and "
+                        "--threads 1)")
     p.add_argument("--render-only", action="store_true",
                    help="rewrite README.md from the results.json in --out (no measurement)")
     args = p.parse_args(argv)
-    if args.n < 1 or args.shots < 1 or min(args.cem_seeds) < 0:
-        p.error("--n and --shots must be >= 1 and --cem-seeds >= 0")
+    if args.n < 1 or args.shots < 1 or min(args.cem_seeds) < 0 or args.jobs < 1:
+        p.error("--n, --shots and --jobs must be >= 1 and --cem-seeds >= 0")
     return args
 
 
@@ -267,21 +272,29 @@ def expert_info(w: World) -> tuple[dict, dict]:
     return info, checkpoints
 
 
-def train_all() -> None:
-    """Run every recipe from the repository root, so that the outputs, their logs and the
-    commands stored in the expert files carry repository-relative paths."""
-    import os
+def train_all(jobs: int = 1) -> None:
+    """Run every recipe (``jobs`` at a time, one process each) from the repository root, so
+    that the outputs, their logs and the commands stored in the expert files carry
+    repository-relative paths."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
 
-    from t2fast import cli
-    os.chdir(ROOT)
-    for out, argv in RECIPES.items():
-        log = Path(out + ".log.jsonl")
+    def run(item):
+        out, argv = item
+        log = ROOT / (out + ".log.jsonl")
         if log.exists():
             log.unlink()                      # a fresh log per run
         print(f"t2fast train --out {out} {' '.join(argv)}", flush=True)
-        rc = cli.main(["train", "--out", out, *argv, "--no-progress"])
-        if rc != 0:
-            raise SystemExit(f"training {out} failed (exit code {rc})")
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "t2fast", "train", "--out", out, *argv,
+                               "--no-progress"], cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"training {out} failed (exit code {done.returncode}):\n"
+                             f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        print(f"{out}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(run, RECIPES.items()))
 
 
 def write(results: dict, out: Path) -> None:
@@ -299,11 +312,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.train:
         t0 = time.perf_counter()
-        train_all()
+        train_all(args.jobs)
         print(f"training took {time.perf_counter() - t0:.0f} s", flush=True)
     t0 = time.perf_counter()
     w = World(args)
-    flags = " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--train")
+    words = list(argv if argv is not None else sys.argv[1:])
+    if "--jobs" in words:                      # how the experts were trained, not measured
+        i = words.index("--jobs")
+        del words[i:i + 2]
+    flags = " ".join(a for a in words if a != "--train")
     results = {"args": {"n": args.n, "shots": args.shots, "cem_seeds": args.cem_seeds,
                         "cem_iterations": args.cem_iterations,
                         "cem_population": args.cem_population, "per_layer": args.per_layer,
