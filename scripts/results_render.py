@@ -205,6 +205,17 @@ def experts_table(results: dict) -> list[str]:
     return L
 
 
+#: The property of the tiny world every number below depends on (stated with every table).
+WORLD = ("**The world these numbers come from.** The bundled base model was pre-trained on a "
+         "corpus in which a share of each task's answers follows a *competing habit* (e.g. the "
+         "smallest option for \"Which is largest?\", a word sorted descending for `sort`, the "
+         "next label in a cycle for `classify`); every answer scored here, and every reward of "
+         "RL training, follows the task's own rule. The base model has the ability but does "
+         "not always prefer it, the situation SVF is meant for: gains here measure a shifted "
+         "preference, not a skill taught. The habits and how often the base model's greedy "
+         "answers follow them: `t2fast/assets/tiny_llama/README.md`.")
+
+
 def render(results: dict) -> str:
     """The README text for ``results`` (the parsed results.json)."""
     a = results["args"]
@@ -217,6 +228,7 @@ def render(results: dict) -> str:
          f"hand: `python scripts/make_results.py --render-only` rewrites this file from "
          f"`results.json`.", "",
          f"Machine: {results['machine']}; measuring took {results['wall_s']:.0f} s.", "",
+         WORLD, "",
          "## 1. Training families (test split)", ""]
     L += train_table(results)
     L += ["", "## 2. Held-out families (test split)", ""]
