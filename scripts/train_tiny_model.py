@@ -27,15 +27,17 @@ each evaluation a task's habit share rises by ``--habit-step`` when its validati
 above the band (less ``--margin``) and falls when below. Validation and test answers always
 follow the task's rule.
 
-The bundled weights come from three runs (see t2fast/assets/tiny_llama/README.md for the
+The bundled weights come from four runs (see t2fast/assets/tiny_llama/README.md for the
 measured times and accuracies): stage 1 is the first bundled model (1500 steps from scratch on
 the tasks of that time, commit 04351ad); stage 2 (commit 3b01826) continued it for 1500 steps
-without habits; stage 3 continues stage 2 with the habits:
+without habits; stage 3 (commit 5f00a08) added the habits with steered shares; stage 4 continues
+stage 3 with fixed shares:
 
-    git show 3b01826:t2fast/assets/tiny_llama/model.safetensors > stage2.safetensors
-    python scripts/train_tiny_model.py --seed 0 --init-from stage2.safetensors --steps 1200 \
-        --lr 1e-3 --warmup 20 --habit '{"arith": 0.2, "arith_chain": 0.2, "strings": 0.5,
-        "strings_compose": 0.5, "choice": 0.5, "choice_order": 0.5, "classify": 0.5}'
+    git show 5f00a08:t2fast/assets/tiny_llama/model.safetensors > stage3.safetensors
+    python scripts/train_tiny_model.py --seed 0 --init-from stage3.safetensors --steps 600 \
+        --lr 5e-4 --warmup 20 --habit-step 0 --habit '{"arith": 0.0, "arith_chain": 0.0,
+        "strings": 0.4, "strings_compose": 0.4, "choice": 0.5, "choice_order": 0.2,
+        "classify": 0.45}'
 
 Without ``--init-from`` the run starts from a random initialisation (slower to reach the band:
 see the README).
