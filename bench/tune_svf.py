@@ -128,13 +128,11 @@ def main(argv=None) -> Path:
         found = json.loads(out.read_text())
         kept = {(e.m, e.n, e.t): e for e in configs.parse_table(found, str(out))}
     # provenance of the measured entries: this GPU's when this run tunes, else the table's
-    where = ({k: found.get(k) for k in ("device", "date", "torch", "triton")} if args.untuned
-             else dict(device=torch.cuda.get_device_name() if CUDA else None,
-                       date=dt.date.today().isoformat(), torch=torch.__version__,
-                       triton=triton.__version__))
+    where = ({k: found.get(k) for k in PROVENANCE} if args.untuned
+             else this_run(torch.cuda.get_device_name() if CUDA else None))
     for (m, n), T in itertools.product(shapes, args.buckets):
         if args.untuned:
-            if not (kept.get((m, n, T)) and kept[(m, n, T)].tuned):
+            if not getattr(kept.get((m, n, T)), "tuned", False):
                 plan = configs.heuristic_plan(T, m, n, min(m, n), dtype, sms)
                 kept[(m, n, T)] = TableEntry(T, m, n, replace(plan, source="given"))
         else:
@@ -145,13 +143,21 @@ def main(argv=None) -> Path:
     return out
 
 
+# Top-level fields of a table that say where its measurements come from.
+PROVENANCE = ("device", "date", "torch", "triton")
+
+
+def this_run(device: str | None) -> dict:
+    """:data:`PROVENANCE` of this run, on ``device`` (None: no GPU measured)."""
+    return dict(device=device, date=dt.date.today().isoformat(), torch=torch.__version__,
+                triton=triton.__version__)
+
+
 def write_table(out: Path, entries: list[TableEntry], arch: str, sms: int, where: dict) -> None:
-    """Write ``entries`` with the provenance ``where`` of their measurements (device, date,
-    torch, triton); check that the file reads back."""
+    """Write ``entries`` with the provenance ``where`` of their measurements (a table with no
+    tuned entry gets this run's, with no device); check that the file reads back."""
     tuned = sum(e.tuned for e in entries)
-    meta = dict(tuned=tuned == len(entries), **(where if tuned else dict(
-                    device=None, date=dt.date.today().isoformat(), torch=torch.__version__,
-                    triton=triton.__version__)),
+    meta = dict(tuned=tuned == len(entries), **(where if tuned else this_run(None)),
                 num_sms=sms, dtype="bfloat16",
                 note=(f"{tuned} of {len(entries)} entries tuned by bench/tune_svf.py (L2-cold "
                       "weights, CUDA graphs); the others are heuristic plans "
