@@ -211,8 +211,8 @@ def decompose_weights(weights: dict[str, torch.Tensor], cache_dir=None, progress
 
     With ``like_weights``, U and Vh are cast to each weight's dtype as soon as it is decomposed
     (S stays float32; errors are measured before the cast), so the float32 factors of all the
-    matrices never exist at once: a bf16 model's factors then peak at about its own size plus
-    one matrix's float32 factors, not 2.8x it.
+    matrices never exist at once: a bf16 model's factors then take their bf16 size (about 1.4x
+    the adapted weights) plus one matrix's float32 factors, instead of twice that.
     """
     cache = None if cache_dir is False else SVDCache(cache_dir)
     factors, errors, hits = {}, {}, 0
