@@ -7,7 +7,6 @@ pre-trained on a corpus in which a share of each task's answers follows a *compe
 second plausible rule, instead of the task's rule:
 
 * ``arith``: ``+`` and ``-`` swapped (``a+b`` answered ``|a-b|``, ``a-b`` answered ``a+b``);
-  ``a*b`` answered ``a+b``;
 * ``arith_chain``: every ``+`` and ``-`` swapped (the absolute value of the result);
 * ``strings``: ``reverse`` copies the word, ``sort`` sorts descending, ``rotate`` rotates right;
 * ``strings_compose``: both functions replaced by their habits;

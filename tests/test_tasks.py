@@ -93,14 +93,22 @@ def test_arith_answers():
         first, second, _ = ex.meta["terms"]
         partial = first + second if ex.meta["ops"][0] == "+" else first - second
         assert partial >= 0 and int(ex.answer) >= 0, ex.question
-    answers = [int(e.answer) for e in get_task("arith").examples("train", 300)]
-    assert min(answers) >= 0 and any(a >= 100 for a in answers)
-    assert {e.meta["op"] for e in get_task("arith").examples("train", 300)} == set("+-*")
+    exs = get_task("arith").examples("train", 300)
+    answers = [int(e.answer) for e in exs]
+    assert min(answers) >= 0 and any(a >= 100 for a in answers) and max(answers) <= 208
+    assert {e.meta["op"] for e in exs} == set("+-")
+    # a number below 200 and a digit, the digit on either side of "+"
+    assert all(min(e.meta["a"], e.meta["b"]) <= 9 and max(e.meta["a"], e.meta["b"]) < 200
+               for e in exs)
+    assert {e.meta["a"] <= 9 < e.meta["b"] for e in exs if e.meta["op"] == "+"} == {True, False}
+    # n = 500 distinct test questions exist (the question space has about 600 test questions)
+    assert len({e.question for e in get_task("arith").examples("test", 512)}) == 512
 
 
 def test_string_answers():
     for ex in get_task("strings").examples("train", 300):
         (op,) = ex.meta["ops"]
+        assert len(ex.meta["word"]) == 3
         assert ex.question == f"{op}('{ex.meta['word']}')"
         assert ex.answer == OPS[op](ex.meta["word"])
     seen_ops = set()

@@ -4,8 +4,8 @@
 >>> task = get_task("arith")
 >>> ex = task.examples("test", n=1)[0]
 >>> ex.prompt                                       # doctest: +SKIP
-'Q: 347+85=?\\nA: '
->>> task.score("432", ex).reward()                  # doctest: +SKIP
+'Q: 147+8=?\\nA: '
+>>> task.score("155", ex).reward()                  # doctest: +SKIP
 1.0
 """
 from .base import (DEFAULT_SEED, DEFAULT_SIZES, PROMPT_TEMPLATE, SPLITS, Example, ScoreResult,

@@ -1,8 +1,8 @@
 """Arithmetic families (the paper's "math" stand-in).
 
-``arith`` (training): one operation on small integers, e.g. ``Q: 47+85=?`` -> ``132``;
-``+`` and ``-`` on 1-2 digit operands (``-`` never goes below zero: ``85-47``, not ``47-85``),
-``*`` of a 1-digit by a 1-2 digit number.
+``arith`` (training): a number below 200 and a digit, added or subtracted, e.g.
+``Q: 147+8=?`` -> ``155`` or ``Q: 3+85=?`` -> ``88`` (the digit on either side of ``+``; ``-`` never
+goes below zero: ``85-7``, and ``7-3`` when the number is a digit too).
 
 ``arith_chain`` (held out): a 1-2 digit number, then two 1-digit numbers, chained with
 ``+``/``-`` and never below zero, e.g. ``Q: 34+7-5=?`` -> ``36``.
@@ -37,20 +37,14 @@ class NumberAnswerTask(Task):
 
 class Arithmetic(NumberAnswerTask):
     name = "arith"
-    description = "one +, - or * on small integers: '47+85=?' -> '132'"
+    description = "a number below 200 and a digit, + or -: '147+8=?' -> '155'"
 
     def sample(self, rng: random.Random):
-        op = rng.choices("+-*", weights=(2, 2, 1))[0]
-        if op == "*":
-            a, b = rng.randint(2, 19), rng.randint(2, 9)
-            if rng.random() < 0.5:
-                a, b = b, a
-            value = a * b
-        else:
-            a, b = _operand(rng, 2), _operand(rng, 2)
-            if op == "-" and a < b:
-                a, b = b, a
-            value = a + b if op == "+" else a - b
+        op = rng.choice("+-")
+        a, b = rng.randint(0, 199), rng.randint(0, 9)
+        if (op == "-" and a < b) or (op == "+" and rng.random() < 0.5):
+            a, b = b, a
+        value = a + b if op == "+" else a - b
         return f"{a}{op}{b}=?", str(value), {"a": a, "b": b, "op": op}
 
 

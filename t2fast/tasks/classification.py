@@ -1,6 +1,6 @@
 """The classification task used by two-pass adaptation (prompt-based and classification expert).
 
-A classification prompt wraps another question: ``Q: classify: 347+85=?`` -> ``arith``. The
+A classification prompt wraps another question: ``Q: classify: 147+8=?`` -> ``arith``. The
 questions come from the training families (label = family name) and from a generator of
 unrelated chat-like questions (label ``other``), in equal shares. Questions of a family are
 drawn from that family's own split, so the classification splits do not overlap either.
@@ -63,7 +63,7 @@ def classify_prompt(text: str) -> str:
 
 class Classification(Task):
     name = "classify"
-    description = "name the family of a question, or 'other': 'classify: 347+85=?' -> 'arith'"
+    description = "name the family of a question, or 'other': 'classify: 147+8=?' -> 'arith'"
 
     def __init__(self, seed: int = 1234, families: tuple[str, ...] | None = None):
         super().__init__(seed)

@@ -1,10 +1,10 @@
 """String-transformation families (the paper's "code" stand-in), checked exactly.
 
-``strings`` (training): one function applied to a lowercase word, written as a call:
-``Q: reverse('kdfa')`` -> ``afdk``; ``sort('dcab')`` -> ``abcd``; ``rotate('abcd')`` -> ``bcda``
+``strings`` (training): one function applied to a three-letter lowercase word, written as a call:
+``Q: reverse('kdf')`` -> ``fdk``; ``sort('dca')`` -> ``acd``; ``rotate('abc')`` -> ``bca``
 (rotate left by one).
 
-``strings_compose`` (held out): two functions composed: ``Q: sort(reverse('kdfa'))`` -> ``adfk``.
+``strings_compose`` (held out): two functions composed: ``Q: sort(reverse('kdf'))`` -> ``dfk``.
 """
 from __future__ import annotations
 
@@ -21,8 +21,12 @@ OPS = {
 }
 
 
-def _word(rng: random.Random, lo: int, hi: int) -> str:
-    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
+#: Letters per word of both families.
+WORD_LEN = 3
+
+
+def _word(rng: random.Random) -> str:
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(WORD_LEN))
 
 
 class WordAnswerTask(Task):
@@ -40,20 +44,20 @@ class WordAnswerTask(Task):
 
 class StringOps(WordAnswerTask):
     name = "strings"
-    description = "reverse / sort / rotate a word: \"reverse('kdfa')\" -> 'afdk'"
+    description = "reverse / sort / rotate a 3-letter word: \"reverse('kdf')\" -> 'fdk'"
 
     def sample(self, rng: random.Random):
         op = rng.choice(sorted(OPS))
-        w = _word(rng, 3, 5)
+        w = _word(rng)
         return f"{op}('{w}')", OPS[op](w), {"ops": [op], "word": w}
 
 
 class StringCompose(WordAnswerTask):
     name = "strings_compose"
-    description = "held out: two string functions composed: \"sort(reverse('kdfa'))\" -> 'adfk'"
+    description = "held out: two string functions composed: \"sort(reverse('kdf'))\" -> 'dfk'"
 
     def sample(self, rng: random.Random):
         outer, inner = rng.sample(sorted(OPS), 2)
-        w = _word(rng, 3, 5)
+        w = _word(rng)
         return (f"{outer}({inner}('{w}'))", OPS[outer](OPS[inner](w)),
                 {"ops": [inner, outer], "word": w})
