@@ -53,7 +53,7 @@ from t2fast.train import evaluate, max_new_tokens_for  # noqa: E402
 from t2fast.train.evaluate import EvalResult, score_generations  # noqa: E402
 
 #: The shared recipes (``t2fast train`` options); experts/README.md explains each choice.
-RL = ["--steps", "200", "--batch-size", "16", "--samples-per-prompt", "8", "--temperature",
+RL = ["--steps", "400", "--batch-size", "16", "--samples-per-prompt", "8", "--temperature",
       "1.0", "--lr", "1e-2", "--kl-coef", "0.05", "--baseline", "mean", "--eval-every", "25",
       "--eval-n", "256", "--patience", "4", "--seed", "0", "--threads", "1"]
 SFT = ["--objective", "sft", "--steps", "200", "--batch-size", "32", "--lr", "5e-3",
@@ -62,7 +62,8 @@ SFT = ["--objective", "sft", "--steps", "200", "--batch-size", "32", "--lr", "5e
 #: LoRA of rank 1 on the same matrices: the smallest LoRA there is (3.2x SVF's parameters).
 #: Its RL runs use lr 1e-3: at SVF's 1e-2 LoRA-RL collapsed within 25 steps in earlier runs.
 #: SVF's RL runs use lr 1e-2 (5x the paper's 2e-3, which moved too little in 100-200 steps of
-#: 16 x 8 rollouts; experts/README.md has the runs).
+#: 16 x 8 rollouts; experts/README.md has the runs), for 400 steps: at 200 the arith expert was
+#: still improving (experts/README.md).
 LORA = ["--method", "lora", "--lora-rank", "1", "--lora-alpha", "2"]
 LORA_RL = [*(("1e-3" if prev == "--lr" else a) for prev, a in zip([""] + RL, RL)), *LORA]
 #: Output (relative to the repository) → ``t2fast train`` arguments, in training order.

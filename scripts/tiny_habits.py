@@ -101,3 +101,55 @@ class HabitStream:
 
     def __iter__(self):
         return self
+
+
+def habit_rates(model, tokenizer, names, n: int = 500, max_new_tokens: int = 10) -> dict:
+    """How often ``model``'s greedy answers on the first ``n`` test questions of each task in
+    ``names`` are the task's answer, the habit's answer (where it differs from the task's) and
+    either: ``{name: {"task": .., "habit": .., "either": ..}}``."""
+    from t2fast.models import generate_greedy
+    from t2fast.tasks import get_task
+
+    rates = {}
+    for name in names:
+        task = get_task(name)
+        exs = task.examples("test", n)
+        gens = generate_greedy(model, tokenizer, [e.prompt for e in exs],
+                               max_new_tokens=max_new_tokens, batch_size=128)
+        right = habit = 0
+        for g, e in zip(gens, exs):
+            got, habit_answer = task.extract(g, e), HABITS[name](e)
+            right += task.score(g, e).correct
+            habit += habit_answer != e.answer and got == habit_answer
+        rates[name] = {"task": right / len(exs), "habit": habit / len(exs),
+                       "either": (right + habit) / len(exs)}
+    return rates
+
+
+def rates_table(rates: dict) -> str:
+    """The markdown table of :func:`habit_rates` (as in the tiny model's README)."""
+    rows = ["| task | task's answer | habit's answer | either |", "| --- | --- | --- | --- |"]
+    rows += [f"| `{name}` | {r['task']:.3f} | {r['habit']:.3f} | {r['either']:.3f} |"
+             for name, r in rates.items()]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    # The habit table of t2fast/assets/tiny_llama/README.md, for the bundled model or a folder.
+    import argparse
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from t2fast.models import tiny_model_path
+    from t2fast.tasks import CLASSIFY, HELDOUT_FAMILIES, TRAIN_FAMILIES
+
+    ap = argparse.ArgumentParser(description="greedy habit rates of a tiny model (test split)")
+    ap.add_argument("--model", default=str(tiny_model_path()))
+    ap.add_argument("--n", type=int, default=500)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    lm = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    print(rates_table(habit_rates(lm, tok, [*TRAIN_FAMILIES, *HELDOUT_FAMILIES, CLASSIFY],
+                                  args.n)))

@@ -27,17 +27,19 @@ each evaluation a task's habit share rises by ``--habit-step`` when its validati
 above the band (less ``--margin``) and falls when below. Validation and test answers always
 follow the task's rule.
 
-The bundled weights come from four runs (see t2fast/assets/tiny_llama/README.md for the
-measured times and accuracies): stage 1 is the first bundled model (1500 steps from scratch on
-the tasks of that time, commit 04351ad); stage 2 (commit 3b01826) continued it for 1500 steps
-without habits; stage 3 (commit 5f00a08) added the habits with steered shares; stage 4 continues
-stage 3 with fixed shares:
+The bundled weights come from six runs (see t2fast/assets/tiny_llama/README.md for every
+command, the measured times and accuracies): stage 1 is the first bundled model (1500 steps from
+scratch on the tasks of that time, commit 04351ad); stages 2-4 continued it on the tasks of
+their time, adding the habits; stage 5 (commit b6561e4) moved to today's tasks with steered
+shares; stage 6 continues stage 5 with the habit shares fixed at one half on arith and strings:
 
-    git show 5f00a08:t2fast/assets/tiny_llama/model.safetensors > stage3.safetensors
-    python scripts/train_tiny_model.py --seed 0 --init-from stage3.safetensors --steps 600 \
-        --lr 5e-4 --warmup 20 --habit-step 0 --habit '{"arith": 0.0, "arith_chain": 0.0,
-        "strings": 0.4, "strings_compose": 0.4, "choice": 0.5, "choice_order": 0.2,
-        "classify": 0.45}'
+    git show b6561e4:t2fast/assets/tiny_llama/model.safetensors > stage5.safetensors
+    python scripts/train_tiny_model.py --seed 0 --init-from stage5.safetensors --steps 800 \
+        --lr 7e-4 --warmup 20 --habit-step 0 --margin 0.15 --mix '{"arith": 0.36,
+        "strings": 0.32, "choice": 0.10, "classify": 0.10, "arith_chain": 0.05,
+        "strings_compose": 0.05, "choice_order": 0.02}' --habit '{"arith": 0.5,
+        "arith_chain": 0.3, "strings": 0.5, "strings_compose": 0.4, "choice": 0.5,
+        "choice_order": 0.2, "classify": 0.45}'
 
 Without ``--init-from`` the run starts from a random initialisation (slower to reach the band:
 see the README).

@@ -66,3 +66,26 @@ def test_stream_share_and_determinism():
     assert not any(draw(0.0, 0))
     # the evaluation splits never carry a habit: they come from the task, not the stream
     assert not any(e.meta.get("habit") for e in get_task("choice").examples("test", 50))
+
+
+def test_habit_rates_count_each_answer_once(monkeypatch):
+    """Answers that are the task's, the habit's or neither are counted as such; a habit answer
+    equal to the task's counts as the task's only."""
+    import t2fast.models
+
+    def fake_greedy(model, tokenizer, prompts, **kw):
+        exs = {e.prompt: e for e in get_task("arith").examples("test", 40)}
+        outs = []
+        for i, p in enumerate(prompts):
+            e = exs[p]
+            outs.append([e.answer, habits.HABITS["arith"](e), "-1"][i % 3])
+        return outs
+
+    monkeypatch.setattr(t2fast.models, "generate_greedy", fake_greedy)
+    exs = get_task("arith").examples("test", 40)
+    same = [i % 3 == 1 and habits.HABITS["arith"](e) == e.answer for i, e in enumerate(exs)]
+    r = habits.habit_rates(None, None, ["arith"], n=40)["arith"]
+    assert r["task"] == (14 + sum(same)) / 40
+    assert r["habit"] == (13 - sum(same)) / 40
+    assert r["either"] == 27 / 40
+    assert "| `arith` | 0.3" in habits.rates_table({"arith": r})
