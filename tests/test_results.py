@@ -124,3 +124,30 @@ def test_experts_readme_commands_are_the_recipes():
     assert mr.LORA_RL[mr.LORA_RL.index("--lr") + 1] == m.group(2)
     assert [a for a in mr.LORA_RL if a not in (m.group(1), m.group(2))] == [
         a for a in mr.RL + mr.LORA if a not in (m.group(1), m.group(2))]
+
+
+def test_experts_readme_tables_are_rendered_from_the_shipped_logs():
+    """Every training-run table of experts/README.md is what scripts/log_tables.py renders
+    from the JSONL logs next to the experts."""
+    lt = load_script("log_tables")
+    text = (ROOT / "experts" / "README.md").read_text()
+    for name in lt.TABLES:
+        m = lt.marked(name).search(text)
+        assert m, f"experts/README.md has no {name!r} table block"
+        assert m.group(2) == lt.render(name), f"table {name!r}: run scripts/log_tables.py --write"
+
+
+def test_log_summary_of_a_small_log(tmp_path):
+    """Steps run, sampled accuracy (first vs last 25 steps), validation (0 → best (step) → last)
+    and the mean KL of the last 10 steps, from a hand-written log."""
+    lt = load_script("log_tables")
+    recs = [{"event": "config", "config": {"objective": "rl", "kl_coef": 0.05}}]
+    recs += [{"event": "step", "step": i, "accuracy": 0.0 if i <= 25 else 1.0, "kl": i / 100}
+             for i in range(1, 61)]
+    recs += [{"event": "eval", "step": s, "accuracy": a}
+             for s, a in [(0, 0.25), (25, 0.5), (50, 0.75), (60, 0.5)]]
+    recs += [{"event": "done", "steps_run": 60, "stopped_early": True}]
+    log = tmp_path / "run.log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert lt.summarise(log) == ("60 (early stop)", "0.000 → 1.000", "0.250 → 0.750 (50) → 0.500",
+                                 f"{sum(range(51, 61)) / 1000:.3f}")

@@ -32,7 +32,7 @@ EXPERTS = ROOT / "experts"
 BANK = ["arith", "strings", "choice", "classify"]          # bank order (--experts, then classifier)
 MAX_TOKENS = 8
 # ARITH: a question the arith expert answers differently from the base model
-ARITH, STRINGS, CHOICE = ("Q: 69-5=?\nA: ", "Q: rotate('abcd')\nA: ",
+ARITH, STRINGS, CHOICE = ("Q: 4+64=?\nA: ", "Q: rotate('exu')\nA: ",
                           "Q: Which is largest? A)347 B)712 C)128 D)550\nA: ")
 OTHER = "Q: tell me about the quiet river\nA: "
 # (prompt, t2 fields): base, each expert, α by name and in bank order — the issue's
@@ -44,7 +44,7 @@ MIXED = [
     (CHOICE, {"t2_alpha": {"choice": 0.7, "arith": 0.3}}),
     ("Q: 80-14=?\nA: ", {"t2_alpha": [0.5, 0.5, 0, 0]}),
     (STRINGS, {"vllm_xargs": {"t2_alpha": [0.25, 1.0, 0, 0]}}),
-    ("Q: 47+85=?\nA: ", {"t2": {"alpha": {"arith": 1.5, "base": -0.5}}}),
+    ("Q: 115+9=?\nA: ", {"t2": {"alpha": {"arith": 1.5, "base": -0.5}}}),
     (OTHER, {}),
 ]
 
@@ -133,7 +133,7 @@ def test_models_lists_base_and_experts_openai_client(server):
     chat = client.chat.completions.create(model="strings", max_tokens=MAX_TOKENS,
                                           temperature=0,
                                           messages=[{"role": "user",
-                                                     "content": "reverse('kdfa')"}])
+                                                     "content": "reverse('yek')"}])
     assert chat.choices[0].message.content is not None
     assert [m.id for m in client.models.list().data] == ["tiny", *BANK]
     assert base.choices[0].text is not None
@@ -158,12 +158,12 @@ def test_model_name_selects_expert(server, http, alone):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
     chunks = list(client.chat.completions.create(
         model="strings", max_tokens=MAX_TOKENS, temperature=0, stream=True,
-        messages=[{"role": "user", "content": "reverse('kdfa')"}]))
+        messages=[{"role": "user", "content": "reverse('yek')"}]))
     assert chunks and {c.model for c in chunks} == {"strings"}
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     whole = client.chat.completions.create(
         model="tiny", max_tokens=MAX_TOKENS, temperature=0, extra_body={"t2_expert": "strings"},
-        messages=[{"role": "user", "content": "reverse('kdfa')"}])
+        messages=[{"role": "user", "content": "reverse('yek')"}])
     assert text == whole.choices[0].message.content and whole.model == "tiny"
 
 

@@ -72,7 +72,7 @@ def test_known_greedy_outputs(tiny):
 
 def test_base_accuracy_has_room(tiny):
     """Each training family is learnt partly: reward signal and room for RL. The bundled model
-    measures 0.378 / 0.332 / 0.464 on arith / strings / choice (n = 500, see its README); 120
+    measures 0.318 / 0.480 / 0.414 on arith / strings / choice (n = 500, see its README); 120
     test questions per family here, bounds wide enough for their sampling noise."""
     model, tok = tiny
     for name in TRAIN_FAMILIES:
