@@ -46,6 +46,17 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 NUM_EXPERTS = 4
 
 
+def table_note() -> str | None:
+    """The ``note`` of the kernel config table this GPU's plans come from (how many of its
+    entries are tuned); None on the CPU or without a shipped table."""
+    if not CUDA:
+        return None
+    from t2fast.kernels import configs
+    arch, _ = configs.device_arch(DEVICE)
+    path = configs.CONFIG_DIR / f"{arch}.json"
+    return json.loads(path.read_text()).get("note") if path.exists() else None
+
+
 def build_model(model: str, layers: int, dtype, vocab: int):
     from transformers import LlamaConfig, LlamaForCausalLM
     d = MODELS[model]
@@ -217,7 +228,8 @@ def main(argv=None) -> dict:
     result = dict(device=torch.cuda.get_device_name() if CUDA else "cpu",
                   date=dt.date.today().isoformat(), torch=torch.__version__, model=model,
                   layers=lm.config.num_hidden_layers, dtype=str(dtype).replace("torch.", ""),
-                  cuda_graphs=CUDA, reps=args.reps, steps=steps, runs=[])
+                  cuda_graphs=CUDA, reps=args.reps, steps=steps, config_table=table_note(),
+                  runs=[])
     with tempfile.TemporaryDirectory() as cache_dir:
         for b in batches:
             run = run_batch(lm, b, context, steps, args.reps, cache_dir)
