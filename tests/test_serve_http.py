@@ -242,11 +242,12 @@ def test_load_request_unload_then_404(http, alone):
 
 
 def test_automatic_adaptation_picks_the_labelled_expert(http):
-    # The tiny base model's own pass 1 ("prompt") gives the pre-training habit's label "other"
-    # for choice questions (t2fast/assets/tiny_llama/README.md), so the base model answers;
-    # the classification expert names the family.
+    # The tiny base model's own pass 1 ("prompt") labels most arith questions with the
+    # pre-training habit's label, the next in the cycle arith -> strings (results/README.md,
+    # section 3), so the strings expert answers ARITH; the classification expert names the family.
     cases = [ARITH, STRINGS, CHOICE]
-    want = {"prompt": ["arith", "strings", "base"], "classifier": ["arith", "strings", "choice"]}
+    want = {"prompt": ["strings", "strings", "choice"],
+            "classifier": ["arith", "strings", "choice"]}
     for mode in ("prompt", "classifier"):
         got = concurrently(lambda p: complete(http, p, {"t2_adapt": mode}), cases)
         for prompt, expert, r in zip(cases, want[mode], got):
@@ -264,7 +265,7 @@ def test_automatic_adaptation_picks_the_labelled_expert(http):
     assert r.status_code == 400 and "unknown profile 'nope'" in r.text
     chat = http.post("/v1/chat/completions", json={
         "model": "tiny", "max_tokens": MAX_TOKENS, "temperature": 0, "t2_adapt": "prompt",
-        "messages": [{"role": "user", "content": "rotate('abcd')"}]})
+        "messages": [{"role": "user", "content": "rotate('exu')"}]})
     assert chat.status_code == 200 and chat.headers["x-t2-expert"] == "strings"
 
 
