@@ -292,8 +292,6 @@ def _eval_run(args) -> int:
     return 0
 
 
-
-
 # ---- adapt ---------------------------------------------------------------------------------
 STRATEGIES = ("prompt", "classifier", "cem", "uniform", "base")
 

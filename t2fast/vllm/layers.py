@@ -39,6 +39,7 @@ from torch import nn
 
 from .. import ops
 from ..decompose import SVDCache, SVDFactors, decompose_weight
+from ..layers import capturing
 from ..targets import ATTENTION, FUSED, MLP, layer_index, resolve_targets
 from .kv_guard import KVGuardMethod, WrappedMethod, finite_guard, writes_kv
 
@@ -204,7 +205,7 @@ class SVFLinearMethod(WrappedMethod):
 
     def _apply(self, layer, x, bias):
         rt = self.runtime
-        if rt.hybrid and not torch.compiler.is_compiling() and not _capturing():
+        if rt.hybrid and not torch.compiler.is_compiling() and not capturing():
             mode = rt.mode
             if mode == "base":
                 return self.base.apply(layer, x, bias)
@@ -258,10 +259,6 @@ class SVFLinearMethod(WrappedMethod):
     def drop_merged(self) -> None:
         self._merged_key = None
         self._merged = None
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _local_rows(w: torch.Tensor, parts: list[SVFPart], part: SVFPart) -> torch.Tensor:
