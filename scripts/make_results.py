@@ -42,6 +42,7 @@ for p in (ROOT, ROOT / "scripts"):
         sys.path.insert(0, str(p))
 
 import t2fast  # noqa: E402
+from log_tables import read_log  # noqa: E402
 from results_render import render  # noqa: E402
 from t2fast.adapt import (CEMConfig, ClassifierDispatch, FixedMixture, PromptDispatch,  # noqa: E402
                           TwoPassEngine, fewshot_cem, fewshot_examples, uniform_alpha)
@@ -261,8 +262,7 @@ def expert_info(w: World) -> tuple[dict, dict]:
         e = expert_meta(p)
         cfg = e.get("config", {})
         log = Path(str(p) + ".log.jsonl")
-        done = [r for r in map(json.loads, log.read_text().splitlines())
-                if r.get("event") == "done"] if log.exists() else []
+        done = read_log(log).get("done", []) if log.exists() else []
         checkpoints[w.rel(p)] = {"best_step": e.get("best_step")}
         info[w.rel(p)] = {
             "objective": cfg.get("objective"), "best_step": e.get("best_step"),
