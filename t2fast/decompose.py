@@ -97,10 +97,12 @@ def probe_error(weight: torch.Tensor, factors: SVDFactors) -> float:
     """
     w = weight.detach().float()
     g = torch.Generator().manual_seed(0)
-    v = torch.randn(w.shape[1], PROBES, generator=g).to(w.device)
+    # float32 explicitly: vLLM builds and loads a model under the model's default dtype (bf16)
+    v = torch.randn(w.shape[1], PROBES, generator=g, dtype=torch.float32).to(w.device)
     f = factors.to(w.device)
     wv = w @ v
-    err = torch.linalg.norm(wv - f.U @ (f.S[:, None] * (f.Vh @ v)), dim=0)
+    err = torch.linalg.norm(wv - f.U.float() @ (f.S.float()[:, None] * (f.Vh.float() @ v)),
+                            dim=0)
     rel = err / torch.linalg.norm(wv, dim=0).clamp_min(1e-30)
     worst = float(rel.max())
     return worst if math.isfinite(worst) else math.inf
