@@ -18,3 +18,23 @@ def test_factors_like_weights_are_cast_as_they_are_made():
         assert torch.equal(f.U, plain.factors[name].U.to(w.dtype))
         rel = (f.reconstruct() - w.float()).norm() / w.float().norm()
         assert f.reconstruct().dtype == torch.float32 and rel < 2e-2
+
+
+def test_cache_works_under_a_bf16_default_dtype(tmp_path):
+    """vLLM builds and loads a bf16 model with torch's default dtype set to bf16: the cache's
+    probe check must not depend on it (it crashed ``t2fast serve`` on every bf16 checkpoint)."""
+    from t2fast.decompose import SVDCache
+    w = torch.randn(40, 24, generator=torch.Generator().manual_seed(1)).bfloat16()
+    cache = SVDCache(tmp_path)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        first, hit1 = cache.get_or_compute(w)
+        again, hit2 = cache.get_or_compute(w)
+    finally:
+        torch.set_default_dtype(old)
+    assert (hit1, hit2) == (False, True)
+    assert first.U.dtype == again.U.dtype == torch.float32
+    assert torch.equal(first.S, again.S)
+    rel = (again.reconstruct() - w.float()).norm() / w.float().norm()
+    assert rel < 1e-5
