@@ -157,6 +157,37 @@ def test_target_subset_partly_adapted_fused_layers(world, compiled_run):
     assert info["stats"]["steps_mixed"] > 0
 
 
+# A bf16 engine's greedy tokens, fed back through the float32 reference, stay within this many
+# logits of its argmax (logits here reach about ±11; bf16 keeps 8 significant bits, so two layers
+# of rounding move them by a few tenths). Serving a wrong mixture gives gaps of 10 and more.
+BF16_LOGIT_GAP = 0.5
+
+
+@pytest.mark.slow
+def test_bf16_checkpoint_serves_mixtures(world, compiled_run):
+    run, hybrid = compiled_run["bf16"], compiled_run["bf16_hybrid"]
+    assert run["dtype"] == hybrid["dtype"] == "torch.bfloat16"
+    # Factored steps: a request's tokens do not depend on its batch.
+    assert run["batch"] == run["alone"], "bf16: a request in the mixed batch vs alone"
+    stats = run["info"]["stats"]
+    assert stats["svd_misses"] == 7 * tiny_world.CONFIG["num_hidden_layers"]  # new weights
+    assert stats["steps_mixed"] > 0 and stats["merges"] == 0
+    # Hybrid: single-mixture steps run a merged bf16 W' (alone), mixed ones the factors.
+    hstats = hybrid["info"]["stats"]
+    assert hstats["svd_hits"] == stats["svd_misses"] and hstats["merges"] > 0
+    assert hstats["steps_single"] > 0 and hstats["steps_mixed"] > 0
+    assert hybrid["batch"] == run["batch"]
+    requests = [(p, plan.hf_spec(s)) for p, s in plan.BATCH]
+    for name, tokens in [("batch", run["batch"]), ("hybrid alone", hybrid["alone"])]:
+        gaps = tiny_world.greedy_gaps(world, requests, tokens)
+        assert max(gaps) <= BF16_LOGIT_GAP, f"bf16 {name} vs the float32 reference: {gaps}"
+    # The mixtures are applied (a wrong one is far off) and change the output.
+    swapped = [(p, "code" if s == "math" else "math") for p, s in requests[1:3]]
+    assert min(tiny_world.greedy_gaps(world, swapped, run["batch"][1:3])) > 10 * BF16_LOGIT_GAP
+    same_prompt = [i for i, (p, _) in enumerate(plan.BATCH) if p == plan.PROMPTS[1]]
+    assert len({tuple(run["batch"][i]) for i in same_prompt}) == len(same_prompt)
+
+
 @pytest.mark.slow
 def test_prefix_cache_never_crosses_mixtures(main_run, hf):
     pref = main_run["prefix"]

@@ -1,7 +1,8 @@
 """vLLM engine runs for tests/test_vllm_integration.py (run as a subprocess: vLLM spawns).
 
     python engine_checks.py main     WORLD OUT.json   # t2fast engine, eager, multiprocess
-    python engine_checks.py compiled WORLD OUT.json   # vanilla eager + t2fast compiled, in-process
+    python engine_checks.py compiled WORLD OUT.json   # vanilla eager + t2fast compiled + bf16,
+                                                      # in-process
     python engine_checks.py tp       WORLD OUT.json   # t2fast, eager, tensor_parallel_size=2
     python engine_checks.py triton   WORLD OUT.json [compiled]
         # the Triton kernels under TRITON_INTERPRET=1 (manual check, minutes to tens of
@@ -48,10 +49,11 @@ def tokens(outs):
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def t2_llm(world: Path, backend: str = "torch", hybrid: bool = True, **kw):
+def t2_llm(world: Path, backend: str = "torch", hybrid: bool = True, model: str = "model",
+           **kw):
     from t2fast.vllm import LLM
 
-    return LLM(str(world / "model"), experts=[str(world / "experts" / f"{n}.safetensors")
+    return LLM(str(world / model), experts=[str(world / "experts" / f"{n}.safetensors")
                                               for n in plan.FILE_EXPERTS],
                backend=backend, hybrid=hybrid, cache_dir=str(world / "svd"),
                **engine_kwargs(**kw))
@@ -163,7 +165,8 @@ def run_main(world: Path) -> dict:
 
 
 def run_compiled(world: Path) -> dict:
-    """In-process engines (faster start): vanilla vLLM (eager), then t2fast compiled."""
+    """In-process engines (faster start): vanilla vLLM (eager), then t2fast compiled, a subset
+    of the matrices, and a bf16 checkpoint."""
     import gc
 
     from vllm import LLM as VLLM
@@ -201,6 +204,21 @@ def run_compiled(world: Path) -> dict:
     res["subset_batch"] = run_batch(llm, plan.SUBSET_BATCH)
     res["subset_alone"] = [run_batch(llm, [r])[0] for r in plan.SUBSET_BATCH]
     res["subset_info"] = llm.t2_info()[0]
+
+    # A checkpoint stored in bfloat16 and served in bfloat16, as real checkpoints are: the SVDs
+    # run while vLLM's default dtype is bf16. Factored steps only (the serving default), then
+    # hybrid (single-mixture steps through a merged bf16 W', which rounds differently).
+    for key, hybrid in (("bf16", False), ("bf16_hybrid", True)):
+        del llm
+        gc.collect()
+        t2 = time.time()
+        llm = t2_llm(world, model="model_bf16", hybrid=hybrid, enforce_eager=True,
+                     dtype="bfloat16")
+        res[key] = {"startup_s": time.time() - t2,
+                    "dtype": str(llm.llm_engine.model_config.dtype),
+                    "batch": run_batch(llm, plan.BATCH),
+                    "alone": [run_batch(llm, [r])[0] for r in plan.BATCH],
+                    "info": llm.t2_info()[0]}
     res["total_s"] = time.time() - t0
     return res
 

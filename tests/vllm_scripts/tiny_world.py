@@ -44,9 +44,10 @@ def build_model(seed: int = 0, init_std: float = 0.25, **overrides):
     return model.float().eval()
 
 
-def save_model(path, seed: int = 0, **overrides) -> Path:
+def save_model(path, seed: int = 0, dtype=torch.float32, **overrides) -> Path:
+    """The model of :func:`build_model`, stored in ``dtype`` (bfloat16: as real checkpoints are)."""
     path = Path(path)
-    model = build_model(seed, **overrides)
+    model = build_model(seed, **overrides).to(dtype)
     model.generation_config.bos_token_id = 1
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 0
@@ -78,10 +79,13 @@ def make_experts(model_path, out_dir, names=("math", "code", "neg"), scale: floa
 
 
 def make_world(root, subset=None, **overrides) -> Path:
-    """model/ (tiny Llama + tokenizer), experts/ (math, code, neg, ones), svd/ (empty cache);
-    with ``subset=(targets, layers)`` also experts/subset/ (math, code) for those matrices."""
+    """model/ (tiny Llama + tokenizer), model_bf16/ (the same weights stored in bfloat16),
+    experts/ (math, code, neg, ones; made on the float32 model and served on both), svd/ (empty
+    cache); with ``subset=(targets, layers)`` also experts/subset/ (math, code) for those
+    matrices."""
     root = Path(root)
     save_model(root / "model", **overrides)
+    save_model(root / "model_bf16", dtype=torch.bfloat16, **overrides)
     make_experts(root / "model", root / "experts")
     if subset is not None:
         make_experts(root / "model", root / "experts" / "subset", names=("math", "code"),
@@ -92,17 +96,18 @@ def make_world(root, subset=None, **overrides) -> Path:
 
 @torch.no_grad()
 def hf_reference(world, requests, max_tokens: int, experts=("math", "code", "neg", "ones"),
-                 cache_dir=None, targets="all", layers=None, expert_dir="experts"):
-    """Greedy tokens of each (prompt, patch_model mixture spec) from the Hugging Face model
-    patched by t2fast.patch_model (one request at a time, full recompute each step).
-    Returns (token lists, decomposition cache hits)."""
+                 cache_dir=None, targets="all", layers=None, expert_dir="experts",
+                 model_dir="model", dtype=torch.float32):
+    """Greedy tokens of each (prompt, patch_model mixture spec) from the Hugging Face model in
+    ``world/model_dir`` loaded in ``dtype`` and patched by t2fast.patch_model (one request at a
+    time, full recompute each step). Returns (token lists, decomposition cache hits)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     import t2fast
 
     world = Path(world)
-    tok = AutoTokenizer.from_pretrained(world / "model")
-    model = LlamaForCausalLM.from_pretrained(world / "model", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(world / model_dir)
+    model = LlamaForCausalLM.from_pretrained(world / model_dir, dtype=dtype).eval()
     handle = t2fast.patch_model(model, [world / expert_dir / f"{n}.safetensors" for n in experts],
                                 targets=targets, layers=layers,
                                 cache_dir=cache_dir if cache_dir is not None else world / "svd",
@@ -120,3 +125,34 @@ def hf_reference(world, requests, max_tokens: int, experts=("math", "code", "neg
     return outs, handle.decomposition.cache_hits
 
 
+
+
+@torch.no_grad()
+def greedy_gaps(world, requests, tokens: list[list[int]], experts=("math", "code"),
+                model_dir="model_bf16") -> list[float]:
+    """How far each generated token sequence is from greedy under the float32 reference.
+
+    ``tokens[i]`` (generated for ``requests[i] = (prompt, patch_model spec)``, e.g. by a bf16
+    engine) is fed back through the checkpoint in ``world/model_dir`` loaded in float32 and
+    patched by t2fast.patch_model with the same mixture; at each step the gap is the reference's
+    largest logit minus its logit of the generated token (0 where the token is the reference's
+    argmax). Returns the largest gap of each request.
+    """
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    import t2fast
+
+    world = Path(world)
+    tok = AutoTokenizer.from_pretrained(world / model_dir)
+    model = LlamaForCausalLM.from_pretrained(world / model_dir, dtype=torch.float32).eval()
+    handle = t2fast.patch_model(model, [world / "experts" / f"{n}.safetensors" for n in experts],
+                                cache_dir=False, backend="torch", progress=False)
+    gaps = []
+    for (prompt, spec), new in zip(requests, tokens):
+        handle.set_mixture(spec)
+        ids = tok(prompt, return_tensors="pt").input_ids
+        logits = model(torch.cat([ids, torch.tensor([new])], dim=1)).logits[0].float()
+        steps = logits[ids.shape[1] - 1:-1]
+        chosen = steps.gather(1, torch.tensor(new)[:, None])[:, 0]
+        gaps.append(float((steps.max(dim=1).values - chosen).max()))
+    return gaps
