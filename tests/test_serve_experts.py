@@ -50,8 +50,8 @@ def test_names_are_checked_and_cards_name_the_base():
         with pytest.raises(T2HTTPError) as err:
             ex.check_name(bad)
         assert int(err.value.status) == 400
-    card = ex.card("math")
-    assert card["parent"] == "tiny" and card["root"] == "math.safetensors"
+    card = ex.card("math")   # names the expert, not its file: no server path in responses
+    assert card["parent"] == "tiny" and card["root"] == "math"
 
 
 def test_load_replace_conflict_and_capacity():

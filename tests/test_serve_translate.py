@@ -6,7 +6,8 @@ import json
 import pytest
 
 from t2fast.serve.config import ServeConfig
-from t2fast.serve.translate import T2HTTPError, prompt_text, set_spec, t2_keys_in, translate
+from t2fast.serve.translate import (MAX_BODY_DEPTH, T2HTTPError, check_depth, prompt_text,
+                                    set_spec, t2_keys_in, translate)
 
 EXPERTS, BASE_NAMES = ["arith", "strings"], ["tiny"]
 
@@ -28,6 +29,11 @@ def test_forms_become_one_t2_json_string():
     assert out.spec == {"expert": "strings"}
     out = tr({"model": "tiny", "t2": '{"expert": "arith"}'})
     assert out.body["vllm_xargs"]["t2"] == '{"expert": "arith"}'
+    # the key that named the mixture, for error texts
+    assert [tr({"model": "tiny", **b}).key for b in (
+        {}, {"t2": "arith"}, {"t2_alpha": [1, 0]}, {"vllm_xargs": {"t2_expert": "arith"}},
+        {"t2_adapt": "prompt"})] == [None, "t2", "t2_alpha", "vllm_xargs.t2_expert", "t2_adapt"]
+    assert tr({"model": "arith"}).key == "model"
     body = {"model": "tiny", "t2_expert": "arith"}
     tr(body)
     assert body == {"model": "tiny", "t2_expert": "arith"}  # the input is not changed
@@ -38,6 +44,9 @@ def test_adapt_modes_and_server_default():
     assert tr({"model": "tiny", "t2_adapt": "none"}).adapt is None
     assert tr({"model": "tiny", "t2_adapt": "profile:mix"}).adapt == "profile:mix"
     assert tr({"model": "tiny"}, default_adapt="classifier").adapt == "classifier"
+    assert tr({"model": "tiny"}, default_adapt="classifier").adapt_is_default
+    assert not tr({"model": "tiny", "t2_adapt": "prompt"}, "classifier").adapt_is_default
+    assert not tr({"model": "tiny"}).adapt_is_default
     assert tr({}, default_adapt="prompt").adapt == "prompt"
     # a request naming a mixture, or another model, is not adapted by default
     assert tr({"model": "tiny", "t2_expert": "arith"}, "prompt").adapt is None
@@ -76,6 +85,32 @@ def test_bodies_that_are_not_t2_requests_pass_through():
     assert t2_keys_in({"input": "x", "t2_expert": "a", "vllm_xargs": {"t2": "b", "k": 1}}) == [
         "t2_expert", "vllm_xargs.t2"]
     assert t2_keys_in({"input": "x"}) == [] and t2_keys_in("x") == []
+
+
+def deep(depth: int):
+    value = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_depth_of_bodies_is_bounded_without_recursion():
+    check_depth({"prompt": deep(MAX_BODY_DEPTH - 1), "messages": [{"content": "x"}]})
+    check_depth(deep(MAX_BODY_DEPTH))
+    for body, param in [({"prompt": "x", "extra": deep(MAX_BODY_DEPTH)}, "extra"),
+                        ({"vllm_xargs": {"t2": deep(100_000)}}, "vllm_xargs"),
+                        (deep(MAX_BODY_DEPTH + 1), None)]:
+        with pytest.raises(T2HTTPError, match=f"more than {MAX_BODY_DEPTH} levels") as err:
+            check_depth(body)
+        assert err.value.param == param and int(err.value.status) == 400
+
+
+def test_error_texts_are_bounded():
+    for body in [{"t2_" + "x" * 1_000_000: 1}, {"t2_adapt": "y" * 1_000_000}]:
+        with pytest.raises(T2HTTPError) as err:
+            tr({"model": "tiny", **body})
+        assert len(json.dumps(err.value.payload())) < 500
+    assert len(T2HTTPError("z" * 10_000).message) <= 300
 
 
 def test_prompt_text_for_pass_one():

@@ -22,6 +22,10 @@ HEADER_EXPERT = "x-t2-expert"
 HEADER_PASS1_MS = "x-t2-pass1-ms"
 HEADER_LABEL = "x-t2-pass1-label"
 HEADER_ALPHA = "x-t2-alpha"
+#: The mixture a response was served with, in normal form (``{"arith": 1.0}``) or ``base``.
+HEADER_MIXTURE = "x-t2-mixture"
+#: Why the server's default ``t2_adapt`` was not run for a request.
+HEADER_ADAPT_SKIPPED = "x-t2-adapt-skipped"
 #: How pass 1 phrases the question: the tiny world's template, or the paper's for chat models.
 TEMPLATES = {"tiny": tiny_world_prompt, "paper": paper_style_prompt}
 PASS1_MAX_TOKENS = 10

@@ -56,7 +56,11 @@ def _add_args(p: argparse.ArgumentParser) -> None:
                    help="bank capacity (experts loaded at once; fixed for the server's life)")
     add_svf_arguments(p, SERVE_SVF_FIELDS[2:])
     p.add_argument("--allow-runtime-loading", action="store_true",
-                   help="enable POST/DELETE /v1/t2/experts (they read files named by clients)")
+                   help="enable POST/DELETE /v1/t2/experts (they read files named by clients; "
+                        "needs --runtime-loading-root)")
+    p.add_argument("--runtime-loading-root", default=None, metavar="DIR",
+                   help="the folder whose expert files clients may load (paths resolve inside "
+                        "it, symlinks included)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000)
     p.epilog = ("Every other option goes to vLLM's serve unchanged (python -m "
@@ -117,6 +121,8 @@ def vllm_arguments(args, extra: list[str]) -> list[str]:
     serve_cfg = ServeConfig(adapt=args.adapt, classifier=classifier,
                             adapt_template=args.adapt_template,
                             allow_runtime_loading=args.allow_runtime_loading,
+                            runtime_loading_root=None if args.runtime_loading_root is None
+                            else str(Path(args.runtime_loading_root).resolve()),
                             named_experts=named, profiles=profiles)
     kw = engine_args(model, files, max_experts=args.max_experts,
                      **svf_settings(args, SERVE_SVF_FIELDS))   # settings checked before start-up

@@ -7,6 +7,7 @@ and ``t2fast serve`` run the same server.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 
 SERVE_KEY = "t2fast_serve"
@@ -25,6 +26,9 @@ class ServeConfig:
             ``Q: classify: ...``) or ``"paper"`` (the paper's prompt, for chat models).
         allow_runtime_loading: expose ``POST`` / ``DELETE /v1/t2/experts`` (off by default,
             like vLLM's ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``: they read files named by clients).
+        runtime_loading_root: the folder those files must resolve inside (symlinks resolved),
+            like vLLM's ``--allowed-local-media-path``; required with
+            ``allow_runtime_loading``.
         named_experts: ``{name: file}`` loaded at start-up under the given names.
         profiles: ``{name: file}`` of mixture profiles (:mod:`t2fast.serve.profiles`) served
             as ``t2_adapt="profile:NAME"``.
@@ -33,6 +37,7 @@ class ServeConfig:
     classifier: str | None = None
     adapt_template: str = "tiny"
     allow_runtime_loading: bool = False
+    runtime_loading_root: str | None = None
     named_experts: dict = field(default_factory=dict)
     profiles: dict = field(default_factory=dict)
 
@@ -45,6 +50,17 @@ class ServeConfig:
                              f"{self.adapt!r}")
         if self.adapt == "classifier" and not self.classifier:
             raise ValueError("t2fast serve: adapt='classifier' needs a classifier expert")
+        if self.allow_runtime_loading:
+            root = self.runtime_loading_root
+            if not root:
+                raise ValueError("t2fast serve: run-time loading needs a root folder the "
+                                 "loaded files must lie in (--runtime-loading-root DIR)")
+            if not os.path.isdir(root):
+                raise ValueError(f"t2fast serve: the run-time loading root {root!r} is not a "
+                                 f"folder")
+        elif self.runtime_loading_root is not None:
+            raise ValueError("t2fast serve: --runtime-loading-root is given without "
+                             "--allow-runtime-loading")
         if self.adapt_template not in TEMPLATES:
             raise ValueError(f"t2fast serve: adapt_template must be one of {sorted(TEMPLATES)}, "
                              f"got {self.adapt_template!r}")

@@ -6,6 +6,11 @@ which validates every request's mixture), the banks of every worker (through
 ``engine_client.collective_rpc`` into :class:`t2fast.vllm.worker.T2WorkerExtension`), and the
 count of in-flight requests per expert, so that an expert is never unloaded under a request that
 uses it (its answer would silently change mid-generation).
+
+Files named by clients (:meth:`ServedExperts.load_from_client`) must resolve, symlinks
+included, inside the server's run-time loading root; one error text covers "outside the root"
+and "missing", and no response carries a server path (cards name the expert, not its file).
+Files are read off the event loop.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 from ..mixtures import BASE, MixtureError, check_expert_name
+from ..vllm.requests import shown
 from .translate import T2HTTPError
 
 #: How long an unload waits for the requests that use the expert to finish.
@@ -30,13 +36,17 @@ class ServedExperts:
         frontend: the engine's :class:`t2fast.vllm.requests.FrontEnd`.
         base_names: the served names of the base model (an expert may not take one).
         paths: ``{name: file}`` of the experts loaded at start-up.
+        root: the folder client-named files must resolve inside (None: clients may not name
+            files).
     """
 
-    def __init__(self, engine_client, frontend, base_names, paths: dict | None = None):
+    def __init__(self, engine_client, frontend, base_names, paths: dict | None = None,
+                 root=None):
         self.engine_client = engine_client
         self.frontend = frontend
         self.base_names = list(base_names)
-        self.paths: dict[str, str] = dict(paths or {})
+        self.paths: dict[str, str] = dict(paths or {})   # for the server's log only
+        self.root = None if root is None else Path(root).resolve()
         self.in_flight: Counter = Counter()
         self.swapping: dict[str, asyncio.Event] = {}   # name -> set when its replace is done
         self.lock = asyncio.Lock()
@@ -79,8 +89,43 @@ class ServedExperts:
                               param="name")
         return name
 
+    def client_path(self, path) -> Path:
+        """The expert file or folder a client's ``path`` names (relative to the root, or
+        absolute), resolved with its symlinks; it must exist inside the root.
+
+        Raises:
+            T2HTTPError (400) with one text for "outside the root" and "missing".
+        """
+        if not isinstance(path, str) or not path:
+            raise T2HTTPError("'path' must be the path of an expert file, relative to the "
+                              "server's run-time loading root", param="path")
+        refused = T2HTTPError(f"'path' {shown(path)} names no expert file or folder inside "
+                              f"the server's run-time loading root", param="path")
+        if self.root is None or "\0" in path:
+            raise refused
+        try:
+            resolved = (self.root / path).resolve(strict=True)
+        except (OSError, RuntimeError, ValueError):  # missing, a symlink loop, unreadable
+            raise refused from None
+        if not resolved.is_relative_to(self.root):
+            raise refused
+        return resolved
+
+    async def load_from_client(self, name, path, replace: bool = False) -> dict:
+        """:meth:`load` of a file a client named (``POST /v1/t2/experts``): confined to the
+        root, and its errors quote the client's ``path``, never the server's."""
+        self.check_name(name)
+        resolved = await asyncio.to_thread(self.client_path, path)
+        try:
+            return await self.load(name, str(resolved), replace)
+        except T2HTTPError as exc:
+            if exc.param != "path":
+                raise
+            raise T2HTTPError(exc.message.replace(str(resolved), path), param="path") from None
+
     async def load(self, name: str, path: str, replace: bool = False) -> dict:
-        """Load the expert file ``path`` as ``name`` into every worker (all or nothing).
+        """Load the expert file ``path`` as ``name`` into every worker (all or nothing); the
+        file is read in a thread, off the event loop.
 
         Raises:
             T2HTTPError: 400 for a bad name or file, 409 when ``name`` is loaded and not
@@ -104,7 +149,7 @@ class ServedExperts:
                     f"{self.frontend.names}); unload one, or restart with a larger "
                     f"--max-experts", param="name", status=HTTPStatus.CONFLICT)
             try:  # readable, finite, z in range: refuse here rather than in the workers
-                e = load_expert(path)
+                e = await asyncio.to_thread(load_expert, path)
             except (ValueError, OSError) as exc:
                 raise T2HTTPError(str(exc), param="path") from None
             e = Expert(name=name, z=e.z, base_model=e.base_model, fingerprint=e.fingerprint,
@@ -119,8 +164,10 @@ class ServedExperts:
                     raise T2HTTPError(f"expert {name!r} is still used by {self.in_flight[name]} "
                                       f"request(s) after {DRAIN_TIMEOUT_S:.0f} s; not replaced",
                                       param="name", status=HTTPStatus.CONFLICT)
-                results = await self._rpc("t2_load_experts", [encode_expert(e)], None)
-                self.frontend.add(name, expert_digest(e))
+                encoded, digest = await asyncio.to_thread(
+                    lambda: (encode_expert(e), expert_digest(e)))
+                results = await self._rpc("t2_load_experts", [encoded], None)
+                self.frontend.add(name, digest)
                 self._check_order(results)
             finally:
                 if swap is not None:
@@ -137,7 +184,7 @@ class ServedExperts:
         """
         async with self.lock:
             if name not in self.frontend.names:
-                raise T2HTTPError(f"expert {name!r} is not loaded; loaded: "
+                raise T2HTTPError(f"expert {shown(name)} is not loaded; loaded: "
                                   f"{self.frontend.names or '(none)'}", param="name",
                                   status=HTTPStatus.NOT_FOUND)
             digest = self.frontend.digests.get(name, "")
@@ -185,9 +232,10 @@ class ServedExperts:
 
     # ---- listing ------------------------------------------------------------------------
     def card(self, name: str) -> dict:
-        """``/v1/models`` entry of an expert (shaped like vLLM's LoRA cards)."""
+        """``/v1/models`` entry of an expert (shaped like vLLM's LoRA cards; ``root`` is the
+        expert's name, not its file: responses carry no server paths)."""
         return {"id": name, "object": "model", "created": int(time.time()),
-                "owned_by": "t2fast", "root": self.paths.get(name), "parent": self.base_names[0],
+                "owned_by": "t2fast", "root": name, "parent": self.base_names[0],
                 "max_model_len": None, "permission": []}
 
     async def info(self) -> dict:

@@ -19,14 +19,18 @@ from __future__ import annotations
 import json
 from http import HTTPStatus
 
-from .adapt import HEADER_ADAPT, HEADER_ALPHA, HEADER_EXPERT
+from ..vllm.requests import MAX_MESSAGE_CHARS, cap_text, mixture_key, shown, shown_list
+from .adapt import HEADER_ADAPT, HEADER_ADAPT_SKIPPED, HEADER_ALPHA, HEADER_EXPERT, \
+    HEADER_MIXTURE
 from .profiles import PREFIX
-from .translate import (ADAPT_KEY, ROUTES, T2HTTPError, prompt_text, set_spec, t2_keys_in,
-                        translate)
+from .translate import (ADAPT_KEY, ROUTES, T2HTTPError, body_too_deep, check_depth,
+                        prompt_text, set_spec, t2_keys_in, translate)
 
 STATE_ATTR = "t2fast"
 #: t2fast's own routes (their bodies are not requests for a model).
 T2_ROUTES = "/v1/t2/"
+#: A 404's list of served models stops after about this many characters.
+MAX_LISTED_CHARS = 200
 
 
 class T2RequestMiddleware:
@@ -37,37 +41,46 @@ class T2RequestMiddleware:
 
     async def __call__(self, scope, receive, send):
         server = getattr(scope["app"].state, STATE_ATTR, None) \
-            if scope["type"] == "http" and scope.get("method") == "POST" else None
+            if scope["type"] == "http" else None
         if server is None:
             return await self.app(scope, receive, send)
+        send = _capping_errors(send)
         path = scope.get("path", "")
         route = next((r for r in ROUTES if path.endswith(r)), None)
         ctype = dict(scope.get("headers", [])).get(b"content-type", b"")
-        if route is None and b"json" not in ctype:  # uploads etc.: not read
-            return await self.app(scope, receive, send)
+        if scope.get("method") != "POST" or (route is None and b"json" not in ctype):
+            return await self.app(scope, receive, send)  # uploads etc.: not read
         raw = await _read_body(receive)
         try:
             body = json.loads(raw)
+        except RecursionError:  # nested too deep for the parser
+            if route is None:
+                return await self.app(scope, _replay(raw, receive), send)
+            err = body_too_deep()
+            return await _send_json(send, err.status, err.payload())
         except ValueError:  # not JSON: vLLM's own validation answers
             return await self.app(scope, _replay(raw, receive), send)
         if route is None:  # other routes do not serve mixtures: say so rather than ignore
             keys = t2_keys_in(body) if not path.startswith(T2_ROUTES) else []
             if keys:
-                err = T2HTTPError(f"{path} does not serve t2fast mixtures (got {keys}); use "
-                                  f"{' or '.join(ROUTES)}", param=keys[0])
+                err = T2HTTPError(f"{path} does not serve t2fast mixtures (got "
+                                  f"{shown_list(keys)}); use {' or '.join(ROUTES)}",
+                                  param=keys[0])
                 return await _send_json(send, err.status, err.payload())
             return await self.app(scope, _replay(raw, receive), send)
         try:
+            check_depth(body)
+            server.check_model(body, _vllm_model_names(scope))
             new_body, normal, headers = await server.prepare(route, body)
+            data = json.dumps(new_body).encode()
         except T2HTTPError as exc:
             return await _send_json(send, exc.status, exc.payload())
         if headers.get(HEADER_EXPERT) and body.get("model") == headers[HEADER_EXPERT]:
             send = _renaming(send, body["model"])  # answer as the model that was asked for
-        used = await server.experts.acquire(normal)
-        data = json.dumps(new_body).encode()
         scope = dict(scope)
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-length"] + \
             [(b"content-length", str(len(data)).encode())]
+        used = await server.experts.acquire(normal)
         try:
             await self.app(scope, _replay(data, receive), _with_headers(send, headers))
         finally:
@@ -89,35 +102,91 @@ class T2Server:
         self.config = config
         self.profiles = dict(profiles or {})   # name -> α {expert: weight}
 
+    def check_model(self, body, other_names=()) -> None:
+        """404 for a ``"model"`` that is neither the base model, an expert, nor one of
+        ``other_names`` (vLLM's LoRA adapters); the text lists what is served, bounded.
+
+        ``other_names=None`` leaves the decision to vLLM (it may resolve LoRA adapters at
+        run time).
+        """
+        model = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(model, str) or not model or other_names is None or \
+                model in self.experts.base_names or model in self.experts.names or \
+                model in other_names:
+            return
+        served = [*(f"{n} (base model)" for n in self.experts.base_names),
+                  *(f"{n} (expert)" for n in self.experts.names), *other_names]
+        listed = []
+        for name in served:
+            if sum(len(n) + 2 for n in listed) + len(name) > MAX_LISTED_CHARS:
+                listed.append(f"{len(served) - len(listed)} more (GET /v1/models)")
+                break
+            listed.append(name)
+        raise T2HTTPError(f"The model {shown(model)} does not exist. Served models: "
+                          f"{', '.join(listed)}.", param="model", status=HTTPStatus.NOT_FOUND)
+
     async def prepare(self, route: str, body) -> tuple[object, object, dict]:
         """(body for vLLM, normal-form mixture or None, response headers) of one request.
+
+        Every translated request gets :data:`HEADER_MIXTURE` (the normal form applied, or
+        ``base``). A server-wide default ``t2_adapt`` that cannot run for a request (no single
+        text prompt ...) is skipped: the request gets the base model and
+        :data:`HEADER_ADAPT_SKIPPED` says why.
 
         Raises:
             T2HTTPError (400 for a bad t2 key or mixture).
         """
+        if not isinstance(body, dict):  # vLLM's own validation answers
+            return body, None, {}
         tr = translate(body, self.experts.names, self.experts.base_names, self.config.adapt)
         headers = {}
         if tr.adapt is not None and tr.adapt.startswith(PREFIX):
             name = tr.adapt[len(PREFIX):]
             if name not in self.profiles:
-                raise T2HTTPError(f"unknown profile {name!r}; served profiles: "
-                                  f"{sorted(self.profiles) or '(none)'}", param=ADAPT_KEY)
+                raise T2HTTPError(f"unknown profile {shown(name)}; served profiles: "
+                                  f"{shown_list(sorted(self.profiles)) or '(none)'}",
+                                  param=ADAPT_KEY)
             tr.spec = {"alpha": self.profiles[name]}
             set_spec(tr.body, tr.spec)
             headers = {HEADER_ADAPT: tr.adapt, HEADER_ALPHA: json.dumps(self.profiles[name])}
         elif tr.adapt is not None:
-            choice = await self.adapter.choose(tr.adapt, prompt_text(route, tr.body),
-                                               self.experts.names)
-            tr.spec = None if choice.expert is None else {"expert": choice.expert}
-            set_spec(tr.body, tr.spec)
-            headers = choice.headers(tr.adapt)
+            try:
+                choice = await self.adapter.choose(tr.adapt, prompt_text(route, tr.body),
+                                                   self.experts.names)
+            except T2HTTPError as exc:
+                if not tr.adapt_is_default:
+                    raise
+                headers = {HEADER_ADAPT: "none", HEADER_ADAPT_SKIPPED: _header_text(
+                    f"server default {tr.adapt}: {exc.message}")}
+            else:
+                tr.spec = None if choice.expert is None else {"expert": choice.expert}
+                set_spec(tr.body, tr.spec)
+                headers = choice.headers(tr.adapt)
         elif tr.via_model is not None:
             headers = {HEADER_EXPERT: tr.via_model}
         try:
             normal = None if tr.spec is None else self.experts.normalize(tr.spec)
-        except ValueError as exc:
-            raise T2HTTPError(str(exc), param="t2") from None
+        except (ValueError, TypeError, OverflowError) as exc:
+            key = tr.key or ADAPT_KEY
+            raise T2HTTPError(f"{key}: {getattr(exc, 'detail', exc)}", param=key) from None
+        headers[HEADER_MIXTURE] = mixture_key(normal) or "base"
         return tr.body, normal, headers
+
+
+def _vllm_model_names(scope) -> list[str] | None:
+    """Names vLLM serves besides the base model (its LoRA adapters), or None when vLLM may
+    resolve or accept other names at run time."""
+    import vllm.envs as envs
+
+    if envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING or envs.VLLM_SKIP_MODEL_NAME_VALIDATION:
+        return None
+    models = getattr(scope["app"].state, "openai_serving_models", None)
+    return list(getattr(models, "lora_requests", None) or {})
+
+
+def _header_text(text: str) -> str:
+    """``text`` as a header value: printable ASCII, at most 200 characters."""
+    return cap_text("".join(c if " " <= c <= "~" else "?" for c in text), 200)
 
 
 async def _read_body(receive) -> bytes:
@@ -200,6 +269,54 @@ def _with_headers(send, headers: dict):
         await send(msg)
 
     return wrapped
+
+
+def _capping_errors(send):
+    """Cap the message of every error response (status ≥ 400) at ``MAX_MESSAGE_CHARS``, ours
+    and vLLM's alike: an error never echoes an unbounded client value."""
+    start, chunks = None, []
+
+    async def wrapped(msg):
+        nonlocal start
+        if msg["type"] == "http.response.start" and msg.get("status", 200) >= 400:
+            start = msg  # held: the body's length may change
+            return
+        if start is None or msg["type"] != "http.response.body":
+            return await send(msg)
+        chunks.append(msg.get("body", b""))
+        if msg.get("more_body", False):
+            return
+        data = cap_error_body(b"".join(chunks), start["status"])
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({**start, "headers": headers + [(b"content-length", str(len(data)).encode())]})
+        await send({"type": "http.response.body", "body": data, "more_body": False})
+
+    return wrapped
+
+
+def cap_error_body(data: bytes, status: int) -> bytes:
+    """An error body whose message (``{"error": {"message": ...}}``, or the whole text) is at
+    most :data:`t2fast.vllm.requests.MAX_MESSAGE_CHARS` characters."""
+    if len(data) <= MAX_MESSAGE_CHARS:
+        return data
+    text = data.decode("utf-8", "replace")
+    try:
+        payload = json.loads(text)
+    except (ValueError, RecursionError):
+        payload = None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        error = {k: v for k, v in error.items() if isinstance(v, (str, int, type(None)))}
+        error["message"] = cap_text(error["message"])
+        if isinstance(error.get("param"), str):
+            error["param"] = cap_text(error["param"], 80)
+        return json.dumps({"error": error}).encode()
+    try:
+        kind = HTTPStatus(status).phrase.replace(" ", "") + "Error"
+    except ValueError:
+        kind = "Error"
+    return json.dumps({"error": {"message": cap_text(text), "type": kind, "param": None,
+                                 "code": status}}).encode()
 
 
 async def _send_json(send, status: HTTPStatus, payload: dict) -> None:

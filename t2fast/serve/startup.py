@@ -30,7 +30,8 @@ async def build_server(engine_client, args) -> T2Server | None:
     cfg = ServeConfig.from_vllm_config(vllm_config)
     base_names = list(args.served_model_name or [args.model])
     paths = {expert_file_name(p): p for p in config_from_vllm(vllm_config).experts}
-    experts = ServedExperts(engine_client, frontend, base_names, paths)
+    experts = ServedExperts(engine_client, frontend, base_names, paths,
+                            cfg.runtime_loading_root)
     for name, path in cfg.named_experts.items():
         await experts.load(name, path)
     for name in experts.names:
@@ -65,7 +66,8 @@ def log_startup(server: T2Server, info: dict, vllm_config) -> None:
     logger.info("t2fast: serving %s as %s", vllm_config.model_config.model,
                 server.experts.base_names)
     logger.info("t2fast: experts (bank order, capacity %d): %s", info["max_experts"],
-                ", ".join(f"{c['id']} <- {c['root']}" for c in info["experts"]) or "(none)")
+                ", ".join(f"{c['id']} <- {server.experts.paths.get(c['id'])}"
+                          for c in info["experts"]) or "(none)")
     logger.info("t2fast: %d adapted matrices (%s ... %s); SVDs: %d from cache, %d computed, "
                 "%d from rank 0", len(w["targets"]), w["targets"][0] if w["targets"] else "-",
                 w["targets"][-1] if w["targets"] else "-", stats["svd_hits"],
@@ -76,4 +78,5 @@ def log_startup(server: T2Server, info: dict, vllm_config) -> None:
     logger.info("t2fast: default t2_adapt=%s, classifier=%s, template=%s, profiles %s; run-time "
                 "loading %s", cfg.adapt, cfg.classifier or "-", cfg.adapt_template,
                 sorted(server.profiles) or "-",
-                "allowed" if cfg.allow_runtime_loading else "disabled")
+                f"allowed under {server.experts.root}" if cfg.allow_runtime_loading
+                else "disabled")

@@ -30,6 +30,8 @@ import json
 from dataclasses import dataclass
 from http import HTTPStatus
 
+from ..vllm.requests import cap_text, shown
+
 XARGS = "vllm_xargs"
 SPEC_KEYS = {"t2": None, "t2_expert": "expert", "t2_alpha": "alpha"}
 ADAPT_KEY = "t2_adapt"
@@ -38,6 +40,9 @@ ADAPT_MODES = ("none", "prompt", "classifier")
 LOOKALIKES = ("expert", "experts", "alpha", "adapt", "mixture")
 #: Routes whose bodies are translated.
 ROUTES = ("/v1/completions", "/v1/chat/completions")
+#: The deepest a request body on those routes may nest (JSON schemas of structured outputs
+#: stay far below; the JSON parser and every tool that re-reads the body recurse per level).
+MAX_BODY_DEPTH = 128
 
 
 class T2HTTPError(Exception):
@@ -45,9 +50,10 @@ class T2HTTPError(Exception):
 
     def __init__(self, message: str, param: str | None = None,
                  status: HTTPStatus = HTTPStatus.BAD_REQUEST):
+        message = cap_text(message)
         super().__init__(message)
         self.message = message
-        self.param = param
+        self.param = None if param is None else cap_text(param, 80)
         self.status = status
 
     def payload(self) -> dict:
@@ -66,12 +72,17 @@ class Translated:
         body: the JSON body for vLLM's route (a new dict; the input is not changed).
         spec: the raw mixture (``{"expert": ...}`` / ``{"alpha": ...}`` or a JSON string), or
             None for the base model or when pass 1 is still to choose it.
+        key: the key that named the mixture (``"t2_alpha"``, ``"vllm_xargs.t2"``,
+            ``"model"`` ...), for error texts; None when no key did.
         adapt: ``"prompt"`` or ``"classifier"`` when the server must run pass 1, else None.
+        adapt_is_default: ``adapt`` is the server's default, not the request's own.
         via_model: the expert named by ``"model"``, if any.
     """
     body: dict
     spec: object = None
+    key: str | None = None
     adapt: str | None = None
+    adapt_is_default: bool = False
     via_model: str | None = None
 
 
@@ -105,12 +116,13 @@ def translate(body, expert_names, base_names, default_adapt: str = "none") -> Tr
         for k in d:
             if isinstance(k, str) and k.lower().replace("-", "_").startswith("t2") \
                     and k not in T2_KEYS:
-                raise T2HTTPError(f"unknown t2fast key {where + k!r}; known keys: "
+                raise T2HTTPError(f"unknown t2fast key {shown(where + k)}; known keys: "
                                   f"{', '.join(T2_KEYS)}", param=where + k)
     for k in LOOKALIKES:
         if k in body:
             raise T2HTTPError(f"unknown field {k!r}: t2fast mixtures go in "
                               f"{', '.join(T2_KEYS)} (top level or {XARGS})", param=k)
+    in_xargs = {k: f"{XARGS}.{k}" for k in T2_KEYS if k in xargs}
     for k in T2_KEYS:
         if k in body:
             if k in xargs:
@@ -125,16 +137,17 @@ def translate(body, expert_names, base_names, default_adapt: str = "none") -> Tr
     if len(given) > 1:
         raise T2HTTPError(f"give one mixture per request, got {' and '.join(given)}",
                           param=given[1])
-    out = Translated(body)
+    out = Translated(body, key=in_xargs.get(given[0], given[0]) if given else None)
     if via_model is not None:
         body["model"] = base_names[0]
         out.spec, out.via_model = {"expert": via_model}, via_model
     elif given and given[0] == ADAPT_KEY:
-        out.adapt = _adapt_mode(xargs.pop(ADAPT_KEY), ADAPT_KEY)
+        out.adapt = _adapt_mode(xargs.pop(ADAPT_KEY), out.key)
     elif given:
         out.spec = _spec_from(given[0], xargs.pop(given[0]))
     elif model is None or model in base_names:
         out.adapt = _adapt_mode(default_adapt, "the server's default adapt mode")
+        out.adapt_is_default = out.adapt is not None
     if out.spec is not None:
         xargs["t2"] = out.spec if isinstance(out.spec, str) else json.dumps(out.spec)
     if xargs:
@@ -142,6 +155,34 @@ def translate(body, expert_names, base_names, default_adapt: str = "none") -> Tr
     else:
         body.pop(XARGS, None)
     return out
+
+
+def check_depth(body, limit: int = MAX_BODY_DEPTH) -> None:
+    """Refuse a parsed body nested more than ``limit`` levels deep (walked without recursion).
+
+    Raises:
+        T2HTTPError (400) naming the top-level field that nests too deep.
+    """
+    if not isinstance(body, (dict, list)):
+        return
+    stack = [(v, 2, k if isinstance(body, dict) else None)
+             for k, v in (body.items() if isinstance(body, dict) else enumerate(body))]
+    while stack:
+        value, depth, field = stack.pop()
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > limit:
+            raise body_too_deep(field)
+        items = value.values() if isinstance(value, dict) else value
+        stack += [(v, depth + 1, field) for v in items]
+
+
+def body_too_deep(field=None) -> T2HTTPError:
+    """The 400 of a body nested deeper than :data:`MAX_BODY_DEPTH` (``field``: where)."""
+    where = f"field {shown(field)} of the request body" if field is not None else \
+        "the request body"
+    return T2HTTPError(f"{where} is JSON nested more than {MAX_BODY_DEPTH} levels deep",
+                       param=field)
 
 
 def t2_keys_in(body) -> list[str]:
@@ -159,7 +200,7 @@ def _adapt_mode(value, what: str) -> str | None:
     is_profile = isinstance(value, str) and value.startswith(PREFIX) and len(value) > len(PREFIX)
     if value not in ADAPT_MODES and not is_profile:
         raise T2HTTPError(f"{what} must be one of {', '.join(ADAPT_MODES)} or "
-                          f"'{PREFIX}NAME', got {value!r}", param=ADAPT_KEY)
+                          f"'{PREFIX}NAME', got {shown(value)}", param=ADAPT_KEY)
     return None if value == "none" else value
 
 

@@ -32,13 +32,19 @@ from pathlib import Path
 
 import torch
 
-from ..mixtures import BASE, MixtureBounds, MixtureError, check_expert_name, normal_form, \
-    parse_mixture
+from ..mixtures import BASE, MAX_NAME_LENGTH, MixtureBounds, MixtureError, check_expert_name, \
+    normal_form, parse_mixture
 from .config import REQUEST_KEY, T2Config, config_from_vllm, is_t2_model_config, \
     num_decoder_layers
 
 NORMAL_FORM_VERSION = 1
 _SPEC_KEYS = ("expert", "alpha")
+#: The deepest an α nests: ``{"math": [per-layer weights]}`` or ``[[per-layer row], ...]``.
+MAX_ALPHA_DEPTH = 2
+#: Error texts quote a client's value in at most this many characters ...
+MAX_SHOWN_CHARS = 60
+#: ... and are at most this long: errors never echo unbounded input.
+MAX_MESSAGE_CHARS = 300
 
 try:  # a vLLM validation error maps to HTTP 400 in the OpenAI server
     from vllm.exceptions import VLLMValidationError as _ValidationBase
@@ -51,10 +57,72 @@ except Exception:  # noqa: BLE001 - vllm missing: keep the module importable
 
 
 class T2RequestError(_ValidationBase, ValueError):
-    """A request's ``extra_args["t2"]`` is invalid (unknown expert, bad α ...)."""
+    """A request's ``extra_args["t2"]`` is invalid (unknown expert, bad α ...).
+
+    ``detail`` is the problem alone (the HTTP server prefixes the key the client used); both
+    texts are capped at :data:`MAX_MESSAGE_CHARS`.
+    """
 
     def __init__(self, message: str):
-        super().__init__(f"extra_args['{REQUEST_KEY}']: {message}", parameter="extra_args")
+        self.detail = cap_text(message)
+        super().__init__(cap_text(f"extra_args['{REQUEST_KEY}']: {message}"),
+                         parameter="extra_args")
+
+
+def cap_text(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    tail = f"... ({len(text) - limit} more characters)"
+    return text[:max(limit - len(tail), 0)] + tail
+
+
+def shown(value) -> str:
+    """A client's value for an error text: its ``repr``, at most :data:`MAX_SHOWN_CHARS`
+    characters (containers are not walked: a deeply nested value cannot overflow the stack)."""
+    if isinstance(value, (dict, list, tuple)):
+        text = f"{type(value).__name__} of {len(value)} item(s)"
+    else:
+        text = repr(value)
+    return cap_text(text, MAX_SHOWN_CHARS)
+
+
+def shown_list(values, limit: int = 3) -> str:
+    """The first ``limit`` of ``values`` (each :func:`shown`) and how many more there are."""
+    values = list(values)
+    more = f" and {len(values) - limit} more" if len(values) > limit else ""
+    return ", ".join(shown(v) for v in values[:limit]) + more
+
+
+def _check_name_length(names, what: str) -> None:
+    """Refuse names too long to be an expert's before any text quotes them in full."""
+    long = next((n for n in names if isinstance(n, str) and len(n) > MAX_NAME_LENGTH), None)
+    if long is not None:
+        raise T2RequestError(f"{what} {shown(long)}: expert names have at most "
+                             f"{MAX_NAME_LENGTH} characters")
+
+
+def check_alpha_values(alpha, where: str) -> None:
+    """Refuse an α nested deeper than :data:`MAX_ALPHA_DEPTH` or holding an integer too large
+    for a float, naming the offending entry (walked without recursion)."""
+    stack = [(alpha, where, 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, (dict, list, tuple)):
+            if depth > MAX_ALPHA_DEPTH:
+                raise T2RequestError(f"{path} is nested too deep: an α nests at most "
+                                     f"{MAX_ALPHA_DEPTH} levels ({{'math': [per-layer weights]}} "
+                                     f"or [[per-layer row], ...])")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack += [(v, f"{path}[{shown(k)}]", depth + 1) for k, v in items]
+            if isinstance(value, dict):
+                _check_name_length(value, f"{path}: unknown expert")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            try:
+                float(value)
+            except OverflowError:
+                raise T2RequestError(f"{path} is an integer too large for a float "
+                                     f"({len(str(abs(value)))} digits)") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,28 +152,33 @@ def normalize_spec(raw, names, num_layers: int, bounds: MixtureBounds | None = N
     if isinstance(raw, str) and raw.lstrip().startswith("{"):
         try:
             raw = json.loads(raw)
+        except RecursionError:
+            raise T2RequestError("is a JSON string nested too deep") from None
         except ValueError as exc:
             raise T2RequestError(f"is a string that is not valid JSON ({exc})") from None
     if isinstance(raw, str):
         raw = {"expert": raw}
     if not isinstance(raw, dict):
         raise T2RequestError(f"must be a dict such as {{'expert': 'math'}} or "
-                             f"{{'alpha': {{'math': 0.5, 'code': 0.5}}}}, got {raw!r}")
+                             f"{{'alpha': {{'math': 0.5, 'code': 0.5}}}}, got {shown(raw)}")
     unknown = sorted(set(raw) - set(_SPEC_KEYS) - {"v"}, key=str)
     if unknown:
-        raise T2RequestError(f"unknown key(s) {unknown}; use 'expert' or 'alpha'")
+        raise T2RequestError(f"unknown key(s) {shown_list(unknown)}; use 'expert' or 'alpha'")
     if "expert" in raw and "alpha" in raw:
         raise T2RequestError("give either 'expert' or 'alpha', not both")
     if "expert" in raw:
         spec = raw["expert"]
         if spec is not None and not isinstance(spec, str):
             raise T2RequestError(f"'expert' must be an expert name (expert names are strings), "
-                                 f"got {spec!r}; use 'alpha' for weights")
+                                 f"got {shown(spec)}; use 'alpha' for weights")
+        _check_name_length([spec], "unknown expert")
     elif "alpha" in raw:
         spec = raw["alpha"]
         if spec is None or isinstance(spec, str):
             raise T2RequestError(f"'alpha' must be a dict {{name: weight}} or a list of weights "
-                                 f"in bank order, got {spec!r}; use 'expert' for one expert")
+                                 f"in bank order, got {shown(spec)}; use 'expert' for one "
+                                 f"expert")
+        check_alpha_values(spec, "alpha")
     else:
         return None
     try:
@@ -266,7 +339,7 @@ def check_request_keys(extra_args) -> None:
     unknown = [k for k in keys if k.lower().replace("-", "_").startswith(REQUEST_KEY)
                and k != REQUEST_KEY and k not in FLAT_KEYS]
     if unknown:
-        raise T2RequestError(f"unknown key(s) {unknown} in extra_args; t2fast reads "
+        raise T2RequestError(f"unknown key(s) {shown_list(unknown)} in extra_args; t2fast reads "
                              f"{[REQUEST_KEY, *FLAT_KEYS]}" +
                              ("; t2_adapt is served by `t2fast serve`" if "t2_adapt" in unknown
                               else ""))

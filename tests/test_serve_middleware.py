@@ -1,0 +1,292 @@
+"""The server's HTTP layer without an engine: t2fast's middleware and routes on a FastAPI app
+whose completion routes echo the body vLLM would get (a stand-in engine records the RPCs).
+
+Hostile and careless bodies (deep nesting, huge numbers, megabyte names, thousands of fields)
+get a 4xx naming the field, with a short text; every answer says which mixture it applied.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("vllm")
+import httpx  # noqa: E402
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import JSONResponse  # noqa: E402
+
+from t2fast.serve.adapt import Adapter  # noqa: E402
+from t2fast.serve.config import ServeConfig  # noqa: E402
+from t2fast.serve.experts import ServedExperts  # noqa: E402
+from t2fast.serve.middleware import STATE_ATTR, T2Server  # noqa: E402
+from t2fast.serve.plugin import T2EndpointPlugin  # noqa: E402
+from t2fast.vllm.requests import FrontEnd, cap_text, shown  # noqa: E402
+
+from test_serve_experts import FakeEngine  # noqa: E402
+
+EXPERTS = Path(__file__).resolve().parent.parent / "experts"
+BANK = ["arith", "strings", "classify"]
+#: "no error text longer than a few hundred characters"
+MAX_ERROR_BYTES = 500
+
+
+class Models:
+    """vLLM's ``openai_serving_models`` as the plugin uses it."""
+    lora_requests: dict = {}
+
+    async def show_available_models(self):
+        class Listed:
+            def model_dump(self):
+                return {"object": "list", "data": [
+                    {"id": "tiny", "object": "model", "root": str(EXPERTS.parent / "tiny"),
+                     "parent": None}]}
+        return Listed()
+
+
+class PassOne:
+    """``engine_client.generate`` for pass 1: answers ``label`` and counts the calls."""
+
+    def __init__(self, label="arith"):
+        self.label, self.calls = label, 0
+
+    async def generate(self, prompt, params, request_id):
+        self.calls += 1
+
+        class Out:
+            outputs = [type("O", (), {"text": self.label})()]
+        yield Out()
+
+
+def make_app(tmp_path, adapt="none") -> tuple[FastAPI, T2Server]:
+    app = FastAPI()
+    T2EndpointPlugin().attach_router(app)
+
+    async def echo(request: Request):
+        body = await request.json()
+        if body.get("prompt") == "vllm-error":   # an error of vLLM's echoing a huge value
+            return JSONResponse({"error": {"message": "bad " + "v" * 100_000, "type": "x",
+                                           "param": "prompt", "code": 400}}, status_code=400)
+        return JSONResponse({"model": body.get("model"), "body": body})
+
+    app.post("/v1/completions")(echo)
+    app.post("/v1/chat/completions")(echo)
+    fe = FrontEnd(num_layers=4, max_experts=8)
+    for n in BANK:
+        fe.add(n, "digest")
+    root = tmp_path / "root"
+    root.mkdir(exist_ok=True)
+    experts = ServedExperts(FakeEngine(BANK), fe, ["tiny"], {}, root)
+    cfg = ServeConfig(adapt=adapt, classifier="classify", allow_runtime_loading=True,
+                      runtime_loading_root=str(root))
+    server = T2Server(experts, Adapter(PassOne(), classifier="classify"), cfg,
+                      {"mix": {"arith": 0.5, "strings": 0.5}})
+    setattr(app.state, STATE_ATTR, server)
+    app.state.openai_serving_models = Models()
+    return app, server
+
+
+def call(app, method, path, body=None, raw: bytes | None = None) -> httpx.Response:
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            if raw is not None:
+                return await client.request(method, path, content=raw,
+                                            headers={"content-type": "application/json"})
+            return await client.request(method, path, json=body)
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def app(tmp_path):
+    return make_app(tmp_path)[0]
+
+
+def refused(r, status, param, text):
+    assert r.status_code == status, r.text
+    assert len(r.content) < MAX_ERROR_BYTES, len(r.content)
+    err = r.json()["error"]
+    assert err["param"] == param and text in err["message"], err
+    return err["message"]
+
+
+def nested(depth: int, inner="0") -> str:
+    return "[" * depth + inner + "]" * depth
+
+
+# ---- bodies ------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw, param", [
+    (f'{{"model": "tiny", "prompt": {nested(1000)}}}', None),            # too deep to parse
+    (f'{{"model": "tiny", "prompt": "x", "extra": {nested(200)}}}', "extra"),
+    (f'{{"model": "tiny", "prompt": "x", "t2": {{"alpha": {nested(200)}}}}}', "t2"),
+    (f'{{"model": "tiny", "prompt": "x", "vllm_xargs": {{"t2": {nested(1000)}}}}}', None),
+    ('{"model": "tiny", "prompt": "x", "t2": {"alpha": ' + nested(5, "1") + '}}', "t2"),
+    ('{"model": "tiny", "prompt": "x", "t2": "{\\"alpha\\": ' + nested(5000) + '}"}', "t2"),
+])
+def test_deep_json_is_a_400_naming_the_problem(app, raw, param):
+    r = call(app, "POST", "/v1/completions", raw=raw.encode())
+    refused(r, 400, param, "nested")
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"t2_alpha": [10 ** 400, 0, 0]}, "t2_alpha"),
+    ({"t2_alpha": {"arith": -10 ** 400}}, "t2_alpha"),
+    ({"vllm_xargs": {"t2_alpha": [0, 10 ** 400, 0]}}, "vllm_xargs.t2_alpha"),
+    ({"t2": {"alpha": {"strings": 10 ** 400}}}, "t2"),
+])
+def test_integer_too_large_for_a_float_names_the_field(app, fields, param):
+    r = call(app, "POST", "/v1/completions", {"model": "tiny", "prompt": "x", **fields})
+    message = refused(r, 400, param, "too large for a float")
+    assert message.startswith(param)
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"model": "tiny", "t2_expert": "x" * 1_000_000}, "t2_expert"),
+    ("/v1/completions", {"model": "tiny", "t2": {"alpha": {"y" * 1_000_000: 1}}}, "t2"),
+    ("/v1/completions", {"model": "tiny", "t2": {f"k{i}": 1 for i in range(10_000)}}, "t2"),
+    ("/v1/completions", {"model": "tiny", "t2_" + "z" * 1_000_000: 1},
+     cap_text("t2_" + "z" * 1_000_000, 80)),
+    ("/v1/completions", {"model": "tiny", "t2_adapt": "q" * 1_000_000}, "t2_adapt"),
+    ("/v1/completions", {"model": "m" * 1_000_000}, "model"),
+    ("/v1/responses", {"input": "x", **{f"t2_{i}": 1 for i in range(10_000)}}, "t2_0"),
+    ("/v1/t2/experts", {"name": "a", "path": "a", **{f"f{i}": 1 for i in range(10_000)}},
+     "f0"),
+    ("/v1/t2/experts", {"name": "a", "path": "p" * 1_000_000}, "path"),
+    ("/v1/t2/experts", {"name": "n" * 1_000_000, "path": "a"}, "name"),
+])
+def test_errors_never_echo_unbounded_input(app, path, body, param):
+    r = call(app, "POST", path, body)
+    assert 400 <= r.status_code < 500
+    refused(r, r.status_code, param, "")
+
+
+def test_errors_of_vllm_are_capped_too(app):
+    r = call(app, "POST", "/v1/completions", {"model": "tiny", "prompt": "vllm-error"})
+    assert refused(r, 400, "prompt", "bad vvv").endswith("more characters)")
+    r = call(app, "DELETE", "/v1/t2/experts/" + "d" * 30_000)
+    refused(r, 404, "name", "is not loaded")
+
+
+def test_a_deep_body_on_another_route_is_left_to_vllm(app):
+    r = call(app, "POST", "/v1/t2/experts", raw=nested(1000).encode())
+    refused(r, 400, None, "nested")
+
+
+# ---- which mixture ------------------------------------------------------------------------
+@pytest.mark.parametrize("fields, mixture, expert", [
+    ({}, "base", None),
+    ({"model": "arith"}, '{"arith":1.0}', "arith"),
+    ({"t2_expert": "strings"}, '{"strings":1.0}', None),
+    ({"t2_expert": "base"}, "base", None),
+    ({"t2_alpha": [0.5, 0.25, 0]}, '{"arith":0.5,"strings":0.25}', None),
+    ({"t2_alpha": {"base": 0.5, "arith": 0.5}}, '{"arith":0.5,"base":0.5}', None),
+    ({"t2": '{"expert": "arith"}'}, '{"arith":1.0}', None),
+    ({"vllm_xargs": {"t2_expert": "classify"}}, '{"classify":1.0}', None),
+    ({"t2_adapt": "prompt"}, '{"arith":1.0}', "arith"),
+    ({"t2_adapt": "classifier"}, '{"arith":1.0}', "arith"),
+    ({"t2_adapt": "profile:mix"}, '{"arith":0.5,"strings":0.5}', None),
+    ({"t2_adapt": "none"}, "base", None),
+])
+def test_every_response_names_its_mixture(app, fields, mixture, expert):
+    r = call(app, "POST", "/v1/completions", {"model": "tiny", "prompt": "Q: 1+1=?", **fields})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-t2-mixture"] == mixture
+    assert r.headers.get("x-t2-expert") == expert
+    sent = r.json()["body"].get("vllm_xargs", {}).get("t2")
+    assert (sent is None) == (mixture == "base" and "t2_expert" not in fields)
+    if "model" in fields:
+        assert r.json()["model"] == "arith"
+
+
+def test_unknown_model_404_lists_base_model_and_experts(tmp_path):
+    app, server = make_app(tmp_path)
+    message = refused(call(app, "POST", "/v1/completions", {"model": "nope", "prompt": "x"}),
+                      404, "model", "does not exist")
+    assert "tiny (base model)" in message
+    assert all(f"{n} (expert)" in message for n in BANK)
+    for i in range(60):   # a large bank: the list stops, the text stays short
+        server.experts.frontend.max_experts += 1
+        server.experts.frontend.add(f"expert-number-{i:02d}", "d")
+    message = refused(call(app, "POST", "/v1/chat/completions",
+                           {"model": "nope", "messages": []}), 404, "model", "more (GET")
+    Models.lora_requests = {"my-lora": None}
+    try:   # vLLM's own LoRA adapters are vLLM's to serve
+        assert call(app, "POST", "/v1/completions",
+                    {"model": "my-lora", "prompt": "x"}).status_code == 200
+    finally:
+        Models.lora_requests = {}
+
+
+# ---- a server-wide default adapt mode ----------------------------------------------------
+def test_server_default_adapt_skips_requests_it_cannot_serve(tmp_path):
+    app, server = make_app(tmp_path, adapt="classifier")
+    r = call(app, "POST", "/v1/completions", {"model": "tiny", "prompt": ["a", "b"]})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-t2-mixture"] == "base" and r.headers["x-t2-adapt"] == "none"
+    assert "one text prompt" in r.headers["x-t2-adapt-skipped"]
+    assert "vllm_xargs" not in r.json()["body"] and server.adapter.engine_client.calls == 0
+    r = call(app, "POST", "/v1/completions", {"model": "tiny", "prompt": "Q: 1+1=?"})
+    assert r.headers["x-t2-expert"] == "arith" and "x-t2-adapt-skipped" not in r.headers
+    # a request that asks for adaptation itself still hears why it cannot have it
+    r = call(app, "POST", "/v1/completions", {"model": "tiny", "prompt": ["a", "b"],
+                                               "t2_adapt": "classifier"})
+    refused(r, 400, "t2_adapt", "needs one text prompt")
+
+
+# ---- run-time loading --------------------------------------------------------------------
+def test_runtime_loading_is_confined_to_the_root(tmp_path):
+    app, server = make_app(tmp_path)
+    root = server.experts.root
+    shutil.copy(EXPERTS / "strings.safetensors", root / "strings.safetensors")
+    (root / "sub").mkdir()
+    (root / "sub" / "inside.safetensors").symlink_to(root / "strings.safetensors")
+    (root / "escape.safetensors").symlink_to(EXPERTS / "arith.safetensors")
+    (root / "junk.safetensors").write_bytes(b"not an expert")
+    outside = str(EXPERTS / "arith.safetensors")
+    texts = set()
+    for path in [outside, "../root/../../x", "escape.safetensors", "missing.safetensors",
+                 str(root / "missing.safetensors"), "/etc/passwd", "a\0b"]:
+        message = refused(call(app, "POST", "/v1/t2/experts", {"name": "new", "path": path}),
+                          400, "path", "names no expert file or folder inside")
+        texts.add(message.replace(shown(path), "PATH"))
+    assert len(texts) == 1, texts   # one text: whether a file exists is not revealed
+    junk = refused(call(app, "POST", "/v1/t2/experts",
+                        {"name": "new", "path": "junk.safetensors"}), 400, "path", "junk")
+    assert str(root) not in junk and str(tmp_path) not in junk
+    assert server.experts.names == BANK   # nothing a failed load touched changed
+    for name, path in [("s1", "strings.safetensors"), ("s2", "sub/inside.safetensors"),
+                       ("s3", str(root / "strings.safetensors"))]:
+        r = call(app, "POST", "/v1/t2/experts", {"name": name, "path": path})
+        assert r.status_code == 200, r.text
+        assert r.json()["root"] == name
+    assert server.experts.names == [*BANK, "s1", "s2", "s3"]
+    listed = call(app, "GET", "/v1/models").text + call(app, "GET", "/v1/t2/experts").text
+    assert str(tmp_path) not in listed and str(EXPERTS.parent) not in listed
+
+
+def test_files_are_read_off_the_event_loop(tmp_path, monkeypatch):
+    import t2fast.experts
+
+    app, server = make_app(tmp_path)
+    shutil.copy(EXPERTS / "strings.safetensors", server.experts.root / "s.safetensors")
+    threads, load = [], t2fast.experts.load_expert
+    monkeypatch.setattr(t2fast.experts, "load_expert",
+                        lambda p: threads.append(threading.current_thread()) or load(p))
+    r = call(app, "POST", "/v1/t2/experts", {"name": "s", "path": "s.safetensors"})
+    assert r.status_code == 200, r.text
+    assert threads and threads[0] is not threading.main_thread()
+
+
+def test_runtime_loading_needs_a_root(tmp_path):
+    with pytest.raises(ValueError, match="--runtime-loading-root"):
+        ServeConfig(allow_runtime_loading=True)
+    with pytest.raises(ValueError, match="not a folder"):
+        ServeConfig(allow_runtime_loading=True, runtime_loading_root=str(tmp_path / "no"))
+    with pytest.raises(ValueError, match="without --allow-runtime-loading"):
+        ServeConfig(runtime_loading_root=str(tmp_path))
+    cfg = ServeConfig(allow_runtime_loading=True, runtime_loading_root=str(tmp_path))
+    assert ServeConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
