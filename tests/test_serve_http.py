@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -60,6 +61,7 @@ def server(tmp_path_factory):
     cmd = t2fast_serve_command(
         "tiny", "--experts", *(str(EXPERTS / f"{n}.safetensors") for n in BANK[:3]),
         "--classifier", str(EXPERTS / "classify.safetensors"), "--allow-runtime-loading",
+        "--runtime-loading-root", str(EXPERTS),
         "--profiles", f"mix={profile}",
         "--svd-cache-dir", str(log.parent / "svd"), "--enforce-eager",
         "--max-num-seqs=16", "--seed=0")
@@ -137,6 +139,9 @@ def test_models_lists_base_and_experts_openai_client(server):
     assert chat.choices[0].message.content is not None
     assert [m.id for m in client.models.list().data] == ["tiny", *BANK]
     assert base.choices[0].text is not None
+    for route in ("/v1/models", "/v1/t2/experts"):   # no server paths in any response
+        text = httpx.get(server.url + route).text
+        assert str(ROOT) not in text and "safetensors" not in text, route
 
 
 def test_concurrent_mixed_experts_equal_alone_and_reference(http, alone):
@@ -154,6 +159,7 @@ def test_concurrent_mixed_experts_equal_alone_and_reference(http, alone):
 def test_model_name_selects_expert(server, http, alone):
     r = complete(http, ARITH, {}, model="arith")
     assert tokens(r) == alone[1] and r.headers["x-t2-expert"] == "arith"
+    assert r.headers["x-t2-mixture"] == '{"arith":1.0}'
     assert r.json()["model"] == "arith"  # as vLLM answers for a LoRA adapter
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
     chunks = list(client.chat.completions.create(
@@ -193,8 +199,63 @@ def test_bad_requests_are_4xx_and_change_nothing(http, alone):
     assert r.status_code == 400, r.text
     r = http.post("/v1/responses", json={"model": "tiny", "input": "x", "t2_expert": "arith"})
     assert r.status_code == 400 and "does not serve t2fast mixtures" in r.text
-    assert complete(http, "x", {}, model="nope").status_code == 404
+    r = complete(http, "x", {}, model="nope")
+    assert r.status_code == 404 and all(n in r.json()["error"]["message"] for n in BANK)
     assert concurrently(lambda r: tokens(complete(http, *r)), MIXED) == alone
+
+
+def test_every_form_says_which_mixture_served_it(http, alone):
+    want = [("base", alone[0]), ('{"arith":1.0}', alone[1]), ('{"strings":1.0}', alone[2]),
+            ('{"arith":0.3,"choice":0.7}', alone[3]), ('{"arith":0.5,"strings":0.5}', alone[4]),
+            ('{"arith":0.25,"strings":1.0}', alone[5]), ('{"arith":1.5,"base":-0.5}', alone[6]),
+            ("base", alone[7])]
+    got = concurrently(lambda r: complete(http, *r), MIXED)
+    assert [(r.headers["x-t2-mixture"], tokens(r)) for r in got] == want
+
+
+def test_hostile_bodies_are_short_4xx_and_change_nothing(server, http, alone):
+    tracebacks = server.tail(10 ** 7).count("Traceback")
+    deep = "[" * 1000 + "]" * 1000
+    for raw in [f'{{"model": "tiny", "prompt": {deep}, "max_tokens": 2}}',
+                f'{{"model": "tiny", "prompt": "x", "vllm_xargs": {{"t2": {deep}}}}}',
+                f'{{"model": "tiny", "prompt": "x", "t2": {{"alpha": {deep[:300]}{deep[-300:]}}}}}']:
+        r = http.post("/v1/completions", content=raw,
+                      headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "nested" in r.json()["error"]["message"], r.text
+    r = complete(http, ARITH, {"t2_alpha": [10 ** 400, 0, 0, 0]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "t2_alpha", r.text
+    assert "too large for a float" in r.json()["error"]["message"]
+    for fields in [{"t2_expert": "x" * 1_000_000}, {"max_tokens": "y" * 1_000_000},
+                   {"t2": {f"k{i}": 1 for i in range(10_000)}}]:
+        r = complete(http, ARITH, fields)
+        assert r.status_code == 400 and len(r.content) < 500, (r.status_code, len(r.content))
+    r = http.post("/v1/t2/experts", json={"name": "a", "path": "a",
+                                          **{f"f{i}": 1 for i in range(10_000)}})
+    assert r.status_code == 400 and len(r.content) < 500
+    time.sleep(0.5)
+    assert server.tail(10 ** 7).count("Traceback") == tracebacks
+    assert concurrently(lambda r: tokens(complete(http, *r)), MIXED) == alone
+
+
+def readme_examples() -> list[tuple[str, dict, dict]]:
+    """(route, body, headers) of the README's curl examples with a ``# -> headers`` line."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Serving\n", 1)[1].split("\n## ", 1)[0]
+    out = []
+    for route, body, said in re.findall(r"curl -si 127\.0\.0\.1:8000(\S+) [^\n]*\n\s*"
+                                        r"-d '([^']*)'\n# -> ([^\n]*)\n", section):
+        headers = dict(h.split(": ", 1) for h in re.split(r",\s+(?=x-t2-)", said))
+        out.append((route, json.loads(body), headers))
+    return out
+
+
+def test_readme_examples_answer_as_the_readme_says(http):
+    examples = readme_examples()
+    assert len(examples) >= 4
+    for route, body, headers in examples:
+        r = http.post(route, json=body)
+        assert r.status_code == 200, r.text
+        assert {k: r.headers.get(k) for k in headers} == headers, body
 
 
 def test_largest_alpha_leaves_other_requests_unchanged(http, alone):
@@ -209,7 +270,7 @@ def test_largest_alpha_leaves_other_requests_unchanged(http, alone):
 
 
 def test_load_request_unload_then_404(http, alone):
-    path = str(EXPERTS / "arith.safetensors")
+    path = "arith.safetensors"   # relative to the run-time loading root
     r = http.post("/v1/t2/experts", json={"name": "arith-copy", "path": path})
     assert r.status_code == 200, r.text
     assert r.json()["parent"] == "tiny"
@@ -220,6 +281,7 @@ def test_load_request_unload_then_404(http, alone):
     assert again.status_code == 409 and "replace" in again.json()["error"]["message"]
     swap = http.post("/v1/t2/experts", json={"name": "arith-copy", "replace": True,
                                              "path": str(EXPERTS / "strings.safetensors")})
+    assert swap.json()["root"] == "arith-copy"
     assert swap.status_code == 200
     assert tokens(complete(http, STRINGS, {}, model="arith-copy")) == alone[2]
     for body, status in [({"name": "../x", "path": path}, 400),
@@ -232,6 +294,10 @@ def test_load_request_unload_then_404(http, alone):
                          ({"name": "ok", "path": path, "force": True}, 400)]:
         r = http.post("/v1/t2/experts", json=body)
         assert r.status_code == status, (body, r.text)
+    # outside the root and missing: one answer, whether the file exists or not
+    texts = {http.post("/v1/t2/experts", json={"name": "ok", "path": p}).json()["error"][
+        "message"].replace(repr(p), "P") for p in ["../README.md", "../nothing", "/etc/hostname"]}
+    assert len(texts) == 1 and "inside the server's run-time loading root" in texts.pop()
     assert http.delete("/v1/t2/experts/arith-copy").status_code == 200
     assert complete(http, ARITH, {}, model="arith-copy").status_code == 404
     r = complete(http, ARITH, {"t2_expert": "arith-copy"})
