@@ -178,3 +178,23 @@ def test_serve_command_line_parses_and_refuses_owned_vllm_options(tmp_path):
     assert extra == ["--enforce-eager", "--max-model-len=256"]
     with pytest.raises(ValueError, match="sets --hf-overrides itself"):
         vllm_arguments(args, ["--hf-overrides={}"])
+
+
+@pytest.mark.parametrize("raw, msg", [
+    ({"alpha": [10 ** 400, 0]}, r"alpha\[0\] is an integer too large for a float \(401 digits"),
+    ({"alpha": {"arith": -10 ** 400}}, r"alpha\['arith'\] is an integer too large"),
+    ({"alpha": [[[1, 0]]]}, r"alpha\[0\]\[0\] is nested too deep"),
+    ({"alpha": deep(100_000)}, "nested too deep"),
+    ('{"alpha": ' + "[" * 100_000 + "]" * 100_000 + "}", "JSON string nested too deep"),
+    ({"expert": "x" * 1_000_000}, "expert names have at most 64 characters"),
+    ({"alpha": {"y" * 1_000_000: 1}}, "expert names have at most 64 characters"),
+    ({f"k{i}": 1 for i in range(10_000)}, r"unknown key\(s\) 'k0', 'k1', 'k10' and 9997 more"),
+    ([0.5] * 100_000, "got list of 100000 item"),
+])
+def test_engine_front_end_errors_name_the_entry_in_a_short_text(raw, msg):
+    """The engine's own parser (``LLM`` and every server): the same bounded errors."""
+    from t2fast.vllm.requests import MAX_MESSAGE_CHARS, T2RequestError, normalize_spec
+
+    with pytest.raises(T2RequestError, match=msg) as err:
+        normalize_spec(raw, EXPERTS, 4)
+    assert len(str(err.value)) <= MAX_MESSAGE_CHARS and isinstance(err.value, ValueError)
