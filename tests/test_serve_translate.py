@@ -178,6 +178,14 @@ def test_serve_command_line_parses_and_refuses_owned_vllm_options(tmp_path):
     assert extra == ["--enforce-eager", "--max-model-len=256"]
     with pytest.raises(ValueError, match="sets --hf-overrides itself"):
         vllm_arguments(args, ["--hf-overrides={}"])
+    args, extra = build_parser().parse_known_args(
+        ["serve", "tiny", "--allow-runtime-loading", "--runtime-loading-root", str(tmp_path)])
+    argv = vllm_arguments(args, extra)
+    serve_cfg = json.loads(argv[argv.index("--additional-config") + 1])["t2fast_serve"]
+    assert serve_cfg["runtime_loading_root"] == str(tmp_path.resolve())
+    args, extra = build_parser().parse_known_args(["serve", "tiny", "--allow-runtime-loading"])
+    with pytest.raises(ValueError, match="needs a root folder"):
+        vllm_arguments(args, extra)
 
 
 @pytest.mark.parametrize("raw, msg", [

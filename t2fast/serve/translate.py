@@ -166,15 +166,14 @@ def check_depth(body, limit: int = MAX_BODY_DEPTH) -> None:
     if not isinstance(body, (dict, list)):
         return
     stack = [(v, 2, k if isinstance(body, dict) else None)
-             for k, v in (body.items() if isinstance(body, dict) else enumerate(body))]
+             for k, v in (body.items() if isinstance(body, dict) else enumerate(body))
+             if isinstance(v, (dict, list))]
     while stack:
         value, depth, field = stack.pop()
-        if not isinstance(value, (dict, list)):
-            continue
         if depth > limit:
             raise body_too_deep(field)
         items = value.values() if isinstance(value, dict) else value
-        stack += [(v, depth + 1, field) for v in items]
+        stack += [(v, depth + 1, field) for v in items if isinstance(v, (dict, list))]
 
 
 def body_too_deep(field=None) -> T2HTTPError:
