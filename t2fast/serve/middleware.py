@@ -2,17 +2,22 @@
 
 For ``POST /v1/completions`` and ``/v1/chat/completions`` it reads the JSON body and
 
-1. refuses unknown t2 keys and conflicting mixtures (:func:`t2fast.serve.translate.translate`,
+1. refuses a body nested more than ``MAX_BODY_DEPTH`` levels (HTTP 400) and a ``"model"`` that
+   is not served (404 listing the base model and the experts);
+2. refuses unknown t2 keys and conflicting mixtures (:func:`t2fast.serve.translate.translate`,
    HTTP 400), maps ``"model": "<expert>"`` to the base model plus that expert;
-2. runs pass 1 when the request asks for ``t2_adapt`` (:class:`t2fast.serve.adapt.Adapter`);
-3. validates the mixture with the engine front end's parser (400, with the same message the
-   engine would give) and counts the request as in flight for the experts it uses;
-4. hands the rewritten body to vLLM's route and adds ``x-t2-*`` headers to its response (whose
-   ``"model"`` is the expert's name when the request named the expert as its model).
+3. runs pass 1 when the request asks for ``t2_adapt`` (:class:`t2fast.serve.adapt.Adapter`), or
+   when the server's default asks for it and the request can take it;
+4. validates the mixture with the engine front end's parser (400 naming the request's key)
+   and counts the request as in flight for the experts it uses;
+5. hands the rewritten body to vLLM's route and adds ``x-t2-*`` headers to its response
+   (``x-t2-mixture`` always; ``"model"`` is the expert's name when the request named the
+   expert as its model).
 
 Other ``POST`` routes (``/v1/responses`` ...) are refused with 400 when their body carries a
-t2 key, since they would ignore it. Everything else, and every request when the engine is not a
-t2fast engine, passes through untouched.
+t2 key, since they would ignore it. Every error response of a t2fast server, vLLM's included,
+has its message capped (no unbounded echo of a client's value). Everything else, and every
+request when the engine is not a t2fast engine, passes through untouched.
 """
 from __future__ import annotations
 
