@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .cli_types import (DTYPES, attention, check_model_placement, device, existing_file, existing_path, integer,
+                        model_spec, output_file, output_path, parse_random, real, task_name)
 from .config import BACKENDS, SVFConfig
 from .targets import HALVES, PRESETS
 
@@ -32,6 +35,10 @@ class Subcommand:
     run: Callable[[argparse.Namespace], int]
     #: Unknown options are handed to ``run`` as ``args._extra`` (e.g. vLLM's, for ``serve``).
     accepts_extra: bool = False
+    #: ``split_extra(argv) -> (own, passed_on)``: takes out of the subcommand's arguments the
+    #: options it passes on (with their values) before they are parsed, so that a value of
+    #: such an option is not read as one of the subcommand's positionals.
+    split_extra: Callable[[list[str]], tuple[list[str], list[str]]] | None = None
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {}
@@ -40,11 +47,11 @@ SUBCOMMAND_MODULES: list[str] = ["t2fast.serve.cli"]
 
 
 def register(name: str, help: str, add_arguments, run, *, replace: bool = False,
-             accepts_extra: bool = False) -> Subcommand:
+             accepts_extra: bool = False, split_extra=None) -> Subcommand:
     """Add a subcommand to ``t2fast``."""
     if name in SUBCOMMANDS and not replace:
         raise ValueError(f"subcommand {name!r} is already registered")
-    cmd = Subcommand(name, help, add_arguments, run, accepts_extra)
+    cmd = Subcommand(name, help, add_arguments, run, accepts_extra, split_extra)
     SUBCOMMANDS[name] = cmd
     return cmd
 
@@ -55,34 +62,93 @@ def _load_plugins() -> None:
 
 
 # ---- shared helpers ------------------------------------------------------------------------
-def add_model_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny",
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, unless it is None or False (nothing to show) or
+    the help text already speaks of it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if not action.option_strings or d is None or d is False or d is argparse.SUPPRESS \
+                or d == [] or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def add_model_argument(p: argparse.ArgumentParser, placement: bool = True) -> None:
+    """``--model`` and ``--threads``; with ``placement`` also ``--device``, ``--dtype`` and
+    ``--attn`` (read back by :func:`load_model`)."""
+    p.add_argument("--model", type=model_spec, default="tiny",
                    help="'tiny' (the bundled model), 'random[:SEED[:LAYERS]]' (a random tiny "
-                        "model, for demos and tests) or a Hugging Face model folder")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
+                        "model, for demos and tests) or a local Hugging Face model folder")
+    p.add_argument("--threads", type=integer(1), default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    if placement:
+        p.add_argument("--device", type=device, default="cpu",
+                       help="where the model runs: cpu, cuda, cuda:N, mps")
+        p.add_argument("--dtype", choices=DTYPES, default="float32",
+                       help="dtype of the model's weights and activations")
+        p.add_argument("--attn", type=attention, default=None, metavar="{sdpa,eager,"
+                                                                        "flash_attention_2}",
+                       help="Hugging Face attention implementation (default: the model's, "
+                            "sdpa where supported); flash_attention_2 needs the flash-attn "
+                            "package, CUDA and bfloat16 or float16")
 
 
-def load_model(spec: str):
-    """(model, tokenizer) for a ``--model`` value."""
+def load_model(spec: str, device: str = "cpu", dtype: str = "float32",
+               attn: str | None = None):
+    """(model, tokenizer) for a checked ``--model`` value, in eval mode on ``device`` in
+    ``dtype`` (a :data:`t2fast.cli_types.DTYPES` name) with attention ``attn`` (None: the
+    model's default)."""
     import torch
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()    # no "Loading weights" bars around the CLI's output
-    if spec == "tiny":
-        from .models import load_tiny
-        return load_tiny()
-    if spec == "random" or spec.startswith("random:"):
+    torch_dtype = getattr(torch, dtype)
+    if spec.split(":")[0] == "random":
         from .models import build_char_tokenizer, random_tiny_llama
-        parts = spec.split(":")[1:]
-        seed = int(parts[0]) if parts and parts[0] else 0
-        over = {"num_hidden_layers": int(parts[1])} if len(parts) > 1 else {}
-        return random_tiny_llama(seed, **over), build_char_tokenizer()
-    path = Path(spec)
-    if not path.exists():
-        raise SystemExit(f"t2fast: --model {spec!r}: not 'tiny', 'random[:seed]' or a folder")
+        seed, over = parse_random(spec)
+        model = random_tiny_llama(seed, **over)
+        if attn:
+            model.set_attn_implementation(attn)
+        return model.to(device=device, dtype=torch_dtype).eval(), build_char_tokenizer()
+    if spec == "tiny":
+        from .models import tiny_model_path
+        path = tiny_model_path()
+    else:
+        path = Path(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 local_files_only=True).eval()
-    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+    kw = {"attn_implementation": attn} if attn else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True,
+                                                 **kw)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _load(args):
+    """(model, tokenizer) of a subcommand's :func:`add_model_argument` options."""
+    return load_model(args.model, args.device, args.dtype, args.attn)
+
+
+def usage_error(args: argparse.Namespace, option: str, message: str):
+    """Report a bad option value found after parsing (exit 2, as argparse does)."""
+    args._parser.error(f"argument {option}: {message}")
+
+
+def task_examples(args, task, split: str, n: int, option: str = "--n") -> list:
+    """The first ``n`` examples of ``split``, or a usage error naming ``option`` when the
+    split holds fewer."""
+    try:
+        examples = task.examples(split, n)
+    except RuntimeError:        # a generated task ran out of distinct questions
+        examples = []
+        try:
+            for ex in task.iter_examples(split):
+                examples.append(ex)
+        except RuntimeError:
+            pass
+    if len(examples) < n:
+        usage_error(args, option, f"{n} examples asked for, but task {task.name!r} has "
+                                  f"{len(examples)} distinct {split} examples")
+    return examples
 
 
 def parse_layers(text: str | None):
@@ -116,19 +182,19 @@ SVF_FLAGS = {
                                                             "mlp | comma list of names / globs")),
     "layers": ("--layers", dict(type=parse_layers, help="decoder layers: START:STOP | comma list "
                                                          "| int | first_half | second_half")),
-    "backend": ("--backend", dict(choices=BACKENDS,
-                                  help="SVF kernel backend (default: %(default)s)")),
+    "backend": ("--backend", dict(choices=BACKENDS, help="SVF kernel backend")),
     "hybrid": ("--hybrid", dict(action="store_true",
                                 help="eager mode: dense weights for single-mixture steps "
                                      "(faster, but a request's answer may then depend on its "
                                      "batch)")),
-    "cache_dir": ("--svd-cache-dir", dict(help="SVD cache folder (default: t2fast's)")),
+    "cache_dir": ("--svd-cache-dir", dict(help="SVD cache folder (default: t2fast's, "
+                                               "$T2FAST_CACHE)")),
     "allow_other_model": ("--allow-other-model", dict(
         action="store_true", help="accept experts made for another base model of equal shapes")),
-    "max_alpha_abs": ("--max-alpha-abs", dict(type=float, help="bound on each |α_k| of a "
-                                                               "mixture (default %(default)s)")),
-    "max_alpha_l1": ("--max-alpha-l1", dict(type=float, help="bound on Σ|α_k| of a mixture "
-                                                             "(default %(default)s)")),
+    "max_alpha_abs": ("--max-alpha-abs", dict(type=real(0, lo_open=True),
+                                              help="bound on each |α_k| of a mixture")),
+    "max_alpha_l1": ("--max-alpha-l1", dict(type=real(0, lo_open=True),
+                                            help="bound on Σ|α_k| of a mixture")),
 }
 
 
@@ -164,46 +230,90 @@ def _set_threads(n):
         torch.set_num_threads(n)
 
 
+def _progress(total: int, desc: str):
+    """A progress bar on stderr, drawn on a terminal only (never escape codes in logs)."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=None, dynamic_ncols=True,
+                leave=False)
+
+
 # ---- train ---------------------------------------------------------------------------------
 TRAIN_SVF_FIELDS = ("targets", "layers", "backend")
+#: The numeric :class:`t2fast.train.TrainConfig` fields with a flag: (parser, help).
+TRAIN_NUMBERS = {
+    "steps": (integer(1), "optimisation steps"),
+    "batch_size": (integer(1), "prompts per step"),
+    "samples_per_prompt": (integer(1), "sampled answers per prompt"),
+    "lr": (real(0, lo_open=True), "AdamW learning rate (cosine decay)"),
+    "min_lr_ratio": (real(0, 1), "the cosine decay ends at lr × this"),
+    "warmup_steps": (integer(0), "linear warm-up steps"),
+    "weight_decay": (real(0), "AdamW weight decay"),
+    "grad_clip": (real(0), "max global gradient norm (0: off)"),
+    "kl_coef": (real(0), "λ of λ·KL(π_W' ‖ π_W) to the base model (0: off)"),
+    "temperature": (real(0, lo_open=True), "rollout sampling temperature"),
+    "top_k": (integer(0), "rollout top-k (0: off)"),
+    "max_new_tokens": (integer(1), "answer length (default: the task's)"),
+    "train_n": (integer(1), "training examples drawn from the train split (default: the "
+                            "split's default size)"),
+    "eval_n": (integer(1), "validation examples"),
+    "eval_every": (integer(0), "steps between validations (0: at the start and the end)"),
+    "eval_batch_size": (integer(1), "rows per validation generation call"),
+    "patience": (integer(1), "validations without improvement before stopping (default: "
+                             "never stop early)"),
+    "seed": (integer(0), "random seed"),
+    "lora_rank": (integer(1), "LoRA rank (--method lora)"),
+    "lora_alpha": (real(0, lo_open=True), "LoRA alpha (--method lora)"),
+    "official_init": (real(), "initial logit p (--parameterization official)"),
+}
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     from .train.config import (BASELINES, METHODS, OBJECTIVES, PARAMETERIZATIONS, REDUCTIONS,
                                TrainConfig)
     d = TrainConfig()
-    p.add_argument("--task", required=True, help="task family to train on (e.g. arith, classify)")
-    p.add_argument("--out", required=True,
+    p.add_argument("--task", required=True, type=task_name,
+                   help="task family to train on (e.g. arith, classify)")
+    p.add_argument("--out", required=True, type=output_path,
                    help="expert file (.safetensors) for SVF; a folder for --method lora")
     add_model_argument(p)
-    p.add_argument("--method", choices=METHODS, default=d.method)
-    p.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
-    p.add_argument("--parameterization", choices=PARAMETERIZATIONS, default=d.parameterization)
+    p.add_argument("--method", choices=METHODS, default=d.method,
+                   help="svf (train z vectors) or lora (a PEFT LoRA baseline)")
+    p.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
+                   help="rl (REINFORCE + KL) or sft (next-token loss on reference answers)")
+    p.add_argument("--parameterization", choices=PARAMETERIZATIONS, default=d.parameterization,
+                   help="plain (z starts at 1) or official (z = sigmoid(p), nuclear-norm "
+                        "rescale)")
     add_svf_arguments(p, TRAIN_SVF_FIELDS, targets=d.targets, layers=d.layers,
                       backend=d.backend)
-    for name, typ in (("steps", int), ("batch_size", int), ("samples_per_prompt", int),
-                      ("lr", float), ("min_lr_ratio", float), ("warmup_steps", int),
-                      ("weight_decay", float), ("grad_clip", float), ("kl_coef", float),
-                      ("temperature", float), ("top_k", int), ("max_new_tokens", int),
-                      ("train_n", int), ("eval_n", int), ("eval_every", int),
-                      ("eval_batch_size", int), ("patience", int), ("seed", int),
-                      ("lora_rank", int), ("lora_alpha", float), ("official_init", float)):
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name))
-    p.add_argument("--unparsable-penalty", type=float, default=None,
+    for name, (typ, text) in TRAIN_NUMBERS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
+                       help=text)
+    p.add_argument("--unparsable-penalty", type=real(-1, 1), default=None,
                    help="reward of an unparsable answer instead of -1 (e.g. -0.1)")
-    p.add_argument("--logprob-reduction", choices=REDUCTIONS, default=d.logprob_reduction)
-    p.add_argument("--baseline", choices=BASELINES, default=d.baseline)
+    p.add_argument("--logprob-reduction", choices=REDUCTIONS, default=d.logprob_reduction,
+                   help="log π(ŷ|x) summed or averaged over answer tokens")
+    p.add_argument("--baseline", choices=BASELINES, default=d.baseline,
+                   help="none (plain REINFORCE) or mean (subtract the prompt's mean reward)")
     p.add_argument("--log-kl", action="store_true",
                    help="log the KL to the base model even when --kl-coef is 0 (one more forward)")
-    p.add_argument("--eval-split", default=d.eval_split)
-    p.add_argument("--log", default=None, help="JSONL log (default: <out>.log.jsonl)")
-    p.add_argument("--checkpoint", default=None, help="resumable state (default: <out>.state.pt)")
+    from .tasks import SPLITS
+    p.add_argument("--eval-split", choices=SPLITS, default=d.eval_split,
+                   help="split for validation (best checkpoint, early stopping)")
+    p.add_argument("--log", default=None, type=output_file,
+                   help="JSONL log (default: <out>.log.jsonl)")
+    p.add_argument("--checkpoint", default=None, type=output_file,
+                   help="resumable state (default: <out>.state.pt)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
-    p.add_argument("--tensorboard", default=None, help="TensorBoard folder (if installed)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tensorboard", default=None, type=output_path,
+                   help="TensorBoard folder (if installed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-cache", action="store_true", help="do not use the SVD disk cache")
     p.add_argument("--keep-checkpoint", action="store_true",
                    help="keep <out>.state.pt after a finished run (default: removed)")
+
+
+#: ``TrainConfig`` fields whose flag is not ``--<field>``.
+TRAIN_FLAG_OF = {"cache_dir": "--no-cache", "progress": "--no-progress"}
 
 
 def _train_run(args) -> int:
@@ -211,12 +321,9 @@ def _train_run(args) -> int:
     from .train.config import ConfigError
     _set_threads(args.threads)
     fields = {k: getattr(args, k) for k in (
-        "task", "out", "method", "objective", "parameterization", "steps",
-        "batch_size", "samples_per_prompt", "lr", "min_lr_ratio", "warmup_steps",
-        "weight_decay", "grad_clip", "kl_coef", "temperature", "top_k", "max_new_tokens",
-        "train_n", "eval_n", "eval_every", "eval_batch_size", "patience", "seed", "lora_rank",
-        "lora_alpha", "official_init", "unparsable_penalty", "logprob_reduction", "baseline",
-        "eval_split", "log_kl", "log", "checkpoint", "resume", "tensorboard", "threads")}
+        "task", "out", "method", "objective", "parameterization", *TRAIN_NUMBERS,
+        "unparsable_penalty", "logprob_reduction", "baseline", "eval_split", "log_kl", "log",
+        "checkpoint", "resume", "tensorboard", "threads")}
     fields.update(svf_settings(args, TRAIN_SVF_FIELDS))
     fields["progress"] = not args.no_progress
     fields["cache_dir"] = False if args.no_cache else None
@@ -224,15 +331,21 @@ def _train_run(args) -> int:
     try:
         cfg = TrainConfig(**fields).validate()
     except ConfigError as e:
-        print(f"t2fast train: {e}", file=sys.stderr)
-        return 2
-    model, tok = load_model(args.model)
+        field = re.match(r"TrainConfig\.(\w+)", str(e))
+        name = field.group(1) if field else ""
+        usage_error(args, TRAIN_FLAG_OF.get(name, "--" + name.replace("_", "-")), str(e))
+    model, tok = _load(args)
     trainer = Trainer(cfg, model, tok)
     res = trainer.train()
     print(json.dumps({"out": res.out, "best_validation_accuracy": res.best_score,
                       "best_step": res.best_step, "steps_run": res.steps_run,
                       "stopped_early": res.stopped_early, "num_parameters": res.num_parameters,
                       "wall_s": round(res.wall_s, 1)}))
+    if res.best_step == 0:
+        print(f"t2fast train: warning: no step beat the starting point on the {cfg.eval_split} "
+              f"split (best accuracy {res.best_score:.3f} at step 0), so {res.out} holds the "
+              f"untrained start, which answers as the base model does; try more --steps, "
+              f"another --lr or --kl-coef, or a larger --eval-n", file=sys.stderr)
     ckpt = cfg.checkpoint_path
     finished = res.steps_run >= cfg.steps or res.stopped_early
     if ckpt and ckpt.exists() and not args.keep_checkpoint and finished:
@@ -242,38 +355,37 @@ def _train_run(args) -> int:
 
 # ---- eval ----------------------------------------------------------------------------------
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True)
+    from .tasks import SPLITS
+    p.add_argument("--task", required=True, type=task_name,
+                   help="task to evaluate on (e.g. arith, or gsm8k:FILE.jsonl)")
     add_model_argument(p)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--expert", default=None, help="SVF expert file (default: the base model)")
+    g.add_argument("--expert", default=None, type=existing_path,
+                   help="SVF expert file or folder (default: the base model)")
     g.add_argument("--lora", default=None, help="LoRA adapter folder (PEFT)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, default=500,
-                   help="examples (from the start of the split), at least 1")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--split", choices=SPLITS, default="test", help="the task's split")
+    p.add_argument("--n", type=integer(1), default=500,
+                   help="examples (from the start of the split)")
+    p.add_argument("--batch-size", type=integer(1), default=128,
+                   help="rows per generation call")
+    p.add_argument("--max-new-tokens", type=integer(1), default=None,
+                   help="answer length (default: the task's)")
     add_svf_arguments(p, ("backend",), backend="torch")
-    p.add_argument("--json", default=None, help="write the result as JSON here")
+    p.add_argument("--json", default=None, type=output_file, help="write the result as JSON here")
 
 
 def _eval_run(args) -> int:
     from .tasks import get_task
     from .train import evaluate, max_new_tokens_for
     _set_threads(args.threads)
-    try:
-        task = get_task(args.task)
-    except KeyError as e:
-        print(f"t2fast eval: {e.args[0]}", file=sys.stderr)
-        return 2
-    if args.n < 1:
-        print(f"t2fast eval: --n {args.n}: expected at least 1 example", file=sys.stderr)
-        return 2
+    task = get_task(args.task)
+    examples = task_examples(args, task, args.split, args.n)
     from .train.policy import LoRAPolicy, lora_folder
     lora = lora_folder(args.lora, "--lora") if args.lora else None   # bad paths: before loading
     if args.expert:
         from .experts import load_expert
         load_expert(args.expert)
-    model, tok = load_model(args.model)
+    model, tok = _load(args)
     what = "base"
     if args.expert:
         import t2fast
@@ -283,10 +395,10 @@ def _eval_run(args) -> int:
     elif args.lora:
         model = LoRAPolicy.load(model, lora).model
         what = f"lora {args.lora}"
-    examples = task.examples(args.split, args.n)
-    res = evaluate(model, tok, task, examples,
-                   max_new_tokens=max_new_tokens_for(task.name, args.max_new_tokens),
-                   batch_size=args.batch_size)
+    with _progress(len(examples), f"eval {task.name}") as bar:
+        res = evaluate(model, tok, task, examples,
+                       max_new_tokens=max_new_tokens_for(task.name, args.max_new_tokens),
+                       batch_size=args.batch_size, before_chunk=lambda i, j: bar.update(i - bar.n))
     print(f"{what}: {res}")
     _emit({"model": args.model, "what": what, "split": args.split, **res.summary()}, args.json)
     return 0
@@ -296,66 +408,105 @@ def _eval_run(args) -> int:
 STRATEGIES = ("prompt", "classifier", "cem", "uniform", "base")
 
 
+def strategy(text: str) -> str:
+    """An ``adapt --strategy``: one of :data:`STRATEGIES` or ``expert:NAME``."""
+    if text in STRATEGIES or (text.startswith("expert:") and len(text) > len("expert:")):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(STRATEGIES)} or expert:NAME, "
+                                     f"got {text!r}")
+
+
 def _adapt_args(p: argparse.ArgumentParser) -> None:
+    from .adapt import CEMConfig
+    from .tasks import SPLITS
+    c = CEMConfig()
     add_model_argument(p)
-    p.add_argument("--experts", nargs="+", required=True, help="expert files (pass-2 experts)")
-    p.add_argument("--strategy", default="prompt",
+    p.add_argument("--experts", nargs="+", required=True, type=existing_path,
+                   help="expert files or folders (pass-2 experts)")
+    p.add_argument("--strategy", default="prompt", type=strategy,
                    help=f"one of {', '.join(STRATEGIES)}, or expert:NAME")
-    p.add_argument("--classifier", default=None, help="classification expert file (strategy "
-                                                      "classifier)")
+    p.add_argument("--classifier", default=None, type=existing_path,
+                   help="classification expert file (needed by --strategy classifier)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--task", help="evaluate on this task's split")
+    src.add_argument("--task", type=task_name, help="evaluate on this task's split")
     src.add_argument("--prompt", nargs="+", help="answer these prompts (bare questions or "
                                                  "templated prompts)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, default=500,
-                   help="examples of --task (from the start of --split), at least 1")
-    p.add_argument("--shots", type=int, default=5, help="few-shot examples for cem (taken "
-                                                       "from the validation split)")
-    p.add_argument("--shot-set", type=int, default=None,
+    p.add_argument("--split", choices=SPLITS, default="test", help="split of --task")
+    p.add_argument("--n", type=integer(1), default=500,
+                   help="examples of --task (from the start of --split)")
+    p.add_argument("--shots", type=integer(1), default=5,
+                   help="few-shot examples for cem (taken from the validation split)")
+    p.add_argument("--shot-set", type=integer(0), default=None,
                    help="which block of --shots validation examples cem uses (0: the first "
                         "--shots, 1: the next --shots, ...; default: the --seed value)")
-    p.add_argument("--cem-iterations", type=int, default=20)
-    p.add_argument("--cem-population", type=int, default=16)
-    p.add_argument("--cem-elite-ratio", type=float, default=0.25)
-    p.add_argument("--cem-std", type=float, default=0.3)
-    p.add_argument("--save-profile", default=None, metavar="FILE",
+    p.add_argument("--cem-iterations", type=integer(1), default=20, help="CEM generations")
+    p.add_argument("--cem-population", type=integer(1), default=16,
+                   help="CEM members per generation")
+    p.add_argument("--cem-elite-ratio", type=real(0, 1, lo_open=True), default=0.25,
+                   help="share of each generation kept as elites")
+    p.add_argument("--cem-std", type=real(0, lo_open=True), default=0.3,
+                   help="initial standard deviation of CEM's Gaussian")
+    p.add_argument("--save-profile", default=None, metavar="FILE", type=output_file,
                    help="cem: write the α found as a mixture profile (t2fast serve --profiles "
                         "NAME=FILE serves it as t2_adapt='profile:NAME')")
-    p.add_argument("--per-layer", action="store_true")
-    p.add_argument("--normalize", action="store_true")
-    p.add_argument("--seed", type=int, default=0, help="cem's search seed")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--per-layer", action="store_true", help="cem: one α per decoder layer")
+    p.add_argument("--normalize", action="store_true", help="cem: α sums to 1")
+    p.add_argument("--seed", type=integer(0), default=c.seed, help="cem's search seed")
+    p.add_argument("--max-new-tokens", type=integer(1), default=None,
+                   help="answer length (default: the task's)")
+    p.add_argument("--batch-size", type=integer(1), default=None,
+                   help="rows per generation call (default: all at once)")
     add_svf_arguments(p, ("backend",), backend="torch")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, type=output_file, help="write the summary as JSON here")
+
+
+def _adapt_check(args):
+    """Cross-option checks of ``t2fast adapt`` (usage errors, before any model is loaded);
+    returns (task or None, its examples, the cem shots, the shot set)."""
+    from .adapt import CEMConfig, fewshot_examples
+    from .tasks import get_task
+    from .train.config import ConfigError
+    s = args.strategy
+    if args.save_profile and s != "cem":
+        usage_error(args, "--save-profile", "needs --strategy cem")
+    if s == "classifier" and not args.classifier:
+        usage_error(args, "--strategy", "classifier needs --classifier FILE")
+    if s == "cem" and not args.task:
+        usage_error(args, "--strategy", "cem needs --task (its few-shot examples)")
+    task = get_task(args.task) if args.task else None
+    examples = task_examples(args, task, args.split, args.n) if task else None
+    shot_set = args.seed if args.shot_set is None else args.shot_set
+    shots = None
+    if s == "cem":
+        task_examples(args, task, "validation", args.shots * (shot_set + 1),
+                      "--shots" if args.shot_set is None else "--shot-set")
+        shots = fewshot_examples(task, args.shots, shot_set)
+        try:
+            args.cem = CEMConfig(population=args.cem_population, iterations=args.cem_iterations,
+                                 elite_ratio=args.cem_elite_ratio, init_std=args.cem_std,
+                                 per_layer=args.per_layer, normalize=args.normalize,
+                                 seed=args.seed).validate()
+        except ConfigError as e:
+            usage_error(args, "--cem-population", str(e))
+    from .experts import load_expert
+    for path in [*args.experts, *([args.classifier] if args.classifier else [])]:
+        load_expert(path)               # a bad file is reported before the model is loaded
+    return task, examples, shots, shot_set
 
 
 def _adapt_run(args) -> int:
     import t2fast
-    from .adapt import (CEMConfig, ClassifierDispatch, FixedMixture, PromptDispatch,
-                        TwoPassEngine, fewshot_cem, fewshot_examples, uniform_alpha)
-    from .tasks import format_prompt, get_task
+    from .adapt import (ClassifierDispatch, FixedMixture, PromptDispatch, TwoPassEngine,
+                        fewshot_cem, uniform_alpha)
+    from .tasks import format_prompt
     from .train import max_new_tokens_for
     from .train.evaluate import score_generations
     _set_threads(args.threads)
-    if args.task and args.n < 1:
-        print(f"t2fast adapt: --n {args.n}: expected at least 1 example", file=sys.stderr)
-        return 2
-    shot_set = args.seed if args.shot_set is None else args.shot_set
-    if args.save_profile and args.strategy != "cem":
-        print("t2fast adapt: --save-profile needs --strategy cem", file=sys.stderr)
-        return 2
-    if args.strategy == "cem" and (args.shots < 1 or shot_set < 0):
-        print(f"t2fast adapt: --shots {args.shots} / --shot-set {shot_set}: expected "
-              f"--shots >= 1 and --shot-set >= 0", file=sys.stderr)
-        return 2
-    model, tok = load_model(args.model)
+    task, examples, shots, shot_set = _adapt_check(args)
+    model, tok = _load(args)
     handle = t2fast.patch_model(model, experts=args.experts, backend=args.backend)
     experts = list(handle.expert_names)
-    task = get_task(args.task) if args.task else None
     if task is not None:
-        examples = task.examples(args.split, args.n)
         prompts = [e.prompt for e in examples]
     else:
         prompts = [p if p.rstrip().endswith("A:") else format_prompt(p) for p in args.prompt]
@@ -364,21 +515,14 @@ def _adapt_run(args) -> int:
     if s == "prompt":
         strategy = PromptDispatch(handle, tok, experts)
     elif s == "classifier":
-        if not args.classifier:
-            print("t2fast adapt: --strategy classifier needs --classifier FILE", file=sys.stderr)
-            return 2
         strategy = ClassifierDispatch(handle, tok, args.classifier, experts)
     elif s == "cem":
-        if task is None:
-            print("t2fast adapt: --strategy cem needs --task (few-shot examples)",
-                  file=sys.stderr)
-            return 2
-        shots = fewshot_examples(task, args.shots, shot_set)
         extra["shot_set"] = shot_set
-        cfg = CEMConfig(population=args.cem_population, iterations=args.cem_iterations,
-                        elite_ratio=args.cem_elite_ratio, init_std=args.cem_std,
-                        per_layer=args.per_layer, normalize=args.normalize, seed=args.seed)
-        res = fewshot_cem(handle, tok, task, shots, cfg)
+        with _progress(args.cem.iterations, "cem") as bar:
+            def step(rec):
+                bar.update(1)
+                bar.set_postfix(best=f"{rec['best_accuracy']:.2f}", refresh=False)
+            res = fewshot_cem(handle, tok, task, shots, args.cem, callback=step)
         extra["cem"] = res.to_dict()
         if args.save_profile:
             from .serve.profiles import save_profile
@@ -393,14 +537,11 @@ def _adapt_run(args) -> int:
         strategy = FixedMixture(uniform_alpha(len(experts)), "uniform")
     elif s == "base":
         strategy = FixedMixture(None, "base")
-    elif s.startswith("expert:"):
-        strategy = FixedMixture(s.split(":", 1)[1], s)
     else:
-        print(f"t2fast adapt: unknown --strategy {s!r}; expected {', '.join(STRATEGIES)} or "
-              f"expert:NAME", file=sys.stderr)
-        return 2
+        strategy = FixedMixture(s.split(":", 1)[1], s)
     mnt = max_new_tokens_for(task.name if task else None, args.max_new_tokens)
-    engine = TwoPassEngine(handle, tok, max_new_tokens=mnt, batch_size=args.batch_size)
+    engine = TwoPassEngine(handle, tok, max_new_tokens=mnt, batch_size=args.batch_size,
+                           progress=True)
     out = engine.run(prompts, strategy)
     summary = {"strategy": s, "experts": experts, "pass1_s": out.pass1_s,
                "pass2_s": out.pass2_s, **extra}
@@ -422,21 +563,35 @@ def _adapt_run(args) -> int:
 
 # ---- import-official ------------------------------------------------------------------------
 def _import_official_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="the official code's policy_params.pt")
-    add_model_argument(p)
-    p.add_argument("--out", required=True,
+    p.add_argument("checkpoint", type=existing_file,
+                   help="a checkpoint of the official code: policy_params.pt (an SVF policy "
+                        "or a weighted combination found by its CEM) or learnable_params.pt "
+                        "(save_legacy_params)")
+    add_model_argument(p, placement=False)
+    p.add_argument("--out", required=True, type=output_path,
                    help="expert file to write (.safetensors), else an expert folder")
     p.add_argument("--name", default=None,
                    help="expert name (default: the checkpoint's folder or file name)")
-    p.add_argument("--max-mult", type=float, default=1.0, help="the official policy's max_mult")
+    p.add_argument("--max-mult", type=real(0, lo_open=True), default=1.0,
+                   help="the official policy's max_mult")
+    p.add_argument("--norm-coeffs", choices=("true", "false"), default=None,
+                   help="weighted combinations only: the run's norm_coeffs setting, which the "
+                        "file does not record (required for such a file)")
 
 
 def _import_official_run(args) -> int:
     from .official import import_official
     _set_threads(args.threads)
+    if args.name is not None:
+        from .mixtures import check_expert_name
+        try:
+            check_expert_name(args.name)
+        except ValueError as e:
+            usage_error(args, "--name", str(e))
     model, _ = load_model(args.model)
+    norm = None if args.norm_coeffs is None else args.norm_coeffs == "true"
     expert = import_official(args.checkpoint, model, args.name, args.max_mult,
-                             base_model=Path(args.model).name)
+                             base_model=Path(args.model).name, norm_coeffs=norm)
     out = Path(args.out)
     if out.suffix == ".safetensors":
         expert.save(out)
@@ -473,23 +628,32 @@ def build_parser() -> argparse.ArgumentParser:
                                      "SVF experts, two-pass adaptation, per-request mixtures")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, cmd in SUBCOMMANDS.items():
-        sp = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        sp = sub.add_parser(name, help=cmd.help, description=cmd.help,
+                            formatter_class=HelpFormatter)
         cmd.add_arguments(sp)
-        sp.set_defaults(_run=cmd.run)
+        sp.set_defaults(_run=cmd.run, _parser=sp)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, extra = parser.parse_known_args(argv)
+    cmd = SUBCOMMANDS.get(argv[0]) if argv else None
+    passed_on: list[str] = []
+    if cmd is not None and cmd.split_extra is not None:
+        own, passed_on = cmd.split_extra(argv[1:])
+        args, extra = parser.parse_known_args([argv[0], *own])
+    else:
+        args, extra = parser.parse_known_args(argv)
     args._argv = argv
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
     if extra and not SUBCOMMANDS[args.command].accepts_extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args._extra = extra
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args._extra = passed_on + extra
+    if hasattr(args, "attn"):
+        check_model_placement(args._parser, args)
     try:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError, ImportError) as e:

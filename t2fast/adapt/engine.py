@@ -15,11 +15,13 @@ served by merged weights, mixed batches by the SVF kernels.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
 from ..generation import generate
 
@@ -62,34 +64,44 @@ class TwoPassResult:
 
 class TwoPassEngine:
     """Runs pass 1 for the whole batch, then pass 2 with per-row experts in one batch
-    (``batch_size`` rows per generation call; None: all rows at once)."""
+    (``batch_size`` rows per generation call; None: all rows at once). ``progress``: a bar on
+    stderr (on a terminal only) counting the prompts through both passes."""
 
     def __init__(self, handle, tokenizer, *, max_new_tokens: int = 16,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, progress: bool = False):
         self.handle = handle
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.progress = progress
 
     def run(self, prompts: Sequence[str], strategy, max_new_tokens: int | None = None
             ) -> TwoPassResult:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("TwoPassEngine.run got no prompts")
-        t0 = time.perf_counter()
-        specs, labels = strategy.select(prompts)
-        t1 = time.perf_counter()
-        if len(specs) != len(prompts):
-            raise RuntimeError(f"strategy returned {len(specs)} mixtures for {len(prompts)} "
-                               f"prompts")
-        outputs, paths = self.answer(prompts, specs, max_new_tokens)
-        t2 = time.perf_counter()
+        with tqdm(total=2 * len(prompts), desc=f"pass 1 ({getattr(strategy, 'name', '')})",
+                  file=sys.stderr, disable=None if self.progress else True,
+                  dynamic_ncols=True, leave=False) as bar:
+            t0 = time.perf_counter()
+            specs, labels = strategy.select(prompts)
+            t1 = time.perf_counter()
+            if len(specs) != len(prompts):
+                raise RuntimeError(f"strategy returned {len(specs)} mixtures for "
+                                   f"{len(prompts)} prompts")
+            bar.set_description("pass 2")
+            bar.update(len(prompts))
+            outputs, paths = self.answer(prompts, specs, max_new_tokens,
+                                         after_chunk=bar.update)
+            t2 = time.perf_counter()
         return TwoPassResult(outputs, list(specs), labels, t1 - t0, t2 - t1, paths)
 
     @torch.no_grad()
-    def answer(self, prompts: Sequence[str], specs: Sequence, max_new_tokens: int | None = None
+    def answer(self, prompts: Sequence[str], specs: Sequence, max_new_tokens: int | None = None,
+               after_chunk: Callable[[int], object] | None = None
                ) -> tuple[list[str], list[str]]:
-        """Pass 2: greedy answers with one mixture per row."""
+        """Pass 2: greedy answers with one mixture per row (``after_chunk(rows)`` after each
+        generation call)."""
         self.handle.set_trainable_z(None)
         step = self.batch_size or len(prompts)
         out, paths = [], []
@@ -99,6 +111,8 @@ class TwoPassEngine:
                 paths.append(self.handle.set_mixture(list(specs[i:j])))
                 out.extend(generate(self.handle.model, self.tokenizer, prompts[i:j],
                                     max_new_tokens=max_new_tokens or self.max_new_tokens).texts)
+                if after_chunk is not None:
+                    after_chunk(j - i)
         finally:
             self.handle.set_mixture(None)
         return out, paths
