@@ -233,8 +233,7 @@ def _set_threads(n):
 def _progress(total: int, desc: str):
     """A progress bar on stderr, drawn on a terminal only (never escape codes in logs)."""
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, file=sys.stderr, disable=None, dynamic_ncols=True,
-                leave=False)
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=None, dynamic_ncols=True)
 
 
 # ---- train ---------------------------------------------------------------------------------
@@ -399,6 +398,7 @@ def _eval_run(args) -> int:
         res = evaluate(model, tok, task, examples,
                        max_new_tokens=max_new_tokens_for(task.name, args.max_new_tokens),
                        batch_size=args.batch_size, before_chunk=lambda i, j: bar.update(i - bar.n))
+        bar.update(len(examples) - bar.n)
     print(f"{what}: {res}")
     _emit({"model": args.model, "what": what, "split": args.split, **res.summary()}, args.json)
     return 0

@@ -1,5 +1,8 @@
 """The t2fast command line: train / eval / adapt on a random tiny model, errors, the registry."""
+import importlib.util
+import io
 import json
+import sys
 
 import pytest
 
@@ -92,14 +95,15 @@ def test_adapt_defaults_and_cem_shot_set(experts, tmp_path, monkeypatch):
     --shot-set (default: --seed) of the validation split."""
     from t2fast.adapt import fewshot_examples
     from t2fast.tasks import get_task
-    args = cli.build_parser().parse_args(["adapt", "--experts", "x", "--task", "arith"])
+    args = cli.build_parser().parse_args(["adapt", "--experts", str(experts[0]), "--task",
+                                          "arith"])
     assert args.n == 500 and args.shot_set is None
     seen = []
     import t2fast.adapt
     real = t2fast.adapt.fewshot_cem
     monkeypatch.setattr(t2fast.adapt, "fewshot_cem",
-                        lambda h, t, task, shots, cfg: seen.append((shots, cfg.seed)) or
-                        real(h, t, task, shots, cfg))
+                        lambda h, t, task, shots, cfg, **kw: seen.append((shots, cfg.seed)) or
+                        real(h, t, task, shots, cfg, **kw))
     base = ["adapt", *MODEL, "--experts", *map(str, experts), "--strategy", "cem", "--task",
             "arith_chain", "--n", "2", "--shots", "2", "--cem-iterations", "1",
             "--cem-population", "2", "--json", str(tmp_path / "c.json")]
@@ -121,31 +125,216 @@ def test_adapt_on_prompts(experts, capsys):
 
 
 def test_errors(experts, tmp_path, capsys):
-    assert cli.main(["train", "--task", "nope", "--out", str(tmp_path / "x.safetensors"),
-                     *MODEL]) == 2
-    assert "unknown task" in capsys.readouterr().err
-    assert cli.main(["train", "--task", "arith", "--out", str(tmp_path / "x.safetensors"),
-                     "--lr", "-1", *MODEL]) == 2
-    assert "TrainConfig.lr" in capsys.readouterr().err
-    assert cli.main(["eval", "--task", "nope", *MODEL]) == 2
-    for n in ("0", "-3"):            # rejected before any model is loaded
-        assert cli.main(["eval", "--task", "arith", "--model", str(tmp_path / "absent"),
-                         "--n", n]) == 2
-        assert f"--n {n}: expected at least 1" in capsys.readouterr().err
-        assert cli.main(["adapt", "--model", str(tmp_path / "absent"), "--experts",
-                         str(experts[0]), "--task", "arith", "--n", n]) == 2
-        assert f"--n {n}: expected at least 1" in capsys.readouterr().err
-    assert cli.main(["adapt", *MODEL, "--experts", str(experts[0]), "--strategy", "magic",
-                     "--task", "arith"]) == 2
-    assert "unknown --strategy" in capsys.readouterr().err
-    assert cli.main(["adapt", *MODEL, "--experts", str(tmp_path / "missing.safetensors"),
-                     "--task", "arith"]) == 2
-    assert "error" in capsys.readouterr().err
     assert cli.main(["adapt", *MODEL, "--experts", str(experts[0]), "--strategy",
-                     "classifier", "--task", "arith"]) == 2
+                     "expert:nope", "--task", "arith", "--n", "1"]) == 2
+    assert "error" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["train", "--task", "arith", "--out", "x.safetensors", "--layers", "a:b"])
     assert cli.main([]) == 2
+
+
+def _usage_error(capsys, argv, option):
+    """``main(argv)`` stops with exit status 2 and a message naming ``option``."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {option}" in err, err
+    return err
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model fails the test: every usage error is found before any work starts."""
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the options were checked")
+    monkeypatch.setattr(cli, "load_model", refuse)
+
+
+def _bad_options(tmp_path, experts):
+    """(argv, the option its error names) for every kind of bad value, per subcommand."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    under_file = str(a_file / "r.json")
+    train = ["train", "--task", "arith", "--out", str(tmp_path / "t.safetensors")]
+    ev = ["eval", "--task", "arith"]
+    ad = ["adapt", "--experts", *map(str, experts), "--task", "arith"]
+    cem = [*ad, "--strategy", "cem"]
+    cases = [
+        (train + ["--steps", "0"], "--steps"), (train + ["--batch-size", "0"], "--batch-size"),
+        (train + ["--batch-size", "-1"], "--batch-size"), (train + ["--lr", "-1"], "--lr"),
+        (train + ["--lr", "nan"], "--lr"), (train + ["--temperature", "0"], "--temperature"),
+        (train + ["--threads", "0"], "--threads"), (train + ["--top-k", "-1"], "--top-k"),
+        (train + ["--unparsable-penalty", "-2"], "--unparsable-penalty"),
+        (train + ["--eval-split", "dev"], "--eval-split"),
+        (train + ["--steps", "2", "--warmup-steps", "5"], "--warmup-steps"),
+        (["train", "--task", "arith", "--out", under_file], "--out"),
+        (train + ["--model", "random:1:0"], "--model"), (train + ["--task", "nope"], "--task"),
+        (ev + ["--batch-size", "0"], "--batch-size"), (ev + ["--batch-size", "-1"], "--batch-size"),
+        (ev + ["--threads", "-1"], "--threads"), (ev + ["--n", "0"], "--n"),
+        (ev + ["--n", "-3"], "--n"), (ev + ["--n", "10000000"], "--n"),
+        (ev + ["--model", "random:x"], "--model"),
+        (ev + ["--model", str(tmp_path / "absent")], "--model"),
+        (ev + ["--model", str(tmp_path)], "--model"),     # a folder without config.json
+        (ev + ["--json", under_file], "--json"), (ev + ["--json", str(tmp_path)], "--json"),
+        (ev + ["--split", "dev"], "--split"), (ev + ["--max-new-tokens", "0"], "--max-new-tokens"),
+        (ev + ["--expert", str(tmp_path / "absent.safetensors")], "--expert"),
+        (ev + ["--device", "banana"], "--device"), (ev + ["--device", "cuda:99"], "--device"),
+        (ev + ["--dtype", "float64"], "--dtype"), (ev + ["--attn", "magic"], "--attn"),
+        (["eval", "--task", "nope"], "--task"),
+        (ad + ["--n", "0"], "--n"), (ad + ["--batch-size", "0"], "--batch-size"),
+        (ad + ["--strategy", "magic"], "--strategy"), (ad + ["--strategy", "expert:"], "--strategy"),
+        (ad + ["--strategy", "classifier"], "--strategy"),
+        (ad + ["--save-profile", str(tmp_path / "p.json")], "--save-profile"),
+        (cem + ["--save-profile", under_file], "--save-profile"),
+        (ad + ["--json", under_file], "--json"),
+        (cem + ["--shots", "0"], "--shots"), (cem + ["--shot-set", "-1"], "--shot-set"),
+        (cem + ["--shots", "10000000"], "--shots"),
+        (cem + ["--cem-iterations", "0"], "--cem-iterations"),
+        (cem + ["--cem-population", "0"], "--cem-population"),
+        (cem + ["--cem-elite-ratio", "0"], "--cem-elite-ratio"),
+        (cem + ["--cem-elite-ratio", "1.5"], "--cem-elite-ratio"),
+        (cem + ["--cem-std", "0"], "--cem-std"),
+        (["adapt", "--experts", *map(str, experts), "--prompt", "1+1", "--strategy", "cem"],
+         "--strategy"),
+        (["adapt", "--experts", str(tmp_path / "absent"), "--task", "arith"], "--experts"),
+        (["serve", "tiny", "--max-experts", "0"], "--max-experts"),
+        (["serve", "tiny", "--max-experts", "-1"], "--max-experts"),
+        (["serve", "tiny", "--port", "70000"], "--port"),
+        (["serve", "tiny", "--max-alpha-abs", "0"], "--max-alpha-abs"),
+    ]
+    if importlib.util.find_spec("flash_attn") is None:
+        cases.append((ev + ["--attn", "flash_attention_2"], "--attn"))
+    return cases
+
+
+def test_every_bad_option_is_a_usage_error_before_any_work(experts, tmp_path, capsys,
+                                                           no_model):
+    for argv, option in _bad_options(tmp_path, experts):
+        _usage_error(capsys, argv, option)
+    err = _usage_error(capsys, ["eval", "--task", "arith", "--n", "10000000"], "--n")
+    assert "10000000 examples asked for, but task 'arith' has" in err
+    err = _usage_error(capsys, ["eval", "--task", "arith", "--batch-size", "0"], "--batch-size")
+    assert "expected an integer >= 1, got '0'" in err
+
+
+def test_flash_attention_needs_cuda_and_half_precision():
+    import argparse
+    from t2fast.cli_types import check_model_placement
+    p = argparse.ArgumentParser(prog="t2fast eval")
+    for dev, dtype, why in (("cpu", "bfloat16", "CUDA only"), ("cuda", "float32", "bfloat16")):
+        with pytest.raises(SystemExit):
+            check_model_placement(p, argparse.Namespace(attn="flash_attention_2", device=dev,
+                                                        dtype=dtype))
+    check_model_placement(p, argparse.Namespace(attn="flash_attention_2", device="cuda:0",
+                                                dtype="bfloat16"))
+    check_model_placement(p, argparse.Namespace(attn="sdpa", device="cpu", dtype="float32"))
+
+
+def test_load_model_places_the_model(tmp_path):
+    """--dtype / --attn / local folders; the defaults keep float32 on the CPU."""
+    import torch
+    from t2fast.models import tiny_model_path
+    model, _ = cli.load_model("random:0:1")
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+    model, _ = cli.load_model("random:0:1", "cpu", "bfloat16", "eager")
+    assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
+    model, tok = cli.load_model(str(tiny_model_path()), "cpu", "float16", "sdpa")
+    assert model.dtype == torch.float16 and model.config._attn_implementation == "sdpa"
+    assert tok("1+1").input_ids
+
+
+def test_eval_in_bfloat16_with_an_expert(experts, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert cli.main(["eval", "--task", "arith", *MODEL, "--n", "2", "--expert",
+                     str(experts[0]), "--dtype", "bfloat16", "--attn", "eager", "--json",
+                     str(out)]) == 0
+    assert json.loads(out.read_text())["n"] == 2
+
+
+def test_help_shows_defaults(capsys):
+    want = {"train": ["--steps STEPS optimisation steps (default: 200)",
+                      "(default: 0.002)", "--device DEVICE"],
+            "eval": ["(default: 500)", "rows per generation call (default: 128)",
+                     "(default: float32)"],
+            "adapt": ["(default: prompt)", "CEM generations (default: 20)"],
+            "serve": ["(experts loaded at once; fixed for the server's life) (default: 8)",
+                      "(default: 127.0.0.1)"]}
+    for cmd, texts in want.items():
+        with pytest.raises(SystemExit) as e:
+            cli.main([cmd, "--help"])
+        assert e.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        for t in texts:
+            assert t in text, (cmd, t)
+        assert "(default: None)" not in text and "(default: False)" not in text
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_on_a_terminal_only(experts, monkeypatch, capsys):
+    """eval and adapt draw bars on stderr when it is a terminal, and nothing otherwise."""
+    cem = ["adapt", *MODEL, "--experts", *map(str, experts), "--strategy", "cem", "--task",
+           "arith_chain", "--n", "2", "--shots", "1", "--cem-iterations", "2",
+           "--cem-population", "2"]
+    ev = ["eval", "--task", "arith", *MODEL, "--n", "4", "--batch-size", "2"]
+    assert cli.main(ev) == 0 and cli.main(cem) == 0
+    assert "eval arith" not in capsys.readouterr().err
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert cli.main(ev) == 0
+    assert "eval arith" in term.getvalue() and "4/4" in term.getvalue()
+    assert cli.main(cem) == 0
+    assert "cem: 100%" in term.getvalue() and "2/2" in term.getvalue()
+    assert "pass 2" in term.getvalue()
+
+
+def test_train_warns_when_no_step_beat_the_start(tmp_path, capsys, monkeypatch):
+    from t2fast.train import Trainer
+    from t2fast.train.trainer import TrainResult
+    args = ["train", "--task", "arith", "--out", str(tmp_path / "e.safetensors"), *MODEL,
+            "--steps", "1", "--batch-size", "2", "--samples-per-prompt", "2", "--eval-n", "2",
+            "--no-cache", "--no-progress"]
+    for best_step, warned in ((0, True), (1, False)):
+        monkeypatch.setattr(Trainer, "train", lambda self: TrainResult(
+            0.5, best_step, 1, False, self.config.out, 10, 0.1))
+        assert cli.main(args) == 0
+        err = capsys.readouterr().err
+        assert ("warning: no step beat the starting point" in err) is warned, err
+        assert ("holds the untrained start" in err) is warned
+
+
+def test_serve_passes_vllm_options_with_their_values():
+    """``--max-model-len 512 tiny``: 512 is the option's value, tiny the model."""
+    import argparse
+    from t2fast.serve.cli import split_vllm_options
+    vllm = argparse.ArgumentParser()
+    vllm.add_argument("--max-model-len")
+    vllm.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction)
+    vllm.add_argument("--served-model-name", nargs="+")
+    vllm.add_argument("--port")                 # t2fast's own option wins
+    argv = ["--max-model-len", "512", "tiny", "--enforce-eager", "--max-experts", "4",
+            "--max_model_len=256", "--served-model-name", "a", "b", "--port", "8300",
+            "--unknown-option", "x"]
+    own, passed = split_vllm_options(argv, vllm)
+    assert own == ["tiny", "--max-experts", "4", "--port", "8300", "--unknown-option", "x"]
+    assert passed == ["--max-model-len", "512", "--enforce-eager", "--max_model_len=256",
+                      "--served-model-name", "a", "b"]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_serve_command_line_with_vllm_options_before_the_model(monkeypatch):
+    pytest.importorskip("vllm")
+    seen = []
+    monkeypatch.setattr(cli.SUBCOMMANDS["serve"], "run",
+                        lambda args: seen.append((args.model, args.max_experts, args._extra)))
+    cli.main(["serve", "--max-model-len", "512", "--dtype", "bfloat16", "tiny",
+              "--max-experts", "2", "--enforce-eager"])
+    assert seen == [("tiny", 2, ["--max-model-len", "512", "--dtype", "bfloat16",
+                                 "--enforce-eager"])]
 
 
 def test_layers_and_targets_parsing():

@@ -7,7 +7,8 @@ It builds vLLM's own ``serve`` arguments — the t2fast architecture (``--hf-ove
 engine settings and the server settings (``--additional-config``), the worker extension — adds
 CPU-friendly defaults, allowlists t2fast's plugins in ``VLLM_PLUGINS`` and runs vLLM's ``serve``
 command in this process. Every option t2fast does not know goes to vLLM unchanged
-(``--enforce-eager``, ``--max-model-len=512``, ``--served-model-name tiny`` ...).
+(``--enforce-eager``, ``--max-model-len 512``, ``--served-model-name tiny`` ...), with the values
+vLLM reads for it (:func:`split_vllm_options`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 from ..cli import add_svf_arguments, register, svf_settings
+from ..cli_types import integer
 
 ENDPOINT_GROUP = "vllm.endpoint_plugins"
 GENERAL_GROUP = "vllm.general_plugins"
@@ -52,7 +54,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapt-template", default="tiny", choices=("tiny", "paper"),
                    help="pass-1 prompt: the tiny world's or the paper's (chat models)")
     add_svf_arguments(p, ("targets", "layers"))
-    p.add_argument("--max-experts", type=int, default=8,
+    p.add_argument("--max-experts", type=integer(1), default=8,
                    help="bank capacity (experts loaded at once; fixed for the server's life)")
     add_svf_arguments(p, SERVE_SVF_FIELDS[2:])
     p.add_argument("--allow-runtime-loading", action="store_true",
@@ -62,10 +64,60 @@ def _add_args(p: argparse.ArgumentParser) -> None:
                    help="the folder whose expert files clients may load (paths resolve inside "
                         "it, symlinks included)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=integer(0, 65535), default=8000, help="port to listen on")
     p.epilog = ("Every other option goes to vLLM's serve unchanged (python -m "
-                "vllm.entrypoints.openai.api_server --help lists them); write options that take "
-                "a value as --option=value.")
+                "vllm.entrypoints.openai.api_server --help lists them), with its value.")
+
+
+def vllm_parser() -> argparse.ArgumentParser:
+    """vLLM's own ``serve`` argument parser."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser(prog="t2fast serve"))
+
+
+def split_vllm_options(argv: list[str], parser=None) -> tuple[list[str], list[str]]:
+    """(t2fast's arguments, vLLM's options with their values) of ``t2fast serve``'s ``argv``.
+
+    An option t2fast does not define but vLLM's ``parser`` (default: :func:`vllm_parser`,
+    built only when such an option appears) does is taken out with as many values as vLLM
+    reads for it, so ``--max-model-len 512 tiny`` serves ``tiny`` with 512 positions.
+    Options neither knows stay with t2fast's arguments (and reach vLLM, which refuses them).
+    """
+    own = argparse.ArgumentParser(add_help=True)
+    _add_args(own)
+    ours = own._option_string_actions
+    out, passed, i = [], [], 0
+    while i < len(argv):
+        token = argv[i]
+        name = token.split("=", 1)[0]
+        action = None
+        if name.startswith("--") and name != "--" and name not in ours:
+            parser = parser or vllm_parser()
+            action = parser._option_string_actions.get(name.replace("_", "-"))
+        if action is None:
+            out.append(token)
+            i += 1
+            continue
+        j = i + 1 + (0 if "=" in token else _value_count(action.nargs, argv[i + 1:]))
+        passed.extend(argv[i:j])
+        i = j
+    return out, passed
+
+
+def _value_count(nargs, rest: list[str]) -> int:
+    """How many tokens of ``rest`` argparse reads as the values of an option with ``nargs``."""
+    if nargs == 0:
+        return 0
+    if nargs in (None, "?"):
+        return int(bool(rest) and not rest[0].startswith("--"))
+    if isinstance(nargs, int):
+        return min(nargs, len(rest))
+    count = 0                           # "+", "*": every token up to the next option
+    while count < len(rest) and not rest[count].startswith("-"):
+        count += 1
+    return count
 
 
 def _named(entry: str) -> tuple[str | None, str]:
@@ -189,13 +241,12 @@ def _run(args) -> int:
     t2_logger.addHandler(handler)
     t2_logger.setLevel(logging.INFO)
     from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     cli_env_setup()
-    vargs = make_arg_parser(FlexibleArgumentParser(prog="t2fast serve")).parse_args(argv)
+    vargs = vllm_parser().parse_args(argv)
     if vargs.api_server_count not in (None, 1) or vargs.headless:
         raise ValueError("t2fast serve runs one API server process (the expert list lives "
                          "there); drop --api-server-count / --headless")
@@ -208,4 +259,4 @@ def _run(args) -> int:
 
 register("serve", "OpenAI-compatible HTTP server over vLLM: experts as models, per-request "
                   "mixtures, automatic two-pass adaptation", _add_args, _run,
-         accepts_extra=True)
+         accepts_extra=True, split_extra=split_vllm_options)
