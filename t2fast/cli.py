@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .cli_types import (DTYPES, attention, check_model_placement, device, existing_file, existing_path, integer,
-                        model_spec, output_file, output_path, parse_random, real, task_name)
+from .cli_types import (DTYPES, attention, check_model_placement, device, existing_file,
+                        existing_path, integer, model_spec, output_file, output_path,
+                        parse_random, real, task_name)
 from .config import BACKENDS, SVFConfig
 from .targets import HALVES, PRESETS
 
@@ -359,7 +360,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="task to evaluate on (e.g. arith, or gsm8k:FILE.jsonl)")
     add_model_argument(p)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--expert", default=None, type=existing_path,
+    g.add_argument("--expert", default=None, type=existing_path("expert file or folder"),
                    help="SVF expert file or folder (default: the base model)")
     g.add_argument("--lora", default=None, help="LoRA adapter folder (PEFT)")
     p.add_argument("--split", choices=SPLITS, default="test", help="the task's split")
@@ -421,11 +422,12 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
     from .tasks import SPLITS
     c = CEMConfig()
     add_model_argument(p)
-    p.add_argument("--experts", nargs="+", required=True, type=existing_path,
+    p.add_argument("--experts", nargs="+", required=True,
+                   type=existing_path("expert file or folder"),
                    help="expert files or folders (pass-2 experts)")
     p.add_argument("--strategy", default="prompt", type=strategy,
                    help=f"one of {', '.join(STRATEGIES)}, or expert:NAME")
-    p.add_argument("--classifier", default=None, type=existing_path,
+    p.add_argument("--classifier", default=None, type=existing_path("classifier expert"),
                    help="classification expert file (needed by --strategy classifier)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--task", type=task_name, help="evaluate on this task's split")
@@ -563,7 +565,7 @@ def _adapt_run(args) -> int:
 
 # ---- import-official ------------------------------------------------------------------------
 def _import_official_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=existing_file,
+    p.add_argument("checkpoint", type=existing_file("official checkpoint"),
                    help="a checkpoint of the official code: policy_params.pt (an SVF policy "
                         "or a weighted combination found by its CEM) or learnable_params.pt "
                         "(save_legacy_params)")
@@ -636,6 +638,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run ``t2fast ARGV``; returns the exit status (2 for a usage error, 0 after ``--help``)
+    instead of raising ``SystemExit``."""
+    try:
+        return _main(argv)
+    except SystemExit as e:         # argparse: usage errors and --help
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+
+
+def _main(argv) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = SUBCOMMANDS.get(argv[0]) if argv else None

@@ -89,21 +89,30 @@ def _writable_parent(path: Path, text: str) -> None:
                                          f"not writable")
 
 
-def existing_file(text: str) -> str:
-    """A file that exists and can be read."""
-    path = Path(text)
-    if not path.is_file():
-        raise _bad("an existing file", text)
-    if not os.access(path, os.R_OK):
-        raise argparse.ArgumentTypeError(f"{text!r} cannot be read (permission denied)")
-    return text
+def existing_file(what: str = "file"):
+    """A file that exists and can be read (``what`` names it in errors)."""
+    def parse(text: str) -> str:
+        path = Path(text)
+        if not path.exists():
+            raise argparse.ArgumentTypeError(f"{what} {text!r} does not exist")
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(f"{what} {text!r} is not a file")
+        if not os.access(path, os.R_OK):
+            raise argparse.ArgumentTypeError(f"{what} {text!r} cannot be read (permission "
+                                             f"denied)")
+        return text
+    parse.__name__ = what
+    return parse
 
 
-def existing_path(text: str) -> str:
-    """A file or folder that exists."""
-    if not Path(text).exists():
-        raise _bad("an existing file or folder", text)
-    return text
+def existing_path(what: str = "file or folder"):
+    """A file or folder that exists (``what`` names it in errors)."""
+    def parse(text: str) -> str:
+        if not Path(text).exists():
+            raise argparse.ArgumentTypeError(f"{what} {text!r} does not exist")
+        return text
+    parse.__name__ = what
+    return parse
 
 
 def model_spec(text: str) -> str:

@@ -191,12 +191,10 @@ def test_cli_import_official_weighted_combination_needs_norm_coeffs(tmp_path, ca
     for bad, flag in ((["--norm-coeffs", "maybe"], "--norm-coeffs"),
                       (["--max-mult", "0"], "--max-mult"), (["--name", "a b"], "--name"),
                       (["--model", "random:x"], "--model")):
-        with pytest.raises(SystemExit) as e:
-            cli.main([*args, *bad])
-        assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["import-official", str(tmp_path / "absent.pt"), "--out", str(out)])
-    assert "argument checkpoint: expected an existing file" in capsys.readouterr().err
+        assert cli.main([*args, *bad]) == 2
+        assert f"argument {flag}" in capsys.readouterr().err
+    assert cli.main(["import-official", str(tmp_path / "absent.pt"), "--out", str(out)]) == 2
+    assert "argument checkpoint: official checkpoint '" in capsys.readouterr().err
 
 
 def _write(tmp_path, state):

@@ -37,19 +37,61 @@ CPU_KV_SHARE = 0.25
 CPU_KV_MAX_BYTES = 1 << 30
 
 
+def expert_entry(text: str) -> str:
+    """A ``--experts`` entry: ``PATH`` or ``NAME=PATH`` of an expert file or folder."""
+    if not Path(_named(text)[1]).exists():
+        raise argparse.ArgumentTypeError(f"expected [NAME=]PATH of an existing expert file or "
+                                         f"folder, got {text!r}")
+    return text
+
+
+def profile_entry(text: str) -> str:
+    """A ``--profiles`` entry: ``NAME=FILE`` of a mixture profile."""
+    name, path = _named(text)
+    if name is None or not name or not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE of an existing profile file, "
+                                         f"got {text!r}")
+    return text
+
+
+def adapt_mode(text: str) -> str:
+    """A ``--adapt`` value: none, prompt, classifier or profile:NAME."""
+    from .translate import ADAPT_MODES
+
+    if text in ADAPT_MODES or (text.startswith("profile:") and len(text) > len("profile:")):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(ADAPT_MODES)} or "
+                                     f"profile:NAME, got {text!r}")
+
+
+def check_args(args) -> None:
+    """Cross-option checks of ``t2fast serve`` (usage errors, before vLLM is imported)."""
+    from ..cli import usage_error
+
+    if args.adapt == "classifier" and not args.classifier:
+        usage_error(args, "--adapt", "classifier needs --classifier")
+    profiles = {_named(e)[0] for e in args.profiles}
+    if args.adapt.startswith("profile:") and args.adapt.split(":", 1)[1] not in profiles:
+        usage_error(args, "--adapt", f"{args.adapt!r} names no --profiles entry (given: "
+                                     f"{sorted(profiles) or 'none'})")
+    c = args.classifier
+    if c is not None and "=" in c and not Path(_named(c)[1]).exists():
+        usage_error(args, "--classifier", f"{c!r}: no such expert file or folder")
+
+
 def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="'tiny' (the bundled model) or a Llama / Mistral / Qwen2 "
                                  "checkpoint (folder or hub name)")
-    p.add_argument("--experts", nargs="+", default=[], metavar="[NAME=]PATH",
+    p.add_argument("--experts", nargs="+", default=[], metavar="[NAME=]PATH", type=expert_entry,
                    help="expert files served from the start (bank order); NAME= serves one "
                         "under another name")
     p.add_argument("--classifier", default=None, metavar="[NAME=]PATH|NAME",
                    help="classification expert for t2_adapt='classifier' (a file, loaded too, "
                         "or the name of one of --experts)")
-    p.add_argument("--adapt", default="none",
-                   help="t2_adapt of requests that name no mixture: none (the base model, "
-                        "default), prompt, classifier or profile:NAME")
-    p.add_argument("--profiles", nargs="+", default=[], metavar="NAME=FILE",
+    p.add_argument("--adapt", default="none", type=adapt_mode,
+                   help="t2_adapt of requests that name no mixture: none (the base model), "
+                        "prompt, classifier or profile:NAME")
+    p.add_argument("--profiles", nargs="+", default=[], metavar="NAME=FILE", type=profile_entry,
                    help="mixture profiles (saved α) served as t2_adapt='profile:NAME'")
     p.add_argument("--adapt-template", default="tiny", choices=("tiny", "paper"),
                    help="pass-1 prompt: the tiny world's or the paper's (chat models)")
@@ -231,6 +273,7 @@ def allowlist_plugins() -> None:
 
 
 def _run(args) -> int:
+    check_args(args)
     check_plugins_installed()
     allowlist_plugins()
     argv = vllm_arguments(args, list(getattr(args, "_extra", [])))
