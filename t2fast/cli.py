@@ -334,6 +334,8 @@ def _train_run(args) -> int:
         field = re.match(r"TrainConfig\.(\w+)", str(e))
         name = field.group(1) if field else ""
         usage_error(args, TRAIN_FLAG_OF.get(name, "--" + name.replace("_", "-")), str(e))
+    if cfg.resume and not cfg.checkpoint_path.exists():
+        usage_error(args, "--resume", f"there is no checkpoint at {str(cfg.checkpoint_path)!r}")
     model, tok = _load(args)
     trainer = Trainer(cfg, model, tok)
     res = trainer.train()
@@ -384,12 +386,13 @@ def _eval_run(args) -> int:
     lora = lora_folder(args.lora, "--lora") if args.lora else None   # bad paths: before loading
     if args.expert:
         from .experts import load_expert
-        load_expert(args.expert)
+        targets = load_expert(args.expert).targets
     model, tok = _load(args)
     what = "base"
     if args.expert:
         import t2fast
-        handle = t2fast.patch_model(model, experts=[args.expert], backend=args.backend)
+        handle = t2fast.patch_model(model, experts=[args.expert], targets=targets,
+                                    backend=args.backend)
         handle.set_mixture(handle.expert_names[0])
         what = f"expert {handle.expert_names[0]}"
     elif args.lora:
@@ -464,7 +467,8 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
 
 def _adapt_check(args):
     """Cross-option checks of ``t2fast adapt`` (usage errors, before any model is loaded);
-    returns (task or None, its examples, the cem shots, the shot set)."""
+    returns (task or None, its examples, the cem shots, the shot set, the matrices the experts
+    adapt)."""
     from .adapt import CEMConfig, fewshot_examples
     from .tasks import get_task
     from .train.config import ConfigError
@@ -491,9 +495,13 @@ def _adapt_check(args):
         except ConfigError as e:
             usage_error(args, "--cem-population", str(e))
     from .experts import load_expert
-    for path in [*args.experts, *([args.classifier] if args.classifier else [])]:
-        load_expert(path)               # a bad file is reported before the model is loaded
-    return task, examples, shots, shot_set
+    # a bad file is reported before the model is loaded
+    paths = list(args.experts) + ([args.classifier] if args.classifier else [])
+    loaded = [load_expert(p) for p in paths]
+    names = [e.name for e in loaded[:len(args.experts)]]
+    if s.startswith("expert:") and s.split(":", 1)[1] not in names:
+        usage_error(args, "--strategy", f"{s!r} names none of the --experts {names}")
+    return task, examples, shots, shot_set, loaded[0].targets
 
 
 def _adapt_run(args) -> int:
@@ -504,9 +512,10 @@ def _adapt_run(args) -> int:
     from .train import max_new_tokens_for
     from .train.evaluate import score_generations
     _set_threads(args.threads)
-    task, examples, shots, shot_set = _adapt_check(args)
+    task, examples, shots, shot_set, targets = _adapt_check(args)
     model, tok = _load(args)
-    handle = t2fast.patch_model(model, experts=args.experts, backend=args.backend)
+    handle = t2fast.patch_model(model, experts=args.experts, targets=targets,
+                                backend=args.backend)
     experts = list(handle.expert_names)
     if task is not None:
         prompts = [e.prompt for e in examples]

@@ -169,6 +169,11 @@ def test_cli_import_official_writes_a_loadable_expert(tmp_path, capsys, monkeypa
     assert "wrote expert 'gsm8k' (6 matrices)" in capsys.readouterr().out
     e = load_expert(out)
     assert e.name == "gsm8k" and e.extra["file"] == "policy_params.pt"
+    # the CLI patches the matrices the expert adapts (MLP only), not the default "all"
+    assert cli.main(["eval", "--task", "arith", "--model", "random:0:2", "--expert", str(out),
+                     "--n", "1"]) == 0
+    assert cli.main(["adapt", "--model", "random:0:2", "--experts", str(out), "--strategy",
+                     "expert:gsm8k", "--task", "arith", "--n", "1"]) == 0
     folder = tmp_path / "official-folder"
     assert cli.main(["import-official", str(path), "--model", "random:0:2", "--out",
                      str(folder)]) == 0
