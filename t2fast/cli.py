@@ -182,7 +182,8 @@ SVF_FLAGS = {
     "targets": ("--targets", dict(type=parse_targets, help="matrices to adapt: all | attention | "
                                                             "mlp | comma list of names / globs")),
     "layers": ("--layers", dict(type=parse_layers, help="decoder layers: START:STOP | comma list "
-                                                         "| int | first_half | second_half")),
+                                                         "| int | first_half | second_half "
+                                                         "(default: all)")),
     "backend": ("--backend", dict(choices=BACKENDS, help="SVF kernel backend")),
     "hybrid": ("--hybrid", dict(action="store_true",
                                 help="eager mode: dense weights for single-mixture steps "
