@@ -129,6 +129,24 @@ def _load(args):
     return load_model(args.model, args.device, args.dtype, args.attn)
 
 
+def add_split_arguments(p: argparse.ArgumentParser) -> None:
+    """``--split`` and ``--n``: which examples of ``--task`` to answer."""
+    from .tasks import SPLITS
+    p.add_argument("--split", choices=SPLITS, default="test", help="split of --task")
+    p.add_argument("--n", type=integer(1), default=500,
+                   help="examples of --task (from the start of --split)")
+
+
+def add_generation_arguments(p: argparse.ArgumentParser, batch_size: int | None) -> None:
+    """``--batch-size`` (default ``batch_size``; None: all rows at once) and
+    ``--max-new-tokens``."""
+    p.add_argument("--batch-size", type=integer(1), default=batch_size,
+                   help="rows per generation call" + ("" if batch_size else
+                                                      " (default: all at once)"))
+    p.add_argument("--max-new-tokens", type=integer(1), default=None,
+                   help="answer length (default: the task's)")
+
+
 def usage_error(args: argparse.Namespace, option: str, message: str):
     """Report a bad option value found after parsing (exit 2, as argparse does)."""
     args._parser.error(f"argument {option}: {message}")
@@ -358,7 +376,6 @@ def _train_run(args) -> int:
 
 # ---- eval ----------------------------------------------------------------------------------
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    from .tasks import SPLITS
     p.add_argument("--task", required=True, type=task_name,
                    help="task to evaluate on (e.g. arith, or gsm8k:FILE.jsonl)")
     add_model_argument(p)
@@ -366,13 +383,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--expert", default=None, type=existing_path("expert file or folder"),
                    help="SVF expert file or folder (default: the base model)")
     g.add_argument("--lora", default=None, help="LoRA adapter folder (PEFT)")
-    p.add_argument("--split", choices=SPLITS, default="test", help="the task's split")
-    p.add_argument("--n", type=integer(1), default=500,
-                   help="examples (from the start of the split)")
-    p.add_argument("--batch-size", type=integer(1), default=128,
-                   help="rows per generation call")
-    p.add_argument("--max-new-tokens", type=integer(1), default=None,
-                   help="answer length (default: the task's)")
+    add_split_arguments(p)
+    add_generation_arguments(p, batch_size=128)
     add_svf_arguments(p, ("backend",), backend="torch")
     p.add_argument("--json", default=None, type=output_file, help="write the result as JSON here")
 
@@ -423,7 +435,6 @@ def strategy(text: str) -> str:
 
 def _adapt_args(p: argparse.ArgumentParser) -> None:
     from .adapt import CEMConfig
-    from .tasks import SPLITS
     c = CEMConfig()
     add_model_argument(p)
     p.add_argument("--experts", nargs="+", required=True,
@@ -437,9 +448,7 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--task", type=task_name, help="evaluate on this task's split")
     src.add_argument("--prompt", nargs="+", help="answer these prompts (bare questions or "
                                                  "templated prompts)")
-    p.add_argument("--split", choices=SPLITS, default="test", help="split of --task")
-    p.add_argument("--n", type=integer(1), default=500,
-                   help="examples of --task (from the start of --split)")
+    add_split_arguments(p)
     p.add_argument("--shots", type=integer(1), default=5,
                    help="few-shot examples for cem (taken from the validation split)")
     p.add_argument("--shot-set", type=integer(0), default=None,
@@ -458,10 +467,7 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-layer", action="store_true", help="cem: one α per decoder layer")
     p.add_argument("--normalize", action="store_true", help="cem: α sums to 1")
     p.add_argument("--seed", type=integer(0), default=c.seed, help="cem's search seed")
-    p.add_argument("--max-new-tokens", type=integer(1), default=None,
-                   help="answer length (default: the task's)")
-    p.add_argument("--batch-size", type=integer(1), default=None,
-                   help="rows per generation call (default: all at once)")
+    add_generation_arguments(p, batch_size=None)
     add_svf_arguments(p, ("backend",), backend="torch")
     p.add_argument("--json", default=None, type=output_file, help="write the summary as JSON here")
 
