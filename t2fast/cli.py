@@ -19,7 +19,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from .cli_types import (DTYPES, attention, check_model_placement, device, existing_file,
                         existing_path, integer, model_spec, output_file, output_path,
@@ -147,7 +147,7 @@ def add_generation_arguments(p: argparse.ArgumentParser, batch_size: int | None)
                    help="answer length (default: the task's)")
 
 
-def usage_error(args: argparse.Namespace, option: str, message: str):
+def usage_error(args: argparse.Namespace, option: str, message: str) -> NoReturn:
     """Report a bad option value found after parsing (exit 2, as argparse does)."""
     args._parser.error(f"argument {option}: {message}")
 
@@ -351,7 +351,9 @@ def _train_run(args) -> int:
         cfg = TrainConfig(**fields).validate()
     except ConfigError as e:
         field = re.match(r"TrainConfig\.(\w+)", str(e))
-        name = field.group(1) if field else ""
+        if field is None:
+            args._parser.error(str(e))
+        name = field.group(1)
         usage_error(args, TRAIN_FLAG_OF.get(name, "--" + name.replace("_", "-")), str(e))
     if cfg.resume and not cfg.checkpoint_path.exists():
         usage_error(args, "--resume", f"there is no checkpoint at {str(cfg.checkpoint_path)!r}")
@@ -455,7 +457,7 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
                    help="which block of --shots validation examples cem uses (0: the first "
                         "--shots, 1: the next --shots, ...; default: the --seed value)")
     p.add_argument("--cem-iterations", type=integer(1), default=20, help="CEM generations")
-    p.add_argument("--cem-population", type=integer(1), default=16,
+    p.add_argument("--cem-population", type=integer(2), default=16,
                    help="CEM members per generation")
     p.add_argument("--cem-elite-ratio", type=real(0, 1, lo_open=True), default=0.25,
                    help="share of each generation kept as elites")
@@ -478,7 +480,6 @@ def _adapt_check(args):
     adapt)."""
     from .adapt import CEMConfig, fewshot_examples
     from .tasks import get_task
-    from .train.config import ConfigError
     s = args.strategy
     if args.save_profile and s != "cem":
         usage_error(args, "--save-profile", "needs --strategy cem")
@@ -494,13 +495,10 @@ def _adapt_check(args):
         task_examples(args, task, "validation", args.shots * (shot_set + 1),
                       "--shots" if args.shot_set is None else "--shot-set")
         shots = fewshot_examples(task, args.shots, shot_set)
-        try:
-            args.cem = CEMConfig(population=args.cem_population, iterations=args.cem_iterations,
-                                 elite_ratio=args.cem_elite_ratio, init_std=args.cem_std,
-                                 per_layer=args.per_layer, normalize=args.normalize,
-                                 seed=args.seed).validate()
-        except ConfigError as e:
-            usage_error(args, "--cem-population", str(e))
+        args.cem = CEMConfig(population=args.cem_population, iterations=args.cem_iterations,
+                             elite_ratio=args.cem_elite_ratio, init_std=args.cem_std,
+                             per_layer=args.per_layer, normalize=args.normalize,
+                             seed=args.seed).validate()       # the flags are checked
     from .experts import load_expert
     # a bad file is reported before the model is loaded
     paths = list(args.experts) + ([args.classifier] if args.classifier else [])
@@ -659,7 +657,10 @@ def main(argv=None) -> int:
     try:
         return _main(argv)
     except SystemExit as e:         # argparse: usage errors and --help
-        return e.code if isinstance(e.code, int) else int(e.code is not None)
+        if isinstance(e.code, int) or e.code is None:
+            return e.code or 0
+        print(e.code, file=sys.stderr)  # what Python does with SystemExit("message")
+        return 1
 
 
 def _main(argv) -> int:

@@ -197,7 +197,7 @@ def _bad_options(tmp_path, experts):
         (cem + ["--shots", "0"], "--shots"), (cem + ["--shot-set", "-1"], "--shot-set"),
         (cem + ["--shots", "10000000"], "--shots"),
         (cem + ["--cem-iterations", "0"], "--cem-iterations"),
-        (cem + ["--cem-population", "0"], "--cem-population"),
+        (cem + ["--cem-population", "1"], "--cem-population"),
         (cem + ["--cem-elite-ratio", "0"], "--cem-elite-ratio"),
         (cem + ["--cem-elite-ratio", "1.5"], "--cem-elite-ratio"),
         (cem + ["--cem-std", "0"], "--cem-std"),
@@ -369,5 +369,8 @@ def test_registry(capsys):
         assert cli.main(["hello-test", "--name", "t2"]) == 0
         assert calls == ["t2"]
         assert {"train", "eval", "adapt"} <= set(cli.SUBCOMMANDS)
+        cli.register("hello-test", "exit", lambda p: None, lambda a: sys.exit("boom"),
+                     replace=True)
+        assert cli.main(["hello-test"]) == 1 and "boom" in capsys.readouterr().err
     finally:
         cli.SUBCOMMANDS.pop("hello-test")
