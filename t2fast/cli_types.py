@@ -1,9 +1,11 @@
 """Checked option values for the ``t2fast`` command line.
 
-Each function here is an ``argparse`` ``type=``: it turns the option's text into its value or
-raises :class:`argparse.ArgumentTypeError`, which argparse reports as
+The option checks here (``integer(1)``, ``real(0)``, ``existing_file("what")`` ... return them)
+are ``argparse`` ``type=`` functions: each turns the option's text into its value or raises
+:class:`argparse.ArgumentTypeError`, which argparse reports as
 ``t2fast CMD: error: argument --OPTION: expected ..., got 'TEXT'`` with exit status 2 — before
-any model is loaded or any file is written.
+any model is loaded or any file is written. :func:`check_model_placement` checks the
+combination of ``--device``, ``--dtype`` and ``--attn`` the same way.
 """
 from __future__ import annotations
 
@@ -64,6 +66,8 @@ def output_file(text: str) -> str:
     path = Path(text)
     if not text or path.is_dir():
         raise _bad("a file path (not a folder)", text)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be written (permission denied)")
     _writable_parent(path, text)
     return text
 
