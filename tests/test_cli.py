@@ -215,6 +215,10 @@ def _bad_options(tmp_path, experts):
         (["serve", "tiny", "--adapt", "classifier"], "--adapt"),
         (["serve", "tiny", "--adapt", "profile:p", "--profiles", f"q={a_file}"], "--adapt"),
         (["serve", "tiny", "--classifier", f"c={tmp_path / 'absent'}"], "--classifier"),
+        (["serve", "tiny", "--allow-runtime-loading"], "--allow-runtime-loading"),
+        (["serve", "tiny", "--runtime-loading-root", str(tmp_path)], "--runtime-loading-root"),
+        (["serve", "tiny", "--allow-runtime-loading", "--runtime-loading-root", str(a_file)],
+         "--runtime-loading-root"),
     ]
     if importlib.util.find_spec("flash_attn") is None:
         cases.append((ev + ["--attn", "flash_attention_2"], "--attn"))

@@ -77,6 +77,14 @@ def check_args(args) -> None:
     c = args.classifier
     if c is not None and "=" in c and not Path(_named(c)[1]).exists():
         usage_error(args, "--classifier", f"{c!r}: no such expert file or folder")
+    root = args.runtime_loading_root
+    if args.allow_runtime_loading and root is None:
+        usage_error(args, "--allow-runtime-loading", "needs --runtime-loading-root DIR (the "
+                                                     "folder loaded files must lie in)")
+    if root is not None and not args.allow_runtime_loading:
+        usage_error(args, "--runtime-loading-root", "is given without --allow-runtime-loading")
+    if root is not None and not Path(root).is_dir():
+        usage_error(args, "--runtime-loading-root", f"{root!r} is not a folder")
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
