@@ -80,9 +80,10 @@ class TwoPassEngine:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("TwoPassEngine.run got no prompts")
-        with tqdm(total=2 * len(prompts), desc=f"pass 1 ({getattr(strategy, 'name', '')})",
-                  file=sys.stderr, disable=None if self.progress else True,
-                  dynamic_ncols=True, leave=False) as bar:
+        pass1 = f"pass 1 ({getattr(strategy, 'name', type(strategy).__name__)})"
+        with tqdm(total=2 * len(prompts), desc=pass1, file=sys.stderr,
+                  disable=None if self.progress else True, dynamic_ncols=True,
+                  leave=False) as bar:
             t0 = time.perf_counter()
             specs, labels = strategy.select(prompts)
             t1 = time.perf_counter()
