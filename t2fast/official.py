@@ -194,8 +194,9 @@ def rescaled_z(mask: torch.Tensor, S: torch.Tensor, target: str = "") -> torch.T
 
 
 def _masks(ckpt: OfficialCheckpoint, targets: list[str], where: str, max_mult: float,
-           norm_coeffs: bool | None) -> dict[str, torch.Tensor]:
-    """{target: the official mask (float64)} for the model's ``targets`` (official order)."""
+           norm_coeffs: bool | None) -> dict[str, tuple[str, torch.Tensor]]:
+    """{target: (its key in the checkpoint, the official mask, float64 [r])} for the model's
+    ``targets`` (official order); raises when the checkpoint does not fit them."""
     keys = [t + ".weight" for t in targets]
     if ckpt.kind == "weighted-combination":
         return _combined_masks(ckpt, targets, where, max_mult, norm_coeffs)
@@ -237,6 +238,7 @@ def _same_names(have: set, keys: list, where: str) -> None:
 
 
 def _combined_masks(ckpt, targets, where, max_mult, norm_coeffs):
+    """:func:`_masks` of a weighted combination: ``Σ_k c[k, i] · p_k`` (no sigmoid)."""
     if norm_coeffs is None:
         raise ValueError(f"{where} is a weighted combination, whose file does not record the "
                          f"run's norm_coeffs setting: give norm_coeffs=True or False (CLI: "

@@ -42,7 +42,8 @@ class OfficialCombination(nn.Module):
         self.adaptive_weights = nn.Parameter(alpha)
         for key in experts[0]:
             for k, ps in enumerate(experts):
-                self.register_buffer(f"weights_{k}_k_{key.replace('.', '_')}", ps[key])
+                if key in ps:
+                    self.register_buffer(f"weights_{k}_k_{key.replace('.', '_')}", ps[key])
 
 
 def _official_w(weight, p=None, mask=None):
@@ -200,6 +201,36 @@ def test_cli_import_official_weighted_combination_needs_norm_coeffs(tmp_path, ca
         assert f"argument {flag}" in capsys.readouterr().err
     assert cli.main(["import-official", str(tmp_path / "absent.pt"), "--out", str(out)]) == 2
     assert "argument checkpoint: official checkpoint '" in capsys.readouterr().err
+
+
+def test_bad_weighted_combinations(tmp_path):
+    model = random_tiny_llama(seed=0, **TINY)
+    experts = [_raw_vectors(model, 1), _raw_vectors(model, 2)]
+
+    def attempt(experts, alpha, norm=False):
+        path = tmp_path / "policy_params.pt"
+        torch.save(OfficialCombination(experts, alpha).state_dict(), path)
+        import_official(path, model, cache_dir=False, progress=False, norm_coeffs=norm)
+
+    with pytest.raises(ValueError, match=r"adaptive_weights has shape \(3, 1\) but the file "
+                                         r"holds 2 experts and the model 6 MLP matrices"):
+        attempt(experts, torch.ones(3, 1))
+    with pytest.raises(ValueError, match=r"adaptive_weights has shape \(2, 4\)"):
+        attempt(experts, torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"by its sum over the experts, which is 0"):
+        attempt(experts, torch.tensor([[1.0], [-1.0]]), norm=True)
+    short = dict(experts[1])
+    short.pop("model.layers.1.mlp.down_proj.weight")
+    with pytest.raises(ValueError, match=r"\(expert 1 of the combination\) does not fit the "
+                                         r"model: 1 of its MLP matrices are missing"):
+        attempt([experts[0], short], torch.ones(2, 1))
+    negative = {k: -p for k, p in experts[0].items()}
+    with pytest.raises(ValueError, match=r"mask of model\.layers\.0\.mlp\.gate_proj gives "
+                                         r"Σ\(σ ⊙ mask\) = -"):
+        attempt([negative, negative], torch.ones(2, 1))
+    with pytest.raises(ValueError, match="norm_coeffs does not apply"):
+        path, _ = _checkpoint(model, tmp_path / "plain")
+        import_official(path, model, cache_dir=False, progress=False, norm_coeffs=True)
 
 
 def _write(tmp_path, state):
