@@ -355,6 +355,9 @@ def _train_run(args) -> int:
             args._parser.error(str(e))
         name = field.group(1)
         usage_error(args, TRAIN_FLAG_OF.get(name, "--" + name.replace("_", "-")), str(e))
+    if cfg.method == "lora" and Path(cfg.out).is_file():
+        usage_error(args, "--out", f"--method lora writes an adapter folder, but {cfg.out!r} is "
+                                   f"a file")
     if cfg.resume and not cfg.checkpoint_path.exists():
         usage_error(args, "--resume", f"there is no checkpoint at {str(cfg.checkpoint_path)!r}")
     model, tok = _load(args)

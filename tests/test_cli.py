@@ -174,6 +174,7 @@ def _bad_options(tmp_path, experts):
         (["train", "--task", "arith", "--out", under_file], "--out"),
         (train + ["--model", "random:1:0"], "--model"), (train + ["--task", "nope"], "--task"),
         (train + ["--resume"], "--resume"),
+        (["train", "--task", "arith", "--method", "lora", "--out", str(a_file)], "--out"),
         (ev + ["--batch-size", "0"], "--batch-size"), (ev + ["--batch-size", "-1"], "--batch-size"),
         (ev + ["--threads", "-1"], "--threads"), (ev + ["--n", "0"], "--n"),
         (ev + ["--n", "-3"], "--n"), (ev + ["--n", "10000000"], "--n"),
