@@ -119,9 +119,13 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32",
         path = Path(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kw = {"attn_implementation": attn} if attn else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True,
-                                                 **kw)
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:                                # the tokenizer first: a folder without one fails fast
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+                                                     local_files_only=True, **kw)
+    except (OSError, ValueError) as exc:    # e.g. "does not appear to have a file named"
+        raise ValueError(f"--model {spec!r}: {' '.join(str(exc).split())[:300]}") from None
+    return model.to(device).eval(), tokenizer
 
 
 def _load(args):

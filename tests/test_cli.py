@@ -260,6 +260,9 @@ def test_load_model_places_the_model(tmp_path):
     model, tok = cli.load_model(str(tiny_model_path()), "cpu", "float16", "sdpa")
     assert model.dtype == torch.float16 and model.config._attn_implementation == "sdpa"
     assert tok("1+1").input_ids
+    (tmp_path / "config.json").write_text((tiny_model_path() / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"--model '.*': "):   # no tokenizer, no weights
+        cli.load_model(str(tmp_path))
 
 
 def test_eval_in_bfloat16_with_an_expert(experts, tmp_path, capsys):
