@@ -326,7 +326,7 @@ def test_train_warns_when_no_step_beat_the_start(tmp_path, capsys, monkeypatch):
         assert ("holds the untrained start" in err) is warned
 
 
-def test_serve_passes_vllm_options_with_their_values():
+def test_serve_passes_vllm_options_with_their_values(monkeypatch):
     """``--max-model-len 512 tiny``: 512 is the option's value, tiny the model."""
     import argparse
     from t2fast.serve.cli import split_vllm_options
@@ -342,6 +342,12 @@ def test_serve_passes_vllm_options_with_their_values():
     assert own == ["tiny", "--max-experts", "4", "--port", "8300", "--unknown-option", "x"]
     assert passed == ["--max-model-len", "512", "--enforce-eager", "--max_model_len=256",
                       "--served-model-name", "a", "b"]
+    import t2fast.serve.cli as serve_cli
+
+    def no_vllm():
+        raise ImportError("No module named 'vllm'")
+    monkeypatch.setattr(serve_cli, "vllm_parser", no_vllm)
+    assert split_vllm_options(argv) == (argv, [])      # left to serve, which says vLLM is missing
 
 
 @pytest.mark.vllm

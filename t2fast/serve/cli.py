@@ -144,7 +144,11 @@ def split_vllm_options(argv: list[str], parser=None) -> tuple[list[str], list[st
         name = token.split("=", 1)[0]
         action = None
         if name.startswith("--") and name != "--" and name not in ours:
-            parser = parser or vllm_parser()
+            if parser is None:
+                try:
+                    parser = vllm_parser()
+                except ImportError:     # no vLLM: serve reports it once it runs
+                    return list(argv), []
             action = parser._option_string_actions.get(name.replace("_", "-"))
         if action is None:
             out.append(token)
