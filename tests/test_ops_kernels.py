@@ -192,13 +192,14 @@ def test_triton_autograd_matches_reference(mix, device):
         torch.testing.assert_close(g_tr, g_ref, rtol=1e-4, atol=1e-4)
 
 
-# Plans as the GPU runs them, with interpreter-sized blocks: decode (split reductions in both
-# ops, fp32 h), prefill (unsplit, h in x's dtype), and mixed (split shrink only / expand only).
+# Plans as the GPU runs them, with interpreter-sized blocks: decode (split shrink, fp32 h),
+# prefill (unsplit, h in x's dtype), split shrink with long k-blocks, and the deterministic
+# family's shape (64-row tiles, narrow N, no split).
 PLANS = {
-    "decode-split": SVFPlan(TileConfig(16, 16, 16, split_k=4), TileConfig(16, 16, 16, split_k=3)),
+    "decode-split": SVFPlan(TileConfig(16, 16, 16, split_k=4), TileConfig(16, 16, 16)),
     "prefill": SVFPlan(TileConfig(32, 32, 16, group_m=2), TileConfig(32, 16, 32, group_m=2)),
     "split-shrink": SVFPlan(TileConfig(16, 32, 16, split_k=8), TileConfig(16, 32, 32)),
-    "split-expand": SVFPlan(TileConfig(16, 32, 32), TileConfig(16, 16, 16, split_k=2)),
+    "narrow-64": SVFPlan(TileConfig(64, 16, 64), TileConfig(64, 16, 64)),
 }
 
 
