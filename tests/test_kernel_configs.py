@@ -7,6 +7,7 @@ reduction, and a deterministic plan keeps one reduction order at every bucket.
 """
 import json
 import subprocess
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -188,21 +189,130 @@ def _tuner(*argv):
 
 
 def test_tuner_updates_a_table_the_loader_reads(tmp_path):
-    """The tuner's dry run (interpreter timing, tiny shapes) re-tunes one entry of a heuristic
-    table in place (``--update``): the other entry keeps its plan, each says whether it was
-    tuned, and the table as a whole is not marked tuned."""
+    """The tuner's dry run (interpreter timing, sm_90 compile checks, tiny shapes) re-tunes one
+    entry of a heuristic table in place (``--update``): the other entry keeps its plan, each
+    says whether it was tuned, and the table as a whole is not marked tuned."""
     out = tmp_path / "cpu.json"
     _tuner("--untuned", "--shapes", "40x48", "64x48", "--buckets", "16", "--out", str(out))
     before = {(e.m, e.n): e for e in configs.parse_table(json.loads(out.read_text()), str(out))}
     assert not any(e.tuned for e in before.values())
+    assert all(e.deterministic for e in before.values())
     _tuner("--update", "--shapes", "40x48", "--buckets", "16", "--quick", "--out", str(out))
     data = json.loads(out.read_text())
     after = {(e.m, e.n): e for e in configs.parse_table(data, str(out))}
     assert set(after) == {(40, 48), (64, 48)} and all(e.t == 16 for e in after.values())
     assert after[(40, 48)].tuned and not after[(64, 48)].tuned
     assert after[(64, 48)].plan == before[(64, 48)].plan
-    assert after[(40, 48)].plan.backend in ("triton", "torch")
+    assert after[(40, 48)].plan.backend == "triton" and after[(40, 48)].deterministic
     assert data["tuned"] is False and "1 of 2 entries tuned" in data["note"]
+
+
+def _tune_module():
+    import importlib
+    return importlib.import_module("tune_svf")
+
+
+class _FakeTimer:
+    """Stands in for ``timing.time_alternating``: µs from ``cost(candidate)``, every race
+    recorded; ``run`` calls each candidate's first callable once (to see what it launches)."""
+
+    def __init__(self, cost, run=False):
+        self.cost, self.run, self.races = cost, run, []
+
+    def __call__(self, calls, reps):
+        self.races.append(list(calls))
+        if self.run:
+            for fns in calls.values():
+                fns[0]()
+        return {k: self.cost(k) for k in calls}
+
+
+def _all_clean(specs):
+    return [True] * len(specs)
+
+
+def _tune(timer, deterministic=True, current=None, check=_all_clean, slices=((40, 48),), T=16):
+    return _tune_module().tune_entry(list(slices), T, torch.bfloat16, 2, True, deterministic,
+                                     current, timer=timer, check=check, log=lambda s: None)
+
+
+def test_tuner_cannot_regress_the_current_entry():
+    """The current entry and the heuristic plan race the tuned pair; when the current entry is
+    fastest it stays, and a tuned candidate slower than the heuristic never replaces it."""
+    current = configs.heuristic_plan(16, 40, 48, 40, torch.bfloat16, 2)
+    current = SVFPlan(replace(current.shrink, num_stages=3), current.expand)
+    times = {"current": 1.0, "heuristic": 2.0, "tuned": 3.0}
+    timer = _FakeTimer(lambda k: times.get(k, 5.0) if isinstance(k, str) else 1.0)
+    entry = _tune(timer, current=current)
+    assert set(timer.races[-1]) == {"tuned", "heuristic", "current"}
+    assert entry.plan.shrink == current.shrink and entry.plan.backend == "triton"
+    times.update(current=9.0)
+    entry = _tune(_FakeTimer(lambda k: times.get(k, 5.0) if isinstance(k, str) else 1.0),
+                  current=current)
+    assert entry.plan.shrink == configs.heuristic_plan(16, 40, 48, 40, torch.bfloat16,
+                                                       2).shrink
+
+
+def test_tuner_candidates_keep_the_order_and_offer_block_n_128():
+    """Deterministic candidates keep the reduction order (no split, one block_k, one dot
+    family); block_n 128 is offered even with --quick; the heuristic's tile is raced first."""
+    tune = _tune_module()
+    base = configs.heuristic_plan(4096, 4096, 4096, 4096, torch.bfloat16, H100_SMS).shrink
+    tiles = tune.candidates(base, 4096, 4096, 4096, 2, H100_SMS, True, True)
+    assert tiles[0] == base and any(t.block_n == 128 for t in tiles)
+    assert {configs.reduction_order(t, torch.bfloat16) for t in tiles} == \
+        {configs.reduction_order(base, torch.bfloat16)}
+    timer = _FakeTimer(lambda k: 1.0)
+    _tune(timer)
+    heur = configs.heuristic_plan(16, 40, 48, 40, torch.bfloat16, 2)
+    assert timer.races[0][0] == heur.shrink and timer.races[1][0] == heur.expand
+
+
+def test_tuner_ties_go_to_the_composition():
+    """Order-dependent entries race the torch composition, which wins ties."""
+    timer = _FakeTimer(lambda k: 4.0 if isinstance(k, str) else 1.0)
+    assert _tune(timer, deterministic=False).plan.backend == "torch"
+    assert "torch" in timer.races[-1]
+    faster = _FakeTimer(lambda k: {"torch": 4.0}.get(k, 3.9) if isinstance(k, str) else 1.0)
+    assert _tune(faster, deterministic=False).plan.backend == "triton"
+    det = _FakeTimer(lambda k: 1.0)
+    _tune(det)
+    assert "torch" not in det.races[-1]                   # deterministic plans run Triton
+
+
+def test_tuner_rejects_candidates_that_spill():
+    """A candidate whose sm_90 binary fails the gates is never timed, the current entry
+    included."""
+    def check(specs):
+        return [s["tile"]["block_n"] != 128 and s["tile"]["num_stages"] != 4 for s in specs]
+
+    current = SVFPlan(TileConfig(64, 16, 128, num_stages=4), TileConfig(64, 16, 128))
+    timer = _FakeTimer(lambda k: 1.0)
+    _tune(timer, current=current, check=check, slices=((256, 48),))
+    timed = [k for race in timer.races[:2] for k in race]
+    assert timed and all(t.block_n != 128 and t.num_stages != 4 for t in timed)
+    assert "current" not in timer.races[-1]
+
+
+def test_tuner_times_the_expand_on_the_real_h_dtype(monkeypatch):
+    """The expand race reads h in the dtype the chosen shrink writes: bf16 for deterministic
+    plans, fp32 after a split shrink."""
+    from t2fast.kernels import svf_matmul as kernel
+    seen = []
+    real = kernel.svf_expand
+    monkeypatch.setattr(kernel, "svf_expand",
+                        lambda h, *a, **k: seen.append(h.dtype) or real(h, *a, **k))
+    _tune(_FakeTimer(lambda k: 1.0, run=True))
+    assert set(seen) == {torch.bfloat16}
+    seen.clear()
+    split = _FakeTimer(lambda k: 0.5 if getattr(k, "split_k", 1) > 1 else 1.0, run=True)
+    _tune(split, deterministic=False, slices=((40, 512),))
+    assert torch.float32 in seen
+
+
+def test_alternating_order_rotates_every_round():
+    from timing import alternating_order
+    assert alternating_order(["a", "b", "c"], 4) == list("abcbcacababc")
 
 
 class _RecordLaunch:
