@@ -15,8 +15,9 @@ L2-cold under CUDA graphs (``timing.time_us``):
     kernel (what the vLLM layers run),
 in alternating order over ``--reps`` repetitions (medians), against the byte floor (bytes of U,
 Vh, x and y over the measured copy bandwidth) and the FLOP floor (2·T·Σ r_i·(m_i+n) over the
-measured GEMM rate); ``x_byte_floor`` is the Triton time over the byte floor. It also records the first call's wall time on each shape and bucket (compilation
-only: run with an empty ``TRITON_CACHE_DIR`` to see cold compiles) and the error against float64.
+measured GEMM rate); ``x_byte_floor`` is the Triton time over the byte floor. It also records
+the first call's wall time on each op and bucket (compilation only: run with an empty
+``TRITON_CACHE_DIR`` to see cold compiles) and the error against float64.
 Writes ``bench/results/<device>-<date>.json`` and the table rendered from it beside it (``.md``).
 CPU numbers (interpreter) only check that the script works; they are never GPU claims.
 """

@@ -1,10 +1,10 @@
 """Ahead-of-time compilation of the SVF kernels for a GPU target, on any machine (no GPU needed).
 
-``compile_shrink``, ``compile_expand`` (the grouped expand, any number of slices: one binary) and
-``compile_merge`` (the scaled matmul of the merge) build a kernel config with ``triton.compile(ASTSource(
-...), target=GPUTarget("cuda", 90, 32))`` and the specializations a real launch gets
-(16-byte-aligned pointers, unit strides as constants, 16-divisible sizes), and ``ptxas -v`` reports registers and
-spills. The CPU test gates (tensor-core instructions in the PTX, no spills, shared memory within
+``compile_shrink``, ``compile_expand`` (the grouped expand, any number of slices: one binary)
+and ``compile_merge`` (the scaled matmul of the merge) build a kernel config with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` and the specializations a
+real launch gets (16-byte-aligned pointers, unit strides as constants, 16-divisible sizes), and
+``ptxas -v`` reports registers and spills. The CPU test gates (tensor-core instructions in the PTX, no spills, shared memory within
 the SM's limit) use it through :func:`compile_reports`, which runs the compiler in a child
 process when this one has Triton's interpreter on (interpreted kernels cannot be compiled).
 """

@@ -146,7 +146,8 @@ def svf_expand_kernel(
     acc = reduce_tile(h_ptr + h_col * stride_hr, u_ptr + u_off, h_ptr, offs_t, offs_m, mask_t,
                       mask_m, R, 0, stride_ht, stride_hr, 1, stride_um,
                       False, 1, DOT_FP32, OFFSET_64, BLOCK_M, BLOCK_N, BLOCK_K)
-    out_ptrs = out_ptr + o_col * stride_om + offs_t[:, None] * stride_ot + offs_m[None, :] * stride_om
+    out_ptrs = (out_ptr + o_col * stride_om + offs_t[:, None] * stride_ot
+                + offs_m[None, :] * stride_om)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_m[None, :])
 
 
