@@ -400,3 +400,95 @@ def test_compiled_graph_through_t2fast_ops_with_dynamic_token_count():
         x = torch.randn(T, n, generator=gen)
         want = ops.svf_group_mix(x, Us, S, Vh, alpha, bank, slots[:T], backend="torch") * 2
         torch.testing.assert_close(compiled(x), want, rtol=1e-4, atol=1e-4)
+
+
+# -------------------------------------------------------------------- Hugging Face layer groups
+
+TINY = dict(hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+
+
+def _patched_tiny(tmp_path, backend, mix_in_kernel=False):
+    import t2fast
+    from t2fast.experts import Expert
+    from t2fast.models import random_tiny_llama
+
+    model = random_tiny_llama(seed=0, **TINY).eval()
+    h = t2fast.patch_model(model, cache_dir=tmp_path / "svd", progress=False, backend=backend,
+                           mix_in_kernel=mix_in_kernel)
+    f = h.decomposition.factors
+    h.add_experts([h.new_expert(n, Expert.random(n, f, scale=0.6, seed=s).z)
+                   for n, s in (("a", 1), ("b", 2))])
+    h.set_mixture(["a", "b", {"a": 0.5, "b": 0.5}])
+    return model, h
+
+
+@pytest.mark.parametrize("mix_in_kernel", [False, True], ids=["table", "mix"])
+def test_hf_groups_share_factors_and_match_per_matrix_layers(tmp_path, mix_in_kernel):
+    """patch_model links q/k/v and gate/up of each layer into one group whose stacked factors
+    the members view; the grouped forward equals each member run alone."""
+    model, h = _patched_tiny(tmp_path, "triton", mix_in_kernel)
+    attn = model.model.layers[0].self_attn
+    group = attn.q_proj.group
+    assert group is attn.k_proj.group is attn.v_proj.group
+    assert model.model.layers[0].mlp.gate_proj.group is model.model.layers[0].mlp.up_proj.group
+    assert getattr(model.model.layers[0].mlp.down_proj, "group", None) is None
+    assert attn.v_proj.Vh.untyped_storage().data_ptr() == group.Vh.untyped_storage().data_ptr()
+    assert h.decomposition.factors[attn.k_proj.name].Vh is attn.k_proj.Vh
+    ids = torch.randint(3, 60, (3, 4), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        grouped = model(ids).logits
+        for layer in h.modules.values():
+            layer.group_saved, layer.group = getattr(layer, "group", None), None
+        alone = model(ids).logits
+        for layer in h.modules.values():
+            layer.group = layer.group_saved
+    torch.testing.assert_close(grouped, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_hf_group_recomputes_after_set_mixture_and_for_a_new_input(tmp_path):
+    """A member never takes a stale share: a new mixture or a new input recomputes."""
+    model, h = _patched_tiny(tmp_path, "torch")
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(3, 1, 48)
+    with torch.no_grad():
+        q1 = attn.q_proj(x)
+        h.set_mixture(["b", "a", "a"])
+        k_after = attn.k_proj(x)
+        for layer in h.modules.values():
+            layer.group = None
+        k_alone = attn.k_proj(x)
+        q_alone = attn.q_proj(x)
+    torch.testing.assert_close(k_after, k_alone)
+    assert not torch.allclose(q1, q_alone)            # the first q saw the old mixture
+
+
+def test_one_hf_layer_decode_is_eight_launches_and_two_concats(tmp_path, monkeypatch):
+    """One Hugging Face decoder layer at decode on the Triton backend: q/k/v and gate/up run
+    grouped — eight kernel launches and two z-table concatenations, ten nodes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model, h = _patched_tiny(tmp_path, "triton")
+    layer = model.model.layers[0]
+    calls = []
+    monkeypatch.setattr(kernel, "svf_shrink_kernel",
+                        _Spy(kernel.svf_shrink_kernel, "shrink", calls))
+    monkeypatch.setattr(kernel, "svf_expand_kernel",
+                        _Spy(kernel.svf_expand_kernel, "expand", calls))
+    x = torch.randn(3, 1, 48)
+    seen = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Count():
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            proj(x)
+        layer.self_attn.o_proj(torch.randn(3, 1, 48))
+        g, u = layer.mlp.gate_proj(x), layer.mlp.up_proj(x)
+        layer.mlp.down_proj(torch.randn(3, 1, 72))
+    assert [name for name, _ in calls] == ["shrink", "expand"] * 4
+    assert seen.count("svf_group") == 2 and seen.count("svf_matmul") == 2
+    assert seen.count("cat") == 2
