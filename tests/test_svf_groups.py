@@ -141,11 +141,15 @@ def test_group_errors_name_the_argument(bad, match):
         ops.svf_group(**args, backend="torch")
 
 
-def test_grouped_triton_ops_refuse_gradients():
-    x = torch.ones(2, 6, requires_grad=True)
+@pytest.mark.parametrize("needs_grad", ["x", "Z"])
+def test_grouped_triton_ops_refuse_gradients(needs_grad):
+    args = dict(x=torch.ones(2, 6), Us=[torch.ones(4, 8)], S=torch.ones(8), Vh=torch.ones(8, 6),
+                Z=torch.ones(1, 8), idx=torch.zeros(2, dtype=torch.long))
+    args[needs_grad].requires_grad_()
     with pytest.raises(ValueError, match="serve inference only"):
-        ops.svf_group(x, [torch.ones(4, 8)], torch.ones(8), torch.ones(8, 6), torch.ones(1, 8),
-                      torch.zeros(2, dtype=torch.long), backend="triton")
+        ops.svf_group(**args, backend="triton")
+    with torch.no_grad():
+        ops.svf_group(**args, backend="triton")
 
 
 # ------------------------------------------------------------------------ batch-invariant rows

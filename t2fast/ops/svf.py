@@ -124,7 +124,7 @@ def _dispatch(x, Us, S, Vh, idx, *, backend, validate, deterministic, group, Z=N
     resolved = resolve_backend(backend, device)
     _check_kernel_inputs(resolved, x=x, **factors, S=S, Vh=Vh, **slot_tensors)
     if group and resolved == "triton" and torch.is_grad_enabled() and any(
-            t.requires_grad for t in (x, *slot_tensors.values())):
+            t.requires_grad for t in (x, *Us, S, Vh, *slot_tensors.values())):
         raise ValueError("the grouped Triton ops serve inference only (no autograd); run them "
                          "under torch.no_grad() or use backend='torch'")
     if validate:
