@@ -108,7 +108,8 @@ class SVFLinearMethod(WrappedMethod):
         self.layer_idx = layer_idx
         self.row_parallel = row_parallel
         self.guard_kv = writes_kv(p.name for p in parts)
-        self.backend = runtime.config.backend
+        self.backend = runtime.config.backend     # passed to t2fast.ops as configured
+        self.kernels = None                         # what runs on the layer's device (loaded)
         self._merged_key = None
         self._merged = None
 
@@ -150,7 +151,7 @@ class SVFLinearMethod(WrappedMethod):
     def process_weights_after_loading(self, layer) -> None:
         rt = self.runtime
         w = layer.weight.detach()
-        ops.resolve_backend(rt.config.backend, w.device)      # a clear error if unusable here
+        self.kernels = ops.resolve_backend(rt.config.backend, w.device)  # clear error if unusable
         cache = None if rt.config.cache_dir is False else SVDCache(rt.config.svd_cache_dir())
         factors = {}
         for p, (full, offset) in zip(self.parts, self._full_matrices(layer, w)):
