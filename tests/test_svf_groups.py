@@ -18,6 +18,10 @@ from t2fast.kernels.configs import SVFPlan, TileConfig
 from t2fast.ops import reference
 
 pytestmark = pytest.mark.interpreter
+# Tests that run the Triton kernels on CPU tensors: through the interpreter only (a compiled run
+# on a GPU machine covers the kernels with the device tests here).
+on_cpu_kernels = pytest.mark.skipif(not launch.interpreter_active(),
+                                    reason="runs the kernels on CPU tensors (interpreter)")
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL_FRO = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -141,6 +145,7 @@ def test_group_errors_name_the_argument(bad, match):
         ops.svf_group(**args, backend="torch")
 
 
+@on_cpu_kernels
 @pytest.mark.parametrize("needs_grad", ["x", "Z"])
 def test_grouped_triton_ops_refuse_gradients(needs_grad):
     args = dict(x=torch.ones(2, 6), Us=[torch.ones(4, 8)], S=torch.ones(8), Vh=torch.ones(8, 6),
@@ -185,6 +190,7 @@ def test_a_row_is_bit_identical_whatever_its_batch(dtype, device):
     assert len(plans) >= 3, "the test must cross plans that differ"
 
 
+@on_cpu_kernels
 def test_ops_default_is_deterministic_and_opt_in_reaches_the_plan(monkeypatch):
     """``deterministic`` travels from ``t2fast.ops`` to the plan lookup; the default is True."""
     seen = []
@@ -202,6 +208,7 @@ def test_ops_default_is_deterministic_and_opt_in_reaches_the_plan(monkeypatch):
     assert seen == [True, False]
 
 
+@on_cpu_kernels
 def test_auto_follows_the_plans_backend_inside_the_op(monkeypatch):
     """``auto`` runs whatever the plan names (here: the composition), decided inside the custom
     op; ``triton`` always runs the kernels."""
@@ -317,6 +324,7 @@ def _vllm_layer(parts_spec, n, backend, gen, slots=4, experts=2):
     return method, layer, factors
 
 
+@on_cpu_kernels
 @pytest.mark.parametrize("targets", [(True, True, True), (True, False, True)],
                          ids=["all", "partial"])
 def test_vllm_layer_runs_one_group_through_t2fast_ops(monkeypatch, targets):
@@ -347,6 +355,7 @@ def test_vllm_layer_runs_one_group_through_t2fast_ops(monkeypatch, targets):
                                atol=1e-4)
 
 
+@on_cpu_kernels
 def test_one_layer_decode_is_eight_kernel_launches(monkeypatch):
     """One decoder layer at decode through the vLLM methods (qkv, o, gate/up, down) on the Triton
     backend: two kernel launches per group, eight in all, and no memset, atomics or split sum
@@ -387,6 +396,7 @@ def test_one_layer_decode_is_eight_kernel_launches(monkeypatch):
     assert counter.ops == ["svf_group_mix"] * 4, counter.ops
 
 
+@on_cpu_kernels
 def test_compiled_graph_through_t2fast_ops_with_dynamic_token_count():
     """What the vLLM layers run, ``ops.svf_group_mix`` with ``backend="auto"``, in one compiled
     graph (fullgraph) with a dynamic token count: the backend choice stays inside the op."""
@@ -427,6 +437,7 @@ def _patched_tiny(tmp_path, backend, mix_in_kernel=False):
     return model, h
 
 
+@on_cpu_kernels
 @pytest.mark.parametrize("mix_in_kernel", [False, True], ids=["table", "mix"])
 def test_hf_groups_share_factors_and_match_per_matrix_layers(tmp_path, mix_in_kernel):
     """patch_model links q/k/v and gate/up of each layer into one group whose stacked factors
@@ -467,6 +478,7 @@ def test_hf_group_recomputes_after_set_mixture_and_for_a_new_input(tmp_path):
     assert not torch.allclose(q1, q_alone)            # the first q saw the old mixture
 
 
+@on_cpu_kernels
 def test_one_hf_layer_decode_is_eight_launches_and_two_concats(tmp_path, monkeypatch):
     """One Hugging Face decoder layer at decode on the Triton backend: q/k/v and gate/up run
     grouped — eight kernel launches and two z-table concatenations, ten nodes."""
