@@ -32,6 +32,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -97,22 +98,21 @@ def byte_limit(model: str, layers: int, vocab: int, batch: int, context: int) ->
     return {"per_row": (layers * dense + other) / (layers * factored + other), "merged": 1.0}
 
 
-def tied_decomposition(decompose_model):
-    """``patch_model``'s ``decompose_model`` with one SVD per distinct weight tensor (the tied
-    layers share theirs)."""
+def tied_decomposition(decompose_model, memo: dict):
+    """``patch_model``'s ``decompose_model`` with one SVD per matrix of a layer (every layer,
+    and every copy of the model, holds the same weights): ``memo`` maps a matrix's name within
+    its layer (``self_attn.q_proj``) to its decomposition."""
     from t2fast.decompose import Decomposition
-    memo = {}
+    from t2fast.targets import resolve_targets
 
     def decompose(model, targets, layers, **kw):
-        from t2fast.targets import resolve_targets
         factors, errors = {}, {}
         for name in resolve_targets(model, targets, layers):
-            w = model.get_submodule(name).weight
-            if w.data_ptr() not in memo:
-                memo[w.data_ptr()] = decompose_model(model, [name], None, **kw)
-            one = memo[w.data_ptr()]
-            (key,) = one.factors
-            factors[name], errors[name] = one.factors[key], one.errors[key]
+            key = re.sub(r"^.*?layers\.\d+\.", "", name)
+            if key not in memo:
+                memo[key] = decompose_model(model, [name], None, **kw)
+            (first,) = memo[key].factors
+            factors[name], errors[name] = memo[key].factors[first], memo[key].errors[first]
         return Decomposition(factors, errors)
 
     return decompose
@@ -196,7 +196,7 @@ def add_random_experts(handle) -> None:
 
 
 def run_batch(lm, model: str, batch: int, context: int, steps: int, reps: int,
-              cache_dir: str) -> dict:
+              cache_dir: str, svd_memo: dict) -> dict:
     """Every variant for one batch size.
 
     The patched copy of ``lm`` and every step (with its KV cache) stay alive until the timing
@@ -217,7 +217,7 @@ def run_batch(lm, model: str, batch: int, context: int, steps: int, reps: int,
     capture("unpatched", lm)
     patched = copy.deepcopy(lm)
     real = pm.decompose_model
-    pm.decompose_model = tied_decomposition(real)
+    pm.decompose_model = tied_decomposition(real, svd_memo)
     try:
         handle = t2fast.patch_model(patched, targets="all", cache_dir=cache_dir, progress=False)
     finally:
@@ -282,9 +282,10 @@ def main(argv=None) -> dict:
                   layers=layers, vocab=vocab, tied_layers=True,
                   dtype=str(dtype).replace("torch.", ""), cuda_graphs=CUDA, reps=args.reps,
                   steps=steps, config_table=table_note(), runs=[])
+    svd_memo = {}                                   # one SVD per matrix, for every batch
     with tempfile.TemporaryDirectory() as cache_dir:
         for b in batches:
-            run = run_batch(lm, model, b, context, steps, args.reps, cache_dir)
+            run = run_batch(lm, model, b, context, steps, args.reps, cache_dir, svd_memo)
             result["runs"].append(run)
             print(json.dumps({k: run[k] for k in ("batch", "step_us", "ratio_to_unpatched",
                                                   "byte_limit")}), flush=True)
