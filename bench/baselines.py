@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from t2fast import ops
-from t2fast.ops import reference
+from t2fast.ops import reference, torch_backend
 from timing import l2_cold_copies
 
 
@@ -117,3 +117,77 @@ def materialize_per_mixture(p: Problem):
 def merged_dense(p: Problem, W_merged: torch.Tensor):
     """Single-mixture fast path: the merged W' (built once per mixture) applied densely."""
     return p.x @ W_merged.T
+
+
+# ---------------------------------------------------------------- groups (one op per input)
+
+@dataclass
+class GroupProblem:
+    """Matrices that read one input (q/k/v, gate/up; or one matrix): slices W_i [m_i, n] with
+    factors stacked as ``t2fast.ops.stack_group`` lays them out, and ``W`` = cat(W_i), the fused
+    dense weight vLLM holds."""
+    x: torch.Tensor
+    W: torch.Tensor
+    Us: list
+    S: torch.Tensor
+    Vh: torch.Tensor
+    Z: torch.Tensor
+    alpha: torch.Tensor
+    bank: torch.Tensor
+    idx: torch.Tensor
+
+    @property
+    def bytes_factors(self) -> int:
+        return (sum(U.numel() for U in self.Us) + self.Vh.numel()) * self.Vh.element_size()
+
+    @property
+    def bytes_dense(self) -> int:
+        return self.W.numel() * self.W.element_size()
+
+    @property
+    def flops_factored(self) -> int:
+        T, n = self.x.shape
+        return 2 * T * sum(U.shape[1] * (U.shape[0] + n) for U in self.Us)
+
+
+def make_group(slices, T, slots, dtype=torch.bfloat16, device="cpu", K=4, seed=0
+               ) -> GroupProblem:
+    """A group of ``slices`` [(m_i, n), ...] built from :func:`make_problem` per slice (one x,
+    idx, α shared by all)."""
+    parts = [make_problem(m, n, T, slots, dtype, device, K, seed * 7 + i)
+             for i, (m, n) in enumerate(slices)]
+    Us, S, Vh = ops.stack_group([p.U for p in parts], [p.S for p in parts],
+                                [p.Vh for p in parts])
+    bank = torch.cat([p.bank for p in parts], dim=1)
+    first = parts[0]
+    return GroupProblem(first.x, torch.cat([p.W for p in parts]), Us, S, Vh,
+                        (first.alpha @ bank).to(device), first.alpha, bank, first.idx)
+
+
+def l2_cold_groups(slices, T, dtype, device, with_dense: bool = True) -> list[GroupProblem]:
+    """Distinct copies of one group, enough that the weights a timed call reads exceed L2."""
+    first = make_group(slices, T, T, dtype, device)
+    weight_bytes = first.bytes_factors + (first.bytes_dense if with_dense else 0)
+    return [first] + [make_group(slices, T, T, dtype, device, seed=s)
+                      for s in range(1, l2_cold_copies(weight_bytes))]
+
+
+def group_dense(p: GroupProblem):
+    """The base layer: one fused GEMM x @ Wᵀ."""
+    return p.x @ p.W.T
+
+
+def group_triton(p: GroupProblem):
+    """t2fast's grouped kernels with a per-slot z table (two launches)."""
+    return ops.svf_group(p.x, p.Us, p.S, p.Vh, p.Z, p.idx, backend="triton", validate=False)
+
+
+def group_triton_mix(p: GroupProblem):
+    """The grouped kernels mixing z from α and the bank (what the vLLM layers run)."""
+    return ops.svf_group_mix(p.x, p.Us, p.S, p.Vh, p.alpha, p.bank, p.idx, backend="triton",
+                             validate=False)
+
+
+def group_composition(p: GroupProblem):
+    """The composition in the activation dtype: one matmul over the stacked Vh, one per slice."""
+    return torch_backend.svf_group(p.x, p.Us, p.S, p.Vh, p.Z, p.idx)

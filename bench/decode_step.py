@@ -1,24 +1,30 @@
-"""End-to-end decode step of a Llama with 8B layer shapes: does a per-row mixture cost what the
-bytes say, and nothing more?
+"""End-to-end decode step of Llama-3-8B (32 layers, vocabulary 128256, bf16, random weights):
+does a per-row mixture cost what the bytes say, and nothing more?
 
-    python bench/decode_step.py                 # GPU: 4 layers, bf16, batch 1/8/32/64, context 512
+    python bench/decode_step.py                 # GPU: the full model, batch 1/8/32/64, context 512
     python bench/decode_step.py --small         # CPU check: tiny dims, eager steps
 
 One decode step (one new token per row, static KV cache of ``context + 8`` positions) is captured
 in a CUDA graph for each variant, after a warm-up on a side stream:
-  * ``unpatched``     the model as built (the reference of every ratio),
-  * ``per_row``       all seven projections patched, every row its own mixture (S = batch),
-  * ``per_row_mlp``   only gate/up/down patched, every row its own mixture,
-  * ``lean_base``     patched with ``keep_dense=False`` (no dense copy kept), base mixture
-                      through the factored kernels.
-A captured graph always runs the factored kernels (``hybrid``'s dense weights serve eager calls
-only), so a single mixture or the base mixture costs what ``lean_base`` costs.
+  * ``unpatched``  the model as built (the reference of every ratio),
+  * ``per_row``    all seven projections of every layer patched, every row its own mixture
+                   (S = batch), through the factored kernels,
+  * ``merged``     the same patched model serving one mixture through dense merged weights
+                   (``handle.merge``); a captured graph normally takes the factored path, so this
+                   variant is captured with the dense path eager calls take.
 The per-row graph is replayed after the mixtures are changed with ``set_mixture`` (persistent
 buffers updated in place), and the script checks the logits changed: one graph serves any
 assignment of mixtures to rows. Variants are timed in alternating order, ``--reps`` repetitions of
-``--steps`` replays each; medians, and ratios to ``unpatched`` measured in the same process. GPU
-memory held by each mode is reported from ``handle.memory_report()``. Writes
-``bench/results/decode-<device>-<date>.json``. CPU numbers only check the script.
+``--steps`` replays each; medians, and ratios to ``unpatched`` measured in the same process.
+
+Every layer holds the same random weights (``tied_layers`` in the results), so each of the four
+distinct shapes is decomposed once (224 SVDs of 8B shapes would not fit a short GPU loan); the
+layers then also share their U and Vh. One layer reads 0.4-0.7 GB, far beyond L2, so every layer
+still streams its weights from memory and the step's bytes are the untied model's. The merged
+weights are distinct per layer. ``byte_limit`` per batch is the ratio the bytes allow: dense
+weights + lm_head + KV cache over the same with U + Vh in place of the seven adapted matrices
+(``merged``: 1). Writes ``bench/results/decode-<device>-<date>.json``. CPU numbers only check the
+script.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -58,6 +65,7 @@ def table_note() -> str | None:
 
 
 def build_model(model: str, layers: int, dtype, vocab: int):
+    """A random Llama of ``model``'s shapes whose layers all hold layer 0's weights (tied)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     d = MODELS[model]
     cfg = LlamaConfig(hidden_size=d["hidden"], intermediate_size=d["intermediate"],
@@ -65,7 +73,49 @@ def build_model(model: str, layers: int, dtype, vocab: int):
                       num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=4096)
     torch.manual_seed(0)
     with torch.device(DEVICE):
-        return LlamaForCausalLM(cfg).to(dtype).eval()
+        lm = LlamaForCausalLM(cfg).to(dtype).eval()
+    first = lm.model.layers[0]
+    for layer in lm.model.layers[1:]:
+        for name, mod in layer.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight = first.get_submodule(name).weight
+    return lm
+
+
+def byte_limit(model: str, layers: int, vocab: int, batch: int, context: int) -> dict:
+    """The step-time ratio to ``unpatched`` that the bytes allow, from the shapes (bf16): every
+    weight, the lm_head and the KV cache read once per step, with U [m, r] + Vh [r, n]
+    (r = min(m, n)) in place of each adapted W [m, n] for ``per_row``."""
+    from shapes import projections
+    d = MODELS[model]
+    dense = factored = 0
+    for m, n in projections(model).values():
+        r = min(m, n)
+        dense += m * n
+        factored += r * (m + n)
+    kv = 2 * d["kv_heads"] * (d["hidden"] // d["heads"]) * context * batch
+    other = vocab * d["hidden"] + layers * kv
+    return {"per_row": (layers * dense + other) / (layers * factored + other), "merged": 1.0}
+
+
+def tied_decomposition(decompose_model, memo: dict):
+    """``patch_model``'s ``decompose_model`` with one SVD per matrix of a layer (every layer,
+    and every copy of the model, holds the same weights): ``memo`` maps a matrix's name within
+    its layer (``self_attn.q_proj``) to its decomposition."""
+    from t2fast.decompose import Decomposition
+    from t2fast.targets import resolve_targets
+
+    def decompose(model, targets, layers, **kw):
+        factors, errors = {}, {}
+        for name in resolve_targets(model, targets, layers):
+            key = re.sub(r"^.*?layers\.\d+\.", "", name)
+            if key not in memo:
+                memo[key] = decompose_model(model, [name], None, **kw)
+            (first,) = memo[key].factors
+            factors[name], errors[name] = memo[key].factors[first], memo[key].errors[first]
+        return Decomposition(factors, errors)
+
+    return decompose
 
 
 class DecodeStep:
@@ -145,49 +195,47 @@ def add_random_experts(handle) -> None:
                         for k in range(NUM_EXPERTS)])
 
 
-def run_batch(lm, batch: int, context: int, steps: int, reps: int, cache_dir: str) -> dict:
+def run_batch(lm, model: str, batch: int, context: int, steps: int, reps: int,
+              cache_dir: str, svd_memo: dict) -> dict:
     """Every variant for one batch size.
 
-    Each variant patches its own copy of ``lm`` and keeps it (and its KV cache) alive until the
-    timing ends: a captured graph replays the kernels and buffers of its capture, so the model
-    behind it must not be restored or freed while the graph is in use.
+    The patched copy of ``lm`` and every step (with its KV cache) stay alive until the timing
+    ends: a captured graph replays the kernels and buffers of its capture.
     """
     import copy
 
     import t2fast
-    graphs, memory, notes, keep = {}, {}, {}, []
+    import t2fast.layers as svf_layers
+    pm = sys.modules["t2fast.patch_model"]
+    graphs, notes, keep = {}, {}, []
 
-    def allocated() -> int:
-        if CUDA:
-            torch.cuda.synchronize()
-            return torch.cuda.memory_allocated()
-        return 0
-
-    def capture(name: str, targets=None, keep_dense=True, per_row=False):
-        """Patch a copy of ``lm`` (``targets`` None: the unpatched model), set random per-row
-        mixtures (else the base mixture), prefill its cache and capture its step."""
-        before = allocated()
-        model, handle = lm if targets is None else copy.deepcopy(lm), None
-        if targets is not None:
-            handle = t2fast.patch_model(model, targets=targets, cache_dir=cache_dir,
-                                        progress=False, keep_dense=keep_dense)
-            add_random_experts(handle)
-            handle.set_mixture(random_mixtures(batch, 1) if per_row else None)
-            memory[name] = handle.memory_report()
-        step = DecodeStep(model, batch, context)
+    def capture(name, target):
+        step = DecodeStep(target, batch, context)
         graphs[name] = Captured(step)
-        keep.append((model, handle, step))
-        memory[f"cuda_allocated_delta_{name}"] = allocated() - before
-        return handle
+        keep.append(step)
 
-    capture("unpatched")
-    h = capture("per_row", "all", per_row=True)
+    capture("unpatched", lm)
+    patched = copy.deepcopy(lm)
+    real = pm.decompose_model
+    pm.decompose_model = tied_decomposition(real, svd_memo)
+    try:
+        handle = t2fast.patch_model(patched, targets="all", cache_dir=cache_dir, progress=False)
+    finally:
+        pm.decompose_model = real
+    add_random_experts(handle)
+    handle.set_mixture(random_mixtures(batch, 1))
+    capture("per_row", patched)
     before = graphs["per_row"].out.clone()
-    h.set_mixture(random_mixtures(batch, 2))           # new assignment, same graph
+    handle.set_mixture(random_mixtures(batch, 2))           # new assignment, same graph
     graphs["per_row"].step()
     notes["per_row_graph_follows_set_mixture"] = not torch.equal(before, graphs["per_row"].out)
-    capture("per_row_mlp", "mlp", per_row=True)
-    capture("lean_base", "all", keep_dense=False)
+    handle.merge(random_mixtures(1, 3)[0])
+    real_capturing = svf_layers.capturing
+    svf_layers.capturing = lambda: False                  # the dense path inside the graph
+    try:
+        capture("merged", patched)
+    finally:
+        svf_layers.capturing = real_capturing
 
     samples = {k: [] for k in graphs}
     for rep in range(reps):
@@ -196,12 +244,13 @@ def run_batch(lm, batch: int, context: int, steps: int, reps: int, cache_dir: st
             graphs[name].time_us(max(1, steps // 10))     # warm-up before each timed series
             samples[name].append(graphs[name].time_us(steps))
     us = {k: statistics.median(v) for k, v in samples.items()}
+    layers, vocab = lm.config.num_hidden_layers, lm.config.vocab_size
     out = dict(batch=batch, context=context, step_us=us,
                tok_s={k: batch * 1e6 / v for k, v in us.items()},
-               ratio_to_unpatched={k: us["unpatched"] / v for k, v in us.items()},
-               memory=memory,
+               ratio_to_unpatched={k: us["unpatched"] / us[k] for k in ("per_row", "merged")},
+               byte_limit=byte_limit(model, layers, vocab, batch, context),
                capture_errors={k: g.error for k, g in graphs.items() if g.error}, **notes)
-    del graphs, keep
+    del graphs, keep, handle, patched
     if CUDA:
         torch.cuda.empty_cache()
     return out
@@ -210,7 +259,8 @@ def run_batch(lm, batch: int, context: int, steps: int, reps: int, cache_dir: st
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=None, help="default: the model's")
+    ap.add_argument("--vocab", type=int, default=None, help="default: 128256 (Llama-3)")
     ap.add_argument("--batch", nargs="*", type=int, default=None)
     ap.add_argument("--context", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="replays per timed series")
@@ -220,22 +270,25 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     small = args.small or not CUDA
     model = args.model or ("cpu-small" if small else "llama3-8b")
+    layers = args.layers or (1 if small else MODELS[model]["layers"])
+    vocab = args.vocab or (256 if small else 128256)
     batches = args.batch or ([1, 4] if small else [1, 8, 32, 64])
     context = args.context or (16 if small else 512)
-    steps = args.steps or (3 if small else 50)
+    steps = args.steps or (3 if small else 20)
     dtype = torch.bfloat16 if CUDA else torch.float32
-    lm = build_model(model, args.layers if not small else 1, dtype, 32000 if CUDA else 256)
+    lm = build_model(model, layers, dtype, vocab)
     result = dict(device=torch.cuda.get_device_name() if CUDA else "cpu",
                   date=dt.date.today().isoformat(), torch=torch.__version__, model=model,
-                  layers=lm.config.num_hidden_layers, dtype=str(dtype).replace("torch.", ""),
-                  cuda_graphs=CUDA, reps=args.reps, steps=steps, config_table=table_note(),
-                  runs=[])
+                  layers=layers, vocab=vocab, tied_layers=True,
+                  dtype=str(dtype).replace("torch.", ""), cuda_graphs=CUDA, reps=args.reps,
+                  steps=steps, config_table=table_note(), runs=[])
+    svd_memo = {}                                   # one SVD per matrix, for every batch
     with tempfile.TemporaryDirectory() as cache_dir:
         for b in batches:
-            run = run_batch(lm, b, context, steps, args.reps, cache_dir)
+            run = run_batch(lm, model, b, context, steps, args.reps, cache_dir, svd_memo)
             result["runs"].append(run)
-            print(json.dumps({k: run[k] for k in ("batch", "step_us", "ratio_to_unpatched")}),
-                  flush=True)
+            print(json.dumps({k: run[k] for k in ("batch", "step_us", "ratio_to_unpatched",
+                                                  "byte_limit")}), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"decode-{device_tag(result['device'])}-{result['date']}" + ("-small" if small else "")
     path = args.out / f"{stem}.json"

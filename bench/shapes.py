@@ -28,3 +28,20 @@ MODELS = {
 def projections(model: str) -> dict:
     d = MODELS[model]
     return llama_projections(d["hidden"], d["intermediate"], d["heads"], d["kv_heads"])
+
+
+# The ops of one decoder layer: matrices that read the same input run as one group.
+LAYER_GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"),
+                "down": ("down",)}
+
+
+def groups(model: str) -> dict:
+    """Each op of a layer → its slices' shapes [(m_i, n), ...] (one shared n)."""
+    p = projections(model)
+    return {g: [p[name] for name in names] for g, names in LAYER_GROUPS.items()}
+
+
+def group_dims(slices) -> tuple[int, int, int]:
+    """(Σ m_i, n, R = Σ min(m_i, n)) of a group's slices: the key of its kernel plan."""
+    n = slices[0][1]
+    return sum(m for m, _ in slices), n, sum(min(m, n) for m, _ in slices)

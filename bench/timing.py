@@ -85,3 +85,43 @@ def ceilings(small: bool = False) -> dict:
     gemm_us = time_us([lambda: x @ w])
     return {"copy_GBps": 2 * n / copy_us / 1e3, "gemm_TFLOPs": 2 * k ** 3 / gemm_us / 1e6,
             "gemm_dtype": str(dtype).replace("torch.", "")}
+
+
+def alternating_order(names: list, reps: int) -> list:
+    """The order in which :func:`time_alternating` measures: ``reps`` rounds, each visiting every
+    candidate once, the starting candidate rotating from round to round (so drift in clocks or
+    temperature spreads over all candidates instead of favouring one)."""
+    order = []
+    for rep in range(reps):
+        k = rep % len(names)
+        order.extend(names[k:] + names[:k])
+    return order
+
+
+def time_alternating(calls: dict, reps: int = 15) -> dict:
+    """Median microseconds of one call for each candidate ``name → [callable per copy]``,
+    measured in alternating rounds (:func:`alternating_order`), each candidate in its own CUDA
+    graph over L2-cold copies (wall clock on the CPU)."""
+    names = list(calls)
+    if CUDA:
+        graphs = {name: capture_graph(lambda fns=fns: [f() for f in fns])[0]
+                  for name, fns in calls.items()}
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def once(name):
+        if not CUDA:
+            t0 = time.perf_counter()
+            for f in calls[name]:
+                f()
+            return (time.perf_counter() - t0) * 1e6 / len(calls[name])
+        start.record()
+        graphs[name].replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3 / len(calls[name])
+
+    times = {name: [] for name in names}
+    for name in alternating_order(names, reps):
+        times[name].append(once(name))
+    return {name: statistics.median(t) for name, t in times.items()}

@@ -1,10 +1,11 @@
 """Triton kernels of t2fast (installed as ``t2fast.kernels``). They know nothing of models.
 
-One op per file, each with its kernel bodies, launcher and custom op:
-    svf_matmul     ``y = U (S ⊙ z ⊙ (Vh x))`` per token (``torch.ops.t2fast.svf_matmul`` and
-                   ``torch.ops.t2fast.svf_matmul_mix``)
-    scaled_matmul  ``(A ⊙ scale) @ B``: the expand and the merge ``U diag(σ⊙z) Vh``
-Shared code: :mod:`.tile_utils` (tile order, the reduction loop), :mod:`.configs` (launch plans,
-shipped tables), :mod:`.launch` (interpreter, precision), :mod:`.aot` (sm_90 compile checks).
-Call them through :mod:`t2fast.ops`, which validates inputs.
+One op per file, each with its kernel bodies and launchers:
+    svf_matmul     ``y = U (S ⊙ z ⊙ (Vh x))`` per token for a group of 1-3 matrices reading one
+                   input (a stacked shrink and a grouped expand: two launches per group)
+    scaled_matmul  ``(A ⊙ scale) @ B``: the merge ``U diag(σ⊙z) Vh``
+Shared code: :mod:`.tile_utils` (tile order, offsets, the reduction loop), :mod:`.configs`
+(launch plans, shipped tables, deterministic plans), :mod:`.launch` (interpreter, precision,
+64-bit offsets), :mod:`.aot` (sm_90 compile checks). Call them through :mod:`t2fast.ops`, which
+validates inputs and registers the custom ops (``torch.ops.t2fast.*``).
 """

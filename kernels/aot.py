@@ -1,9 +1,10 @@
 """Ahead-of-time compilation of the SVF kernels for a GPU target, on any machine (no GPU needed).
 
-``compile_shrink`` and ``compile_expand`` build a kernel config with ``triton.compile(ASTSource(
-...), target=GPUTarget("cuda", 90, 32))`` and the specializations a real launch gets
-(16-byte-aligned pointers, unit strides as constants, 16-divisible sizes), and ``ptxas -v`` reports registers and
-spills. The CPU test gates (tensor-core instructions in the PTX, no spills, shared memory within
+``compile_shrink``, ``compile_expand`` (the grouped expand, any number of slices: one binary)
+and ``compile_merge`` (the scaled matmul of the merge) build a kernel config with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` and the specializations a
+real launch gets (16-byte-aligned pointers, unit strides as constants, 16-divisible sizes), and
+``ptxas -v`` reports registers and spills. The CPU test gates (tensor-core instructions in the PTX, no spills, shared memory within
 the SM's limit) use it through :func:`compile_reports`, which runs the compiler in a child
 process when this one has Triton's interpreter on (interpreted kernels cannot be compiled).
 """
@@ -27,7 +28,7 @@ from triton.compiler import ASTSource
 from .configs import TileConfig
 from .launch import dot_fp32
 from .scaled_matmul import scaled_matmul_kernel
-from .svf_matmul import svf_shrink_kernel
+from .svf_matmul import svf_expand_kernel, svf_shrink_kernel
 
 H100 = GPUTarget("cuda", 90, 32)
 # Shared memory one CTA may use on sm_90 (227 KB).
@@ -116,13 +117,13 @@ def _compile(kernel, sig, attrs, constants, tile: TileConfig, target: GPUTarget)
 
 
 def compile_shrink(tile: TileConfig, dtype: str = "bf16", mix: bool = False, h_dtype: str = "",
-                   target: GPUTarget = H100) -> CompiledKernel:
+                   offset_64: bool = False, target: GPUTarget = H100) -> CompiledKernel:
     """The shrink kernel of ``tile`` for inputs of ``dtype`` ("bf16", "fp16", "fp32")."""
     h_dtype = "fp32" if tile.split_k > 1 or dtype == "fp32" else (h_dtype or dtype)
     pointers = dict(x_ptr=_PTR[dtype], vh_ptr=_PTR[dtype], s_ptr="*fp32", z_ptr="*fp32",
                     alpha_ptr="*fp32", bank_ptr="*fp32", idx_ptr="*i32", h_ptr=_PTR[h_dtype])
-    constants = dict(MIX=mix, DOT_FP32=dot_fp32(_TORCH[dtype]), stride_xn=1, stride_vn=1,
-                     stride_hr=1, **tile.meta())
+    constants = dict(MIX=mix, DOT_FP32=dot_fp32(_TORCH[dtype]), OFFSET_64=offset_64,
+                     stride_xn=1, stride_vn=1, stride_hr=1, **tile.meta())
     constants.update(dict(stride_ak=1, stride_br=1, stride_zs=0, stride_zr=0) if mix else
                      dict(stride_zr=1, stride_as=0, stride_ak=0, stride_bk=0, stride_br=0))
     sig, attrs = _signature(svf_shrink_kernel, pointers, constants,
@@ -132,31 +133,50 @@ def compile_shrink(tile: TileConfig, dtype: str = "bf16", mix: bool = False, h_d
 
 
 def compile_expand(tile: TileConfig, dtype: str = "bf16", h_dtype: str = "",
-                   target: GPUTarget = H100) -> CompiledKernel:
-    """The expand (``h @ Uᵀ``) kernel of ``tile``; h is fp32 when the shrink split, else x's."""
+                   offset_64: bool = False, target: GPUTarget = H100) -> CompiledKernel:
+    """The grouped expand (``h @ U_iᵀ`` per slice) of ``tile``; h is fp32 when the shrink split,
+    else x's dtype. Slice sizes, offsets and row strides divisible by 16, as a layer's packed
+    factors are."""
     h_dtype = h_dtype or dtype
+    pointers = dict(h_ptr=_PTR[h_dtype], u_ptr=_PTR[dtype], out_ptr=_PTR[dtype])
+    meta = tile.meta()
+    del meta["SPLIT_K"]
+    constants = dict(DOT_FP32=dot_fp32(_TORCH[dtype]), OFFSET_64=offset_64,
+                     stride_hr=1, stride_om=1, **meta)
+    sig, attrs = _signature(svf_expand_kernel, pointers, constants,
+                            {"stride_ht", "stride_ot", "U0", "U1", "U2", "M0", "M1", "M2", "R0",
+                             "R1", "R2", "stride_u0", "stride_u1", "stride_u2"})
+    return _compile(svf_expand_kernel, sig, attrs, constants, tile, target)
+
+
+def compile_merge(tile: TileConfig, dtype: str = "bf16", target: GPUTarget = H100
+                  ) -> CompiledKernel:
+    """The merge ``U diag(σ⊙z) Vh`` (scaled matmul with an fp32 scale) of ``tile``."""
     out = "fp32" if tile.split_k > 1 else dtype
-    pointers = dict(a_ptr=_PTR[h_dtype], scale_ptr=_PTR[h_dtype], b_ptr=_PTR[dtype],
-                    out_ptr=_PTR[out])
-    constants = dict(HAS_SCALE=False, DOT_FP32=dot_fp32(_TORCH[dtype]), stride_ak=1, stride_bk=1,
-                     stride_on=1, **tile.meta())
+    pointers = dict(a_ptr=_PTR[dtype], scale_ptr="*fp32", b_ptr=_PTR[dtype], out_ptr=_PTR[out])
+    constants = dict(HAS_SCALE=True, DOT_FP32=dot_fp32(_TORCH[dtype]), OFFSET_64=False,
+                     stride_ak=1, stride_bn=1, stride_on=1, **tile.meta())
     sig, attrs = _signature(scaled_matmul_kernel, pointers, constants,
-                            {"N", "K", "stride_am", "stride_bn", "stride_os", "stride_om"})
+                            {"M", "N", "K", "stride_am", "stride_bk", "stride_os", "stride_om"})
     return _compile(scaled_matmul_kernel, sig, attrs, constants, tile, target)
 
 
 def _compile_spec(spec: dict) -> dict:
     tile = TileConfig(**spec["tile"])
+    wide = spec.get("offset_64", False)
     if spec["op"] == "shrink":
-        k = compile_shrink(tile, spec["dtype"], spec.get("mix", False))
+        k = compile_shrink(tile, spec["dtype"], spec.get("mix", False), offset_64=wide)
+    elif spec["op"] == "expand":
+        k = compile_expand(tile, spec["dtype"], spec.get("h_dtype", ""), offset_64=wide)
     else:
-        k = compile_expand(tile, spec["dtype"], spec.get("h_dtype", ""))
+        k = compile_merge(tile, spec["dtype"])
     return k.report()
 
 
 def compile_reports(specs: list[dict]) -> list[dict]:
-    """Compile each ``{"op": "shrink"|"expand", "tile": {...}, "dtype": "bf16", "mix": bool,
-    "h_dtype": "fp32"}`` for sm_90 and return :meth:`CompiledKernel.report` dicts.
+    """Compile each ``{"op": "shrink"|"expand"|"merge", "tile": {...}, "dtype": "bf16",
+    "mix": bool, "h_dtype": "fp32", "offset_64": bool}`` for sm_90 and return
+    :meth:`CompiledKernel.report` dicts.
 
     Runs in a child process with ``TRITON_INTERPRET=0`` when the interpreter is on here.
     """

@@ -1,18 +1,30 @@
 """Launch plans for the SVF kernels: shipped tables, nearest-key lookup, a heuristic.
 
-A *plan* fixes, for one matrix (U [m, r], Vh [r, n]) and one token count T, the tile config of the
-shrink (``h = S ⊙ z ⊙ (x Vhᵀ)``, a [T, r] GEMM over n) and of the expand (``y = h Uᵀ``, a [T, m]
-GEMM over r), and which backend ``backend="auto"`` uses there. No autotuning runs on a user's hot
-path: a plan comes from
+A *plan* fixes, for one op (a matrix, or a group of matrices reading one input: Σ m_i outputs,
+n inputs, total rank R) and one token count T, the tile config of the shrink (``h = S ⊙ z ⊙
+(x Vhᵀ)``, a [T, R] GEMM over n) and of the grouped expand (``y_i = h_i U_iᵀ``, [T, Σ m_i] over
+r_i), and which backend ``backend="auto"`` uses there. No autotuning runs on a user's hot path: a
+plan comes from
 
 1. the table shipped for the GPU architecture (``configs/<arch>.json``, e.g. ``sm90.json`` for
    H100/H200), written by ``bench/tune_svf.py`` (see ``configs/README.md``): the entry of the
-   T bucket (the smallest bucket ≥ T, else the largest) and of the nearest matrix shape
-   (log-distance in m and n);
+   T bucket (the smallest bucket ≥ T, else the largest) and of the nearest shape (log-distance
+   in m and n);
 2. otherwise :func:`heuristic_plan`.
 
-Either way the reduction splits are then sized so that small-T launches fill the GPU: each op
-launches at least ``2 × num_sms`` programs where the reduction is long enough to split (decode).
+Two families of plans:
+
+* **deterministic** (the default): batch-invariant. No reduction is ever split, every bucket of
+  an op uses the same ``block_k`` and the same MMA instruction family (``wgmma``: ``block_m`` ≥
+  64 with a multiple of 4 warps, for bf16/fp16), and the backend is the Triton kernels at every
+  T: a row's output is then one fixed chain of k-blocks, bit-identical whatever the other rows
+  and whatever T (:func:`reduction_order` is constant across buckets; checked in the tests).
+  Decode launches fill the GPU with narrow N tiles (``block_n`` down to 16), not with splits.
+  Only table entries marked ``"deterministic": true`` (whose tiles keep that order) serve here.
+* **order-dependent** (``deterministic=False``, an explicit opt-in): any table entry, its
+  backend per bucket (the torch composition where it measured faster), and split-K shrinks with
+  fp32 atomics at decode, whose sums vary in the last bits with scheduling.
+
 Plans depend on T only through its bucket, so a shape compiles at most one binary per bucket and
 op. The first call on a new shape costs compilation only.
 """
@@ -121,15 +133,15 @@ class SVFPlan:
         """``h`` is fp32 when the shrink splits (atomics) or for fp32 inputs, else x's dtype."""
         return torch.float32 if self.shrink.split_k > 1 or x_dtype == torch.float32 else x_dtype
 
-    def launches(self, T: int, m: int, r: int) -> list[tuple[str, int]]:
-        """The kernels of one call and their program counts (a memset counts as a launch)."""
+    def launches(self, T: int, ms, r: int) -> list[tuple[str, int]]:
+        """The kernels of one call and the programs that do work in each (a memset counts as a
+        launch); ``ms`` is the output size m, or the list of a group's slice sizes m_i."""
+        ms = [ms] if isinstance(ms, int) else list(ms)
         out = []
         if self.shrink.split_k > 1:
             out.append(("memset h", 1))
         out.append(("shrink", self.shrink.programs(T, r)))
-        out.append(("expand", self.expand.programs(T, m)))
-        if self.expand.split_k > 1:
-            out.append(("split sum", cdiv(T, SPLIT_SUM_BLOCK[0]) * cdiv(m, SPLIT_SUM_BLOCK[1])))
+        out.append(("expand", sum(self.expand.programs(T, m) for m in ms)))
         return out
 
 
@@ -157,15 +169,23 @@ def gemm_tile(T: int, dtype: torch.dtype) -> TileConfig:
     return TileConfig(128, 128, 64, num_warps=8, num_stages=3)
 
 
-def fill_gpu(cfg: TileConfig, M: int, N: int, K: int, num_sms: int) -> TileConfig:
-    """Split K, then narrow ``block_n`` (to 16) and ``block_k`` (to 32), until the launch fills
-    the GPU.
+def fill_gpu(cfg: TileConfig, M: int, N: int, K: int, num_sms: int,
+             split: bool = True) -> TileConfig:
+    """Widen a launch until it fills the GPU: the target is ``2 × num_sms`` programs for
+    decode-sized M (≤ 64 tokens), ``num_sms`` beyond; a launch already wide enough is returned
+    unchanged.
 
-    The target is ``2 × num_sms`` programs for decode-sized M (≤ 64 tokens), ``num_sms`` beyond.
-    Splits keep at least one k-block per split and stay ≤ :data:`MAX_SPLIT`; a launch that is
-    already wide enough is returned unchanged (the split a table gives is kept as the minimum).
+    ``split=False`` (deterministic plans, and every expand): narrow ``block_n`` down to 16 and
+    nothing else, so the reduction order stays what it was. ``split=True``: split K, then narrow
+    ``block_n`` (to 16) and ``block_k`` (to 32); splits keep at least one k-block per split and
+    stay ≤ :data:`MAX_SPLIT` (the split a table gives is kept as the minimum).
     """
     target = (DECODE_PROGRAMS_PER_SM if M <= DECODE_MAX_T else 1) * num_sms
+    if not split:
+        cfg = replace(cfg, split_k=1)
+        while cfg.programs(M, N) < target and cfg.block_n > 16:
+            cfg = replace(cfg, block_n=cfg.block_n // 2)
+        return cfg
 
     def best_split(c):
         k_blocks = cdiv(K, c.block_k)
@@ -182,23 +202,68 @@ def fill_gpu(cfg: TileConfig, M: int, N: int, K: int, num_sms: int) -> TileConfi
     return cfg
 
 
-# Largest token bucket whose heuristic plan runs the Triton kernels under ``backend="auto"``. On an
-# H100 the kernels beat the torch composition at every Llama-3-8B shape in bucket 16 and lost to
-# it at 64 tokens (3 of 4 shapes) and 4096 (all), by the tuner (bench/results/, bench/NOTES.md).
+# Largest token bucket whose order-dependent heuristic plan runs the Triton kernels under
+# ``backend="auto"``. On an H100 the (single-matrix, split-K) kernels beat the torch composition
+# at every Llama-3-8B shape in bucket 16 and lost to it at 64 tokens (3 of 4 shapes) and 4096
+# (all), by the tuner (bench/results/, bench/NOTES.md).
 HEURISTIC_TRITON_MAX_T = 16
+# The reduction block of every deterministic bf16/fp16 plan, at every bucket.
+DETERMINISTIC_BLOCK_K = 128
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def heuristic_plan(T: int, m: int, n: int, r: int, dtype: torch.dtype, num_sms: int) -> SVFPlan:
-    """The plan used where no table entry exists (see the module docstring); its backend is the
-    Triton kernels up to :data:`HEURISTIC_TRITON_MAX_T` tokens, the torch composition beyond."""
+def reduction_order(tile: TileConfig, dtype: torch.dtype) -> tuple:
+    """What fixes the order in which a row's products are summed: the split of the reduction,
+    the k-block, and the dot instruction family (``wgmma`` for bf16/fp16 tiles of ≥ 64 rows and
+    a multiple of 4 warps, ``mma.sync`` below, FMA for IEEE fp32). Equal orders give a row
+    bit-identical sums whatever the other rows of its tile."""
+    if dtype not in HALF_DTYPES:
+        family = "fma"
+    elif tile.block_m >= 64 and tile.num_warps % 4 == 0:
+        family = "wgmma"
+    else:
+        family = "mma"
+    return tile.split_k, tile.block_k, family
+
+
+def deterministic_tile(T: int, dtype: torch.dtype) -> TileConfig:
+    """The unsplit tile of a deterministic plan for a bucket of T tokens (before N narrowing):
+    one ``block_k`` and the ``wgmma`` family at every bucket for bf16/fp16."""
+    T = _pow2_at_least(T)
+    if dtype not in HALF_DTYPES:
+        return gemm_tile(T, dtype)
+    if T <= DECODE_MAX_T:            # memory-bound: padded 64-row tile, deep pipeline
+        return TileConfig(64, 64, DETERMINISTIC_BLOCK_K, num_warps=4, num_stages=4)
+    if T <= 256:
+        return TileConfig(64, 128, DETERMINISTIC_BLOCK_K, num_warps=4, num_stages=3)
+    return TileConfig(128, 128, DETERMINISTIC_BLOCK_K, num_warps=8, num_stages=3)
+
+
+def heuristic_plan(T: int, m: int, n: int, r: int, dtype: torch.dtype, num_sms: int,
+                   deterministic: bool = True) -> SVFPlan:
+    """The plan used where no table entry exists (see the module docstring).
+
+    Deterministic: :func:`deterministic_tile` for both ops, widened by narrow N tiles, backend
+    Triton. Order-dependent: the unsplit GEMM tiles of :func:`gemm_tile`, the shrink split to
+    fill the GPU at decode, backend Triton up to :data:`HEURISTIC_TRITON_MAX_T` tokens and the
+    torch composition beyond.
+    """
     Tb = _pow2_at_least(T)
+    if deterministic:
+        tile = deterministic_tile(Tb, dtype)
+        # the shrink's epilogue holds a second [block_m, block_n] fp32 tile (z): at most 64
+        # columns keep the α-mixing variant free of spills on sm_90
+        shrink = replace(tile, block_n=min(tile.block_n, 64))
+        return SVFPlan(fill_gpu(shrink, Tb, r, n, num_sms, split=False),
+                       fill_gpu(tile, Tb, m, r, num_sms, split=False), source="heuristic")
     shrink = gemm_tile(Tb, dtype)
     expand = gemm_tile(Tb, dtype)
     if dtype != torch.float32 and Tb <= DECODE_MAX_T:
         # the expand streams U with an fp32 h tile: narrower columns than the shrink (and
         # shorter k-blocks at 32 tokens, where 32x128 fp32 tiles spill on sm_90)
         expand = replace(expand, block_n=32, block_k=64 if Tb == 32 else 128)
-    return SVFPlan(fill_gpu(shrink, Tb, r, n, num_sms), fill_gpu(expand, Tb, m, r, num_sms),
+    return SVFPlan(fill_gpu(shrink, Tb, r, n, num_sms), fill_gpu(expand, Tb, m, r, num_sms,
+                                                                 split=False),
                    backend="triton" if Tb <= HEURISTIC_TRITON_MAX_T else "torch",
                    source="heuristic")
 
@@ -212,6 +277,7 @@ class TableEntry:
     n: int
     plan: SVFPlan
     tuned: bool = False      # measured on the table's GPU (else the heuristic's plan)
+    deterministic: bool = False   # a batch-invariant plan (see the module docstring)
 
 
 def parse_table(data: dict, where: str) -> list[TableEntry]:
@@ -237,15 +303,34 @@ def parse_table(data: dict, where: str) -> list[TableEntry]:
                        TileConfig.from_dict(e["expand"], f"{at}.expand"),
                        backend=e["backend"], source=f"table:{Path(where).name}")
         tuned = e.get("tuned", data.get("tuned", False))
-        if not isinstance(tuned, bool):
-            raise ValueError(f"{at}: tuned must be true or false, got {tuned!r}")
-        out.append(TableEntry(int(e["t"]), int(e["m"]), int(e["n"]), plan, tuned))
+        det = e.get("deterministic", False)
+        for name, v in (("tuned", tuned), ("deterministic", det)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{at}: {name} must be true or false, got {v!r}")
+        if det:
+            check_deterministic(plan, torch.bfloat16, at)
+        out.append(TableEntry(int(e["t"]), int(e["m"]), int(e["n"]), plan, tuned, det))
     return out
+
+
+def check_deterministic(plan: SVFPlan, dtype: torch.dtype, where: str) -> None:
+    """Raise unless ``plan`` has the reduction order of the deterministic heuristic at every
+    bucket (Triton backend, no split, :data:`DETERMINISTIC_BLOCK_K`, the same dot family)."""
+    want = reduction_order(deterministic_tile(16, dtype), dtype)
+    for op, tile in (("shrink", plan.shrink), ("expand", plan.expand)):
+        got = reduction_order(tile, dtype)
+        if got != want:
+            raise ValueError(f"{where}: a deterministic entry's {op} must keep the reduction "
+                             f"order (split_k, block_k, dot family) = {want}, got {got}")
+    if plan.backend != "triton":
+        raise ValueError(f"{where}: a deterministic entry runs the Triton kernels; backend is "
+                         f"{plan.backend!r}")
 
 
 def table_to_json(entries: list[TableEntry], arch: str, meta: dict) -> dict:
     """The JSON form of a table (inverse of :func:`parse_table`)."""
-    rows = [dict(t=e.t, m=e.m, n=e.n, tuned=e.tuned, backend=e.plan.backend,
+    rows = [dict(t=e.t, m=e.m, n=e.n, tuned=e.tuned, deterministic=e.deterministic,
+                 backend=e.plan.backend,
                  shrink=asdict(e.plan.shrink), expand=asdict(e.plan.expand))
             for e in sorted(entries, key=lambda e: (e.m, e.n, e.t))]
     return dict(format=TABLE_FORMAT, arch=arch, **meta, entries=rows)
@@ -264,11 +349,14 @@ def load_table(arch: str) -> tuple[TableEntry, ...]:
 NEAREST_MAX_RATIO = 2.0
 
 
-def lookup(entries, T: int, m: int, n: int) -> SVFPlan | None:
-    """The plan of the T bucket's entry nearest in shape (log-distance in m and n).
+def lookup(entries, T: int, m: int, n: int, deterministic: bool = False) -> SVFPlan | None:
+    """The plan of the T bucket's entry nearest in shape (log-distance in m and n); with
+    ``deterministic``, among the entries marked deterministic only.
 
-    None when the table is empty or no entry lies within :data:`NEAREST_MAX_RATIO` of m and n.
+    None when no entry is left or none lies within :data:`NEAREST_MAX_RATIO` of m and n.
     """
+    if deterministic:
+        entries = [e for e in entries if e.deterministic]
     if not entries:
         return None
     b = t_bucket(T)
@@ -291,17 +379,21 @@ def device_arch(device: torch.device) -> tuple[str, int]:
 
 @lru_cache(maxsize=4096)
 def plan_for(Tb: int, m: int, n: int, r: int, dtype: torch.dtype, arch: str,
-             num_sms: int) -> SVFPlan:
+             num_sms: int, deterministic: bool = True) -> SVFPlan:
     """The plan for a token bucket ``Tb`` (a power of two ≥ 16; see :func:`plan`)."""
-    found = lookup(load_table(arch), Tb, m, n) if dtype != torch.float32 else None
+    found = (lookup(load_table(arch), Tb, m, n, deterministic) if dtype in HALF_DTYPES
+             else None)
     if found is None:
-        return heuristic_plan(Tb, m, n, r, dtype, num_sms)
-    return replace(found, shrink=fill_gpu(found.shrink, Tb, r, n, num_sms),
-                   expand=fill_gpu(found.expand, Tb, m, r, num_sms))
+        return heuristic_plan(Tb, m, n, r, dtype, num_sms, deterministic)
+    return replace(found, shrink=fill_gpu(found.shrink, Tb, r, n, num_sms,
+                                          split=not deterministic),
+                   expand=fill_gpu(found.expand, Tb, m, r, num_sms, split=False))
 
 
-def plan(T: int, m: int, n: int, r: int, dtype: torch.dtype, device: torch.device) -> SVFPlan:
-    """The plan for T tokens through U [m, r], Vh [r, n] in ``dtype`` on ``device``.
+def plan(T: int, m: int, n: int, r: int, dtype: torch.dtype, device: torch.device,
+         deterministic: bool = True) -> SVFPlan:
+    """The plan for T tokens through an op of m outputs (Σ m_i for a group), n inputs and rank
+    r (R) in ``dtype`` on ``device``.
 
     Under Triton's interpreter (CPU) this is :data:`INTERPRETER_PLAN`; on CUDA the shipped table
     of the device's architecture, else :func:`heuristic_plan`. Cached per T bucket.
@@ -310,4 +402,4 @@ def plan(T: int, m: int, n: int, r: int, dtype: torch.dtype, device: torch.devic
         return INTERPRETER_PLAN
     arch, sms = device_arch(device)
     return plan_for(t_bucket(T) if T <= T_BUCKETS[-1] else _pow2_at_least(T), m, n, r, dtype,
-                    arch, sms)
+                    arch, sms, deterministic)

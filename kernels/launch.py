@@ -33,3 +33,19 @@ def launch_options(tile: TileConfig) -> dict:
     if interpreter_active():
         return {}
     return dict(num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+
+# Largest element offset the kernels address with int32 arithmetic.
+INT32_MAX = 2**31 - 1
+
+
+def max_offset(t: torch.Tensor) -> int:
+    """The largest element offset of ``t`` from its first element: Σ (size - 1) · stride."""
+    return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+
+
+def needs_offset_64(*tensors: torch.Tensor) -> bool:
+    """The kernels' ``OFFSET_64``: True when an offset into one of ``tensors`` exceeds int32
+    (e.g. x [T, n] or y [T, m] once T·n or T·m reaches 2^31), so the kernel computes offsets in
+    int64. Decided from shapes and strides on the host: no device sync."""
+    return any(max_offset(t) > INT32_MAX for t in tensors)

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from . import configs
 from .configs import SPLIT_SUM_BLOCK, TileConfig
-from .launch import dot_fp32, interpreter_active, launch_options
+from .launch import dot_fp32, interpreter_active, launch_options, needs_offset_64
 from .tile_utils import reduce_tile, tile_offsets
 
 
@@ -36,15 +36,20 @@ def scaled_matmul_kernel(
     HAS_SCALE: tl.constexpr,
     SPLIT_K: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    OFFSET_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    offs_m, offs_n, mask_m, mask_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = reduce_tile(a_ptr, b_ptr, scale_ptr, offs_m, offs_n, mask_m, mask_n, K,
+    offs_m, offs_n, mask_m, mask_n = tile_offsets(tl.program_id(0), M, N, BLOCK_M, BLOCK_N,
+                                                  GROUP_M, OFFSET_64)
+    split = tl.program_id(1)
+    if OFFSET_64:
+        split = split.to(tl.int64)
+    acc = reduce_tile(a_ptr, b_ptr, scale_ptr, offs_m, offs_n, mask_m, mask_n, K, split,
                       stride_am, stride_ak, stride_bk, stride_bn,
-                      HAS_SCALE, SPLIT_K, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+                      HAS_SCALE, SPLIT_K, DOT_FP32, OFFSET_64, BLOCK_M, BLOCK_N, BLOCK_K)
 
-    out_ptrs = (out_ptr + tl.program_id(1) * stride_os + offs_m[:, None] * stride_om
+    out_ptrs = (out_ptr + split * stride_os + offs_m[:, None] * stride_om
                 + offs_n[None, :] * stride_on)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -54,19 +59,26 @@ def split_sum_kernel(
     ws_ptr, out_ptr, M, N,
     stride_ws, stride_wm, stride_wn,
     stride_om, stride_on,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr, OFFSET_64: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """``out[M, N] = Σ_s ws[s]`` (fp32 workspace [SPLIT_K, M, N]) cast to out's dtype.
 
     Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)). The slabs are summed in a fixed order.
     """
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if OFFSET_64:
+        pid_m = pid_m.to(tl.int64)
+        pid_n = pid_n.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     ptrs = ws_ptr + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(SPLIT_K):
-        acc += tl.load(ptrs + s * stride_ws, mask=mask, other=0.0)
+    for _ in range(SPLIT_K):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += stride_ws
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -97,14 +109,15 @@ def scaled_matmul(A, B, scale=None, tile: TileConfig | None = None, out_dtype=No
         slab_stride = target.stride()
     else:
         slab_stride = (0, *out.stride())
+    wide = needs_offset_64(A, B, target, out)
     scaled_matmul_kernel[tile.grid(M, N)](
         A, scale if scale is not None else A, B, target, M, N, K,
         *A.stride(), *B.stride(), *slab_stride,
-        HAS_SCALE=scale is not None, DOT_FP32=dot_fp32(B.dtype), **tile.meta(),
+        HAS_SCALE=scale is not None, DOT_FP32=dot_fp32(B.dtype), OFFSET_64=wide, **tile.meta(),
         **launch_options(tile))
     if tile.split_k > 1:
         bm, bn = SPLIT_SUM_BLOCK
         split_sum_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
             target, out, M, N, *target.stride(), *out.stride(),
-            SPLIT_K=tile.split_k, BLOCK_M=bm, BLOCK_N=bn)
+            SPLIT_K=tile.split_k, OFFSET_64=wide, BLOCK_M=bm, BLOCK_N=bn)
     return out

@@ -1,10 +1,19 @@
-"""Tile code shared by the SVF kernel bodies: tile order and the fp32-accumulating dot.
+"""Tile code shared by the SVF kernel bodies: tile order, offsets and the fp32-accumulating dot.
 
 Both SVF steps are GEMMs ``out[M, N] = A[M, K] @ B[K, N]`` over tokens (M = T):
     shrink  A = x [T, n],  B = Vhᵀ [n, r]   (N = r, K = n)
     expand  A = h [T, r],  B = Uᵀ  [r, m]   (N = m, K = r)
 so they share the block names BLOCK_M (tokens), BLOCK_N (output features), BLOCK_K (reduction)
 and the split of the reduction SPLIT_K.
+
+Offsets are int32 unless the launcher sets ``OFFSET_64`` (:func:`t2fast.kernels.launch.
+needs_offset_64`): then every row, column and reduction offset is int64 before it meets a stride,
+so ``offs * stride`` cannot wrap once T·m or T·n reaches 2^31.
+
+Reduction order: a program reduces its k-blocks in ascending order, chaining one ``tl.dot`` per
+block into one fp32 accumulator; with SPLIT_K == 1 every row of a tile is reduced the same way
+whatever the other rows of the tile are, which is what makes a row's output independent of its
+batch (see :mod:`t2fast.kernels.configs`).
 """
 import triton
 import triton.language as tl
@@ -43,28 +52,34 @@ def dot_acc(a, b, acc, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Row and column offsets (and their masks) of this program's output tile (axis 0)."""
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N),
-                                GROUP_M)
+def tile_offsets(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                 OFFSET_64: tl.constexpr):
+    """Row and column offsets (and their masks) of output tile ``pid`` of an [M, N] output."""
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    if OFFSET_64:
+        pid_m = pid_m.to(tl.int64)
+        pid_n = pid_n.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     return offs_m, offs_n, offs_m < M, offs_n < N
 
 
 @triton.jit
-def reduce_tile(a_ptr, b_ptr, scale_ptr, offs_m, offs_n, mask_m, mask_n, K,
+def reduce_tile(a_ptr, b_ptr, scale_ptr, offs_m, offs_n, mask_m, mask_n, K, split,
                 stride_am, stride_ak, stride_bk, stride_bn,
                 HAS_SCALE: tl.constexpr, SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr,
+                OFFSET_64: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 ``Σ_k (A ⊙ scale)[offs_m, k] B[k, offs_n]`` over this program's k-blocks.
 
-    The program of split ``tl.program_id(1)`` reduces the k-blocks pid, pid + SPLIT_K, ...
-    Masked loads fill with 0, so ragged edges add nothing.
+    Split ``split`` (of SPLIT_K) reduces the k-blocks split, split + SPLIT_K, ... in ascending
+    order. Masked loads fill with 0, so ragged edges add nothing.
     """
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
+    for k0 in range(split * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        if OFFSET_64:
+            offs_k = offs_k.to(tl.int64)
         mask_k = offs_k < K
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)

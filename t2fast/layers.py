@@ -12,6 +12,9 @@ Modes, checked in this order by ``forward``:
 A layer's state dict holds its dense ``weight`` only in merged mode (the weight it serves); in
 the other modes saving raises, so a patched model never writes a partial state dict.
 
+:class:`SVFGroup` runs the layers that read one input (q/k/v, gate/up) as one grouped op
+(:func:`link_groups` forms the groups of a patched model).
+
 :class:`FusedSVF` stands for a fused projection (Phi-3's ``qkv_proj``): the concatenation of its
 logical parts, each an ``SVFLinear`` or a :func:`row_block` view of the original weight.
 """
@@ -24,6 +27,7 @@ from torch import nn
 from . import ops
 from .decompose import SVDFactors
 from .ops import reference
+from .targets import FUSED
 
 
 def capturing() -> bool:
@@ -174,6 +178,10 @@ class SVFLinear(nn.Module):
         if self.merged is not None and not capturing():
             self.rows.check_rows(x.shape[:-1])
             return F.linear(x, self.merged, self.bias)
+        group = getattr(self, "group", None)
+        y = None if group is None else group.output_of(self, x)
+        if y is not None:
+            return y if self.bias is None else y + self.bias
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         idx = self.rows.token_index(lead, x.device)
@@ -204,6 +212,102 @@ class SVFLinear(nn.Module):
                 "merged" if self.merged is not None else "factored")
         return (f"{self.name}: in={self.in_features}, out={self.out_features}, rank={self.rank}, "
                 f"slots={self.slot_z.shape[0]}, experts={self.bank_z.shape[0] - 1}, mode={mode}")
+
+
+class SVFGroup:
+    """The :class:`SVFLinear` layers of one decoder layer that read the same input (q/k/v,
+    gate/up), run as one grouped op (:func:`t2fast.ops.svf_group`).
+
+    Hugging Face calls ``q_proj(h)``, ``k_proj(h)``, ``v_proj(h)`` one by one with the same
+    tensor ``h``. The first member called computes the whole group's output and keeps it; each
+    other member, called with that same tensor (same version, same slot tables), takes its
+    columns instead of computing; once every member has taken its share the result is dropped.
+    In a captured CUDA graph the group thus costs one stacked shrink and one grouped expand (and
+    one concatenation of the members' z tables), whichever member runs first. The members' U,
+    S and Vh become views of the group's stacked factors (:func:`t2fast.ops.stack_group`), so
+    nothing is held twice. Members run alone (their own op) whenever the group cannot serve
+    them: a member merged or trainable, a different input, gradients through x, a
+    ``torch.compile`` trace, or factors moved off the group's buffers.
+    """
+
+    def __init__(self, members: list[SVFLinear]):
+        self.members = members
+        Us, self.S, self.Vh = ops.stack_group([m.U for m in members], [m.S for m in members],
+                                              [m.Vh for m in members])
+        self.cols, at, col = {}, 0, 0
+        for m, U in zip(members, Us):
+            r = m.rank
+            m.U, m.S, m.Vh = U, self.S[at:at + r], self.Vh[at:at + r]
+            m.group = self
+            self.cols[m] = (col, col + m.out_features)
+            at, col = at + r, col + m.out_features
+        self._pending: set = set()
+        self._key = self._y = None
+
+    def _state(self, x: torch.Tensor) -> tuple:
+        tables = [t for m in self.members for t in (m.slot_z, m.slot_alpha, m.bank_z)]
+        return (x, x._version, *((id(t), t._version) for t in tables))
+
+    def _serves(self, x: torch.Tensor) -> bool:
+        first = self.members[0]
+        return (not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and x.requires_grad)
+                and all(m.train_z is None and (m.merged is None or capturing())
+                        and m.backend == first.backend and m.mix_in_kernel == first.mix_in_kernel
+                        and m.Vh.untyped_storage().data_ptr()
+                        == self.Vh.untyped_storage().data_ptr() for m in self.members))
+
+    def output_of(self, member: SVFLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """``member``'s output for ``x`` (no bias) from the group, or None: run it alone."""
+        if not self._serves(x):
+            return None
+        if self._key is not None and member in self._pending and \
+                self._key[0] is x and self._key[1:] == self._state(x)[1:]:
+            self._pending.discard(member)
+            y = self._y
+            if not self._pending:
+                self._key = self._y = None
+        else:
+            y = self._run(x)
+            self._key, self._y = self._state(x), y
+            self._pending = set(self.members) - {member}
+        a, b = self.cols[member]
+        return y[..., a:b]
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.members[0]
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, first.in_features)
+        idx = first.rows.token_index(lead, x.device)
+        Us = [m.U for m in self.members]
+        if first.mix_in_kernel:      # one α per layer: every member holds the same slot_alpha
+            bank = torch.cat([m.bank_z for m in self.members], dim=1)
+            y = ops.svf_group_mix(x2, Us, self.S, self.Vh, first.slot_alpha, bank, idx,
+                                  backend=first.backend, validate=False)
+        else:
+            Z = torch.cat([m.slot_z for m in self.members], dim=1)
+            y = ops.svf_group(x2, Us, self.S, self.Vh, Z, idx, backend=first.backend,
+                              validate=False)
+        return y.reshape(*lead, y.shape[-1])
+
+
+def link_groups(modules: dict[str, SVFLinear]) -> list[SVFGroup]:
+    """Group the layers of ``modules`` (name → layer) that read one input: the q/k/v and the
+    gate/up projections of each decoder layer (:data:`t2fast.targets.FUSED`), when at least two
+    of them are adapted and they share dtype, device and input size."""
+    found: dict[tuple[str, str], list[SVFLinear]] = {}
+    for name, layer in modules.items():
+        parent, _, short = name.rpartition(".")
+        kind = next((f for f, parts in FUSED.items() if short in parts), None)
+        if kind is not None:
+            found.setdefault((parent, kind), []).append(layer)
+    groups = []
+    for members in found.values():
+        first = members[0]
+        if len(members) > 1 and all(m.U.dtype == first.U.dtype and m.U.device == first.U.device
+                                    and m.in_features == first.in_features for m in members):
+            groups.append(SVFGroup(members))
+    return groups
 
 
 def row_block(linear: nn.Linear, start: int, stop: int) -> nn.Linear:

@@ -23,7 +23,7 @@ from torch import nn
 from .config import SVFConfig
 from .decompose import Decomposition, SVDFactors, decompose_model
 from .experts import Expert, ExpertBank, Fingerprint, check_unique_names, load_expert
-from .layers import FusedSVF, RowSlots, SVFLinear, row_block
+from .layers import FusedSVF, RowSlots, SVFLinear, link_groups, row_block
 from .mixtures import MixtureBounds
 from .targets import layer_index, target_modules
 
@@ -98,6 +98,7 @@ class SVFHandle:
         for module_name, module in swaps.items():   # built every layer first: swap all or none
             parent, attr = _parent(model, module_name)
             setattr(parent, attr, module)
+        link_groups(self.modules)                   # q/k/v, gate/up: one op each
         for name, layer in self.modules.items():    # one copy of U, Vh: the layers'
             decomposition.factors[name] = SVDFactors(layer.U, layer.S, layer.Vh)
         if not config.keep_dense:

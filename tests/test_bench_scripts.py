@@ -1,6 +1,7 @@
 """The decode-step benchmark runs end to end on the CPU (``--small``: eager steps, tiny dims):
-every variant is timed on its own live model, and the per-row step follows ``set_mixture``.
-CPU times say nothing about GPU speed; this only keeps the script working."""
+every variant is timed on a live model, the per-row step follows ``set_mixture``, and the results
+carry the shapes and the byte limit. CPU times say nothing about GPU speed; this only keeps the
+script working."""
 import json
 import pathlib
 import subprocess
@@ -16,7 +17,21 @@ def test_decode_step_small_runs_every_variant(tmp_path):
         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     (path,) = tmp_path.glob("decode-cpu-*-small.json")
-    (run,) = json.loads(path.read_text())["runs"]
-    assert set(run["step_us"]) == {"unpatched", "per_row", "per_row_mlp", "lean_base"}
+    result = json.loads(path.read_text())
+    (run,) = result["runs"]
+    assert (result["layers"], result["vocab"], result["tied_layers"]) == (1, 256, True)
+    assert set(run["step_us"]) == {"unpatched", "per_row", "merged"}
+    assert set(run["ratio_to_unpatched"]) == set(run["byte_limit"]) == {"per_row", "merged"}
+    assert 0 < run["byte_limit"]["per_row"] < 1 and run["byte_limit"]["merged"] == 1
     assert run["per_row_graph_follows_set_mixture"] is True and not run["capture_errors"]
     assert all(v > 0 for v in run["step_us"].values())
+
+
+def test_byte_limit_of_llama3_8b_at_batch_1():
+    """The limit of exact per-row mixing on the full model: 0.733x unpatched at batch 1."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from decode_step import byte_limit
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert abs(byte_limit("llama3-8b", 32, 128256, 1, 512)["per_row"] - 0.7326) < 1e-3

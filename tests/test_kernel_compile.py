@@ -1,12 +1,15 @@
 """CPU gates on the GPU code: every shipped kernel config compiled for sm_90 (H100/H200).
 
-Triton's ahead-of-time compiler needs no GPU. For each distinct binary the shipped table and the
-heuristic produce for Llama-3-8B-class shapes (bf16; plus fp16 and the α-mixing shrink), the PTX
-must use tensor cores (``mma.sync`` or ``wgmma``) and asynchronous copies, ``ptxas -v`` must
-report no spills and at most 255 registers, and shared memory must fit one SM. The split-K shrink
-must add with atomics, nothing else may. Speed itself is only measured on a GPU (bench/).
+Triton's ahead-of-time compiler needs no GPU. For each distinct binary that the deterministic
+plans of every layer group (q/k/v, o, gate/up, down of Llama-3-8B and Qwen2.5-7B, every bucket)
+and the order-dependent plans of the shipped table produce (bf16; plus fp16, the α-mixing
+shrink, 64-bit offsets and the merge), the PTX must use tensor cores (``mma.sync`` or
+``wgmma``) and asynchronous copies, ``ptxas -v`` must report no spills and at most 255
+registers, and shared memory must fit one SM. The split-K shrink must add with atomics, nothing
+else may. Speed itself is only measured on a GPU (bench/).
 """
 import re
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,6 +17,9 @@ import pytest
 import torch
 
 from t2fast.kernels import aot, configs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from shapes import group_dims, groups  # noqa: E402
 
 pytestmark = pytest.mark.skipif(aot.ptxas_path() is None, reason="Triton ships no ptxas here")
 
@@ -23,26 +29,38 @@ SMS = 132
 def _specs():
     """One spec per distinct compiled kernel of the shipped plans (and fp16, α-mixing, fp32)."""
     table = configs.load_table("sm90")
-    plans = [e.plan for e in table]
-    plans += [configs.plan_for(configs.t_bucket(T), e.m, e.n, min(e.m, e.n), torch.bfloat16,
-                               "sm90", SMS) for e in table for T in (1, e.t)]
+    fast = [e.plan for e in table]
+    fast += [configs.plan_for(configs.t_bucket(T), e.m, e.n, min(e.m, e.n), torch.bfloat16,
+                              "sm90", SMS, deterministic=False)
+             for e in table for T in (1, e.t)]
+    det = [configs.plan_for(b, *group_dims(slices), torch.bfloat16, "sm90", SMS)
+           for model in ("llama3-8b", "qwen2.5-7b") for slices in groups(model).values()
+           for b in configs.T_BUCKETS]
     seen, specs = set(), []
 
-    def add(op, tile, dtype="bf16", mix=False, h_dtype=""):
-        spec = dict(op=op, tile=asdict(tile), dtype=dtype, mix=mix, h_dtype=h_dtype)
+    def add(op, tile, dtype="bf16", mix=False, h_dtype="", offset_64=False):
+        if op == "expand":                    # the grouped expand never splits
+            tile = configs.TileConfig(**{**asdict(tile), "split_k": 1})
+        spec = dict(op=op, tile=asdict(tile), dtype=dtype, mix=mix, h_dtype=h_dtype,
+                    offset_64=offset_64)
         key = repr(sorted(spec.items()))
         if key not in seen:
             seen.add(key)
             specs.append(spec)
 
-    for plan in plans:
+    for plan in fast + det:
         h = "fp32" if plan.shrink.split_k > 1 else "bf16"
         add("shrink", plan.shrink)
         add("expand", plan.expand, h_dtype=h)
+    for plan in det:                          # what the vLLM layers run (α mixed in the kernel)
+        add("shrink", plan.shrink, mix=True)
     decode = configs.plan_for(16, 4096, 4096, 4096, torch.float16, "sm90", SMS)
     add("shrink", decode.shrink, "fp16")
-    add("expand", decode.expand, "fp16", h_dtype="fp32")
-    add("shrink", decode.shrink, mix=True)
+    add("expand", decode.expand, "fp16")
+    prefill = configs.plan_for(4096, 28672, 4096, 8192, torch.bfloat16, "sm90", SMS)
+    add("shrink", prefill.shrink, offset_64=True)
+    add("expand", prefill.expand, offset_64=True)
+    add("merge", configs.gemm_tile(4096, torch.bfloat16))
     return specs
 
 
@@ -58,8 +76,9 @@ def reports():
 def _label(i):
     s = SPECS[i]
     t = s["tile"]
-    return (f"{s['op']}-{s['dtype']}{'-mix' if s['mix'] else ''}-m{t['block_m']}n{t['block_n']}"
-            f"k{t['block_k']}s{t['split_k']}w{t['num_warps']}p{t['num_stages']}")
+    return (f"{s['op']}-{s['dtype']}{'-mix' if s['mix'] else ''}{'-i64' if s['offset_64'] else ''}"
+            f"-m{t['block_m']}n{t['block_n']}k{t['block_k']}s{t['split_k']}w{t['num_warps']}"
+            f"p{t['num_stages']}")
 
 
 @pytest.mark.parametrize("i", range(len(SPECS)), ids=_label)

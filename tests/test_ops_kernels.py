@@ -192,13 +192,14 @@ def test_triton_autograd_matches_reference(mix, device):
         torch.testing.assert_close(g_tr, g_ref, rtol=1e-4, atol=1e-4)
 
 
-# Plans as the GPU runs them, with interpreter-sized blocks: decode (split reductions in both
-# ops, fp32 h), prefill (unsplit, h in x's dtype), and mixed (split shrink only / expand only).
+# Plans as the GPU runs them, with interpreter-sized blocks: decode (split shrink, fp32 h),
+# prefill (unsplit, h in x's dtype), split shrink with long k-blocks, and the deterministic
+# family's shape (64-row tiles, narrow N, no split).
 PLANS = {
-    "decode-split": SVFPlan(TileConfig(16, 16, 16, split_k=4), TileConfig(16, 16, 16, split_k=3)),
+    "decode-split": SVFPlan(TileConfig(16, 16, 16, split_k=4), TileConfig(16, 16, 16)),
     "prefill": SVFPlan(TileConfig(32, 32, 16, group_m=2), TileConfig(32, 16, 32, group_m=2)),
     "split-shrink": SVFPlan(TileConfig(16, 32, 16, split_k=8), TileConfig(16, 32, 32)),
-    "split-expand": SVFPlan(TileConfig(16, 32, 32), TileConfig(16, 16, 16, split_k=2)),
+    "narrow-64": SVFPlan(TileConfig(64, 16, 64), TileConfig(64, 16, 64)),
 }
 
 
@@ -252,7 +253,8 @@ def _shipped_entries():
 @pytest.mark.parametrize("entry", _shipped_entries(),
                          ids=lambda e: f"{e.m}x{e.n}-T{e.t}")
 def test_every_shipped_config_on_real_shapes(entry):
-    """Each shipped table entry's plan (as the GPU resolves it) at its own shape and bucket."""
+    """Each shipped table entry's plan (as the GPU resolves it, with and without the default
+    deterministic plans) at its own shape and bucket."""
     from t2fast.kernels import configs
     gen = torch.Generator().manual_seed(entry.m + entry.n + entry.t)
     T, n, m, r = entry.t - 3 if entry.t > 16 else 1, entry.n, entry.m, min(entry.m, entry.n)
@@ -262,6 +264,7 @@ def test_every_shipped_config_on_real_shapes(entry):
     slots = min(T, 16)
     Z = (1 + 0.5 * torch.randn(slots, r, generator=gen)).to(device)
     idx = _idx(T, slots, gen, device)
-    plan = configs.plan(T, m, n, r, torch.bfloat16, device)
-    y = svf_op.svf_matmul(x, U, S, Vh, idx, Z=Z, plan=plan)
-    _close(y, reference.svf_matmul(*_f64(x, U, S, Vh, Z), idx), torch.bfloat16)
+    for deterministic in (True, False):       # the default plan, and the entry's own
+        plan = configs.plan(T, m, n, r, torch.bfloat16, device, deterministic)
+        y = svf_op.svf_matmul(x, U, S, Vh, idx, Z=Z, plan=plan)
+        _close(y, reference.svf_matmul(*_f64(x, U, S, Vh, Z), idx), torch.bfloat16)

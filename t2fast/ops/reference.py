@@ -12,11 +12,21 @@ def _acc_dtype(*tensors) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def svf_group(x, Us, S, Vh, Z, idx):
+    """``y[t] = cat_i U_i @ (S_i * Z_i[idx[t]] * (Vh_i @ x[t]))`` → [T, Σ m_i] in x's dtype;
+    S [R], Vh [R, n], Z [slots, R] stacked over the slices U_i [m_i, r_i]."""
+    acc = _acc_dtype(x, *Us, S, Vh, Z)
+    h = (x.to(acc) @ Vh.to(acc).T) * S.to(acc) * Z.to(acc)[idx.long()]
+    outs, at = [], 0
+    for U in Us:
+        outs.append(h[:, at:at + U.shape[1]] @ U.to(acc).T)
+        at += U.shape[1]
+    return torch.cat(outs, dim=-1).to(x.dtype)
+
+
 def svf_matmul(x, U, S, Vh, Z, idx):
     """y[t] = U @ (S * Z[idx[t]] * (Vh @ x[t])): x [T, n] → y [T, m] in x's dtype."""
-    acc = _acc_dtype(x, U, S, Vh, Z)
-    h = (x.to(acc) @ Vh.to(acc).T) * S.to(acc) * Z.to(acc)[idx.long()]
-    return (h @ U.to(acc).T).to(x.dtype)
+    return svf_group(x, [U], S, Vh, Z, idx)
 
 
 def mix_experts(alpha, bank):

@@ -1,34 +1,53 @@
-"""The one dispatch point between t2fast's layers and its backends.
+"""The one dispatch point between t2fast's layers (Hugging Face and vLLM) and its backends; the
+only caller of ``torch.ops.t2fast.*`` (:mod:`t2fast.ops.custom_ops`).
 
 Backends:
     ``"triton"``  the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)
     ``"torch"``   torch ops in the activation dtype (:mod:`t2fast.ops.torch_backend`)
-    ``"auto"``    on CUDA, the backend the kernel plan names for this shape and token count
-                  (the shipped config table records which one measured faster; triton where
-                  nothing was measured); triton for CPU tensors when the interpreter is on;
-                  torch otherwise
+    ``"auto"``    on CUDA, the backend of the kernel plan for this shape and token count (the
+                  shipped config table's entry, else the heuristic: :func:`t2fast.kernels.
+                  configs.plan`), chosen inside the custom op at run time so a compiled graph
+                  keeps no per-T branch; triton for CPU tensors when the interpreter is on; torch
+                  otherwise. The same everywhere: the HF and the vLLM layers both call here.
+
+Row determinism: with ``deterministic=True`` (the default) the plans are batch-invariant — a
+row's output is bit-identical whatever the other rows and whatever T (no split reductions, one
+reduction order at every bucket), and ``auto`` runs the Triton kernels at every T (switching to
+the composition at a bucket edge would change a row's rounding). ``deterministic=False`` opts in
+to the order-dependent plans: split-K shrinks with fp32 atomics at decode and the table's
+backend per bucket (the composition where it measured faster). The torch backend makes no
+bitwise promise (cuBLAS and oneDNN choose algorithms by shape).
+
+Groups: :func:`svf_group` / :func:`svf_group_mix` run up to three matrices that read the same
+input (q/k/v, gate/up) as one shrink over their stacked ``Vh`` and one expand writing the fused
+output — two kernel launches per group.
 
 Every entry point validates shapes, dtypes and devices and raises ``ValueError``/``TypeError``
 naming the argument. Checks that need a device sync (index range, finite α) run when
 ``validate=True`` (the default); layers that build their own indices pass ``validate=False``.
 
 Autograd: the torch backend is differentiable in every input. The triton backend is
-differentiable in ``x`` and in ``Z`` (or ``alpha`` and ``bank``); the factors U, S, Vh are frozen
-(SVF trains z only), and asking for their gradient is an error.
+differentiable in ``x`` and in ``Z`` (or ``alpha`` and ``bank``) for one matrix; the factors U,
+S, Vh are frozen (SVF trains z only), and asking for their gradient is an error. The grouped ops
+serve inference only: asking them for a gradient is an error.
 """
 from __future__ import annotations
 
 import torch
 
 from ..config import BACKENDS
-from ..kernels import launch, scaled_matmul, svf_matmul as svf_op
-from . import reference, torch_backend
+from ..kernels import launch, scaled_matmul
+from ..kernels import svf_matmul as svf_kernels
+from ..kernels.svf_matmul import MAX_SLICES
+from . import custom_ops, reference, torch_backend
 from .checks import (INDEX_DTYPES, KERNEL_DTYPES, check_dim, check_finite, check_index_range,
                      check_same_device, check_svf_factors, check_tensor)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``backend`` ("auto", "triton", "torch") to the backend that will run on ``device``."""
+    """Map ``backend`` ("auto", "triton", "torch") to what runs on ``device``: "torch", or
+    "triton" — the kernels' custom op, which under ``"auto"`` on CUDA still follows the plan's
+    backend per token count (see the module docstring)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -38,13 +57,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                          f"kernels on the CPU through Triton's interpreter; tensors are on "
                          f"{device}. Use backend='torch' or 'auto'.")
     return backend
-
-
-def _auto_backend(asked: str, resolved: str, x, U, Vh) -> str:
-    """``"auto"`` on CUDA takes the backend of the kernel plan for this shape and T."""
-    if asked == "auto" and resolved == "triton" and x.device.type == "cuda":
-        return svf_op.svf_plan(x, U, Vh).backend
-    return resolved
 
 
 def _check_kernel_inputs(backend: str, **tensors) -> None:
@@ -67,7 +79,78 @@ def _check_idx(idx, T: int) -> None:
                          f"i.e. shape ({T},)")
 
 
-def svf_matmul(x, U, S, Vh, Z, idx, *, backend: str = "auto", validate: bool = True):
+def _check_group(x, Us, S, Vh) -> tuple[int, int]:
+    """Check a group's Us (1 to MAX_SLICES of [m_i, r_i]), stacked S [R] and Vh [R, n] and x
+    [T, n]; return (Σ m_i, R)."""
+    if not isinstance(Us, (list, tuple)) or not 1 <= len(Us) <= MAX_SLICES:
+        raise ValueError(f"Us must be a list of 1 to {MAX_SLICES} U matrices (the group's "
+                         f"slices), got {type(Us).__name__} of length "
+                         f"{len(Us) if isinstance(Us, (list, tuple)) else '-'}")
+    for i, U in enumerate(Us):
+        check_tensor(f"Us[{i}]", U, 2)
+        if U.dtype != Us[0].dtype:
+            raise TypeError(f"Us[{i}] is {U.dtype}; every U of a group must share Us[0]'s "
+                            f"dtype {Us[0].dtype}")
+    R = sum(U.shape[1] for U in Us)
+    check_tensor("S", S, 1)
+    check_tensor("Vh", Vh, 2)
+    check_dim("S", S, 0, R, "the group's total rank R = sum of U.shape[1] over Us")
+    check_dim("Vh", Vh, 0, R, "the group's total rank R = sum of U.shape[1] over Us")
+    check_tensor("x", x, 2)
+    if x.shape[1] != Vh.shape[1]:
+        raise ValueError(f"x has shape {tuple(x.shape)}: its last dimension must equal "
+                         f"Vh.shape[1] = {Vh.shape[1]} (the layer's input size); flatten "
+                         f"leading batch dimensions to [T, {Vh.shape[1]}]")
+    return sum(U.shape[0] for U in Us), R
+
+
+def _dispatch(x, Us, S, Vh, idx, *, backend, validate, deterministic, group, Z=None,
+              alpha=None, bank=None):
+    """Validate the slot inputs, then run the custom op or the torch backend."""
+    mix = Z is None
+    m = sum(U.shape[0] for U in Us)
+    R = S.shape[0]
+    if mix:
+        _check_alpha_bank(alpha, bank, R)
+        slot_tensors = dict(alpha=alpha, bank=bank)
+    else:
+        check_tensor("Z", Z, 2)
+        check_dim("Z", Z, 1, R, "the rank r = U.shape[1]" if not group else
+                  "the group's total rank R")
+        slot_tensors = dict(Z=Z)
+    _check_idx(idx, x.shape[0])
+    factors = {f"Us[{i}]": U for i, U in enumerate(Us)} if group else dict(U=Us[0])
+    device = check_same_device(x=x, **factors, S=S, Vh=Vh, **slot_tensors, idx=idx)
+    resolved = resolve_backend(backend, device)
+    _check_kernel_inputs(resolved, x=x, **factors, S=S, Vh=Vh, **slot_tensors)
+    if group and resolved == "triton" and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x, *Us, S, Vh, *slot_tensors.values())):
+        raise ValueError("the grouped Triton ops serve inference only (no autograd); run them "
+                         "under torch.no_grad() or use backend='torch'")
+    if validate:
+        num_slots = (alpha if mix else Z).shape[0]
+        check_index_range(idx, num_slots)
+        if mix:
+            check_finite("alpha", alpha)
+    if x.shape[0] == 0:
+        return x.new_empty((0, m))
+    if resolved == "torch":
+        Zt = reference.mix_experts(alpha, bank) if mix else Z
+        return torch_backend.svf_group(x, Us, S, Vh, Zt, idx)
+    flags = dict(auto=backend == "auto", deterministic=deterministic)
+    S, idx = S.contiguous(), idx.contiguous()
+    if group:
+        Us = list(Us)
+        if mix:
+            return torch.ops.t2fast.svf_group_mix(x, Us, S, Vh, alpha, bank, idx, **flags)
+        return torch.ops.t2fast.svf_group(x, Us, S, Vh, Z, idx, **flags)
+    if mix:
+        return torch.ops.t2fast.svf_matmul_mix(x, Us[0], S, Vh, alpha, bank, idx, **flags)
+    return torch.ops.t2fast.svf_matmul(x, Us[0], S, Vh, Z, idx, **flags)
+
+
+def svf_matmul(x, U, S, Vh, Z, idx, *, backend: str = "auto", validate: bool = True,
+               deterministic: bool = True):
     """Per-token SVF linear map ``y[t] = U @ (S * Z[idx[t]] * (Vh @ x[t]))``.
 
     Args:
@@ -77,27 +160,17 @@ def svf_matmul(x, U, S, Vh, Z, idx, *, backend: str = "auto", validate: bool = T
         Vh:  [r, n] right singular vectors as rows (``torch.linalg.svd``'s ``Vh``).
         Z:   [num_slots, r] z vector of each slot.
         idx: [T] int32/int64 slot of each token, in [0, num_slots).
+        deterministic: batch-invariant plans (see the module docstring).
     Returns:
         y [T, m] in x's dtype, accumulated in fp32.
     """
-    m, r, n = check_svf_factors(U, S, Vh, x)
-    check_tensor("Z", Z, 2)
-    check_dim("Z", Z, 1, r, "the rank r = U.shape[1]")
-    _check_idx(idx, x.shape[0])
-    device = check_same_device(x=x, U=U, S=S, Vh=Vh, Z=Z, idx=idx)
-    backend = _auto_backend(backend, resolve_backend(backend, device), x, U, Vh)
-    _check_kernel_inputs(backend, x=x, U=U, S=S, Vh=Vh, Z=Z)
-    if validate:
-        check_index_range(idx, Z.shape[0])
-    if x.shape[0] == 0:
-        return x.new_empty((0, m))
-    if backend == "torch":
-        return torch_backend.svf_matmul(x, U, S, Vh, Z, idx)
-    return torch.ops.t2fast.svf_matmul(x, U, S.contiguous(), Vh, Z, idx.contiguous())
+    check_svf_factors(U, S, Vh, x)
+    return _dispatch(x, [U], S, Vh, idx, Z=Z, backend=backend, validate=validate,
+                     deterministic=deterministic, group=False)
 
 
 def svf_matmul_mix(x, U, S, Vh, alpha, bank, idx, *, backend: str = "auto",
-                   validate: bool = True):
+                   validate: bool = True, deterministic: bool = True):
     """:func:`svf_matmul` with each slot's z mixed inside the kernel: ``z_s = alpha[s] @ bank``.
 
     Args:
@@ -106,21 +179,38 @@ def svf_matmul_mix(x, U, S, Vh, alpha, bank, idx, *, backend: str = "auto",
         (x, U, S, Vh, idx as in :func:`svf_matmul`.)
     A request then carries only its K weights instead of an r-vector per adapted matrix.
     """
-    m, r, n = check_svf_factors(U, S, Vh, x)
-    _check_alpha_bank(alpha, bank, r)
-    _check_idx(idx, x.shape[0])
-    device = check_same_device(x=x, U=U, S=S, Vh=Vh, alpha=alpha, bank=bank, idx=idx)
-    backend = _auto_backend(backend, resolve_backend(backend, device), x, U, Vh)
-    _check_kernel_inputs(backend, x=x, U=U, S=S, Vh=Vh, alpha=alpha, bank=bank)
-    if validate:
-        check_index_range(idx, alpha.shape[0])
-        check_finite("alpha", alpha)
-    if x.shape[0] == 0:
-        return x.new_empty((0, m))
-    if backend == "torch":
-        return torch_backend.svf_matmul_mix(x, U, S, Vh, alpha, bank, idx)
-    return torch.ops.t2fast.svf_matmul_mix(x, U, S.contiguous(), Vh, alpha, bank,
-                                           idx.contiguous())
+    check_svf_factors(U, S, Vh, x)
+    return _dispatch(x, [U], S, Vh, idx, alpha=alpha, bank=bank, backend=backend,
+                     validate=validate, deterministic=deterministic, group=False)
+
+
+def svf_group(x, Us, S, Vh, Z, idx, *, backend: str = "auto", validate: bool = True,
+              deterministic: bool = True):
+    """The matrices of a group that read one input, as one op: ``y = cat_i y_i`` with
+    ``y_i[t] = U_i @ (S_i * Z_i[idx[t]] * (Vh_i @ x[t]))``.
+
+    Args:
+        x:   [T, n].
+        Us:  list of 1-3 [m_i, r_i] (e.g. q, k, v: GQA's k/v have their own m_i and r_i).
+        S:   [R] the slices' singular values stacked (R = Σ r_i).
+        Vh:  [R, n] the slices' Vh stacked along the rank.
+        Z:   [num_slots, R] each slot's z vectors, stacked the same way.
+        idx: [T] slot of each token.
+    Returns:
+        y [T, Σ m_i] in x's dtype: slice i's columns after slice i-1's.
+    """
+    _check_group(x, Us, S, Vh)
+    return _dispatch(x, Us, S, Vh, idx, Z=Z, backend=backend, validate=validate,
+                     deterministic=deterministic, group=True)
+
+
+def svf_group_mix(x, Us, S, Vh, alpha, bank, idx, *, backend: str = "auto",
+                  validate: bool = True, deterministic: bool = True):
+    """:func:`svf_group` with z mixed in the kernel from alpha [num_slots, K] and the stacked
+    expert bank [K, R]."""
+    _check_group(x, Us, S, Vh)
+    return _dispatch(x, Us, S, Vh, idx, alpha=alpha, bank=bank, backend=backend,
+                     validate=validate, deterministic=deterministic, group=True)
 
 
 def _check_alpha_bank(alpha, bank, r=None) -> None:
@@ -131,7 +221,19 @@ def _check_alpha_bank(alpha, bank, r=None) -> None:
         raise ValueError(f"alpha has shape {tuple(alpha.shape)}: it needs one weight per expert "
                          f"of the bank, i.e. alpha.shape[1] == bank.shape[0] == {k}")
     if r is not None:
-        check_dim("bank", bank, 1, r, "the rank r = U.shape[1]")
+        check_dim("bank", bank, 1, r, "the rank r = U.shape[1] (of a group: the total rank R)")
+
+
+def stack_group(Us, Ss, Vhs):
+    """The layout the grouped ops read, built once per layer: the slices' U_i [m_i, r_i] copied
+    into one buffer (returned as views of it, 16-element aligned), their S_i and Vh_i stacked
+    along the rank → (Us, S [R], Vh [R, n]). Pass views of the results (``S[a:b]``,
+    ``Vh[a:b]``) where a single matrix is needed, so nothing is held twice."""
+    if not 1 <= len(Us) == len(Ss) == len(Vhs) <= MAX_SLICES:
+        raise ValueError(f"a group has 1 to {MAX_SLICES} slices, each with U, S and Vh; got "
+                         f"{len(Us)} U, {len(Ss)} S and {len(Vhs)} Vh")
+    return (svf_kernels.pack_factors(Us), torch.cat([S.reshape(-1) for S in Ss]),
+            torch.cat(list(Vhs)).contiguous())
 
 
 def mix_experts(alpha, bank):

@@ -2,7 +2,8 @@
 
 For bf16/fp16 inputs this is the composition a user would write,
 ``((x @ Vh.T) * (S * Z[idx]).to(x.dtype)) @ U.T``: two matmuls on the weights as stored (cuBLAS or
-oneDNN accumulate in fp32) and one elementwise scale — no per-call copy of U or Vh. Other dtype
+oneDNN accumulate in fp32) and one elementwise scale — no per-call copy of U or Vh. A group of
+matrices shares the first matmul (stacked Vh) and runs one second matmul per slice. Other dtype
 combinations (fp32, fp64, mixed) go through :mod:`t2fast.ops.reference`, which upcasts only what
 is not already in the accumulation dtype. The float64 oracle of the tests stays the reference
 module, called on float64 inputs.
@@ -16,16 +17,28 @@ from . import reference
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _in_activation_dtype(x, U, Vh) -> bool:
-    return x.dtype in HALF_DTYPES and U.dtype == x.dtype and Vh.dtype == x.dtype
+def _in_activation_dtype(x, Us, Vh) -> bool:
+    return (x.dtype in HALF_DTYPES and Vh.dtype == x.dtype
+            and all(U.dtype == x.dtype for U in Us))
+
+
+def svf_group(x, Us, S, Vh, Z, idx):
+    """``y[t] = cat_i U_i @ (S_i * Z_i[idx[t]] * (Vh_i @ x[t]))`` → [T, Σ m_i] in x's dtype;
+    S [R], Vh [R, n], Z [slots, R] stacked over the slices."""
+    if not _in_activation_dtype(x, Us, Vh):
+        return reference.svf_group(x, Us, S, Vh, Z, idx)
+    scale = (S.float() * Z.float()[idx.long()]).to(x.dtype)       # [T, R]
+    h = (x @ Vh.T) * scale
+    outs, at = [], 0
+    for U in Us:
+        outs.append(h[:, at:at + U.shape[1]] @ U.T)
+        at += U.shape[1]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
 def svf_matmul(x, U, S, Vh, Z, idx):
     """y[t] = U @ (S * Z[idx[t]] * (Vh @ x[t])): x [T, n] → y [T, m] in x's dtype."""
-    if not _in_activation_dtype(x, U, Vh):
-        return reference.svf_matmul(x, U, S, Vh, Z, idx)
-    scale = (S.float() * Z.float()[idx.long()]).to(x.dtype)       # [T, r]
-    return ((x @ Vh.T) * scale) @ U.T
+    return svf_group(x, [U], S, Vh, Z, idx)
 
 
 def svf_matmul_mix(x, U, S, Vh, alpha, bank, idx):

@@ -11,9 +11,16 @@ vLLM's ``QKVParallelLinear`` (q, k, v), ``MergedColumnParallelLinear`` (gate, up
   *full* HF matrix through :class:`t2fast.decompose.SVDCache` (so a restart reads it from disk
   and the factors are the ones ``patch_model`` uses), keep this rank's shard of the factors, and
   give each adapted matrix an expert bank ``[max_experts + 1, r]`` (row 0 = base, z = 1).
-* ``apply``: ``y[t] = U (S ⊙ z_{slot(t)} ⊙ (Vh x[t]))`` per HF matrix through
-  :func:`t2fast.ops.svf_matmul_mix` (z mixed from the bank by the slot's α), concatenated back
-  into vLLM's fused output. The token → slot map and the α table are persistent buffers shared
+* The adapted parts of one layer form a group (q/k/v, gate/up; o, down alone): their factors
+  are stacked once (:func:`t2fast.ops.stack_group`: U_i packed in one buffer, S, Vh and the
+  expert bank stacked along the rank) and each part's ``t2_U{i}``, ``t2_S{i}``, ``t2_Vh{i}``,
+  ``t2_bank{i}`` are views of those stacks, so nothing is held twice.
+* ``apply``: ``y[t] = U_i (S_i ⊙ z_{slot(t)} ⊙ (Vh_i x[t]))`` for every adapted part at once
+  through :func:`t2fast.ops.svf_group_mix` (z mixed from the bank by the slot's α; two kernel
+  launches per layer, whose output is already vLLM's fused layout), with ``backend`` as
+  configured: ``auto`` means what it means in :mod:`t2fast.ops` (the plan's backend), for the
+  Hugging Face and the vLLM layers alike. Parts that are not adapted run their dense rows and
+  are concatenated in place. The token → slot map and the α table are persistent buffers shared
   by all layers (:class:`t2fast.vllm.runner.T2Runtime`), updated with ``copy_`` before each
   step, so a compiled graph (and a CUDA graph) sees each step's values.
 * The output of every layer that writes keys and values is passed through
@@ -101,7 +108,8 @@ class SVFLinearMethod(WrappedMethod):
         self.layer_idx = layer_idx
         self.row_parallel = row_parallel
         self.guard_kv = writes_kv(p.name for p in parts)
-        self.backend = runtime.config.backend
+        self.backend = runtime.config.backend     # passed to t2fast.ops as configured
+        self.kernels = None                         # what runs on the layer's device (loaded)
         self._merged_key = None
         self._merged = None
 
@@ -143,8 +151,9 @@ class SVFLinearMethod(WrappedMethod):
     def process_weights_after_loading(self, layer) -> None:
         rt = self.runtime
         w = layer.weight.detach()
-        self.backend = ops.resolve_backend(rt.config.backend, w.device)  # clear error if unusable
+        self.kernels = ops.resolve_backend(rt.config.backend, w.device)  # clear error if unusable
         cache = None if rt.config.cache_dir is False else SVDCache(rt.config.svd_cache_dir())
+        factors = {}
         for p, (full, offset) in zip(self.parts, self._full_matrices(layer, w)):
             if not p.target:
                 layer.register_buffer(f"t2_W{p.index}", _local_rows(w, self.parts, p).clone(),
@@ -158,19 +167,34 @@ class SVFLinearMethod(WrappedMethod):
                 Vh = Vh[:, offset:offset + w.shape[1]]
             elif not self.row_parallel and full.shape[0] != p.out_size:
                 U = U[offset:offset + p.out_size]
-            dev, dt = w.device, w.dtype
-            layer.register_buffer(f"t2_U{p.index}", U.to(dev, dt).contiguous(), persistent=False)
-            layer.register_buffer(f"t2_S{p.index}", f.S.to(dev, torch.float32).contiguous(),
-                                  persistent=False)
-            layer.register_buffer(f"t2_Vh{p.index}", Vh.to(dev, dt).contiguous(),
-                                  persistent=False)
-            bank = torch.zeros(rt.max_experts + 1, f.rank, device=dev, dtype=torch.float32)
-            bank[0] = 1.0
-            layer.register_buffer(f"t2_bank{p.index}", bank, persistent=False)
-            rt.register_target(p.name, self, layer, p)
+            factors[p.index] = (U.to(w.device, w.dtype), f.S.to(w.device, torch.float32),
+                                Vh.to(w.device, w.dtype))
+        self._register_group(layer, factors)
+        for p in self.parts:
+            if p.target:
+                rt.register_target(p.name, self, layer, p)
         layer.register_buffer("t2_token_slot", rt.token_slot, persistent=False)
         layer.register_buffer("t2_alpha", rt.alpha, persistent=False)
         self.base.process_weights_after_loading(layer)
+
+    def _register_group(self, layer, factors: dict) -> None:
+        """Stack the adapted parts' factors (``t2_group_S``, ``t2_group_Vh``,
+        ``t2_group_bank`` [max_experts + 1, R], row 0 = base) and register each part's
+        ``t2_U{i}``, ``t2_S{i}``, ``t2_Vh{i}``, ``t2_bank{i}`` as views of them."""
+        order = sorted(factors)
+        Us, S, Vh = ops.stack_group(*zip(*(factors[i] for i in order)))
+        bank = torch.zeros(self.runtime.max_experts + 1, S.shape[0], device=S.device,
+                           dtype=torch.float32)
+        bank[0] = 1.0
+        for name, t in (("t2_group_S", S), ("t2_group_Vh", Vh), ("t2_group_bank", bank)):
+            layer.register_buffer(name, t, persistent=False)
+        at = 0
+        for i, U in zip(order, Us):
+            r = U.shape[1]
+            for name, t in (("U", U), ("S", S[at:at + r]), ("Vh", Vh[at:at + r]),
+                            ("bank", bank[:, at:at + r])):
+                layer.register_buffer(f"t2_{name}{i}", t, persistent=False)
+            at += r
 
     @staticmethod
     def _decompose(layer, full: torch.Tensor, cache):
@@ -217,21 +241,21 @@ class SVFLinearMethod(WrappedMethod):
     def _factored(self, layer, x, bias):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        idx = layer.t2_token_slot[:x2.shape[0]]
-        alpha = layer.t2_alpha[self.layer_idx]
-        outs = []
-        for p in self.parts:
-            i = p.index
-            if p.target:
-                args = (x2, getattr(layer, f"t2_U{i}"), getattr(layer, f"t2_S{i}"),
-                        getattr(layer, f"t2_Vh{i}"), alpha, getattr(layer, f"t2_bank{i}"), idx)
-                if self.backend == "torch":  # plain torch ops: traced and fused by inductor
-                    outs.append(ops.svf_matmul_mix(*args, backend="torch", validate=False))
-                else:  # the kernels' custom op: opaque to torch.compile, captured by CUDA graphs
-                    outs.append(torch.ops.t2fast.svf_matmul_mix(*args))
-            else:
-                outs.append(F.linear(x2, getattr(layer, f"t2_W{i}")))
-        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        targets = [p for p in self.parts if p.target]
+        y = ops.svf_group_mix(x2, [getattr(layer, f"t2_U{p.index}") for p in targets],
+                              layer.t2_group_S, layer.t2_group_Vh,
+                              layer.t2_alpha[self.layer_idx], layer.t2_group_bank,
+                              layer.t2_token_slot[:x2.shape[0]], backend=self.backend,
+                              validate=False)
+        if len(targets) < len(self.parts):
+            outs, at = [], 0
+            for p in self.parts:
+                if p.target:
+                    outs.append(y[:, at:at + p.out_size])
+                    at += p.out_size
+                else:
+                    outs.append(F.linear(x2, getattr(layer, f"t2_W{p.index}")))
+            y = torch.cat(outs, dim=-1)
         if bias is not None:
             y = y + bias
         return y.reshape(*lead, y.shape[-1])

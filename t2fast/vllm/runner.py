@@ -178,7 +178,7 @@ class T2Runtime:
         return {"experts": list(self.names), "targets": list(self.factors),
                 "max_experts": self.max_experts, "num_layers": self.num_layers,
                 "backend": self.config.backend, "hybrid": self.hybrid,
-                "kernels": sorted({m.backend for m in self.methods.values()}),
+                "kernels": sorted({m.kernels for m in self.methods.values() if m.kernels}),
                 "stats": dict(self.stats)}
 
     # ---- per step -----------------------------------------------------------------------
