@@ -223,10 +223,10 @@ def run_batch(lm, model: str, batch: int, context: int, steps: int, reps: int,
     finally:
         pm.decompose_model = real
     add_random_experts(handle)
-    handle.set_mixture(random_mixtures(batch, 1))
+    handle.set_mixture(rows=random_mixtures(batch, 1))
     capture("per_row", patched)
     before = graphs["per_row"].out.clone()
-    handle.set_mixture(random_mixtures(batch, 2))           # new assignment, same graph
+    handle.set_mixture(rows=random_mixtures(batch, 2))     # new assignment, same graph
     graphs["per_row"].step()
     notes["per_row_graph_follows_set_mixture"] = not torch.equal(before, graphs["per_row"].out)
     handle.merge(random_mixtures(1, 3)[0])

@@ -5,12 +5,19 @@
 enough to be cheap, float32 otherwise (on whatever device the weight lives on), and stored in
 float32.
 
-Cache files are safetensors named ``<sha256 of the weight>.safetensors`` holding U, S, Vh and
-metadata (format, version, shape, dtype, ``probe_rtol``). A cache entry is trusted only after a
-check against the weight it claims to factor: finite factors, σ non-negative and descending, and
-``‖W v − U(σ ⊙ (Vh v))‖ / ‖W v‖ ≤ probe_rtol`` for a few fixed random probe vectors v (cheap:
-``PROBES`` matrix-vector products). A file that cannot be read, does not match or fails the check
-is recomputed and overwritten, with a warning that names it and says why.
+Cache files are safetensors named ``<sha256 of the weight>.safetensors`` holding U, S, Vh
+(float32) and metadata (format, version, shape, dtype). A cache entry is trusted only after a
+check against the weight it claims to factor: its header declares float32 factors of the
+weight's shapes (checked before any data is read), the factors are finite, σ non-negative and
+descending, and ``‖W v − U(σ ⊙ (Vh v))‖ / ‖W v‖ ≤ probe_rtol`` for a few fixed random probe
+vectors v (cheap: ``PROBES`` matrix-vector products). ``probe_rtol`` is the loader's
+(:class:`SVDCache`'s, default ``PROBE_RTOL``); nothing in a file can loosen it. A file that
+cannot be read, does not match or fails the check is recomputed and overwritten, with a warning
+that names it and says why.
+
+A cache that cannot be written (a read-only or immutable folder, a path that is a file, a full
+disk) does not stop anything: the factors are computed and used, with one warning per
+:class:`SVDCache` that says why nothing is cached. A failed write leaves no temporary file.
 """
 from __future__ import annotations
 
@@ -32,7 +39,10 @@ SVD_FORMAT = "t2fast-svd"
 SVD_VERSION = "1"
 FLOAT64_MAX_ELEMENTS = 1 << 22  # ~4M elements: float64 SVD on the CPU is still quick
 PROBES = 4                      # random probe vectors of the cache check
-PROBE_RTOL_MIN = 1e-4           # the check's tolerance: max(this, 10 × the error when written)
+#: the cache check's tolerance. The factors are computed in float64 or float32 from the weight
+#: in float32 whatever its dtype: a fresh SVD's probe error is about 1e-7 (float64) to 1e-5
+#: (float32, large matrices).
+PROBE_RTOL = 1e-4
 
 
 @dataclass
@@ -130,12 +140,20 @@ def default_cache_dir() -> Path:
 
 
 class SVDCache:
-    """On-disk cache of :class:`SVDFactors` keyed by :func:`weight_hash`."""
+    """On-disk cache of :class:`SVDFactors` keyed by :func:`weight_hash`.
 
-    def __init__(self, root=None):
+    ``probe_rtol`` is the tolerance of the check every entry must pass (module docstring).
+    """
+
+    def __init__(self, root=None, probe_rtol: float = PROBE_RTOL):
         self.root = Path(root) if root is not None else default_cache_dir()
+        if isinstance(probe_rtol, bool) or not isinstance(probe_rtol, (int, float)) or \
+                not 0 < probe_rtol < 1:
+            raise ValueError(f"probe_rtol must be a number in (0, 1), got {probe_rtol!r}")
+        self.probe_rtol = float(probe_rtol)
         self.hits = 0
         self.misses = 0
+        self.unwritable: str | None = None    # why the cache could not be written, once it failed
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
@@ -145,25 +163,23 @@ class SVDCache:
         the check (module docstring); else None, with a warning naming the file when it exists
         but is unreadable, of the wrong shape or fails the check."""
         path = self.path(key)
-        if not path.exists():
+        if weight.dim() != 2 or not path.exists():
             return None
-        shape = tuple(weight.shape)
+        m, n = weight.shape
+        r = min(m, n)
+        expected = {"U": (m, r), "S": (r,), "Vh": (r, n)}
+
+        def check_header(infos, meta):
+            shapes = {k: i.shape for k, i in infos.items()}
+            if shapes != expected:
+                raise T2FileError(f"it holds {_describe(shapes)}; expected {_describe(expected)} "
+                                  f"for a weight of shape {(m, n)}")
+
         try:
-            t, meta = read_file(path, "decomposition", SVD_FORMAT, (SVD_VERSION,))
-            missing = sorted({"U", "S", "Vh"} - set(t))
-            if missing:
-                raise T2FileError(f"it lacks the tensors {missing}")
-            f = SVDFactors(t["U"].float(), t["S"].float(), t["Vh"].float())
-            if f.U.dim() != 2 or f.S.dim() != 1 or f.Vh.dim() != 2 or f.shape != shape or \
-                    f.U.shape[1] != f.rank or f.Vh.shape[0] != f.rank:
-                raise T2FileError(f"it holds factors U {tuple(f.U.shape)}, S "
-                                  f"{tuple(f.S.shape)}, Vh {tuple(f.Vh.shape)}; expected a "
-                                  f"weight of shape {shape}")
-            rtol = meta.get("probe_rtol", PROBE_RTOL_MIN)
-            if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or \
-                    not 0 < rtol < 1:
-                raise T2FileError(f"its metadata probe_rtol {rtol!r} is not a number in (0, 1)")
-            why = check_factors(weight, f, rtol)
+            t, _ = read_file(path, "decomposition", SVD_FORMAT, (SVD_VERSION,),
+                             max_bytes=4 * (m * r + r + r * n), check=check_header)
+            f = SVDFactors(t["U"], t["S"], t["Vh"])
+            why = check_factors(weight, f, self.probe_rtol)
             if why:
                 raise T2FileError(why)
         except T2FileError as exc:
@@ -182,11 +198,37 @@ class SVDCache:
             return cached.to(weight.device), True
         self.misses += 1
         f = decompose_weight(weight, name)
-        rtol = max(PROBE_RTOL_MIN, 10 * probe_error(weight, f))
-        write_file(self.path(key), {"U": f.U, "S": f.S, "Vh": f.Vh}, SVD_FORMAT, SVD_VERSION,
-                   {"shape": list(f.shape), "weight_dtype": str(weight.dtype),
-                    "probe_rtol": rtol})
+        self.store(key, weight, f, name)
         return f, False
+
+    def store(self, key: str, weight: torch.Tensor, f: SVDFactors, name: str = "weight"
+              ) -> None:
+        """Write the entry of ``weight`` unless the cache could not be written before; a
+        failure warns once and turns writing off (the factors are used all the same)."""
+        if self.unwritable is not None:
+            return
+        err = probe_error(weight, f)
+        if err > self.probe_rtol:       # an entry the check would refuse: not worth a file
+            warnings.warn(f"not caching the SVD of {name}: its probe error {err:.3g} "
+                          f"exceeds the cache check's tolerance {self.probe_rtol:.3g}",
+                          stacklevel=3)
+            return
+        try:
+            if self.root.exists() and not self.root.is_dir():
+                raise NotADirectoryError(f"{str(self.root)!r} is a file, not a folder")
+            write_file(self.path(key), {"U": f.U, "S": f.S, "Vh": f.Vh}, SVD_FORMAT,
+                       SVD_VERSION, {"shape": list(f.shape), "weight_dtype": str(weight.dtype)})
+        except OSError as exc:
+            self.unwritable = exc.strerror or str(exc)
+            warnings.warn(f"SVD cache folder {str(self.root)!r} cannot be written "
+                          f"({self.unwritable}): the factors are computed and used without "
+                          f"caching (pass cache_dir= another folder, or False for none)",
+                          stacklevel=3)
+
+
+def _describe(shapes: dict) -> str:
+    return ", ".join(f"{k[:20]} {tuple(v)[:4]}" for k, v in sorted(shapes.items())[:4]) or \
+        "no tensors"
 
 
 @dataclass

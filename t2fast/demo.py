@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
     handle.set_mixture(None)
     base_out, base_s, base_tok = _generate(model, tok, prompts, args.max_new_tokens)
     steps.update()
-    path = handle.set_mixture([fam for fam, _ in rows])
+    path = handle.set_mixture(rows=[fam for fam, _ in rows])
     exp_out, exp_s, exp_tok = _generate(model, tok, prompts, args.max_new_tokens)
     handle.merge(families[0])
     _, merged_s, merged_tok = _generate(model, tok, prompts, args.max_new_tokens)

@@ -1,6 +1,7 @@
 """SVF experts: one z vector per adapted matrix, their files, banks and α mixtures.
 
-Expert file (safetensors): one float32 tensor [r] per adapted matrix, keyed by its Hugging Face
+Expert file (safetensors): one float32 tensor [r] per adapted matrix (read also from float16,
+bfloat16 and exactly-float32 float64: :data:`Z_DTYPES`), keyed by its Hugging Face
 module name (``model.layers.0.mlp.down_proj``), and metadata::
 
     format           "t2fast-expert"
@@ -34,12 +35,20 @@ from pathlib import Path
 import torch
 
 from .decompose import SVDFactors
-from .mixtures import MixtureBounds, MixtureError, check_expert_name, check_z, parse_mixture
-from .safetensors_io import T2FileError, read_file, write_file
+from .mixtures import (MixtureBounds, MixtureError, check_expert_name, check_z, is_finite_real,
+                       parse_mixture, shown)
+from .safetensors_io import T2FileError, read_file, read_header, read_json, write_file
 
 EXPERT_FORMAT = "t2fast-expert"
 EXPERT_VERSION = "1"
 SIGMA_RTOL = 1e-3
+#: dtypes a file may store z in. z is float32 in memory and written as float32; float16 and
+#: bfloat16 are read exactly (every value is a float32 value); float64 is read only when every
+#: value is a float32 value (a float32 z saved as float64), else refused: never rounded.
+Z_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: the most tensor data an expert file may hold when it is read without a model to check it
+#: against (a 405B model's z vectors take about 60 MB in float32); with one, its exact size.
+MAX_EXPERT_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -142,18 +151,7 @@ class Expert:
         where = where or f"expert {self.name!r}"
         for n, v in self.z.items():
             check_z(n, v, where=where)
-        missing = [n for n in factors if n not in self.z]
-        extra = [n for n in self.z if n not in factors]
-        if missing or extra:
-            raise T2FileError(
-                f"{where} does not cover the adapted matrices: "
-                + (f"missing {len(missing)} (e.g. {missing[:3]})" if missing else "")
-                + ("; " if missing and extra else "")
-                + (f"{len(extra)} not adapted here (e.g. {extra[:3]})" if extra else ""))
-        for n, f in factors.items():
-            if self.z[n].shape != (f.rank,):
-                raise T2FileError(f"{where}: z for {n} has shape {tuple(self.z[n].shape)}, but "
-                                  f"that matrix has rank {f.rank} (shape {f.shape})")
+        check_fit({n: tuple(v.shape) for n, v in self.z.items()}, factors, where)
         if allow_other_model or self.fingerprint is None:
             return
         fp = fingerprint or Fingerprint.of(factors)
@@ -165,6 +163,24 @@ class Expert:
             raise T2FileError(f"{where} was trained on another base model "
                               f"({self.base_model or 'unnamed'}): {why}; pass "
                               f"allow_other_model=True for cross-model transfer")
+
+
+def check_fit(shapes: dict[str, tuple], factors: dict[str, SVDFactors], where: str) -> None:
+    """Raise :class:`T2FileError` unless the z shapes ``{target: shape}`` are exactly one
+    ``(rank,)`` per matrix of ``factors`` (``where`` names the expert or file)."""
+    missing = [n for n in factors if n not in shapes]
+    extra = [n for n in shapes if n not in factors]
+    if missing or extra:
+        raise T2FileError(
+            f"{where} does not cover the adapted matrices: "
+            + (f"missing {len(missing)} (e.g. {missing[:3]})" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"{len(extra)} not adapted here (e.g. {[n[:80] for n in extra[:3]]})"
+               if extra else ""))
+    for n, f in factors.items():
+        if tuple(shapes[n]) != (f.rank,):
+            raise T2FileError(f"{where}: z for {n} has shape {tuple(shapes[n])}, but that "
+                              f"matrix has rank {f.rank} (shape {f.shape})")
 
 
 def _meta(meta: dict, key: str, kind, expected: str, where: str, default=None):
@@ -182,7 +198,7 @@ def _fingerprint(fp, where: str) -> Fingerprint | None:
     bad = (not isinstance(fp, dict) or not isinstance(fp.get("shapes"), str) or
            not isinstance(fp.get("sigma_sums"), dict) or
            not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and math.isfinite(v) for k, v in fp["sigma_sums"].items()))
+                   and is_finite_real(v) for k, v in fp["sigma_sums"].items()))
     if bad:
         raise T2FileError(f"{where}: metadata field 'fingerprint' must be {{'shapes': str, "
                           f"'sigma_sums': {{target: number}}}}, got {str(fp)[:80]!r}")
@@ -198,16 +214,30 @@ def load_expert(path, factors: dict[str, SVDFactors] | None = None,
     """Read an expert file or folder; with ``factors``, check it fits that decomposition.
 
     ``path`` is a single ``.safetensors`` file or a folder written by
-    :meth:`Expert.save_pretrained` (``expert_config.json`` + ``expert.safetensors``).
+    :meth:`Expert.save_pretrained` (``expert_config.json`` + ``expert.safetensors``). The
+    header (tensor names, dtypes, shapes, metadata) is checked first — against ``factors`` when
+    given, else against ``MAX_EXPERT_BYTES`` — and only then is the tensor data read. z comes
+    back float32 (:data:`Z_DTYPES` says how other dtypes are read).
     Raises :class:`t2fast.safetensors_io.T2FileError` (a ``ValueError``) naming the file and the
-    problem: missing/truncated file, wrong format, metadata of the wrong type, invalid name,
-    NaN/Inf or out-of-range z, missing or extra matrices, wrong lengths, another base model.
+    problem: missing, unreadable or truncated file, wrong format, duplicate or mistyped
+    metadata, invalid name, z of another dtype, NaN/Inf or out-of-range z, missing or extra
+    matrices, wrong lengths, another base model.
     """
     path = Path(path)
     if path.is_dir():
         return _load_folder(path, factors, allow_other_model)
-    tensors, meta = read_file(path, "expert", EXPERT_FORMAT, (EXPERT_VERSION,))
     where = f"expert file {str(path)!r}"
+
+    def check_header(infos, meta):
+        for n, info in infos.items():
+            if len(info.shape) != 1:
+                raise T2FileError(f"{where}: z for {n[:80]} must be 1-D, the header declares "
+                                  f"shape {list(info.shape)[:8]}")
+        if factors is not None:
+            check_fit({n: info.shape for n, info in infos.items()}, factors, where)
+
+    tensors, meta = read_file(path, "expert", EXPERT_FORMAT, (EXPERT_VERSION,),
+                              dtypes=Z_DTYPES, max_bytes=MAX_EXPERT_BYTES, check=check_header)
     listed = _meta(meta, "targets", list, "a list of target names", where)
     if listed is not None and (not all(isinstance(n, str) for n in listed) or
                                sorted(listed) != sorted(tensors)):
@@ -222,7 +252,7 @@ def load_expert(path, factors: dict[str, SVDFactors] | None = None,
         raise T2FileError(str(exc)) from None
     expert = Expert(
         name=name,
-        z={n: tensors[n].float() for n in (listed or list(tensors))},
+        z={n: _z_float32(n, tensors[n], where) for n in (listed or list(tensors))},
         base_model=_meta(meta, "base_model", str, "a string", where, ""),
         fingerprint=_fingerprint(meta.get("fingerprint"), where),
         extra=_meta(meta, "extra", dict, "a JSON object", where) or {},
@@ -230,6 +260,32 @@ def load_expert(path, factors: dict[str, SVDFactors] | None = None,
     if factors is not None:
         expert.check_against(factors, allow_other_model=allow_other_model, where=where)
     return expert
+
+
+def _z_float32(name: str, z: torch.Tensor, where: str) -> torch.Tensor:
+    """z of a file as float32, by the rules of :data:`Z_DTYPES` (exact or refused)."""
+    if z.dtype == torch.float64:
+        z32 = z.float()
+        inexact = (z32.double() != z).nonzero()
+        if inexact.numel():
+            i = int(inexact[0])
+            raise T2FileError(f"{where}: z for {name} is float64 and z[{i}] = {float(z[i])!r} "
+                              f"is not a float32 value; t2fast reads z as float32 and does not "
+                              f"round it: store z as float32")
+        return z32
+    return z.float()
+
+
+def expert_targets(path) -> list[str]:
+    """The matrices an expert file or folder adapts (its tensor names, in the order its
+    metadata lists them), read from the file's header alone."""
+    path = Path(path)
+    weights = path / EXPERT_WEIGHTS if path.is_dir() else path
+    infos, meta = read_header(weights, "expert", EXPERT_FORMAT, (EXPERT_VERSION,))
+    listed = meta.get("targets")
+    if isinstance(listed, list) and sorted(map(str, listed)) == sorted(infos):
+        return [str(n) for n in listed]
+    return list(infos)
 
 
 def _load_folder(folder: Path, factors, allow_other_model: bool) -> Expert:
@@ -241,21 +297,19 @@ def _load_folder(folder: Path, factors, allow_other_model: bool) -> Expert:
                           f"{EXPERT_WEIGHTS} (written by Expert.save_pretrained)"
                           + ("; it is a PEFT LoRA adapter folder (use --lora / PEFT)"
                              if lora else ""))
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise T2FileError(f"{where}: {EXPERT_CONFIG} is not valid JSON ({exc})") from None
+    cfg = read_json(cfg_path, f"{where}: {EXPERT_CONFIG}")
     if not isinstance(cfg, dict) or cfg.get("format") != EXPERT_FORMAT:
         raise T2FileError(f"{where}: {EXPERT_CONFIG} does not declare format "
                           f"{EXPERT_FORMAT!r}")
     if cfg.get("format_version") != EXPERT_VERSION:
         raise T2FileError(f"{where}: {EXPERT_CONFIG} has format_version "
-                          f"{cfg.get('format_version')!r}; this t2fast reads {EXPERT_VERSION!r}")
+                          f"{shown(cfg.get('format_version'))}; this t2fast reads "
+                          f"{EXPERT_VERSION!r}")
     expert = load_expert(weights, factors, allow_other_model)
     for key, have in (("name", expert.name), ("targets", expert.targets)):
         if cfg.get(key) != have:
-            raise T2FileError(f"{where}: {EXPERT_CONFIG} says {key} = {cfg.get(key)!r} but "
-                              f"{EXPERT_WEIGHTS} holds {have!r}")
+            raise T2FileError(f"{where}: {EXPERT_CONFIG} says {key} = {shown(cfg.get(key))} "
+                              f"but {EXPERT_WEIGHTS} holds {shown(have)}")
     return expert
 
 

@@ -89,8 +89,8 @@ class RowSlots:
         B = self.num_rows
         if B is not None and (len(lead_shape) == 0 or lead_shape[0] != B):
             raise ValueError(f"the mixture was set for {B} batch rows, but the input has "
-                             f"leading shape {tuple(lead_shape)}; call set_mixture with one "
-                             f"entry per row of this batch")
+                             f"leading shape {tuple(lead_shape)}; call set_mixture(rows=[...]) "
+                             f"with one mixture per row of this batch")
 
     def token_index(self, lead_shape: torch.Size, device: torch.device) -> torch.Tensor:
         """Slot of every token (int32 [T]) for an input with leading dims ``lead_shape``

@@ -14,8 +14,12 @@ A **mixture** over a bank of K experts (bank order ``expert_names``) gives every
     [0.3, 0.7]                  K weights in bank order (list, tuple, tensor or array)
     [[...K...], ...L rows...]   per-layer weights [num_layers, K] in bank order
 
-**Bounds** (:class:`MixtureBounds`, configurable): every weight is a finite real number (no
-booleans, no strings), ``|α_k| ≤ max_abs`` and ``Σ_k |α_k| ≤ max_l1`` (base included, per layer).
+A spec is always ONE mixture: a nested list is a per-layer α, never one spec per batch row
+(:meth:`~t2fast.patch_model.SVFHandle.set_mixture` takes per-row mixtures as ``rows=[...]``).
+
+**Bounds** (:class:`MixtureBounds`, configurable): every weight is a finite real number — a
+Python, numpy or 0-d tensor real whose float value is finite (not ``10**400``; no booleans, no
+strings), ``|α_k| ≤ max_abs`` and ``Σ_k |α_k| ≤ max_l1`` (base included, per layer).
 An all-zero α (``{}``, ``[0, 0]``) would zero every adapted weight; it is refused unless the spec
 names ``"base"`` explicitly (``{"base": 0}``: the caller asks for it).
 
@@ -26,7 +30,8 @@ is the base model, and the official parameterization's rescaled ``sigmoid(p)`` s
 with a letter or digit, at most ``MAX_NAME_LENGTH`` characters, and not ``"base"``.
 
 Errors are :class:`MixtureError` (a ``ValueError``); a value of the wrong type raises
-:class:`MixtureTypeError`, which is both a ``MixtureError`` and a ``TypeError``.
+:class:`MixtureTypeError`, which is both a ``MixtureError`` and a ``TypeError``. Messages repeat
+at most about ``MAX_SHOWN`` characters of any value given (:func:`shown`).
 """
 from __future__ import annotations
 
@@ -40,7 +45,28 @@ import torch
 BASE = "base"
 Z_MAX = 8.0
 MAX_NAME_LENGTH = 64
+MAX_SHOWN = 60   # characters of a user's value an error message repeats
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def shown(v) -> str:
+    """``repr(v)``, cut to about ``MAX_SHOWN`` characters (error messages stay short whatever
+    the input)."""
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 10 ** MAX_SHOWN:
+        return f"an integer of about {int(v.bit_length() * math.log10(2)) + 1} digits"
+    try:
+        text = repr(v)
+    except ValueError:          # Python refuses str() of integers of over 4300 digits
+        return f"a {type(v).__name__} too long to show"
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN - 15]}... ({len(text)} chars)"
+
+
+def is_finite_real(v: numbers.Real) -> bool:
+    """Whether the real ``v`` is a finite float (10**400 and Fraction(10**400, 3) are not)."""
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 class MixtureError(ValueError):
@@ -65,8 +91,9 @@ class MixtureBounds:
         for field in ("max_abs", "max_l1"):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or \
-                    not (math.isfinite(v) and v > 0):
-                raise ValueError(f"MixtureBounds.{field} must be a finite number > 0, got {v!r}")
+                    not (is_finite_real(v) and v > 0):
+                raise ValueError(f"MixtureBounds.{field} must be a finite number > 0, got "
+                                 f"{shown(v)}")
 
 
 DEFAULT_BOUNDS = MixtureBounds()
@@ -75,11 +102,11 @@ DEFAULT_BOUNDS = MixtureBounds()
 def check_expert_name(name, where: str = "expert name") -> str:
     """Return ``name`` if it is a valid expert name (see the module docstring), else raise."""
     if not isinstance(name, str):
-        raise MixtureTypeError(f"{where} must be a string, got {name!r}")
+        raise MixtureTypeError(f"{where} must be a string, got {shown(name)}")
     if name == BASE:
         raise MixtureError(f"{where} may not be {BASE!r} (reserved for the base model)")
     if len(name) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name):
-        raise MixtureError(f"{where} {name!r} is not valid: use at most {MAX_NAME_LENGTH} "
+        raise MixtureError(f"{where} {shown(name)} is not valid: use at most {MAX_NAME_LENGTH} "
                            f"letters, digits, '-', '_' or '.', starting with a letter or digit")
     return name
 
@@ -101,20 +128,19 @@ def check_z(name: str, z, bound: float = Z_MAX, where: str = "expert") -> None:
 
 
 def _number(v, what: str) -> float:
-    if isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype != torch.bool:
-        v = v.item()
+    """A weight as a finite float: Python, numpy and 0-d tensor reals (no booleans)."""
+    v = _as_list(v)                             # numpy scalars, 0-d arrays and tensors
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise MixtureTypeError(f"{what} must be a number, got {v!r} ({type(v).__name__})")
-    v = float(v)
-    if not math.isfinite(v):
-        raise MixtureError(f"{what} must be finite, got {v}")
-    return v
+        raise MixtureTypeError(f"{what} must be a number, got {shown(v)} ({type(v).__name__})")
+    if not is_finite_real(v):
+        raise MixtureError(f"{what} must be finite, got {shown(v)}")
+    return float(v)
 
 
 def _as_list(v):
     """Tensors and arrays as (nested) Python lists; other values unchanged."""
     if isinstance(v, torch.Tensor) or (hasattr(v, "tolist") and hasattr(v, "shape")):
-        return v.tolist()
+        return v.tolist()       # a 0-d tensor / array or a numpy scalar gives a Python number
     return v
 
 
@@ -134,14 +160,15 @@ def _weights(v, what: str, num_layers: int | None) -> list[float]:
 
 def _column(name, names: list[str], what: str) -> int:
     if not isinstance(name, str):
-        raise MixtureTypeError(f"{what}: expert names must be strings, got {name!r}")
+        raise MixtureTypeError(f"{what}: expert names must be strings, got {shown(name)}")
     if name == BASE:
         return 0
     try:
         return 1 + names.index(name)
     except ValueError:
-        raise MixtureError(f"unknown expert {name!r}; loaded experts: {names or '(none)'} "
-                           f"(or {BASE!r})") from None
+        loaded = f"{names[:8]}" + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        raise MixtureError(f"unknown expert {shown(name)}; loaded experts: "
+                           f"{loaded if names else '(none)'} (or {BASE!r})") from None
 
 
 def parse_mixture(spec, expert_names, num_layers: int | None = None,
@@ -212,7 +239,7 @@ def parse_mixture(spec, expert_names, num_layers: int | None = None,
     else:
         raise MixtureTypeError(
             f"a mixture must be None, 'base', an expert name, a dict {{name: weight}} or a list "
-            f"of {K} weights in bank order, got {type(spec).__name__} {spec!r}")
+            f"of {K} weights in bank order, got {type(spec).__name__} {shown(spec)}")
     _check_bounds(alpha, names, bounds, names_base)
     out = alpha.to(dtype)
     return out if num_layers is not None else out[0]

@@ -2,8 +2,9 @@
 
     import t2fast
     handle = t2fast.patch_model(model, experts=["math.safetensors", "code.safetensors"])
-    handle.set_mixture(["math", {"math": 0.5, "code": 0.5}, None])   # one entry per batch row
+    handle.set_mixture(rows=["math", {"math": 0.5, "code": 0.5}, None])   # one per batch row
     out = model.generate(input_ids, ...)
+    handle.set_mixture({"math": 0.3, "code": 0.7})   # one mixture for every row of any batch
     handle.merge("code")        # dense weights for a single-mixture batch
     handle.restore()            # the original modules, bit for bit
 
@@ -12,7 +13,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
+import threading
 import types
 import warnings
 from pathlib import Path
@@ -22,10 +25,11 @@ from torch import nn
 
 from .config import SVFConfig
 from .decompose import Decomposition, SVDFactors, decompose_model
-from .experts import Expert, ExpertBank, Fingerprint, check_unique_names, load_expert
+from .experts import (Expert, ExpertBank, Fingerprint, check_unique_names, expert_targets,
+                      load_expert)
 from .layers import FusedSVF, RowSlots, SVFLinear, link_groups, row_block
-from .mixtures import MixtureBounds
-from .targets import layer_index, target_modules
+from .mixtures import MixtureBounds, MixtureError, shown
+from .targets import layer_index, resolve_targets, target_modules
 
 MERGE_CACHE_SIZE = 4
 
@@ -63,12 +67,20 @@ class SVFHandle:
         mixture_bounds: the :class:`t2fast.mixtures.MixtureBounds` every mixture must meet
             (read from ``config``; setting it replaces ``config``'s bounds).
         keep_dense, hybrid: ``config``'s settings (read-only).
+        lock: a re-entrant lock held by every call that changes the handle's state
+            (``set_mixture``, ``merge``, ``unmerge``, ``add_experts``, ``set_trainable_z``,
+            ``restore``) and by every call of the model's ``forward``, so a forward pass sees
+            one mixture whole and concurrent ``set_mixture`` calls apply one after the other.
+            Hold it yourself (``with handle.lock:``) to keep a mixture across several forward
+            calls (``generate``) while other threads use the model. A CUDA graph replay or a
+            direct call of a submodule does not take it.
 
     The decomposition's factors share the layers' U and Vh (in the weight's dtype) once the
     model is patched, so the model holds one copy of them.
     """
 
-    def __init__(self, model: nn.Module, decomposition: Decomposition, config: SVFConfig):
+    def __init__(self, model: nn.Module, decomposition: Decomposition, config: SVFConfig,
+                 experts: list[Expert] = ()):
         self.model = model
         self.config = config
         self.decomposition = decomposition
@@ -76,11 +88,13 @@ class SVFHandle:
         self.num_layers = _num_layers(model, self.targets)
         self.base_model = _model_name(model)
         self.fingerprint = Fingerprint.of(decomposition.factors)
+        self.lock = threading.RLock()
         self.rows = RowSlots(next(iter(decomposition.factors.values())).U.device
                              if decomposition.factors else None)
         self._originals: dict[str, nn.Linear] = {}     # module name → the original module
         self._dense: dict[str, nn.Linear] = {}         # target → its original (row-block) linear
         self.modules: dict[str, SVFLinear] = {}
+        self._restored = False
         swaps = {}
         for module_name, parts in target_modules(model, self.targets).items():
             linear = model.get_submodule(module_name)
@@ -95,20 +109,61 @@ class SVFHandle:
                                                   config.backend, config.mix_in_kernel)
             swaps[module_name] = self.modules[module_name] if parts is None else FusedSVF(
                 module_name, [self.modules.get(n, dense) for n, dense in blocks.items()])
-        for module_name, module in swaps.items():   # built every layer first: swap all or none
-            parent, attr = _parent(model, module_name)
-            setattr(parent, attr, module)
+        originals = dict(self._originals)
+        try:            # from the first swap on, any exception (KeyboardInterrupt too) undoes all
+            self._put(swaps)
+            self._guard_forward()
+            self._finish_init(decomposition, config, experts)
+        except BaseException:
+            self._put(originals)
+            self._unguard_forward()
+            self._restored = True
+            raise
+
+    def _finish_init(self, decomposition: Decomposition, config: SVFConfig,
+                     experts: list[Expert]) -> None:
         link_groups(self.modules)                   # q/k/v, gate/up: one op each
         for name, layer in self.modules.items():    # one copy of U, Vh: the layers'
             decomposition.factors[name] = SVDFactors(layer.U, layer.S, layer.Vh)
-        if not config.keep_dense:
-            self._drop_dense()
         self.bank = ExpertBank([], decomposition.factors)
         self._merge_cache: dict[bytes, dict[str, torch.Tensor]] = {}
         self.stats = dict(factored_sets=0, merged_sets=0, base_sets=0, merges=0,
                           merge_cache_hits=0)
-        self._restored = False
-        self.set_mixture(None)
+        if not config.keep_dense:
+            self._drop_dense()
+        if experts:
+            self.add_experts(experts, allow_other_model=config.allow_other_model)
+        else:
+            self.set_mixture(None)
+
+    def _put(self, modules: dict[str, nn.Module]) -> None:
+        """Set each ``{module name: module}`` in the model."""
+        for module_name, module in modules.items():
+            parent, attr = _parent(self.model, module_name)
+            setattr(parent, attr, module)
+
+    def _guard_forward(self) -> None:
+        """Run every call of the model's ``forward`` under :attr:`lock` (an instance attribute
+        wrapping the current ``forward``; :meth:`restore` removes it)."""
+        inner, lock = self.model.forward, self.lock
+
+        @functools.wraps(inner)
+        def forward(*args, **kwargs):
+            with lock:
+                return inner(*args, **kwargs)
+
+        self._forward_before = self.model.__dict__.get("forward")
+        self._forward = forward
+        self.model.forward = forward
+
+    def _unguard_forward(self) -> None:
+        mine = getattr(self, "_forward", None)
+        if mine is None or self.model.__dict__.get("forward") is not mine:
+            return                      # not installed, or wrapped again since: left as it is
+        if self._forward_before is None:
+            del self.model.forward
+        else:
+            self.model.forward = self._forward_before
 
     @property
     def layers(self) -> dict[str, SVFLinear]:
@@ -130,8 +185,12 @@ class SVFHandle:
         must be unique; a name already in the bank is an error unless ``replace=True``, which
         swaps that expert in place (its bank position is kept).
         """
+        with self.lock:
+            self._add_experts(experts, allow_other_model, replace)
+
+    def _add_experts(self, experts, allow_other_model: bool, replace: bool) -> None:
         self._check_live()
-        loaded = _load_experts(experts, self.decomposition.factors, self.fingerprint,
+        loaded = _load_experts(_sources(experts), self.decomposition.factors, self.fingerprint,
                                allow_other_model)
         check_unique_names([e.name for e in loaded])
         current = self.bank.names
@@ -183,39 +242,63 @@ class SVFHandle:
         within :attr:`mixture_bounds`."""
         return self.bank.alpha(spec, self.num_layers, self.mixture_bounds)
 
-    def set_mixture(self, rows) -> str:
-        """Set the mixture of every batch row; returns the path chosen ("base"/"merged"/"factored").
+    def set_mixture(self, spec=None, *, rows=None) -> str:
+        """Set the batch's mixture(s); returns the path chosen ("base"/"merged"/"factored").
 
-        ``rows`` is one spec for the whole batch, or a list with one spec per row. A spec is
-        ``None``/``"base"``, an expert name, ``{name: weight or per-layer weights}``, K weights
-        in bank order, or a [num_layers, K] per-layer α (:mod:`t2fast.mixtures`). With ``hybrid``
-        on, a batch whose rows share one mixture is served by dense weights (the original ones
-        for the base, a cached merge otherwise). With a list, every forward pass must have
-        exactly ``len(rows)`` batch rows, on every path.
+        ``set_mixture(spec)``: ONE mixture for every row of any batch. ``spec`` is ``None``/
+        ``"base"``, an expert name, ``{name: weight or per-layer weights}``, K weights in bank
+        order, or a ``[num_layers, K]`` per-layer α (:mod:`t2fast.mixtures`): a nested list is
+        always one per-layer spec.
+        ``set_mixture(rows=[spec_0, ..., spec_B-1])``: one spec per batch row; every forward
+        pass must then have exactly B rows, on every path.
+
+        With ``hybrid`` on, a batch whose rows share one mixture is served by dense weights (the
+        original ones for the base, a cached merge otherwise). Every spec is parsed before
+        anything changes; the call holds :attr:`lock`, as every forward of the model does, so
+        a forward sees the mixtures of one call, whole.
         """
-        self._check_live()
-        per_row = isinstance(rows, (list, tuple)) and not _is_number_list(rows)
-        specs = list(rows) if per_row else [rows]
-        if not specs:
+        if rows is None:
+            specs, num_rows = [spec], None
+        elif spec is not None:
+            raise TypeError("set_mixture takes one spec for the whole batch or rows=[one spec "
+                            "per row], not both")
+        elif not isinstance(rows, (list, tuple)):
+            raise TypeError(f"set_mixture(rows=...) must be a list or tuple with one mixture "
+                            f"per batch row, got {type(rows).__name__} {shown(rows)}")
+        elif not rows:
             raise ValueError("set_mixture got an empty list of rows")
-        alphas = [self.alpha(s) for s in specs]
-        keys, slot_of_row, slots = {}, [], []
-        for a in alphas:
-            k = a.numpy().tobytes()
-            if k not in keys:
-                keys[k] = len(slots)
-                slots.append(a)
-            slot_of_row.append(keys[k])
-        table = torch.stack(slots)                      # [S, L, K+1]
-        if self.hybrid and len(slots) == 1:
-            return self._set_single(table[0], next(iter(keys)),
-                                    len(specs) if per_row else None)
-        self._clear_merged()
-        self.rows.set(torch.tensor(slot_of_row) if per_row else None)
-        for name, layer in self.modules.items():
-            layer.set_slots(table[:, min(layer.layer, self.num_layers - 1)])
-        self.stats["factored_sets"] += 1
-        return "factored"
+        else:
+            specs, num_rows = list(rows), len(rows)
+        with self.lock:
+            self._check_live()
+            alphas = [self._alpha_of(s, per_row=rows is not None) for s in specs]
+            keys, slot_of_row, slots = {}, [], []
+            for a in alphas:
+                k = a.numpy().tobytes()
+                if k not in keys:
+                    keys[k] = len(slots)
+                    slots.append(a)
+                slot_of_row.append(keys[k])
+            table = torch.stack(slots)                      # [S, L, K+1]
+            if self.hybrid and len(slots) == 1:
+                return self._set_single(table[0], next(iter(keys)), num_rows)
+            self._clear_merged()
+            self.rows.set(None if num_rows is None else torch.tensor(slot_of_row))
+            for layer in self.modules.values():
+                layer.set_slots(table[:, min(layer.layer, self.num_layers - 1)])
+            self.stats["factored_sets"] += 1
+            return "factored"
+
+    def _alpha_of(self, spec, per_row: bool) -> torch.Tensor:
+        """:meth:`alpha`, with a hint when a list of specs was given as one spec."""
+        try:
+            return self.alpha(spec)
+        except MixtureError as exc:
+            if per_row or not isinstance(spec, (list, tuple)) or not any(
+                    s is None or isinstance(s, (str, dict)) for s in spec):
+                raise
+            raise type(exc)(f"{exc}; set_mixture(spec) takes one mixture for the whole batch: "
+                            f"pass rows=[...] for one mixture per batch row") from None
 
     def _set_single(self, alpha: torch.Tensor, key: bytes, num_rows: int | None = None) -> str:
         self.rows.set(None, num_rows)
@@ -244,17 +327,19 @@ class SVFHandle:
 
     def merge(self, spec) -> None:
         """Serve every row with one mixture through dense merged weights (cached)."""
-        self._check_live()
-        alpha = self.alpha(spec)
-        self._set_single(alpha, alpha.numpy().tobytes())
+        with self.lock:
+            self._check_live()
+            alpha = self.alpha(spec)
+            self._set_single(alpha, alpha.numpy().tobytes())
 
     def unmerge(self) -> None:
         """Back to the factored path (base mixture for every row)."""
-        self._check_live()
-        self._clear_merged()
-        self.rows.set(None)
-        for layer in self.modules.values():
-            layer.set_slots(self.alpha(None)[:1])
+        with self.lock:
+            self._check_live()
+            self._clear_merged()
+            self.rows.set(None)
+            for layer in self.modules.values():
+                layer.set_slots(self.alpha(None)[:1])
 
     def _clear_merged(self) -> None:
         for layer in self.modules.values():
@@ -264,19 +349,19 @@ class SVFHandle:
     def set_trainable_z(self, z: dict[str, nn.Parameter] | None) -> None:
         """Route every row through differentiable ``W' = U diag(S ⊙ z) Vh`` (training).
 
-        ``z`` maps target names to Parameters [r]; ``None`` leaves training mode.
+        ``z`` maps target names to Parameters [r]; ``None`` leaves training mode. Every z is
+        checked before any layer changes.
         """
-        self._check_live()
-        for name, layer in self.modules.items():
-            if z is None:
-                layer.train_z = None
-                continue
-            if name not in z:
-                raise ValueError(f"set_trainable_z: no z given for target {name}")
-            if z[name].shape != (layer.rank,):
-                raise ValueError(f"set_trainable_z: z for {name} has shape "
-                                 f"{tuple(z[name].shape)}, expected ({layer.rank},)")
-            layer.train_z = z[name]
+        with self.lock:
+            self._check_live()
+            for name, layer in self.modules.items() if z is not None else ():
+                if name not in z:
+                    raise ValueError(f"set_trainable_z: no z given for target {name}")
+                if z[name].shape != (layer.rank,):
+                    raise ValueError(f"set_trainable_z: z for {name} has shape "
+                                     f"{tuple(z[name].shape)}, expected ({layer.rank},)")
+            for name, layer in self.modules.items():
+                layer.train_z = None if z is None else z[name]
 
     # ---- restore -------------------------------------------------------------------------
     def restore(self) -> nn.Module:
@@ -285,15 +370,14 @@ class SVFHandle:
         With ``keep_dense=False`` the dropped weights are rebuilt from the factors,
         ``U diag(σ) Vh`` in the weight's dtype: as exact as the decomposition, not bit for bit.
         """
-        self._check_live()
-        for name, linear in self._originals.items():
-            if linear is None:
-                linear = self._rebuild_linear(name)
-            parent, attr = _parent(self.model, name)
-            setattr(parent, attr, linear)
-        self._restored = True
-        self._merge_cache.clear()
-        return self.model
+        with self.lock:
+            self._check_live()
+            self._put({name: self._rebuild_linear(name) if linear is None else linear
+                       for name, linear in self._originals.items()})
+            self._unguard_forward()
+            self._restored = True
+            self._merge_cache.clear()
+            return self.model
 
     # ---- memory --------------------------------------------------------------------------
     def _drop_dense(self) -> None:
@@ -345,28 +429,56 @@ class SVFHandle:
             raise RuntimeError("this SVFHandle was restored; call t2fast.patch_model again")
 
 
-def _load_experts(experts, factors, fingerprint: Fingerprint,
+def _sources(experts) -> list:
+    """``experts`` (one or a list of ``Expert`` objects and file/folder paths) as a list."""
+    if isinstance(experts, (str, Path, Expert)):
+        experts = [experts]
+    experts = list(experts)
+    for e in experts:
+        if not isinstance(e, (str, Path, Expert)):
+            raise TypeError(f"experts must be Expert objects or expert file/folder paths, got "
+                            f"{type(e).__name__}")
+    return experts
+
+
+def _load_experts(sources: list, factors, fingerprint: Fingerprint,
                   allow_other_model: bool) -> list[Expert]:
     """Load (paths) and check (objects) every expert against ``factors``; raises on the first
     bad one, before anything changes."""
-    if isinstance(experts, (str, Path, Expert)):
-        experts = [experts]
     loaded = []
-    for e in experts:
-        if isinstance(e, (str, Path)):
-            e = load_expert(e, factors, allow_other_model)
-        elif isinstance(e, Expert):
+    for e in sources:
+        if isinstance(e, Expert):
             e.check_against(factors, fingerprint, allow_other_model)
         else:
-            raise TypeError(f"experts must be Expert objects or expert file/folder paths, got "
-                            f"{type(e).__name__}")
+            e = load_expert(e, factors, allow_other_model)
         loaded.append(e)
     return loaded
 
 
-def _is_number_list(rows) -> bool:
-    return len(rows) > 0 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                 for v in rows)
+def _expert_targets(model: nn.Module, sources: list) -> list[str]:
+    """The matrices every expert of ``sources`` adapts (they must agree), checked to be linear
+    matrices of ``model``; raises ``ValueError`` naming the experts and a few matrices."""
+    found = {}
+    for e in sources:
+        where = f"expert {e.name!r}" if isinstance(e, Expert) else f"expert {str(e)!r}"
+        found[where] = e.targets if isinstance(e, Expert) else expert_targets(e)
+    (first, targets), *others = found.items()
+    for where, names in others:
+        if set(names) != set(targets):
+            diff = sorted(set(names) ^ set(targets))
+            raise ValueError(f"the experts adapt different matrices ({first}: {len(targets)}, "
+                             f"{where}: {len(names)}; e.g. {[n[:80] for n in diff[:3]]} in one "
+                             f"only): pass targets= to patch_model")
+    try:
+        resolved = resolve_targets(model, list(targets))
+    except ValueError:
+        resolved = []
+    missing = sorted(set(targets) - set(resolved))
+    if not targets or missing:
+        raise ValueError(f"{first} adapts {len(targets)} matrices, {len(missing)} of which are "
+                         f"not linear modules of this model (e.g. "
+                         f"{[n[:80] for n in missing[:3]]}): it was made for another model")
+    return resolved
 
 
 def patch_model(model: nn.Module, experts=(), targets=None, layers=None, *,
@@ -378,7 +490,10 @@ def patch_model(model: nn.Module, experts=(), targets=None, layers=None, *,
         model: a Hugging Face causal LM (Llama, Mistral, Qwen2 families; others by pattern).
         experts: ``Expert`` objects or expert file paths to load into the bank.
         targets, layers: the matrices to adapt (:func:`t2fast.targets.resolve_targets`;
-            ``None``: from ``config``, whose defaults are ``"all"`` and every layer).
+            ``None``: from ``config``, whose defaults are ``"all"`` and every layer). When
+            neither is given and ``config`` (if any) keeps the default targets and layers, the
+            matrices the experts adapt (every expert must adapt the same ones), so an
+            MLP-only expert patches the MLP only; with no experts, ``"all"``.
         config: a :class:`t2fast.config.SVFConfig` (default ``SVFConfig()``): targets, layers,
             ``backend``, ``hybrid``, ``cache_dir``, ``allow_other_model``, the mixture bounds,
             ``mix_in_kernel`` and ``keep_dense``.
@@ -398,24 +513,24 @@ def patch_model(model: nn.Module, experts=(), targets=None, layers=None, *,
         An :class:`SVFHandle`; the model starts on the base mixture.
     Raises:
         Everything is checked (targets, SVD, every expert) before the model changes: on an
-        error the model is left exactly as it was.
+        error the model is left exactly as it was. An exception while the model is being
+        patched (``KeyboardInterrupt`` included) puts the original modules back.
     """
     if any(isinstance(m, SVFLinear) for m in model.modules()):
         raise ValueError("model is already patched; restore() the existing handle first")
+    sources = _sources(experts)
+    default = SVFConfig()
+    if sources and targets is None and layers is None and (
+            config is None or (config.targets, config.layers) == (default.targets,
+                                                                  default.layers)):
+        targets = _expert_targets(model, sources)
     config = SVFConfig.build(config, mixture_bounds, targets=targets, layers=layers, **settings)
     decomposition = decompose_model(model, config.targets, config.layers,
                                     cache_dir=config.svd_cache_dir(), progress=progress,
                                     like_weights=True)
-    loaded = _load_experts(experts, decomposition.factors, Fingerprint.of(decomposition.factors),
-                           config.allow_other_model)
-    handle = SVFHandle(model, decomposition, config)
-    try:
-        if loaded:
-            handle.add_experts(loaded, allow_other_model=config.allow_other_model)
-    except BaseException:
-        handle.restore()
-        raise
-    return handle
+    loaded = _load_experts(sources, decomposition.factors,
+                           Fingerprint.of(decomposition.factors), config.allow_other_model)
+    return SVFHandle(model, decomposition, config, loaded)
 
 
 class _CallableModule(types.ModuleType):

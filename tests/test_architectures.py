@@ -57,7 +57,7 @@ def test_family_patches_every_logical_matrix(family, svd_cache, tmp_path):
     h.add_experts([h.new_expert(n, Expert.random(n, f, 0.5, s).z) for n, s in (("a", 1),
                                                                                ("b", 2))])
     rows = ["a", None, {"a": 0.5, "b": 0.5}]
-    h.set_mixture(rows)
+    h.set_mixture(rows=rows)
     batch = _logits(model)
     assert (batch[0] - ref[0]).abs().max() > 1e-3, "an expert must change the logits"
     torch.testing.assert_close(batch[1], ref[1], rtol=1e-4, atol=1e-4)

@@ -48,7 +48,7 @@ def world(tmp_path_factory):
             d / f"{name}.safetensors")
     h.add_experts([files["a"], files["b"]])
     rows = ["a", {"a": 0.5, "b": 0.5}]
-    h.set_mixture(rows)
+    h.set_mixture(rows=rows)
     ref = _logits(model)
 
     def raw(stem, z=None, **meta):
@@ -104,7 +104,7 @@ MIXTURES = [
 
 @pytest.mark.parametrize("spec, error, pattern", MIXTURES, ids=[repr(m[0])[:30] for m in MIXTURES])
 def test_bad_mixture(world, spec, error, pattern):
-    _case(world, lambda h, f: h.set_mixture([spec, "a"]), error, pattern)
+    _case(world, lambda h, f: h.set_mixture(rows=[spec, "a"]), error, pattern)
     _case(world, lambda h, f: h.merge(spec), error, pattern)
 
 
@@ -141,7 +141,7 @@ def test_wrong_batch_rows_and_trainable_z(world):
           r"mixture was set for 2 batch rows, but the input has leading shape \(4, 5\)")
     _case(world, lambda h, f: h.set_trainable_z({n: torch.ones(2) for n in h.modules}),
           ValueError, r"set_trainable_z: z for .* has shape \(2,\), expected")
-    _case(world, lambda h, f: h.set_mixture([]), ValueError, r"empty list of rows")
+    _case(world, lambda h, f: h.set_mixture(rows=[]), ValueError, r"empty list of rows")
 
 
 def test_ops_reject_bad_arguments(world):

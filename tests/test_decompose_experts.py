@@ -92,8 +92,10 @@ def _tamper(path, edit):
     (lambda t: t["U"].__setitem__((0, 0), float("nan")), r"U contains NaN or Inf"),
     (lambda t: t.__setitem__("S", t["S"] * 0.5), r"does not reconstruct the weight: probe error"),
     (lambda t: t.__setitem__("S", t["S"].flip(0)), r"not non-negative and descending"),
-    (lambda t: t.__setitem__("Vh", t["Vh"][:, :-1].contiguous()), r"expected a weight of shape"),
-    (lambda t: t.pop("Vh"), r"lacks the tensors \['Vh'\]"),
+    (lambda t: t.__setitem__("Vh", t["Vh"][:, :-1].contiguous()),
+     r"holds S \(32,\), U \(32, 32\), Vh \(32, 47\); expected .* for a weight of shape"),
+    (lambda t: t.pop("Vh"), r"holds S \(32,\), U \(32, 32\); expected"),
+    (lambda t: t.__setitem__("S", t["S"].double()), r"tensor 'S' is torch.float64"),
 ])
 def test_cache_entry_is_checked_against_the_weight(model, tmp_path, decomp, edit, why):
     name = "model.layers.0.mlp.down_proj"
@@ -109,13 +111,10 @@ def test_cache_entry_is_checked_against_the_weight(model, tmp_path, decomp, edit
     assert cache.get_or_compute(w, name)[1], "the recomputed entry replaces the bad one"
 
 
-def test_cache_stores_its_tolerance_and_tampered_sigma_does_not_blame_experts(model, tmp_path):
-    from safetensors import safe_open
+def test_tampered_sigma_does_not_blame_experts(model, tmp_path):
     d = decompose_model(model, "mlp", cache_dir=tmp_path, progress=False)
     e = Expert.random("math", d.factors, seed=3).save(tmp_path / "e" / "math.safetensors")
     for path in tmp_path.glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as f:
-            assert 1e-4 <= json.loads(f.metadata()["probe_rtol_json"]) < 1e-3
         _tamper(path, lambda t: t.__setitem__("S", t["S"] * 0.5))
     with pytest.warns(UserWarning, match="does not reconstruct"):
         again = decompose_model(model, "mlp", cache_dir=tmp_path, progress=False)

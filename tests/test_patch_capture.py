@@ -49,12 +49,12 @@ def test_compiled_step_follows_set_mixture(length, svd_cache):
     first = ["a", "b", None, {"a": 0.5, "b": 0.5}]
     second = ["b", "b", None, "a"]                   # rows 0 and 3 change, rows 1 and 2 do not
     with torch.no_grad():
-        h.set_mixture(first)
+        h.set_mixture(rows=first)
         y1 = step(ids).clone()
         rows_ptr = h.rows.reserve(4, ids.device).data_ptr()
         tables = _buffers(h)
         n_compiles = len(compiles)
-        h.set_mixture(second)
+        h.set_mixture(rows=second)
         y2 = step(ids).clone()
         assert len(compiles) == n_compiles, "changing the mixture recompiled the step"
         assert h.rows.reserve(4, ids.device).data_ptr() == rows_ptr
@@ -65,20 +65,20 @@ def test_compiled_step_follows_set_mixture(length, svd_cache):
             torch.testing.assert_close(y1[r], y2[r], rtol=0, atol=1e-6)
         # the replayed step equals an eager forward with that mixture
         torch.testing.assert_close(y2, model(ids).logits, rtol=1e-5, atol=1e-5)
-        h.set_mixture(first)
+        h.set_mixture(rows=first)
         torch.testing.assert_close(step(ids), y1, rtol=1e-5, atol=1e-5)
 
 
 def test_larger_batch_grows_buffers_then_stays(svd_cache):
     model, h = _patched(svd_cache)
-    h.set_mixture(["a", "b"])
+    h.set_mixture(rows=["a", "b"])
     model(_ids(2))
-    h.set_mixture(["a", "b", None, "b", "a"])          # more rows: one reallocation
+    h.set_mixture(rows=["a", "b", None, "b", "a"])          # more rows: one reallocation
     model(_ids(5))
     ptr = h.rows.reserve(5, torch.device("cpu")).data_ptr()
     tables = _buffers(h)
     for rows in (["b"] * 5, ["a", None, "a", None, "b"], ["a", "b"]):
-        h.set_mixture(rows)
+        h.set_mixture(rows=rows)
         model(_ids(len(rows)))
         assert h.rows.reserve(5, torch.device("cpu")).data_ptr() == ptr
         assert _buffers(h) == tables
@@ -95,7 +95,7 @@ def test_keep_dense_false_serves_base_from_factors(svd_cache):
         assert h.set_mixture(None) == "base"
         assert all(l.merged is None for l in h.modules.values())    # factored, z = 1
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
-        h.set_mixture(["a", None, "b"])
+        h.set_mixture(rows=["a", None, "b"])
         mixed = model(ids).logits
         torch.testing.assert_close(mixed[1], ref[1], rtol=1e-4, atol=1e-4)
         assert not torch.allclose(mixed[0], ref[0], atol=1e-3)
@@ -136,7 +136,7 @@ def test_captured_step_takes_the_factored_path(monkeypatch, svd_cache, single):
         for layer in h.modules.values():
             layer.merged = torch.full_like(layer.merged, float("nan"))
         torch.testing.assert_close(model(ids).logits, eager, rtol=1e-4, atol=1e-4)
-        h.set_mixture(["b", single, "a"])
+        h.set_mixture(rows=["b", single, "a"])
         captured = model(ids).logits
         monkeypatch.setattr(layers, "capturing", lambda: False)
         torch.testing.assert_close(captured, model(ids).logits, rtol=0, atol=0)

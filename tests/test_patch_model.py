@@ -54,7 +54,7 @@ def test_per_row_generate_equals_each_row_alone(mix_in_kernel, svd_cache):
                            progress=False)
     h.add_experts(_experts(h))
     rows = ["a", None, {"a": 0.5, "b": 0.5}, torch.tensor([[0.0, 1.0], [1.0, 0.0]])]
-    assert h.set_mixture(rows) == "factored"
+    assert h.set_mixture(rows=rows) == "factored"
     with torch.no_grad():
         batch = model.generate(ids, **GEN)
     outs = set()
@@ -74,7 +74,7 @@ def test_same_prompt_different_experts_differ_and_base_row_is_base(svd_cache):
     base = _logits(model, ids[:1])
     h = t2fast.patch_model(model, cache_dir=svd_cache, progress=False)
     h.add_experts(_experts(h))
-    h.set_mixture([None, "a", "b"])
+    h.set_mixture(rows=[None, "a", "b"])
     out = _logits(model, ids)
     assert (out[0] - base[0]).abs().max() < 1e-4
     assert (out[1] - out[0]).abs().max() > 1e-2 and (out[2] - out[1]).abs().max() > 1e-2
@@ -91,7 +91,7 @@ def test_merge_matches_factored_and_hybrid_paths(svd_cache):
     h.merge({"a": 0.3, "b": 0.7})
     merged = _logits(model, ids)
     h.unmerge()
-    h.set_mixture([{"a": 0.3, "b": 0.7}, {"a": 0.3, "b": 0.7}, None])
+    h.set_mixture(rows=[{"a": 0.3, "b": 0.7}, {"a": 0.3, "b": 0.7}, None])
     assert h.stats["base_sets"] >= 1
     factored = _logits(model, ids)
     torch.testing.assert_close(factored[:2], merged[:2], rtol=1e-4, atol=1e-4)
@@ -107,7 +107,7 @@ def test_restore_is_bit_exact(svd_cache):
     originals = {n: m for n, m in model.named_modules()}
     h = t2fast.patch_model(model, cache_dir=svd_cache, progress=False)
     h.add_experts(_experts(h))
-    h.set_mixture(["a", "b", None])
+    h.set_mixture(rows=["a", "b", None])
     _logits(model, _ids())
     h.restore()
     after = model.state_dict()
@@ -150,10 +150,10 @@ def test_handle_errors(svd_cache, tmp_path):
     h = t2fast.patch_model(model, cache_dir=svd_cache, hybrid=False, progress=False)
     h.add_experts(_experts(h))
     with pytest.raises(ValueError, match="unknown expert 'c'"):
-        h.set_mixture(["a", "c"])
+        h.set_mixture(rows=["a", "c"])
     with pytest.raises(ValueError, match=r"alpha has 3 weights; expected 2"):
-        h.set_mixture([[0.1, 0.2, 0.3]])
-    h.set_mixture(["a", "b"])
+        h.set_mixture(rows=[[0.1, 0.2, 0.3]])
+    h.set_mixture(rows=["a", "b"])
     with pytest.raises(ValueError, match=r"mixture was set for 2 batch rows.*\(3, 7\)"):
         _logits(model, _ids(batch=3))
     with pytest.raises(ValueError, match="already patched"):
@@ -198,10 +198,10 @@ def test_row_count_is_checked_on_the_merged_path(svd_cache):
     model = _model()
     h = t2fast.patch_model(model, cache_dir=svd_cache, progress=False)
     h.add_experts(_experts(h))
-    assert h.set_mixture(["a"] * 3) == "merged"
+    assert h.set_mixture(rows=["a"] * 3) == "merged"
     with pytest.raises(ValueError, match=r"set for 3 batch rows.*\(5, 7\)"):
         _logits(model, _ids(batch=5))
-    assert h.set_mixture([None] * 2) == "base"
+    assert h.set_mixture(rows=[None] * 2) == "base"
     with pytest.raises(ValueError, match="set for 2 batch rows"):
         _logits(model, _ids(batch=3))
     h.set_mixture("a")                      # one spec: any batch size
@@ -216,7 +216,7 @@ def test_save_pretrained_writes_merged_weights_or_refuses(svd_cache, tmp_path):
     keys = set(model.state_dict())
     h = t2fast.patch_model(model, cache_dir=svd_cache, hybrid=False, progress=False)
     h.add_experts(_experts(h))
-    h.set_mixture(["a", "b", None])
+    h.set_mixture(rows=["a", "b", None])
     with pytest.raises(RuntimeError, match=r"per-row mixtures.*merge\(spec\).*restore\(\)"):
         model.save_pretrained(tmp_path / "partial")
     assert not (tmp_path / "partial" / "model.safetensors").exists()

@@ -7,8 +7,8 @@ refit mean and std to the elites, repeat. Score = accuracy of greedy answers; ti
 the mean per-token log-likelihood of the correct answers. The best member seen is kept.
 
 :class:`FewShotScorer` evaluates a whole population in **one batched call**: the batch holds
-population × examples rows and every row carries its own α (``SVFHandle.set_mixture`` with a
-list), which the SVF kernels serve without merging a weight per member.
+population × examples rows and every row carries its own α (``SVFHandle.set_mixture`` with
+``rows=``), which the SVF kernels serve without merging a weight per member.
 """
 from __future__ import annotations
 
@@ -248,7 +248,7 @@ class FewShotScorer:
         self.handle.set_trainable_z(None)
         texts: list[str] = []
         for i, j in self._chunks(len(specs)):
-            self.handle.set_mixture(specs[i:j])
+            self.handle.set_mixture(rows=specs[i:j])
             texts.extend(generate(self.handle.model, self.tokenizer, prompts[i:j],
                                   max_new_tokens=self.max_new_tokens).texts)
         correct = torch.tensor([float(self.task.score(t, self.examples[k % n]).correct)
@@ -260,7 +260,7 @@ class FewShotScorer:
             ll = []
             device = next(self.handle.model.parameters()).device
             for i, j in self._chunks(len(specs)):
-                self.handle.set_mixture(specs[i:j])
+                self.handle.set_mixture(rows=specs[i:j])
                 batch = teacher_batch(self.tokenizer, prompts[i:j], answers[i:j], device=device)
                 logits = completion_logits(self.handle.model, batch)
                 lp = token_logprobs(logits, batch.completion_ids) * batch.completion_mask

@@ -10,8 +10,8 @@ Strategies (anything with ``select(prompts) -> (specs, labels)``):
     :class:`t2fast.adapt.classifier.ClassifierDispatch` B. classification expert in pass 1
     :class:`FixedMixture`                               C. a task-level α (e.g. from few-shot
                                                         CEM), uniform α, one expert, or the base
-Pass 2 sets one mixture per row (``SVFHandle.set_mixture(list)``): rows sharing one mixture are
-served by merged weights, mixed batches by the SVF kernels.
+Pass 2 sets one mixture per row (``SVFHandle.set_mixture(rows=[...])``): rows sharing one
+mixture are served by merged weights, mixed batches by the SVF kernels.
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ class TwoPassEngine:
         try:
             for i in range(0, len(prompts), step):
                 j = min(len(prompts), i + step)
-                paths.append(self.handle.set_mixture(list(specs[i:j])))
+                paths.append(self.handle.set_mixture(rows=list(specs[i:j])))
                 out.extend(generate(self.handle.model, self.tokenizer, prompts[i:j],
                                     max_new_tokens=max_new_tokens or self.max_new_tokens).texts)
                 if after_chunk is not None:
