@@ -35,8 +35,9 @@ from pathlib import Path
 import torch
 
 from .decompose import SVDFactors
+from .messages import shown
 from .mixtures import (MixtureBounds, MixtureError, check_expert_name, check_z, is_finite_real,
-                       parse_mixture, shown)
+                       parse_mixture)
 from .safetensors_io import T2FileError, read_file, read_header, read_json, write_file
 
 EXPERT_FORMAT = "t2fast-expert"

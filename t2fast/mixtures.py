@@ -31,7 +31,8 @@ with a letter or digit, at most ``MAX_NAME_LENGTH`` characters, and not ``"base"
 
 Errors are :class:`MixtureError` (a ``ValueError``); a value of the wrong type raises
 :class:`MixtureTypeError`, which is both a ``MixtureError`` and a ``TypeError``. Messages repeat
-at most about ``MAX_SHOWN`` characters of any value given (:func:`shown`).
+at most about ``MAX_SHOWN`` characters of any value given
+(:func:`t2fast.messages.shown`).
 """
 from __future__ import annotations
 
@@ -42,23 +43,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .messages import shown
+
 BASE = "base"
 Z_MAX = 8.0
 MAX_NAME_LENGTH = 64
-MAX_SHOWN = 60   # characters of a user's value an error message repeats
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-def shown(v) -> str:
-    """``repr(v)``, cut to about ``MAX_SHOWN`` characters (error messages stay short whatever
-    the input)."""
-    if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 10 ** MAX_SHOWN:
-        return f"an integer of about {int(v.bit_length() * math.log10(2)) + 1} digits"
-    try:
-        text = repr(v)
-    except ValueError:          # Python refuses str() of integers of over 4300 digits
-        return f"a {type(v).__name__} too long to show"
-    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN - 15]}... ({len(text)} chars)"
 
 
 def is_finite_real(v: numbers.Real) -> bool:

@@ -28,7 +28,8 @@ from .decompose import Decomposition, SVDFactors, decompose_model
 from .experts import (Expert, ExpertBank, Fingerprint, check_unique_names, expert_targets,
                       load_expert)
 from .layers import FusedSVF, RowSlots, SVFLinear, link_groups, row_block
-from .mixtures import MixtureBounds, MixtureError, shown
+from .messages import shown
+from .mixtures import MixtureBounds, MixtureError
 from .targets import layer_index, resolve_targets, target_modules
 
 MERGE_CACHE_SIZE = 4

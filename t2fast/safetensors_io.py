@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save as serialize
 
-from .mixtures import shown
+from .messages import shown
 
 MAX_HEADER_BYTES = 16 << 20     # the JSON header of any t2fast file (tens of KB in practice)
 

@@ -91,6 +91,7 @@ MIXTURES = [
     ({"a": "0.5"}, TypeError, r"alpha\['a'\] must be a number, got '0.5'"),
     ({"a": float("nan")}, ValueError, r"alpha\['a'\] must be finite, got nan"),
     ({"a": 1e30}, ValueError, r"alpha\['a'\] = 1e\+30 is outside the bound \|α\| ≤ 4"),
+    ({"a": 10 ** 400}, ValueError, r"alpha\['a'\] must be finite, got an integer of about 401"),
     ({"a": 4, "b": 4, "base": 1}, ValueError, r"Σ\|α\| = 9 is outside the bound Σ\|α\| ≤ 8"),
     ({}, ValueError, r"all zero"),
     ([0.0, 0.0], ValueError, r"all zero"),

@@ -1,5 +1,6 @@
 """t2fast.mixtures: the one mixture language (forms, bounds, errors), expert names, z range."""
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -90,10 +91,49 @@ def test_bounds_argument_type():
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_abs=0), dict(max_l1=math.inf),
-                                    dict(max_abs=True), dict(max_l1="8")])
+                                    dict(max_abs=True), dict(max_l1="8"), dict(max_abs=10 ** 400)])
 def test_bounds_are_checked(kwargs):
     with pytest.raises(ValueError, match="MixtureBounds"):
         MixtureBounds(**kwargs)
+
+
+@pytest.mark.parametrize("weight, shown", [
+    (10 ** 400, r"an integer of about 401 digits"),
+    (-10 ** 5000, r"an integer of about 5001 digits"),          # beyond Python's str() limit
+    (Fraction(10 ** 400, 3), r"Fraction\(1000\d+\.\.\. \(\d+ chars\)"),
+    (float("inf"), r"inf"),
+], ids=["10**400", "-10**5000", "Fraction", "inf"])
+def test_weights_beyond_float_are_mixture_errors_naming_the_value(weight, shown):
+    for spec, where in (([weight, 0], r"alpha\[0\]"), ({"code": weight}, r"alpha\['code'\]"),
+                        ([[0, weight]], r"alpha\[0\]\[1\]"), ({"math": [weight]}, r"\[0\]")):
+        with pytest.raises(MixtureError, match=rf"{where} must be finite, got {shown}$") as info:
+            parse_mixture(spec, NAMES, num_layers=1)
+        assert not isinstance(info.value, OverflowError)
+
+
+@pytest.mark.parametrize("weights", [
+    [np.float32(0.1), np.float32(0.7)], [np.float16(0.5), np.int8(1)], np.array([0.1, 0.7]),
+    [torch.tensor(0.1), torch.tensor(0.7, dtype=torch.float64)], [np.array(0.1), 0.7],
+])
+def test_numpy_and_tensor_scalars_read_like_python_numbers(weights):
+    expected = parse_mixture([float(w) for w in weights], NAMES)
+    assert torch.equal(parse_mixture(weights, NAMES), expected)
+    as_dict = dict(zip(NAMES, weights))
+    assert torch.equal(parse_mixture(as_dict, NAMES), expected)
+    assert torch.equal(parse_mixture([list(weights)] * 2, NAMES, num_layers=2),
+                       expected.expand(2, 3))
+    with pytest.raises(MixtureTypeError, match=r"alpha\[0\] must be a number, got True"):
+        parse_mixture([np.bool_(True), 0.5], NAMES)
+
+
+@pytest.mark.parametrize("spec", [
+    {"x" * 10 ** 6: 1}, {"math": "y" * 10 ** 6}, ["z" * 10 ** 6, 1], "w" * 10 ** 6,
+    3.5 + 10 ** 6 * 1j, {"math": [1] * 10 ** 5},
+], ids=["name", "string weight", "string in list", "long name", "complex", "long list"])
+def test_messages_stay_short_whatever_the_input(spec):
+    with pytest.raises(MixtureError) as info:
+        parse_mixture(spec, NAMES, num_layers=2)
+    assert len(str(info.value)) < 400, str(info.value)[:500]
 
 
 @pytest.mark.parametrize("name", ["math", "arith-v2", "a.b_c", "0x"])
