@@ -13,6 +13,6 @@ def shown(v) -> str:
         return f"an integer of about {int(v.bit_length() * math.log10(2)) + 1} digits"
     try:
         text = repr(v)
-    except ValueError:          # Python refuses str() of integers of over 4300 digits
-        return f"a {type(v).__name__} too long to show"
+    except (ValueError, RecursionError):   # str() of an int of over 4300 digits; deep nesting
+        return f"a {type(v).__name__} too long or too deep to show"
     return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN - 15]}... ({len(text)} chars)"
