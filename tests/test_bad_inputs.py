@@ -143,6 +143,9 @@ def test_wrong_batch_rows_and_trainable_z(world):
     _case(world, lambda h, f: h.set_trainable_z({n: torch.ones(2) for n in h.modules}),
           ValueError, r"set_trainable_z: z for .* has shape \(2,\), expected")
     _case(world, lambda h, f: h.set_mixture(rows=[]), ValueError, r"empty list of rows")
+    partial = {n: torch.ones(layer.rank) for n, layer in list(world["handle"].modules.items())[:-1]}
+    _case(world, lambda h, f: h.set_trainable_z(partial), ValueError,
+          r"set_trainable_z: no z given for target model\.layers\.1\.mlp\.down_proj")
 
 
 def test_ops_reject_bad_arguments(world):
