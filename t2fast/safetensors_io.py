@@ -201,8 +201,14 @@ def read_file(path, kind: str, fmt: str, versions: tuple[str, ...], *,
             raise T2FileError(f"{where} changed while it was read")
     tensors = {}
     for name, info in infos.items():
-        t = (torch.frombuffer(data[info.start:info.stop], dtype=info.dtype)
-             if info.stop > info.start else torch.empty(0, dtype=info.dtype))
+        size = info.dtype.itemsize
+        if info.stop == info.start:
+            t = torch.empty(0, dtype=info.dtype)
+        elif info.start % size == 0:            # a view of the one buffer read: no copy
+            t = torch.frombuffer(data, dtype=info.dtype, offset=info.start,
+                                 count=(info.stop - info.start) // size)
+        else:                                   # misaligned for its dtype: an aligned copy
+            t = torch.frombuffer(data[info.start:info.stop], dtype=info.dtype)
         tensors[name] = t.reshape(info.shape)
     return tensors, meta
 

@@ -273,3 +273,16 @@ def test_failed_write_removes_its_temporary_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     _compute_warns(tmp_path / "svd", r"cannot be written \(No space left on device\)")
     assert list((tmp_path / "svd").iterdir()) == []
+
+
+def test_tensors_at_any_offset_are_read_exactly(tmp_path):
+    a, b = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float16), torch.tensor([2.5, -1 / 3])
+    meta = {"format": "f", "format_version": "1"}
+    text = json.dumps({"__metadata__": meta,          # b starts at byte 6: misaligned for float64
+                       "a": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]},
+                       "b": {"dtype": "F64", "shape": [2], "data_offsets": [6, 22]}})
+    path = _raw(tmp_path / "m.safetensors", text,
+                a.numpy().tobytes() + b.double().numpy().tobytes())
+    t, _ = safetensors_io.read_file(path, "x", "f", ("1",), max_bytes=22,
+                                    dtypes=(torch.float16, torch.float64))
+    assert torch.equal(t["a"], a) and torch.equal(t["b"], b.double())
