@@ -196,20 +196,16 @@ def read_file(path, kind: str, fmt: str, versions: tuple[str, ...], *,
         if total > max_bytes:
             raise T2FileError(f"{where} declares {total} bytes of tensor data, more than a "
                               f"{kind} file may hold ({max_bytes})")
-        data = bytearray(total)
-        if f.readinto(data) != total:
-            raise T2FileError(f"{where} changed while it was read")
-    tensors = {}
-    for name, info in infos.items():
-        size = info.dtype.itemsize
-        if info.stop == info.start:
-            t = torch.empty(0, dtype=info.dtype)
-        elif info.start % size == 0:            # a view of the one buffer read: no copy
-            t = torch.frombuffer(data, dtype=info.dtype, offset=info.start,
-                                 count=(info.stop - info.start) // size)
-        else:                                   # misaligned for its dtype: an aligned copy
-            t = torch.frombuffer(data[info.start:info.stop], dtype=info.dtype)
-        tensors[name] = t.reshape(info.shape)
+        # each tensor read straight into its own storage, in file order (the ranges tile
+        # the data section): no second copy, and no tensor keeps the others' bytes alive
+        tensors = {}
+        for name, info in sorted(infos.items(), key=lambda kv: kv[1].start):
+            t = torch.empty(info.shape, dtype=info.dtype)
+            if t.numel() and f.readinto(t.reshape(-1).view(torch.uint8).numpy()) != \
+                    info.stop - info.start:
+                raise T2FileError(f"{where} changed while it was read")
+            tensors[name] = t
+    tensors = {name: tensors[name] for name in infos}       # the header's order
     return tensors, meta
 
 
