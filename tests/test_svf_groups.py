@@ -433,7 +433,7 @@ def _patched_tiny(tmp_path, backend, mix_in_kernel=False):
     f = h.decomposition.factors
     h.add_experts([h.new_expert(n, Expert.random(n, f, scale=0.6, seed=s).z)
                    for n, s in (("a", 1), ("b", 2))])
-    h.set_mixture(["a", "b", {"a": 0.5, "b": 0.5}])
+    h.set_mixture(rows=["a", "b", {"a": 0.5, "b": 0.5}])
     return model, h
 
 
@@ -468,7 +468,7 @@ def test_hf_group_recomputes_after_set_mixture_and_for_a_new_input(tmp_path):
     x = torch.randn(3, 1, 48)
     with torch.no_grad():
         q1 = attn.q_proj(x)
-        h.set_mixture(["b", "a", "a"])
+        h.set_mixture(rows=["b", "a", "a"])
         k_after = attn.k_proj(x)
         for layer in h.modules.values():
             layer.group = None
