@@ -100,7 +100,7 @@ def test_bounds_are_checked(kwargs):
 @pytest.mark.parametrize("weight, shown", [
     (10 ** 400, r"an integer of about 401 digits"),
     (-10 ** 5000, r"an integer of about 5001 digits"),          # beyond Python's str() limit
-    (Fraction(10 ** 400, 3), r"Fraction\(1000\d+\.\.\. \(\d+ chars\)"),
+    (Fraction(10 ** 400, 3), r"Fraction\(1000\d+\.\.\. \(\d+ more characters\)"),
     (float("inf"), r"inf"),
 ], ids=["10**400", "-10**5000", "Fraction", "inf"])
 def test_weights_beyond_float_are_mixture_errors_naming_the_value(weight, shown):

@@ -25,7 +25,8 @@ from t2fast.serve.config import ServeConfig  # noqa: E402
 from t2fast.serve.experts import ServedExperts  # noqa: E402
 from t2fast.serve.middleware import STATE_ATTR, T2Server  # noqa: E402
 from t2fast.serve.plugin import T2EndpointPlugin  # noqa: E402
-from t2fast.vllm.requests import FrontEnd, cap_text, shown  # noqa: E402
+from t2fast.messages import cap_text, shown  # noqa: E402
+from t2fast.vllm.requests import FrontEnd  # noqa: E402
 
 from test_serve_experts import FakeEngine  # noqa: E402
 

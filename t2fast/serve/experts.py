@@ -21,7 +21,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 from ..mixtures import BASE, MixtureError, check_expert_name
-from ..vllm.requests import shown
+from ..messages import shown
 from .translate import T2HTTPError
 
 #: How long an unload waits for the requests that use the expert to finish.

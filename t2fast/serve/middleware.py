@@ -24,7 +24,8 @@ from __future__ import annotations
 import json
 from http import HTTPStatus
 
-from ..vllm.requests import MAX_MESSAGE_CHARS, cap_text, mixture_key, shown, shown_list
+from ..messages import MAX_MESSAGE_CHARS, cap_text, shown, shown_list
+from ..vllm.requests import mixture_key
 from .adapt import HEADER_ADAPT, HEADER_ADAPT_SKIPPED, HEADER_ALPHA, HEADER_EXPERT, \
     HEADER_MIXTURE
 from .profiles import PREFIX
@@ -301,7 +302,7 @@ def _capping_errors(send):
 
 def cap_error_body(data: bytes, status: int) -> bytes:
     """An error body whose message (``{"error": {"message": ...}}``, or the whole text) is at
-    most :data:`t2fast.vllm.requests.MAX_MESSAGE_CHARS` characters."""
+    most :data:`t2fast.messages.MAX_MESSAGE_CHARS` characters."""
     if len(data) <= MAX_MESSAGE_CHARS:
         return data
     text = data.decode("utf-8", "replace")

@@ -22,7 +22,7 @@ from http import HTTPStatus
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ..vllm.requests import shown, shown_list
+from ..messages import shown, shown_list
 from .middleware import STATE_ATTR, T2RequestMiddleware, T2Server
 from .translate import T2HTTPError, body_too_deep
 

@@ -30,7 +30,7 @@ import json
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from ..vllm.requests import cap_text, shown
+from ..messages import cap_text, shown
 
 XARGS = "vllm_xargs"
 SPEC_KEYS = {"t2": None, "t2_expert": "expert", "t2_alpha": "alpha"}

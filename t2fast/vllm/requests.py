@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ..messages import cap_text, shown, shown_list
 from ..mixtures import BASE, MAX_NAME_LENGTH, MixtureBounds, MixtureError, check_expert_name, \
     normal_form, parse_mixture
 from .config import REQUEST_KEY, T2Config, config_from_vllm, is_t2_model_config, \
@@ -41,10 +42,6 @@ NORMAL_FORM_VERSION = 1
 _SPEC_KEYS = ("expert", "alpha")
 #: The deepest an α nests: ``{"math": [per-layer weights]}`` or ``[[per-layer row], ...]``.
 MAX_ALPHA_DEPTH = 2
-#: Error texts quote a client's value in at most this many characters ...
-MAX_SHOWN_CHARS = 60
-#: ... and are at most this long: errors never echo unbounded input.
-MAX_MESSAGE_CHARS = 300
 
 try:  # a vLLM validation error maps to HTTP 400 in the OpenAI server
     from vllm.exceptions import VLLMValidationError as _ValidationBase
@@ -60,38 +57,13 @@ class T2RequestError(_ValidationBase, ValueError):
     """A request's ``extra_args["t2"]`` is invalid (unknown expert, bad α ...).
 
     ``detail`` is the problem alone (the HTTP server prefixes the key the client used); both
-    texts are capped at :data:`MAX_MESSAGE_CHARS`.
+    texts are capped at :data:`t2fast.messages.MAX_MESSAGE_CHARS`.
     """
 
     def __init__(self, message: str):
         self.detail = cap_text(message)
         super().__init__(cap_text(f"extra_args['{REQUEST_KEY}']: {message}"),
                          parameter="extra_args")
-
-
-def cap_text(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """``text`` cut to ``limit`` characters, saying how much was left out."""
-    if len(text) <= limit:
-        return text
-    tail = f"... ({len(text) - limit} more characters)"
-    return text[:max(limit - len(tail), 0)] + tail
-
-
-def shown(value) -> str:
-    """A client's value for an error text: its ``repr``, at most :data:`MAX_SHOWN_CHARS`
-    characters (containers are not walked: a deeply nested value cannot overflow the stack)."""
-    if isinstance(value, (dict, list, tuple)):
-        text = f"{type(value).__name__} of {len(value)} item(s)"
-    else:
-        text = repr(value)
-    return cap_text(text, MAX_SHOWN_CHARS)
-
-
-def shown_list(values, limit: int = 3) -> str:
-    """The first ``limit`` of ``values`` (each :func:`shown`) and how many more there are."""
-    values = list(values)
-    more = f" and {len(values) - limit} more" if len(values) > limit else ""
-    return ", ".join(shown(v) for v in values[:limit]) + more
 
 
 def _check_name_length(names, what: str) -> None:
