@@ -219,6 +219,11 @@ SVF_FLAGS = {
                                               help="bound on each |α_k| of a mixture")),
     "max_alpha_l1": ("--max-alpha-l1", dict(type=real(0, lo_open=True),
                                             help="bound on Σ|α_k| of a mixture")),
+    "deterministic": ("--order-dependent", dict(
+        action="store_false", help="order-dependent SVF kernel plans (split-K at decode, the "
+                                   "tuned table's faster backend per token count, mostly "
+                                   "prefill): faster where the table says so, but a request's "
+                                   "answer may then depend on its batch")),
 }
 
 

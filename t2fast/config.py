@@ -62,6 +62,13 @@ class SVFConfig:
             ``Σ|α_k| ≤ max_alpha_l1`` (:class:`t2fast.mixtures.MixtureBounds`).
         mix_in_kernel: mix each row's z from α inside the kernel instead of a per-slot z table.
         keep_dense: keep the original dense weights (see :func:`t2fast.patch_model`).
+        deterministic: batch-invariant kernel plans (the default): a row's output is
+            bit-identical whatever the other rows of its batch and whatever the token count.
+            ``False`` opts in to the order-dependent plans, passed to :mod:`t2fast.ops` as its
+            ``deterministic`` keyword: split-K shrinks with fp32 atomics at decode and, with
+            ``backend="auto"``, the shipped table's backend per token bucket (the composition
+            where it measured faster, mostly prefill); faster where the table says so, but a
+            row's last bits then depend on its batch.
     """
     targets: str | list[str] = "all"
     layers: None | int | tuple[int, int] | list[int] | str = None
@@ -73,13 +80,15 @@ class SVFConfig:
     max_alpha_l1: float = 8.0
     mix_in_kernel: bool = False
     keep_dense: bool = True
+    deterministic: bool = True
 
     def __post_init__(self):
         self._check("targets", normalize_targets)
         self._check("layers", normalize_layers)
         if self.backend not in BACKENDS:
             self._bad("backend", f"backend must be one of {BACKENDS}")
-        for name in ("hybrid", "allow_other_model", "mix_in_kernel", "keep_dense"):
+        for name in ("hybrid", "allow_other_model", "mix_in_kernel", "keep_dense",
+                     "deterministic"):
             if not _flag(getattr(self, name)):
                 self._bad(name, "expected True or False")
         if isinstance(self.cache_dir, (str, os.PathLike)):

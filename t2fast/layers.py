@@ -115,7 +115,8 @@ class SVFLinear(nn.Module):
     """
 
     def __init__(self, name: str, factors: SVDFactors, linear: nn.Linear, layer: int,
-                 rows: RowSlots, backend: str = "auto", mix_in_kernel: bool = False):
+                 rows: RowSlots, backend: str = "auto", mix_in_kernel: bool = False,
+                 deterministic: bool = True):
         super().__init__()
         w = linear.weight
         self.name = name
@@ -125,6 +126,7 @@ class SVFLinear(nn.Module):
         self.rows = rows
         self.backend = backend
         self.mix_in_kernel = mix_in_kernel
+        self.deterministic = deterministic    # t2fast.ops' keyword (SVFConfig.deterministic)
         self.bias = linear.bias
         r = factors.rank
         self.register_buffer("U", factors.U.to(device=w.device, dtype=w.dtype), persistent=False)
@@ -187,10 +189,12 @@ class SVFLinear(nn.Module):
         idx = self.rows.token_index(lead, x.device)
         if self.mix_in_kernel:
             y = ops.svf_matmul_mix(x2, self.U, self.S, self.Vh, self.slot_alpha, self.bank_z, idx,
-                                   backend=self.backend, validate=False)
+                                   backend=self.backend, validate=False,
+                                   deterministic=self.deterministic)
         else:
             y = ops.svf_matmul(x2, self.U, self.S, self.Vh, self.slot_z, idx,
-                               backend=self.backend, validate=False)
+                               backend=self.backend, validate=False,
+                               deterministic=self.deterministic)
         y = y.reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -254,6 +258,7 @@ class SVFGroup:
                 and not (torch.is_grad_enabled() and x.requires_grad)
                 and all(m.train_z is None and (m.merged is None or capturing())
                         and m.backend == first.backend and m.mix_in_kernel == first.mix_in_kernel
+                        and m.deterministic == first.deterministic
                         and m.Vh.untyped_storage().data_ptr()
                         == self.Vh.untyped_storage().data_ptr() for m in self.members))
 
@@ -283,11 +288,12 @@ class SVFGroup:
         if first.mix_in_kernel:      # one α per layer: every member holds the same slot_alpha
             bank = torch.cat([m.bank_z for m in self.members], dim=1)
             y = ops.svf_group_mix(x2, Us, self.S, self.Vh, first.slot_alpha, bank, idx,
-                                  backend=first.backend, validate=False)
+                                  backend=first.backend, validate=False,
+                                  deterministic=first.deterministic)
         else:
             Z = torch.cat([m.slot_z for m in self.members], dim=1)
             y = ops.svf_group(x2, Us, self.S, self.Vh, Z, idx, backend=first.backend,
-                              validate=False)
+                              validate=False, deterministic=first.deterministic)
         return y.reshape(*lead, y.shape[-1])
 
 

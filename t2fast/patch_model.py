@@ -107,7 +107,8 @@ class SVFHandle:
                     self._dense[name] = dense
                     self.modules[name] = SVFLinear(name, decomposition.factors[name], dense,
                                                   layer_index(name) or 0, self.rows,
-                                                  config.backend, config.mix_in_kernel)
+                                                  config.backend, config.mix_in_kernel,
+                                                  config.deterministic)
             swaps[module_name] = self.modules[module_name] if parts is None else FusedSVF(
                 module_name, [self.modules.get(n, dense) for n, dense in blocks.items()])
         originals = dict(self._originals)
@@ -497,7 +498,7 @@ def patch_model(model: nn.Module, experts=(), targets=None, layers=None, *,
             MLP-only expert patches the MLP only; with no experts, ``"all"``.
         config: a :class:`t2fast.config.SVFConfig` (default ``SVFConfig()``): targets, layers,
             ``backend``, ``hybrid``, ``cache_dir``, ``allow_other_model``, the mixture bounds,
-            ``mix_in_kernel`` and ``keep_dense``.
+            ``mix_in_kernel``, ``keep_dense`` and ``deterministic``.
         progress: show the SVD's progress bar (on a terminal).
         mixture_bounds: limits on every mixture's α (sets ``max_alpha_abs`` / ``max_alpha_l1``).
         **settings: :class:`~t2fast.config.SVFConfig` fields, which replace ``config``'s:

@@ -21,7 +21,8 @@ LAYER_FORMS = [None, 2, (1, 3), [1, 3], "second_half"]
 
 SVF_VALUES = dict(targets=["q_proj", "model.layers.*.mlp.*"], layers=(1, 3), backend="torch",
                   hybrid=False, cache_dir="svd", allow_other_model=True, max_alpha_abs=2.0,
-                  max_alpha_l1=3.0, mix_in_kernel=True, keep_dense=False)
+                  max_alpha_l1=3.0, mix_in_kernel=True, keep_dense=False,
+                  deterministic=False)
 #: T2Config's mix_in_kernel and keep_dense are always True (the vLLM layers' way).
 T2_VALUES = dict(SVF_VALUES, experts=["a.safetensors", "b.safetensors"], max_experts=3,
                  hybrid=True, keep_dense=True)
@@ -99,6 +100,7 @@ def test_layer_forms():
     ("layers", (2, 2), "start < stop"),
     ("backend", "cuda", "backend must be one of"),
     ("hybrid", 1, "True or False"),
+    ("deterministic", "no", "True or False"),
     ("cache_dir", 3, "None .* or False"),
     ("max_alpha_l1", 0, r"MixtureBounds\.max_l1"),
 ])
@@ -173,13 +175,18 @@ def test_serve_flags_reach_the_engine_settings(tmp_path):
 
     args, extra = build_parser().parse_known_args(
         ["serve", "tiny", "--layers", "1:3", "--targets", "q_proj,down_proj", "--backend",
-         "torch", "--hybrid", "--svd-cache-dir", str(tmp_path), "--max-alpha-abs", "2"])
+         "torch", "--hybrid", "--svd-cache-dir", str(tmp_path), "--max-alpha-abs", "2",
+         "--order-dependent"])
     out = vllm_arguments(args, extra)
     sent = json.loads(out[out.index("--additional-config") + 1])[CONFIG_KEY]
     cfg = T2Config.from_dict(sent)
     assert sent["layers"] == {"start": 1, "stop": 3} and cfg.layers == (1, 3)
     assert cfg == T2Config(targets=["q_proj", "down_proj"], layers=(1, 3), backend="torch",
-                           hybrid=True, cache_dir=str(tmp_path), max_alpha_abs=2.0)
+                           hybrid=True, cache_dir=str(tmp_path), max_alpha_abs=2.0,
+                           deterministic=False)
+    default = vllm_arguments(*build_parser().parse_known_args(["serve", "tiny"]))
+    assert json.loads(default[default.index("--additional-config") + 1])[CONFIG_KEY][
+        "deterministic"] is True
 
 
 def test_backends_defined_once():

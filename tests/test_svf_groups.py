@@ -292,12 +292,13 @@ def test_only_t2fast_ops_calls_the_custom_ops():
     assert offenders == []
 
 
-def _vllm_layer(parts_spec, n, backend, gen, slots=4, experts=2):
+def _vllm_layer(parts_spec, n, backend, gen, slots=4, experts=2, **settings):
     """An SVFLinearMethod with its layer buffers, built as process_weights_after_loading does
-    (without vLLM's model)."""
+    (without vLLM's model); ``settings``: T2Config fields."""
+    from t2fast.vllm.config import T2Config
     from t2fast.vllm.layers import SVFLinearMethod, SVFPart
 
-    runtime = SimpleNamespace(max_experts=experts, config=SimpleNamespace(backend=backend))
+    runtime = SimpleNamespace(max_experts=experts, config=T2Config(backend=backend, **settings))
     parts = [SVFPart(f"model.layers.0.p{i}", i, target) for i, (_, target) in
              enumerate(parts_spec)]
     method = SVFLinearMethod(SimpleNamespace(), runtime, "model.layers.0.x", parts, 0, False)
@@ -422,14 +423,14 @@ TINY = dict(hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_atten
             num_key_value_heads=2)
 
 
-def _patched_tiny(tmp_path, backend, mix_in_kernel=False):
+def _patched_tiny(tmp_path, backend, mix_in_kernel=False, **settings):
     import t2fast
     from t2fast.experts import Expert
     from t2fast.models import random_tiny_llama
 
     model = random_tiny_llama(seed=0, **TINY).eval()
     h = t2fast.patch_model(model, cache_dir=tmp_path / "svd", progress=False, backend=backend,
-                           mix_in_kernel=mix_in_kernel)
+                           mix_in_kernel=mix_in_kernel, **settings)
     f = h.decomposition.factors
     h.add_experts([h.new_expert(n, Expert.random(n, f, scale=0.6, seed=s).z)
                    for n, s in (("a", 1), ("b", 2))])
@@ -508,3 +509,46 @@ def test_one_hf_layer_decode_is_eight_launches_and_two_concats(tmp_path, monkeyp
     assert [name for name, _ in calls] == ["shrink", "expand"] * 4
     assert seen.count("svf_group") == 2 and seen.count("svf_matmul") == 2
     assert seen.count("cat") == 2
+
+
+def _spy_deterministic(monkeypatch) -> dict:
+    """Record the ``deterministic`` keyword of every call into the SVF ops (name → values)."""
+    seen = {}
+    for name in ("svf_matmul", "svf_matmul_mix", "svf_group", "svf_group_mix"):
+        def spy(*a, _name=name, _real=getattr(ops, name), **k):
+            seen.setdefault(_name, []).append(k["deterministic"])
+            return _real(*a, **k)
+        monkeypatch.setattr(ops, name, spy)
+    return seen
+
+
+SETTING = pytest.mark.parametrize("settings, want", [({}, True), ({"deterministic": False}, False)],
+                                  ids=["default", "order-dependent"])
+
+
+@SETTING
+@pytest.mark.parametrize("mix_in_kernel", [False, True], ids=["table", "mix"])
+def test_hf_layers_pass_the_deterministic_setting_to_the_ops(tmp_path, monkeypatch, settings,
+                                                             want, mix_in_kernel):
+    """SVFConfig.deterministic (default True) reaches every t2fast.ops call of the Hugging Face
+    layers: the grouped q/k/v and gate/up, and o and down alone."""
+    model, h = _patched_tiny(tmp_path, "torch", mix_in_kernel, **settings)
+    assert h.config.deterministic is want
+    seen = _spy_deterministic(monkeypatch)
+    with torch.no_grad():
+        model(torch.randint(3, 60, (3, 2), generator=torch.Generator().manual_seed(2)))
+    layers = TINY["num_hidden_layers"]
+    suffix = "_mix" if mix_in_kernel else ""
+    assert seen == {f"svf_group{suffix}": [want] * 2 * layers,
+                    f"svf_matmul{suffix}": [want] * 2 * layers}
+
+
+@SETTING
+def test_vllm_layers_pass_the_deterministic_setting_to_the_ops(monkeypatch, settings, want):
+    """T2Config.deterministic (default True) reaches the vLLM layer's t2fast.ops call."""
+    n = 32
+    method, layer, _ = _vllm_layer([((16, n), True), ((8, n), True)], n, "torch",
+                                   torch.Generator().manual_seed(3), **settings)
+    seen = _spy_deterministic(monkeypatch)
+    method._factored(layer, torch.randn(3, n), None)
+    assert seen == {"svf_group_mix": [want]}

@@ -27,7 +27,7 @@ GENERAL_GROUP = "vllm.general_plugins"
 PLUGIN_NAME = "t2fast"
 #: The t2fast settings (:class:`t2fast.vllm.T2Config` fields) ``t2fast serve`` has flags for.
 SERVE_SVF_FIELDS = ("targets", "layers", "backend", "hybrid", "cache_dir", "allow_other_model",
-                    "max_alpha_abs", "max_alpha_l1")
+                    "max_alpha_abs", "max_alpha_l1", "deterministic")
 #: vLLM options that ``t2fast serve`` sets itself.
 OWNED_VLLM_OPTIONS = ("--hf-overrides", "--additional-config", "--worker-extension-cls",
                       "--model")

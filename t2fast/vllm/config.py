@@ -32,7 +32,7 @@ T2_ARCHITECTURES = frozenset(ARCHITECTURES.values())
 class T2Config(SVFConfig):
     """Settings of t2fast's SVF layers inside a vLLM engine: a
     :class:`t2fast.config.SVFConfig` (targets, layers, backend, hybrid, cache_dir,
-    allow_other_model, max_alpha_abs, max_alpha_l1) and the engine's expert bank.
+    allow_other_model, max_alpha_abs, max_alpha_l1, deterministic) and the engine's expert bank.
 
     Attributes:
         experts: expert files loaded at start-up (list of paths, bank order).

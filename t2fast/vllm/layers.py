@@ -17,9 +17,9 @@ vLLM's ``QKVParallelLinear`` (q, k, v), ``MergedColumnParallelLinear`` (gate, up
   ``t2_bank{i}`` are views of those stacks, so nothing is held twice.
 * ``apply``: ``y[t] = U_i (S_i ⊙ z_{slot(t)} ⊙ (Vh_i x[t]))`` for every adapted part at once
   through :func:`t2fast.ops.svf_group_mix` (z mixed from the bank by the slot's α; two kernel
-  launches per layer, whose output is already vLLM's fused layout), with ``backend`` as
-  configured: ``auto`` means what it means in :mod:`t2fast.ops` (the plan's backend), for the
-  Hugging Face and the vLLM layers alike. Parts that are not adapted run their dense rows and
+  launches per layer, whose output is already vLLM's fused layout), with ``backend`` and
+  ``deterministic`` as configured: ``auto`` means what it means in :mod:`t2fast.ops` (the plan's
+  backend), for the Hugging Face and the vLLM layers alike. Parts that are not adapted run their dense rows and
   are concatenated in place. The token → slot map and the α table are persistent buffers shared
   by all layers (:class:`t2fast.vllm.runner.T2Runtime`), updated with ``copy_`` before each
   step, so a compiled graph (and a CUDA graph) sees each step's values.
@@ -109,6 +109,7 @@ class SVFLinearMethod(WrappedMethod):
         self.row_parallel = row_parallel
         self.guard_kv = writes_kv(p.name for p in parts)
         self.backend = runtime.config.backend     # passed to t2fast.ops as configured
+        self.deterministic = runtime.config.deterministic
         self.kernels = None                         # what runs on the layer's device (loaded)
         self._merged_key = None
         self._merged = None
@@ -246,7 +247,7 @@ class SVFLinearMethod(WrappedMethod):
                               layer.t2_group_S, layer.t2_group_Vh,
                               layer.t2_alpha[self.layer_idx], layer.t2_group_bank,
                               layer.t2_token_slot[:x2.shape[0]], backend=self.backend,
-                              validate=False)
+                              validate=False, deterministic=self.deterministic)
         if len(targets) < len(self.parts):
             outs, at = [], 0
             for p in self.parts:

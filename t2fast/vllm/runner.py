@@ -177,7 +177,8 @@ class T2Runtime:
     def info(self) -> dict:
         return {"experts": list(self.names), "targets": list(self.factors),
                 "max_experts": self.max_experts, "num_layers": self.num_layers,
-                "backend": self.config.backend, "hybrid": self.hybrid,
+                "backend": self.config.backend, "deterministic": self.config.deterministic,
+                "hybrid": self.hybrid,
                 "kernels": sorted({m.kernels for m in self.methods.values() if m.kernels}),
                 "stats": dict(self.stats)}
 
