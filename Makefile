@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.t2fast-installed
 
-.PHONY: demo test bench results install clean-venv
+.PHONY: demo test test-triton36 bench results install clean-venv
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
 
+# The kernel tests and the sm_90 compile gate again under Triton 3.6 (the GPU machine's), in
+# .venv36 layered on .venv (scripts/test_triton36.sh; --registers adds the register table).
+test-triton36: $(STAMP)
+	scripts/test_triton36.sh
+
 bench: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest bench/ --benchmark-only -q
 
@@ -36,4 +41,4 @@ results: $(STAMP)
 	$(BIN)/python scripts/make_results.py $(RESULTS_FLAGS)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv36

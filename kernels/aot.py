@@ -3,22 +3,24 @@
 ``compile_shrink``, ``compile_expand`` (the grouped expand, any number of slices: one binary)
 and ``compile_merge`` (the scaled matmul of the merge) build a kernel config with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` and the specializations a
-real launch gets (16-byte-aligned pointers, unit strides as constants, 16-divisible sizes), and
-``ptxas -v`` reports registers and spills. The CPU test gates (tensor-core instructions in the PTX, no spills, shared memory within
-the SM's limit) use it through :func:`compile_reports`, which runs the compiler in a child
+real launch gets (16-byte-aligned pointers, unit strides as constants, 16-divisible sizes),
+down to the cubin; registers and spills come from the ``ptxas -v`` log of that compile, so they
+are those of the ptxas and the flags the installed Triton uses for sm_90 (they differ between
+Triton versions: 3.6 runs CUDA 12.8's ``ptxas``, 3.9 CUDA 13's ``ptxas-blackwell``). The CPU
+test gates (tensor-core instructions in the PTX, no spills, shared memory within the SM's
+limit) use it through :func:`compile_reports`, which runs the compiler in a child
 process when this one has Triton's interpreter on (interpreted kernels cannot be compiled).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import triton
@@ -79,41 +81,44 @@ def _signature(kernel, pointers: dict, constants: dict, divisible: set):
     return sig, attrs
 
 
-def ptxas_path() -> str | None:
-    """A ptxas that accepts the PTX this Triton emits (Triton ships one, newer ones too)."""
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    for name in ("ptxas-blackwell", "ptxas"):
-        p = bin_dir / name
-        if p.exists():
-            return str(p)
-    return shutil.which("ptxas")
+def ptxas() -> tuple[str, str] | None:
+    """(path, CUDA release) of the ptxas this Triton runs for sm_90 (Triton 3.6 its ``ptxas``,
+    3.9 its ``ptxas-blackwell``), or None when it ships none."""
+    from triton.backends.nvidia.compiler import get_ptxas  # the one Triton-internal name used
+    try:
+        tool = get_ptxas(H100.arch)
+    except RuntimeError:
+        return None
+    return tool.path, tool.version
 
 
-def _ptxas_report(ptx: str, arch: str) -> tuple[int | None, int | None]:
-    exe = ptxas_path()
-    if exe is None:
-        return None, None
-    with tempfile.TemporaryDirectory() as d:
-        src = Path(d) / "k.ptx"
-        src.write_text(ptx)
-        res = subprocess.run([exe, "-v", "--gpu-name", arch, str(src), "-o", str(Path(d) / "k.o")],
-                             capture_output=True, text=True)
-    if res.returncode != 0:
-        return None, None
-    text = res.stdout + res.stderr
-    regs = re.search(r"Used (\d+) registers", text)
-    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
-    return (int(regs.group(1)) if regs else None), sum(spills)
+@contextmanager
+def _env(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 
 
 def _compile(kernel, sig, attrs, constants, tile: TileConfig, target: GPUTarget):
+    """Compile through Triton down to the cubin, bypassing its cache, and read registers and
+    spills from the ``ptxas -v`` log of that very compile (Triton's ptxas, Triton's flags)."""
     src = ASTSource(fn=kernel, signature=sig, constexprs=constants, attrs=attrs)
-    c = triton.compile(src, target=target,
-                       options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
-    ptx = c.asm["ptx"]
-    arch = re.search(r"\.target\s+(\S+)", ptx).group(1)
-    regs, spills = _ptxas_report(ptx, arch)
-    return CompiledKernel(kernel.__name__, ptx, int(c.metadata.shared), regs, spills)
+    log = io.StringIO()
+    with _env(TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1"), redirect_stdout(log):
+        c = triton.compile(src, target=target,
+                           options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
+    text = log.getvalue()
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
+    return CompiledKernel(kernel.__name__, c.asm["ptx"], int(c.metadata.shared),
+                          int(regs.group(1)) if regs else None, sum(spills) if regs else None)
 
 
 def compile_shrink(tile: TileConfig, dtype: str = "bf16", mix: bool = False, h_dtype: str = "",

@@ -21,7 +21,7 @@ from t2fast.kernels import aot, configs
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from shapes import group_dims, groups  # noqa: E402
 
-pytestmark = pytest.mark.skipif(aot.ptxas_path() is None, reason="Triton ships no ptxas here")
+pytestmark = pytest.mark.skipif(aot.ptxas() is None, reason="Triton ships no ptxas here")
 
 SMS = 132
 
@@ -76,7 +76,9 @@ def reports():
 def _label(i):
     s = SPECS[i]
     t = s["tile"]
-    return (f"{s['op']}-{s['dtype']}{'-mix' if s['mix'] else ''}{'-i64' if s['offset_64'] else ''}"
+    h = f"-h{s['h_dtype']}" if s["h_dtype"] not in ("", s["dtype"]) else ""
+    return (f"{s['op']}-{s['dtype']}{h}{'-mix' if s['mix'] else ''}"
+            f"{'-i64' if s['offset_64'] else ''}"
             f"-m{t['block_m']}n{t['block_n']}k{t['block_k']}s{t['split_k']}w{t['num_warps']}"
             f"p{t['num_stages']}")
 
