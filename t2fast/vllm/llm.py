@@ -51,8 +51,9 @@ def engine_args(model: str, experts=(), targets=None, layers=None, *,
 
     ``config`` is a :class:`T2Config` (default ``T2Config()``); ``experts``, ``targets``,
     ``layers``, ``mixture_bounds`` and every keyword argument named like a :class:`T2Config`
-    field (``backend``, ``max_experts``, ``hybrid``, ``cache_dir``, ``allow_other_model``,
-    ``max_alpha_abs`` ...) replace its settings; the other keyword arguments go to vLLM.
+    field (``backend``, ``max_experts``, ``hybrid``, ``deterministic``, ``cache_dir``,
+    ``allow_other_model``, ``max_alpha_abs`` ...) replace its settings; the other keyword
+    arguments go to vLLM.
     ``experts`` must be file paths here (they travel in ``additional_config``); the bank holds
     at least all of them, whatever ``max_experts`` says.
     """
@@ -97,6 +98,8 @@ class LLM:
         max_experts: bank capacity (default 8, at least ``len(experts)``).
         hybrid: in eager mode, dense weights for single-mixture steps (off by default:
             a request's greedy answer may then depend on its batch).
+        deterministic: batch-invariant SVF kernel plans (default True); False opts in to
+            the order-dependent ones (:class:`t2fast.config.SVFConfig`).
         cache_dir: SVD cache folder; ``False`` disables it.
         mixture_bounds: :class:`t2fast.mixtures.MixtureBounds` for every request's α.
         config: a :class:`T2Config` whose settings the arguments above replace
