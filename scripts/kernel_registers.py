@@ -37,7 +37,7 @@ def main() -> None:
     runs = [dict(head, kernels=rows)]
     if args.compare:
         runs.insert(0, json.loads(Path(args.compare).read_text()))
-    print(" | ".join(f"Triton {r['triton']} (ptxas {r['ptxas']})" for r in runs) + ", sm_90\n")
+    print(" vs ".join(f"Triton {r['triton']} (ptxas {r['ptxas']})" for r in runs) + ", sm_90\n")
     cols = [f"{what} {r['triton']}" for r in runs for what in ("registers", "spill bytes")]
     print("| kernel | " + " | ".join(cols) + " | shared bytes |")
     print("|---" * (len(cols) + 2) + "|")
