@@ -7,10 +7,14 @@ evaluated with greedy decoding on the test splits:
 
 1. training families: base vs SVF (RL) vs the baselines (SVF trained with SFT, LoRA trained with
    RL and with SFT);
-2. held-out families: base, the parent family's expert, uniform α, prompt dispatch (A), the
-   classification expert (B), few-shot CEM (C), one row per seed (seed s searches with its own
-   seed on few-shot set s, as ``t2fast adapt --strategy cem --seed s`` does);
-3. classification (pass 1) on the classify test split.
+2. unseen families (held out, and the transfer families when the base model was pre-trained on
+   them): base, the parent family's expert, uniform α, prompt dispatch (A), the classification
+   expert (B), few-shot CEM (C) and its ablations (:data:`CEM_VARIANTS`), one row per seed (seed
+   s searches with its own seed on few-shot set s, as ``t2fast adapt --strategy cem --seed s``
+   does);
+3. classification (pass 1) on the classify test split;
+4. truncated experts: each training family's expert with only the top-k directions of
+   σ ⊙ (z − 1) per matrix kept (``scripts/expert_truncation.py``), k = r/2 ... r/16.
 
 ``results.json`` keeps every measurement, including which test questions each system answered
 correctly, so that every comparison is paired and tested with the exact McNemar test;
@@ -42,14 +46,16 @@ for p in (ROOT, ROOT / "scripts"):
         sys.path.insert(0, str(p))
 
 import t2fast  # noqa: E402
+from expert_truncation import DIVISORS, correction_bytes_ratio, truncate  # noqa: E402
 from log_tables import read_log  # noqa: E402
 from results_render import render  # noqa: E402
 from t2fast.adapt import (CEMConfig, ClassifierDispatch, FixedMixture, PromptDispatch,  # noqa: E402
                           TwoPassEngine, fewshot_cem, fewshot_examples, uniform_alpha)
 from t2fast.experts import load_expert  # noqa: E402
 from t2fast.models import load_tiny  # noqa: E402
+from t2fast.models import tiny_model_path  # noqa: E402
 from t2fast.tasks import (CLASSIFY, HELDOUT_FAMILIES, OTHER, PARENT_FAMILY,  # noqa: E402
-                          TRAIN_FAMILIES, get_task)
+                          TRAIN_FAMILIES, TRANSFER_FAMILIES, get_task)
 from t2fast.train import evaluate, max_new_tokens_for  # noqa: E402
 from t2fast.train.evaluate import EvalResult, score_generations  # noqa: E402
 
@@ -67,6 +73,18 @@ SFT = ["--objective", "sft", "--steps", "200", "--batch-size", "32", "--lr", "5e
 #: still improving (experts/README.md).
 LORA = ["--method", "lora", "--lora-rank", "1", "--lora-alpha", "2"]
 LORA_RL = [*(("1e-3" if prev == "--lr" else a) for prev, a in zip([""] + RL, RL)), *LORA]
+#: Few-shot CEM settings measured on every unseen family besides the default ``cem`` (CEMConfig's
+#: defaults with ``--shots`` shots): the search as it was (greedy accuracy on 5 shots, absolute
+#: α from uniform 1/K, best member always kept), then one change at a time towards the default
+#: (likelihood objective, 20 shots, residual α; the default adds keeping the base model).
+CEM_VARIANTS: dict[str, dict] = {
+    "cem_acc5": {"shots": 5, "objective": "accuracy", "space": "absolute", "keep_base": False},
+    "cem_ll5": {"shots": 5, "objective": "likelihood", "space": "absolute", "keep_base": False},
+    "cem_ll20": {"shots": 20, "objective": "likelihood", "space": "absolute",
+                 "keep_base": False},
+    "cem_res20": {"shots": 20, "objective": "likelihood", "space": "residual",
+                  "keep_base": False},
+}
 #: Output (relative to the repository) → ``t2fast train`` arguments, in training order.
 RECIPES: dict[str, list[str]] = {}
 for _f in TRAIN_FAMILIES:
@@ -84,7 +102,9 @@ def parse_args(argv=None):
     p.add_argument("--experts", type=Path, default=ROOT / "experts")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--n", type=int, default=500, help="test examples per task")
-    p.add_argument("--shots", type=int, default=5, help="few-shot examples for CEM")
+    p.add_argument("--shots", type=int, default=20, help="few-shot examples for CEM")
+    p.add_argument("--no-cem-variants", action="store_true",
+                   help="measure only the default CEM, not CEM_VARIANTS")
     p.add_argument("--cem-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--cem-iterations", type=int, default=20)
     p.add_argument("--cem-population", type=int, default=16)
@@ -211,19 +231,45 @@ def classification_results(w: World) -> dict:
     return out
 
 
+def unseen_families() -> list[str]:
+    """The held-out families, then the transfer families if the bundled base model was
+    pre-trained on them (its training report's mixture names them)."""
+    report = json.loads((tiny_model_path() / "training_report.json").read_text())
+    return [*HELDOUT_FAMILIES, *(f for f in TRANSFER_FAMILIES if f in report["mixture"])]
+
+
+def cem_runs(w: World, eng, run, handle, tok, task, shots: int, **settings) -> list[dict]:
+    """One few-shot CEM per seed in ``--cem-seeds`` (seed s: its own search on shot set s),
+    each evaluated on the test questions by ``run``."""
+    a = w.args
+    runs = []
+    for seed in a.cem_seeds:
+        cfg = CEMConfig(population=a.cem_population, iterations=a.cem_iterations, seed=seed,
+                        **settings)
+        res = fewshot_cem(handle, tok, task, fewshot_examples(task, shots, seed), cfg)
+        runs.append({"seed": seed, **run(eng, FixedMixture(res.spec, "cem")),
+                     "alpha": res.alpha.tolist(), "space": cfg.space,
+                     "fewshot_accuracy": res.fewshot_accuracy,
+                     "base_fewshot_accuracy": res.base and res.base["accuracy"],
+                     "kept_base": res.kept_base, "shots": shots, "cem_s": res.wall_s,
+                     "evaluations": res.evaluations})
+    return runs
+
+
 def heldout_results(w: World) -> dict:
     a = w.args
     families = list(TRAIN_FAMILIES)
     handle, tok = w.patched(w.expert_paths.values())
     handle_c, tok_c = w.patched([*w.expert_paths.values(), w.classifier_path])
     out = {}
-    for h in HELDOUT_FAMILIES:
+    for h in unseen_families():
         task, exs = get_task(h), w.examples(h)
         prompts = [e.prompt for e in exs]
         mnt = max_new_tokens_for(h)
         eng = TwoPassEngine(handle, tok, max_new_tokens=mnt, batch_size=a.batch_size)
         eng_c = TwoPassEngine(handle_c, tok_c, max_new_tokens=mnt, batch_size=a.batch_size)
-        rec: dict = {"parent": PARENT_FAMILY[h]}
+        rec: dict = {"parent": PARENT_FAMILY[h],
+                     "kind": "transfer" if h in TRANSFER_FAMILIES else "held out"}
 
         def run(engine, strategy) -> dict:
             r = engine.run(prompts, strategy)
@@ -238,17 +284,35 @@ def heldout_results(w: World) -> dict:
         rec["uniform"] = run(eng, FixedMixture(uniform_alpha(len(families)), "uniform"))
         rec["prompt"] = run(eng, PromptDispatch(handle, tok, families))
         rec["classifier"] = run(eng_c, ClassifierDispatch(handle_c, tok_c, CLASSIFY, families))
-        for per_layer in ([False, True] if a.per_layer else [False]):
-            runs = []
-            for seed in a.cem_seeds:
-                cfg = CEMConfig(population=a.cem_population, iterations=a.cem_iterations,
-                                seed=seed, per_layer=per_layer)
-                res = fewshot_cem(handle, tok, task, fewshot_examples(task, a.shots, seed), cfg)
-                runs.append({"seed": seed, **run(eng, FixedMixture(res.alpha, "cem")),
-                             "alpha": res.alpha.tolist(), "fewshot_accuracy": res.score,
-                             "cem_s": res.wall_s, "evaluations": res.evaluations})
-            rec["cem_per_layer" if per_layer else "cem"] = runs
+        rec["cem"] = cem_runs(w, eng, run, handle, tok, task, a.shots)
+        if a.per_layer:
+            rec["cem_per_layer"] = cem_runs(w, eng, run, handle, tok, task, a.shots,
+                                            per_layer=True)
+        if not a.no_cem_variants:
+            for key, v in CEM_VARIANTS.items():
+                rec[key] = cem_runs(w, eng, run, handle, tok, task, v["shots"],
+                                    **{k: x for k, x in v.items() if k != "shots"})
         out[h] = rec
+    return out
+
+
+def truncation_results(w: World) -> dict:
+    """Each training family's expert and its truncations (k = r / d for d in DIVISORS) on the
+    family's test questions."""
+    handle, tok = w.patched(w.expert_paths.values())
+    factors = handle.decomposition.factors
+    full = {e.name: e for e in handle.bank.experts}
+    handle.add_experts([truncate(full[f], factors, d) for f in TRAIN_FAMILIES for d in DIVISORS])
+    out: dict = {"divisors": list(DIVISORS),
+                 "bytes_ratio": {str(d): correction_bytes_ratio(factors, d) for d in DIVISORS},
+                 "families": {}}
+    for f in TRAIN_FAMILIES:
+        row = {}
+        for d in DIVISORS:
+            handle.set_mixture(f"{f}_r{d}")
+            row[str(d)] = record(w.eval_model(handle.model, tok, f))
+        out["families"][f] = row
+    handle.set_mixture(None)
     return out
 
 
@@ -323,6 +387,7 @@ def main(argv=None) -> int:
         del words[i:i + 2]
     flags = " ".join(a for a in words if a != "--train")
     results = {"args": {"n": args.n, "shots": args.shots, "cem_seeds": args.cem_seeds,
+                        "cem_variants": {} if args.no_cem_variants else CEM_VARIANTS,
                         "cem_iterations": args.cem_iterations,
                         "cem_population": args.cem_population, "per_layer": args.per_layer,
                         "command_flags": (" " + flags) if flags else ""},
@@ -334,8 +399,10 @@ def main(argv=None) -> int:
         train_family_results(w)
     print("classification ...", flush=True)
     results["classification"] = classification_results(w)
-    print("held-out families ...", flush=True)
+    print("unseen families ...", flush=True)
     results["heldout"] = heldout_results(w)
+    print("truncated experts ...", flush=True)
+    results["truncated"] = truncation_results(w)
     results["experts"], results["checkpoints"] = expert_info(w)
     results["wall_s"] = time.perf_counter() - t0
     write(results, args.out)

@@ -25,6 +25,14 @@ BAND = (0.30, 0.60)
 HELDOUT_MIN = 0.10
 HELDOUT_ROWS = (("base", "base"), ("parent_expert", "parent expert"), ("uniform", "uniform α"),
                 ("prompt", "prompt dispatch (A)"), ("classifier", "classification expert (B)"))
+#: Share of an unseen family's questions pass 1 should route to its parent family.
+ROUTING_MIN = 0.80
+#: The CEM runs of an unseen family's record: key -> label (the default first).
+CEM_LABELS = {"cem": "CEM", "cem_per_layer": "per-layer CEM",
+              "cem_acc5": "CEM (accuracy, 5 shots, absolute)",
+              "cem_ll5": "CEM (likelihood, 5 shots, absolute)",
+              "cem_ll20": "CEM (likelihood, 20 shots, absolute)",
+              "cem_res20": "CEM (likelihood, 20 shots, residual)"}
 
 
 def fmt(rec: dict | None) -> str:
@@ -69,15 +77,28 @@ def comparisons(results: dict) -> list[dict]:
             out.append(compare(h, name, r[key], "base", r["base"]))
         for key in ("prompt", "classifier"):
             out.append(compare(h, names[key], r[key], names["uniform"], r["uniform"]))
-        for key, label in (("cem", "CEM"), ("cem_per_layer", "per-layer CEM")):
+        out.append(compare(h, names["classifier"], r["classifier"], names["prompt"],
+                           r["prompt"]))
+        for key, label in CEM_LABELS.items():
+            # the default CEM against every other strategy; its ablations against base
+            others = ["base"] if key.startswith("cem_") else ["base", "uniform", "prompt",
+                                                                  "classifier"]
             for run in r.get(key, []):
                 name = f"{label} seed {run['seed']}"
-                for other, oname in (("base", "base"), ("uniform", "uniform α"),
-                                     ("prompt", "prompt dispatch (A)")):
-                    out.append(compare(h, name, run, oname, r[other]))
+                for other in others:
+                    out.append(compare(h, name, run, names[other], r[other]))
     c = results["classification"]
     out.append(compare("classify (pass 1)", "classification expert (B)", c["classifier"],
                        "prompt (A)", c["prompt"]))
+    tr = results.get("truncated")
+    if tr:
+        labels = results["column_labels"]
+        for f, row in tr["families"].items():
+            full = results["train_families"][f]
+            for d in tr["divisors"]:
+                name = f"truncated k = r/{d}"
+                out.append(compare(f, name, row[str(d)], labels["svf_rl"], full["svf_rl"]))
+                out.append(compare(f, name, row[str(d)], "base", full["base"]))
     return out
 
 
@@ -104,42 +125,78 @@ def train_table(results: dict) -> list[str]:
     return L
 
 
+def alpha_text(al: list) -> str:
+    """α of a CEM run: K weights, or the layer mean of a per-layer α."""
+    if not isinstance(al[0], list):
+        return ", ".join(f"{v:+.2f}" for v in al)
+    return f"{len(al)}×{len(al[0])} (layer mean: " + ", ".join(
+        f"{sum(row[k] for row in al) / len(al):+.2f}" for k in range(len(al[0]))) + ")"
+
+
+def routed(rec: dict, parent: str) -> float:
+    """Share of the questions pass 1 sent to ``parent``."""
+    return rec["picked"].get(parent, 0) / rec["n"]
+
+
 def heldout_tables(results: dict) -> list[str]:
     ho = results["heldout"]
-    L = ["| family | " + " | ".join(n for _, n in HELDOUT_ROWS) + " |",
-         "|---|" + "---|" * len(HELDOUT_ROWS)]
+    a = results["args"]
+    L = ["| family | kind | " + " | ".join(n for _, n in HELDOUT_ROWS) + " |",
+         "|---|---|" + "---|" * len(HELDOUT_ROWS)]
     for h, r in ho.items():
-        L.append(f"| {h} | " + " | ".join(fmt(r[k]) for k, _ in HELDOUT_ROWS) + " |")
-    L += ["", "Parent expert: the training family each held-out family resembles ("
+        L.append(f"| {h} | {r.get('kind', 'held out')} | "
+                 + " | ".join(fmt(r[k]) for k, _ in HELDOUT_ROWS) + " |")
+    L += ["", "Parent expert: the training family each unseen family resembles ("
           + ", ".join(f"{h} → {r['parent']}" for h, r in ho.items()) + ").", "",
           "### Few-shot CEM, one row per seed", "",
-          f"Seed s draws its own {results['args']['shots']} few-shot examples (block s of the "
-          f"validation split) and runs its own search; `t2fast adapt --strategy cem --seed s "
-          f"--shots {results['args']['shots']}` reproduces a row. Bank order: "
+          f"Seed s draws its own few-shot examples (block s of the validation split, blocks of "
+          f"the run's shot count) and runs its own search (population {a['cem_population']}, "
+          f"{a['cem_iterations']} iterations); `t2fast adapt --strategy cem --seed s --shots "
+          f"{a['shots']}` reproduces a row of the default CEM. The default ranks members by the "
+          f"likelihood of the correct answers on {a['shots']} shots, searches residual α "
+          f"(z' = 1 + Σ α_k (z_k − 1): α = 0 is the base model), starts at the base model and "
+          f"keeps it unless the best member beats it on the shots (by likelihood, at no loss of "
+          f"few-shot accuracy). The other rows change one thing at a time from the earlier "
+          f"search (greedy accuracy on 5 shots, ties broken by likelihood, absolute α "
+          f"z' = Σ α_k z_k from uniform 1/K, best member always kept). Bank order: "
           + ", ".join(results["bank"]) + ".", "",
-          "| family | CEM | seed | α | few-shot acc | test acc | search (s) |",
-          "|---|---|---|---|---|---|---|"]
+          "| family | CEM | seed | shots | α | few-shot acc (base) | test acc | search (s) |",
+          "|---|---|---|---|---|---|---|---|"]
     for h, r in ho.items():
-        for key, label in (("cem", "per vector"), ("cem_per_layer", "per layer")):
+        for key, label in CEM_LABELS.items():
             for run in r.get(key, []):
-                al = run["alpha"]
-                shown = (", ".join(f"{v:+.2f}" for v in al) if not isinstance(al[0], list)
-                         else f"{len(al)}×{len(al[0])} (layer mean: " + ", ".join(
-                             f"{sum(row[k] for row in al) / len(al):+.2f}"
-                             for k in range(len(al[0]))) + ")")
-                L.append(f"| {h} | {label} | {run['seed']} | ({shown}) | "
-                         f"{run['fewshot_accuracy']:.2f} | {fmt(run)} | {run['cem_s']:.1f} |")
-    L += ["", "### Experts picked in pass 1 on the held-out families", "",
-          "| family | strategy | picked |", "|---|---|---|"]
+                base_fs = run.get("base_fewshot_accuracy")
+                fs = f"{run['fewshot_accuracy']:.2f}" + (
+                    "" if base_fs is None else f" ({base_fs:.2f})")
+                shown = "base kept" if run.get("kept_base") else f"({alpha_text(run['alpha'])})"
+                L.append(f"| {h} | {label} | {run['seed']} | {run.get('shots', a['shots'])} | "
+                         f"{shown} | {fs} | {fmt(run)} | {run['cem_s']:.1f} |")
+    L += ["", "### Experts picked in pass 1 on the unseen families", "",
+          f"Routed: the share sent to the parent family's expert (wanted: ≥ {ROUTING_MIN:.0%}).",
+          "", "| family | strategy | routed to parent | picked |", "|---|---|---|---|"]
     for h, r in ho.items():
         for s in ("prompt", "classifier"):
             picked = ", ".join(f"{k}: {v}" for k, v in sorted(r[s]["picked"].items()))
-            L.append(f"| {h} | {s} | {picked} |")
-    L += ["", "### Pass-1 / pass-2 wall time (s) on the held-out test sets", "",
+            L.append(f"| {h} | {s} | {routed(r[s], r['parent']):.3f} | {picked} |")
+    L += ["", "### Pass-1 / pass-2 wall time (s) on the unseen test sets", "",
           "| family | strategy | pass 1 | pass 2 |", "|---|---|---|---|"]
     for h, r in ho.items():
         for s in ("base", "uniform", "prompt", "classifier"):
             L.append(f"| {h} | {s} | {r[s]['pass1_s']:.2f} | {r[s]['pass2_s']:.2f} |")
+    return L
+
+
+def truncation_table(results: dict) -> list[str]:
+    tr = results["truncated"]
+    ds = tr["divisors"]
+    L = ["| family | base | full expert | " + " | ".join(f"k = r/{d}" for d in ds) + " |",
+         "|---|---|---|" + "---|" * len(ds)]
+    for f, row in tr["families"].items():
+        full = results["train_families"][f]
+        L.append(f"| {f} | {fmt(full['base'])} | {fmt(full['svf_rl'])} | "
+                 + " | ".join(fmt(row[str(d)]) for d in ds) + " |")
+    L.append("| bytes of W + rank-k correction / W | 1 | — | "
+             + " | ".join(f"{tr['bytes_ratio'][str(d)]:.2f}" for d in ds) + " |")
     return L
 
 
@@ -178,8 +235,8 @@ def target_lines(results: dict, rows: list[dict]) -> list[str]:
                    + ("met." if lo <= acc <= hi else "NOT met."))
     for h, r in results["heldout"].items():
         acc = r["base"]["accuracy"]
-        out.append(f"Base model on the held-out {h}: {acc:.3f}; target (above {HELDOUT_MIN:.2f}) "
-                   + ("met." if acc > HELDOUT_MIN else "NOT met."))
+        out.append(f"Base model on the {r.get('kind', 'held out')} {h}: {acc:.3f}; target "
+                   f"(above {HELDOUT_MIN:.2f}) " + ("met." if acc > HELDOUT_MIN else "NOT met."))
     labels = results["column_labels"]
     for c in rows:
         if c["a"] == labels.get("svf_rl") and c["b"] == "base":
@@ -187,6 +244,50 @@ def target_lines(results: dict, rows: list[dict]) -> list[str]:
             out.append(f"SVF (RL) on {c['where']}: {c['diff']:+.3f} against the base model, "
                        f"p = {c['p']:.2g}: target (≥ +0.10 with p < 0.01) "
                        + ("met." if met else "NOT met."))
+    return out + unseen_target_lines(results, rows)
+
+
+def unseen_target_lines(results: dict, rows: list[dict]) -> list[str]:
+    """The targets on the unseen families: pass 1 routes transfer families to their parent,
+    the classification expert beats base on them, no CEM seed is significantly below base, CEM
+    beats base on transfer families, and the order prompt ≤ classifier ≤ CEM."""
+    out = []
+    by = {(c["where"], c["a"], c["b"]): c for c in rows}
+    ho = results["heldout"]
+    names = dict(HELDOUT_ROWS)
+    transfer = [h for h, r in ho.items() if r.get("kind") == "transfer"]
+    for h in transfer:
+        r = ho[h]
+        for s in ("prompt", "classifier"):
+            share = routed(r[s], r["parent"])
+            out.append(f"{names[s]} routes {h} to {r['parent']}: {share:.3f}; target "
+                       f"(≥ {ROUTING_MIN:.2f}) " + ("met." if share >= ROUTING_MIN else "NOT met."))
+        c = by[(h, names["classifier"], "base")]
+        met = c["diff"] >= 0.05 and c["p"] < STRONG
+        out.append(f"Classification expert (B) on the transfer family {h}: {c['diff']:+.3f} "
+                   f"against base, p = {c['p']:.2g}: target (≥ +0.05 with p < 0.01) "
+                   + ("met." if met else "NOT met."))
+    below = [c for c in rows if c["a"].startswith("CEM seed") and c["b"] == "base"
+             and c["verdict"].startswith("lower")]
+    n_cem = sum(1 for c in rows if c["a"].startswith("CEM seed") and c["b"] == "base")
+    out.append(f"Default CEM seeds significantly below base on an unseen family: {len(below)} of "
+               f"{n_cem}" + ("" if not below else " (" + ", ".join(
+                   f"{c['where']} {c['a'][4:]}" for c in below) + ")")
+               + "; target (none) " + ("met." if not below else "NOT met."))
+    if transfer:
+        wins = [h for h in transfer if all(
+            by[(h, f"CEM seed {run['seed']}", "base")]["verdict"].startswith("higher")
+            for run in ho[h]["cem"])]
+        out.append(f"Default CEM significantly above base on every seed on {len(wins)} of "
+                   f"{len(transfer)} transfer families ({', '.join(wins) or 'none'}); target "
+                   f"(≥ 2) " + ("met." if len(wins) >= 2 else "NOT met."))
+    for h, r in ho.items():
+        cem = sum(run["accuracy"] for run in r["cem"]) / len(r["cem"])
+        p_acc, c_acc = r["prompt"]["accuracy"], r["classifier"]["accuracy"]
+        order = "holds" if p_acc <= c_acc <= cem else "does not hold"
+        out.append(f"Order prompt ≤ classifier ≤ CEM on {h}: {p_acc:.3f}, {c_acc:.3f}, "
+                   f"{cem:.3f} (CEM: mean of the seeds) — {order} in the point estimates; "
+                   f"section 4 has the paired tests.")
     return out
 
 
@@ -231,10 +332,17 @@ def render(results: dict) -> str:
          WORLD, "",
          "## 1. Training families (test split)", ""]
     L += train_table(results)
-    L += ["", "## 2. Held-out families (test split)", ""]
+    L += ["", "## 2. Unseen families (test split): held out and transfer", ""]
     L += heldout_tables(results)
     L += ["", "## 3. Classification (pass 1) on the classify test split", ""]
     L += classification_tables(results)
+    if results.get("truncated"):
+        L += ["## 3b. Truncated experts (test split)", "",
+              "Each training family's expert with, per matrix, only the k directions of "
+              "σ ⊙ (z − 1) largest in absolute value kept (the others at z = 1; "
+              "`scripts/expert_truncation.py`), r = the matrix's rank (64 or 256 here). The last "
+              "row: what a dense W plus a rank-k correction would read, over W's bytes.", ""]
+        L += truncation_table(results) + [""]
     L += ["## 4. Every paired comparison", "",
           "Each line compares two systems on the same test questions: *A only* / *B only* count "
           "the questions only A / only B answers correctly; p is the exact two-sided McNemar "

@@ -12,7 +12,9 @@ second plausible rule, instead of the task's rule:
 * ``strings_compose``: both functions replaced by their habits;
 * ``choice``: the opposite extreme (largest <-> smallest);
 * ``choice_order``: the last alphabetically;
-* ``classify``: the next label in the cycle arith -> strings -> choice -> other -> arith.
+* ``classify``: the next label in the cycle arith -> strings -> choice -> other -> arith;
+* the transfer families (``arith_words``, ``strings_words``, ``choice_words``) and
+  ``classify_transfer``: the habit of the family they are a new surface of.
 
 The model thus knows both rules and, where a task's habit share is near one half, picks the
 task's rule for only part of the questions under greedy decoding: it has the ability but does
@@ -74,7 +76,8 @@ def _classify(ex: Example) -> str:
 #: task name -> the habit answer of one of its examples.
 HABITS = {"arith": _arith, "arith_chain": _arith_chain, "strings": _strings,
           "strings_compose": _strings, "choice": _choice, "choice_order": _choice_order,
-          "classify": _classify}
+          "classify": _classify, "arith_words": _arith, "strings_words": _strings,
+          "choice_words": _choice, "classify_transfer": _classify}
 
 
 def with_habit(ex: Example, task: str) -> Example:

@@ -90,6 +90,8 @@ def test_keep_best_off_returns_final_mean_and_patience_stops():
     (dict(clamp=(1.0, 0.0)), "lo < hi"),
     (dict(iterations=0), ">= 1"),
     (dict(patience=0), ">= 1"),
+    (dict(objective="loss"), "likelihood"),
+    (dict(space="relative", keep_base=False), "residual"),
 ])
 def test_bad_cem_config(kw, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -173,3 +175,87 @@ def test_members_are_scaled_into_the_mixture_bounds():
     assert pops.abs().sum(-1).max() > DEFAULT_BOUNDS.max_l1 - 1e-3    # scaled, not zeroed
     unbounded = cem_search(score, (6,), CEMConfig(population=8, iterations=4, init_mean=2.0))
     assert unbounded.alpha.abs().sum() > DEFAULT_BOUNDS.max_l1        # the case being guarded
+
+
+def test_mixture_spec_and_residual_bounds():
+    from t2fast.adapt.cem import mixture_spec, residual_bounds
+    from t2fast.mixtures import DEFAULT_BOUNDS, parse_mixture
+    a = torch.tensor([0.5, -0.25, 0.0])
+    spec = mixture_spec(a, ["x", "y", "w"])
+    assert spec == {"base": 0.75, "x": 0.5, "y": -0.25, "w": 0.0}
+    assert mixture_spec(a, ["x", "y", "w"], "absolute") is a
+    per_layer = mixture_spec(torch.tensor([[1.0, 0.0], [0.25, 0.25]]), ["x", "y"])
+    assert per_layer == {"base": [0.0, 0.5], "x": [1.0, 0.25], "y": [0.0, 0.25]}
+    # a residual α at its bounds is a mixture the handle accepts (base weight included)
+    b = residual_bounds(DEFAULT_BOUNDS)
+    worst = transform(torch.tensor([[-9.0, -9.0, -9.0], [9.0, 9.0, 9.0]]), None, False, b)
+    for row in worst:
+        parse_mixture(mixture_spec(row, ["x", "y", "w"]), ["x", "y", "w"])
+    with pytest.raises(ValueError, match="no room"):
+        from t2fast.mixtures import MixtureBounds
+        residual_bounds(MixtureBounds(max_abs=1.0, max_l1=8.0))
+
+
+def test_residual_alpha_zero_is_the_base_model(patched):
+    """Residual α = 0 scores exactly as the base model; absolute α = uniform 1/K is the
+    residual uniform mixture."""
+    handle, tok = patched
+    task = get_task("arith")
+    exs = task.examples("validation", 3)
+    res = FewShotScorer(handle, tok, task, exs, max_new_tokens=4, space="residual")
+    ab = FewShotScorer(handle, tok, task, exs, max_new_tokens=4, space="absolute")
+    zero, uni = torch.zeros(1, 3), torch.full((1, 3), 1 / 3)
+    handle.set_mixture(None)
+    from t2fast.train.objectives import token_logprobs
+    from t2fast.train.rollout import completion_logits, teacher_batch
+    b = teacher_batch(tok, [e.prompt for e in exs], [e.answer for e in exs])
+    with torch.no_grad():
+        lp = token_logprobs(completion_logits(handle.model, b), b.completion_ids)
+    base_ll = ((lp * b.completion_mask).sum(-1) / b.completion_mask.sum(-1)).mean()
+    assert res.likelihood(zero).item() == pytest.approx(base_ll.item(), abs=1e-4)
+    assert res.likelihood(uni).item() == pytest.approx(ab.likelihood(uni).item(), abs=1e-4)
+    with pytest.raises(ValueError, match="space"):
+        FewShotScorer(handle, tok, task, exs, space="relative")
+
+
+def test_fewshot_cem_keeps_the_base_model_unless_the_shots_show_a_gain(patched, monkeypatch):
+    handle, tok = patched
+    task = get_task("choice")
+    exs = task.examples("validation", 3)
+    cfg = CEMConfig(population=4, iterations=2)
+    assert cfg.objective == "likelihood" and cfg.space == "residual" and cfg.keep_base
+    # a scorer that finds every member worse than the base on the shots: base kept
+    monkeypatch.setattr(FewShotScorer, "measure", lambda self, a: (
+        torch.tensor([1.0] + [0.0] * (len(a) - 1)), torch.tensor([0.0] + [-1.0] * (len(a) - 1))))
+    res = fewshot_cem(handle, tok, task, exs, cfg, max_new_tokens=2)
+    assert res.kept_base and res.spec is None and not res.alpha.any()
+    assert res.fewshot_accuracy == 1.0 and res.base == {"accuracy": 1.0, "likelihood": 0.0}
+    # better likelihood but lower accuracy on the shots: still the base model
+    monkeypatch.setattr(FewShotScorer, "measure", lambda self, a: (
+        torch.tensor([1.0, 0.5]), torch.tensor([-1.0, 0.0])))
+    assert fewshot_cem(handle, tok, task, exs, cfg, max_new_tokens=2).kept_base
+    # better on both: the search's best, served as a residual mixture
+    monkeypatch.setattr(FewShotScorer, "measure", lambda self, a: (
+        torch.tensor([0.5, 0.5]), torch.tensor([-1.0, 0.0])))
+    res = fewshot_cem(handle, tok, task, exs, cfg, max_new_tokens=2)
+    assert not res.kept_base and set(res.spec) == {"base", *handle.expert_names}
+    assert res.spec["base"] == pytest.approx(1 - res.alpha.sum().item())
+    handle.set_mixture(res.spec)                          # a mixture the handle accepts
+    handle.set_mixture(None)
+    # the absolute space of the paper: the base model is not in it
+    res = fewshot_cem(handle, tok, task, exs, CEMConfig(population=4, iterations=1,
+                                                        space="absolute", keep_base=False),
+                      max_new_tokens=2)
+    assert res.base is None and torch.equal(res.spec, res.alpha)
+    with pytest.raises(ConfigError, match="keep_base"):
+        CEMConfig(space="absolute").validate()
+
+
+def test_likelihood_objective_ranks_without_generating(patched, monkeypatch):
+    handle, tok = patched
+    task = get_task("arith")
+    scorer = FewShotScorer(handle, tok, task, task.examples("validation", 2), max_new_tokens=4,
+                           objective="likelihood", space="residual")
+    monkeypatch.setattr(FewShotScorer, "accuracy", lambda *a: pytest.fail("generated"))
+    ll, tie = scorer(torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
+    assert tie is None and ll.shape == (2,) and ll[0] != ll[1]

@@ -2,9 +2,10 @@
 import pytest
 
 from t2fast.models.tiny import CHARACTERS
-from t2fast.tasks import (CLASSIFY, CLASSIFY_LABELS, HELDOUT_FAMILIES, OTHER, PARENT_FAMILY,
-                          SPLITS, TRAIN_FAMILIES, Example, ScoreResult, classify_prompt,
-                          extract_question, format_prompt, get_task, split_of, task_names)
+from t2fast.tasks import (CLASSIFY, CLASSIFY_LABELS, CLASSIFY_TRANSFER, HELDOUT_FAMILIES, OTHER,
+                          PARENT_FAMILY, SPLITS, TRAIN_FAMILIES, TRANSFER_FAMILIES, Example,
+                          ScoreResult, classify_prompt, extract_question, format_prompt, get_task,
+                          split_of, task_names)
 from t2fast.tasks.strings import OPS
 
 ALL = task_names()
@@ -17,8 +18,10 @@ def fresh(name, seed=1234):
 
 def test_registry_names():
     assert len(TRAIN_FAMILIES) >= 3 and len(HELDOUT_FAMILIES) >= 3
-    assert not set(TRAIN_FAMILIES) & set(HELDOUT_FAMILIES)
-    assert set(PARENT_FAMILY) == set(HELDOUT_FAMILIES)
+    assert len(TRANSFER_FAMILIES) >= 3
+    assert len(set(TRAIN_FAMILIES + HELDOUT_FAMILIES + TRANSFER_FAMILIES)) == \
+        len(TRAIN_FAMILIES + HELDOUT_FAMILIES + TRANSFER_FAMILIES)
+    assert set(PARENT_FAMILY) == set(HELDOUT_FAMILIES + TRANSFER_FAMILIES)
     assert set(PARENT_FAMILY.values()) <= set(TRAIN_FAMILIES)
     assert CLASSIFY_LABELS == TRAIN_FAMILIES + (OTHER,)
     for name in ALL:
@@ -47,7 +50,7 @@ def test_splits_do_not_overlap(name):
     assert not set(questions["train"]) & set(questions["validation"])
     assert not set(questions["train"]) & set(questions["test"])
     assert not set(questions["validation"]) & set(questions["test"])
-    if name != CLASSIFY:
+    if name not in (CLASSIFY, CLASSIFY_TRANSFER):
         for s, qs in questions.items():
             assert all(split_of(name, q) == s for q in qs)
 
@@ -158,3 +161,58 @@ def test_classification_task():
     held = get_task("arith_chain").examples("test", 1)[0]
     assert classify_prompt(held.prompt) == f"Q: classify: {held.question}\nA: "
     assert classify_prompt(held.question) == classify_prompt(held.prompt)
+
+
+@pytest.mark.parametrize("name", TRANSFER_FAMILIES)
+def test_transfer_family_keeps_its_parents_skill_with_another_surface(name):
+    """Every transfer question is a question of its parent family (same meta, same answer)
+    written differently: the parent's own question for that meta gives the same answer."""
+    parent = get_task(PARENT_FAMILY[name])
+    exs = get_task(name).examples("test", 200)
+    surfaces = {e.question for e in parent.examples("test", 200)}
+    for ex in exs:
+        if name == "arith_words":
+            m = ex.meta
+            q = f"{m['a']}{m['op']}{m['b']}=?"
+            assert ex.answer == str(m["a"] + m["b"] if m["op"] == "+" else m["a"] - m["b"])
+        elif name == "strings_words":
+            q = f"{ex.meta['ops'][0]}('{ex.meta['word']}')"
+            assert ex.answer == OPS[ex.meta["ops"][0]](ex.meta["word"])
+        else:
+            o = ex.meta["options"]
+            q = f"Which is {ex.meta['kind']}? " + " ".join(
+                f"{'ABCD'[i]}){v}" for i, v in enumerate(o))
+            pick = max(o) if ex.meta["kind"] == "largest" else min(o)
+            assert ex.answer == "ABCD"[o.index(pick)]
+        assert ex.question != q
+        assert parent.score(ex.answer, parent.make_example(q, ex.answer, ex.meta)).correct
+    # a surface of its own: no transfer question is a parent question
+    assert not {e.question for e in exs} & surfaces
+    # every kind of question of the parent appears (operations, extremes)
+    kinds = {str(e.meta.get("op") or e.meta.get("ops") or e.meta.get("kind")) for e in exs}
+    assert len(kinds) >= 2
+
+
+def test_examples_of_transfer_families():
+    assert get_task("arith_words").make_example("what is 147 plus 8?", "155").prompt == \
+        "Q: what is 147 plus 8?\nA: "
+    q = [e.question for e in get_task("strings_words").examples("train", 50)]
+    assert all(s.split(" the letters of ")[0] in OPS for s in q)
+    q = [e.question for e in get_task("choice_words").examples("train", 50)]
+    assert {s.split(" number:")[0] for s in q} == {"Pick the highest", "Pick the lowest"}
+
+
+def test_classify_transfer_labels_transfer_questions_with_their_parent():
+    task = get_task(CLASSIFY_TRANSFER)
+    assert task.labels == CLASSIFY_LABELS
+    exs = task.examples("test", 300)
+    sources = {e.meta["source_family"] for e in exs}
+    assert sources == set(TRANSFER_FAMILIES) | {OTHER}
+    for e in exs:
+        src = e.meta["source_family"]
+        assert e.answer == (OTHER if src == OTHER else PARENT_FAMILY[src])
+        if src != OTHER:                           # the inner question is of that split
+            assert split_of(src, e.question[len("classify: "):]) == "test"
+    # the classify task itself still draws the training families only
+    assert {e.meta["source_family"] for e in get_task(CLASSIFY).examples("test", 300)} == \
+        set(CLASSIFY_LABELS)

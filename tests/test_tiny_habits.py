@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from t2fast.tasks import CLASSIFY, HELDOUT_FAMILIES, TRAIN_FAMILIES, get_task
+from t2fast.tasks import (CLASSIFY, CLASSIFY_TRANSFER, HELDOUT_FAMILIES, PARENT_FAMILY,
+                          TRAIN_FAMILIES, TRANSFER_FAMILIES, get_task)
 
 SCRIPTS = pathlib.Path(__file__).resolve().parent.parent / "scripts"
 
@@ -24,11 +25,19 @@ def load_habits():
 
 
 habits = load_habits()
-TASKS = [*TRAIN_FAMILIES, *HELDOUT_FAMILIES, CLASSIFY]
+TASKS = [*TRAIN_FAMILIES, *HELDOUT_FAMILIES, *TRANSFER_FAMILIES, CLASSIFY, CLASSIFY_TRANSFER]
 
 
 def test_every_task_has_a_habit():
     assert sorted(habits.HABITS) == sorted(TASKS)
+
+
+@pytest.mark.parametrize("name", TRANSFER_FAMILIES)
+def test_transfer_families_keep_their_parents_habit(name):
+    parent = PARENT_FAMILY[name]
+    for ex in get_task(name).examples("train", 50):
+        as_parent = get_task(parent).make_example("q", ex.answer, ex.meta)
+        assert habits.with_habit(ex, name).answer == habits.with_habit(as_parent, parent).answer
 
 
 def test_documented_habits():

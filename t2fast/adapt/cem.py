@@ -3,8 +3,36 @@
 For a task with a few examples, search α ∈ R^K (``per_layer=False``, one weight per expert) or
 α ∈ R^{L×K} (``per_layer=True``, one per layer and expert): sample a population from a diagonal
 Gaussian, clamp and optionally normalize each member, score every member on the few-shot set,
-refit mean and std to the elites, repeat. Score = accuracy of greedy answers; ties are broken by
-the mean per-token log-likelihood of the correct answers. The best member seen is kept.
+refit mean and std to the elites, repeat. The best member seen is kept.
+
+Two objectives (``CEMConfig.objective``):
+
+* ``"likelihood"`` (default): the mean per-token log-likelihood of the correct answers,
+  teacher-forced. It is continuous, so a handful of shots still ranks members, and it costs one
+  forward pass per member instead of a generation.
+* ``"accuracy"``: the greedy accuracy on the shots, ties broken by that likelihood (the
+  original objective). On 5 shots the accuracy takes six values; hundreds of members are ranked
+  by it, so the winner is mostly the luckiest member, and on held-out families it scored
+  significantly *below* the base model (``results/README.md`` keeps that ablation).
+
+Two spaces (``CEMConfig.space``) for α:
+
+* ``"residual"`` (default): ``z' = 1 + Σ_k α_k (z_k − 1)``, i.e. the base model's weight is
+  ``1 − Σ_k α_k``. α = 0 is the base model, a unit vector one expert, uniform 1/K the uniform
+  mixture; whatever Σ α is, the singular values move only as far as the experts move them.
+* ``"absolute"``: ``z' = Σ_k α_k z_k`` (the paper's form). Away from Σ α = 1 it scales every
+  singular value of every adapted matrix by about Σ α, a change no expert learnt; the search
+  found such members (Σ α from 0.7 to 2.8) and they cost up to 17 points on the held-out
+  families.
+
+With ``keep_base`` (default) the search starts at the base model (residual α = 0 when
+``init_mean`` is None), and :func:`fewshot_cem` returns the best member only when it beats the
+base model on the shots by the objective *and* is at least as accurate under greedy decoding
+there; otherwise the base model: a few shots that show no gain leave it alone.
+
+:attr:`CEMResult.spec` is the mixture to serve (``set_mixture``, ``FixedMixture``, a profile):
+``{"base": 1 − Σα, name: α_k ...}`` for residual α, the K weights for absolute α, or None
+(the base model).
 
 :class:`FewShotScorer` evaluates a whole population in **one batched call**: the batch holds
 population × examples rows and every row carries its own α (``SVFHandle.set_mixture`` with
@@ -27,13 +55,22 @@ from ..train.objectives import token_logprobs
 from ..train.rollout import completion_logits, max_new_tokens_for, teacher_batch
 
 
+#: The objectives :class:`FewShotScorer` can rank members by.
+OBJECTIVES = ("likelihood", "accuracy")
+#: The spaces α can live in (module docstring).
+SPACES = ("residual", "absolute")
+
+
 @dataclass
 class CEMConfig:
     """Settings of the search.
 
     population: members per generation; elite_ratio: share kept to refit the Gaussian;
-    iterations: generations (the paper allows up to 100); init_mean: None (uniform 1/K), a number
-    or K numbers; init_std: initial standard deviation; min_std: floor of the std after each
+    iterations: generations (the paper allows up to 100); objective: ``"likelihood"`` or
+    ``"accuracy"``, and space: ``"residual"`` or ``"absolute"`` (module docstring); keep_base: start at α = 0 and return it unless the search
+    beats it on the shots (:func:`fewshot_cem`); init_mean: None (α = 0 with ``keep_base``, else
+    uniform 1/K), a number or K numbers (e.g. the mixture a dispatcher picked, to search around
+    it); init_std: initial standard deviation; min_std: floor of the std after each
     refit; clamp: (lo, hi) bounds applied to every sample, or None; normalize: divide α by its
     sum over experts (per layer when per-layer; a sum near 0 falls back to Σ|α|); per_layer: α of
     shape [L, K]; keep_best: return the best member ever scored (else the final mean);
@@ -44,6 +81,9 @@ class CEMConfig:
     population: int = 16
     elite_ratio: float = 0.25
     iterations: int = 20
+    objective: str = "likelihood"
+    space: str = "residual"
+    keep_base: bool = True
     init_mean: float | Sequence[float] | None = None
     init_std: float = 0.3
     min_std: float = 0.02
@@ -64,6 +104,13 @@ class CEMConfig:
                 bad(name, "expected an integer >= 1")
         if self.population < 2:
             bad("population", "expected at least 2 members")
+        if self.objective not in OBJECTIVES:
+            bad("objective", f"expected one of {OBJECTIVES}")
+        if self.space not in SPACES:
+            bad("space", f"expected one of {SPACES}")
+        if self.keep_base and self.space != "residual":
+            bad("keep_base", "the base model is a residual α (space='residual'); expected "
+                             "keep_base=False with space='absolute'")
         if not (0 < self.elite_ratio <= 1):
             bad("elite_ratio", "expected a value in (0, 1]")
         if not (math.isfinite(self.init_std) and self.init_std > 0):
@@ -101,19 +148,32 @@ class CEMConfig:
 
 @dataclass
 class CEMResult:
-    """The α found (tensor [K] or [L, K]), its few-shot accuracy and tie-break score, and the
-    history: one dict per generation (mean, std, best so far, population statistics)."""
+    """The α found (tensor [K] or [L, K]), its score by the objective and tie-break, and the
+    history: one dict per generation (mean, std, best so far, population statistics).
+
+    :func:`fewshot_cem` also fills ``spec`` (the mixture to serve, module docstring),
+    ``fewshot_accuracy`` (greedy accuracy of ``spec`` on the shots), ``base`` (the base model's
+    ``{"accuracy", "likelihood"}`` there) and ``kept_base`` (True when the search's best did not
+    beat the base model: ``alpha`` is then 0 and ``spec`` None).
+    """
     alpha: torch.Tensor
     score: float
     tiebreak: float
     history: list[dict] = field(default_factory=list)
     evaluations: int = 0
     wall_s: float = 0.0
+    spec: object = None
+    fewshot_accuracy: float | None = None
+    base: dict | None = None
+    kept_base: bool = False
 
     def to_dict(self) -> dict:
-        return {"alpha": self.alpha.tolist(), "score": self.score, "tiebreak": self.tiebreak,
-                "evaluations": self.evaluations, "wall_s": self.wall_s,
-                "history": self.history}
+        spec = self.spec.tolist() if isinstance(self.spec, torch.Tensor) else self.spec
+        return {"alpha": self.alpha.tolist(), "spec": spec, "score": self.score,
+                "tiebreak": self.tiebreak,
+                "fewshot_accuracy": self.fewshot_accuracy, "base": self.base,
+                "kept_base": self.kept_base, "evaluations": self.evaluations,
+                "wall_s": self.wall_s, "history": self.history}
 
 
 def transform(samples: torch.Tensor, clamp=None, normalize: bool = False,
@@ -150,7 +210,7 @@ def cem_search(score_fn: Callable[[torch.Tensor], tuple], shape: Sequence[int],
     K = shape[-1]
     g = torch.Generator().manual_seed(cfg.seed)
     if cfg.init_mean is None:
-        mean = torch.full(shape, 1.0 / K)
+        mean = torch.zeros(shape) if cfg.keep_base else torch.full(shape, 1.0 / K)
     else:
         im = torch.as_tensor(cfg.init_mean, dtype=torch.float32)
         if im.dim() == 0 or im.shape == (K,) or im.shape == shape:
@@ -214,25 +274,32 @@ def cem_search(score_fn: Callable[[torch.Tensor], tuple], shape: Sequence[int],
 class FewShotScorer:
     """Scores a population of α on few-shot examples of a task with the patched model.
 
-    One call builds population × examples rows, sets one mixture per row, generates greedily in
-    a single batch (``max_rows`` splits larger batches) and, for the tie-break, runs one
-    teacher-forced forward over the correct answers with the same per-row mixtures.
+    ``scorer(alphas [P, ...]) -> (score [P], tiebreak [P] or None)`` by ``objective``:
+    ``"likelihood"``: (mean per-token log-likelihood of the correct answers, None), one
+    teacher-forced forward over population × examples rows; ``"accuracy"``: (greedy accuracy,
+    that likelihood as tie-break), one batched generation more. Every row carries its own
+    mixture; ``max_rows`` splits larger batches. :meth:`measure` returns both numbers.
     """
 
     def __init__(self, handle, tokenizer, task, examples: Sequence, *,
                  max_new_tokens: int | None = None, max_rows: int | None = None,
-                 tiebreak: bool = True):
+                 objective: str = "accuracy", space: str = "absolute"):
         if not examples:
             raise ValueError("few-shot CEM needs at least one example")
         if not handle.expert_names:
             raise ValueError("few-shot CEM needs experts loaded in the handle")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r}: expected one of {OBJECTIVES}")
+        if space not in SPACES:
+            raise ValueError(f"space={space!r}: expected one of {SPACES}")
+        self.space = space
         self.handle = handle
         self.tokenizer = tokenizer
         self.task = task
         self.examples = list(examples)
         self.max_new_tokens = max_new_tokens_for(getattr(task, "name", None), max_new_tokens)
         self.max_rows = max_rows
-        self.tiebreak = tiebreak
+        self.objective = objective
         self.calls = 0
 
     def _chunks(self, rows: int):
@@ -240,35 +307,75 @@ class FewShotScorer:
         for i in range(0, rows, step):
             yield i, min(rows, i + step)
 
-    @torch.no_grad()
-    def __call__(self, alphas: torch.Tensor):
-        P, n = alphas.shape[0], len(self.examples)
-        specs = [alphas[p] for p in range(P) for _ in range(n)]
-        prompts = [e.prompt for e in self.examples] * P
-        self.handle.set_trainable_z(None)
+    def _rows(self, alphas: torch.Tensor) -> tuple[list, list[str]]:
+        n = len(self.examples)
+        specs = [mixture_spec(alphas[p], self.handle.expert_names, self.space)
+                 for p in range(alphas.shape[0])]
+        return ([spec for spec in specs for _ in range(n)],
+                [e.prompt for e in self.examples] * alphas.shape[0])
+
+    def accuracy(self, alphas: torch.Tensor) -> torch.Tensor:
+        """Greedy accuracy on the shots of each member: float64 [P]."""
+        specs, prompts = self._rows(alphas)
+        n = len(self.examples)
         texts: list[str] = []
         for i, j in self._chunks(len(specs)):
             self.handle.set_mixture(rows=specs[i:j])
             texts.extend(generate(self.handle.model, self.tokenizer, prompts[i:j],
                                   max_new_tokens=self.max_new_tokens).texts)
-        correct = torch.tensor([float(self.task.score(t, self.examples[k % n]).correct)
-                                for k, t in enumerate(texts)]).view(P, n)
-        acc = correct.mean(1)
-        tie = None
-        if self.tiebreak:
-            answers = [e.answer for e in self.examples] * P
-            ll = []
-            device = next(self.handle.model.parameters()).device
-            for i, j in self._chunks(len(specs)):
-                self.handle.set_mixture(rows=specs[i:j])
-                batch = teacher_batch(self.tokenizer, prompts[i:j], answers[i:j], device=device)
-                logits = completion_logits(self.handle.model, batch)
-                lp = token_logprobs(logits, batch.completion_ids) * batch.completion_mask
-                ll.append((lp.sum(-1) / batch.completion_mask.sum(-1)).cpu())
-            tie = torch.cat(ll).view(P, n).mean(1)
         self.handle.set_mixture(None)
+        return torch.tensor([float(self.task.score(t, self.examples[k % n]).correct)
+                             for k, t in enumerate(texts)], dtype=torch.float64).view(-1, n).mean(1)
+
+    def likelihood(self, alphas: torch.Tensor) -> torch.Tensor:
+        """Mean over the shots of the per-token log-likelihood of the correct answer, teacher
+        forced, of each member: float64 [P]."""
+        specs, prompts = self._rows(alphas)
+        answers = [e.answer for e in self.examples] * alphas.shape[0]
+        device = next(self.handle.model.parameters()).device
+        ll = []
+        for i, j in self._chunks(len(specs)):
+            self.handle.set_mixture(rows=specs[i:j])
+            batch = teacher_batch(self.tokenizer, prompts[i:j], answers[i:j], device=device)
+            logits = completion_logits(self.handle.model, batch)
+            lp = token_logprobs(logits, batch.completion_ids) * batch.completion_mask
+            ll.append((lp.sum(-1) / batch.completion_mask.sum(-1)).cpu())
+        self.handle.set_mixture(None)
+        return torch.cat(ll).double().view(alphas.shape[0], -1).mean(1)
+
+    @torch.no_grad()
+    def measure(self, alphas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(greedy accuracy [P], likelihood [P]) of each member on the shots."""
+        self.handle.set_trainable_z(None)
+        return self.accuracy(alphas), self.likelihood(alphas)
+
+    @torch.no_grad()
+    def __call__(self, alphas: torch.Tensor):
         self.calls += 1
-        return acc, tie
+        if self.objective == "accuracy":
+            return self.measure(alphas)
+        self.handle.set_trainable_z(None)
+        return self.likelihood(alphas), None
+
+
+def mixture_spec(alpha: torch.Tensor, expert_names: Sequence[str], space: str = "residual"):
+    """The mixture spec of a CEM α ([K] or [L, K]) in ``space``: the tensor itself for
+    ``"absolute"``; ``{"base": 1 − Σ_k α_k, name_k: α_k}`` (per-layer lists for [L, K]) for
+    ``"residual"``."""
+    if space == "absolute":
+        return alpha
+    a = alpha.double()
+    weights = [1 - a.sum(-1)] + [a[..., k] for k in range(a.shape[-1])]
+    return {name: w.tolist() for name, w in zip(["base", *expert_names], weights)}
+
+
+def residual_bounds(bounds: MixtureBounds) -> MixtureBounds:
+    """Bounds on residual α that keep the mixture, base weight ``1 − Σα`` included, within
+    ``bounds``: Σ|α| ≤ min((max_l1 − 1) / 2, max_abs − 1)."""
+    l1 = min((bounds.max_l1 - 1) / 2, bounds.max_abs - 1)
+    if l1 <= 0:
+        raise ValueError(f"{bounds} leave no room for a residual α besides the base model")
+    return MixtureBounds(max_abs=min(bounds.max_abs, l1), max_l1=l1)
 
 
 def fewshot_examples(task, shots: int, shot_set: int = 0, split: str = "validation") -> list:
@@ -286,12 +393,35 @@ def fewshot_cem(handle, tokenizer, task, examples: Sequence, config: CEMConfig |
                 callback=None) -> CEMResult:
     """Few-shot CEM over the handle's loaded experts (bank order) on ``examples`` of ``task``.
 
-    Returns α of shape [K] or, with ``config.per_layer``, [num_layers, K]; pass it to
-    ``handle.set_mixture(result.alpha)`` or :class:`t2fast.adapt.engine.FixedMixture`.
+    Returns α of shape [K] or, with ``config.per_layer``, [num_layers, K], and ``result.spec``,
+    the mixture to pass to ``handle.set_mixture`` or :class:`t2fast.adapt.engine.FixedMixture`.
+    With ``config.keep_base`` the result is the base model (``kept_base``, ``spec`` None) unless
+    the search's best beats it on the shots by the objective and is at least as accurate there.
     """
     cfg = (config or CEMConfig()).validate()
-    K = len(handle.expert_names)
-    shape = (handle.num_layers, K) if cfg.per_layer else (K,)
+    names = handle.expert_names
+    shape = (handle.num_layers, len(names)) if cfg.per_layer else (len(names),)
     scorer = FewShotScorer(handle, tokenizer, task, examples, max_new_tokens=max_new_tokens,
-                           max_rows=max_rows)
-    return cem_search(scorer, shape, cfg, callback=callback, bounds=handle.mixture_bounds)
+                           max_rows=max_rows, objective=cfg.objective, space=cfg.space)
+    bounds = (residual_bounds(handle.mixture_bounds) if cfg.space == "residual"
+              else handle.mixture_bounds)
+    res = cem_search(scorer, shape, cfg, callback=callback, bounds=bounds)
+    res.spec = mixture_spec(res.alpha, names, cfg.space)
+    candidates = torch.stack([torch.zeros(shape), res.alpha.float()])
+    if cfg.space == "absolute":                   # the base model is not an absolute α
+        candidates = candidates[1:]
+    acc, ll = scorer.measure(candidates)
+    res.evaluations += len(candidates)
+    res.fewshot_accuracy = float(acc[-1])
+    if cfg.space == "residual":
+        res.base = {"accuracy": float(acc[0]), "likelihood": float(ll[0])}
+    if cfg.keep_base:
+        if cfg.objective == "accuracy":
+            beats = (float(acc[1]), float(ll[1])) > (float(acc[0]), float(ll[0]))
+        else:
+            beats = bool(acc[1] >= acc[0] and ll[1] > ll[0])
+        if not beats:
+            res.alpha, res.spec, res.kept_base = torch.zeros(shape), None, True
+            res.score = float(acc[0] if cfg.objective == "accuracy" else ll[0])
+            res.fewshot_accuracy = float(acc[0])
+    return res

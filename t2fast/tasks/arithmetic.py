@@ -4,6 +4,9 @@
 ``Q: 147+8=?`` -> ``155`` or ``Q: 3+85=?`` -> ``88`` (the digit on either side of ``+``; ``-`` never
 goes below zero: ``85-7``, and ``7-3`` when the number is a digit too).
 
+``arith_words`` (transfer): the questions of ``arith`` asked in words, e.g.
+``Q: what is 147 plus 8?`` -> ``155``.
+
 ``arith_chain`` (held out): a 1-2 digit number, then two 1-digit numbers, chained with
 ``+``/``-`` and never below zero, e.g. ``Q: 34+7-5=?`` -> ``36``.
 """
@@ -46,6 +49,16 @@ class Arithmetic(NumberAnswerTask):
             a, b = b, a
         value = a + b if op == "+" else a - b
         return f"{a}{op}{b}=?", str(value), {"a": a, "b": b, "op": op}
+
+
+class ArithmeticWords(Arithmetic):
+    name = "arith_words"
+    description = "transfer: arith asked in words: 'what is 147 plus 8?' -> '155'"
+
+    def sample(self, rng: random.Random):
+        question, answer, meta = super().sample(rng)
+        word = "plus" if meta["op"] == "+" else "minus"
+        return f"what is {meta['a']} {word} {meta['b']}?", answer, meta
 
 
 class ArithmeticChain(NumberAnswerTask):

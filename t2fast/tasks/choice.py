@@ -3,6 +3,9 @@
 ``choice`` (training): compare four 3-digit numbers:
 ``Q: Which is largest? A)347 B)712 C)128 D)550`` -> ``B`` (also "smallest").
 
+``choice_words`` (transfer): the question of ``choice`` reworded:
+``Q: Pick the highest number: A)347 B)712 C)128 D)550`` -> ``B`` (also "lowest").
+
 ``choice_order`` (held out): a different question type over words:
 ``Q: Which is first alphabetically? A)kot B)mun C)ant D)zeb`` -> ``C``.
 """
@@ -48,6 +51,19 @@ class NumberChoice(ChoiceTask):
         answer = LETTERS[options.index(target)]
         return (f"Which is {kind}? {format_options(options)}", answer,
                 {"options": options, "kind": kind})
+
+
+class NumberChoiceWords(NumberChoice):
+    name = "choice_words"
+    description = ("transfer: choice reworded: 'Pick the highest number: A)347 B)712 C)128 "
+                   "D)550' -> 'B'")
+    #: The wording of each ``choice`` question kind.
+    WORDS = {"largest": "highest", "smallest": "lowest"}
+
+    def sample(self, rng: random.Random):
+        _, answer, meta = super().sample(rng)
+        words = self.WORDS[meta["kind"]]
+        return f"Pick the {words} number: {format_options(meta['options'])}", answer, meta
 
 
 class AlphabeticalChoice(ChoiceTask):

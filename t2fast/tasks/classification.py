@@ -4,6 +4,10 @@ A classification prompt wraps another question: ``Q: classify: 147+8=?`` -> ``ar
 questions come from the training families (label = family name) and from a generator of
 unrelated chat-like questions (label ``other``), in equal shares. Questions of a family are
 drawn from that family's own split, so the classification splits do not overlap either.
+
+``classify_transfer`` asks the same over the transfer families, each labelled with its training
+family (``Q: classify: what is 147 plus 8?`` -> ``arith``): it is the base model's pre-training
+knowledge of what a transfer question is about, and measures the routing of pass 1 on them.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from typing import Iterator
 
 from .base import Example, ScoreResult, Task, check_split, extract_question, format_prompt, split_of
 from .extract import extract_word
-from .families import TRAIN_FAMILIES, family_task
+from .families import PARENT_FAMILY, TRAIN_FAMILIES, TRANSFER_FAMILIES, family_task
 
 CLASSIFY_PREFIX = "classify: "
 OTHER = "other"
@@ -64,11 +68,15 @@ def classify_prompt(text: str) -> str:
 class Classification(Task):
     name = "classify"
     description = "name the family of a question, or 'other': 'classify: 147+8=?' -> 'arith'"
+    #: The families whose questions are classified (each labelled with its training family).
+    default_families: tuple[str, ...] = TRAIN_FAMILIES
 
     def __init__(self, seed: int = 1234, families: tuple[str, ...] | None = None):
         super().__init__(seed)
-        self.families = tuple(families) if families is not None else TRAIN_FAMILIES
-        self.labels = self.families + (OTHER,)
+        self.families = tuple(families) if families is not None else self.default_families
+        #: source family -> its label (a training family).
+        self.label_of = {f: PARENT_FAMILY.get(f, f) for f in self.families}
+        self.labels = tuple(dict.fromkeys(self.label_of.values())) + (OTHER,)
 
     def _source_streams(self, split: str, distinct: bool) -> dict[str, Iterator[Example]]:
         return {f: family_task(f, seed=self.seed + 1).iter_examples(split, distinct)
@@ -96,15 +104,16 @@ class Classification(Task):
         sources = self._source_streams(split, distinct)
         others = self._other_stream(split, distinct)
         while True:
-            label = rng.choice(self.labels)
-            if label == OTHER:
+            source = rng.choice(self.families + (OTHER,))
+            if source == OTHER:
                 inner = next(others)
                 meta = {"source_family": OTHER}
             else:
-                ex = next(sources[label])
+                ex = next(sources[source])
                 inner = ex.question
-                meta = {"source_family": label, "source_answer": ex.answer}
-            yield self.make_example(CLASSIFY_PREFIX + inner, label, meta)
+                meta = {"source_family": source, "source_answer": ex.answer}
+            yield self.make_example(CLASSIFY_PREFIX + inner, self.label_of.get(source, OTHER),
+                                    meta)
 
     def extract(self, generation: str, example: Example | None = None) -> str | None:
         word = extract_word(generation)
@@ -118,3 +127,10 @@ class Classification(Task):
         if got is None or got not in self.labels:
             return ScoreResult(correct=False, parsable=False, extracted=got)
         return ScoreResult(correct=got == example.answer, parsable=True, extracted=got)
+
+
+class TransferClassification(Classification):
+    name = "classify_transfer"
+    description = ("name the training family of a transfer question, or 'other': "
+                   "'classify: what is 147 plus 8?' -> 'arith'")
+    default_families = TRANSFER_FAMILIES

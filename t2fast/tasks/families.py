@@ -3,24 +3,31 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from .arithmetic import Arithmetic, ArithmeticChain
+from .arithmetic import Arithmetic, ArithmeticChain, ArithmeticWords
 from .base import DEFAULT_SEED, Task
-from .choice import AlphabeticalChoice, NumberChoice
-from .strings import StringCompose, StringOps
+from .choice import AlphabeticalChoice, NumberChoice, NumberChoiceWords
+from .strings import StringCompose, StringOps, StringWords
 
 #: Families the tiny model is pre-trained on and experts are trained for
 #: (stand-ins for the paper's math, code and reasoning).
 TRAIN_FAMILIES: tuple[str, ...] = ("arith", "strings", "choice")
 #: Families that resemble but differ from the training ones, for adaptation experiments.
 HELDOUT_FAMILIES: tuple[str, ...] = ("arith_chain", "strings_compose", "choice_order")
-#: Which training family each held-out family resembles (the expert a classifier should pick).
+#: Transfer families (like GSM8K -> MATH): each keeps the skill and the competing habit of one
+#: training family and changes only its surface. They are meant for the base model's
+#: pre-training (train split) and are never trained on by an expert.
+TRANSFER_FAMILIES: tuple[str, ...] = ("arith_words", "strings_words", "choice_words")
+#: Which training family each held-out or transfer family resembles (the expert a classifier
+#: should pick).
 PARENT_FAMILY: dict[str, str] = {
     "arith_chain": "arith", "strings_compose": "strings", "choice_order": "choice",
+    "arith_words": "arith", "strings_words": "strings", "choice_words": "choice",
 }
 #: family name → its task class.
 FAMILY_CLASSES: dict[str, type[Task]] = {
-    cls.name: cls for cls in (Arithmetic, ArithmeticChain, StringOps, StringCompose,
-                              NumberChoice, AlphabeticalChoice)
+    cls.name: cls for cls in (Arithmetic, ArithmeticChain, ArithmeticWords, StringOps,
+                              StringCompose, StringWords, NumberChoice, AlphabeticalChoice,
+                              NumberChoiceWords)
 }
 
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 from functools import lru_cache
 
 from .base import DEFAULT_SEED, Task
-from .classification import Classification
+from .classification import Classification, TransferClassification
 from .families import (FAMILY_CLASSES, HELDOUT_FAMILIES, PARENT_FAMILY, TRAIN_FAMILIES,
-                       family_task)
+                       TRANSFER_FAMILIES, family_task)
 
 CLASSIFY = Classification.name
+CLASSIFY_TRANSFER = TransferClassification.name
 
 
 def task_names() -> tuple[str, ...]:
-    """All bundled task names: training families, held-out families, then ``classify``."""
-    return TRAIN_FAMILIES + HELDOUT_FAMILIES + (CLASSIFY,)
+    """All bundled task names: training, held-out and transfer families, then ``classify`` and
+    ``classify_transfer``."""
+    return TRAIN_FAMILIES + HELDOUT_FAMILIES + TRANSFER_FAMILIES + (CLASSIFY, CLASSIFY_TRANSFER)
 
 
 @lru_cache(maxsize=None)
@@ -22,8 +24,10 @@ def get_task(name: str, seed: int = DEFAULT_SEED) -> Task:
     """The bundled task called ``name`` (see :func:`task_names`).
 
     ``classify`` classifies prompts of the training families into their family name or
-    ``other``. ``"gsm8k:PATH"``, ``"arc:PATH"``, ``"mbpp:PATH"`` and ``"humaneval:PATH"`` wrap a
-    user-supplied JSONL file (see :mod:`t2fast.tasks.jsonl`), split 80/10/10 by question hash.
+    ``other``; ``classify_transfer`` those of the transfer families into their training
+    family's name or ``other``. ``"gsm8k:PATH"``, ``"arc:PATH"``, ``"mbpp:PATH"`` and
+    ``"humaneval:PATH"`` wrap a user-supplied JSONL file (see :mod:`t2fast.tasks.jsonl`), split
+    80/10/10 by question hash.
     Tasks are cached per (name, seed); they hold no mutable state.
     """
     kind, sep, path = name.partition(":")
@@ -32,6 +36,8 @@ def get_task(name: str, seed: int = DEFAULT_SEED) -> Task:
         return load_jsonl_task(kind, path, seed=seed)
     if name == CLASSIFY:
         return Classification(seed=seed)
+    if name == CLASSIFY_TRANSFER:
+        return TransferClassification(seed=seed)
     if name not in FAMILY_CLASSES:
         raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
     return family_task(name, seed)

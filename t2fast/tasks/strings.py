@@ -4,6 +4,9 @@
 ``Q: reverse('kdf')`` -> ``fdk``; ``sort('dca')`` -> ``acd``; ``rotate('abc')`` -> ``bca``
 (rotate left by one).
 
+``strings_words`` (transfer): the functions of ``strings`` asked as an instruction:
+``Q: reverse the letters of kdf`` -> ``fdk``.
+
 ``strings_compose`` (held out): two functions composed: ``Q: sort(reverse('kdf'))`` -> ``dfk``.
 """
 from __future__ import annotations
@@ -50,6 +53,16 @@ class StringOps(WordAnswerTask):
         op = rng.choice(sorted(OPS))
         w = _word(rng)
         return f"{op}('{w}')", OPS[op](w), {"ops": [op], "word": w}
+
+
+class StringWords(StringOps):
+    name = "strings_words"
+    description = ("transfer: a strings function as an instruction: "
+                   "'reverse the letters of kdf' -> 'fdk'")
+
+    def sample(self, rng: random.Random):
+        _, answer, meta = super().sample(rng)
+        return f"{meta['ops'][0]} the letters of {meta['word']}", answer, meta
 
 
 class StringCompose(WordAnswerTask):
