@@ -439,6 +439,19 @@ def _eval_run(args) -> int:
 STRATEGIES = ("prompt", "classifier", "cem", "uniform", "base")
 
 
+def profile_weights(spec, experts: list[str]) -> tuple[list, list[str]]:
+    """(weights, names) of a CEM result's mixture spec for ``save_profile``: the K weights of an
+    absolute α by expert name, or the weights of a residual α's dict, "base" included (None:
+    the base model alone)."""
+    if not isinstance(spec, dict):
+        return (spec, experts) if spec is not None else ([1.0], ["base"])
+    names = list(spec)
+    cols = [spec[n] for n in names]
+    if isinstance(cols[0], list):                  # per layer: rows of [layer][name]
+        return [list(r) for r in zip(*cols)], names
+    return cols, names
+
+
 def strategy(text: str) -> str:
     """An ``adapt --strategy``: one of :data:`STRATEGIES` or ``expert:NAME``."""
     if text in STRATEGIES or (text.startswith("expert:") and len(text) > len("expert:")):
@@ -448,7 +461,7 @@ def strategy(text: str) -> str:
 
 
 def _adapt_args(p: argparse.ArgumentParser) -> None:
-    from .adapt import CEMConfig
+    from .adapt.cem import OBJECTIVES, CEMConfig
     c = CEMConfig()
     add_model_argument(p)
     p.add_argument("--experts", nargs="+", required=True,
@@ -463,7 +476,7 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", nargs="+", help="answer these prompts (bare questions or "
                                                  "templated prompts)")
     add_split_arguments(p)
-    p.add_argument("--shots", type=integer(1), default=5,
+    p.add_argument("--shots", type=integer(1), default=20,
                    help="few-shot examples for cem (taken from the validation split)")
     p.add_argument("--shot-set", type=integer(0), default=None,
                    help="which block of --shots validation examples cem uses (0: the first "
@@ -475,6 +488,13 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
                    help="share of each generation kept as elites")
     p.add_argument("--cem-std", type=real(0, lo_open=True), default=0.3,
                    help="initial standard deviation of CEM's Gaussian")
+    p.add_argument("--cem-objective", choices=OBJECTIVES, default=c.objective,
+                   help="what cem ranks α by on the shots (likelihood of the correct answers, "
+                        "or greedy accuracy)")
+    p.add_argument("--cem-absolute", action="store_true",
+                   help="cem searches the paper's absolute α (z' = Σ α_k z_k) instead of "
+                        "residual α (z' = 1 + Σ α_k (z_k - 1)) and always returns its best "
+                        "member, even one the shots find worse than the base model")
     p.add_argument("--save-profile", default=None, metavar="FILE", type=output_file,
                    help="cem: write the α found as a mixture profile (t2fast serve --profiles "
                         "NAME=FILE serves it as t2_adapt='profile:NAME')")
@@ -510,7 +530,9 @@ def _adapt_check(args):
         args.cem = CEMConfig(population=args.cem_population, iterations=args.cem_iterations,
                              elite_ratio=args.cem_elite_ratio, init_std=args.cem_std,
                              per_layer=args.per_layer, normalize=args.normalize,
-                             seed=args.seed).validate()       # the flags are checked
+                             seed=args.seed, objective=args.cem_objective,
+                             space="absolute" if args.cem_absolute else "residual",
+                             keep_base=not args.cem_absolute).validate()  # the flags are checked
     from .experts import load_expert
     # a bad file is reported before the model is loaded
     paths = list(args.experts) + ([args.classifier] if args.classifier else [])
@@ -549,18 +571,20 @@ def _adapt_run(args) -> int:
         with _progress(args.cem.iterations, "cem") as bar:
             def step(rec):
                 bar.update(1)
-                bar.set_postfix(best=f"{rec['best_accuracy']:.2f}", refresh=False)
+                bar.set_postfix(best=f"{rec['best_accuracy']:.2f}", refresh=False)  # objective
             res = fewshot_cem(handle, tok, task, shots, args.cem, callback=step)
         extra["cem"] = res.to_dict()
         if args.save_profile:
             from .serve.profiles import save_profile
-            save_profile(args.save_profile, res.alpha, experts, task=task.name,
-                         fewshot_accuracy=res.score, shots=args.shots, shot_set=shot_set,
-                         seed=args.seed)
-        strategy = FixedMixture(res.alpha, "cem")
-        print(f"cem: alpha={[round(v, 3) for v in res.alpha.reshape(-1).tolist()]} "
-              f"few-shot accuracy {res.score:.2f} ({res.evaluations} evaluations, "
-              f"{res.wall_s:.1f}s)")
+            save_profile(args.save_profile, *profile_weights(res.spec, experts),
+                         task=task.name, fewshot_accuracy=res.fewshot_accuracy,
+                         shots=args.shots, shot_set=shot_set, seed=args.seed)
+        strategy = FixedMixture(res.spec, "cem")
+        found = ("the base model (nothing beat it on the shots)" if res.kept_base else
+                 f"alpha={[round(v, 3) for v in res.alpha.reshape(-1).tolist()]} "
+                 f"({args.cem.space})")
+        print(f"cem: {found}, few-shot accuracy {res.fewshot_accuracy:.2f} "
+              f"({res.evaluations} evaluations, {res.wall_s:.1f}s)")
     elif s == "uniform":
         strategy = FixedMixture(uniform_alpha(len(experts)), "uniform")
     elif s == "base":

@@ -85,7 +85,12 @@ def test_adapt_strategies(experts, tmp_path, strategy):
     if strategy == "cem":
         assert len(r["cem"]["alpha"]) == 2 and r["shot_set"] == 0
         from t2fast.serve.profiles import load_profile
-        assert list(load_profile(profile).values()) == r["cem"]["alpha"]  # by expert name
+        saved = load_profile(profile)          # by expert name, the base model's weight too
+        if r["cem"]["kept_base"]:
+            assert saved == {"base": 1.0} and r["cem"]["spec"] is None
+        else:
+            assert saved == r["cem"]["spec"]
+            assert list(saved.values())[1:] == r["cem"]["alpha"]
     if strategy in ("prompt", "classifier"):
         assert sum(r["pass1_labels"].values()) == 4
 
@@ -115,6 +120,21 @@ def test_adapt_defaults_and_cem_shot_set(experts, tmp_path, monkeypatch):
     assert fewshot_examples(task, 2, 2) == val[4:6]
     with pytest.raises(ValueError, match="shot_set"):
         fewshot_examples(task, 2, -1)
+
+
+def test_adapt_cem_absolute_profile(experts, tmp_path):
+    """--cem-absolute: the paper's α (no base weight), saved by expert name."""
+    from t2fast.serve.profiles import load_profile
+    out, profile = tmp_path / "a.json", tmp_path / "p.json"
+    assert cli.main(["adapt", *MODEL, "--experts", *map(str, experts), "--strategy", "cem",
+                     "--task", "arith_chain", "--n", "2", "--shots", "2", "--cem-iterations",
+                     "1", "--cem-population", "3", "--cem-absolute", "--cem-objective",
+                     "accuracy", "--save-profile", str(profile), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert not r["cem"]["kept_base"] and r["cem"]["spec"] == r["cem"]["alpha"]
+    assert list(load_profile(profile).values()) == r["cem"]["alpha"]
+    per_layer = {"base": [0.5, 1.0], "x": [0.5, 0.0]}
+    assert cli.profile_weights(per_layer, ["x"]) == ([[0.5, 0.5], [1.0, 0.0]], ["base", "x"])
 
 
 def test_adapt_on_prompts(experts, capsys):
