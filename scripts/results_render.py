@@ -147,7 +147,12 @@ def heldout_tables(results: dict) -> list[str]:
         L.append(f"| {h} | {r.get('kind', 'held out')} | "
                  + " | ".join(fmt(r[k]) for k, _ in HELDOUT_ROWS) + " |")
     L += ["", "Parent expert: the training family each unseen family resembles ("
-          + ", ".join(f"{h} → {r['parent']}" for h, r in ho.items()) + ").", "",
+          + ", ".join(f"{h} → {r['parent']}" for h, r in ho.items()) + ")."]
+    if not any(r.get("kind") == "transfer" for r in ho.values()):
+        L += ["", "No transfer family is measured: the shipped base model was not pre-trained on "
+              "them, and they are measured once one that was is shipped "
+              "(`t2fast/assets/tiny_llama/README.md`, \"Transfer families\")."]
+    L += ["",
           "### Few-shot CEM, one row per seed", "",
           f"Seed s draws its own few-shot examples (block s of the validation split, blocks of "
           f"the run's shot count) and runs its own search (population {a['cem_population']}, "

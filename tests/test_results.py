@@ -42,6 +42,9 @@ def records(results):
                     yield h, k, run
     for k, rec in results["classification"].items():
         yield "classify", k, rec
+    for f, row in results["truncated"]["families"].items():
+        for d, rec in row.items():
+            yield f, f"truncated r/{d}", rec
 
 
 def test_results_are_paired_per_question(results):
@@ -55,7 +58,29 @@ def test_results_are_paired_per_question(results):
         seen.add(where)
     assert seen == set(results["train_families"]) | set(results["heldout"]) | {"classify"}
     for h, r in results["heldout"].items():      # one CEM row per seed, never pooled
-        assert [run["seed"] for run in r["cem"]] == results["args"]["cem_seeds"]
+        for key in ("cem", *results["args"]["cem_variants"]):
+            assert [run["seed"] for run in r[key]] == results["args"]["cem_seeds"], (h, key)
+
+
+def test_every_cem_row_truncation_and_routing_is_compared(results):
+    """Each CEM seed (every variant) is tested against base, each truncated expert against the
+    full expert and base, and the routing of pass 1 is reported per unseen family."""
+    rr = load_script("results_render")
+    rows = rr.comparisons(results)
+    pairs = {(c["where"], c["a"], c["b"]) for c in rows}
+    for h, r in results["heldout"].items():
+        for key in ("cem", *results["args"]["cem_variants"]):
+            for run in r[key]:
+                assert (h, f"{rr.CEM_LABELS[key]} seed {run['seed']}", "base") in pairs
+    tr = results["truncated"]
+    assert tr["divisors"] == [2, 4, 8, 16]
+    for f in tr["families"]:
+        for d in tr["divisors"]:
+            assert (f, f"truncated k = r/{d}", "base") in pairs
+    text = rr.render(results)
+    for h, r in results["heldout"].items():
+        for s in ("prompt", "classifier"):
+            assert f"| {h} | {s} | {rr.routed(r[s], r['parent']):.3f} |" in text
 
 
 def brute_force_p(a_only, b_only):
@@ -151,3 +176,29 @@ def test_log_summary_of_a_small_log(tmp_path):
     log.write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert lt.summarise(log) == ("60 (early stop)", "0.000 → 1.000", "0.250 → 0.750 (50) → 0.500",
                                  f"{sum(range(51, 61)) / 1000:.3f}")
+
+
+def test_unseen_targets_on_a_synthetic_transfer_family():
+    """Routing shares, the classifier's gain, CEM seeds below base and the order of the three
+    strategies, read off hand-made records of one transfer family."""
+    rr = load_script("results_render")
+
+    def rec(ones, n=100, **extra):
+        return {"n": n, "correct": ones, "accuracy": ones / n,
+                "correct_mask": "1" * ones + "0" * (n - ones), **extra}
+    fam = {"parent": "arith", "kind": "transfer", "base": rec(20), "parent_expert": rec(30),
+           "uniform": rec(20), "prompt": rec(25, picked={"arith": 85, "other": 15}),
+           "classifier": rec(40, picked={"arith": 79, "strings": 21}),
+           "cem": [{**rec(45), "seed": 0}, {**rec(5), "seed": 1}]}
+    results = {"heldout": {"arith_words": fam}, "column_labels": {}}
+    lines = rr.unseen_target_lines(results, rr.comparisons(
+        {**results, "train_families": {}, "classification": {
+            "classifier": rec(1), "prompt": rec(1)}}))
+    text = "\n".join(lines)
+    assert "prompt dispatch (A) routes arith_words to arith: 0.850; target (≥ 0.80) met." in text
+    assert "classification expert (B) routes arith_words to arith: 0.790; target (≥ 0.80) NOT met." \
+        in text
+    assert "Classification expert (B) on the transfer family arith_words: +0.200" in text
+    assert "1 of 2 (arith_words seed 1); target (none) NOT met." in text
+    assert "on 0 of 1 transfer families (none)" in text
+    assert "0.250, 0.400, 0.250 (CEM: mean of the seeds) — does not hold" in text
