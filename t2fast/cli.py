@@ -571,7 +571,7 @@ def _adapt_run(args) -> int:
         with _progress(args.cem.iterations, "cem") as bar:
             def step(rec):
                 bar.update(1)
-                bar.set_postfix(best=f"{rec['best_accuracy']:.2f}", refresh=False)  # objective
+                bar.set_postfix(best_score=f"{rec['best_score']:.3g}", refresh=False)
             res = fewshot_cem(handle, tok, task, shots, args.cem, callback=step)
         extra["cem"] = res.to_dict()
         if args.save_profile:

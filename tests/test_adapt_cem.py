@@ -37,7 +37,7 @@ def test_cem_recovers_known_optimum():
     assert res.score >= 0.9
     assert len(res.history) == 30 and all(c == 32 for c in calls)
     assert res.evaluations == 30 * 32
-    best = [h["best_accuracy"] for h in res.history]
+    best = [h["best_score"] for h in res.history]
     assert best == sorted(best)                       # keep-best never gets worse
 
 

@@ -253,9 +253,10 @@ def cem_search(score_fn: Callable[[torch.Tensor], tuple], shape: Sequence[int],
         mean = elites_t.mean(0)
         std = (elites_t.std(0, unbiased=False) if elites.shape[0] > 1
                else torch.zeros_like(mean)).clamp(min=cfg.min_std)
-        rec = {"iteration": it, "best_accuracy": best_key[0], "best_tiebreak": best_key[1],
-               "gen_best_accuracy": key[0], "pop_mean_accuracy": float(acc.mean()),
-               "elite_mean_accuracy": float(acc[order[:cfg.num_elites]].mean()),
+        # scores by the search's objective (accuracy, or mean log-likelihood of the answers)
+        rec = {"iteration": it, "best_score": best_key[0], "best_tiebreak": best_key[1],
+               "gen_best_score": key[0], "pop_mean_score": float(acc.mean()),
+               "elite_mean_score": float(acc[order[:cfg.num_elites]].mean()),
                "mean": mean.tolist(), "std_mean": float(std.mean()),
                "elapsed_s": time.perf_counter() - t0}
         history.append(rec)
