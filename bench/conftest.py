@@ -1,3 +1,7 @@
+"""Benchmarks run compiled Triton kernels on CUDA and the interpreter on the CPU (an explicit
+``TRITON_INTERPRET`` in the environment wins)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if __import__("torch").cuda.is_available() else "1")
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")

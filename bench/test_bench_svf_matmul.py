@@ -1,8 +1,19 @@
-"""pytest-benchmark comparisons of the SVF paths (``pytest bench/ --benchmark-only``).
+"""pytest-benchmark comparisons of the SVF paths: ``make bench`` (saves a JSON run),
+``make bench-compare`` (reruns and compares against the last saved run).
 
-On a GPU: Llama-3-8B matrices in bf16, decode (T = 16) and prefill (T = 4096), S = T mixtures.
-On the CPU: the scaled-down ``cpu-small`` dims in float32; the triton backend runs only at decode
-size there (through the interpreter, so its CPU time says nothing about GPU speed).
+One benchmark group per (matrix shape, T), each holding the same four implementations on the
+same problem (S = min(T, 16) distinct mixtures), so the ratio column of a group compares like
+with like:
+
+    dense        x @ Wᵀ, the base layer (the floor for any SVF path)
+    composition  the torch composition ``((x @ Vhᵀ) * (S ⊙ Z[idx])) @ Uᵀ``
+    triton       t2fast's kernels with a per-slot z table
+    triton-mix   t2fast's kernels mixing z from α and an expert bank inside the kernel
+
+On CUDA: the Llama-3-8B matrix shapes in bf16 at T = 1, 16, 64 and 4096, kernels compiled.
+On the CPU: the scaled-down ``cpu-small`` shapes in float32 at T = 1 and 16, the kernels
+through Triton's interpreter (a few rounds each): the CPU table checks that the comparison runs
+and says nothing about GPU speed.
 """
 import pytest
 import torch
@@ -13,46 +24,53 @@ from shapes import projections
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
-MATRICES = projections("llama3-8b" if CUDA else "cpu-small")
-CASES = [(mat, T) for mat in ("q", "k", "down") for T in ((16, 4096) if CUDA else (16, 256))]
+MODEL = "llama3-8b" if CUDA else "cpu-small"
+#: Distinct matrix shapes of a Llama layer (v has k's shape, o q's, up gate's).
+MATRICES = {name: projections(MODEL)[name] for name in ("q", "k", "gate", "down")}
+TOKENS = (1, 16, 64, 4096) if CUDA else (1, 16)
+CASES = [(mat, T) for mat in MATRICES for T in TOKENS]
+IMPLS = {"dense": B.dense, "composition": B.torch_composition, "triton": B.svf_triton,
+         "triton-mix": B.svf_triton_mix}
+#: Rounds of an interpreted kernel call on the CPU (each takes 0.05-1.5 s).
+INTERPRETER_ROUNDS = 3
 
 
-def _run(benchmark, fn, *args):
-    if CUDA:
-        torch.cuda.synchronize()
-
-        def call():
-            out = fn(*args)
-            torch.cuda.synchronize()
-            return out
-        return benchmark(call)
-    return benchmark(fn, *args)
+def group_name(mat: str, T: int) -> str:
+    """The benchmark group of a case: model, matrix, its shape (m x n) and T."""
+    m, n = MATRICES[mat]
+    return f"{MODEL} {mat} {m}x{n} T={T}"
 
 
-@pytest.fixture(params=CASES, ids=lambda c: f"{c[0]}-T{c[1]}")
-def problem(request):
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{MODEL}-{c[0]}-T{c[1]}")
+def case(request):
     mat, T = request.param
     m, n = MATRICES[mat]
-    return B.make_problem(m, n, T, slots=min(T, 16 if T > 64 else T), dtype=DTYPE, device=DEVICE)
+    problem = B.make_problem(m, n, T, slots=min(T, 16), dtype=DTYPE, device=DEVICE)
+    return group_name(mat, T), problem, B.unfused_torch(problem).float()
 
 
-@pytest.mark.benchmark(group="svf")
-@pytest.mark.parametrize("impl", ["dense", "torch_composition", "unfused_torch",
-                                  "materialize_per_mixture",
-                                  "svf_triton", "svf_triton_mix"])
-def test_svf_paths(benchmark, problem, impl):
-    T = problem.x.shape[0]
-    if impl.startswith("svf_triton") and not CUDA and T > 16:
-        pytest.skip("interpreter runs the kernels only at decode size on the CPU")
-    fn = getattr(B, impl)
-    y = _run(benchmark, fn, problem)
-    if impl != "dense":   # every SVF path computes the same thing
-        ref = B.unfused_torch(problem).float()
-        assert (y.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
+def _timed(benchmark, impl: str, fn, problem):
+    if CUDA:
+        def call():
+            out = fn(problem)
+            torch.cuda.synchronize()
+            return out
+        fn(problem)                               # compile before timing
+        torch.cuda.synchronize()
+        return benchmark(call)
+    if impl.startswith("triton"):                 # the interpreter: a few rounds, not seconds
+        return benchmark.pedantic(fn, args=(problem,), rounds=INTERPRETER_ROUNDS,
+                                  warmup_rounds=1)
+    return benchmark(fn, problem)
 
 
-@pytest.mark.benchmark(group="svf")
-def test_merged_single_mixture(benchmark, problem):
-    from t2fast import ops
-    W = ops.svf_merge(problem.U, problem.S, problem.Z[0], problem.Vh, backend="torch")
-    _run(benchmark, B.merged_dense, problem, W)
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_svf(benchmark, case, impl):
+    group, problem, ref = case
+    benchmark.group = group
+    benchmark.extra_info.update(impl=impl, device=DEVICE, dtype=str(DTYPE).removeprefix("torch."),
+                                T=problem.x.shape[0], m=problem.U.shape[0],
+                                n=problem.Vh.shape[1], slots=problem.Z.shape[0])
+    y = _timed(benchmark, impl, IMPLS[impl], problem).float()
+    if impl != "dense":   # every SVF path computes the same thing (dense is the base layer)
+        assert (y - ref).abs().max() <= 2e-2 * ref.abs().max()

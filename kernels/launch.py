@@ -1,4 +1,5 @@
-"""Launch helpers shared by the SVF ops: interpreter detection, dot precision, launch options.
+"""Launch helpers shared by the SVF ops: interpreter detection, dot precision, launch options,
+64-bit offsets, the grouped factor layout (:func:`pack_factors`). No Triton import here.
 
 The ops themselves live one per file (:mod:`.svf_matmul`, :mod:`.scaled_matmul`): kernel body,
 launcher and custom op together. Nothing here synchronizes with the host.
@@ -49,3 +50,28 @@ def needs_offset_64(*tensors: torch.Tensor) -> bool:
     (e.g. x [T, n] or y [T, m] once T·n or T·m reaches 2^31), so the kernel computes offsets in
     int64. Decided from shapes and strides on the host: no device sync."""
     return any(max_offset(t) > INT32_MAX for t in tensors)
+
+
+# Matrices one grouped expand serves (q, k, v).
+MAX_SLICES = 3
+
+
+def pack_factors(Us) -> list[torch.Tensor]:
+    """The group's U_i [m_i, r_i] as views of one contiguous buffer (what the grouped expand
+    reads); each slice starts at a multiple of 16 elements. Layers pack once at load
+    time; :func:`.svf_matmul.svf_expand` packs (copies) only matrices that are not packed yet.
+    Plain torch, here beside the launch helpers so that layers stack their factors (through
+    :func:`t2fast.ops.stack_group`) without importing Triton."""
+    Us = list(Us)
+    sizes = [U.numel() for U in Us]
+    starts, at = [], 0
+    for n in sizes:
+        starts.append(at)
+        at += -(-n // 16) * 16
+    flat = torch.empty(at, device=Us[0].device, dtype=Us[0].dtype)
+    views = []
+    for U, start, n in zip(Us, starts, sizes):
+        v = flat[start:start + n].view(U.shape)
+        v.copy_(U)
+        views.append(v)
+    return views

@@ -39,12 +39,9 @@ import triton.language as tl
 
 from . import configs
 from .configs import SVFPlan, TileConfig
-from .launch import INT32_MAX, dot_fp32, interpreter_active, launch_options, needs_offset_64
+from .launch import (INT32_MAX, MAX_SLICES, dot_fp32, interpreter_active, launch_options,
+                     needs_offset_64, pack_factors)
 from .tile_utils import reduce_tile, tile_offsets
-
-# Matrices one grouped expand serves (q, k, v).
-MAX_SLICES = 3
-
 
 @triton.jit(do_not_specialize=["T"])
 def svf_shrink_kernel(
@@ -194,25 +191,6 @@ def svf_shrink(x, Vh, S, idx, Z=None, alpha=None, bank=None, tile: TileConfig | 
         MIX=mix, DOT_FP32=dot_fp32(Vh.dtype), OFFSET_64=needs_offset_64(x, Vh, out),
         **tile.meta(), **launch_options(tile))
     return out
-
-
-def pack_factors(Us) -> list[torch.Tensor]:
-    """The group's U_i [m_i, r_i] as views of one contiguous buffer (what the grouped expand
-    reads); each slice starts at a multiple of 16 elements. Layers pack once at load
-    time; :func:`svf_expand` packs (copies) only matrices that are not packed yet."""
-    Us = list(Us)
-    sizes = [U.numel() for U in Us]
-    starts, at = [], 0
-    for n in sizes:
-        starts.append(at)
-        at += -(-n // 16) * 16
-    flat = torch.empty(at, device=Us[0].device, dtype=Us[0].dtype)
-    views = []
-    for U, start, n in zip(Us, starts, sizes):
-        v = flat[start:start + n].view(U.shape)
-        v.copy_(U)
-        views.append(v)
-    return views
 
 
 def _slices(Us) -> tuple[list[torch.Tensor], torch.Tensor, list[int]]:

@@ -4,9 +4,9 @@
 
 1. Loads the bundled tiny Llama (``t2fast.models.load_tiny``) — or, with ``--random`` or when
    the bundled weights are missing, a randomly initialised model of the same shape.
-2. Decomposes every attention and MLP projection (SVD cache on disk) and loads the experts
-   shipped under ``experts/`` (one per training family); families without a shipped expert get
-   a random stand-in expert, and the output says so.
+2. Decomposes every attention and MLP projection (SVD cache on disk) and loads the shipped
+   experts (``t2fast.models.tiny_experts()``: one per training family); families without a
+   shipped expert that fits the model get a random stand-in expert, and the output says so.
 3. Serves one batch of test prompts from all training families in which each row uses the
    expert of its family, next to the base model, and prints prompts, experts, answers, the
    accuracy per family (base vs experts) and a timing table (base weights, per-row experts
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -24,11 +23,9 @@ from tqdm.auto import tqdm
 import t2fast
 from t2fast.experts import Expert, load_expert
 from t2fast.generation import generate
-from t2fast.models import load_tiny, random_tiny_llama, tiny_model_path
+from t2fast.models import load_tiny, random_tiny_llama, tiny_experts, tiny_model_path
 from t2fast.models.tiny import build_char_tokenizer
 from t2fast.tasks import TRAIN_FAMILIES, get_task
-
-EXPERT_DIRS = (Path.cwd() / "experts", Path(__file__).resolve().parents[1] / "experts")
 
 
 def _load_model(random_model: bool):
@@ -42,15 +39,14 @@ def _load_model(random_model: bool):
 def _experts_for(handle, families) -> tuple[list[Expert], dict[str, str]]:
     """Shipped experts named after the families, random stand-ins for the rest."""
     found, origin = {}, {}
-    for d in EXPERT_DIRS:
-        for path in sorted(d.glob("*.safetensors")) if d.is_dir() else []:
-            name = path.stem
-            if name in families and name not in found:
-                try:
-                    found[name] = load_expert(path, handle.decomposition.factors)
-                    origin[name] = str(path.relative_to(d.parent))
-                except t2fast.T2FileError as exc:
-                    print(f"  skipping {path.name}: {exc}")
+    shipped = tiny_experts()
+    for name in families:
+        if name in shipped:
+            try:
+                found[name] = load_expert(shipped[name], handle.decomposition.factors)
+                origin[name] = str(shipped[name])
+            except t2fast.T2FileError as exc:
+                print(f"  skipping {shipped[name].name}: {exc}")
     for i, fam in enumerate(families):
         if fam not in found:
             stand_in = Expert.random(fam, handle.decomposition.factors, scale=0.05, seed=i)

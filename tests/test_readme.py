@@ -7,11 +7,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ten_line_example_prints_the_documented_answers(monkeypatch):
+def ten_line_example() -> tuple[str, str]:
+    """The README's ten-line example: its code and the output the README says it prints."""
     text = (ROOT / "README.md").read_text()
     section = text.split("## Ten lines", 1)[1].split("\n## ", 1)[0]
     code, printed = re.findall(r"```(?:python|text)\n(.*?)```", section, re.S)
-    monkeypatch.chdir(ROOT)
+    return code, printed
+
+
+def test_ten_line_example_prints_the_documented_answers(monkeypatch, tmp_path):
+    code, printed = ten_line_example()
+    monkeypatch.chdir(tmp_path)                      # runs from any folder
     # as a user on a CPU runs it: the torch backend, not the (slow) Triton interpreter
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     out = io.StringIO()

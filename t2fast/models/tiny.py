@@ -58,6 +58,33 @@ def tiny_model_path() -> pathlib.Path:
     return _ASSET_DIR
 
 
+#: The shipped experts: in an installed wheel ``t2fast/assets/experts/`` (setup.py puts them
+#: there), in a source checkout the repository's ``experts/`` folder (their source).
+_EXPERT_DIRS = (_ASSET_DIR.parent / "experts",
+                pathlib.Path(__file__).resolve().parents[2] / "experts")
+
+
+def tiny_experts() -> dict[str, pathlib.Path]:
+    """The SVF experts shipped for the bundled model, ``{name: path to .safetensors}``: one per
+    training family (``arith``, ``strings``, ``choice``) and the classification expert
+    (``classify``), trained by ``scripts/make_results.py --train``."""
+    for folder in _EXPERT_DIRS:
+        found = sorted(folder.glob("*.safetensors"))
+        if found:
+            return {path.stem: path for path in found}
+    raise FileNotFoundError(f"no shipped experts in {' or '.join(map(str, _EXPERT_DIRS))}; "
+                            f"reinstall t2fast, or train them with `t2fast train`")
+
+
+def tiny_expert(name: str) -> pathlib.Path:
+    """Path of the shipped expert ``name`` (see :func:`tiny_experts`), e.g. for
+    ``t2fast.patch_model(model, experts=[tiny_expert("arith")])``."""
+    experts = tiny_experts()
+    if name not in experts:
+        raise ValueError(f"name must be one of the shipped experts {sorted(experts)}, got {name!r}")
+    return experts[name]
+
+
 def build_char_tokenizer():
     """The character-level tokenizer as a ``PreTrainedTokenizerFast``.
 

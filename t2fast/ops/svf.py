@@ -36,12 +36,16 @@ from __future__ import annotations
 import torch
 
 from ..config import BACKENDS
-from ..kernels import launch, scaled_matmul
-from ..kernels import svf_matmul as svf_kernels
-from ..kernels.svf_matmul import MAX_SLICES
-from . import custom_ops, reference, torch_backend
+from ..kernels import launch
+from ..kernels.launch import MAX_SLICES
+from ..triton_import import LazyModule, load_kernels, triton_available
+from . import reference, torch_backend
 from .checks import (INDEX_DTYPES, KERNEL_DTYPES, check_dim, check_finite, check_index_range,
                      check_same_device, check_svf_factors, check_tensor)
+
+# Imported with Triton on first use (the custom ops too: t2fast.triton_import.load_kernels), so
+# the torch backend runs where Triton is not installed.
+scaled_matmul = LazyModule("t2fast.kernels.scaled_matmul")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -50,12 +54,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     backend per token count (see the module docstring)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    kernels_can_run = device.type == "cuda" or launch.interpreter_active()
     if backend == "auto":
-        return "triton" if device.type == "cuda" or launch.interpreter_active() else "torch"
-    if backend == "triton" and device.type != "cuda" and not launch.interpreter_active():
+        backend = "triton" if kernels_can_run and triton_available() else "torch"
+    elif backend == "triton" and not kernels_can_run:
         raise ValueError(f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run the "
                          f"kernels on the CPU through Triton's interpreter; tensors are on "
                          f"{device}. Use backend='torch' or 'auto'.")
+    if backend == "triton":
+        load_kernels()
     return backend
 
 
@@ -232,7 +239,7 @@ def stack_group(Us, Ss, Vhs):
     if not 1 <= len(Us) == len(Ss) == len(Vhs) <= MAX_SLICES:
         raise ValueError(f"a group has 1 to {MAX_SLICES} slices, each with U, S and Vh; got "
                          f"{len(Us)} U, {len(Ss)} S and {len(Vhs)} Vh")
-    return (svf_kernels.pack_factors(Us), torch.cat([S.reshape(-1) for S in Ss]),
+    return (launch.pack_factors(Us), torch.cat([S.reshape(-1) for S in Ss]),
             torch.cat(list(Vhs)).contiguous())
 
 
