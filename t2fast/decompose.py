@@ -134,8 +134,10 @@ def check_factors(weight: torch.Tensor, factors: SVDFactors, rtol: float) -> str
 
 
 def default_cache_dir() -> Path:
-    """``$T2FAST_CACHE/svd`` or ``~/.cache/t2fast/svd``."""
-    root = os.environ.get("T2FAST_CACHE") or Path.home() / ".cache" / "t2fast"
+    """``$T2FAST_CACHE/svd``, else ``$XDG_CACHE_HOME/t2fast/svd``, else ``~/.cache/t2fast/svd``
+    (an empty variable counts as unset, as the XDG base directory spec says)."""
+    root = os.environ.get("T2FAST_CACHE") or \
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "t2fast"
     return Path(root) / "svd"
 
 

@@ -38,3 +38,17 @@ def test_cache_works_under_a_bf16_default_dtype(tmp_path):
     assert torch.equal(first.S, again.S)
     rel = (again.reconstruct() - w.float()).norm() / w.float().norm()
     assert rel < 1e-5
+
+
+def test_default_cache_dir_follows_t2fast_cache_then_xdg_cache_home(monkeypatch, tmp_path):
+    from t2fast.decompose import default_cache_dir
+    monkeypatch.delenv("T2FAST_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "t2fast" / "svd"
+    monkeypatch.setenv("XDG_CACHE_HOME", "")                 # empty: unset (XDG spec)
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "t2fast" / "svd"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "t2fast" / "svd"
+    monkeypatch.setenv("T2FAST_CACHE", str(tmp_path / "t2"))
+    assert default_cache_dir() == tmp_path / "t2" / "svd"
