@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.t2fast-installed
 
-.PHONY: demo test test-triton36 bench bench-compare dist results install clean-venv
+.PHONY: demo test test-newest test-triton36 bench bench-compare dist results install clean-venv
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,25 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+# The tests that do not need vLLM, in a second environment (.venv-newest) with the newest torch,
+# transformers and triton on PyPI (no pip constraint file applies; the CUDA build of torch, run
+# on the CPU). Fails if any of the three is not the newest release, or after NEWEST_TIMEOUT s.
+NEWEST         := .venv-newest
+NEWEST_PIP      = PIP_CONSTRAINT=/dev/null $(NEWEST)/bin/pip
+NEWEST_TESTS   ?= -m "not vllm and not slow"
+NEWEST_TIMEOUT ?= 1800
+test-newest:
+	test -x $(NEWEST)/bin/python || $(PYTHON) -m venv $(NEWEST)
+	$(NEWEST_PIP) install -q --upgrade pip "setuptools>=77" wheel
+	$(NEWEST_PIP) install -q --upgrade torch transformers triton
+	$(NEWEST_PIP) install -q -e ".[test,peft]"
+	$(NEWEST_PIP) list --outdated --format=json | $(NEWEST)/bin/python -c "import json, sys; \
+	    old = [p for p in json.load(sys.stdin) if p['name'] in ('torch', 'transformers', 'triton')]; \
+	    sys.exit(f'not the newest release: {old}' if old else 0)"
+	$(NEWEST)/bin/python -c "import torch, transformers, triton; print('newest environment: torch', \
+	    torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+	TRITON_INTERPRET=1 timeout $(NEWEST_TIMEOUT) $(NEWEST)/bin/python -m pytest -q $(NEWEST_TESTS)
 
 # The kernel tests and the sm_90 compile gate again under Triton 3.6 (the GPU machine's), in
 # .venv36 layered on .venv (scripts/test_triton36.sh; --registers adds the register table).
@@ -65,4 +84,4 @@ results: $(STAMP)
 	$(BIN)/python scripts/make_results.py $(RESULTS_FLAGS)
 
 clean-venv:
-	rm -rf $(VENV) .venv36
+	rm -rf $(VENV) $(NEWEST) .venv36
