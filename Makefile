@@ -72,11 +72,12 @@ bench-compare: $(STAMP)
 	$(BENCH) --benchmark-compare$(if $(BENCH_COMPARE),=$(BENCH_COMPARE)) \
 	    $(if $(BENCH_FAIL),--benchmark-compare-fail=$(BENCH_FAIL))
 
-# The wheel (with the tiny model and the shipped experts) and the sdist (with the tests).
+# The sdist (the whole project, tests included) and the wheel built from it (the package with
+# the tiny model and the shipped experts), as `python -m build` makes them.
 dist: $(STAMP)
 	rm -rf dist
-	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
 	$(BIN)/python -c "from setuptools import build_meta as b; b.build_sdist('dist')"
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist dist/t2fast-*.tar.gz
 
 # The tiny world's quality table from the shipped experts (trains nothing; RESULTS_FLAGS=--train
 # rebuilds the experts first). Writes results/README.md and results/results.json.

@@ -31,3 +31,18 @@ def test_bench_groups_hold_the_four_paths_of_one_problem(tmp_path):
         assert len(problems) == 1, (name, problems)
         assert all(b["stats"]["min"] > 0 for b in members)
     assert run["machine_info"] and run["commit_info"]     # provenance saved with the times
+
+
+def test_readme_bench_table_is_the_saved_run():
+    """The README's CPU table was printed by the run saved beside it (min, median, rounds)."""
+    readme = (ROOT / "README.md").read_text()
+    run = readme.split("(`bench/results/pytest-benchmark/cpu/", 1)[1].split("`", 1)[0]
+    saved = ROOT / "bench" / "results" / "pytest-benchmark" / "cpu" / run
+    stats = {b["name"]: b["stats"] for b in json.loads(saved.read_text())["benchmarks"]}
+    table = readme.split("benchmark 'cpu-small", 1)[1].split("```", 1)[0]
+    rows = [line.split() for line in table.splitlines() if line.startswith("test_svf[")]
+    assert len(rows) == 4
+    for name, mn, _, med, _, _, _, rounds in rows:
+        s = stats[name]
+        assert (mn, med) == (f"{s['min'] * 1e6:,.4f}", f"{s['median'] * 1e6:,.4f}"), name
+        assert int(rounds) == s["rounds"]

