@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from t2fast.models import (BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_char_tokenizer,
-                           generate_greedy, load_tiny, random_tiny_llama, tiny_model_path)
+                           generate_greedy, load_tiny, random_tiny_llama, tiny_expert,
+                           tiny_experts, tiny_model_path)
 from t2fast.tasks import TRAIN_FAMILIES, format_prompt, get_task
 
 FIX = pathlib.Path(__file__).parent / "fixtures"
@@ -22,6 +23,19 @@ GREEDY = json.loads((FIX / "tiny_greedy.json").read_text())
 def tiny():
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     return load_tiny()
+
+
+def test_shipped_experts_fit_the_bundled_model(tiny, tmp_path):
+    """``tiny_expert(name)`` gives each shipped expert's file (checked against the model on
+    load); an unknown name is an error that lists the shipped ones."""
+    from t2fast.decompose import decompose_model
+    from t2fast.experts import load_expert
+    assert sorted(tiny_experts()) == ["arith", "choice", "classify", "strings"]
+    factors = decompose_model(tiny[0], cache_dir=tmp_path, progress=False).factors
+    for name in tiny_experts():
+        assert load_expert(tiny_expert(name), factors).name == name
+    with pytest.raises(ValueError, match=r"name must be one of the shipped experts \['arith'"):
+        tiny_expert("math")
 
 
 def test_bundled_files():
