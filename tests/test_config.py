@@ -169,6 +169,7 @@ def test_command_line_flags_are_svf_fields():
     assert seen >= 6
 
 
+@pytest.mark.vllm    # t2fast.serve.cli.vllm_arguments parses vLLM's own flags
 def test_serve_flags_reach_the_engine_settings(tmp_path):
     from t2fast.cli import build_parser
     from t2fast.serve.cli import vllm_arguments

@@ -164,6 +164,7 @@ def test_serve_config():
         ServeConfig(adapt_template="chatml")
 
 
+@pytest.mark.vllm    # t2fast.serve.cli.vllm_arguments parses vLLM's own flags
 def test_serve_command_line_parses_and_refuses_owned_vllm_options(tmp_path):
     from t2fast.cli import build_parser
     from t2fast.serve.cli import _named, vllm_arguments
