@@ -7,7 +7,7 @@
 #   decode  the decode step of the full Llama-3-8B (32 layers, vocabulary 128256) at batch
 #           1/8/32/64: unpatched, per-row mixtures, one merged mixture
 #   tune    tuning of the deterministic plans of the Llama-3-8B layer ops at buckets 16, 64 and
-#           4096 ($OUT/sm90.json: copy it to kernels/configs/)
+#           4096 ($OUT/sm90.json: copy it to t2fast/kernels/configs/)
 # Everything goes to $OUT (default bench/results); at most 8 files come back from a device run,
 # so the benchmarks share one log. Each step has its own time limit (tests 120 s, sweep 150 s,
 # decode 270 s: 9 minutes for the default steps) so a slow one cannot starve the rest; the tuner
@@ -44,7 +44,7 @@ for step in $STEPS; do
       timeout 270 python3 bench/decode_step.py --batch 1 8 32 64 --reps 3 --out "$OUT" \
           >> "$LOG" 2>&1; echo "decode rc=$?" >> "$LOG" ;;
     tune)
-      cp kernels/configs/sm90.json "$OUT/sm90.json"
+      cp t2fast/kernels/configs/sm90.json "$OUT/sm90.json"
       timeout "${TUNE_S:-150}" python3 bench/tune_svf.py --update --quick --model llama3-8b \
           --buckets 16 64 4096 --out "$OUT/sm90.json" >> "$LOG" 2>&1
       echo "tune rc=$?" >> "$LOG" ;;

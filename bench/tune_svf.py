@@ -25,8 +25,8 @@ cannot regress a table:
   composition joins that race and wins ties (``backend`` "torch" unless the kernels are strictly
   faster).
 
-Tuning runs offline, never on a user's hot path; ``kernels/configs/README.md`` says how tables
-are found.
+Tuning runs offline, never on a user's hot path; ``t2fast/kernels/configs/README.md`` says how
+tables are found.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
 
 Run it with each Triton version we support (``scripts/test_triton36.sh --registers`` runs it
 under Triton 3.6): the gate itself only says pass or fail. ``--compare`` puts the ``--json`` of
-another version's run beside this one's (``kernels/configs/registers-sm90.md``).
+another version's run beside this one's (``t2fast/kernels/configs/registers-sm90.md``).
 """
 from __future__ import annotations
 

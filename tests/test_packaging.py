@@ -59,7 +59,6 @@ def test_wheel_holds_the_package_the_tiny_world_and_the_license(dist):
         licenses = [n for n in whl.namelist() if n.endswith(".dist-info/licenses/LICENSE")]
     tracked = tracked_files()
     expected = ({f for f in tracked if f.startswith("t2fast/")}
-                | {"t2fast/" + f for f in tracked if f.startswith("kernels/")}
                 | {f"t2fast/assets/experts/{e}.safetensors" for e in SHIPPED_EXPERTS})
     assert names == expected, (f"missing {sorted(expected - names)[:10]}, "
                                f"unexpected {sorted(names - expected)[:10]} (setup.py)")
