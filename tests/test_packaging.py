@@ -119,3 +119,11 @@ def test_ci_runs_the_readme_test_command_first_then_the_newest_releases():
     steps = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
              if line and not line.startswith(("#", "set ", "cd "))]
     assert test_command == ["make test"] and steps == ["make test", "make test-newest"]
+
+
+def test_the_checkout_root_holds_no_package_but_t2fast():
+    """Where the checkout root is on sys.path (``python -m pytest``, ``make demo``), a top-level
+    package would shadow an installed one of that name: a ``kernels/`` folder hid PyPI's
+    ``kernels``, which transformers imports when it loads a model."""
+    packages = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file())
+    assert packages == ["t2fast"]
