@@ -6,9 +6,10 @@ import sys
 import textwrap
 
 
-# Every module is importable without Triton except the kernels and the vLLM / serving layers
-# (vLLM itself needs Triton).
-NEEDS_TRITON = ("t2fast.kernels", "t2fast.vllm", "t2fast.serve")
+# Every module is importable without Triton except the kernels, their custom ops (imported by
+# t2fast.triton_import.load_kernels when the triton backend first runs) and the vLLM / serving
+# layers (vLLM itself needs Triton).
+NEEDS_TRITON = ("t2fast.kernels", "t2fast.ops.custom_ops", "t2fast.vllm", "t2fast.serve")
 
 SCRIPT = textwrap.dedent("""
     import importlib, importlib.abc, os, pathlib, sys
@@ -36,7 +37,7 @@ SCRIPT = textwrap.dedent("""
     with torch.no_grad():
         base = model(ids).logits
         handle = t2fast.patch_model(model, experts=[tiny_expert("arith")], backend="torch")
-        handle.set_mixture(["arith"])
+        handle.set_mixture(rows=["arith"])
         adapted = model(ids).logits
         assert torch.isfinite(adapted).all() and not torch.equal(adapted, base)
         handle.restore()
@@ -46,7 +47,7 @@ SCRIPT = textwrap.dedent("""
     assert t2fast.ops.resolve_backend("auto", torch.device("cpu")) == "torch"
     handle = t2fast.patch_model(model, experts=[tiny_expert("arith")], backend="triton")
     try:
-        handle.set_mixture(["arith"])           # builds the merged weight through the backend
+        handle.set_mixture(rows=["arith"])      # the factored path: the kernels per row
         with torch.no_grad():
             model(ids)
     except ImportError as exc:
