@@ -14,7 +14,7 @@ setup(
     packages=library + ["t2fast.assets.experts"],
     package_dir={"t2fast.assets.experts": "experts"},
     package_data={"t2fast": ["assets/tiny_llama/*"],
-                  "t2fast.kernels": ["configs/*.json", "configs/README.md"],
+                  "t2fast.kernels": ["configs/*.json", "configs/*.md"],
                   "t2fast.assets.experts": ["*.safetensors"]},
     include_package_data=False,
 )
