@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import ops
 from .config import SVFConfig
 from .decompose import Decomposition, SVDFactors, decompose_model
 from .experts import (Expert, ExpertBank, Fingerprint, check_unique_names, expert_targets,
@@ -527,6 +528,9 @@ def patch_model(model: nn.Module, experts=(), targets=None, layers=None, *,
                                                                   default.layers)):
         targets = _expert_targets(model, sources)
     config = SVFConfig.build(config, mixture_bounds, targets=targets, layers=layers, **settings)
+    # A backend that cannot run here (no Triton, no CUDA) fails now, before the SVD.
+    ops.resolve_backend(config.backend, next((p.device for p in model.parameters()),
+                                             torch.device("cpu")))
     decomposition = decompose_model(model, config.targets, config.layers,
                                     cache_dir=config.svd_cache_dir(), progress=progress,
                                     like_weights=True)
