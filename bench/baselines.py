@@ -61,16 +61,6 @@ def make_problem(m, n, T, slots, dtype=torch.bfloat16, device="cpu", K=4, seed=0
                    (alpha @ bank).to(device), alpha.to(device), bank.to(device), idx.to(device))
 
 
-def l2_cold_problems(m, n, T, dtype, device, with_dense: bool = True) -> list[Problem]:
-    """Distinct copies of one problem (seeds 0, 1, ...), enough that the weights a timed call
-    reads — U and Vh, and W too when ``with_dense`` — exceed the GPU's L2 several times."""
-    first = make_problem(m, n, T, T, dtype=dtype, device=device)
-    weight_bytes = first.bytes_factors + (first.W.numel() * first.W.element_size()
-                                          if with_dense else 0)
-    return [first] + [make_problem(m, n, T, T, dtype=dtype, device=device, seed=s)
-                      for s in range(1, l2_cold_copies(weight_bytes))]
-
-
 def dense(p: Problem):
     """The base layer: x @ Wᵀ (cuBLAS / MKL). The floor for any SVF path."""
     return p.x @ p.W.T
@@ -112,11 +102,6 @@ def materialize_per_mixture(p: Problem):
         w = (p.U * (p.S * p.Z[s]).to(p.U.dtype)) @ p.Vh
         y[rows] = p.x[rows] @ w.T
     return y
-
-
-def merged_dense(p: Problem, W_merged: torch.Tensor):
-    """Single-mixture fast path: the merged W' (built once per mixture) applied densely."""
-    return p.x @ W_merged.T
 
 
 # ---------------------------------------------------------------- groups (one op per input)

@@ -1,12 +1,14 @@
 """pytest-benchmark comparisons of the SVF paths: ``make bench`` (saves a JSON run),
 ``make bench-compare`` (reruns and compares against the last saved run).
 
-One benchmark group per (matrix shape, T), each holding the same four implementations on the
+One benchmark group per (matrix shape, T), each holding the same five implementations on the
 same problem (S = min(T, 16) distinct mixtures), so the ratio column of a group compares like
 with like:
 
     dense        x @ Wᵀ, the base layer (the floor for any SVF path)
     composition  the torch composition ``((x @ Vhᵀ) * (S ⊙ Z[idx])) @ Uᵀ``
+    materialize  W' = U diag(σ ⊙ z_s) Vh built for each distinct mixture s and applied to its
+                 tokens: what per-request mixtures cost without the factored kernels
     triton       t2fast's kernels with a per-slot z table
     triton-mix   t2fast's kernels mixing z from α and an expert bank inside the kernel
 
@@ -29,7 +31,8 @@ MODEL = "llama3-8b" if CUDA else "cpu-small"
 MATRICES = {name: projections(MODEL)[name] for name in ("q", "k", "gate", "down")}
 TOKENS = (1, 16, 64, 4096) if CUDA else (1, 16)
 CASES = [(mat, T) for mat in MATRICES for T in TOKENS]
-IMPLS = {"dense": B.dense, "composition": B.torch_composition, "triton": B.svf_triton,
+IMPLS = {"dense": B.dense, "composition": B.torch_composition,
+         "materialize": B.materialize_per_mixture, "triton": B.svf_triton,
          "triton-mix": B.svf_triton_mix}
 #: Rounds of an interpreted kernel call on the CPU (each takes 0.05-1.5 s).
 INTERPRETER_ROUNDS = 3

@@ -1,5 +1,5 @@
 """The pytest-benchmark comparisons (``make bench``) write a JSON run in which every group is one
-(shape, T) holding the same four implementations on the same problem, so ratios compare like
+(shape, T) holding the same five implementations on the same problem, so ratios compare like
 with like. Runs the smallest CPU groups (the kernels through Triton's interpreter)."""
 import json
 import pathlib
@@ -8,10 +8,10 @@ import sys
 from collections import defaultdict
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-IMPLS = {"dense", "composition", "triton", "triton-mix"}
+IMPLS = {"dense", "composition", "materialize", "triton", "triton-mix"}
 
 
-def test_bench_groups_hold_the_four_paths_of_one_problem(tmp_path):
+def test_bench_groups_hold_the_five_paths_of_one_problem(tmp_path):
     out = tmp_path / "run.json"
     res = subprocess.run(
         [sys.executable, "-m", "pytest", "bench/test_bench_svf_matmul.py", "--benchmark-only",
@@ -41,7 +41,7 @@ def test_readme_bench_table_is_the_saved_run():
     stats = {b["name"]: b["stats"] for b in json.loads(saved.read_text())["benchmarks"]}
     table = readme.split("benchmark 'cpu-small", 1)[1].split("```", 1)[0]
     rows = [line.split() for line in table.splitlines() if line.startswith("test_svf[")]
-    assert len(rows) == 4
+    assert len(rows) == len(IMPLS)
     for name, mn, _, med, _, _, _, rounds in rows:
         s = stats[name]
         assert (mn, med) == (f"{s['min'] * 1e6:,.4f}", f"{s['median'] * 1e6:,.4f}"), name
