@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NoReturn
 
-from .cli_types import (DTYPES, attention, check_model_placement, device, existing_file,
-                        existing_path, integer, model_spec, output_file, output_path,
-                        parse_random, real, task_name)
+from .cli_types import (DTYPES, attention, check_model_placement, choice_or_named, device,
+                        existing_file, existing_path, integer, model_spec, output_file,
+                        output_path, parse_random, real, task_name)
 from .config import BACKENDS, SVFConfig
 from .targets import HALVES, PRESETS
 
@@ -452,12 +452,8 @@ def profile_weights(spec, experts: list[str]) -> tuple[list, list[str]]:
     return cols, names
 
 
-def strategy(text: str) -> str:
-    """An ``adapt --strategy``: one of :data:`STRATEGIES` or ``expert:NAME``."""
-    if text in STRATEGIES or (text.startswith("expert:") and len(text) > len("expert:")):
-        return text
-    raise argparse.ArgumentTypeError(f"expected one of {', '.join(STRATEGIES)} or expert:NAME, "
-                                     f"got {text!r}")
+#: An ``adapt --strategy``: one of :data:`STRATEGIES` or ``expert:NAME``.
+strategy = choice_or_named(STRATEGIES, "expert")
 
 
 def _adapt_args(p: argparse.ArgumentParser) -> None:

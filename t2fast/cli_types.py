@@ -119,6 +119,18 @@ def existing_path(what: str = "file or folder"):
     return parse
 
 
+def choice_or_named(choices, prefix: str):
+    """One of ``choices`` or ``PREFIX:NAME`` with a non-empty NAME (``--strategy expert:arith``,
+    ``--adapt profile:fast``)."""
+    def parse(text: str) -> str:
+        if text in choices or (text.startswith(f"{prefix}:") and len(text) > len(prefix) + 1):
+            return text
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)} or "
+                                         f"{prefix}:NAME, got {text!r}")
+    parse.__name__ = f"one of {', '.join(choices)} or {prefix}:NAME"
+    return parse
+
+
 def model_spec(text: str) -> str:
     """``tiny``, ``random[:SEED[:LAYERS]]`` or a local Hugging Face model folder."""
     why = ("'tiny', 'random[:SEED[:LAYERS]]' (integers, LAYERS >= 1) or a model folder "

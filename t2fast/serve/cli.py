@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from ..cli import add_svf_arguments, register, svf_settings
-from ..cli_types import integer
+from ..cli_types import choice_or_named, integer
 
 ENDPOINT_GROUP = "vllm.endpoint_plugins"
 GENERAL_GROUP = "vllm.general_plugins"
@@ -58,10 +58,7 @@ def adapt_mode(text: str) -> str:
     """A ``--adapt`` value: none, prompt, classifier or profile:NAME."""
     from .translate import ADAPT_MODES
 
-    if text in ADAPT_MODES or (text.startswith("profile:") and len(text) > len("profile:")):
-        return text
-    raise argparse.ArgumentTypeError(f"expected one of {', '.join(ADAPT_MODES)} or "
-                                     f"profile:NAME, got {text!r}")
+    return choice_or_named(ADAPT_MODES, "profile")(text)
 
 
 def check_args(args) -> None:
