@@ -147,12 +147,17 @@ def _bytes_read(monkeypatch, call) -> int:
     return sum(counts)
 
 
+def _long_z_file(tmp_path, factors, length: int) -> Path:
+    """An expert file whose header declares the down_proj z ``length`` floats long (sparse)."""
+    entries, nbytes = _entries(factors, {DOWN: length})
+    return _raw(tmp_path / "big.safetensors", "{" + ", ".join([_meta_text()] + entries) + "}",
+                size=nbytes)
+
+
 def test_header_is_checked_against_the_model_before_the_data_is_read(tmp_path, factors,
                                                                      monkeypatch):
     big = 16 << 20              # one z declared 64 MB long (a sparse file: nothing is written)
-    entries, nbytes = _entries(factors, {DOWN: big})
-    path = _raw(tmp_path / "big.safetensors", "{" + ", ".join([_meta_text()] + entries) + "}",
-                size=nbytes)
+    path = _long_z_file(tmp_path, factors, big)
 
     def load():
         with pytest.raises(T2FileError, match=rf"z for {DOWN} has shape \({big},\), but that "
@@ -162,10 +167,7 @@ def test_header_is_checked_against_the_model_before_the_data_is_read(tmp_path, f
 
 
 def test_expert_without_a_model_is_capped(tmp_path, factors, monkeypatch):
-    big = MAX_EXPERT_BYTES // 4 + 1
-    entries, nbytes = _entries(factors, {DOWN: big})
-    path = _raw(tmp_path / "big.safetensors", "{" + ", ".join([_meta_text()] + entries) + "}",
-                size=nbytes)
+    path = _long_z_file(tmp_path, factors, MAX_EXPERT_BYTES // 4 + 1)
 
     def load():
         with pytest.raises(T2FileError, match=r"declares \d+ bytes of tensor data, more than an? "

@@ -94,24 +94,31 @@ def make_world(root, subset=None, **overrides) -> Path:
     return root
 
 
-@torch.no_grad()
-def hf_reference(world, requests, max_tokens: int, experts=("math", "code", "neg", "ones"),
-                 cache_dir=None, targets="all", layers=None, expert_dir="experts",
-                 model_dir="model", dtype=torch.float32):
-    """Greedy tokens of each (prompt, patch_model mixture spec) from the Hugging Face model in
-    ``world/model_dir`` loaded in ``dtype`` and patched by t2fast.patch_model (one request at a
-    time, full recompute each step). Returns (token lists, decomposition cache hits)."""
+def patched_model(world, experts, model_dir="model", expert_dir="experts", **settings):
+    """(tokenizer, model, handle): the float32 Hugging Face model in ``world/model_dir`` patched
+    by t2fast.patch_model (torch backend) with ``world/expert_dir/{name}.safetensors`` for each
+    of ``experts`` and ``settings``."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     import t2fast
 
     world = Path(world)
     tok = AutoTokenizer.from_pretrained(world / model_dir)
-    model = LlamaForCausalLM.from_pretrained(world / model_dir, dtype=dtype).eval()
+    model = LlamaForCausalLM.from_pretrained(world / model_dir, dtype=torch.float32).eval()
     handle = t2fast.patch_model(model, [world / expert_dir / f"{n}.safetensors" for n in experts],
-                                targets=targets, layers=layers,
-                                cache_dir=cache_dir if cache_dir is not None else world / "svd",
-                                backend="torch", progress=False)
+                                backend="torch", progress=False, **settings)
+    return tok, model, handle
+
+
+@torch.no_grad()
+def hf_reference(world, requests, max_tokens: int, experts=("math", "code", "neg", "ones"),
+                 cache_dir=None, targets="all", layers=None, expert_dir="experts"):
+    """Greedy tokens of each (prompt, patch_model mixture spec) from the Hugging Face model
+    patched by t2fast.patch_model (one request at a time, full recompute each step).
+    Returns (token lists, decomposition cache hits)."""
+    tok, model, handle = patched_model(
+        world, experts, expert_dir=expert_dir, targets=targets, layers=layers,
+        cache_dir=cache_dir if cache_dir is not None else Path(world) / "svd")
     outs = []
     for prompt, spec in requests:
         handle.set_mixture(spec)
@@ -138,15 +145,7 @@ def greedy_gaps(world, requests, tokens: list[list[int]], experts=("math", "code
     largest logit minus its logit of the generated token (0 where the token is the reference's
     argmax). Returns the largest gap of each request.
     """
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    import t2fast
-
-    world = Path(world)
-    tok = AutoTokenizer.from_pretrained(world / model_dir)
-    model = LlamaForCausalLM.from_pretrained(world / model_dir, dtype=torch.float32).eval()
-    handle = t2fast.patch_model(model, [world / "experts" / f"{n}.safetensors" for n in experts],
-                                cache_dir=False, backend="torch", progress=False)
+    tok, model, handle = patched_model(world, experts, model_dir=model_dir, cache_dir=False)
     gaps = []
     for (prompt, spec), new in zip(requests, tokens):
         handle.set_mixture(spec)
