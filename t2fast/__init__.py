@@ -9,9 +9,11 @@ __version__ = "0.1.0"
 
 from . import patch_model  # noqa: E402  (callable module: t2fast.patch_model(model, ...))
 from .decompose import SVDCache, SVDFactors, decompose_model  # noqa: E402
-from .experts import Expert, ExpertBank, load_expert  # noqa: E402
+from .experts import Expert, load_expert  # noqa: E402
 from .patch_model import SVFHandle  # noqa: E402
+from .runtime import ExpertBank, SVFRuntime  # noqa: E402
 from .safetensors_io import T2FileError  # noqa: E402
 
-__all__ = ["Expert", "ExpertBank", "SVDCache", "SVDFactors", "SVFHandle", "T2FileError",
+__all__ = ["Expert", "ExpertBank", "SVDCache", "SVDFactors", "SVFHandle", "SVFRuntime",
+           "T2FileError",
            "decompose_model", "load_expert", "patch_model"]

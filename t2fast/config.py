@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .kernels.configs import BACKEND_CHOICES
-from .mixtures import MixtureBounds
+from .mixtures import DEFAULT_BOUNDS, MixtureBounds
 from .targets import layers_to_json, normalize_layers, normalize_targets
 
 #: SVF kernel backends: ``"auto"`` (what the kernel plan names on CUDA, Triton under
@@ -61,6 +61,12 @@ class SVFConfig:
         max_alpha_abs, max_alpha_l1: bounds on every mixture, ``|α_k| ≤ max_alpha_abs`` and
             ``Σ|α_k| ≤ max_alpha_l1`` (:class:`t2fast.mixtures.MixtureBounds`).
         mix_in_kernel: mix each row's z from α inside the kernel instead of a per-slot z table.
+        max_experts: capacity of the expert bank (experts loaded at once; at least the number
+            of experts given at patch or start-up time). Fixed for the life of the model, so
+            captured or compiled steps never see the bank change shape.
+        merge_cache_bytes: the byte budget of the merged weights cached for single-mixture
+            batches (:class:`t2fast.runtime.MergeCache`); ``None`` (the default) takes half the
+            device's free memory when the first merge is needed, ``0`` never merges.
         keep_dense: keep the original dense weights (see :func:`t2fast.patch_model`).
         deterministic: batch-invariant kernel plans (the default): a row's output is
             bit-identical whatever the other rows of its batch and whatever the token count.
@@ -76,11 +82,13 @@ class SVFConfig:
     hybrid: bool = True
     cache_dir: str | bool | None = None
     allow_other_model: bool = False
-    max_alpha_abs: float = 4.0
-    max_alpha_l1: float = 8.0
+    max_alpha_abs: float = DEFAULT_BOUNDS.max_abs
+    max_alpha_l1: float = DEFAULT_BOUNDS.max_l1
     mix_in_kernel: bool = False
     keep_dense: bool = True
     deterministic: bool = True
+    max_experts: int = 8
+    merge_cache_bytes: int | None = None
 
     def __post_init__(self):
         self._check("targets", normalize_targets)
@@ -91,6 +99,14 @@ class SVFConfig:
                      "deterministic"):
             if not _flag(getattr(self, name)):
                 self._bad(name, "expected True or False")
+        if isinstance(self.max_experts, bool) or not isinstance(self.max_experts, int) or \
+                self.max_experts < 1:
+            self._bad("max_experts", "max_experts must be a positive int")
+        if self.merge_cache_bytes is not None and (
+                isinstance(self.merge_cache_bytes, bool) or
+                not isinstance(self.merge_cache_bytes, int) or self.merge_cache_bytes < 0):
+            self._bad("merge_cache_bytes", "expected None (half the free device memory) or an "
+                                           "int >= 0 (bytes; 0 never merges)")
         if isinstance(self.cache_dir, (str, os.PathLike)):
             self.cache_dir = str(self.cache_dir)
         elif self.cache_dir is not None and self.cache_dir is not False:

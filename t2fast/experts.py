@@ -1,4 +1,4 @@
-"""SVF experts: one z vector per adapted matrix, their files, banks and α mixtures.
+"""SVF experts: one z vector per adapted matrix, and their files.
 
 Expert file (safetensors): one float32 tensor [r] per adapted matrix (read also from float16,
 bfloat16 and exactly-float32 float64: :data:`Z_DTYPES`), keyed by its Hugging Face
@@ -20,15 +20,14 @@ targets, ranks); :func:`load_expert` reads either. Names follow
 :func:`t2fast.mixtures.check_expert_name`; every z is finite with ``|z| ≤ 8``
 (:func:`t2fast.mixtures.check_z`).
 
-A **bank** stacks K experts over the same targets. A **mixture** α gives ``z' = Σ_k α_k z_k``;
-slot 0 of every bank matrix is the base model (z = 1), so "base" is a mixture too.
+The bank that holds loaded experts, and the mixtures over it, are the runtime's
+(:class:`t2fast.runtime.ExpertBank`, :mod:`t2fast.mixtures`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +35,7 @@ import torch
 
 from .decompose import SVDFactors
 from .messages import shown
-from .mixtures import (MixtureBounds, MixtureError, check_expert_name, check_z, is_finite_real,
-                       parse_mixture)
+from .mixtures import MixtureError, check_expert_name, check_z, is_finite_real
 from .safetensors_io import T2FileError, read_file, read_header, read_json, write_file
 
 EXPERT_FORMAT = "t2fast-expert"
@@ -319,53 +317,3 @@ def check_unique_names(names: list[str]) -> None:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"expert names must be unique; {dup} appear more than once in {names}")
-
-
-class ExpertBank:
-    """K experts over the same targets, stacked per matrix with the base (z = 1) as row 0.
-
-    ``bank(target)`` → float32 [K + 1, r]; mixtures are parsed by
-    :func:`t2fast.mixtures.parse_mixture` into α [num_layers, K + 1] (see :meth:`alpha`).
-    """
-
-    def __init__(self, experts: list[Expert], factors: dict[str, SVDFactors]):
-        check_unique_names([e.name for e in experts])
-        for e in experts:
-            check_expert_name(e.name)
-            e.check_against(factors, allow_other_model=True)
-        self.experts = list(experts)
-        self.targets = list(factors)
-        self._banks = {
-            n: torch.stack([torch.ones(f.rank)] + [e.z[n].float().cpu() for e in experts])
-            for n, f in factors.items()
-        }
-
-    @property
-    def names(self) -> list[str]:
-        return [e.name for e in self.experts]
-
-    def __len__(self) -> int:
-        return len(self.experts)
-
-    def bank_z(self, target: str) -> torch.Tensor:
-        """z of ``target`` [K + 1, r] float32 on the CPU: row 0 the base (ones), then the
-        experts in order."""
-        return self._banks[target]
-
-    def bank(self, target: str) -> torch.Tensor:
-        """Deprecated alias of :meth:`bank_z`."""
-        warnings.warn("ExpertBank.bank is deprecated; use ExpertBank.bank_z", DeprecationWarning,
-                      stacklevel=2)
-        return self.bank_z(target)
-
-    def alpha(self, spec, num_layers: int = 1, bounds: MixtureBounds | None = None
-              ) -> torch.Tensor:
-        """α float32 [num_layers, K + 1] (column 0 = base) of a mixture spec.
-
-        ``spec`` takes the forms of :func:`t2fast.mixtures.parse_mixture` (``None``/``"base"``,
-        an expert name, ``{name: weight or per-layer weights}``, K weights in bank order, a
-        [num_layers, K] per-layer α) within ``bounds``; invalid specs raise
-        :class:`t2fast.mixtures.MixtureError` (a ``ValueError``; also a ``TypeError`` for values
-        of the wrong type).
-        """
-        return parse_mixture(spec, self.names, num_layers, bounds)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import sys
 import threading
 import types
-import warnings
 from pathlib import Path
 
 import torch
@@ -26,14 +26,12 @@ from torch import nn
 from . import ops
 from .config import SVFConfig
 from .decompose import Decomposition, SVDFactors, decompose_model
-from .experts import (Expert, ExpertBank, Fingerprint, check_unique_names, expert_targets,
-                      load_expert)
-from .layers import FusedSVF, RowSlots, SVFLinear, link_groups, row_block
+from .experts import Expert, Fingerprint, expert_targets
+from .layers import FusedSVF, SVFLinear, group_members, link_groups, row_block
 from .messages import shown
-from .mixtures import MixtureBounds, MixtureError
+from .mixtures import MixtureBounds, MixtureError, parse_mixture
+from .runtime import SVFRuntime, load_sources
 from .targets import layer_index, resolve_targets, target_modules
-
-MERGE_CACHE_SIZE = 4
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -62,10 +60,13 @@ class SVFHandle:
         config: the :class:`t2fast.config.SVFConfig` it was patched with.
         decomposition: the :class:`t2fast.decompose.Decomposition` of the targets.
         targets: adapted module names, in model order.
-        modules: ``{target name: SVFLinear}`` (``layers`` is a deprecated alias).
-        bank: the :class:`t2fast.experts.ExpertBank` of loaded experts.
-        stats: counters — ``factored_sets``, ``merged_sets``, ``base_sets``, ``merges``,
-            ``merge_cache_hits`` — showing which path the hybrid dispatcher chose.
+        modules: ``{target name: SVFLinear}``.
+        runtime: the :class:`t2fast.runtime.SVFRuntime` every layer reads (expert bank, α
+            table, row → slot map, mode, merge cache, statistics).
+        bank: the runtime's :class:`t2fast.runtime.ExpertBank` of loaded experts.
+        stats: the runtime's counters (:data:`t2fast.runtime.STATS`): how often each mode
+            (``base``, ``merged``, ``factored``) was chosen, mixtures merged, merge-cache hits,
+            evictions and single-mixture batches over the merge budget.
         mixture_bounds: the :class:`t2fast.mixtures.MixtureBounds` every mixture must meet
             (read from ``config``; setting it replaces ``config``'s bounds).
         keep_dense, hybrid: ``config``'s settings (read-only).
@@ -91,10 +92,7 @@ class SVFHandle:
         self.base_model = _model_name(model)
         self.fingerprint = Fingerprint.of(decomposition.factors)
         self.lock = threading.RLock()
-        self.rows = RowSlots(next(iter(decomposition.factors.values())).U.device
-                             if decomposition.factors else None)
         self._originals: dict[str, nn.Linear] = {}     # module name → the original module
-        self._dense: dict[str, nn.Linear] = {}         # target → its original (row-block) linear
         self.modules: dict[str, SVFLinear] = {}
         self._restored = False
         swaps = {}
@@ -105,10 +103,8 @@ class SVFHandle:
                 logical: row_block(linear, a, b) for logical, a, b in parts}
             for name, dense in blocks.items():
                 if name in decomposition.factors:
-                    self._dense[name] = dense
                     self.modules[name] = SVFLinear(name, decomposition.factors[name], dense,
-                                                  layer_index(name) or 0, self.rows,
-                                                  config.backend, config.mix_in_kernel,
+                                                  layer_index(name) or 0, config.backend,
                                                   config.deterministic)
             swaps[module_name] = self.modules[module_name] if parts is None else FusedSVF(
                 module_name, [self.modules.get(n, dense) for n, dense in blocks.items()])
@@ -125,13 +121,22 @@ class SVFHandle:
 
     def _finish_init(self, decomposition: Decomposition, config: SVFConfig,
                      experts: list[Expert]) -> None:
-        link_groups(self.modules)                   # q/k/v, gate/up: one op each
+        groups = group_members(self.modules)
+        link_groups(groups)                         # q/k/v, gate/up: one op each
         for name, layer in self.modules.items():    # one copy of U, Vh: the layers'
             decomposition.factors[name] = SVDFactors(layer.U, layer.S, layer.Vh)
-        self.bank = ExpertBank([], decomposition.factors)
-        self._merge_cache: dict[bytes, dict[str, torch.Tensor]] = {}
-        self.stats = dict(factored_sets=0, merged_sets=0, base_sets=0, merges=0,
-                          merge_cache_hits=0)
+        first = next(iter(self.modules.values()), None)
+        self.runtime = SVFRuntime(
+            self.num_layers, capacity=max(config.max_experts, len(experts)),
+            device=first.U.device if first is not None else "cpu",
+            bounds=config.mixture_bounds, hybrid=config.hybrid,
+            mix_in_kernel=config.mix_in_kernel, merge_cache_bytes=config.merge_cache_bytes)
+        for members in groups:
+            self.runtime.add_group([(m.name, m.rank) for m in members], members[0].layer)
+        for layer in self.modules.values():
+            layer.runtime = self.runtime
+        self.runtime.merged_bytes = sum(l.out_features * l.in_features * l.U.element_size()
+                                        for l in self.modules.values())
         if not config.keep_dense:
             self._drop_dense()
         if experts:
@@ -168,17 +173,19 @@ class SVFHandle:
         else:
             self.model.forward = self._forward_before
 
-    @property
-    def layers(self) -> dict[str, SVFLinear]:
-        """Deprecated alias of :attr:`modules`."""
-        warnings.warn("SVFHandle.layers is deprecated; use SVFHandle.modules", DeprecationWarning,
-                      stacklevel=2)
-        return self.modules
-
     # ---- experts -------------------------------------------------------------------------
     @property
+    def bank(self):
+        """The runtime's :class:`t2fast.runtime.ExpertBank`."""
+        return self.runtime.bank
+
+    @property
+    def stats(self) -> dict:
+        return self.runtime.stats
+
+    @property
     def expert_names(self) -> list[str]:
-        return self.bank.names
+        return self.runtime.expert_names
 
     def add_experts(self, experts, allow_other_model: bool = False,
                     replace: bool = False) -> None:
@@ -186,28 +193,21 @@ class SVFHandle:
 
         Every expert is checked before the bank changes (a failure leaves it as it was). Names
         must be unique; a name already in the bank is an error unless ``replace=True``, which
-        swaps that expert in place (its bank position is kept).
+        swaps that expert in place (its bank row is kept). The bank holds ``max_experts``
+        (:class:`t2fast.config.SVFConfig`). Every row is then on the base model.
         """
         with self.lock:
-            self._add_experts(experts, allow_other_model, replace)
+            self._check_live()
+            loaded = load_sources(_sources(experts), self.decomposition.factors,
+                                  self.fingerprint, allow_other_model)
+            self.runtime.load_experts(loaded, replace)
 
-    def _add_experts(self, experts, allow_other_model: bool, replace: bool) -> None:
-        self._check_live()
-        loaded = _load_experts(_sources(experts), self.decomposition.factors, self.fingerprint,
-                               allow_other_model)
-        check_unique_names([e.name for e in loaded])
-        current = self.bank.names
-        clash = [e.name for e in loaded if e.name in current]
-        if clash and not replace:
-            raise ValueError(f"experts {clash} are already loaded (loaded: {current}); pass "
-                             f"replace=True to replace them")
-        new = {e.name: e for e in loaded}
-        kept = [new.pop(e.name, e) for e in self.bank.experts]
-        self.bank = ExpertBank(kept + list(new.values()), self.decomposition.factors)
-        for name, layer in self.modules.items():
-            layer.set_bank_z(self.bank.bank_z(name))
-        self._merge_cache.clear()
-        self.set_mixture(None)
+    def remove_experts(self, names) -> None:
+        """Remove experts from the bank (their rows become free); every row is then on the base
+        model."""
+        with self.lock:
+            self._check_live()
+            self.runtime.unload_experts([names] if isinstance(names, str) else list(names))
 
     def new_expert(self, name: str, z: dict[str, torch.Tensor] | None = None) -> Expert:
         """An :class:`Expert` for this model (z = 1 where ``z`` is not given), with its base
@@ -238,12 +238,13 @@ class SVFHandle:
     def mixture_bounds(self, bounds: MixtureBounds) -> None:
         self.config = dataclasses.replace(self.config, max_alpha_abs=bounds.max_abs,
                                           max_alpha_l1=bounds.max_l1)
+        self.runtime.bounds = self.config.mixture_bounds
 
     # ---- mixtures ------------------------------------------------------------------------
     def alpha(self, spec) -> torch.Tensor:
-        """α [num_layers, K + 1] of a mixture spec (see :func:`t2fast.mixtures.parse_mixture`),
-        within :attr:`mixture_bounds`."""
-        return self.bank.alpha(spec, self.num_layers, self.mixture_bounds)
+        """α [num_layers, K + 1] (bank order, column 0 the base) of a mixture spec (see
+        :func:`t2fast.mixtures.parse_mixture`), within :attr:`mixture_bounds`."""
+        return parse_mixture(spec, self.expert_names, self.num_layers, self.mixture_bounds)
 
     def set_mixture(self, spec=None, *, rows=None) -> str:
         """Set the batch's mixture(s); returns the path chosen ("base"/"merged"/"factored").
@@ -256,97 +257,73 @@ class SVFHandle:
         pass must then have exactly B rows, on every path.
 
         With ``hybrid`` on, a batch whose rows share one mixture is served by dense weights (the
-        original ones for the base, a cached merge otherwise). Every spec is parsed before
-        anything changes; the call holds :attr:`lock`, as every forward of the model does, so
-        a forward sees the mixtures of one call, whole.
+        original ones for the base, a merge cached within ``merge_cache_bytes`` otherwise).
+        Every spec is parsed before anything changes; the call holds :attr:`lock`, as every
+        forward of the model does, so a forward sees the mixtures of one call, whole.
         """
-        if rows is None:
-            specs, num_rows = [spec], None
-        elif spec is not None:
+        if rows is not None and spec is not None:
             raise TypeError("set_mixture takes one spec for the whole batch or rows=[one spec "
                             "per row], not both")
-        elif not isinstance(rows, (list, tuple)):
+        if rows is not None and not isinstance(rows, (list, tuple)):
             raise TypeError(f"set_mixture(rows=...) must be a list or tuple with one mixture "
                             f"per batch row, got {type(rows).__name__} {shown(rows)}")
-        elif not rows:
+        if rows is not None and not rows:
             raise ValueError("set_mixture got an empty list of rows")
-        else:
-            specs, num_rows = list(rows), len(rows)
         with self.lock:
             self._check_live()
-            alphas = [self._alpha_of(s, per_row=rows is not None) for s in specs]
-            keys, slot_of_row, slots = {}, [], []
-            for a in alphas:
-                k = a.numpy().tobytes()
-                if k not in keys:
-                    keys[k] = len(slots)
-                    slots.append(a)
-                slot_of_row.append(keys[k])
-            table = torch.stack(slots)                      # [S, L, K+1]
-            if self.hybrid and len(slots) == 1:
-                return self._set_single(table[0], next(iter(keys)), num_rows)
-            self._clear_merged()
-            self.rows.set(None if num_rows is None else torch.tensor(slot_of_row))
-            for layer in self.modules.values():
-                layer.set_slots(table[:, min(layer.layer, self.num_layers - 1)])
-            self.stats["factored_sets"] += 1
-            return "factored"
+            if rows is None:
+                mode = self.runtime.set_batch_mixture(self._alpha_of(spec))
+            else:
+                mode = self.runtime.set_row_mixtures([self.runtime.alpha_of(s) for s in rows])
+            self._build_merged()
+            return mode
 
-    def _alpha_of(self, spec, per_row: bool) -> torch.Tensor:
-        """:meth:`alpha`, with a hint when a list of specs was given as one spec."""
+    def _alpha_of(self, spec) -> torch.Tensor:
+        """The runtime's α of one batch-wide spec, with a hint when a list of specs was given."""
         try:
-            return self.alpha(spec)
+            return self.runtime.alpha_of(spec)
         except MixtureError as exc:
-            if per_row or not isinstance(spec, (list, tuple)) or not any(
+            if not isinstance(spec, (list, tuple)) or not any(
                     s is None or isinstance(s, (str, dict)) for s in spec):
                 raise
             raise type(exc)(f"{exc}; set_mixture(spec) takes one mixture for the whole batch: "
                             f"pass rows=[...] for one mixture per batch row") from None
 
-    def _set_single(self, alpha: torch.Tensor, key: bytes, num_rows: int | None = None) -> str:
-        self.rows.set(None, num_rows)
-        for layer in self.modules.values():     # the factored path stays valid (CUDA graphs)
-            layer.set_slots(alpha[min(layer.layer, self.num_layers - 1)][None])
-        if torch.equal(alpha, self.alpha(None)):
-            for name, layer in self.modules.items():
-                dense = self._dense.get(name)   # keep_dense=False: base through the factors
-                layer.merged = None if dense is None else dense.weight.detach()
-            self.stats["base_sets"] += 1
-            return "base"
-        weights = self._merge_cache.pop(key, None)
-        if weights is None:
-            weights = {n: l.merge(alpha[min(l.layer, self.num_layers - 1)] @ l.bank_z.cpu())
-                       for n, l in self.modules.items()}
-            self.stats["merges"] += 1
-        else:
-            self.stats["merge_cache_hits"] += 1
-        self._merge_cache[key] = weights               # most recent last
-        while len(self._merge_cache) > MERGE_CACHE_SIZE:
-            self._merge_cache.pop(next(iter(self._merge_cache)))
-        for name, layer in self.modules.items():
-            layer.merged = weights[name]
-        self.stats["merged_sets"] += 1
-        return "merged"
+    def _build_merged(self) -> None:
+        """In mode "merged", merge every layer's weight now (cached), not in the forward."""
+        if self.runtime.mode == "merged":
+            for layer in self.modules.values():
+                layer.dense_weight()
 
     def merge(self, spec) -> None:
-        """Serve every row with one mixture through dense merged weights (cached)."""
+        """Serve every row with one mixture through dense weights (merged, cached within
+        ``merge_cache_bytes``; the original ones for the base), whatever ``hybrid`` says."""
         with self.lock:
             self._check_live()
-            alpha = self.alpha(spec)
-            self._set_single(alpha, alpha.numpy().tobytes())
+            self.runtime.set_batch_mixture(self.runtime.alpha_of(spec), dense=True)
+            self._build_merged()
+
+    def merge_z(self, z: dict[str, torch.Tensor]) -> None:
+        """Serve every row with dense weights merged from explicit z vectors ``{target: z [r]}``
+        that are not in the bank (a policy being trained), cached like any merge. A captured
+        factored path serves the base model meanwhile."""
+        with self.lock:
+            self._check_live()
+            missing = [n for n in self.modules if n not in z]
+            if missing:
+                raise ValueError(f"merge_z: no z given for {missing[:3]}")
+            digest = hashlib.sha256()
+            for name in self.modules:
+                digest.update(z[name].detach().float().cpu().numpy().tobytes())
+            self.runtime.set_batch_weights(digest.digest())
+            for name, layer in self.modules.items():
+                self.runtime.merged(name, lambda _, l=layer, v=z[name]: l.merge(v))
 
     def unmerge(self) -> None:
         """Back to the factored path (base mixture for every row)."""
         with self.lock:
             self._check_live()
-            self._clear_merged()
-            self.rows.set(None)
-            for layer in self.modules.values():
-                layer.set_slots(self.alpha(None)[:1])
-
-    def _clear_merged(self) -> None:
-        for layer in self.modules.values():
-            layer.merged = None
+            self.runtime.set_batch_mixture(self.runtime.base_alpha(), dense=False)
 
     # ---- training hook -------------------------------------------------------------------
     def set_trainable_z(self, z: dict[str, nn.Parameter] | None) -> None:
@@ -379,7 +356,7 @@ class SVFHandle:
                        for name, linear in self._originals.items()})
             self._unguard_forward()
             self._restored = True
-            self._merge_cache.clear()
+            self.runtime.merge_cache.clear()
             return self.model
 
     # ---- memory --------------------------------------------------------------------------
@@ -392,7 +369,7 @@ class SVFHandle:
         for module_name in list(self._originals):
             if module_name in self.modules:
                 self._originals[module_name] = None
-                self._dense.pop(module_name, None)
+                self.modules[module_name].dense = None
 
     def _rebuild_linear(self, name: str) -> nn.Linear:
         layer = self.modules[name]
@@ -406,26 +383,25 @@ class SVFHandle:
         return linear
 
     def memory_report(self) -> dict:
-        """Bytes the patched model holds for each adapted matrix, by role, and their totals.
+        """Bytes the patched model holds for each adapted matrix, by role, and their totals,
+        with the runtime's tables and merge cache (:meth:`t2fast.runtime.SVFRuntime.
+        memory_report`: ``merge_budget`` is the cache's budget).
 
-        Roles: ``dense`` (the original weight, 0 with ``keep_dense=False``), ``U``, ``S``,
-        ``Vh``, ``tables`` (slot z/α tables and the expert bank) and ``merged`` (merged weights
-        cached for single-mixture batches).
+        Roles per matrix: ``dense`` (the original weight, 0 with ``keep_dense=False``), ``U``,
+        ``S``, ``Vh`` and ``merged`` (its merged weights cached for single-mixture batches).
         """
         def nbytes(*ts):
             return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
-        per = {}
-        for name, layer in self.modules.items():
-            dense = self._dense.get(name)
-            per[name] = dict(
-                dense=nbytes(dense.weight) if dense is not None else 0,
-                U=nbytes(layer.U), S=nbytes(layer.S), Vh=nbytes(layer.Vh),
-                tables=nbytes(layer.slot_z, layer.slot_alpha, layer.bank_z),
-                merged=sum(nbytes(w[name]) for w in self._merge_cache.values()))
+        entries = self.runtime.merge_cache.entries.values()
+        per = {name: dict(dense=nbytes(layer.dense), U=nbytes(layer.U), S=nbytes(layer.S),
+                          Vh=nbytes(layer.Vh),
+                          merged=sum(nbytes(e.get(name)) for e in entries))
+               for name, layer in self.modules.items()}
         total = {k: sum(v[k] for v in per.values()) for k in next(iter(per.values()), {})}
         total["all"] = sum(total.values())
-        return dict(keep_dense=self.keep_dense, per_matrix=per, total=total)
+        return dict(keep_dense=self.keep_dense, per_matrix=per, total=total,
+                    runtime=self.runtime.memory_report())
 
     def _check_live(self) -> None:
         if self._restored:
@@ -442,20 +418,6 @@ def _sources(experts) -> list:
             raise TypeError(f"experts must be Expert objects or expert file/folder paths, got "
                             f"{type(e).__name__}")
     return experts
-
-
-def _load_experts(sources: list, factors, fingerprint: Fingerprint,
-                  allow_other_model: bool) -> list[Expert]:
-    """Load (paths) and check (objects) every expert against ``factors``; raises on the first
-    bad one, before anything changes."""
-    loaded = []
-    for e in sources:
-        if isinstance(e, Expert):
-            e.check_against(factors, fingerprint, allow_other_model)
-        else:
-            e = load_expert(e, factors, allow_other_model)
-        loaded.append(e)
-    return loaded
 
 
 def _expert_targets(model: nn.Module, sources: list) -> list[str]:
@@ -534,8 +496,8 @@ def patch_model(model: nn.Module, experts=(), targets=None, layers=None, *,
     decomposition = decompose_model(model, config.targets, config.layers,
                                     cache_dir=config.svd_cache_dir(), progress=progress,
                                     like_weights=True)
-    loaded = _load_experts(sources, decomposition.factors,
-                           Fingerprint.of(decomposition.factors), config.allow_other_model)
+    loaded = load_sources(sources, decomposition.factors, Fingerprint.of(decomposition.factors),
+                          config.allow_other_model)
     return SVFHandle(model, decomposition, config, loaded)
 
 

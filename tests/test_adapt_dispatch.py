@@ -51,7 +51,7 @@ def _stub_pass1(monkeypatch, handle, answers, seen):
     """Replace pass-1 generation by fixed answers; record which weights were active."""
     def fake(model, tok, prompts, **kw):
         layer = next(iter(handle.modules.values()))
-        seen.append({"prompts": list(prompts), "merged": layer.merged,
+        seen.append({"prompts": list(prompts), "merged": layer.dense_weight(),
                      "original": handle._originals[layer.name].weight})
         return list(answers)[:len(prompts)]
     monkeypatch.setattr(prompt_mod, "generate_texts", fake)

@@ -152,10 +152,11 @@ def test_ops_reject_bad_arguments(world):
     layer = next(iter(world["handle"].modules.values()))
     x = torch.randn(3, layer.in_features)
     idx = torch.zeros(3, dtype=torch.int32)
+    Z = torch.ones(2, layer.rank)
     _case(world, lambda h, f: ops.svf_matmul(x[:, :-1], layer.U, layer.S, layer.Vh,
-                                             layer.slot_z, idx), ValueError,
+                                             Z, idx), ValueError,
           r"x has shape \(3, 31\): its last dimension must equal Vh\.shape\[1\] = 32")
-    _case(world, lambda h, f: ops.svf_matmul(x, layer.U, layer.S, layer.Vh, layer.slot_z,
+    _case(world, lambda h, f: ops.svf_matmul(x, layer.U, layer.S, layer.Vh, Z,
                                              idx + 5), ValueError,
           r"idx values must lie in \[0, 2\)")
 

@@ -7,7 +7,9 @@ import torch
 
 from t2fast.decompose import (SVDCache, decompose_model, decompose_weight, relative_error,
                               weight_hash)
-from t2fast.experts import Expert, ExpertBank, Fingerprint, load_expert
+from t2fast.experts import Expert, Fingerprint, load_expert
+from t2fast.mixtures import MixtureBounds
+from t2fast.runtime import SVFRuntime
 from t2fast.models import random_tiny_llama
 from t2fast.safetensors_io import T2FileError
 from t2fast.targets import resolve_targets
@@ -277,19 +279,35 @@ def test_expert_for_another_model(decomp, tmp_path):
 
 
 # ---- banks and α -----------------------------------------------------------------------------
+def _bank(decomp, experts, capacity=4):
+    """A runtime over ``decomp``'s matrices (one group each) with ``experts`` loaded."""
+    rt = SVFRuntime(3, capacity=capacity, device="cpu", bounds=MixtureBounds(), hybrid=False,
+                    mix_in_kernel=True)
+    for t, f in decomp.factors.items():
+        rt.add_group([(t, f.rank)], 0)
+    rt.load_experts(experts)
+    return rt
+
+
 def test_bank_rows_and_alpha(decomp):
     a = Expert.random("a", decomp.factors, seed=1)
     b = Expert.random("b", decomp.factors, seed=2)
-    bank = ExpertBank([a, b], decomp.factors)
+    rt = _bank(decomp, [a, b])
+    bank = rt.bank
     t = decomp.targets[0]
     assert torch.equal(bank.bank_z(t)[0], torch.ones(decomp.factors[t].rank))
     assert torch.equal(bank.bank_z(t)[2], b.z[t])
-    assert bank.alpha(None).tolist() == [[1.0, 0.0, 0.0]]
-    assert bank.alpha("b").tolist() == [[0.0, 0.0, 1.0]]
-    assert bank.alpha({"a": 0.3, "base": 0.7})[0].tolist() == pytest.approx([0.7, 0.3, 0.0])
-    assert bank.alpha([0.5, 0.5], num_layers=2).tolist() == [[0, 0.5, 0.5]] * 2
-    per_layer = bank.alpha(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]), num_layers=3)
-    assert per_layer[:, 1:].tolist() == [[1, 0], [0, 1], [0.5, 0.5]]
+    assert not bank.bank_z(t)[3:].any(), "free rows are zero"
+    assert rt.alpha_of(None)[0].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert rt.alpha_of("b")[0].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
+    assert rt.alpha_of({"a": 0.3, "base": 0.7})[0].tolist() == pytest.approx([0.7, 0.3, 0, 0, 0])
+    per_layer = rt.alpha_of(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]))
+    assert per_layer[:, 1:3].tolist() == [[1, 0], [0, 1], [0.5, 0.5]]
+    rt.unload_experts(["a"])                         # row 1 is free; "b" keeps row 2
+    assert bank.names == ["b"] and bank.row_of == {"b": 2} and not bank.bank_z(t)[1].any()
+    assert rt.alpha_of([1.0])[0].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
+    rt.load_experts([Expert.random("c", decomp.factors, seed=3)])
+    assert bank.row_of == {"b": 2, "c": 1} and bank.names == ["b", "c"]
 
 
 @pytest.mark.parametrize("spec, pattern", [
@@ -302,15 +320,21 @@ def test_bank_rows_and_alpha(decomp):
     ({"zz": 1.0}, r"unknown expert 'zz'"),
 ])
 def test_alpha_errors(decomp, spec, pattern):
-    bank = ExpertBank([Expert.random("a", decomp.factors), Expert.random("b", decomp.factors)],
-                      decomp.factors)
+    rt = _bank(decomp, [Expert.random("a", decomp.factors), Expert.random("b", decomp.factors)])
     with pytest.raises(ValueError, match=pattern):
-        bank.alpha(spec)
+        rt.alpha_of(spec)
 
 
-def test_bank_rejects_duplicate_names(decomp):
+def test_bank_rejects_duplicates_overflow_and_clashes(decomp):
     with pytest.raises(ValueError, match="unique"):
-        ExpertBank([Expert.random("a", decomp.factors)] * 2, decomp.factors)
+        _bank(decomp, [Expert.random("a", decomp.factors)] * 2)
+    rt = _bank(decomp, [Expert.random("a", decomp.factors)], capacity=2)
+    with pytest.raises(ValueError, match=r"already loaded.*replace=True"):
+        rt.load_experts([Expert.random("a", decomp.factors, seed=5)])
+    with pytest.raises(ValueError, match=r"holds 2 experts \(max_experts\); 1 are loaded and "
+                                         r"2 more were given"):
+        rt.load_experts([Expert.random(n, decomp.factors) for n in ("b", "c")])
+    assert rt.expert_names == ["a"], "a refused load leaves the bank as it was"
 
 
 def test_progress_bar_only_on_a_terminal(model, tmp_path, capfd):

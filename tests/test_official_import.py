@@ -63,10 +63,10 @@ def _assert_official_weights(model, expert, masks, svd_cache):
     try:
         for key, p in masks.items():
             name = key[:-len(".weight")]
-            dense = h._dense[name].weight
+            dense = h.modules[name].dense
             want = (_official_w(dense, mask=p[1]) if isinstance(p, tuple) else
                     _official_w(dense, p))
-            torch.testing.assert_close(h.modules[name].merged.double(), want, rtol=0,
+            torch.testing.assert_close(h.modules[name].dense_weight().double(), want, rtol=0,
                                        atol=2e-5)
     finally:
         h.restore()

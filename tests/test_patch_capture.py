@@ -31,7 +31,8 @@ def _ids(batch, length=1, seed=0):
 
 
 def _buffers(h):
-    return {n: (l.slot_z.data_ptr(), l.slot_alpha.data_ptr()) for n, l in h.modules.items()}
+    rt = h.runtime
+    return [t.data_ptr() for t in (rt.alpha, rt.slot_map, *rt.slot_z, *rt.bank.tables)]
 
 
 @pytest.mark.parametrize("length", [1, 5], ids=["decode", "prefill"])
@@ -51,13 +52,13 @@ def test_compiled_step_follows_set_mixture(length, svd_cache):
     with torch.no_grad():
         h.set_mixture(rows=first)
         y1 = step(ids).clone()
-        rows_ptr = h.rows.reserve(4, ids.device).data_ptr()
+        rows_ptr = h.runtime.slot_map.data_ptr()
         tables = _buffers(h)
         n_compiles = len(compiles)
         h.set_mixture(rows=second)
         y2 = step(ids).clone()
         assert len(compiles) == n_compiles, "changing the mixture recompiled the step"
-        assert h.rows.reserve(4, ids.device).data_ptr() == rows_ptr
+        assert h.runtime.slot_map.data_ptr() == rows_ptr
         assert _buffers(h) == tables, "set_mixture reallocated a slot table"
         for r in (0, 3):
             assert not torch.allclose(y1[r], y2[r]), f"row {r} did not follow its new mixture"
@@ -75,12 +76,12 @@ def test_larger_batch_grows_buffers_then_stays(svd_cache):
     model(_ids(2))
     h.set_mixture(rows=["a", "b", None, "b", "a"])          # more rows: one reallocation
     model(_ids(5))
-    ptr = h.rows.reserve(5, torch.device("cpu")).data_ptr()
+    ptr = h.runtime.slot_map.data_ptr()
     tables = _buffers(h)
     for rows in (["b"] * 5, ["a", None, "a", None, "b"], ["a", "b"]):
         h.set_mixture(rows=rows)
         model(_ids(len(rows)))
-        assert h.rows.reserve(5, torch.device("cpu")).data_ptr() == ptr
+        assert h.runtime.slot_map.data_ptr() == ptr
         assert _buffers(h) == tables
 
 
@@ -93,7 +94,7 @@ def test_keep_dense_false_serves_base_from_factors(svd_cache):
         rep = h.memory_report()
         assert rep["keep_dense"] is False and rep["total"]["dense"] == 0
         assert h.set_mixture(None) == "base"
-        assert all(l.merged is None for l in h.modules.values())    # factored, z = 1
+        assert all(l.dense_weight() is None for l in h.modules.values())    # factored, z = 1
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
         h.set_mixture(rows=["a", None, "b"])
         mixed = model(ids).logits
@@ -133,8 +134,9 @@ def test_captured_step_takes_the_factored_path(monkeypatch, svd_cache, single):
         assert h.set_mixture(single) == ("merged" if single else "base")
         eager = model(ids).logits
         monkeypatch.setattr(layers, "capturing", lambda: True)
-        for layer in h.modules.values():
-            layer.merged = torch.full_like(layer.merged, float("nan"))
+        for layer in h.modules.values():                 # poison the dense weights
+            w = layer.dense_weight()
+            w.copy_(torch.full_like(w, float("nan")))
         torch.testing.assert_close(model(ids).logits, eager, rtol=1e-4, atol=1e-4)
         h.set_mixture(rows=["b", single, "a"])
         captured = model(ids).logits

@@ -102,10 +102,11 @@ def _fail_on_call(monkeypatch, owner, attr, n):
 @pytest.mark.parametrize("owner, attr, n", [
     (patch_module, "_parent", 5),                          # in the middle of the swaps
     (patch_module.SVFHandle, "_guard_forward", 1),
-    (patch_module, "ExpertBank", 1),                       # after every module is swapped
-    (patch_module.SVFLinear, "set_bank_z", 7),             # while the experts go in
-    (patch_module.SVFHandle, "set_mixture", 1),            # the very last step
-], ids=["swapping", "guard", "bank", "experts", "mixture"])
+    (patch_module, "SVFRuntime", 1),                       # after every module is swapped
+    (patch_module.SVFRuntime, "add_group", 3),             # while the bank is laid out
+    (patch_module.SVFRuntime, "load_experts", 1),          # while the experts go in
+    (patch_module.SVFRuntime, "set_batch_mixture", 1),     # the very last step
+], ids=["swapping", "guard", "runtime", "bank", "experts", "mixture"])
 def test_interrupted_patch_model_restores_the_model(svd_cache, tmp_path, monkeypatch, owner, attr,
                                                     n):
     model = _model()

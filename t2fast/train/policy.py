@@ -71,9 +71,7 @@ class SVFPolicy:
         with torch.no_grad():
             z = self.param.effective()
             self.handle.set_trainable_z(None)
-            self.handle.set_mixture(None)
-            for name, layer in self.handle.modules.items():
-                layer.merged = layer.merge(z[name])
+            self.handle.merge_z(z)
             try:
                 yield self.model
             finally:

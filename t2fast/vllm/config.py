@@ -32,12 +32,11 @@ T2_ARCHITECTURES = frozenset(ARCHITECTURES.values())
 class T2Config(SVFConfig):
     """Settings of t2fast's SVF layers inside a vLLM engine: a
     :class:`t2fast.config.SVFConfig` (targets, layers, backend, hybrid, cache_dir,
-    allow_other_model, max_alpha_abs, max_alpha_l1, deterministic) and the engine's expert bank.
+    allow_other_model, max_alpha_abs, max_alpha_l1, deterministic, max_experts,
+    merge_cache_bytes) and the experts loaded at start-up.
 
     Attributes:
         experts: expert files loaded at start-up (list of paths, bank order).
-        max_experts: capacity of the expert bank (experts loaded at once). Fixed when the engine
-            starts, so compiled graphs never see a shape change when experts come and go.
         hybrid: in eager mode, serve a step whose requests all use one mixture with dense
             weights (the original ones for the base model, a cached merge otherwise). Off by
             default: dense and factored results differ in rounding, so with it a request's
@@ -48,16 +47,12 @@ class T2Config(SVFConfig):
     hybrid: bool = False
     mix_in_kernel: bool = True
     experts: list = field(default_factory=list)
-    max_experts: int = 8
 
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.experts, (str, os.PathLike)):
             self.experts = [self.experts]
         self.experts = [str(p) for p in self.experts]
-        if isinstance(self.max_experts, bool) or not isinstance(self.max_experts, int) or \
-                self.max_experts < 1:
-            self._bad("max_experts", "max_experts must be a positive int")
         if len(self.experts) > self.max_experts:
             self._bad("experts", f"{len(self.experts)} expert files given but max_experts is "
                                  f"{self.max_experts}; raise max_experts")
