@@ -219,6 +219,12 @@ SVF_FLAGS = {
                                               help="bound on each |α_k| of a mixture")),
     "max_alpha_l1": ("--max-alpha-l1", dict(type=real(0, lo_open=True),
                                             help="bound on Σ|α_k| of a mixture")),
+    "max_experts": ("--max-experts", dict(type=integer(1), help="expert bank capacity (experts "
+                                                                "loaded at once; fixed for the "
+                                                                "model's life)")),
+    "merge_cache_bytes": ("--merge-cache-bytes", dict(
+        type=integer(0), help="byte budget of merged weights cached for single-mixture steps "
+                              "(default: half the device's free memory; 0 never merges)")),
     "deterministic": ("--order-dependent", dict(
         action="store_false", help="order-dependent SVF kernel plans (split-K at decode, the "
                                    "tuned table's faster backend per token count, mostly "

@@ -350,7 +350,7 @@ class SVFRuntime:
         distinct = set(slots)
         if dense is False or (dense is None and not self.hybrid) or len(distinct) > 1:
             mode = "factored"
-        elif distinct == {0}:
+        elif distinct <= {0}:                        # no rows, or every row on the base
             mode = "base"
         else:
             mode = self._merged_or_factored(tuple(keys)[1], required=bool(dense))

@@ -299,7 +299,7 @@ def test_help_shows_defaults(capsys):
             "eval": ["(default: 500)", "rows per generation call (default: 128)",
                      "(default: float32)"],
             "adapt": ["(default: prompt)", "CEM generations (default: 20)"],
-            "serve": ["(experts loaded at once; fixed for the server's life) (default: 8)",
+            "serve": ["(experts loaded at once; fixed for the model's life) (default: 8)",
                       "(default: 127.0.0.1)"]}
     for cmd, texts in want.items():
         assert cli.main([cmd, "--help"]) == 0

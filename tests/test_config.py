@@ -22,7 +22,7 @@ LAYER_FORMS = [None, 2, (1, 3), [1, 3], "second_half"]
 SVF_VALUES = dict(targets=["q_proj", "model.layers.*.mlp.*"], layers=(1, 3), backend="torch",
                   hybrid=False, cache_dir="svd", allow_other_model=True, max_alpha_abs=2.0,
                   max_alpha_l1=3.0, mix_in_kernel=True, keep_dense=False,
-                  deterministic=False)
+                  deterministic=False, max_experts=3, merge_cache_bytes=1 << 20)
 #: T2Config's mix_in_kernel and keep_dense are always True (the vLLM layers' way).
 T2_VALUES = dict(SVF_VALUES, experts=["a.safetensors", "b.safetensors"], max_experts=3,
                  hybrid=True, keep_dense=True)

@@ -341,7 +341,7 @@ def test_expert_info_and_clean_shutdown(server, http):
     assert all(e["in_flight"] == 0 for e in info["experts"])
     stats = info["workers"][0]["stats"]
     assert not info["workers"][0]["hybrid"] and stats["merges"] == 0
-    assert stats["rejected_in_worker"] == 0
+    assert info["workers"][0]["worker_stats"]["rejected_in_worker"] == 0
     log = server.tail(200_000)
     assert "t2fast: experts (bank order, capacity 8): arith" in log
     assert "factored SVF kernels for every token" in log

@@ -26,8 +26,9 @@ ENDPOINT_GROUP = "vllm.endpoint_plugins"
 GENERAL_GROUP = "vllm.general_plugins"
 PLUGIN_NAME = "t2fast"
 #: The t2fast settings (:class:`t2fast.vllm.T2Config` fields) ``t2fast serve`` has flags for.
-SERVE_SVF_FIELDS = ("targets", "layers", "backend", "hybrid", "cache_dir", "allow_other_model",
-                    "max_alpha_abs", "max_alpha_l1", "deterministic")
+SERVE_SVF_FIELDS = ("targets", "layers", "max_experts", "backend", "hybrid", "merge_cache_bytes",
+                    "cache_dir", "allow_other_model", "max_alpha_abs", "max_alpha_l1",
+                    "deterministic")
 #: vLLM options that ``t2fast serve`` sets itself.
 OWNED_VLLM_OPTIONS = ("--hf-overrides", "--additional-config", "--worker-extension-cls",
                       "--model")
@@ -100,10 +101,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
                    help="mixture profiles (saved α) served as t2_adapt='profile:NAME'")
     p.add_argument("--adapt-template", default="tiny", choices=("tiny", "paper"),
                    help="pass-1 prompt: the tiny world's or the paper's (chat models)")
-    add_svf_arguments(p, ("targets", "layers"))
-    p.add_argument("--max-experts", type=integer(1), default=8,
-                   help="bank capacity (experts loaded at once; fixed for the server's life)")
-    add_svf_arguments(p, SERVE_SVF_FIELDS[2:])
+    add_svf_arguments(p, SERVE_SVF_FIELDS)
     p.add_argument("--allow-runtime-loading", action="store_true",
                    help="enable POST/DELETE /v1/t2/experts (they read files named by clients; "
                         "needs --runtime-loading-root)")
@@ -227,8 +225,7 @@ def vllm_arguments(args, extra: list[str]) -> list[str]:
                             runtime_loading_root=None if args.runtime_loading_root is None
                             else str(Path(args.runtime_loading_root).resolve()),
                             named_experts=named, profiles=profiles)
-    kw = engine_args(model, files, max_experts=args.max_experts,
-                     **svf_settings(args, SERVE_SVF_FIELDS))   # settings checked before start-up
+    kw = engine_args(model, files, **svf_settings(args, SERVE_SVF_FIELDS))  # checked before start
     kw["additional_config"][SERVE_KEY] = serve_cfg.to_dict()
     out = [model, *served, "--host", args.host, "--port", str(args.port),
            "--hf-overrides", json.dumps(kw["hf_overrides"]),

@@ -58,7 +58,7 @@ async def build_server(engine_client, args) -> T2Server | None:
 
 def log_startup(server: T2Server, info: dict, vllm_config) -> None:
     w = info["workers"][0]
-    stats = w["stats"]
+    stats = w["worker_stats"]
     eager = bool(getattr(vllm_config.model_config, "enforce_eager", False))
     path = ("hybrid: dense weights for single-mixture steps, factored SVF otherwise "
             "(answers may depend on the batch)" if w["hybrid"] else

@@ -27,7 +27,8 @@ vLLM's ``QKVParallelLinear`` (q, k, v), ``MergedColumnParallelLinear`` (gate, up
   :func:`t2fast.vllm.kv_guard.finite_guard`, so the KV cache never holds a non-finite number.
 * Hybrid (eager execution only: no torch.compile graph, no CUDA graph): a step in which every
   token uses the base model runs the original method (bit-identical to vanilla vLLM); a step
-  with a single non-base mixture runs a dense merged ``W'`` cached per mixture.
+  with a single non-base mixture runs a dense merged ``W'`` from the runtime's merge cache
+  (:class:`t2fast.runtime.MergeCache`, within ``merge_cache_bytes``).
 
 Tensor parallelism: the SVD of a shard is not a shard of the SVD, so each rank all-gathers the
 full HF matrix, rank 0 decomposes it (or reads the disk cache) and broadcasts the factors, and
@@ -111,8 +112,6 @@ class SVFLinearMethod(WrappedMethod):
         self.backend = runtime.config.backend     # passed to t2fast.ops as configured
         self.deterministic = runtime.config.deterministic
         self.kernels = None                         # what runs on the layer's device (loaded)
-        self._merged_key = None
-        self._merged = None
 
     # ---- loading ------------------------------------------------------------------------
     def _full_matrices(self, layer, w: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
@@ -170,23 +169,21 @@ class SVFLinearMethod(WrappedMethod):
                 U = U[offset:offset + p.out_size]
             factors[p.index] = (U.to(w.device, w.dtype), f.S.to(w.device, torch.float32),
                                 Vh.to(w.device, w.dtype))
+        rt.merged_bytes += w.numel() * w.element_size()     # this layer's merged weight
         self._register_group(layer, factors)
-        for p in self.parts:
-            if p.target:
-                rt.register_target(p.name, self, layer, p)
-        layer.register_buffer("t2_token_slot", rt.token_slot, persistent=False)
+        layer.register_buffer("t2_token_slot", rt.slot_map, persistent=False)
         layer.register_buffer("t2_alpha", rt.alpha, persistent=False)
         self.base.process_weights_after_loading(layer)
 
     def _register_group(self, layer, factors: dict) -> None:
-        """Stack the adapted parts' factors (``t2_group_S``, ``t2_group_Vh``,
-        ``t2_group_bank`` [max_experts + 1, R], row 0 = base) and register each part's
-        ``t2_U{i}``, ``t2_S{i}``, ``t2_Vh{i}``, ``t2_bank{i}`` as views of them."""
+        """Stack the adapted parts' factors (``t2_group_S``, ``t2_group_Vh``), add them to the
+        runtime as one group (its bank table, ``t2_group_bank`` [max_experts + 1, R], row 0 =
+        base) and register each part's ``t2_U{i}``, ``t2_S{i}``, ``t2_Vh{i}``, ``t2_bank{i}``
+        as views of them."""
         order = sorted(factors)
         Us, S, Vh = ops.stack_group(*zip(*(factors[i] for i in order)))
-        bank = torch.zeros(self.runtime.max_experts + 1, S.shape[0], device=S.device,
-                           dtype=torch.float32)
-        bank[0] = 1.0
+        g = self.runtime.register_group([p for p in self.parts if p.target], self.layer_idx)
+        bank = self.runtime.bank.tables[g]
         for name, t in (("t2_group_S", S), ("t2_group_Vh", Vh), ("t2_group_bank", bank)):
             layer.register_buffer(name, t, persistent=False)
         at = 0
@@ -234,8 +231,8 @@ class SVFLinearMethod(WrappedMethod):
             mode = rt.mode
             if mode == "base":
                 return self.base.apply(layer, x, bias)
-            if mode == "single":
-                return F.linear(x, self._merged_weight(layer, rt.single_key, rt.single_slot),
+            if mode == "merged":
+                return F.linear(x, rt.merged(self.prefix, lambda z_of: self._merge(layer, z_of)),
                                 bias)
         return self._factored(layer, x, bias)
 
@@ -261,29 +258,14 @@ class SVFLinearMethod(WrappedMethod):
             y = y + bias
         return y.reshape(*lead, y.shape[-1])
 
-    def _merged_weight(self, layer, key, slot: int) -> torch.Tensor:
-        if self._merged_key == key and self._merged is not None:
-            return self._merged
-        self._merged = None
-        a = self.runtime.alpha[self.layer_idx, slot]
-        rows = []
-        for p in self.parts:
-            i = p.index
-            if p.target:
-                z = a @ getattr(layer, f"t2_bank{i}")
-                rows.append(ops.svf_merge(getattr(layer, f"t2_U{i}"), getattr(layer, f"t2_S{i}"),
-                                          z, getattr(layer, f"t2_Vh{i}"),
-                                          backend=self.backend))
-            else:
-                rows.append(getattr(layer, f"t2_W{i}"))
-        self._merged = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
-        self._merged_key = key
-        self.runtime.stats["merges"] += 1
-        return self._merged
-
-    def drop_merged(self) -> None:
-        self._merged_key = None
-        self._merged = None
+    def _merge(self, layer, z_of) -> torch.Tensor:
+        """This layer's dense merged weight (all parts, fused layout) for the runtime's merged
+        mixture; ``z_of(name)`` is an adapted part's mixed z [r]."""
+        rows = [ops.svf_merge(getattr(layer, f"t2_U{p.index}"), getattr(layer, f"t2_S{p.index}"),
+                              z_of(p.name), getattr(layer, f"t2_Vh{p.index}"),
+                              backend=self.backend)
+                if p.target else getattr(layer, f"t2_W{p.index}") for p in self.parts]
+        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
 def _local_rows(w: torch.Tensor, parts: list[SVFPart], part: SVFPart) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Per-step metadata for the SVF layers, the expert bank of one worker, and the runner hooks.
+"""The vLLM adapter of the SVF runtime: per-step metadata from the model runner, the worker's
+expert bank, and the runner hooks.
 
 The model's ``forward`` carries no request ids, so the mapping token → request → mixture is made
 in the model runner, once per step, right after it has fixed the batch order:
@@ -12,11 +13,10 @@ in the model runner, once per step, right after it has fixed the batch order:
   ``SamplingParams`` are only seen in ``add_requests`` (``scheduled_new_reqs``), so the hook
   records each request's spec there and forgets it in ``finish_requests``.
 
-:class:`T2Runtime` turns that into two persistent device buffers, written with ``copy_``:
-``token_slot`` [max_num_batched_tokens] int32 (padding tokens map to slot 0, the base model) and
-``alpha`` [num_layers, max_num_seqs + 1, max_experts + 1] float32 (slot 0 is the base; each
-distinct mixture of the step gets a slot). The SVF layers read both, so compiled graphs and
-CUDA graphs see new values every step without recompiling or re-capturing.
+:class:`T2Runtime` is a :class:`t2fast.runtime.SVFRuntime` with fixed table sizes: the slot map
+holds one slot per token (``max_num_batched_tokens``; padding tokens map to slot 0, the base
+model), the α table ``max_num_seqs + 1`` slots. The SVF layers register both as buffers, so
+compiled graphs and CUDA graphs see new values every step without recompiling or re-capturing.
 
 The hooks are installed (once per process) when a t2fast model is built, and do nothing for
 runners whose model is not t2fast's.
@@ -28,11 +28,12 @@ import logging
 import numpy as np
 import torch
 
-from ..experts import Expert, Fingerprint, load_expert
-from ..mixtures import BASE, place_normal_form
+from ..experts import Fingerprint
+from ..mixtures import place_normal_form
+from ..runtime import SVFRuntime, load_sources
 from .config import T2Config, num_decoder_layers
 from .layers import factors_stub
-from .requests import T2RequestError, extract_spec, mixture_key, normalize_spec
+from .requests import T2RequestError, extract_spec, normalize_spec
 
 logger = logging.getLogger("t2fast.vllm")
 
@@ -40,54 +41,41 @@ RUNTIME_ATTR = "t2_runtime"
 _MISSING = object()
 
 
-class T2Runtime:
-    """The SVF state of one model instance in one worker: buffers, expert bank, step mode.
+class T2Runtime(SVFRuntime):
+    """The SVF runtime of one model instance in one worker (see the module docstring).
 
-    Attributes:
-        mode: how the last step runs in eager mode: ``"base"`` (every token on the base model:
-            the original dense layers), ``"single"`` (one non-base mixture: merged weights) or
-            ``"mixed"`` (the factored SVF kernels). Compiled graphs always run factored.
-        stats: counters (steps per mode, merges, SVD cache hits/misses, requests rejected in the
-            worker).
+    ``mode`` (:data:`t2fast.runtime.MODES`) is how the last step runs in eager mode; compiled
+    graphs always run factored. ``stats`` counts steps per mode and merges
+    (:data:`t2fast.runtime.STATS`); ``worker_stats`` the SVDs read from the cache, computed or
+    received from rank 0, and requests the worker served with the base model because their
+    mixture was invalid.
     """
 
     def __init__(self, vllm_config, config: T2Config, device=None):
         sched = vllm_config.scheduler_config
-        self.config = config
-        # Per-step Python dispatch (hybrid) only where no graph freezes it: eager execution.
-        self.hybrid = bool(config.hybrid) and runs_eagerly(vllm_config)
-        self.num_layers = num_decoder_layers(vllm_config.model_config)
-        self.max_experts = config.max_experts
-        self.max_slots = int(sched.max_num_seqs) + 1
-        self.max_tokens = int(sched.max_num_batched_tokens)
         if device is None:
             device = getattr(vllm_config.device_config, "device", None) or "cpu"
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        self.device = device
-        self.token_slot = torch.zeros(self.max_tokens, dtype=torch.int32, device=device)
-        self.alpha = torch.zeros(self.num_layers, self.max_slots, self.max_experts + 1,
-                                 dtype=torch.float32, device=device)
-        self.alpha[:, :, 0] = 1.0
+        # Per-step Python dispatch (hybrid) only where no graph freezes it: eager execution.
+        super().__init__(num_decoder_layers(vllm_config.model_config),
+                         capacity=config.max_experts, device=device,
+                         bounds=config.mixture_bounds,
+                         hybrid=bool(config.hybrid) and runs_eagerly(vllm_config),
+                         mix_in_kernel=True, merge_cache_bytes=config.merge_cache_bytes,
+                         max_slots=int(sched.max_num_seqs) + 1,
+                         max_rows=int(sched.max_num_batched_tokens))
+        self.config = config
         self.methods: dict = {}                # vLLM layer prefix -> SVFLinearMethod
-        self.targets: dict = {}                # HF name -> (layer module, part index)
         self.factors: dict = {}                # HF name -> SVDFactors stub (shape, σ)
         self.expected_targets: list[str] = []
-        self.names: list[str] = []             # loaded experts, bank order
-        self.row_of: dict[str, int] = {}       # expert name -> bank row (1..max_experts)
-        self.experts_meta: dict[str, dict] = {}
-        self.generation = 0
-        self.mode = "base"
-        self.single_key = None
-        self.single_slot = 0
-        self._prev_tokens = 0
+        self.fingerprint: Fingerprint | None = None
         self._finalized = False
-        self._table = None
         self._req: dict = {}
         self._warned: set = set()
-        self.stats = dict(steps_base=0, steps_single=0, steps_mixed=0, merges=0, svd_hits=0,
-                          svd_misses=0, svd_from_rank0=0, rejected_in_worker=0)
+        self.worker_stats = dict(svd_hits=0, svd_misses=0, svd_from_rank0=0,
+                                 rejected_in_worker=0)
 
     # ---- construction -------------------------------------------------------------------
     def note_decomposition(self, name: str, factors, from_cache) -> None:
@@ -96,14 +84,17 @@ class T2Runtime:
         self.factors[name] = factors_stub(factors.shape, factors.S)
         key = "svd_from_rank0" if from_cache is None else (
             "svd_hits" if from_cache else "svd_misses")
-        self.stats[key] += 1
+        self.worker_stats[key] += 1
 
-    def register_target(self, name: str, method, layer, part) -> None:
-        self.targets[name] = (layer, part.index)
+    def register_group(self, parts, layer_idx: int) -> int:
+        """Add the adapted parts (``SVFPart``) of one vLLM layer as one group of the runtime;
+        once every expected target is in, load the configured experts."""
+        g = self.add_group([(p.name, p.rank) for p in parts], layer_idx)
         if not self._finalized and self.expected_targets and \
-                len(self.targets) == len(self.expected_targets):
+                len(self.layer_of) == len(self.expected_targets):
             self._finalized = True
             self._finalize()
+        return g
 
     def _finalize(self) -> None:
         """All SVF layers are decomposed: order the targets, load the configured experts."""
@@ -112,82 +103,36 @@ class T2Runtime:
         if self.config.experts:
             self.load_experts(list(self.config.experts))
         logger.info("t2fast: %d matrices adapted (%d SVDs from cache), experts %s",
-                    len(self.targets), self.stats["svd_hits"], self.names or "(none)")
-
-    def bank_z(self, name: str) -> torch.Tensor:
-        layer, i = self.targets[name]
-        return getattr(layer, f"t2_bank{i}")
+                    len(self.layer_of), self.worker_stats["svd_hits"],
+                    self.expert_names or "(none)")
 
     # ---- expert bank --------------------------------------------------------------------
     def load_experts(self, experts, allow_other_model: bool | None = None) -> list[str]:
         """Load experts (file paths or :class:`Expert` objects) into the bank; a loaded name is
-        replaced. All are checked before any is written. Returns the bank's names in order."""
+        replaced (the front end decides what may be). All are checked before any is written.
+        Returns the bank's names in order."""
         allow = self.config.allow_other_model if allow_other_model is None else allow_other_model
-        loaded = [self._as_expert(e, allow) for e in experts]
-        names = [e.name for e in loaded]
-        if len(set(names)) != len(names) or BASE in names:
-            raise ValueError(f"t2fast: expert names must be unique and not {BASE!r}: {names}")
-        new = [n for n in names if n not in self.row_of]
-        if len(self.names) + len(new) > self.max_experts:
-            raise ValueError(f"t2fast: the expert bank holds {self.max_experts} experts; "
-                             f"{len(self.names)} are loaded and {len(new)} more were given. "
-                             f"Unload some, or start the engine with a larger max_experts")
-        for e in loaded:
-            row = self.row_of.get(e.name)
-            if row is None:
-                used = set(self.row_of.values())
-                row = next(r for r in range(1, self.max_experts + 1) if r not in used)
-                self.row_of[e.name] = row
-                self.names.append(e.name)
-            for t in self.factors:
-                self.bank_z(t)[row].copy_(e.z[t].to(dtype=torch.float32))
-            self.experts_meta[e.name] = {"base_model": e.base_model}
-        self._bank_changed()
-        return list(self.names)
-
-    def unload_experts(self, names) -> list[str]:
-        if isinstance(names, str):
-            names = [names]
-        unknown = [n for n in names if n not in self.row_of]
-        if unknown:
-            raise ValueError(f"t2fast: cannot unload {unknown}: not loaded (loaded: "
-                             f"{self.names or '(none)'})")
-        for n in names:
-            row = self.row_of.pop(n)
-            self.names.remove(n)
-            self.experts_meta.pop(n, None)
-            for t in self.factors:
-                self.bank_z(t)[row].zero_()
-        self._bank_changed()
-        return list(self.names)
-
-    def _as_expert(self, e, allow: bool) -> Expert:
-        if isinstance(e, Expert):
-            e.check_against(self.factors, self.fingerprint, allow_other_model=allow)
-            return e
-        return load_expert(e, self.factors, allow_other_model=allow)
+        loaded = load_sources(list(experts), self.factors, self.fingerprint, allow)
+        return super().load_experts(loaded, replace=True)
 
     def _bank_changed(self) -> None:
-        self.generation += 1
         self._req.clear()
-        self._table = None
-        for m in self.methods.values():
-            m.drop_merged()
+        super()._bank_changed()
 
     def info(self) -> dict:
-        return {"experts": list(self.names), "targets": list(self.factors),
-                "max_experts": self.max_experts, "num_layers": self.num_layers,
+        return {**super().info(), "targets": list(self.factors),
                 "backend": self.config.backend, "deterministic": self.config.deterministic,
-                "hybrid": self.hybrid,
                 "kernels": sorted({m.kernels for m in self.methods.values() if m.kernels}),
-                "stats": dict(self.stats)}
+                "worker_stats": dict(self.worker_stats)}
 
     # ---- per step -----------------------------------------------------------------------
-    def alpha_of(self, normal) -> torch.Tensor:
+    def place_request(self, normal) -> torch.Tensor | None:
         """α [num_layers, max_experts + 1] (column 0 = base, column r = bank row r) of a
-        request's normal form (:func:`t2fast.mixtures.place_normal_form`)."""
-        alpha, missing = place_normal_form(None if normal is None else normal["alpha"],
-                                           self.row_of, self.num_layers, self.max_experts + 1)
+        request's normal form (:func:`t2fast.mixtures.place_normal_form`); None for the base."""
+        if normal is None:
+            return None
+        alpha, missing = place_normal_form(normal["alpha"], self.bank.row_of, self.num_layers,
+                                           self.bank.capacity + 1)
         for name in missing:  # unloaded between the front end's check and this step
             if name not in self._warned:
                 self._warned.add(name)
@@ -196,24 +141,20 @@ class T2Runtime:
         return alpha
 
     def _request_mixture(self, req_id, raw_of):
-        hit = self._req.get(req_id)
-        if hit is not None:
-            return hit
+        if req_id in self._req:
+            return self._req[req_id]
         present, raw = raw_of(req_id)
         normal = None
         if present:
             try:
-                normal = normalize_spec(raw, self.names, self.num_layers,
-                                        self.config.mixture_bounds)
+                normal = normalize_spec(raw, self.bank.names, self.num_layers, self.bounds)
             except T2RequestError as exc:
                 # The front end validates requests; one that skipped it must not kill the worker.
-                self.stats["rejected_in_worker"] += 1
+                self.worker_stats["rejected_in_worker"] += 1
                 logger.error("t2fast: request %s: %s; serving it with the base model", req_id,
                              exc)
-        key = mixture_key(normal)
-        hit = (key, None if key is None else self.alpha_of(normal))
-        self._req[req_id] = hit
-        return hit
+        alpha = self._req[req_id] = self.place_request(normal)
+        return alpha
 
     def prepare_step(self, req_ids, raw_of, num_scheduled_tokens) -> None:
         """Write the token → slot map and the slots' α for one step.
@@ -223,45 +164,12 @@ class T2Runtime:
             raw_of: ``req_id -> (present, extra_args["t2"])``.
             num_scheduled_tokens: tokens of each request in this step (same order).
         """
-        n = len(req_ids)
-        if len(self._req) > 4 * self.max_slots + 64:
+        if len(self._req) > 4 * self.alpha.shape[1] + 64:
             live = set(req_ids)
             self._req = {k: v for k, v in self._req.items() if k in live}
-        slots = np.zeros(n, dtype=np.int32)
-        slot_of_key = {None: 0}
-        keys, alphas = [], []
-        for i, rid in enumerate(req_ids):
-            key, a = self._request_mixture(rid, raw_of)
-            s = slot_of_key.get(key)
-            if s is None:
-                s = slot_of_key[key] = len(keys) + 1
-                keys.append(key)
-                alphas.append(a)
-            slots[i] = s
-        tok = np.repeat(slots, np.asarray(num_scheduled_tokens, dtype=np.int64))
-        T = int(tok.shape[0])
-        if T > self.max_tokens:
-            raise RuntimeError(f"t2fast: step has {T} tokens, more than max_num_batched_tokens "
-                               f"= {self.max_tokens}")
-        _copy_np(self.token_slot[:T], tok)
-        if self._prev_tokens > T:
-            self.token_slot[T:self._prev_tokens].zero_()
-        self._prev_tokens = T
-        table = (self.generation, tuple(keys))
-        if keys and table != self._table:
-            _copy_tensor(self.alpha[:, 1:1 + len(keys)], torch.stack(alphas, dim=1))
-        self._table = table
-        if not keys:
-            self.mode = "base"
-            self.stats["steps_base"] += 1
-        elif len(keys) == 1 and bool((slots == 1).all()):
-            self.mode = "single"
-            self.single_key = (self.generation, keys[0])
-            self.single_slot = 1
-            self.stats["steps_single"] += 1
-        else:
-            self.mode = "mixed"
-            self.stats["steps_mixed"] += 1
+        alphas = [self._request_mixture(rid, raw_of) for rid in req_ids]
+        self.set_row_mixtures(alphas, repeat=np.asarray(num_scheduled_tokens, dtype=np.int64),
+                              fixed_rows=False)
 
 
 def runs_eagerly(vllm_config) -> bool:
@@ -277,19 +185,6 @@ def runs_eagerly(vllm_config) -> bool:
     except Exception:  # noqa: BLE001
         return False
     return cc.mode == CompilationMode.NONE and cc.cudagraph_mode in (None, CUDAGraphMode.NONE)
-
-
-def _copy_np(dst: torch.Tensor, arr: np.ndarray) -> None:
-    _copy_tensor(dst, torch.from_numpy(np.ascontiguousarray(arr)))
-
-
-def _copy_tensor(dst: torch.Tensor, src: torch.Tensor) -> None:
-    if dst.device.type == "cpu":
-        dst.copy_(src)
-    else:
-        # Pinned source: the caching host allocator keeps the block until the copy is done,
-        # so the copy stays asynchronous and in stream order with the model's kernels.
-        dst.copy_(src.pin_memory(), non_blocking=True)
 
 
 # --------------------------------------------------------------------------------------------

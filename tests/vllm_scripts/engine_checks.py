@@ -68,9 +68,9 @@ def _poison_bank(worker, name: str, value: float):
     """Runs in each worker (``collective_rpc`` with a function): overwrite the bank rows of
     expert ``name`` with ``value``, past every check of ``load_experts``."""
     rt = worker._t2_runtime()
-    row = rt.row_of[name]
+    row = rt.bank.row_of[name]
     for target in rt.factors:
-        rt.bank_z(target)[row].fill_(value)
+        rt.bank.bank_z(target)[row].fill_(value)
     rt._bank_changed()
     return row
 
