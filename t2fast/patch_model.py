@@ -217,7 +217,8 @@ class SVFHandle:
         if unknown:
             raise ValueError(f"new_expert: z given for {unknown[:3]}, which are not adapted "
                              f"here (targets: {self.targets[:3]}...)")
-        full = {n: torch.ones(f.rank) for n, f in self.decomposition.factors.items()}
+        full = {n: torch.ones(f.rank, dtype=torch.float32)
+                for n, f in self.decomposition.factors.items()}
         full.update({n: v.detach().float().cpu() for n, v in (z or {}).items()})
         return Expert(name, full, self.base_model, self.fingerprint)
 

@@ -47,6 +47,9 @@ MODES = ("base", "merged", "factored")
 #: The statistics of every runtime: how often each mode was chosen (per ``set_*`` call in
 #: Hugging Face, per step in vLLM), mixtures merged, merge-cache hits and evictions, and
 #: single-mixture batches served factored because their merged weights exceed the budget.
+#: Every table of the runtime is float32 whatever torch's default dtype (vLLM loads a bf16
+#: checkpoint with the default dtype set to bf16).
+F32 = torch.float32
 STATS = MODES + ("merges", "merge_cache_hits", "merge_evictions", "merge_over_budget")
 
 
@@ -102,7 +105,7 @@ class ExpertBank:
         if self.names:
             raise RuntimeError("t2fast: matrices are added to the bank before any expert")
         R = sum(r for _, r in members)
-        table = torch.zeros(self.capacity + 1, R, device=self.device)
+        table = torch.zeros(self.capacity + 1, R, dtype=F32, device=self.device)
         table[0] = 1.0
         at = 0
         for name, r in members:
@@ -244,7 +247,7 @@ class SVFRuntime:
         self.merge_cache = MergeCache(merge_cache_bytes)
         self.merged_bytes = 0          # bytes of one mixture's merged weights (set by adapters)
         self.fixed_slots, self.fixed_rows = max_slots is not None, max_rows is not None
-        self.alpha = torch.zeros(self.num_layers, max_slots or 2, capacity + 1,
+        self.alpha = torch.zeros(self.num_layers, max_slots or 2, capacity + 1, dtype=F32,
                                  device=self.device)
         self.alpha[:, :, 0] = 1.0
         self.slot_z: list[torch.Tensor] = []   # per group [slots, R] (mix_in_kernel=False)
@@ -266,7 +269,7 @@ class SVFRuntime:
             self.layer_of[name] = min(int(layer), self.num_layers - 1)
         if not self.mix_in_kernel:
             self.slot_z.append(torch.ones(self.alpha.shape[1], self.bank.tables[g].shape[1],
-                                          device=self.device))
+                                          dtype=F32, device=self.device))
         return g
 
     # ---- experts ---------------------------------------------------------------------------
@@ -294,7 +297,7 @@ class SVFRuntime:
 
     # ---- mixtures --------------------------------------------------------------------------
     def base_alpha(self) -> torch.Tensor:
-        a = torch.zeros(self.num_layers, self.bank.capacity + 1)
+        a = torch.zeros(self.num_layers, self.bank.capacity + 1, dtype=F32)
         a[:, 0] = 1.0
         return a
 
@@ -305,7 +308,7 @@ class SVFRuntime:
 
     def place(self, alpha: torch.Tensor) -> torch.Tensor:
         """α [num_layers, K + 1] in bank order → [num_layers, capacity + 1] in bank rows."""
-        out = torch.zeros(self.num_layers, self.bank.capacity + 1)
+        out = torch.zeros(self.num_layers, self.bank.capacity + 1, dtype=F32)
         out[:, 0] = alpha[:, 0]
         for k, name in enumerate(self.bank.names):
             out[:, self.bank.row_of[name]] = alpha[:, 1 + k]
@@ -413,11 +416,12 @@ class SVFRuntime:
                 self.slot_z[g][1:n].copy_(self.mix(self.alpha[layer, 1:n], self.bank.tables[g]))
 
     def _grow_slots(self, slots: int) -> None:
-        alpha = torch.zeros(self.num_layers, slots, self.alpha.shape[2], device=self.device)
+        alpha = torch.zeros(self.num_layers, slots, self.alpha.shape[2], dtype=F32,
+                            device=self.device)
         alpha[:, :, 0] = 1.0
         alpha[:, :self.alpha.shape[1]] = self.alpha
         self.alpha = alpha
-        self.slot_z = [torch.cat([z, torch.ones(slots - z.shape[0], z.shape[1],
+        self.slot_z = [torch.cat([z, torch.ones(slots - z.shape[0], z.shape[1], dtype=F32,
                                                 device=self.device)]) for z in self.slot_z]
 
     def _write_map(self, rows, fill: int) -> None:

@@ -143,3 +143,16 @@ def test_merge_z_serves_explicit_vectors(tmp_path):
         torch.testing.assert_close(model(ids).logits, explicit, rtol=0, atol=0)
     with pytest.raises(ValueError, match="merge_z: no z given"):
         h.merge_z({})
+
+
+def test_tables_are_float32_under_a_bf16_default_dtype():
+    """vLLM loads a bf16 checkpoint with torch's default dtype set to bf16; the runtime's host
+    and device tables must stay float32 (this crashed every bf16 engine at start-up)."""
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        rt, _ = _runtime(hybrid=False)
+        assert rt.set_row_mixtures([rt.alpha_of("a"), None]) == "factored"
+        tables = [rt.alpha, *rt.slot_z, *rt.bank.tables, rt.base_alpha(), rt.alpha_of("b")]
+        assert {t.dtype for t in tables} == {torch.float32}
+    finally:
+        torch.set_default_dtype(torch.float32)
