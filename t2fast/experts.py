@@ -99,15 +99,16 @@ class Expert:
     @classmethod
     def ones(cls, name: str, factors: dict[str, SVDFactors], base_model: str = "") -> "Expert":
         """The identity expert (z = 1 everywhere) for ``factors``."""
-        return cls(name, {n: torch.ones(f.rank, dtype=torch.float32) for n, f in factors.items()}, base_model,
-                   Fingerprint.of(factors))
+        return cls(name, {n: torch.ones(f.rank, dtype=torch.float32) for n, f in factors.items()},
+                   base_model, Fingerprint.of(factors))
 
     @classmethod
     def random(cls, name: str, factors: dict[str, SVDFactors], scale: float = 0.1,
                seed: int = 0, base_model: str = "") -> "Expert":
         """z = 1 + scale·N(0, 1), a stand-in expert for demos and tests."""
         g = torch.Generator().manual_seed(seed)
-        z = {n: 1 + scale * torch.randn(f.rank, generator=g, dtype=torch.float32) for n, f in factors.items()}
+        z = {n: 1 + scale * torch.randn(f.rank, generator=g, dtype=torch.float32)
+             for n, f in factors.items()}
         return cls(name, z, base_model, Fingerprint.of(factors))
 
     def save(self, path) -> Path:
