@@ -206,7 +206,7 @@ def run_batch(lm, model: str, batch: int, context: int, steps: int, reps: int,
 
     import t2fast
     import t2fast.layers as svf_layers
-    pm = sys.modules["t2fast.patch_model"]
+    pm = sys.modules["t2fast.patching"]
     graphs, notes, keep = {}, {}, []
 
     def capture(name, target):

@@ -2,7 +2,7 @@
 
 A layer holds its SVD factors; everything that changes with the mixtures — the expert bank, the
 α table, the slot of every row, the merged weights — lives in the model's
-:class:`t2fast.runtime.SVFRuntime` (set by :class:`t2fast.patch_model.SVFHandle`), which every
+:class:`t2fast.runtime.SVFRuntime` (set by :class:`t2fast.patching.SVFHandle`), which every
 layer reads.
 
 Paths, checked in this order by ``forward``:

@@ -24,7 +24,7 @@ Every table is overwritten in place (``copy_``), so a captured CUDA graph or a c
 reads each step's values. Tables sized by the batch (slots, rows) grow by reallocation when
 ``max_slots`` / ``max_rows`` are not fixed: capture after the largest batch has been set once.
 
-The adapters are thin: :class:`t2fast.patch_model.SVFHandle` with :class:`t2fast.layers.
+The adapters are thin: :class:`t2fast.patching.SVFHandle` with :class:`t2fast.layers.
 SVFLinear` (Hugging Face) and :class:`t2fast.vllm.runner.T2Runtime` with :class:`t2fast.vllm.
 layers.SVFLinearMethod` (vLLM) set mixtures here and call :mod:`t2fast.ops` with these tables.
 """

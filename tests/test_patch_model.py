@@ -231,9 +231,13 @@ def test_save_pretrained_writes_merged_weights_or_refuses(svd_cache, tmp_path):
 
 
 def test_import_forms():
-    import t2fast.patch_model as pm
-    assert callable(pm) and callable(t2fast.patch_model)
-    assert pm.patch_model is t2fast.patch_model.patch_model
+    import importlib.util
+
+    from t2fast import patch_model
+    from t2fast.patching import SVFHandle, patch_model as function
+    assert t2fast.patch_model is patch_model is function, "t2fast.patch_model: one thing"
+    assert importlib.util.find_spec("t2fast.patch_model") is None, "no module of that name"
+    assert t2fast.SVFHandle is SVFHandle
 
 
 def test_mixture_bounds_are_configurable(svd_cache):

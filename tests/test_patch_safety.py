@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import t2fast
-from t2fast import patch_model as patch_module
+from t2fast import patching as patch_module
 from t2fast.experts import Expert
 from t2fast.layers import SVFLinear
 from t2fast.mixtures import MixtureError, MixtureTypeError

@@ -79,7 +79,7 @@ class PromptDispatch:
     """Strategy A: classify with the base weights, then pick the category's expert.
 
     Args:
-        handle: the :class:`t2fast.patch_model.SVFHandle` of the patched model.
+        handle: the :class:`t2fast.patching.SVFHandle` of the patched model.
         tokenizer: its tokenizer.
         categories: ``{label: expert name}`` (default: every loaded expert, labelled by its
             name); "other" and unknown labels map to the base model.

@@ -8,16 +8,15 @@
     handle.merge("code")        # dense weights for a single-mixture batch
     handle.restore()            # the original modules, bit for bit
 
-``import t2fast.patch_model`` also works: the module itself is callable.
+``t2fast.patch_model`` is this module's :func:`patch_model` (the module is
+:mod:`t2fast.patching`, so each name says one thing).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import hashlib
-import sys
 import threading
-import types
 from pathlib import Path
 
 import torch
@@ -500,14 +499,3 @@ def patch_model(model: nn.Module, experts=(), targets=None, layers=None, *,
     loaded = load_sources(sources, decomposition.factors, Fingerprint.of(decomposition.factors),
                           config.allow_other_model)
     return SVFHandle(model, decomposition, config, loaded)
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``import t2fast.patch_model; t2fast.patch_model.patch_model(...)`` and a direct call
-    of the module object both work."""
-
-    def __call__(self, *args, **kwargs):
-        return patch_model(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
