@@ -151,6 +151,7 @@ class LLM:
         Returns the bank order."""
         from ..experts import Expert, check_unique_names, load_expert
         from ..mixtures import check_z
+        from ..runtime import check_bank_room
         from .requests import expert_digest, file_digest
         from .worker import encode_expert
 
@@ -172,11 +173,8 @@ class LLM:
         if clash and not replace:
             raise ValueError(f"t2fast: experts {clash} are already loaded (loaded: "
                              f"{self._frontend.names}); pass replace=True to replace them")
-        new = [n for n in names if n not in self._frontend.names]
-        if len(self._frontend.names) + len(new) > self._frontend.max_experts:
-            raise ValueError(f"t2fast: the expert bank holds {self._frontend.max_experts} "
-                             f"experts; {len(self._frontend.names)} are loaded and {len(new)} "
-                             f"more were given")
+        check_bank_room(self._frontend.names, [n for n in names if n not in self._frontend.names],
+                        self._frontend.max_experts)
         results = self._rpc("t2_load_experts", payload, allow_other_model)
         for name, digest in entries:
             self._frontend.add(name, digest)
