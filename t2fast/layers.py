@@ -134,7 +134,7 @@ def svf_apply(rt, members: list[SVFLinear], U, S, Vh, x2: torch.Tensor, lead: to
     group (``U`` the members' U list, ``S``/``Vh`` stacked) through :mod:`t2fast.ops`, with the
     runtime's tables: x2 [T, n] → [T, Σ m]."""
     first = members[0]
-    idx = rt.token_slots(lead)
+    idx = rt.token_slots(lead, x2.device)
     g = rt.bank.group_of(first.name)
     kw = dict(backend=first.backend, validate=False, deterministic=first.deterministic)
     if rt.mix_in_kernel:

@@ -131,7 +131,8 @@ class SVFHandle:
             bounds=config.mixture_bounds, hybrid=config.hybrid,
             mix_in_kernel=config.mix_in_kernel, merge_cache_bytes=config.merge_cache_bytes)
         for members in groups:
-            self.runtime.add_group([(m.name, m.rank) for m in members], members[0].layer)
+            self.runtime.add_group([(m.name, m.rank) for m in members], members[0].layer,
+                                   members[0].U.device)
         for layer in self.modules.values():
             layer.runtime = self.runtime
         self.runtime.merged_bytes = sum(l.out_features * l.in_features * l.U.element_size()

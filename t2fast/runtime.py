@@ -99,13 +99,15 @@ class ExpertBank:
         self.tables: list[torch.Tensor] = []           # per group [capacity + 1, R]
         self._where: dict[str, tuple[int, int, int]] = {}   # target -> (group, start, stop)
 
-    def add_group(self, members: Sequence[tuple[str, int]]) -> int:
+    def add_group(self, members: Sequence[tuple[str, int]], device=None) -> int:
         """Add the z tables of matrices ``[(target, rank r), ...]`` that read one input,
-        stacked into one ``[capacity + 1, R]`` table (R = Σ r); returns the group's index."""
+        stacked into one ``[capacity + 1, R]`` table (R = Σ r) on ``device`` (default: the
+        bank's); returns the group's index."""
         if self.names:
             raise RuntimeError("t2fast: matrices are added to the bank before any expert")
         R = sum(r for _, r in members)
-        table = torch.zeros(self.capacity + 1, R, dtype=F32, device=self.device)
+        table = torch.zeros(self.capacity + 1, R, dtype=F32,
+                            device=self.device if device is None else device)
         table[0] = 1.0
         at = 0
         for name, r in members:
@@ -257,19 +259,22 @@ class SVFRuntime:
         self.merge_key: bytes | None = None    # the merged mixture (mode "merged")
         self.generation = 0                    # bumped whenever the bank changes
         self._fill = 0
+        self._mirrors: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._slot_keys: tuple = ()
         self.stats = dict.fromkeys(STATS, 0)
 
-    def add_group(self, members: Sequence[tuple[str, int]], layer: int) -> int:
+    def add_group(self, members: Sequence[tuple[str, int]], layer: int, device=None) -> int:
         """Add matrices ``[(target, rank r), ...]`` of decoder layer ``layer`` that read one
-        input (one matrix alone is a group too); returns the group's index."""
-        g = self.bank.add_group(members)
+        input (one matrix alone is a group too), whose layers run on ``device`` (default: the
+        runtime's; a model split over devices gets mirrors of the α table and the slot map on
+        each, refreshed with every write); returns the group's index."""
+        g = self.bank.add_group(members, device)
         self.groups.append(list(members))
         for name, _ in members:
             self.layer_of[name] = min(int(layer), self.num_layers - 1)
         if not self.mix_in_kernel:
             self.slot_z.append(torch.ones(self.alpha.shape[1], self.bank.tables[g].shape[1],
-                                          dtype=F32, device=self.device))
+                                          dtype=F32, device=self.bank.tables[g].device))
         return g
 
     # ---- experts ---------------------------------------------------------------------------
@@ -410,10 +415,12 @@ class SVFRuntime:
             return
         table = torch.stack(alphas, dim=1).to(self.device)       # [L, n - 1, capacity + 1]
         _copy(self.alpha[:, 1:n], table)
+        self._refresh("alpha")
         if not self.mix_in_kernel:
             for g, members in enumerate(self.groups):
-                layer = self.layer_of[members[0][0]]
-                self.slot_z[g][1:n].copy_(self.mix(self.alpha[layer, 1:n], self.bank.tables[g]))
+                bank = self.bank.tables[g]
+                alpha = self.on("alpha", bank.device)[self.layer_of[members[0][0]], 1:n]
+                self.slot_z[g][1:n].copy_(self.mix(alpha, bank))
 
     def _grow_slots(self, slots: int) -> None:
         alpha = torch.zeros(self.num_layers, slots, self.alpha.shape[2], dtype=F32,
@@ -421,8 +428,9 @@ class SVFRuntime:
         alpha[:, :, 0] = 1.0
         alpha[:, :self.alpha.shape[1]] = self.alpha
         self.alpha = alpha
+        self._refresh("alpha")
         self.slot_z = [torch.cat([z, torch.ones(slots - z.shape[0], z.shape[1], dtype=F32,
-                                                device=self.device)]) for z in self.slot_z]
+                                                device=z.device)]) for z in self.slot_z]
 
     def _write_map(self, rows, fill: int) -> None:
         """Write ``rows`` (one slot per row or token) at the head of the slot map and ``fill``
@@ -439,6 +447,7 @@ class SVFRuntime:
             _copy(self.slot_map[:n], torch.from_numpy(np.ascontiguousarray(rows, np.int32)))
         self.slot_map[n:].fill_(fill)
         self._fill = fill
+        self._refresh("slot_map")
 
     def reserve(self, rows: int) -> None:
         """Room in the slot map for ``rows`` rows (before capturing a graph of that batch)."""
@@ -447,6 +456,29 @@ class SVFRuntime:
             self.slot_map = torch.full((max(rows, 2 * old.numel()),), self._fill,
                                        dtype=torch.int32, device=self.device)
             self.slot_map[:old.numel()].copy_(old)
+            self._refresh("slot_map")
+
+    def on(self, name: str, device: torch.device) -> torch.Tensor:
+        """The table ``name`` (``"alpha"`` or ``"slot_map"``) on ``device``: the runtime's
+        own, or a persistent mirror of it (a model split over devices), refreshed with every
+        write so captured steps there follow it too."""
+        table = getattr(self, name)
+        if device == table.device:
+            return table
+        mirror = self._mirrors.get((name, device))
+        if mirror is None or mirror.shape != table.shape:
+            mirror = self._mirrors[(name, device)] = table.to(device)
+        return mirror
+
+    def _refresh(self, name: str) -> None:
+        table = getattr(self, name)
+        for (which, device), mirror in list(self._mirrors.items()):
+            if which != name:
+                continue
+            if mirror.shape == table.shape:
+                mirror.copy_(table, non_blocking=True)
+            else:
+                self._mirrors[(which, device)] = table.to(device)
 
     # ---- what the layers read --------------------------------------------------------------
     def check_rows(self, lead_shape: torch.Size) -> None:
@@ -458,22 +490,24 @@ class SVFRuntime:
                              f"leading shape {tuple(lead_shape)}; call set_mixture(rows=[...]) "
                              f"with one mixture per row of this batch")
 
-    def token_slots(self, lead_shape: torch.Size) -> torch.Tensor:
-        """Slot of every token (int32 [T]) of an input with leading dims ``lead_shape``
-        ([T], [B] or [B, L]): a view of the slot map when every row is one token, else each
-        row's slot repeated L times."""
+    def token_slots(self, lead_shape: torch.Size, device: torch.device | None = None
+                    ) -> torch.Tensor:
+        """Slot of every token (int32 [T], on ``device``: default the runtime's) of an input
+        with leading dims ``lead_shape`` ([T], [B] or [B, L]): a view of the slot map when
+        every row is one token, else each row's slot repeated L times."""
         self.check_rows(lead_shape)
         B = lead_shape[0] if len(lead_shape) else 1
         per_row = 1
         for d in lead_shape[1:]:
             per_row *= d
         self.reserve(B)
-        rows = self.slot_map[:B]
+        rows = self.on("slot_map", device or self.device)[:B]
         return rows if per_row == 1 else rows[:, None].expand(B, per_row).reshape(-1)
 
     def layer_alpha(self, target: str) -> torch.Tensor:
-        """α of every slot [slots, capacity + 1] at ``target``'s decoder layer."""
-        return self.alpha[self.layer_of[target]]
+        """α of every slot [slots, capacity + 1] at ``target``'s decoder layer, on the device
+        of its bank table."""
+        return self.on("alpha", self.bank.bank_z(target).device)[self.layer_of[target]]
 
     def group_slot_z(self, group: int) -> torch.Tensor:
         """The slot z table of a group [slots, R] (``mix_in_kernel=False`` only)."""
@@ -499,8 +533,9 @@ class SVFRuntime:
 
     def _single_z(self, target: str) -> torch.Tensor:
         """z [r] of ``target`` for the merged mixture (slot 1)."""
-        alpha = self.alpha[self.layer_of[target], 1:2]
-        return self.mix(alpha, self.bank.bank_z(target))[0]
+        bank = self.bank.bank_z(target)
+        alpha = self.on("alpha", bank.device)[self.layer_of[target], 1:2]
+        return self.mix(alpha, bank)[0]
 
     # ---- reports ---------------------------------------------------------------------------
     def memory_report(self) -> dict:

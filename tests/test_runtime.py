@@ -156,3 +156,21 @@ def test_tables_are_float32_under_a_bf16_default_dtype():
         assert {t.dtype for t in tables} == {torch.float32}
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_tables_mirrored_on_other_devices_follow_every_write():
+    """A model split over devices reads the α table and slot map on each layer's device: the
+    mirror is persistent and follows writes and growth (here the meta device stands for a
+    second accelerator)."""
+    rt, _ = _runtime(hybrid=False)
+    meta = torch.device("meta")
+    rt.reserve(2)
+    alpha, slots = rt.on("alpha", meta), rt.on("slot_map", meta)
+    assert alpha.device == meta and alpha.shape == rt.alpha.shape
+    assert rt.on("alpha", meta) is alpha and rt.on("alpha", rt.device) is rt.alpha
+    rt.set_row_mixtures([rt.alpha_of("a"), None])
+    assert rt.on("alpha", meta) is alpha and rt.on("slot_map", meta) is slots, "kept in place"
+    rt.set_row_mixtures([rt.alpha_of(s) for s in ("a", "b", {"a": 0.5}, {"b": 0.5})] * 3)
+    assert rt.on("alpha", meta).shape == rt.alpha.shape, "grown with the table"
+    assert rt.on("slot_map", meta).shape == rt.slot_map.shape
+    assert rt.token_slots(torch.Size([12]), meta).device == meta
