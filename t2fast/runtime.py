@@ -329,10 +329,15 @@ class SVFRuntime:
         """Dense weights that come from no mixture of the bank (explicit z vectors: a policy
         being trained) for every row of any batch: mode ``"merged"`` under ``key``, whose entry
         the adapter fills (:meth:`merged`). The α table and the slot map hold the base model
-        (a captured factored path serves it). Raises when the weights exceed the budget."""
+        (a captured factored path serves it). Only the latest such weights stay cached.
+        Raises when the weights exceed the budget."""
+        key = b"weights:" + key
+        for old in [k for k in self.merge_cache.entries if k.startswith(b"weights:")]:
+            if old != key:                  # explicit weights change often: keep the latest
+                del self.merge_cache.entries[old]
         self._write_map([], fill=0)
         self.num_rows = None
-        self.mode = self._merged_or_factored(b"weights:" + key, required=True)
+        self.mode = self._merged_or_factored(key, required=True)
         self.stats[self.mode] += 1
         return self.mode
 

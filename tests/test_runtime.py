@@ -143,6 +143,10 @@ def test_merge_z_serves_explicit_vectors(tmp_path):
         torch.testing.assert_close(model(ids).logits, explicit, rtol=0, atol=0)
     with pytest.raises(ValueError, match="merge_z: no z given"):
         h.merge_z({})
+    for seed in range(3):                    # a policy's z changes every step: one entry kept
+        h.merge_z(Expert.random("p", h.decomposition.factors, seed=10 + seed).z)
+    keys = list(h.runtime.merge_cache.entries)
+    assert sum(k.startswith(b"weights:") for k in keys) == 1 and len(keys) == 2
 
 
 def test_tables_are_float32_under_a_bf16_default_dtype():
