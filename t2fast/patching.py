@@ -70,8 +70,8 @@ class SVFHandle:
             (read from ``config``; setting it replaces ``config``'s bounds).
         keep_dense, hybrid: ``config``'s settings (read-only).
         lock: a re-entrant lock held by every call that changes the handle's state
-            (``set_mixture``, ``merge``, ``unmerge``, ``add_experts``, ``set_trainable_z``,
-            ``restore``) and by every call of the model's ``forward``, so a forward pass sees
+            (``set_mixture``, ``merge``, ``merge_z``, ``unmerge``, ``add_experts``,
+            ``remove_experts``, ``set_trainable_z``, ``restore``) and by every call of the model's ``forward``, so a forward pass sees
             one mixture whole and concurrent ``set_mixture`` calls apply one after the other.
             Hold it yourself (``with handle.lock:``) to keep a mixture across several forward
             calls (``generate``) while other threads use the model. A CUDA graph replay or a
