@@ -93,7 +93,7 @@ async def run_scenario(url: str, model: str, fields: list[dict], args) -> dict:
 
 
 def expert_names(paths: list[str]) -> list[str]:
-    from t2fast.vllm.requests import expert_file_name
+    from t2fast.vllm.frontend import expert_file_name
 
     return [expert_file_name(p) for p in paths]
 

@@ -29,6 +29,13 @@ is the base model, and the official parameterization's rescaled ``sigmoid(p)`` s
 **Expert names** (:func:`check_expert_name`): letters, digits, ``-``, ``_`` and ``.``, starting
 with a letter or digit, at most ``MAX_NAME_LENGTH`` characters, and not ``"base"``.
 
+A parsed mixture is a :class:`Mixture` value: its normal form (by name, zero weights dropped),
+a stable ``key``, the experts it uses, and its placement in a bank's columns. The request
+vocabulary — the keys ``"t2"``, ``"t2_expert"``, ``"t2_alpha"``, ``"t2_adapt"``, the fields
+``"expert"`` / ``"alpha"``, the ``"profile:"`` prefix — and the envelopes a mixture travels in
+(a request's ``"t2"`` value, ``vllm_xargs``, the vLLM front end's envelope for the workers) are
+defined here and nowhere else.
+
 Errors are :class:`MixtureError` (a ``ValueError``); a value of the wrong type raises
 :class:`MixtureTypeError`, which is both a ``MixtureError`` and a ``TypeError``. Messages repeat
 at most about ``MAX_SHOWN`` characters of any value given
@@ -36,6 +43,7 @@ at most about ``MAX_SHOWN`` characters of any value given
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import re
@@ -43,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .messages import shown
+from .messages import shown, shown_list
 
 BASE = "base"
 Z_MAX = 8.0
@@ -167,7 +175,8 @@ def parse_mixture(spec, expert_names, num_layers: int | None = None,
     """Parse and bound a mixture spec (forms in the module docstring).
 
     Args:
-        spec: the mixture.
+        spec: the mixture (a :class:`Mixture` is read through its normal form, checked again
+            against these names and bounds).
         expert_names: the bank's experts in bank order (K names, without ``"base"``).
         num_layers: decoder layers of the model; ``None`` refuses per-layer specs.
         bounds: :class:`MixtureBounds` (default ``MixtureBounds()``: 4 and 8).
@@ -192,7 +201,7 @@ def parse_mixture(spec, expert_names, num_layers: int | None = None,
     L, K = num_layers or 1, len(names)
     alpha = torch.zeros(L, K + 1, dtype=torch.float64)
     names_base = False
-    spec = _as_list(spec)
+    spec = spec.normal if isinstance(spec, Mixture) else _as_list(spec)
     if spec is None:
         alpha[:, 0] = 1.0
         names_base = True
@@ -280,28 +289,278 @@ def normal_form(alpha: torch.Tensor, expert_names) -> dict | None:
     return dict(sorted(out.items()))
 
 
-def place_normal_form(normal: dict | None, column_of, num_layers: int, width: int
-                      ) -> tuple[torch.Tensor, list[str]]:
-    """α float32 [num_layers, width] of a normal form (:func:`normal_form`) in bank columns.
+# --------------------------------------------------------------------------------------------
+# One mixture as a value
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Mixture:
+    """One parsed and bounded mixture, by expert name: what every entry point hands on.
 
-    Args:
-        normal: ``None`` (the base model) or ``{name: weight or [num_layers weights]}``.
-        column_of: ``{expert name: column}`` of the bank (columns 1 .. width - 1); ``"base"``
-            is column 0.
-        num_layers, width: the shape of the result.
-    Returns:
-        ``(α, missing)``: α with each named weight in its column, zero elsewhere, and the names
-        that ``column_of`` lacks (they contribute nothing; the caller says so).
+    ``Mixture()`` is the base model. Build one with :meth:`parse` (any spec form, against a
+    bank's names), :meth:`from_request` (a request's ``"t2"`` value) or :meth:`from_envelope`
+    (what the vLLM front end wrote for the workers). Equal mixtures compare and hash equal.
+
+    Attributes:
+        weights: the normal form's items sorted by name: ``(name, weight)`` or ``(name,
+            (per-layer weights))``, floats; empty for the base model.
     """
-    alpha = torch.zeros(num_layers, width, dtype=torch.float32)
-    if normal is None:
-        alpha[:, 0] = 1.0
-        return alpha, []
-    missing = []
-    for name, w in normal.items():
-        col = 0 if name == BASE else column_of.get(name)
-        if col is None:
-            missing.append(name)
-        else:
-            alpha[:, col] = torch.as_tensor(w, dtype=torch.float32)
-    return alpha, missing
+    weights: tuple = ()
+
+    @classmethod
+    def parse(cls, spec, expert_names, num_layers: int | None = None,
+              bounds: MixtureBounds | None = None) -> "Mixture":
+        """Parse and bound ``spec`` (any form of the module docstring, or a Mixture) against
+        the bank's ``expert_names`` (bank order). Raises what :func:`parse_mixture` raises."""
+        names = list(expert_names)
+        alpha = parse_mixture(spec, names, num_layers, bounds, dtype=torch.float64)
+        normal = normal_form(alpha, names)
+        if normal is None:
+            return cls()
+        return cls(tuple((n, tuple(w) if isinstance(w, list) else w) for n, w in normal.items()))
+
+    @property
+    def is_base(self) -> bool:
+        return not self.weights
+
+    @property
+    def normal(self) -> dict | None:
+        """The normal form (:func:`normal_form`): ``None`` for the base model, else
+        ``{name: weight or [per-layer weights]}`` sorted by name (JSON-able)."""
+        if self.is_base:
+            return None
+        return {n: list(w) if isinstance(w, tuple) else w for n, w in self.weights}
+
+    @property
+    def key(self) -> str | None:
+        """A stable string of the mixture (None for the base model): the prefix-cache salt's
+        and the ``x-t2-mixture`` header's text."""
+        if self.is_base:
+            return None
+        return json.dumps(self.normal, sort_keys=True, separators=(",", ":"))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The experts the mixture uses (``"base"`` is not one)."""
+        return tuple(n for n, _ in self.weights if n != BASE)
+
+    def place(self, column_of, num_layers: int, width: int) -> tuple[torch.Tensor, list[str]]:
+        """α float32 [num_layers, width] in bank columns.
+
+        Args:
+            column_of: ``{expert name: column}`` of the bank (columns 1 .. width - 1);
+                ``"base"`` is column 0.
+            num_layers, width: the shape of the result.
+        Returns:
+            ``(α, missing)``: each named weight in its column, zero elsewhere, and the names
+            that ``column_of`` lacks (they contribute nothing; the caller says so).
+        """
+        alpha = torch.zeros(num_layers, width, dtype=torch.float32)
+        if self.is_base:
+            alpha[:, 0] = 1.0
+            return alpha, []
+        missing = []
+        for name, w in self.weights:
+            col = 0 if name == BASE else column_of.get(name)
+            if col is None:
+                missing.append(name)
+            else:
+                alpha[:, col] = torch.as_tensor(w, dtype=torch.float32)
+        return alpha, missing
+
+    # ---- the request envelopes ----------------------------------------------------------
+    @classmethod
+    def from_request(cls, raw, expert_names, num_layers: int | None = None,
+                     bounds: MixtureBounds | None = None) -> "Mixture":
+        """The mixture of a request's ``"t2"`` value: ``{"expert": name}``, ``{"alpha": spec}``,
+        a bare expert name, or a JSON string of either (``None`` or ``{}``: the base model).
+
+        Raises:
+            MixtureError naming the problem (the envelope's, or :meth:`parse`'s).
+        """
+        return cls.parse(_unwrap_request(raw), expert_names, num_layers, bounds)
+
+    def envelope(self) -> dict | None:
+        """What the vLLM front end writes into ``extra_args["t2"]`` for the workers
+        (:meth:`from_envelope` reads it); None for the base model (the key is dropped)."""
+        if self.is_base:
+            return None
+        return {ALPHA_FIELD: self.normal, VERSION_FIELD: ENVELOPE_VERSION}
+
+    @classmethod
+    def from_envelope(cls, value, num_layers: int,
+                      bounds: MixtureBounds | None = None) -> "Mixture":
+        """Read :meth:`envelope` back, trusting nothing: anything but ``{"alpha": {name:
+        weight or [num_layers weights]}, "v": ENVELOPE_VERSION}`` is refused, and the weights
+        are checked against ``bounds`` again (a cheap check of the one normal form, so a
+        value that did not come from the front end can never place unbounded weights).
+        Names need not be in any bank (:meth:`place` reports those missing).
+
+        Raises:
+            MixtureError naming the problem.
+        """
+        if not isinstance(value, dict) or set(value) != {ALPHA_FIELD, VERSION_FIELD} or \
+                not isinstance(value[ALPHA_FIELD], dict) or not value[ALPHA_FIELD]:
+            raise MixtureError(f"is not a mixture checked by the front end ({{{ALPHA_FIELD!r}: "
+                               f"{{name: weight}}, {VERSION_FIELD!r}: {ENVELOPE_VERSION}}}), "
+                               f"got {shown(value)}")
+        if value[VERSION_FIELD] != ENVELOPE_VERSION:
+            raise MixtureError(f"has envelope version {shown(value[VERSION_FIELD])}; this "
+                               f"t2fast reads version {ENVELOPE_VERSION}")
+        normal = value[ALPHA_FIELD]
+        names = [check_expert_name(n) for n in normal if n != BASE]
+        return cls.parse(normal, names, num_layers, bounds)
+
+
+# --------------------------------------------------------------------------------------------
+# The request vocabulary: vLLM's extra_args, the OpenAI server's vllm_xargs and HTTP bodies
+# --------------------------------------------------------------------------------------------
+#: ``extra_args["t2"]`` (and a request body's ``"t2"``): ``{"expert": ...}`` / ``{"alpha": ...}``.
+REQUEST_KEY = "t2"
+EXPERT_FIELD = "expert"
+ALPHA_FIELD = "alpha"
+SPEC_FIELDS = (EXPERT_FIELD, ALPHA_FIELD)
+#: Flat keys -> the field they stand for (``vllm_xargs`` holds only strings, numbers and flat
+#: lists, so ``{"t2_alpha": [0.3, 0.7]}`` works there).
+FLAT_KEYS = {"t2_expert": EXPERT_FIELD, "t2_alpha": ALPHA_FIELD}
+#: ``t2fast serve``'s two-pass adaptation per request.
+ADAPT_FIELD = "adapt"
+ADAPT_KEY = "t2_adapt"
+#: ``"t2_adapt": "profile:NAME"`` serves a saved α (:mod:`t2fast.serve.profiles`).
+PROFILE_PREFIX = "profile:"
+#: The front end's envelope for the workers: ``{"alpha": normal form, "v": 1}``.
+VERSION_FIELD = "v"
+ENVELOPE_VERSION = 1
+#: The deepest an α nests: ``{"math": [per-layer weights]}`` or ``[[per-layer row], ...]``.
+MAX_ALPHA_DEPTH = 2
+
+
+def looks_like_request_key(key) -> bool:
+    """Whether ``key`` looks like one of t2fast's request keys (``t2...``, any case, ``-`` or
+    ``_``): such keys are read or refused, never silently ignored."""
+    return isinstance(key, str) and key.lower().replace("-", "_").startswith(REQUEST_KEY)
+
+
+def request_spec(key: str, value):
+    """The raw spec of one request key: ``"t2"``'s value as is; a flat key's as
+    ``{field: value}``."""
+    return value if key == REQUEST_KEY else {FLAT_KEYS[key]: value}
+
+
+def extract_spec(extra_args) -> tuple[bool, object]:
+    """``(present, raw spec)`` from a request's ``extra_args``: ``extra_args["t2"]``, or the
+    flat keys ``t2_expert`` / ``t2_alpha``."""
+    if not extra_args:
+        return False, None
+    if REQUEST_KEY in extra_args:
+        return True, extra_args[REQUEST_KEY]
+    flat = {v: extra_args[k] for k, v in FLAT_KEYS.items() if k in extra_args}
+    if flat:
+        return True, flat
+    return False, None
+
+
+def check_request_keys(extra_args) -> None:
+    """Refuse keys that look like t2fast's but are not read (``t2_experts``, ``t2_adapt``
+    outside ``t2fast serve``), and more than one spec key: they would silently be ignored.
+
+    Raises:
+        MixtureError naming the keys.
+    """
+    keys = [k for k in (extra_args or {}) if isinstance(k, str)]
+    unknown = [k for k in keys if looks_like_request_key(k) and k != REQUEST_KEY
+               and k not in FLAT_KEYS]
+    if unknown:
+        raise MixtureError(f"unknown key(s) {shown_list(unknown)} in extra_args; t2fast reads "
+                           f"{[REQUEST_KEY, *FLAT_KEYS]}" +
+                           (f"; {ADAPT_KEY} is served by `t2fast serve`" if ADAPT_KEY in unknown
+                            else ""))
+    given = [k for k in keys if k == REQUEST_KEY or k in FLAT_KEYS]
+    if len(given) > 1:
+        raise MixtureError(f"give one of {given}, not several")
+
+
+def profile_name(value) -> str | None:
+    """NAME of an adapt mode ``"profile:NAME"`` (NAME not empty), else None."""
+    if isinstance(value, str) and value.startswith(PROFILE_PREFIX) and \
+            len(value) > len(PROFILE_PREFIX):
+        return value[len(PROFILE_PREFIX):]
+    return None
+
+
+def xargs_value(spec) -> str:
+    """A raw spec as ``vllm_xargs["t2"]`` carries it: a JSON string (a string stays as is)."""
+    return spec if isinstance(spec, str) else json.dumps(spec)
+
+
+def check_alpha_values(alpha, where: str) -> None:
+    """Refuse an α nested deeper than :data:`MAX_ALPHA_DEPTH` or holding an integer too large
+    for a float, naming the offending entry (walked without recursion).
+
+    Raises:
+        MixtureError.
+    """
+    stack = [(alpha, where, 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, (dict, list, tuple)):
+            if depth > MAX_ALPHA_DEPTH:
+                raise MixtureError(f"{path} is nested too deep: an α nests at most "
+                                   f"{MAX_ALPHA_DEPTH} levels ({{'math': [per-layer weights]}} "
+                                   f"or [[per-layer row], ...])")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack += [(v, f"{path}[{shown(k)}]", depth + 1) for k, v in items]
+            if isinstance(value, dict):
+                _check_name_length(value, f"{path}: unknown expert")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            try:
+                float(value)
+            except OverflowError:
+                raise MixtureError(f"{path} is an integer too large for a float "
+                                   f"({len(str(abs(value)))} digits)") from None
+
+
+def _check_name_length(names, what: str) -> None:
+    """Refuse names too long to be an expert's before any text quotes them in full."""
+    long = next((n for n in names if isinstance(n, str) and len(n) > MAX_NAME_LENGTH), None)
+    if long is not None:
+        raise MixtureError(f"{what} {shown(long)}: expert names have at most "
+                           f"{MAX_NAME_LENGTH} characters")
+
+
+def _unwrap_request(raw):
+    """The mixture spec inside a request's ``"t2"`` value (see :meth:`Mixture.from_request`)."""
+    if raw is None:
+        return None
+    if isinstance(raw, str) and raw.lstrip().startswith("{"):
+        try:
+            raw = json.loads(raw)
+        except RecursionError:
+            raise MixtureError("is a JSON string nested too deep") from None
+        except ValueError as exc:
+            raise MixtureError(f"is a string that is not valid JSON ({exc})") from None
+    if isinstance(raw, str):
+        raw = {EXPERT_FIELD: raw}
+    if not isinstance(raw, dict):
+        raise MixtureTypeError(f"must be a dict such as {{'expert': 'math'}} or "
+                               f"{{'alpha': {{'math': 0.5, 'code': 0.5}}}}, got {shown(raw)}")
+    unknown = sorted(set(raw) - set(SPEC_FIELDS) - {VERSION_FIELD}, key=str)
+    if unknown:
+        raise MixtureError(f"unknown key(s) {shown_list(unknown)}; use 'expert' or 'alpha'")
+    if EXPERT_FIELD in raw and ALPHA_FIELD in raw:
+        raise MixtureError("give either 'expert' or 'alpha', not both")
+    if EXPERT_FIELD in raw:
+        spec = raw[EXPERT_FIELD]
+        if spec is not None and not isinstance(spec, str):
+            raise MixtureTypeError(f"'expert' must be an expert name (expert names are "
+                                   f"strings), got {shown(spec)}; use 'alpha' for weights")
+        _check_name_length([spec], "unknown expert")
+        return spec
+    if ALPHA_FIELD in raw:
+        spec = raw[ALPHA_FIELD]
+        if spec is None or isinstance(spec, str):
+            raise MixtureTypeError(f"'alpha' must be a dict {{name: weight}} or a list of "
+                                   f"weights in bank order, got {shown(spec)}; use 'expert' for "
+                                   f"one expert")
+        check_alpha_values(spec, ALPHA_FIELD)
+        return spec
+    return None

@@ -240,8 +240,8 @@ def test_python_m_t2fast_reports_errors_without_a_traceback():
 
 def test_vllm_front_refuses_bad_experts_before_the_workers(world):
     """``t2fast.vllm.LLM.load_experts`` checks names, z and duplicates before any RPC."""
+    from t2fast.vllm.frontend import FrontEnd
     from t2fast.vllm.llm import LLM
-    from t2fast.vllm.requests import FrontEnd
 
     llm = LLM.__new__(LLM)
     llm._frontend = FrontEnd(num_layers=2, max_experts=4)

@@ -1,13 +1,14 @@
 """t2fast.mixtures: the one mixture language (forms, bounds, errors), expert names, z range."""
 import math
+import re
 from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 
-from t2fast.mixtures import (MixtureBounds, MixtureError, MixtureTypeError, check_expert_name,
-                             check_z, normal_form, parse_mixture, place_normal_form)
+from t2fast.mixtures import (Mixture, MixtureBounds, MixtureError, MixtureTypeError,
+                             check_expert_name, check_z, normal_form, parse_mixture)
 from t2fast.safetensors_io import T2FileError
 
 NAMES = ["math", "code"]
@@ -223,9 +224,9 @@ def handle(tmp_path_factory):
 @pytest.mark.parametrize("spec, request_t2", FRONT_END_FORMS,
                          ids=[repr(s)[:40] for s, _ in FRONT_END_FORMS])
 def test_hf_handle_and_vllm_front_end_agree(handle, spec, request_t2):
-    """The same α from SVFHandle.alpha and from the vLLM front end + the runner's placement in
-    bank columns, or the same error message."""
-    from t2fast.vllm.requests import T2RequestError, normalize_spec
+    """The same α from SVFHandle.alpha and from the vLLM front end, its envelope read back by
+    the worker and placed in bank columns, or the same error message."""
+    from t2fast.vllm.frontend import T2RequestError, parse_request, worker_mixture
 
     assert handle.num_layers == LAYERS and handle.expert_names == NAMES
     hf_error = vllm_error = None
@@ -234,25 +235,166 @@ def test_hf_handle_and_vllm_front_end_agree(handle, spec, request_t2):
     except MixtureError as exc:
         hf_error = str(exc)
     try:
-        normal = normalize_spec(request_t2, NAMES, LAYERS, handle.mixture_bounds)
+        mixture = parse_request(request_t2, NAMES, LAYERS, handle.mixture_bounds)
     except T2RequestError as exc:
         vllm_error = str(exc)
     assert (hf_error is None) == (vllm_error is None), (hf_error, vllm_error)
     if hf_error is not None:
         assert vllm_error.startswith(f"extra_args['t2']: {hf_error}"), vllm_error
         return
+    if not mixture.is_base:
+        mixture = worker_mixture(mixture.envelope(), LAYERS, handle.mixture_bounds)
     rows = {"math": 2, "code": 1}          # the engine's bank rows need not follow bank order
-    placed, missing = place_normal_form(None if normal is None else normal["alpha"], rows,
-                                        LAYERS, 4)
+    placed, missing = mixture.place(rows, LAYERS, 4)
     assert missing == []
     assert torch.equal(placed[:, [0, 2, 1]], hf)
     assert placed[:, 3].abs().sum() == 0
+    assert torch.equal(handle.alpha(mixture), hf)    # a Mixture is a spec too
 
 
-def test_place_normal_form_reports_missing_experts():
-    alpha, missing = place_normal_form({"base": 0.5, "gone": 1.0, "math": [0.1, 0.2]},
-                                       {"math": 1}, 2, 3)
+# --------------------------------------------------------------------------------------------
+# The Mixture value
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", [None, "base", {"base": 1.0}, {"base": 1, "math": 0}])
+def test_mixture_of_the_base_model(spec):
+    m = Mixture.parse(spec, NAMES)
+    assert m == Mixture() and m.is_base and m.normal is None and m.key is None
+    assert m.names == () and m.envelope() is None
+    alpha, missing = m.place({}, 2, 3)
+    assert alpha.tolist() == [[1, 0, 0]] * 2 and missing == []
+
+
+def test_mixture_normal_form_key_and_names():
+    forms = [{"expert": "math"}, "math", {"alpha": {"math": 1.0, "code": 0}},
+             {"alpha": [1, 0]}, {"alpha": [[1, 0], [1, 0]]}, '{"alpha": {"math": 1}}']
+    same = {Mixture.from_request(f, NAMES, 2) for f in forms}
+    assert same == {Mixture((("math", 1.0),))}              # equal values hash equal
+    m = Mixture.parse({"math": [1, 0.5], "code": 0.25, "base": 0}, NAMES, 2)
+    assert m.normal == {"code": 0.25, "math": [1.0, 0.5]}
+    assert m.key == '{"code":0.25,"math":[1.0,0.5]}' and m.names == ("code", "math")
+    # the normal form parses back to the same value, in any bank order
+    assert Mixture.parse(m.normal, ["code", "math"], 2) == m
+    assert Mixture.parse(m, NAMES, 2) == m
+    zero = Mixture.parse({"base": 0}, NAMES)
+    assert zero.normal == {"base": 0.0} and zero.names == () and not zero.is_base
+    assert Mixture.parse({"math": 0.5, "base": 0.5}, NAMES).names == ("math",)
+    with pytest.raises(MixtureError, match="no layer count"):
+        Mixture.parse(m, NAMES)                 # per-layer weights need the layer count
+    with pytest.raises(MixtureError, match="unknown expert 'math'"):
+        Mixture.parse(m, ["code"], 2)           # checked again against the bank it meets
+    with pytest.raises(MixtureError, match="max_abs"):
+        Mixture.parse(m, NAMES, 2, MixtureBounds(max_abs=0.75, max_l1=5))
+
+
+def test_mixture_key_is_the_salt_key_of_before():
+    """The key (and so the prefix-cache salt) of a mixture is the JSON of its normal form with
+    sorted keys and no spaces, as the salts of earlier versions."""
+    m = Mixture.from_request({"alpha": [0.3, 0.7]}, NAMES)
+    assert m.key == '{"code":0.7,"math":0.3}'
+    from t2fast.vllm.frontend import FrontEnd
+
+    fe = FrontEnd(num_layers=2, max_experts=4)
+    fe.add("math", "d1")
+    fe.add("code", "d2")
+    import hashlib
+    import json
+
+    h = hashlib.sha256(m.key.encode())
+    h.update(json.dumps({"code": "d2", "math": "d1"}, sort_keys=True).encode())
+    assert fe.salt(fe.parse({"alpha": [0.3, 0.7]})) == "t2fast-" + h.hexdigest()[:32]
+
+
+def test_mixture_place_reports_missing_experts():
+    m = Mixture.parse({"base": 0.5, "gone": 1.0, "math": [0.1, 0.2]}, ["math", "gone"], 2)
+    alpha, missing = m.place({"math": 1}, 2, 3)
     assert missing == ["gone"]
     assert alpha.dtype == torch.float32 and torch.equal(
         alpha, torch.tensor([[0.5, 0.1, 0], [0.5, 0.2, 0]]))
-    assert place_normal_form(None, {}, 1, 2)[0].tolist() == [[1, 0]]
+
+
+def test_envelope_round_trip_and_forgeries():
+    """The workers read only the front end's envelope, and bound its weights again: a value
+    that skipped the front end never places an unchecked α."""
+    m = Mixture.parse({"math": [1, 0.5], "code": 0.25}, NAMES, 2)
+    env = m.envelope()
+    assert env == {"alpha": {"code": 0.25, "math": [1.0, 0.5]}, "v": 1}
+    assert Mixture.from_envelope(env, 2) == m
+    assert Mixture.from_envelope({"alpha": {"other": 1.0}, "v": 1}, 2).names == ("other",)
+    bounds = MixtureBounds(max_abs=4, max_l1=5)
+    for bad, msg in [({"expert": "math"}, "not a mixture checked by the front end"),
+                     ("math", "not a mixture checked by the front end"),
+                     ({"alpha": [1, 0], "v": 1}, "not a mixture checked"),
+                     ({"alpha": {}, "v": 1}, "not a mixture checked"),
+                     ({"alpha": {"math": 1.0}}, "not a mixture checked"),
+                     ({"alpha": {"math": 1.0}, "v": 1, "x": 0}, "not a mixture checked"),
+                     ({"alpha": {"math": 1.0}, "v": 2}, "envelope version 2"),
+                     ({"alpha": {"math": 1e9}, "v": 1}, "max_abs"),
+                     ({"alpha": {"math": 3.0, "code": 3.0}, "v": 1}, "max_l1"),
+                     ({"alpha": {"math": [1.0, 9.0]}, "v": 1}, "max_abs"),
+                     ({"alpha": {"math": [1.0]}, "v": 1}, "2 decoder layers"),
+                     ({"alpha": {"math": math.nan}, "v": 1}, "finite"),
+                     ({"alpha": {"math": "1"}, "v": 1}, "number"),
+                     ({"alpha": {"math": True}, "v": 1}, "number"),
+                     ({"alpha": {"math": 0.0}, "v": 1}, "all zero"),
+                     ({"alpha": {"m" * 10_000: 1.0}, "v": 1}, "is not valid"),
+                     ({"alpha": {1: 1.0}, "v": 1}, "must be a string")]:
+        with pytest.raises(MixtureError, match=re.escape(msg)) as err:
+            Mixture.from_envelope(bad, 2, bounds)
+        assert len(str(err.value)) < 400
+    from t2fast.vllm.frontend import T2RequestError, worker_mixture
+
+    with pytest.raises(T2RequestError, match=r"^extra_args\['t2'\]: .*not a mixture checked"):
+        worker_mixture({"expert": "math"}, 2, bounds)
+
+
+def test_request_vocabulary_helpers():
+    from t2fast.mixtures import (check_request_keys, extract_spec, looks_like_request_key,
+                                 profile_name, request_spec, xargs_value)
+
+    assert [looks_like_request_key(k) for k in ("t2", "T2-Alpha", "t2_x", "alpha", 2)] == \
+        [True, True, True, False, False]
+    assert request_spec("t2", "math") == "math"
+    assert request_spec("t2_alpha", [1, 0]) == {"alpha": [1, 0]}
+    assert extract_spec({"t2_expert": "math"}) == (True, {"expert": "math"})
+    assert extract_spec({"t2": "x", "other": 1}) == (True, "x") and extract_spec({}) == (
+        False, None)
+    assert profile_name("profile:fast") == "fast"
+    assert [profile_name(v) for v in ("profile:", "prompt", None, 3)] == [None] * 4
+    assert xargs_value({"alpha": {"math": 1}}) == '{"alpha": {"math": 1}}'
+    assert xargs_value('{"x": 1}') == '{"x": 1}'
+    with pytest.raises(MixtureError, match="t2_adapt is served by `t2fast serve`"):
+        check_request_keys({"t2_adapt": "prompt"})
+
+
+#: The request vocabulary, spelled only in t2fast/mixtures.py.
+VOCABULARY = {"t2", "t2_expert", "t2_alpha", "t2_adapt", "profile:", "profile", "v"}
+#: Its fields, spelled only in t2fast/mixtures.py among the serving modules (a profile file's
+#: own "alpha" field is another format's).
+FIELDS = {"expert", "alpha", "adapt"}
+#: The same spelling naming something else: (file, string).
+NOT_VOCABULARY = {("vllm/layers.py", "t2_alpha")}    # the SVF layers' α-table buffer
+
+
+def test_request_vocabulary_is_spelled_once():
+    """No string constant of the package outside t2fast/mixtures.py is a request key, the
+    profile prefix, or (in the vLLM and serving modules) a request field."""
+    import ast
+    from pathlib import Path
+
+    import t2fast
+
+    root = Path(t2fast.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel == "mixtures.py":
+            continue
+        words = VOCABULARY | (FIELDS if rel.startswith(("vllm/", "serve/")) and
+                              rel != "serve/profiles.py" else set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and \
+                    (node.value in words or node.value.startswith("profile:")) and \
+                    (rel, node.value) not in NOT_VOCABULARY:
+                found.append(f"{rel}:{node.lineno}: {node.value!r}")
+    assert len(list(root.rglob("*.py"))) > 20
+    assert found == []

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from t2fast.mixtures import Mixture
 from t2fast.serve import experts as served
 from t2fast.serve.experts import ServedExperts
 from t2fast.serve.translate import T2HTTPError
-from t2fast.vllm.requests import FrontEnd
+from t2fast.vllm.frontend import FrontEnd
 
 EXPERT = str(Path(__file__).resolve().parent.parent / "experts" / "arith.safetensors")
 
@@ -40,8 +41,8 @@ def make(names=("math",)):
     return ServedExperts(FakeEngine(names), fe, ["tiny"], {n: f"{n}.safetensors" for n in names})
 
 
-def normal(name):
-    return {"alpha": {name: 1.0}}
+def uses(name):
+    return Mixture(((name, 1.0),))
 
 
 def test_names_are_checked_and_cards_name_the_base():
@@ -79,7 +80,7 @@ def test_load_replace_conflict_and_capacity():
 def test_unload_waits_for_requests_in_flight(monkeypatch):
     async def run():
         ex = make(("math", "code"))
-        used = await ex.acquire(normal("math"))
+        used = await ex.acquire(uses("math"))
         assert used == ["math"] and ex.in_flight["math"] == 1
         unload = asyncio.create_task(ex.unload("math"))
         await asyncio.sleep(0.05)
@@ -87,7 +88,7 @@ def test_unload_waits_for_requests_in_flight(monkeypatch):
         assert ex.names == ["code"] and not unload.done()
         assert "t2_unload_experts" not in ex.engine_client.calls
         with pytest.raises(ValueError, match="unknown expert 'math'"):
-            ex.normalize({"expert": "math"})
+            ex.parse({"expert": "math"})
         await ex.release(used)
         assert (await unload)["deleted"]
         assert ex.engine_client.names == ["code"]
@@ -98,7 +99,7 @@ def test_unload_waits_for_requests_in_flight(monkeypatch):
         # a request that never finishes: the unload gives up, and the expert is back in place
         monkeypatch.setattr(served, "DRAIN_TIMEOUT_S", 0.1)
         await ex.load("math", EXPERT)
-        await ex.acquire(normal("code"))
+        await ex.acquire(uses("code"))
         with pytest.raises(T2HTTPError, match="still used") as err:
             await ex.unload("code")
         assert int(err.value.status) == 409 and ex.names == ["code", "math"]
@@ -109,11 +110,11 @@ def test_unload_waits_for_requests_in_flight(monkeypatch):
 def test_replace_waits_for_old_requests_and_holds_new_ones():
     async def run():
         ex = make(("math",))
-        old = await ex.acquire(normal("math"))
+        old = await ex.acquire(uses("math"))
         replace = asyncio.create_task(ex.load("math", EXPERT, replace=True))
         await asyncio.sleep(0.05)
         assert not replace.done() and "t2_load_experts" not in ex.engine_client.calls
-        newer = asyncio.create_task(ex.acquire(normal("math")))
+        newer = asyncio.create_task(ex.acquire(uses("math")))
         await asyncio.sleep(0.05)
         assert not newer.done()            # held until the new z is in the workers
         await ex.release(old)

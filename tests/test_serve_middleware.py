@@ -26,7 +26,7 @@ from t2fast.serve.experts import ServedExperts  # noqa: E402
 from t2fast.serve.middleware import STATE_ATTR, T2Server  # noqa: E402
 from t2fast.serve.plugin import T2EndpointPlugin  # noqa: E402
 from t2fast.messages import cap_text, shown  # noqa: E402
-from t2fast.vllm.requests import FrontEnd  # noqa: E402
+from t2fast.vllm.frontend import FrontEnd  # noqa: E402
 
 from test_serve_experts import FakeEngine  # noqa: E402
 

@@ -203,8 +203,8 @@ def test_serve_command_line_parses_and_refuses_owned_vllm_options(tmp_path):
 def test_engine_front_end_errors_name_the_entry_in_a_short_text(raw, msg):
     """The engine's own parser (``LLM`` and every server): the same bounded errors."""
     from t2fast.messages import MAX_MESSAGE_CHARS
-    from t2fast.vllm.requests import T2RequestError, normalize_spec
+    from t2fast.vllm.frontend import T2RequestError, parse_request
 
     with pytest.raises(T2RequestError, match=msg) as err:
-        normalize_spec(raw, EXPERTS, 4)
+        parse_request(raw, EXPERTS, 4)
     assert len(str(err.value)) <= MAX_MESSAGE_CHARS and isinstance(err.value, ValueError)

@@ -274,26 +274,29 @@ def test_plain_vllm_is_unchanged_by_the_plugin(compiled_run):
 # ------------------------------------------------------------------------------------------
 # Fast checks (no engine)
 # ------------------------------------------------------------------------------------------
-def test_normalize_spec_forms_and_errors():
+def test_parse_request_forms_and_errors():
     from t2fast.mixtures import MixtureBounds
-    from t2fast.vllm.requests import T2RequestError, mixture_key, normalize_spec
+    from t2fast.vllm.frontend import T2RequestError, parse_request
 
     names, L = ["math", "code"], 2
-    assert normalize_spec(None, names, L) is None
-    assert normalize_spec({}, names, L) is None
-    assert normalize_spec({"expert": "base"}, names, L) is None
-    assert normalize_spec({"alpha": {"base": 1}}, names, L) is None
-    assert normalize_spec("math", names, L) == {"alpha": {"math": 1.0}}
-    same = [normalize_spec({"expert": "math"}, names, L),
-            normalize_spec({"alpha": {"math": 1.0, "code": 0}}, names, L),
-            normalize_spec({"alpha": [1, 0]}, names, L),
-            normalize_spec({"alpha": [[1, 0], [1, 0]]}, names, L)]
-    assert len({mixture_key(s) for s in same}) == 1
-    per_layer = normalize_spec({"alpha": [[1, 0], [0.5, 0.5]]}, names, L)
-    assert per_layer == {"alpha": {"code": [0.0, 0.5], "math": [1.0, 0.5]}}
-    assert normalize_spec({"alpha": {"base": 0}}, names, L) == {"alpha": {"base": 0.0}}
-    per_name = normalize_spec({"alpha": {"math": [1, 0.5], "code": 0.5}}, names, L)
-    assert per_name == {"alpha": {"code": 0.5, "math": [1.0, 0.5]}}
+
+    def normal(raw, bounds=None):
+        return parse_request(raw, names, L, bounds).normal
+
+    assert normal(None) is None
+    assert normal({}) is None
+    assert normal({"expert": "base"}) is None
+    assert normal({"alpha": {"base": 1}}) is None
+    assert normal("math") == {"math": 1.0}
+    same = [parse_request({"expert": "math"}, names, L),
+            parse_request({"alpha": {"math": 1.0, "code": 0}}, names, L),
+            parse_request({"alpha": [1, 0]}, names, L),
+            parse_request({"alpha": [[1, 0], [1, 0]]}, names, L)]
+    assert len({m.key for m in same}) == 1
+    assert normal({"alpha": [[1, 0], [0.5, 0.5]]}) == {"code": [0.0, 0.5], "math": [1.0, 0.5]}
+    assert normal({"alpha": {"base": 0}}) == {"base": 0.0}
+    assert normal({"alpha": {"math": [1, 0.5], "code": 0.5}}) == {"code": 0.5,
+                                                                 "math": [1.0, 0.5]}
     for bad, msg in [({"expert": "x"}, "unknown expert"), ({"alpha": [1]}, "expected 2"),
                      ({"alpha": [1, math.nan]}, "finite"), ({"alpha": {"math": math.inf}},
                                                             "finite"),
@@ -305,50 +308,55 @@ def test_normalize_spec_forms_and_errors():
                      ({"alpha": [1e30, 0]}, "bound |α| ≤ 4"), ({"alpha": [3, 3]}, "Σ|α| ≤ 5"),
                      ({"alpha": ["0.5", 0]}, "number"), ({"alpha": "math"}, "use 'expert'")]:
         with pytest.raises(T2RequestError, match=re.escape(msg)):
-            normalize_spec(bad, names, L, MixtureBounds(max_abs=4, max_l1=5))
+            normal(bad, MixtureBounds(max_abs=4, max_l1=5))
 
 
 def test_flat_and_json_request_forms_for_the_openai_server():
-    from t2fast.vllm.requests import T2RequestError, extract_spec, normalize_spec
+    from t2fast.mixtures import extract_spec
+    from t2fast.vllm.frontend import T2RequestError, parse_request
 
     names = ["math", "code"]
     assert extract_spec(None) == (False, None)
     assert extract_spec({"other": 1}) == (False, None)
     assert extract_spec({"t2_expert": "math"}) == (True, {"expert": "math"})
     present, raw = extract_spec({"t2_alpha": [0.3, 0.7]})
-    assert present and normalize_spec(raw, names, 2) == {"alpha": {"code": 0.7, "math": 0.3}}
+    assert present and parse_request(raw, names, 2).normal == {"code": 0.7, "math": 0.3}
     present, raw = extract_spec({"t2": '{"alpha": {"math": 0.3}}'})
-    assert normalize_spec(raw, names, 2) == {"alpha": {"math": 0.3}}
+    assert parse_request(raw, names, 2).normal == {"math": 0.3}
     with pytest.raises(T2RequestError, match="not valid JSON"):
-        normalize_spec("{alpha", names, 2)
+        parse_request("{alpha", names, 2)
 
 
 def test_misspelled_or_repeated_request_keys_are_errors():
-    from t2fast.vllm.requests import T2RequestError, check_request_keys
+    from types import SimpleNamespace
 
-    check_request_keys(None)
-    check_request_keys({"t2_expert": "math", "kv_transfer_params": {}})
+    from t2fast.vllm.frontend import T2RequestError, request_spec_of
+
+    assert request_spec_of(SimpleNamespace(extra_args=None)) == (False, None)
+    assert request_spec_of(SimpleNamespace(extra_args={"t2_expert": "math",
+                                                       "kv_transfer_params": {}})) == (
+        True, {"expert": "math"})
     for bad, msg in [({"t2_experts": "math"}, "unknown key"), ({"T2-alpha": [1]}, "unknown key"),
                      ({"t2_adapt": "prompt"}, "t2fast serve"),
                      ({"t2": "math", "t2_expert": "code"}, "not several"),
                      ({"t2_expert": "math", "t2_alpha": [1, 0]}, "not several")]:
         with pytest.raises(T2RequestError, match=msg):
-            check_request_keys(bad)
+            request_spec_of(SimpleNamespace(extra_args=bad))
 
 
 def test_salt_depends_on_mixture_and_expert_contents():
-    from t2fast.vllm.requests import FrontEnd, combine_salt
+    from t2fast.vllm.frontend import FrontEnd, combine_salt
 
     fe = FrontEnd(num_layers=2, max_experts=4)
     fe.add("math", "d1")
     fe.add("code", "d2")
-    s_math = fe.salt(fe.normalize({"expert": "math"}))
-    assert fe.salt(fe.normalize(None)) is None
-    assert s_math == fe.salt(fe.normalize({"alpha": [1, 0]}))
-    assert s_math != fe.salt(fe.normalize({"expert": "code"}))
-    assert s_math != fe.salt(fe.normalize({"alpha": [1, 1e-3]}))
+    s_math = fe.salt(fe.parse({"expert": "math"}))
+    assert fe.salt(fe.parse(None)) is None
+    assert s_math == fe.salt(fe.parse({"alpha": [1, 0]}))
+    assert s_math != fe.salt(fe.parse({"expert": "code"}))
+    assert s_math != fe.salt(fe.parse({"alpha": [1, 1e-3]}))
     fe.add("math", "d1-retrained")
-    assert fe.salt(fe.normalize({"expert": "math"})) != s_math
+    assert fe.salt(fe.parse({"expert": "math"})) != s_math
     assert combine_salt("user", "t2fast-x") == "user|t2fast-x"
     assert combine_salt(None, None) is None and combine_salt("u", None) == "u"
     with pytest.raises(ValueError, match="full"):
@@ -411,7 +419,7 @@ def test_plugin_register_is_idempotent_and_inert_for_other_models():
     from vllm.v1.engine.input_processor import InputProcessor
 
     from t2fast.vllm.plugin import register
-    from t2fast.vllm.requests import frontend_of
+    from t2fast.vllm.frontend import frontend_of
 
     register()
     hook = InputProcessor.process_inputs
@@ -436,6 +444,13 @@ def test_pipeline_parallel_fails_clearly():
                                                                    tensor_parallel_size=2)))
 
 
+def front_end(raw, names=("math", "code"), num_layers=2):
+    """``extra_args["t2"]`` as the front end hands it to the workers."""
+    from t2fast.vllm.frontend import parse_request
+
+    return parse_request(raw, list(names), num_layers).envelope()
+
+
 def _runtime(max_num_seqs=4, max_tokens=32, num_layers=2, max_experts=3):
     from types import SimpleNamespace
 
@@ -457,9 +472,9 @@ def test_step_metadata_token_map_alpha_table_and_modes():
     import numpy as np
 
     rt = _runtime()
-    specs = {"a": (False, None), "b": (True, {"expert": "math"}),
-             "c": (True, {"alpha": {"math": 0.25, "code": [0.5, 1.0]}}),
-             "d": (True, {"expert": "math"}), "e": (True, {"expert": "nope"})}
+    specs = {"a": (False, None), "b": (True, front_end({"expert": "math"})),
+             "c": (True, front_end({"alpha": {"math": 0.25, "code": [0.5, 1.0]}})),
+             "d": (True, front_end({"expert": "math"})), "e": (True, {"expert": "math"})}
     rt.prepare_step(["a", "b", "c", "d"], specs.__getitem__, np.array([3, 1, 2, 1]))
     assert rt.mode == "factored"
     assert rt.slot_map[:7].tolist() == [0, 0, 0, 1, 2, 2, 1]
@@ -473,9 +488,12 @@ def test_step_metadata_token_map_alpha_table_and_modes():
     assert rt.mode == "merged" and rt.slot_map[:7].tolist() == [1, 1, 0, 0, 0, 0, 0]
     rt.prepare_step(["a"], specs.__getitem__, [5])
     assert rt.mode == "base"
-    # A spec that skipped the front end's check is served with the base model, not raised.
-    rt.prepare_step(["e", "b"], specs.__getitem__, [1, 1])
-    assert rt.slot_map[:2].tolist() == [0, 1] and rt.worker_stats["rejected_in_worker"] == 1
+    # A spec that skipped the front end is served with the base model, not raised, and a
+    # forged envelope with weights beyond the bounds too: only the front end's mixtures place.
+    specs["f"] = (True, {"alpha": {"math": 1e6}, "v": 1})
+    rt.prepare_step(["e", "b", "f"], specs.__getitem__, [1, 1, 1])
+    assert rt.slot_map[:3].tolist() == [0, 1, 0] and rt.worker_stats["rejected_in_worker"] == 2
+    assert float(rt.alpha.abs().max()) <= 1.0
     assert rt.stats["factored"] == 2 and rt.stats["merged"] == 1 and rt.stats["base"] == 1
 
 
@@ -487,12 +505,13 @@ def test_v2_runner_hook_steps():
     from t2fast.vllm.runner import v2_forget_finished, v2_prepare_step, v2_record_new_requests
 
     rt, specs = _runtime(), {}
+    code = front_end({"expert": "code"})
     new = [SimpleNamespace(req_id="r1", sampling_params=SimpleNamespace(
-               extra_args={"t2": {"expert": "code"}})),
+               extra_args={"t2": code})),
            SimpleNamespace(req_id="r2", sampling_params=SimpleNamespace(extra_args=None)),
            SimpleNamespace(req_id="r3", sampling_params=None)]
     v2_record_new_requests(specs, SimpleNamespace(scheduled_new_reqs=new))
-    assert specs == {"r1": (True, {"expert": "code"}), "r2": (False, None),
+    assert specs == {"r1": (True, code), "r2": (False, None),
                      "r3": (False, None)}
     batch = SimpleNamespace(num_reqs=2, req_ids=["r2", "r1", "pad"],
                             num_scheduled_tokens=np.array([2, 3, 0]), num_tokens=5)

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 
 from ..adapt import paper_style_prompt, parse_category, tiny_world_prompt
+from ..mixtures import EXPERT_FIELD, REQUEST_KEY
 from .translate import ADAPT_KEY, T2HTTPError
 
 HEADER_ADAPT = "x-t2-adapt"
@@ -79,7 +80,7 @@ class Adapter:
         if not labels:
             raise T2HTTPError(f"{ADAPT_KEY} needs at least one loaded expert to choose from",
                               param=ADAPT_KEY)
-        extra = {"t2_expert": self.classifier} if mode == "classifier" else None
+        extra = {REQUEST_KEY: {EXPERT_FIELD: self.classifier}} if mode == "classifier" else None
         params = SamplingParams(temperature=0.0, max_tokens=PASS1_MAX_TOKENS, extra_args=extra)
         t0 = time.perf_counter()
         final = None

@@ -57,19 +57,21 @@ def profile_entry(text: str) -> str:
 
 def adapt_mode(text: str) -> str:
     """A ``--adapt`` value: none, prompt, classifier or profile:NAME."""
+    from ..mixtures import PROFILE_PREFIX
     from .translate import ADAPT_MODES
 
-    return choice_or_named(ADAPT_MODES, "profile")(text)
+    return choice_or_named(ADAPT_MODES, PROFILE_PREFIX.rstrip(":"))(text)
 
 
 def check_args(args) -> None:
     """Cross-option checks of ``t2fast serve`` (usage errors, before vLLM is imported)."""
     from ..cli import usage_error
+    from ..mixtures import profile_name
 
     if args.adapt == "classifier" and not args.classifier:
         usage_error(args, "--adapt", "classifier needs --classifier")
     profiles = {_named(e)[0] for e in args.profiles}
-    if args.adapt.startswith("profile:") and args.adapt.split(":", 1)[1] not in profiles:
+    if profile_name(args.adapt) not in (None, *profiles):
         usage_error(args, "--adapt", f"{args.adapt!r} names no --profiles entry (given: "
                                      f"{sorted(profiles) or 'none'})")
     c = args.classifier
@@ -206,7 +208,7 @@ def vllm_arguments(args, extra: list[str]) -> list[str]:
     if classifier is not None and (Path(classifier).exists() or "=" in classifier):
         name, path = _named(classifier)
         if name is None:
-            from ..vllm.requests import expert_file_name
+            from ..vllm.frontend import expert_file_name
 
             name = expert_file_name(path)
             files.append(path)

@@ -42,10 +42,11 @@ class ServeConfig:
     profiles: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        from ..mixtures import profile_name
         from .adapt import TEMPLATES
         from .translate import ADAPT_MODES
 
-        if self.adapt not in ADAPT_MODES and not self.adapt.startswith("profile:"):
+        if self.adapt not in ADAPT_MODES and profile_name(self.adapt) is None:
             raise ValueError(f"t2fast serve: adapt must be one of {ADAPT_MODES}, got "
                              f"{self.adapt!r}")
         if self.adapt == "classifier" and not self.classifier:

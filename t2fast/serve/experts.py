@@ -1,7 +1,7 @@
 """The server's experts: what requests may name, run-time loading and unloading, in-flight use.
 
 :class:`ServedExperts` keeps three things in step, the way vLLM's ``OpenAIServingModels`` does
-for LoRA adapters: the engine front end's list of names (:class:`t2fast.vllm.requests.FrontEnd`,
+for LoRA adapters: the engine front end's list of names (:class:`t2fast.vllm.frontend.FrontEnd`,
 which validates every request's mixture), the banks of every worker (through
 ``engine_client.collective_rpc`` into :class:`t2fast.vllm.worker.T2WorkerExtension`), and the
 count of in-flight requests per expert, so that an expert is never unloaded under a request that
@@ -20,7 +20,7 @@ from collections import Counter
 from http import HTTPStatus
 from pathlib import Path
 
-from ..mixtures import BASE, MixtureError, check_expert_name
+from ..mixtures import Mixture, MixtureError, check_expert_name
 from ..messages import shown
 from .translate import T2HTTPError
 
@@ -33,7 +33,7 @@ class ServedExperts:
 
     Args:
         engine_client: vLLM's ``EngineClient`` (``AsyncLLM``).
-        frontend: the engine's :class:`t2fast.vllm.requests.FrontEnd`.
+        frontend: the engine's :class:`t2fast.vllm.frontend.FrontEnd`.
         base_names: the served names of the base model (an expert may not take one).
         paths: ``{name: file}`` of the experts loaded at start-up.
         root: the folder client-named files must resolve inside (None: clients may not name
@@ -57,15 +57,16 @@ class ServedExperts:
         """Loaded experts, in bank order (the order of α lists)."""
         return list(self.frontend.names)
 
-    def normalize(self, raw):
-        """The normal form of a raw mixture (raises ``T2RequestError``, a ``ValueError``)."""
-        return self.frontend.normalize(raw)
+    def parse(self, raw) -> Mixture:
+        """The :class:`~t2fast.mixtures.Mixture` of a raw spec (raises ``T2RequestError``, a
+        ``ValueError``)."""
+        return self.frontend.parse(raw)
 
     # ---- in-flight requests -------------------------------------------------------------
-    async def acquire(self, normal) -> list[str]:
-        """Count a request that uses the experts of the normal-form mixture ``normal`` (after
-        waiting for a replacement of one of them to finish)."""
-        used = [] if normal is None else [n for n in normal["alpha"] if n != BASE]
+    async def acquire(self, mixture: Mixture) -> list[str]:
+        """Count a request that uses the experts of ``mixture`` (after waiting for a
+        replacement of one of them to finish)."""
+        used = list(mixture.names)
         while any(n in self.swapping for n in used):
             await next(self.swapping[n] for n in used if n in self.swapping).wait()
         self.in_flight.update(used)
@@ -132,7 +133,7 @@ class ServedExperts:
                 ``replace``, or when the bank is full.
         """
         from ..experts import Expert, load_expert
-        from ..vllm.requests import expert_digest
+        from ..vllm.frontend import expert_digest
         from ..vllm.worker import encode_expert
 
         self.check_name(name)

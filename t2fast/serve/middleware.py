@@ -25,10 +25,9 @@ import json
 from http import HTTPStatus
 
 from ..messages import MAX_MESSAGE_CHARS, cap_text, shown, shown_list
-from ..vllm.requests import mixture_key
+from ..mixtures import ALPHA_FIELD, BASE, EXPERT_FIELD, Mixture, profile_name
 from .adapt import HEADER_ADAPT, HEADER_ADAPT_SKIPPED, HEADER_ALPHA, HEADER_EXPERT, \
     HEADER_MIXTURE
-from .profiles import PREFIX
 from .translate import (ADAPT_KEY, ROUTES, T2HTTPError, body_too_deep, check_depth,
                         prompt_text, set_spec, t2_keys_in, translate)
 
@@ -77,7 +76,7 @@ class T2RequestMiddleware:
         try:
             check_depth(body)
             server.check_model(body, _vllm_model_names(scope))
-            new_body, normal, headers = await server.prepare(route, body)
+            new_body, mixture, headers = await server.prepare(route, body)
             data = json.dumps(new_body).encode()
         except T2HTTPError as exc:
             return await _send_json(send, exc.status, exc.payload())
@@ -86,7 +85,7 @@ class T2RequestMiddleware:
         scope = dict(scope)
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-length"] + \
             [(b"content-length", str(len(data)).encode())]
-        used = await server.experts.acquire(normal)
+        used = await server.experts.acquire(mixture)
         try:
             await self.app(scope, _replay(data, receive), _with_headers(send, headers))
         finally:
@@ -131,10 +130,11 @@ class T2Server:
         raise T2HTTPError(f"The model {shown(model)} does not exist. Served models: "
                           f"{', '.join(listed)}.", param="model", status=HTTPStatus.NOT_FOUND)
 
-    async def prepare(self, route: str, body) -> tuple[object, object, dict]:
-        """(body for vLLM, normal-form mixture or None, response headers) of one request.
+    async def prepare(self, route: str, body) -> tuple[object, Mixture, dict]:
+        """(body for vLLM, its :class:`~t2fast.mixtures.Mixture`, response headers) of one
+        request.
 
-        Every translated request gets :data:`HEADER_MIXTURE` (the normal form applied, or
+        Every translated request gets :data:`HEADER_MIXTURE` (the mixture's key, or
         ``base``). A server-wide default ``t2_adapt`` that cannot run for a request (no single
         text prompt ...) is skipped: the request gets the base model and
         :data:`HEADER_ADAPT_SKIPPED` says why.
@@ -143,16 +143,16 @@ class T2Server:
             T2HTTPError (400 for a bad t2 key or mixture).
         """
         if not isinstance(body, dict):  # vLLM's own validation answers
-            return body, None, {}
+            return body, Mixture(), {}
         tr = translate(body, self.experts.names, self.experts.base_names, self.config.adapt)
         headers = {}
-        if tr.adapt is not None and tr.adapt.startswith(PREFIX):
-            name = tr.adapt[len(PREFIX):]
+        name = profile_name(tr.adapt)
+        if name is not None:
             if name not in self.profiles:
                 raise T2HTTPError(f"unknown profile {shown(name)}; served profiles: "
                                   f"{shown_list(sorted(self.profiles)) or '(none)'}",
                                   param=ADAPT_KEY)
-            tr.spec = {"alpha": self.profiles[name]}
+            tr.spec = {ALPHA_FIELD: self.profiles[name]}
             set_spec(tr.body, tr.spec)
             headers = {HEADER_ADAPT: tr.adapt, HEADER_ALPHA: json.dumps(self.profiles[name])}
         elif tr.adapt is not None:
@@ -165,18 +165,18 @@ class T2Server:
                 headers = {HEADER_ADAPT: "none", HEADER_ADAPT_SKIPPED: _header_text(
                     f"server default {tr.adapt}: {exc.message}")}
             else:
-                tr.spec = None if choice.expert is None else {"expert": choice.expert}
+                tr.spec = None if choice.expert is None else {EXPERT_FIELD: choice.expert}
                 set_spec(tr.body, tr.spec)
                 headers = choice.headers(tr.adapt)
         elif tr.via_model is not None:
             headers = {HEADER_EXPERT: tr.via_model}
         try:
-            normal = None if tr.spec is None else self.experts.normalize(tr.spec)
+            mixture = Mixture() if tr.spec is None else self.experts.parse(tr.spec)
         except (ValueError, TypeError, OverflowError) as exc:
             key = tr.key or ADAPT_KEY
             raise T2HTTPError(f"{key}: {getattr(exc, 'detail', exc)}", param=key) from None
-        headers[HEADER_MIXTURE] = mixture_key(normal) or "base"
-        return tr.body, normal, headers
+        headers[HEADER_MIXTURE] = mixture.key or BASE
+        return tr.body, mixture, headers
 
 
 def _vllm_model_names(scope) -> list[str] | None:

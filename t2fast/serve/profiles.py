@@ -18,7 +18,6 @@ from pathlib import Path
 
 PROFILE_FORMAT = "t2fast-profile"
 PROFILE_VERSION = 1
-PREFIX = "profile:"
 
 
 def profile_alpha(alpha, expert_names) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+from ..mixtures import ALPHA_FIELD, profile_name
 from .adapt import Adapter
 from .config import ServeConfig
 from .experts import ServedExperts
@@ -19,7 +20,7 @@ async def build_server(engine_client, args) -> T2Server | None:
     SVD cache hits, the execution path and the adaptation settings.
     """
     from ..vllm.config import config_from_vllm
-    from ..vllm.requests import expert_file_name, frontend_of
+    from ..vllm.frontend import expert_file_name, frontend_of
 
     frontend = frontend_of(engine_client.input_processor)
     if frontend is None:
@@ -43,11 +44,11 @@ async def build_server(engine_client, args) -> T2Server | None:
     for name, path in cfg.profiles.items():
         alpha = load_profile(path)
         try:
-            experts.normalize({"alpha": alpha})
+            experts.parse({ALPHA_FIELD: alpha})
         except ValueError as exc:
             raise ValueError(f"t2fast serve: profile {name!r} ({path}): {exc}") from None
         profiles[name] = alpha
-    if cfg.adapt.startswith("profile:") and cfg.adapt[len("profile:"):] not in profiles:
+    if profile_name(cfg.adapt) not in (None, *profiles):
         raise ValueError(f"t2fast serve: --adapt {cfg.adapt}: no such profile; given: "
                          f"{sorted(profiles) or '(none)'}")
     server = T2Server(experts, Adapter(engine_client, cfg.adapt_template, cfg.classifier), cfg,

@@ -22,22 +22,22 @@ base model).
 :func:`translate` turns the body into what vLLM's own routes take: the base model's name in
 ``"model"`` and the mixture as ``vllm_xargs["t2"]`` (a JSON string, since ``vllm_xargs`` only
 holds strings, numbers and flat lists). The mixture itself is validated by the engine's front
-end (:mod:`t2fast.vllm.requests`), the one place that knows the bank.
+end (:mod:`t2fast.vllm.frontend`), the one place that knows the bank. The keys, fields and
+conversions are :mod:`t2fast.mixtures`' request vocabulary.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from http import HTTPStatus
 
 from ..messages import cap_text, shown
+from ..mixtures import ADAPT_FIELD, ADAPT_KEY, ALPHA_FIELD, EXPERT_FIELD, FLAT_KEYS, \
+    PROFILE_PREFIX, REQUEST_KEY, looks_like_request_key, profile_name, request_spec, xargs_value
 
 XARGS = "vllm_xargs"
-SPEC_KEYS = {"t2": None, "t2_expert": "expert", "t2_alpha": "alpha"}
-ADAPT_KEY = "t2_adapt"
-T2_KEYS = (*SPEC_KEYS, ADAPT_KEY)
+T2_KEYS = (REQUEST_KEY, *FLAT_KEYS, ADAPT_KEY)
 ADAPT_MODES = ("none", "prompt", "classifier")
-LOOKALIKES = ("expert", "experts", "alpha", "adapt", "mixture")
+LOOKALIKES = (EXPERT_FIELD, EXPERT_FIELD + "s", ALPHA_FIELD, ADAPT_FIELD, "mixture")
 #: Routes whose bodies are translated.
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 #: The deepest a request body on those routes may nest (JSON schemas of structured outputs
@@ -86,12 +86,6 @@ class Translated:
     via_model: str | None = None
 
 
-def _spec_from(key: str, value):
-    """The raw spec of one request key (``t2`` passes through; flat keys become a dict)."""
-    inner = SPEC_KEYS[key]
-    return value if inner is None else {inner: value}
-
-
 def translate(body, expert_names, base_names, default_adapt: str = "none") -> Translated:
     """Check the t2 keys of a request body and move them where vLLM's routes carry them.
 
@@ -114,8 +108,7 @@ def translate(body, expert_names, base_names, default_adapt: str = "none") -> Tr
     xargs = dict(xargs)
     for where, d in (("", body), (f"{XARGS}.", xargs)):
         for k in d:
-            if isinstance(k, str) and k.lower().replace("-", "_").startswith("t2") \
-                    and k not in T2_KEYS:
+            if looks_like_request_key(k) and k not in T2_KEYS:
                 raise T2HTTPError(f"unknown t2fast key {shown(where + k)}; known keys: "
                                   f"{', '.join(T2_KEYS)}", param=where + k)
     for k in LOOKALIKES:
@@ -140,16 +133,16 @@ def translate(body, expert_names, base_names, default_adapt: str = "none") -> Tr
     out = Translated(body, key=in_xargs.get(given[0], given[0]) if given else None)
     if via_model is not None:
         body["model"] = base_names[0]
-        out.spec, out.via_model = {"expert": via_model}, via_model
+        out.spec, out.via_model = {EXPERT_FIELD: via_model}, via_model
     elif given and given[0] == ADAPT_KEY:
         out.adapt = _adapt_mode(xargs.pop(ADAPT_KEY), out.key)
     elif given:
-        out.spec = _spec_from(given[0], xargs.pop(given[0]))
+        out.spec = request_spec(given[0], xargs.pop(given[0]))
     elif model is None or model in base_names:
         out.adapt = _adapt_mode(default_adapt, "the server's default adapt mode")
         out.adapt_is_default = out.adapt is not None
     if out.spec is not None:
-        xargs["t2"] = out.spec if isinstance(out.spec, str) else json.dumps(out.spec)
+        xargs[REQUEST_KEY] = xargs_value(out.spec)
     if xargs:
         body[XARGS] = xargs
     else:
@@ -189,17 +182,14 @@ def t2_keys_in(body) -> list[str]:
     if not isinstance(body, dict):
         return []
     xargs = body.get(XARGS) if isinstance(body.get(XARGS), dict) else {}
-    return [k for k in body if isinstance(k, str) and k.lower().startswith("t2")] + \
-        [f"{XARGS}.{k}" for k in xargs if isinstance(k, str) and k.lower().startswith("t2")]
+    return [k for k in body if looks_like_request_key(k)] + \
+        [f"{XARGS}.{k}" for k in xargs if looks_like_request_key(k)]
 
 
 def _adapt_mode(value, what: str) -> str | None:
-    from .profiles import PREFIX
-
-    is_profile = isinstance(value, str) and value.startswith(PREFIX) and len(value) > len(PREFIX)
-    if value not in ADAPT_MODES and not is_profile:
+    if value not in ADAPT_MODES and profile_name(value) is None:
         raise T2HTTPError(f"{what} must be one of {', '.join(ADAPT_MODES)} or "
-                          f"'{PREFIX}NAME', got {shown(value)}", param=ADAPT_KEY)
+                          f"'{PROFILE_PREFIX}NAME', got {shown(value)}", param=ADAPT_KEY)
     return None if value == "none" else value
 
 
@@ -208,7 +198,7 @@ def set_spec(body: dict, spec) -> None:
     if spec is None:
         return
     xargs = dict(body.get(XARGS) or {})
-    xargs["t2"] = json.dumps(spec)
+    xargs[REQUEST_KEY] = xargs_value(spec)
     body[XARGS] = xargs
 
 

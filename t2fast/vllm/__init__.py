@@ -10,19 +10,20 @@ See ``docs/vllm.md``. Importing this package is cheap: vLLM is imported only whe
 """
 from __future__ import annotations
 
-from .config import ARCHITECTURES, CONFIG_KEY, REQUEST_KEY, T2Config
+from ..mixtures import REQUEST_KEY
+from .config import ARCHITECTURES, CONFIG_KEY, T2Config
 
-__all__ = ["ARCHITECTURES", "CONFIG_KEY", "LLM", "REQUEST_KEY", "T2Config", "T2RequestError",
-           "engine_args", "normalize_spec", "register"]
+__all__ = ["ARCHITECTURES", "CONFIG_KEY", "LLM", "REQUEST_KEY", "T2Config",
+           "T2RequestError", "engine_args", "parse_request", "register"]
 
 
 def __getattr__(name):
     if name in ("LLM", "engine_args"):
         from . import llm
         return getattr(llm, name)
-    if name in ("T2RequestError", "normalize_spec"):
-        from . import requests
-        return getattr(requests, name)
+    if name in ("T2RequestError", "parse_request"):
+        from . import frontend
+        return getattr(frontend, name)
     if name == "register":
         from .plugin import register
         return register

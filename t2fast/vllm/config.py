@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from ..config import SVFConfig
 
 CONFIG_KEY = "t2fast"
-REQUEST_KEY = "t2"
 
 #: HF architecture -> t2fast's architecture (the vLLM model class that swaps in SVF layers).
 ARCHITECTURES = {

@@ -126,7 +126,7 @@ class LLM:
             self.load_experts(objects)
 
     def _find_frontend(self):
-        from .requests import frontend_of
+        from .frontend import frontend_of
 
         fe = frontend_of(self.llm.llm_engine.input_processor)
         if fe is None:
@@ -152,7 +152,7 @@ class LLM:
         from ..experts import Expert, check_unique_names, load_expert
         from ..mixtures import check_z
         from ..runtime import check_bank_room
-        from .requests import expert_digest, file_digest
+        from .frontend import expert_digest, file_digest
         from .worker import encode_expert
 
         payload, entries = [], []

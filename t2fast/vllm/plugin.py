@@ -35,10 +35,11 @@ def register() -> None:
         if arch not in supported:
             ModelRegistry.register_model(arch, f"t2fast.vllm.models:{arch}")
     try:
-        from .requests import install_input_processor_hook
+        from .frontend import install_input_processor_hook
 
         install_input_processor_hook()
     except Exception as exc:  # noqa: BLE001 - never break plain vLLM because of t2fast
         logger.warning("t2fast: front-end request validation is unavailable (%s); requests "
-                       "with invalid extra_args['t2'] will be served with the base model",
+                       "naming a mixture will be served with the base model (workers place "
+                       "only mixtures the front end checked)",
                        exc)

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from ..experts import Fingerprint
-from ..mixtures import place_normal_form
+from ..mixtures import Mixture, extract_spec
 from ..runtime import SVFRuntime, load_sources
 from .config import T2Config, num_decoder_layers
+from .frontend import T2RequestError, worker_mixture
 from .layers import factors_stub
-from .requests import T2RequestError, extract_spec, normalize_spec
 
 logger = logging.getLogger("t2fast.vllm")
 
@@ -126,13 +126,13 @@ class T2Runtime(SVFRuntime):
                 "worker_stats": dict(self.worker_stats)}
 
     # ---- per step -----------------------------------------------------------------------
-    def place_request(self, normal) -> torch.Tensor | None:
+    def place_request(self, mixture: Mixture) -> torch.Tensor | None:
         """α [num_layers, max_experts + 1] (column 0 = base, column r = bank row r) of a
-        request's normal form (:func:`t2fast.mixtures.place_normal_form`); None for the base."""
-        if normal is None:
+        request's mixture (:meth:`t2fast.mixtures.Mixture.place`); None for the base."""
+        if mixture.is_base:
             return None
-        alpha, missing = place_normal_form(normal["alpha"], self.bank.row_of, self.num_layers,
-                                           self.bank.capacity + 1)
+        alpha, missing = mixture.place(self.bank.row_of, self.num_layers,
+                                       self.bank.capacity + 1)
         for name in missing:  # unloaded between the front end's check and this step
             if name not in self._warned:
                 self._warned.add(name)
@@ -144,16 +144,17 @@ class T2Runtime(SVFRuntime):
         if req_id in self._req:
             return self._req[req_id]
         present, raw = raw_of(req_id)
-        normal = None
+        mixture = Mixture()
         if present:
             try:
-                normal = normalize_spec(raw, self.bank.names, self.num_layers, self.bounds)
+                mixture = worker_mixture(raw, self.num_layers, self.bounds)
             except T2RequestError as exc:
-                # The front end validates requests; one that skipped it must not kill the worker.
+                # Only the front end's envelope is placed; one that skipped it must not kill
+                # the worker.
                 self.worker_stats["rejected_in_worker"] += 1
                 logger.error("t2fast: request %s: %s; serving it with the base model", req_id,
                              exc)
-        alpha = self._req[req_id] = self.place_request(normal)
+        alpha = self._req[req_id] = self.place_request(mixture)
         return alpha
 
     def prepare_step(self, req_ids, raw_of, num_scheduled_tokens) -> None:
