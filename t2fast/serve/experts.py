@@ -143,12 +143,11 @@ class ServedExperts:
             if name in self.frontend.names and not replace:
                 raise T2HTTPError(f"expert {name!r} is already loaded; pass \"replace\": true "
                                   f"to replace it", param="name", status=HTTPStatus.CONFLICT)
-            if name not in self.frontend.names and \
-                    len(self.frontend.names) >= self.frontend.max_experts:
-                raise T2HTTPError(
-                    f"the expert bank is full ({self.frontend.max_experts} experts: "
-                    f"{self.frontend.names}); unload one, or restart with a larger "
-                    f"--max-experts", param="name", status=HTTPStatus.CONFLICT)
+            try:
+                self.frontend.check_room([name])
+            except ValueError as exc:
+                raise T2HTTPError(f"{exc} (--max-experts)", param="name",
+                                  status=HTTPStatus.CONFLICT) from None
             try:  # readable, finite, z in range: refuse here rather than in the workers
                 e = await asyncio.to_thread(load_expert, path)
             except (ValueError, OSError) as exc:

@@ -151,7 +151,6 @@ class LLM:
         Returns the bank order."""
         from ..experts import Expert, check_unique_names, load_expert
         from ..mixtures import check_z
-        from ..runtime import check_bank_room
         from .frontend import expert_digest, file_digest
         from .worker import encode_expert
 
@@ -173,8 +172,7 @@ class LLM:
         if clash and not replace:
             raise ValueError(f"t2fast: experts {clash} are already loaded (loaded: "
                              f"{self._frontend.names}); pass replace=True to replace them")
-        check_bank_room(self._frontend.names, [n for n in names if n not in self._frontend.names],
-                        self._frontend.max_experts)
+        self._frontend.check_room(names)
         results = self._rpc("t2_load_experts", payload, allow_other_model)
         for name, digest in entries:
             self._frontend.add(name, digest)
