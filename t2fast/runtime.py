@@ -53,9 +53,18 @@ F32 = torch.float32
 STATS = MODES + ("merges", "merge_cache_hits", "merge_evictions", "merge_over_budget")
 
 
-def check_bank_room(loaded: Sequence[str], new: Sequence[str], capacity: int) -> None:
-    """Raise ``ValueError`` unless ``new`` experts (names not yet loaded) fit beside ``loaded``
-    in a bank of ``capacity`` rows."""
+def check_bank_load(loaded: Sequence[str], names: Sequence[str], capacity: int,
+                    replace: bool, hint: str = "pass replace=True") -> None:
+    """Raise ``ValueError`` unless experts ``names`` may be loaded into a bank of ``capacity``
+    rows holding ``loaded``: unique names, none already loaded unless ``replace`` (``hint``
+    says how to ask for it), and room for the new ones. The one check of the workers' banks,
+    the Hugging Face handle, the vLLM front end and the server."""
+    check_unique_names(list(names))
+    clash = [n for n in names if n in loaded]
+    if clash and not replace:
+        raise ValueError(f"experts {clash} are already loaded (loaded: {list(loaded)}); "
+                         f"{hint} to replace them")
+    new = [n for n in names if n not in loaded]
     if len(loaded) + len(new) > capacity:
         raise ValueError(f"the expert bank holds {capacity} experts (max_experts); "
                          f"{len(loaded)} are loaded and {len(new)} more were given: unload "
@@ -143,17 +152,11 @@ class ExpertBank:
     def load(self, experts: Sequence[Expert], replace: bool = False) -> None:
         """Write ``experts`` (checked against the targets) into free rows; a loaded name is an
         error unless ``replace`` (the new expert then takes its row). All or nothing."""
-        check_unique_names([e.name for e in experts])
-        clash = [e.name for e in experts if e.name in self.row_of]
-        if clash and not replace:
-            raise ValueError(f"experts {clash} are already loaded (loaded: {self.names}); pass "
-                             f"replace=True to replace them")
+        check_bank_load(self.names, [e.name for e in experts], self.capacity, replace)
         for e in experts:
             missing = [t for t in self._where if t not in e.z]
             if missing:
                 raise ValueError(f"expert {e.name!r} has no z for {missing[:3]}")
-        check_bank_room(self.names, [e.name for e in experts if e.name not in self.row_of],
-                        self.capacity)
         for e in experts:
             row = self.row_of.get(e.name)
             if row is None:

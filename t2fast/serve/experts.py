@@ -140,13 +140,11 @@ class ServedExperts:
         if not isinstance(path, str) or not path:
             raise T2HTTPError("'path' must be the path of an expert file", param="path")
         async with self.lock:
-            if name in self.frontend.names and not replace:
-                raise T2HTTPError(f"expert {name!r} is already loaded; pass \"replace\": true "
-                                  f"to replace it", param="name", status=HTTPStatus.CONFLICT)
             try:
-                self.frontend.check_room([name])
+                self.frontend.check_load([name], replace, hint='pass "replace": true')
             except ValueError as exc:
-                raise T2HTTPError(f"{exc} (--max-experts)", param="name",
+                raise T2HTTPError(f"{exc} (--max-experts)" if name not in self.frontend.names
+                                  else str(exc), param="name",
                                   status=HTTPStatus.CONFLICT) from None
             try:  # readable, finite, z in range: refuse here rather than in the workers
                 e = await asyncio.to_thread(load_expert, path)

@@ -37,7 +37,7 @@ from pathlib import Path
 from ..messages import cap_text
 from ..mixtures import FLAT_KEYS, REQUEST_KEY, Mixture, MixtureBounds, MixtureError, \
     check_expert_name, check_request_keys, extract_spec
-from ..runtime import check_bank_room
+from ..runtime import check_bank_load
 from .config import T2Config, config_from_vllm, is_t2_model_config, num_decoder_layers
 
 try:  # a vLLM validation error maps to HTTP 400 in the OpenAI server
@@ -158,17 +158,17 @@ class FrontEnd:
             fe.add(expert_file_name(p), file_digest(p))
         return fe
 
-    def check_room(self, names) -> None:
-        """Raise ``ValueError`` unless the experts ``names`` (loaded ones are replaced) fit in
-        the bank (:func:`t2fast.runtime.check_bank_room`, the workers' own check)."""
-        check_bank_room(self.names, [n for n in names if n not in self.names], self.max_experts)
+    def check_load(self, names, replace: bool, hint: str = "pass replace=True") -> None:
+        """Raise ``ValueError`` unless the experts ``names`` may be loaded
+        (:func:`t2fast.runtime.check_bank_load`, the workers' own check)."""
+        check_bank_load(self.names, list(names), self.max_experts, replace, hint)
 
     def add(self, name: str, digest: str) -> None:
         """Add an expert (a name already present is replaced: its digest changes)."""
         check_expert_name(name)
         with self.lock:
             if name not in self.names:
-                self.check_room([name])
+                self.check_load([name], replace=True)
                 self.names.append(name)
             self.digests[name] = digest
 

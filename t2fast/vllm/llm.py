@@ -149,7 +149,7 @@ class LLM:
         """Load experts (files or :class:`Expert` objects) into every worker. A name already
         loaded is an error unless ``replace=True`` (the new expert then takes its bank row).
         Returns the bank order."""
-        from ..experts import Expert, check_unique_names, load_expert
+        from ..experts import Expert, load_expert
         from ..mixtures import check_z
         from .frontend import expert_digest, file_digest
         from .worker import encode_expert
@@ -166,13 +166,7 @@ class LLM:
                 name = load_expert(e).name
                 payload.append(str(e))
                 entries.append((name, file_digest(e)))
-        names = [n for n, _ in entries]
-        check_unique_names(names)
-        clash = [n for n in names if n in self._frontend.names]
-        if clash and not replace:
-            raise ValueError(f"t2fast: experts {clash} are already loaded (loaded: "
-                             f"{self._frontend.names}); pass replace=True to replace them")
-        self._frontend.check_room(names)
+        self._frontend.check_load([n for n, _ in entries], replace)
         results = self._rpc("t2_load_experts", payload, allow_other_model)
         for name, digest in entries:
             self._frontend.add(name, digest)
