@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from t2fast import ops
-from t2fast.ops import reference, torch_backend
+from t2fast.ops import torch_backend
+from t2fast.ops.reference import svf_matmul_reference
 from timing import l2_cold_copies
 
 
@@ -84,12 +85,12 @@ def torch_composition(p: Problem):
 
 def unfused_torch(p: Problem):
     """Gather + two matmuls in float32 (the reference module; copies half weights to fp32)."""
-    return reference.svf_matmul(p.x, p.U, p.S, p.Vh, p.Z, p.idx)
+    return svf_matmul_reference(p.x, p.U, p.S, p.Vh, p.Z, p.idx)
 
 
 def rel_err_vs_f64(p: Problem, y: torch.Tensor) -> float:
     """max |y − y64| / max |y64| against a float64 reference on the same inputs."""
-    ref = reference.svf_matmul(p.x.double(), p.U.double(), p.S.double(), p.Vh.double(),
+    ref = svf_matmul_reference(p.x.double(), p.U.double(), p.S.double(), p.Vh.double(),
                                p.Z.double(), p.idx)
     return float((y.double() - ref).abs().max() / ref.abs().max())
 
@@ -175,4 +176,4 @@ def group_triton_mix(p: GroupProblem):
 
 def group_composition(p: GroupProblem):
     """The composition in the activation dtype: one matmul over the stacked Vh, one per slice."""
-    return torch_backend.svf_group(p.x, p.Us, p.S, p.Vh, p.Z, p.idx)
+    return torch_backend.svf_group_torch(p.x, p.Us, p.S, p.Vh, p.Z, p.idx)

@@ -44,8 +44,8 @@ import triton  # noqa: E402
 
 import baselines as B  # noqa: E402
 from shapes import groups  # noqa: E402
-from t2fast.kernels import svf_matmul as kernel  # noqa: E402
-from t2fast.ops import reference  # noqa: E402
+from t2fast.kernels import shrink_expand  # noqa: E402
+from t2fast.ops.reference import svf_group_reference  # noqa: E402
 from timing import CUDA, ceilings, device_tag, time_us  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -61,7 +61,7 @@ OP_NAMES = {"qkv": "q/k/v", "o": "o", "gate_up": "gate/up", "down": "down"}
 
 def rel_err_vs_f64(p: B.GroupProblem, y: torch.Tensor) -> float:
     """max |y − y64| / max |y64| against a float64 reference on the same inputs."""
-    ref = reference.svf_group(p.x.double(), [U.double() for U in p.Us], p.S.double(),
+    ref = svf_group_reference(p.x.double(), [U.double() for U in p.Us], p.S.double(),
                               p.Vh.double(), p.Z.double(), p.idx)
     return float((y.double() - ref).abs().max() / ref.abs().max())
 
@@ -101,7 +101,7 @@ def sweep_op(name: str, slices, T, dtype, ceil, reps) -> tuple[dict, list]:
     if CUDA:
         torch.cuda.synchronize()
     row["first_call_s"] = time.perf_counter() - t0
-    plan = kernel.group_plan(p0.x, p0.Us, p0.Vh)
+    plan = shrink_expand.group_plan(p0.x, p0.Us, p0.Vh)
     row["plan"] = dict(source=plan.source, backend=plan.backend,
                        launches=plan.launches(T, [U.shape[0] for U in p0.Us], R))
     row["rel_err_triton"] = rel_err_vs_f64(p0, B.group_triton(p0))
@@ -119,7 +119,7 @@ def layer_row(op_copies: dict, T: int, ceil, reps) -> dict:
     row = dict(matrices="layer", m=sum(sum(U.shape[0] for U in p.Us) for p in firsts),
                n=firsts[0].x.shape[1], r=sum(p.S.shape[0] for p in firsts), T=T, S=T,
                copies=count, first_call_s=0.0,
-               launches=sum(len(kernel.group_plan(p.x, p.Us, p.Vh).launches(
+               launches=sum(len(shrink_expand.group_plan(p.x, p.Us, p.Vh).launches(
                    T, [U.shape[0] for U in p.Us], p.S.shape[0])) for p in firsts),
                rel_err_triton=max(rel_err_vs_f64(p, B.group_triton(p)) for p in firsts),
                rel_err_torch=max(rel_err_vs_f64(p, B.group_composition(p)) for p in firsts))

@@ -50,7 +50,7 @@ import triton  # noqa: E402
 
 import baselines as B  # noqa: E402
 from shapes import group_dims, groups  # noqa: E402
-from t2fast.kernels import aot, configs, svf_matmul as kernel  # noqa: E402
+from t2fast.kernels import aot, configs, shrink_expand  # noqa: E402
 from t2fast.kernels.configs import SVFPlan, TableEntry, TileConfig  # noqa: E402
 from timing import CUDA, time_alternating  # noqa: E402
 
@@ -125,8 +125,8 @@ def tune_entry(slices, T: int, dtype, num_sms: int, quick: bool, deterministic: 
 
     def shrink_calls(tile):
         h_dtype = torch.float32 if tile.split_k > 1 else dtype
-        return [lambda p=p: kernel.svf_shrink(p.x, p.Vh, p.S, p.idx, Z=p.Z, tile=tile,
-                                              h_dtype=h_dtype) for p in copies]
+        return [lambda p=p: shrink_expand.launch_shrink(p.x, p.Vh, p.S, p.idx, Z=p.Z, tile=tile,
+                                                        h_dtype=h_dtype) for p in copies]
 
     shrinks = keep_clean("shrink", candidates(heuristic.shrink, T, R, n, 2, num_sms, quick,
                                               deterministic), x_name, check)
@@ -136,7 +136,7 @@ def tune_entry(slices, T: int, dtype, num_sms: int, quick: bool, deterministic: 
     hs = [torch.randn(T, R, device=DEVICE).to(h_dtype) for _ in copies]
 
     def expand_calls(tile):
-        return [lambda p=p, h=h: kernel.svf_expand(h, p.Us, tile=tile, out_dtype=dtype)
+        return [lambda p=p, h=h: shrink_expand.launch_expand(h, p.Us, tile=tile, out_dtype=dtype)
                 for p, h in zip(copies, hs)]
 
     h_name = "fp32" if h_dtype == torch.float32 else x_name
@@ -150,8 +150,9 @@ def tune_entry(slices, T: int, dtype, num_sms: int, quick: bool, deterministic: 
             keep_clean("expand", [current.expand], "fp32" if current.shrink.split_k > 1
                        else x_name, check):
         plans["current"] = current
-    calls = {name: [lambda p=p, pl=pl: kernel.svf_group(p.x, p.Us, p.S, p.Vh, p.idx, Z=p.Z,
-                                                        plan=pl) for p in copies]
+    calls = {name: [lambda p=p, pl=pl: shrink_expand.launch_group(p.x, p.Us, p.S, p.Vh, p.idx,
+                                                                  Z=p.Z, plan=pl)
+                    for p in copies]
              for name, pl in plans.items()}
     if not deterministic:
         calls["torch"] = [lambda p=p: B.group_composition(p) for p in copies]

@@ -27,7 +27,7 @@ from torch import nn
 
 from . import ops
 from .decompose import SVDFactors
-from .ops import reference
+from .ops.reference import svf_merge_reference
 from .targets import FUSED
 
 
@@ -89,7 +89,7 @@ class SVFLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.train_z is not None:
-            w = reference.svf_merge(self.U.float(), self.S, self.train_z, self.Vh.float())
+            w = svf_merge_reference(self.U.float(), self.S, self.train_z, self.Vh.float())
             return F.linear(x, w.to(x.dtype), self.bias)
         # A CUDA graph captures the factored path even where dense weights serve eager calls:
         # it reads the runtime's persistent tables, so it follows every later mixture, whereas

@@ -54,8 +54,9 @@ def load_kernels() -> None:
 
 class LazyModule:
     """Stands for the module ``name`` (one that imports Triton) and imports it on first attribute
-    access, after :func:`require_triton`: ``svf_kernels = LazyModule("t2fast.kernels.svf_matmul")``
-    at the top of a module, ``svf_kernels.svf_expand(...)`` where the triton backend runs."""
+    access, after :func:`require_triton`: ``scaled_matmul_kernels =
+    LazyModule("t2fast.kernels.scaled_matmul")`` at the top of a module,
+    ``scaled_matmul_kernels.launch_scaled_matmul(...)`` where the triton backend runs."""
 
     def __init__(self, name: str):
         self.name = name

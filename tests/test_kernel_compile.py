@@ -108,7 +108,7 @@ def test_fp32_path_uses_ieee_not_tf32(reports):
 
 def test_op_path_has_no_host_sync():
     """The op path never waits for the GPU (capturable in CUDA graphs)."""
-    for name in ("launch.py", "svf_matmul.py", "scaled_matmul.py", "configs.py"):
+    for name in ("launch.py", "shrink_expand.py", "scaled_matmul.py", "configs.py"):
         src = (Path(aot.__file__).parent / name).read_text()
         for pattern in (r"\.item\(", r"\.tolist\(", r"synchronize\(", r"\.cpu\(", r"\bprint\("):
             assert not re.search(pattern, src), f"{name} contains {pattern}"

@@ -297,10 +297,10 @@ def test_tuner_rejects_candidates_that_spill():
 def test_tuner_times_the_expand_on_the_real_h_dtype(monkeypatch):
     """The expand race reads h in the dtype the chosen shrink writes: bf16 for deterministic
     plans, fp32 after a split shrink."""
-    from t2fast.kernels import svf_matmul as kernel
+    from t2fast.kernels import shrink_expand
     seen = []
-    real = kernel.svf_expand
-    monkeypatch.setattr(kernel, "svf_expand",
+    real = shrink_expand.launch_expand
+    monkeypatch.setattr(shrink_expand, "launch_expand",
                         lambda h, *a, **k: seen.append(h.dtype) or real(h, *a, **k))
     _tune(_FakeTimer(lambda k: 1.0, run=True))
     assert set(seen) == {torch.bfloat16}
@@ -332,17 +332,17 @@ def test_launchers_pick_the_dot_from_the_weights_dtype(monkeypatch, weights, wan
     the expand must still use tensor-core dots (``DOT_FP32`` off), as the sm_90 gates compile
     it. It once took IEEE fp32 dots there, which an H100 runs on its FMA units: 2-25x slower
     than torch."""
-    from t2fast.kernels import svf_matmul as svf_op
+    from t2fast.kernels import shrink_expand
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     calls = []
-    monkeypatch.setattr(svf_op, "svf_shrink_kernel", _RecordLaunch("shrink", calls))
-    monkeypatch.setattr(svf_op, "svf_expand_kernel", _RecordLaunch("expand", calls))
+    monkeypatch.setattr(shrink_expand, "svf_shrink_kernel", _RecordLaunch("shrink", calls))
+    monkeypatch.setattr(shrink_expand, "svf_expand_kernel", _RecordLaunch("expand", calls))
     plan = configs.heuristic_plan(1, 4096, 4096, 4096, weights, H100_SMS, deterministic=False)
     assert plan.shrink.split_k > 1
     m, n, r = 48, 40, 32
     x, U, Vh = torch.zeros(1, n, dtype=weights), torch.zeros(m, r, dtype=weights), \
         torch.zeros(r, n, dtype=weights)
-    svf_op.svf_matmul(x, U, torch.ones(r), Vh, torch.zeros(1, dtype=torch.int32),
+    shrink_expand.launch_group(x, [U], torch.ones(r), Vh, torch.zeros(1, dtype=torch.int32),
                       Z=torch.ones(1, r), plan=plan)
     dots = {name: meta["DOT_FP32"] for name, meta in calls if "DOT_FP32" in meta}
     assert dots == {"shrink": want_fp32, "expand": want_fp32}

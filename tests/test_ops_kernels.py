@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from t2fast import ops
-from t2fast.kernels import scaled_matmul as sm
-from t2fast.kernels import svf_matmul as svf_op
+from t2fast.kernels import scaled_matmul, shrink_expand
 from t2fast.kernels.configs import SVFPlan, TileConfig
-from t2fast.ops import reference
+from t2fast.ops.reference import svf_matmul_mix_reference, svf_matmul_reference
 
 pytestmark = pytest.mark.interpreter
 
@@ -73,7 +72,7 @@ def test_svf_matmul_matches_float64(shape, dtype, device):
     Z = (1 + 0.5 * torch.randn(slots, r, generator=gen)).to(device)
     idx = _idx(T, slots, gen, device)
     y = ops.svf_matmul(x, U, S, Vh, Z, idx, backend="triton")
-    ref = reference.svf_matmul(*_f64(x, U, S, Vh, Z), idx)
+    ref = svf_matmul_reference(*_f64(x, U, S, Vh, Z), idx)
     _close(y, ref, dtype)
     # the torch backend agrees with the same oracle
     _close(ops.svf_matmul(x, U, S, Vh, Z, idx, backend="torch"), ref, dtype)
@@ -89,7 +88,7 @@ def test_svf_matmul_mix_matches_float64(dtype, device):
     bank = (1 + 0.3 * torch.randn(K, r, generator=gen)).to(device)
     idx = _idx(T, slots, gen, device, torch.int32)
     y = ops.svf_matmul_mix(x, U, S, Vh, alpha, bank, idx, backend="triton")
-    ref = reference.svf_matmul(*_f64(x, U, S, Vh, alpha @ bank), idx)
+    ref = svf_matmul_mix_reference(*_f64(x, U, S, Vh, alpha, bank), idx)
     _close(y, ref, dtype)
     # mixing in the kernel equals mixing first, then gathering
     y_table = ops.svf_matmul(x, U, S, Vh, ops.mix_experts(alpha, bank), idx, backend="triton")
@@ -121,7 +120,7 @@ def test_non_contiguous_inputs(device):
     assert not (x.is_contiguous() or U.is_contiguous() or Z.is_contiguous()
                 or idx.is_contiguous())
     y = ops.svf_matmul(x, U, S, Vh, Z, idx, backend="triton")
-    _close(y, reference.svf_matmul(*_f64(x, U, S, Vh, Z), idx), torch.float32)
+    _close(y, svf_matmul_reference(*_f64(x, U, S, Vh, Z), idx), torch.float32)
 
 
 @pytest.mark.parametrize("split", [1, 2, 3])
@@ -136,8 +135,8 @@ def test_shrink_poisoned_output_and_split(split, device):
     idx = torch.randint(0, slots, (T,), generator=gen).to(device)
     out = torch.full((T, r), float("nan"), device=device) if split == 1 else \
         torch.zeros((T, r), device=device)
-    h = svf_op.svf_shrink(x, Vh, S, idx, Z=Z, tile=TileConfig(16, 32, 16, split_k=split),
-                          out=out)
+    h = shrink_expand.launch_shrink(x, Vh, S, idx, Z=Z,
+                                    tile=TileConfig(16, 32, 16, split_k=split), out=out)
     assert h is out
     ref = (x.double() @ Vh.double().T) * S.double() * Z.double()[idx]
     assert torch.isfinite(h).all()
@@ -151,7 +150,7 @@ def test_expand_poisoned_output_strided(device):
     B = _rand((R, Q), torch.float32, device, gen)
     big = torch.full((P, 2 * Q), float("nan"), device=device)
     out = big[:, ::2]
-    sm.scaled_matmul(A, B, out=out)
+    scaled_matmul.launch_scaled_matmul(A, B, out=out)
     torch.testing.assert_close(out.double(), A.double() @ B.double(), rtol=1e-5, atol=1e-5)
     assert big[:, 1::2].isnan().all(), "kernel wrote outside its output view"
 
@@ -219,10 +218,10 @@ def test_launch_plans_match_float64(plan, mix, dtype, device):
     p = PLANS[plan]
     assert p.h_dtype(dtype) == (torch.float32 if p.shrink.split_k > 1 else dtype)
     if mix:
-        y = svf_op.svf_matmul(x, U, S, Vh, idx, alpha=alpha, bank=bank, plan=p)
+        y = shrink_expand.launch_group(x, [U], S, Vh, idx, alpha=alpha, bank=bank, plan=p)
     else:
-        y = svf_op.svf_matmul(x, U, S, Vh, idx, Z=Z, plan=p)
-    _close(y, reference.svf_matmul(*_f64(x, U, S, Vh, Z), idx), dtype)
+        y = shrink_expand.launch_group(x, [U], S, Vh, idx, Z=Z, plan=p)
+    _close(y, svf_matmul_reference(*_f64(x, U, S, Vh, Z), idx), dtype)
 
 
 @pytest.mark.parametrize("split", [1, 2, 5])
@@ -234,7 +233,7 @@ def test_expand_split_poisoned_output(split, device):
     B = _rand((N, K), torch.bfloat16, device, gen).t()         # Uᵀ-like strides
     big = torch.full((M, 2 * N), float("nan"), device=device, dtype=torch.bfloat16)
     out = big[:, ::2]
-    sm.scaled_matmul(A, B, tile=TileConfig(16, 16, 16, split_k=split), out=out)
+    scaled_matmul.launch_scaled_matmul(A, B, tile=TileConfig(16, 16, 16, split_k=split), out=out)
     ref = A.double() @ B.double()
     assert torch.isfinite(out).all()
     assert (out.double() - ref).abs().max() <= 1e-2 * ref.abs().max()
@@ -266,5 +265,5 @@ def test_every_shipped_config_on_real_shapes(entry):
     idx = _idx(T, slots, gen, device)
     for deterministic in (True, False):       # the default plan, and the entry's own
         plan = configs.plan(T, m, n, r, torch.bfloat16, device, deterministic)
-        y = svf_op.svf_matmul(x, U, S, Vh, idx, Z=Z, plan=plan)
-        _close(y, reference.svf_matmul(*_f64(x, U, S, Vh, Z), idx), torch.bfloat16)
+        y = shrink_expand.launch_group(x, [U], S, Vh, idx, Z=Z, plan=plan)
+        _close(y, svf_matmul_reference(*_f64(x, U, S, Vh, Z), idx), torch.bfloat16)

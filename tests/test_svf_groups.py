@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from t2fast import ops
-from t2fast.kernels import configs, launch
-from t2fast.kernels import svf_matmul as kernel
+from t2fast.kernels import configs, launch, shrink_expand
 from t2fast.kernels.configs import SVFPlan, TileConfig
-from t2fast.ops import reference
+from t2fast.ops.reference import svf_group_reference, svf_matmul_reference
 
 pytestmark = pytest.mark.interpreter
 # Tests that run the Triton kernels on CPU tensors: through the interpreter only (a compiled run
@@ -49,7 +48,7 @@ def _group(slices, n, dtype, device, gen, slots=5, K=3):
 
 
 def _oracle(x, Us, S, Vh, Z, idx):
-    return reference.svf_group(x.double(), [U.double() for U in Us], S.double(), Vh.double(),
+    return svf_group_reference(x.double(), [U.double() for U in Us], S.double(), Vh.double(),
                                Z.double(), idx)
 
 
@@ -67,7 +66,7 @@ def test_group_matches_float64(group, plan, mix, dtype, device):
     idx = torch.randint(0, alpha.shape[0], (T,), generator=gen).to(device)
     Z = alpha @ bank
     kw = dict(alpha=alpha, bank=bank) if mix else dict(Z=Z)
-    y = kernel.svf_group(x, Us, S, Vh, idx, plan=PLANS[plan], **kw)
+    y = shrink_expand.launch_group(x, Us, S, Vh, idx, plan=PLANS[plan], **kw)
     ref = _oracle(x, Us, S, Vh, Z, idx)
     assert y.shape == (T, sum(m for m, _ in slices)) and y.dtype == dtype
     fro = (y.double() - ref).norm() / ref.norm()
@@ -83,7 +82,7 @@ def test_grouped_expand_writes_every_output_once_and_nothing_else(device):
     Us = [torch.randn(m, r, generator=gen).to(device) for m, r in slices]
     big = torch.full((T, 2 * 41), float("nan"), device=device)
     out = big[:, ::2]
-    kernel.svf_expand(h, Us, tile=TileConfig(16, 16, 16), out=out)
+    shrink_expand.launch_expand(h, Us, tile=TileConfig(16, 16, 16), out=out)
     at, want = 0, []
     for U in Us:
         want.append(h[:, at:at + U.shape[1]].double() @ U.double().T)
@@ -103,7 +102,7 @@ def test_stack_group_packs_without_copies_at_call_time(device):
     assert len({U.untyped_storage().data_ptr() for U in Us}) == 1
     assert all(U.storage_offset() % 16 == 0 and U.is_contiguous() for U in Us)
     assert torch.equal(S2, S) and torch.equal(Vh2, Vh)
-    assert kernel._slices(Us)[0] is Us                       # read in place
+    assert shrink_expand._slices(Us)[0] is Us                       # read in place
     x = torch.randn(9, n, generator=gen).to(device)
     idx = torch.zeros(9, dtype=torch.int32, device=device)
     a = ops.svf_group_mix(x, Us, S2, Vh2, alpha, bank, idx, backend="triton")
@@ -183,7 +182,7 @@ def test_a_row_is_bit_identical_whatever_its_batch(dtype, device):
         idx[pos] = 2
         plan = _sm90_plan(T, m, n, R, dtype)
         plans.add(plan)
-        y = kernel.svf_group(x, Us, S, Vh, idx, alpha=alpha, bank=bank, plan=plan)[pos]
+        y = shrink_expand.launch_group(x, Us, S, Vh, idx, alpha=alpha, bank=bank, plan=plan)[pos]
         if want is None:
             want = y
         assert torch.equal(y, want), f"row changed at T = {T}"
@@ -194,13 +193,13 @@ def test_a_row_is_bit_identical_whatever_its_batch(dtype, device):
 def test_ops_default_is_deterministic_and_opt_in_reaches_the_plan(monkeypatch):
     """``deterministic`` travels from ``t2fast.ops`` to the plan lookup; the default is True."""
     seen = []
-    real = kernel.group_plan
+    real = shrink_expand.group_plan
 
     def spy(x, Us, Vh, deterministic=True):
         seen.append(deterministic)
         return real(x, Us, Vh, deterministic)
 
-    monkeypatch.setattr(kernel, "group_plan", spy)
+    monkeypatch.setattr(shrink_expand, "group_plan", spy)
     x, U, S, Vh = torch.ones(2, 6), torch.ones(4, 5), torch.ones(5), torch.ones(5, 6)
     idx = torch.zeros(2, dtype=torch.long)
     ops.svf_matmul(x, U, S, Vh, torch.ones(1, 5), idx, backend="triton")
@@ -213,11 +212,11 @@ def test_auto_follows_the_plans_backend_inside_the_op(monkeypatch):
     """``auto`` runs whatever the plan names (here: the composition), decided inside the custom
     op; ``triton`` always runs the kernels."""
     plan = SVFPlan(TileConfig(16, 16, 16), TileConfig(16, 16, 16), backend="torch")
-    monkeypatch.setattr(kernel, "group_plan", lambda *a, **k: plan)
+    monkeypatch.setattr(shrink_expand, "group_plan", lambda *a, **k: plan)
     from t2fast.ops import torch_backend
     calls = []
-    real = torch_backend.svf_group
-    monkeypatch.setattr(torch_backend, "svf_group",
+    real = torch_backend.svf_group_torch
+    monkeypatch.setattr(torch_backend, "svf_group_torch",
                         lambda *a: calls.append("torch") or real(*a))
     x, U, S, Vh = torch.ones(2, 6), torch.ones(4, 5), torch.ones(5), torch.ones(5, 6)
     idx = torch.zeros(2, dtype=torch.long)
@@ -260,17 +259,17 @@ def test_64_bit_offset_path_matches_float64(monkeypatch, device):
     the oracle's answer (shrink, grouped expand)."""
     calls = []
     monkeypatch.setattr(launch, "INT32_MAX", 100)
-    monkeypatch.setattr(kernel, "INT32_MAX", 100)
-    monkeypatch.setattr(kernel, "svf_shrink_kernel",
-                        _Spy(kernel.svf_shrink_kernel, "shrink", calls))
-    monkeypatch.setattr(kernel, "svf_expand_kernel",
-                        _Spy(kernel.svf_expand_kernel, "expand", calls))
+    monkeypatch.setattr(shrink_expand, "INT32_MAX", 100)
+    monkeypatch.setattr(shrink_expand, "svf_shrink_kernel",
+                        _Spy(shrink_expand.svf_shrink_kernel, "shrink", calls))
+    monkeypatch.setattr(shrink_expand, "svf_expand_kernel",
+                        _Spy(shrink_expand.svf_expand_kernel, "expand", calls))
     gen = torch.Generator().manual_seed(7)
     slices, n = GROUPS["qkv"]
     Us, S, Vh, alpha, bank = _group(slices, n, torch.float32, device, gen)
     x = torch.randn(19, n, generator=gen).to(device)
     idx = torch.randint(0, 5, (19,), generator=gen).to(device)
-    y = kernel.svf_group(x, Us, S, Vh, idx, alpha=alpha, bank=bank)
+    y = shrink_expand.launch_group(x, Us, S, Vh, idx, alpha=alpha, bank=bank)
     assert [(name, meta["OFFSET_64"]) for name, meta in calls] == [("shrink", True),
                                                                    ("expand", True)]
     ref = _oracle(x, Us, S, Vh, alpha @ bank, idx)
@@ -355,7 +354,7 @@ def test_vllm_layer_runs_one_group_through_t2fast_ops(monkeypatch, targets):
         if target:
             U, S, Vh = factors[i]
             Z = layer.t2_alpha[0].double() @ getattr(layer, f"t2_bank{i}").double()
-            want.append(reference.svf_matmul(x64, U.double(), S.double(), Vh.double(), Z, idx))
+            want.append(svf_matmul_reference(x64, U.double(), S.double(), Vh.double(), Z, idx))
         else:
             want.append(x64 @ getattr(layer, f"t2_W{i}").double().T)
     torch.testing.assert_close(y.reshape(10, -1).double(), torch.cat(want, 1), rtol=1e-4,
@@ -374,10 +373,10 @@ def test_one_layer_decode_is_eight_kernel_launches(monkeypatch):
     layer_ops = [([(h, h), (kv, h), (kv, h)], h), ([(h, h)], h), ([(inter, h), (inter, h)], h),
                  ([(h, inter)], inter)]
     calls = []
-    monkeypatch.setattr(kernel, "svf_shrink_kernel",
-                        _Spy(kernel.svf_shrink_kernel, "shrink", calls))
-    monkeypatch.setattr(kernel, "svf_expand_kernel",
-                        _Spy(kernel.svf_expand_kernel, "expand", calls))
+    monkeypatch.setattr(shrink_expand, "svf_shrink_kernel",
+                        _Spy(shrink_expand.svf_shrink_kernel, "shrink", calls))
+    monkeypatch.setattr(shrink_expand, "svf_expand_kernel",
+                        _Spy(shrink_expand.svf_expand_kernel, "expand", calls))
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -495,10 +494,10 @@ def test_one_hf_layer_decode_is_eight_launches(tmp_path, monkeypatch):
     model, h = _patched_tiny(tmp_path, "triton")
     layer = model.model.layers[0]
     calls = []
-    monkeypatch.setattr(kernel, "svf_shrink_kernel",
-                        _Spy(kernel.svf_shrink_kernel, "shrink", calls))
-    monkeypatch.setattr(kernel, "svf_expand_kernel",
-                        _Spy(kernel.svf_expand_kernel, "expand", calls))
+    monkeypatch.setattr(shrink_expand, "svf_shrink_kernel",
+                        _Spy(shrink_expand.svf_shrink_kernel, "shrink", calls))
+    monkeypatch.setattr(shrink_expand, "svf_expand_kernel",
+                        _Spy(shrink_expand.svf_expand_kernel, "expand", calls))
     x = torch.randn(3, 1, 48)
     seen = []
 

@@ -30,7 +30,7 @@ from triton.compiler import ASTSource
 from .configs import TileConfig
 from .launch import dot_fp32
 from .scaled_matmul import scaled_matmul_kernel
-from .svf_matmul import svf_expand_kernel, svf_shrink_kernel
+from .shrink_expand import svf_expand_kernel, svf_shrink_kernel
 
 H100 = GPUTarget("cuda", 90, 32)
 # Shared memory one CTA may use on sm_90 (227 KB).

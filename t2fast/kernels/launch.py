@@ -1,8 +1,8 @@
 """Launch helpers shared by the SVF ops: interpreter detection, dot precision, launch options,
 64-bit offsets, the grouped factor layout (:func:`pack_factors`). No Triton import here.
 
-The ops themselves live one per file (:mod:`.svf_matmul`, :mod:`.scaled_matmul`): kernel body,
-launcher and custom op together. Nothing here synchronizes with the host.
+The kernels live with their launchers (:mod:`.shrink_expand`, :mod:`.scaled_matmul`); the custom
+ops that call them are :mod:`t2fast.ops.custom_ops`. Nothing here synchronizes with the host.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ MAX_SLICES = 3
 def pack_factors(Us) -> list[torch.Tensor]:
     """The group's U_i [m_i, r_i] as views of one contiguous buffer (what the grouped expand
     reads); each slice starts at a multiple of 16 elements. Layers pack once at load
-    time; :func:`.svf_matmul.svf_expand` packs (copies) only matrices that are not packed yet.
+    time; :func:`.shrink_expand.launch_expand` packs (copies) only matrices that are not packed yet.
     Plain torch, here beside the launch helpers so that layers stack their factors (through
     :func:`t2fast.ops.stack_group`) without importing Triton."""
     Us = list(Us)

@@ -1,18 +1,16 @@
-"""Scaled matmul: ``out[M, N] = (A ⊙ scale[None, :]) @ B`` with fp32 accumulation.
+"""Scaled matmul: ``out[M, N] = (A ⊙ scale[None, :]) @ B`` with fp32 accumulation, and its
+launcher :func:`launch_scaled_matmul`.
 
-One body serves two SVF steps (plans in :mod:`t2fast.kernels.configs`; the expand is launched by
-:mod:`t2fast.kernels.svf_matmul`, the merge by :func:`t2fast.ops.svf_merge`):
-    expand  y[T, m]  = h[T, r] @ Uᵀ          A = h (fp32 or x's dtype), B = Uᵀ (U's strides swapped)
-    merge   W'[m, n] = U diag(σ ⊙ z) Vh      A = U, scale = σ ⊙ z (fp32), B = Vh
-
-A is cast to B's dtype before the dot (one rounding of h, tensor cores for bf16/fp16 weights),
+It computes the merge ``W'[m, n] = U diag(σ ⊙ z) Vh`` of :func:`t2fast.ops.svf_merge`
+(A = U, scale = σ ⊙ z in fp32, B = Vh; tiles from :func:`merge_tile`).
+The scaled A tile is cast to B's dtype before the dot (tensor cores for bf16/fp16 weights),
 unless DOT_FP32.
 
 Shapes: A [M, K], scale [K] (HAS_SCALE), B [K, N]. Grid: (cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N) in
 grouped order, SPLIT_K). With SPLIT_K == 1, ``out`` is [M, N] in the output dtype; with
 SPLIT_K > 1 each split writes its partial sum to its own fp32 slab ``out[split]`` of a
 workspace [SPLIT_K, M, N] (no atomics: the result is deterministic), and
-:func:`split_sum_kernel` adds the slabs and casts. :func:`scaled_matmul` launches both.
+:func:`split_sum_kernel` adds the slabs and casts. :func:`launch_scaled_matmul` launches both.
 """
 from __future__ import annotations
 
@@ -90,7 +88,8 @@ def merge_tile(A, B) -> TileConfig:
     return configs.gemm_tile(A.shape[0], B.dtype)
 
 
-def scaled_matmul(A, B, scale=None, tile: TileConfig | None = None, out_dtype=None, out=None):
+def launch_scaled_matmul(A, B, scale=None, tile: TileConfig | None = None, out_dtype=None,
+                         out=None):
     """``(A * scale[None, :]) @ B`` → [M, N] in ``out_dtype`` (default A's dtype).
 
     ``A`` [M, K], ``B`` [K, N] with any strides (pass ``U.t()`` for Uᵀ), ``scale`` [K] fp32 or

@@ -1,4 +1,5 @@
-"""Pure-torch reference backend: the CPU fallback and the oracle of every kernel test.
+"""Pure-torch reference versions of the SVF ops (``*_reference``): the CPU fallback for what the
+activation-dtype torch backend does not cover, and the oracle of every kernel test.
 
 All functions compute in float32 (float64 when an input is float64), are differentiable with
 respect to every floating input, and return the dtype the contract names.
@@ -12,7 +13,7 @@ def _acc_dtype(*tensors) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def svf_group(x, Us, S, Vh, Z, idx):
+def svf_group_reference(x, Us, S, Vh, Z, idx):
     """``y[t] = cat_i U_i @ (S_i * Z_i[idx[t]] * (Vh_i @ x[t]))`` → [T, Σ m_i] in x's dtype;
     S [R], Vh [R, n], Z [slots, R] stacked over the slices U_i [m_i, r_i]."""
     acc = _acc_dtype(x, *Us, S, Vh, Z)
@@ -24,23 +25,23 @@ def svf_group(x, Us, S, Vh, Z, idx):
     return torch.cat(outs, dim=-1).to(x.dtype)
 
 
-def svf_matmul(x, U, S, Vh, Z, idx):
+def svf_matmul_reference(x, U, S, Vh, Z, idx):
     """y[t] = U @ (S * Z[idx[t]] * (Vh @ x[t])): x [T, n] → y [T, m] in x's dtype."""
-    return svf_group(x, [U], S, Vh, Z, idx)
+    return svf_group_reference(x, [U], S, Vh, Z, idx)
 
 
-def mix_experts(alpha, bank):
+def mix_experts_reference(alpha, bank):
     """Z = alpha @ bank: alpha [slots, K], bank [K, r] → [slots, r] (float32 or float64)."""
     acc = _acc_dtype(alpha, bank)
     return alpha.to(acc) @ bank.to(acc)
 
 
-def svf_matmul_mix(x, U, S, Vh, alpha, bank, idx):
-    """svf_matmul with Z = alpha @ bank."""
-    return svf_matmul(x, U, S, Vh, mix_experts(alpha, bank), idx)
+def svf_matmul_mix_reference(x, U, S, Vh, alpha, bank, idx):
+    """:func:`svf_matmul_reference` with Z = alpha @ bank."""
+    return svf_matmul_reference(x, U, S, Vh, mix_experts_reference(alpha, bank), idx)
 
 
-def svf_merge(U, S, z, Vh):
+def svf_merge_reference(U, S, z, Vh):
     """W' = U diag(S * z) Vh: [m, n] in U's dtype."""
     acc = _acc_dtype(U, S, z, Vh)
     return ((U.to(acc) * (S.to(acc) * z.to(acc))) @ Vh.to(acc)).to(U.dtype)

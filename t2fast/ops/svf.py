@@ -1,7 +1,9 @@
 """The one dispatch point between t2fast's layers (Hugging Face and vLLM) and its backends; the
 only caller of ``torch.ops.t2fast.*`` (:mod:`t2fast.ops.custom_ops`).
 
-Backends:
+Backends (the public op ``svf_<op>`` runs the custom op ``torch.ops.t2fast.svf_<op>_triton`` or
+:func:`t2fast.ops.torch_backend.svf_group_torch`; :mod:`t2fast.ops.reference` holds the
+float32/float64 ``svf_<op>_reference`` versions, the tests' oracle):
     ``"triton"``  the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)
     ``"torch"``   torch ops in the activation dtype (:mod:`t2fast.ops.torch_backend`)
     ``"auto"``    on CUDA, the backend of the kernel plan for this shape and token count (the
@@ -39,13 +41,14 @@ from ..config import BACKENDS
 from ..kernels import launch
 from ..kernels.launch import MAX_SLICES
 from ..triton_import import LazyModule, load_kernels, triton_available
-from . import reference, torch_backend
+from . import torch_backend
 from .checks import (INDEX_DTYPES, KERNEL_DTYPES, check_dim, check_finite, check_index_range,
                      check_same_device, check_svf_factors, check_tensor)
+from .reference import mix_experts_reference, svf_merge_reference
 
 # Imported with Triton on first use (the custom ops too: t2fast.triton_import.load_kernels), so
 # the torch backend runs where Triton is not installed.
-scaled_matmul = LazyModule("t2fast.kernels.scaled_matmul")
+scaled_matmul_kernels = LazyModule("t2fast.kernels.scaled_matmul")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -142,18 +145,19 @@ def _dispatch(x, Us, S, Vh, idx, *, backend, validate, deterministic, group, Z=N
     if x.shape[0] == 0:
         return x.new_empty((0, m))
     if resolved == "torch":
-        Zt = reference.mix_experts(alpha, bank) if mix else Z
-        return torch_backend.svf_group(x, Us, S, Vh, Zt, idx)
+        Zt = mix_experts_reference(alpha, bank) if mix else Z
+        return torch_backend.svf_group_torch(x, Us, S, Vh, Zt, idx)
     flags = dict(auto=backend == "auto", deterministic=deterministic)
     S, idx = S.contiguous(), idx.contiguous()
     if group:
         Us = list(Us)
         if mix:
-            return torch.ops.t2fast.svf_group_mix(x, Us, S, Vh, alpha, bank, idx, **flags)
-        return torch.ops.t2fast.svf_group(x, Us, S, Vh, Z, idx, **flags)
+            return torch.ops.t2fast.svf_group_mix_triton(x, Us, S, Vh, alpha, bank, idx, **flags)
+        return torch.ops.t2fast.svf_group_triton(x, Us, S, Vh, Z, idx, **flags)
     if mix:
-        return torch.ops.t2fast.svf_matmul_mix(x, Us[0], S, Vh, alpha, bank, idx, **flags)
-    return torch.ops.t2fast.svf_matmul(x, Us[0], S, Vh, Z, idx, **flags)
+        return torch.ops.t2fast.svf_matmul_mix_triton(x, Us[0], S, Vh, alpha, bank, idx,
+                                                      **flags)
+    return torch.ops.t2fast.svf_matmul_triton(x, Us[0], S, Vh, Z, idx, **flags)
 
 
 def svf_matmul(x, U, S, Vh, Z, idx, *, backend: str = "auto", validate: bool = True,
@@ -251,7 +255,7 @@ def mix_experts(alpha, bank):
     _check_alpha_bank(alpha, bank)
     check_same_device(alpha=alpha, bank=bank)
     check_finite("alpha", alpha)
-    return reference.mix_experts(alpha, bank)
+    return mix_experts_reference(alpha, bank)
 
 
 def svf_merge(U, S, z, Vh, *, backend: str = "auto"):
@@ -266,6 +270,6 @@ def svf_merge(U, S, z, Vh, *, backend: str = "auto"):
     backend = resolve_backend(backend, device)
     _check_kernel_inputs(backend, U=U, S=S, z=z, Vh=Vh)
     if backend == "torch":
-        return reference.svf_merge(U, S, z, Vh)
+        return svf_merge_reference(U, S, z, Vh)
     scale = S.float() * z.float()
-    return scaled_matmul.scaled_matmul(U, Vh, scale=scale, out_dtype=U.dtype)
+    return scaled_matmul_kernels.launch_scaled_matmul(U, Vh, scale=scale, out_dtype=U.dtype)

@@ -1,18 +1,19 @@
-"""The ``"torch"`` backend: the SVF map as plain torch ops, in the activation dtype.
+"""The ``"torch"`` backend, :func:`svf_group_torch`: the SVF map as plain torch ops, in the
+activation dtype.
 
 For bf16/fp16 inputs this is the composition a user would write,
 ``((x @ Vh.T) * (S * Z[idx]).to(x.dtype)) @ U.T``: two matmuls on the weights as stored (cuBLAS or
 oneDNN accumulate in fp32) and one elementwise scale — no per-call copy of U or Vh. A group of
 matrices shares the first matmul (stacked Vh) and runs one second matmul per slice. Other dtype
-combinations (fp32, fp64, mixed) go through :mod:`t2fast.ops.reference`, which upcasts only what
-is not already in the accumulation dtype. The float64 oracle of the tests stays the reference
-module, called on float64 inputs.
+combinations (fp32, fp64, mixed) go through :func:`t2fast.ops.reference.svf_group_reference`,
+which upcasts only what is not already in the accumulation dtype. The float64 oracle of the tests
+stays the reference module, called on float64 inputs.
 """
 from __future__ import annotations
 
 import torch
 
-from . import reference
+from .reference import svf_group_reference
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -22,11 +23,11 @@ def _in_activation_dtype(x, Us, Vh) -> bool:
             and all(U.dtype == x.dtype for U in Us))
 
 
-def svf_group(x, Us, S, Vh, Z, idx):
+def svf_group_torch(x, Us, S, Vh, Z, idx):
     """``y[t] = cat_i U_i @ (S_i * Z_i[idx[t]] * (Vh_i @ x[t]))`` → [T, Σ m_i] in x's dtype;
     S [R], Vh [R, n], Z [slots, R] stacked over the slices."""
     if not _in_activation_dtype(x, Us, Vh):
-        return reference.svf_group(x, Us, S, Vh, Z, idx)
+        return svf_group_reference(x, Us, S, Vh, Z, idx)
     scale = (S.float() * Z.float()[idx.long()]).to(x.dtype)       # [T, R]
     h = (x @ Vh.T) * scale
     outs, at = [], 0
@@ -35,12 +36,3 @@ def svf_group(x, Us, S, Vh, Z, idx):
         at += U.shape[1]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
-
-def svf_matmul(x, U, S, Vh, Z, idx):
-    """y[t] = U @ (S * Z[idx[t]] * (Vh @ x[t])): x [T, n] → y [T, m] in x's dtype."""
-    return svf_group(x, [U], S, Vh, Z, idx)
-
-
-def svf_matmul_mix(x, U, S, Vh, alpha, bank, idx):
-    """svf_matmul with Z = alpha @ bank (mixed in fp32, [slots, r])."""
-    return svf_matmul(x, U, S, Vh, reference.mix_experts(alpha, bank), idx)

@@ -2,7 +2,7 @@
 
 vLLM's ``QKVParallelLinear`` (q, k, v), ``MergedColumnParallelLinear`` (gate, up) and
 ``RowParallelLinear`` (o, down) do their math in ``layer.quant_method.apply(layer, x, bias)``.
-:func:`install_svf_layers` swaps that method, at model construction, for
+:func:`install_svf_methods` swaps that method, at model construction, for
 :class:`SVFLinearMethod`, which wraps the original one:
 
 * ``process_weights_after_loading``: before the original method repacks (and, on the CPU,
@@ -282,7 +282,7 @@ def _linear_types():
     return QKVParallelLinear, MergedColumnParallelLinear, RowParallelLinear
 
 
-def install_svf_layers(model: nn.Module, runtime, packed: dict | None = None) -> list[str]:
+def install_svf_methods(model: nn.Module, runtime, packed: dict | None = None) -> list[str]:
     """Swap the quant methods of ``model``'s target projections for :class:`SVFLinearMethod`.
 
     Called from the t2fast model classes' ``__init__`` (before weights load). Layers that write

@@ -3,7 +3,7 @@
 Registered (lazily, by name) by :func:`t2fast.vllm.plugin.register`; selected with
 ``hf_overrides={"architectures": ["T2FastLlamaForCausalLM"]}`` (or the Mistral / Qwen2 name).
 Each class builds vLLM's model, then swaps its projections' quant methods for SVF ones
-(:func:`t2fast.vllm.layers.install_svf_layers`) before the weights load, so eager and compiled
+(:func:`t2fast.vllm.layers.install_svf_methods`) before the weights load, so eager and compiled
 execution both see the SVF layers.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from .config import config_from_vllm
-from .layers import install_svf_layers
+from .layers import install_svf_methods
 from .runner import RUNTIME_ATTR, T2Runtime, install_runner_hooks
 
 
@@ -28,11 +28,12 @@ def check_parallel(vllm_config) -> None:
 
 
 def install(model, vllm_config) -> T2Runtime:
-    """Attach a :class:`T2Runtime` to a freshly built vLLM model and swap in SVF layers."""
+    """Attach a :class:`T2Runtime` to a freshly built vLLM model and swap in the SVF quant
+    methods."""
     cfg = config_from_vllm(vllm_config)
     check_parallel(vllm_config)
     runtime = T2Runtime(vllm_config, cfg)
-    adapted = install_svf_layers(model, runtime, getattr(model, "packed_modules_mapping", None))
+    adapted = install_svf_methods(model, runtime, getattr(model, "packed_modules_mapping", None))
     runtime.expected_targets = adapted
     object.__setattr__(model, RUNTIME_ATTR, runtime)
     install_runner_hooks()

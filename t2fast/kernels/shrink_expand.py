@@ -1,5 +1,6 @@
-"""The SVF matmul op ``y[t] = U (S ⊙ z_{slot(t)} ⊙ (Vh x[t]))`` for a *group* of matrices that
-read the same input: shrink and expand kernels, launchers, custom ops.
+"""The shrink and expand kernels of the SVF map ``y[t] = U (S ⊙ z_{slot(t)} ⊙ (Vh x[t]))`` for a
+*group* of matrices that read the same input, and their launchers: ``launch_shrink``,
+``launch_expand`` and ``launch_group`` (the two for one group).
 
 A group is up to :data:`MAX_SLICES` matrices ``W_i ≈ U_i diag(S_i) Vh_i`` (q/k/v, gate/up; a
 single matrix is a group of one) with one input x [T, n]. Its rank dimensions are stacked:
@@ -7,11 +8,9 @@ single matrix is a group of one) with one input x [T, n]. Its rank dimensions ar
 so one shrink computes ``h = S ⊙ z ⊙ (x Vhᵀ)`` [T, R] for every slice, and one grouped expand
 writes ``y[:, cols_i] = h[:, ranks_i] U_iᵀ`` into the fused output [T, Σ m_i] (slice i's columns
 follow slice i-1's; GQA's k/v have their own r_i and m_i). Two launches per group, whatever the
-number of slices. Plans (tiles, h's dtype) come from :mod:`.configs`. Registered as
-``torch.ops.t2fast.svf_matmul`` / ``svf_matmul_mix`` (one matrix, with autograd through x and z /
-α and the bank) and ``torch.ops.t2fast.svf_group`` / ``svf_group_mix`` (opaque to
-``torch.compile``, with fake implementations); :mod:`t2fast.ops` is their only caller and
-validates the inputs.
+number of slices. Plans (tiles, h's dtype) come from :mod:`.configs`. The custom ops of
+:mod:`t2fast.ops.custom_ops` (``torch.ops.t2fast.svf_matmul_triton`` and the rest) call
+:func:`launch_group`; :mod:`t2fast.ops` is their only caller and validates the inputs.
 
 The shrink kernel:
 
@@ -159,8 +158,8 @@ def group_plan(x: torch.Tensor, Us, Vh: torch.Tensor, deterministic: bool = True
                         Vh.dtype, x.device, deterministic)
 
 
-def svf_shrink(x, Vh, S, idx, Z=None, alpha=None, bank=None, tile: TileConfig | None = None,
-               out=None, h_dtype: torch.dtype = torch.float32):
+def launch_shrink(x, Vh, S, idx, Z=None, alpha=None, bank=None, tile: TileConfig | None = None,
+                  out=None, h_dtype: torch.dtype = torch.float32):
     """``h[t] = S * z_{idx[t]} * (Vh @ x[t])`` → [T, R].
 
     Either ``Z`` [slots, R] (a per-slot table) or ``alpha`` [slots, K] with ``bank`` [K, R]
@@ -206,7 +205,7 @@ def _slices(Us) -> tuple[list[torch.Tensor], torch.Tensor, list[int]]:
     return Us, base, [(u.data_ptr() - base.data_ptr()) // u.element_size() for u in Us]
 
 
-def svf_expand(h, Us, tile: TileConfig | None = None, out_dtype=None, out=None):
+def launch_expand(h, Us, tile: TileConfig | None = None, out_dtype=None, out=None):
     """``y[:, cols_i] = h[:, ranks_i] @ U_iᵀ`` → [T, Σ m_i] (the group's fused output).
 
     ``h`` [T, Σ r_i] (any strides), ``Us`` [m_i, r_i] (1 to :data:`MAX_SLICES`; packed into one
@@ -243,8 +242,8 @@ def _meta(tile: TileConfig) -> dict:
     return meta
 
 
-def svf_group(x, Us, S, Vh, idx, Z=None, alpha=None, bank=None, plan: SVFPlan | None = None,
-              deterministic: bool = True):
+def launch_group(x, Us, S, Vh, idx, Z=None, alpha=None, bank=None, plan: SVFPlan | None = None,
+                 deterministic: bool = True):
     """``y[t] = cat_i U_i @ (S_i * z_{idx[t], i} * (Vh_i @ x[t]))`` → [T, Σ m_i] in x's dtype.
 
     ``Us`` [m_i, r_i]; ``S`` [R], ``Vh`` [R, n] and ``Z`` [slots, R] (or ``alpha`` [slots, K]
@@ -252,13 +251,7 @@ def svf_group(x, Us, S, Vh, idx, Z=None, alpha=None, bank=None, plan: SVFPlan | 
     :func:`group_plan`. Two launches (a third, a memset, only for split plans).
     """
     plan = plan or group_plan(x, Us, Vh, deterministic)
-    h = svf_shrink(x, Vh, S, idx, Z=Z, alpha=alpha, bank=bank, tile=plan.shrink,
-                   h_dtype=plan.h_dtype(x.dtype))
-    return svf_expand(h, Us, tile=plan.expand, out_dtype=x.dtype)
+    h = launch_shrink(x, Vh, S, idx, Z=Z, alpha=alpha, bank=bank, tile=plan.shrink,
+                      h_dtype=plan.h_dtype(x.dtype))
+    return launch_expand(h, Us, tile=plan.expand, out_dtype=x.dtype)
 
-
-def svf_matmul(x, U, S, Vh, idx, Z=None, alpha=None, bank=None, plan: SVFPlan | None = None,
-               deterministic: bool = True):
-    """``y[t] = U @ (S * z_{idx[t]} * (Vh @ x[t]))`` → [T, m]: :func:`svf_group` of one matrix."""
-    return svf_group(x, [U], S, Vh, idx, Z=Z, alpha=alpha, bank=bank, plan=plan,
-                     deterministic=deterministic)
