@@ -399,7 +399,7 @@ def test_one_layer_decode_is_eight_kernel_launches(monkeypatch):
             method._factored(layer, x, None)
     assert [name for name, _ in calls] == ["shrink", "expand"] * 4
     assert all(meta["SPLIT_K"] == 1 for name, meta in calls if name == "shrink")
-    assert counter.ops == ["svf_group_mix"] * 4, counter.ops
+    assert counter.ops == ["svf_group_mix_triton"] * 4, counter.ops
 
 
 @on_cpu_kernels
@@ -513,7 +513,7 @@ def test_one_hf_layer_decode_is_eight_launches(tmp_path, monkeypatch):
         g, u = layer.mlp.gate_proj(x), layer.mlp.up_proj(x)
         layer.mlp.down_proj(torch.randn(3, 1, 72))
     assert [name for name, _ in calls] == ["shrink", "expand"] * 4
-    assert seen.count("svf_group") == 2 and seen.count("svf_matmul") == 2
+    assert seen.count("svf_group_triton") == 2 and seen.count("svf_matmul_triton") == 2
     assert seen.count("cat") == 0
 
 
