@@ -83,16 +83,10 @@ def torch_composition(p: Problem):
     return ((p.x @ p.Vh.T) * (p.S * p.Z[p.idx]).to(p.x.dtype)) @ p.U.T
 
 
-def unfused_torch(p: Problem):
-    """Gather + two matmuls in float32 (the reference module; copies half weights to fp32)."""
+def reference_fp32(p: Problem):
+    """The float32 reference (:func:`t2fast.ops.reference.svf_matmul_reference`: gather + two
+    matmuls, half weights copied to fp32): what every benchmarked SVF path is checked against."""
     return svf_matmul_reference(p.x, p.U, p.S, p.Vh, p.Z, p.idx)
-
-
-def rel_err_vs_f64(p: Problem, y: torch.Tensor) -> float:
-    """max |y − y64| / max |y64| against a float64 reference on the same inputs."""
-    ref = svf_matmul_reference(p.x.double(), p.U.double(), p.S.double(), p.Vh.double(),
-                               p.Z.double(), p.idx)
-    return float((y.double() - ref).abs().max() / ref.abs().max())
 
 
 def materialize_per_mixture(p: Problem):

@@ -49,7 +49,7 @@ def case(request):
     mat, T = request.param
     m, n = MATRICES[mat]
     problem = B.make_problem(m, n, T, slots=min(T, 16), dtype=DTYPE, device=DEVICE)
-    return group_name(mat, T), problem, B.unfused_torch(problem).float()
+    return group_name(mat, T), problem, B.reference_fp32(problem).float()
 
 
 def _timed(benchmark, impl: str, fn, problem):

@@ -16,7 +16,7 @@ STALE = {
     "the kernel module t2fast/kernels/svf_matmul.py (now shrink_expand.py)":
         r"kernels[./]svf_matmul\b|\bsvf_matmul\.py\b|\bsvf_matmul as (kernel|svf_op)\b",
     "a launcher svf_shrink / svf_expand (now launch_shrink / launch_expand)":
-        r"\bsvf_(shrink|expand)\b(?!_kernel)",
+        r"\bsvf_(shrink|expand)\b",
     "a custom op without its _triton suffix":
         r"(torch\.ops\.t2fast\.|t2fast::)(svf_matmul|svf_matmul_mix|svf_group|svf_group_mix)\b",
     "a reference function without its _reference suffix":
@@ -26,6 +26,10 @@ STALE = {
     "the launcher scaled_matmul (now launch_scaled_matmul)":
         r"\bscaled_matmul\.scaled_matmul\b|\bsm\.scaled_matmul\b",
     "install_svf_layers (now install_svf_methods)": r"\binstall_svf_layers\b",
+    "the module t2fast.ops.svf (now t2fast.ops.dispatch)":
+        r"\bops[./]svf\b|\bfrom \.svf import",
+    "aot.H100, the sm_90 target (now aot.SM90_TARGET)": r"\baot\.H100\b|\bH100 = GPUTarget",
+    "bench's unfused_torch, the fp32 reference (now reference_fp32)": r"\bunfused_torch\b",
 }
 
 
@@ -54,13 +58,14 @@ def test_stale_patterns_catch_the_old_spellings():
     """Each pattern matches the spelling it retires (so the test above can fail)."""
     old = ["from t2fast.kernels import svf_matmul as kernel", "kernel.svf_expand(h, Us)",
            "torch.ops.t2fast.svf_group_mix(x)", "reference.svf_merge(U, S, z, Vh)",
-           "torch_backend.svf_group(x)", "sm.scaled_matmul(A, B)", "install_svf_layers(model)"]
+           "torch_backend.svf_group(x)", "sm.scaled_matmul(A, B)", "install_svf_layers(model)",
+           "from .svf import svf_matmul", "aot.H100.arch", "B.unfused_torch(problem)"]
     for what, pattern in STALE.items():
         assert any(re.search(pattern, s) for s in old), what
     new = ["from t2fast.kernels import shrink_expand", "svf_shrink_kernel[grid](x)",
            "torch.ops.t2fast.svf_group_mix_triton(x)", "reference.svf_merge_reference(U)",
            "torch_backend.svf_group_torch(x)", "launch_scaled_matmul(A, B)",
-           "t2fast.ops.svf_matmul(x)"]
+           "t2fast.ops.svf_matmul(x)", "from .dispatch import svf_matmul", "aot.SM90_TARGET"]
     assert [s for s in new if any(re.search(p, s) for p in STALE.values())] == []
 
 

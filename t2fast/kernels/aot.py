@@ -32,7 +32,7 @@ from .launch import dot_fp32
 from .scaled_matmul import scaled_matmul_kernel
 from .shrink_expand import svf_expand_kernel, svf_shrink_kernel
 
-H100 = GPUTarget("cuda", 90, 32)
+SM90_TARGET = GPUTarget("cuda", 90, 32)
 # Shared memory one CTA may use on sm_90 (227 KB).
 SM90_MAX_SHARED = 227 * 1024
 _PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
@@ -86,7 +86,7 @@ def ptxas() -> tuple[str, str] | None:
     3.9 its ``ptxas-blackwell``), or None when it ships none."""
     from triton.backends.nvidia.compiler import get_ptxas  # the one Triton-internal name used
     try:
-        tool = get_ptxas(H100.arch)
+        tool = get_ptxas(SM90_TARGET.arch)
     except RuntimeError:
         return None
     return tool.path, tool.version
@@ -122,7 +122,7 @@ def _compile(kernel, sig, attrs, constants, tile: TileConfig, target: GPUTarget)
 
 
 def compile_shrink(tile: TileConfig, dtype: str = "bf16", mix: bool = False, h_dtype: str = "",
-                   offset_64: bool = False, target: GPUTarget = H100) -> CompiledKernel:
+                   offset_64: bool = False, target: GPUTarget = SM90_TARGET) -> CompiledKernel:
     """The shrink kernel of ``tile`` for inputs of ``dtype`` ("bf16", "fp16", "fp32")."""
     h_dtype = "fp32" if tile.split_k > 1 or dtype == "fp32" else (h_dtype or dtype)
     pointers = dict(x_ptr=_PTR[dtype], vh_ptr=_PTR[dtype], s_ptr="*fp32", z_ptr="*fp32",
@@ -138,7 +138,7 @@ def compile_shrink(tile: TileConfig, dtype: str = "bf16", mix: bool = False, h_d
 
 
 def compile_expand(tile: TileConfig, dtype: str = "bf16", h_dtype: str = "",
-                   offset_64: bool = False, target: GPUTarget = H100) -> CompiledKernel:
+                   offset_64: bool = False, target: GPUTarget = SM90_TARGET) -> CompiledKernel:
     """The grouped expand (``h @ U_iᵀ`` per slice) of ``tile``; h is fp32 when the shrink split,
     else x's dtype. Slice sizes, offsets and row strides divisible by 16, as a layer's packed
     factors are."""
@@ -154,7 +154,7 @@ def compile_expand(tile: TileConfig, dtype: str = "bf16", h_dtype: str = "",
     return _compile(svf_expand_kernel, sig, attrs, constants, tile, target)
 
 
-def compile_merge(tile: TileConfig, dtype: str = "bf16", target: GPUTarget = H100
+def compile_merge(tile: TileConfig, dtype: str = "bf16", target: GPUTarget = SM90_TARGET
                   ) -> CompiledKernel:
     """The merge ``U diag(σ⊙z) Vh`` (scaled matmul with an fp32 scale) of ``tile``."""
     out = "fp32" if tile.split_k > 1 else dtype

@@ -1,5 +1,5 @@
 """The ``"triton"`` backend: the kernels as torch custom ops (``torch.ops.t2fast.*_triton``),
-called only by :mod:`t2fast.ops.svf`, whose public op of the same name without ``_triton``
+called only by :mod:`t2fast.ops.dispatch`, whose public op of the same name without ``_triton``
 validates the inputs first.
 
     svf_matmul_triton      one matrix, per-slot z table Z [slots, r]        (autograd: x, Z)

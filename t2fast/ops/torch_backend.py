@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.configs import HALF_DTYPES
 from .reference import svf_group_reference
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _in_activation_dtype(x, Us, Vh) -> bool:
