@@ -359,7 +359,7 @@ def test_salt_depends_on_mixture_and_expert_contents():
     assert fe.salt(fe.parse({"expert": "math"})) != s_math
     assert combine_salt("user", "t2fast-x") == "user|t2fast-x"
     assert combine_salt(None, None) is None and combine_salt("u", None) == "u"
-    with pytest.raises(ValueError, match="full"):
+    with pytest.raises(ValueError, match=r"holds 4 experts \(max_experts\)"):
         for i in range(3):
             fe.add(f"e{i}", "d")
 
