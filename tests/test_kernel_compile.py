@@ -112,3 +112,15 @@ def test_op_path_has_no_host_sync():
         src = (Path(aot.__file__).parent / name).read_text()
         for pattern in (r"\.item\(", r"\.tolist\(", r"synchronize\(", r"\.cpu\(", r"\bprint\("):
             assert not re.search(pattern, src), f"{name} contains {pattern}"
+
+
+def test_fp_fusion_is_pinned_whatever_the_environment(monkeypatch):
+    """The kernels ask for FMA fusion explicitly (Triton 3.10 turns its default off): the
+    α-mixing shrink compiles to fused multiply-adds even with TRITON_DEFAULT_FP_FUSION=0."""
+    from t2fast.kernels.launch import FP_FUSION, compile_options
+
+    tile = configs.TileConfig(block_m=16, block_n=16, block_k=128, num_warps=4, num_stages=2)
+    assert compile_options(tile)["enable_fp_fusion"] is FP_FUSION is True
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+    spec = dict(op="shrink", tile=asdict(tile), dtype="bf16", mix=True)
+    assert aot.compile_reports([spec])[0]["fma"], "no fused multiply-add in the α-mixing shrink"

@@ -28,7 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .configs import TileConfig
-from .launch import dot_fp32
+from .launch import compile_options, dot_fp32
 from .scaled_matmul import scaled_matmul_kernel
 from .shrink_expand import svf_expand_kernel, svf_shrink_kernel
 
@@ -63,6 +63,7 @@ class CompiledKernel:
                     spill_bytes=self.spill_bytes, tensor_cores=self.tensor_cores,
                     wgmma="wgmma.mma_async" in self.ptx, cp_async="cp.async" in self.ptx,
                     atomics=self.atomics, tf32=bool(re.search(r"\.tf32", self.ptx)),
+                    fma=bool(re.search(r"\bfma\.rn\.f32\b", self.ptx)),
                     target=re.search(r"\.target\s+(\S+)", self.ptx).group(1))
 
 
@@ -112,8 +113,7 @@ def _compile(kernel, sig, attrs, constants, tile: TileConfig, target: GPUTarget)
     src = ASTSource(fn=kernel, signature=sig, constexprs=constants, attrs=attrs)
     log = io.StringIO()
     with _env(TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1"), redirect_stdout(log):
-        c = triton.compile(src, target=target,
-                           options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
+        c = triton.compile(src, target=target, options=compile_options(tile))
     text = log.getvalue()
     regs = re.search(r"Used (\d+) registers", text)
     spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]

@@ -29,11 +29,22 @@ def dot_fp32(weight_dtype: torch.dtype) -> bool:
     return interpreter_active() or weight_dtype == torch.float32
 
 
+#: Triton fuses a*b + c into one FMA unless told otherwise; the default changes from on to
+#: off in Triton 3.10 (``TRITON_DEFAULT_FP_FUSION``). Every kernel asks for it explicitly, so
+#: results (and every measurement) do not change with the Triton version or the environment.
+FP_FUSION = True
+
+
+def compile_options(tile: TileConfig) -> dict:
+    """The compile options of a tile: ``num_warps``, ``num_stages`` and :data:`FP_FUSION`
+    (the launchers' and the ahead-of-time compiler's alike)."""
+    return dict(num_warps=tile.num_warps, num_stages=tile.num_stages,
+                enable_fp_fusion=FP_FUSION)
+
+
 def launch_options(tile: TileConfig) -> dict:
-    """``num_warps`` / ``num_stages`` of a tile (the interpreter takes neither)."""
-    if interpreter_active():
-        return {}
-    return dict(num_warps=tile.num_warps, num_stages=tile.num_stages)
+    """:func:`compile_options` for a launch (the interpreter takes none)."""
+    return {} if interpreter_active() else compile_options(tile)
 
 
 # Largest element offset the kernels address with int32 arithmetic.
