@@ -58,9 +58,9 @@ def table_note() -> str | None:
     entries are tuned); None on the CPU or without a shipped table."""
     if not CUDA:
         return None
-    from t2fast.kernels import configs
-    arch, _ = configs.device_arch(DEVICE)
-    path = configs.CONFIG_DIR / f"{arch}.json"
+    from t2fast.kernels import plans
+    arch, _ = plans.device_arch(DEVICE)
+    path = plans.CONFIG_DIR / f"{arch}.json"
     return json.loads(path.read_text()).get("note") if path.exists() else None
 
 

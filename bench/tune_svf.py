@@ -13,7 +13,7 @@ cannot regress a table:
 * the entry already in the table (when it is of the family being tuned) and the heuristic plan
   are always candidates, next to a grid of tiles (``block_n`` 16-128 — 128 also with
   ``--quick`` — stages, warps; deterministic plans keep their ``block_k``, no split and one dot
-  family, see ``t2fast.kernels.configs``);
+  family, see ``t2fast.kernels.plans``);
 * every candidate is compiled for sm_90 first and rejected if ``ptxas`` reports spills, more
   than 255 registers, no tensor-core instruction or too much shared memory (the gates of
   ``tests/test_kernel_compile.py``, under the Triton version installed here);
@@ -50,8 +50,8 @@ import triton  # noqa: E402
 
 import baselines as B  # noqa: E402
 from shapes import group_dims, groups  # noqa: E402
-from t2fast.kernels import aot, configs, shrink_expand  # noqa: E402
-from t2fast.kernels.configs import SVFPlan, TableEntry, TileConfig  # noqa: E402
+from t2fast.kernels import aot, plans, shrink_expand  # noqa: E402
+from t2fast.kernels.plans import SVFPlan, TableEntry, TileConfig  # noqa: E402
 from timing import CUDA, time_alternating  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -74,7 +74,7 @@ def candidates(base: TileConfig, M: int, N: int, K: int, a_bytes: int, num_sms: 
         if smem > SMEM_BUDGET:
             continue
         c = replace(base, block_n=bn, block_k=bk, num_stages=st, num_warps=w, split_k=1)
-        c = configs.fill_gpu(c, M, N, K, num_sms, split=not deterministic)
+        c = plans.fill_gpu(c, M, N, K, num_sms, split=not deterministic)
         if c not in out:
             out.append(c)
     return out
@@ -120,7 +120,7 @@ def tune_entry(slices, T: int, dtype, num_sms: int, quick: bool, deterministic: 
     candidate; ``check`` takes compile specs and returns one bool each."""
     m, n, R = group_dims(slices)
     copies = B.l2_cold_groups(slices, T, dtype, DEVICE, with_dense=False)
-    heuristic = configs.heuristic_plan(T, m, n, R, dtype, num_sms, deterministic)
+    heuristic = plans.heuristic_plan(T, m, n, R, dtype, num_sms, deterministic)
     x_name = "bf16" if dtype == torch.bfloat16 else "fp16"
 
     def shrink_calls(tile):
@@ -145,25 +145,25 @@ def tune_entry(slices, T: int, dtype, num_sms: int, quick: bool, deterministic: 
     expand_us = timer({t: expand_calls(t) for t in expands}, REPS)
     expand = min(expands, key=expand_us.get)
 
-    plans = {"tuned": SVFPlan(shrink, expand), "heuristic": heuristic}
+    finalists = {"tuned": SVFPlan(shrink, expand), "heuristic": heuristic}
     if current is not None and keep_clean("shrink", [current.shrink], x_name, check) and \
             keep_clean("expand", [current.expand], "fp32" if current.shrink.split_k > 1
                        else x_name, check):
-        plans["current"] = current
+        finalists["current"] = current
     calls = {name: [lambda p=p, pl=pl: shrink_expand.launch_group(p.x, p.Us, p.S, p.Vh, p.idx,
                                                                   Z=p.Z, plan=pl)
                     for p in copies]
-             for name, pl in plans.items()}
+             for name, pl in finalists.items()}
     if not deterministic:
         calls["torch"] = [lambda p=p: B.group_composition(p) for p in copies]
     us = timer(calls, REPS)
-    best = min(plans, key=us.get)
+    best = min(finalists, key=us.get)
     backend = "triton"
     if not deterministic and us["torch"] <= us[best]:
         backend = "torch"                       # ties go to the composition
     log(f"{m}x{n} (R {R}) T<={T}: " + ", ".join(f"{k} {v:.1f} us" for k, v in us.items())
         + f" -> {best if backend == 'triton' else 'torch'}")
-    plan = replace(plans[best], backend=backend, source="given")
+    plan = replace(finalists[best], backend=backend, source="given")
     return TableEntry(T, m, n, plan, tuned=True, deterministic=deterministic)
 
 
@@ -181,7 +181,7 @@ def main(argv=None, timer=time_alternating, check=sm90_clean) -> Path:
     ap.add_argument("--model", nargs="+", default=["llama3-8b", "qwen2.5-7b"])
     ap.add_argument("--shapes", nargs="*", default=None, metavar="MxN",
                     help="single matrices (out x in) instead of the models' layer ops")
-    ap.add_argument("--buckets", nargs="*", type=int, default=list(configs.T_BUCKETS))
+    ap.add_argument("--buckets", nargs="*", type=int, default=list(plans.T_BUCKETS))
     ap.add_argument("--quick", action="store_true", help="fewer candidates per op")
     ap.add_argument("--order-dependent", action="store_true",
                     help="tune the opt-in plans (split-K, backend against the composition) "
@@ -195,23 +195,23 @@ def main(argv=None, timer=time_alternating, check=sm90_clean) -> Path:
                          "shipped one); with --untuned, its tuned entries are kept too")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    bad = [b for b in args.buckets if b not in configs.T_BUCKETS]
+    bad = [b for b in args.buckets if b not in plans.T_BUCKETS]
     if bad:
-        ap.error(f"--buckets {bad} are not table buckets {configs.T_BUCKETS}")
+        ap.error(f"--buckets {bad} are not table buckets {plans.T_BUCKETS}")
     if not args.untuned and not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("tuning needs a CUDA GPU (or TRITON_INTERPRET=1 for a dry run)")
-    arch, sms = (configs.device_arch(torch.device("cuda")) if CUDA else ("cpu", 132))
+    arch, sms = (plans.device_arch(torch.device("cuda")) if CUDA else ("cpu", 132))
     arch, sms = args.arch or arch, args.num_sms or sms
     op_slices = ([[tuple(int(v) for v in s.split("x"))] for s in args.shapes] if args.shapes
                  else ops_of(args.model))
     deterministic = not args.order_dependent
     dtype = torch.bfloat16
-    out = args.out or configs.CONFIG_DIR / f"{arch}.json"
+    out = args.out or plans.CONFIG_DIR / f"{arch}.json"
     kept, found = {}, {}
     if args.update and out.exists():
         found = json.loads(out.read_text())
         kept = {(e.m, e.n, e.t, e.deterministic): e
-                for e in configs.parse_table(found, str(out))}
+                for e in plans.parse_table(found, str(out))}
     # provenance of the measured entries: this GPU's when this run tunes, else the table's
     where = ({k: found.get(k) for k in PROVENANCE} if args.untuned
              else this_run(torch.cuda.get_device_name() if CUDA else None))
@@ -220,7 +220,7 @@ def main(argv=None, timer=time_alternating, check=sm90_clean) -> Path:
         key = (m, n, T, deterministic)
         if args.untuned:
             if not getattr(kept.get(key), "tuned", False):
-                plan = configs.heuristic_plan(T, m, n, R, dtype, sms, deterministic)
+                plan = plans.heuristic_plan(T, m, n, R, dtype, sms, deterministic)
                 kept[key] = TableEntry(T, m, n, replace(plan, source="given"),
                                        deterministic=deterministic)
         else:
@@ -251,11 +251,11 @@ def write_table(out: Path, entries: list[TableEntry], arch: str, sms: int, where
                 num_sms=sms, dtype="bfloat16",
                 note=(f"{tuned} of {len(entries)} entries tuned by bench/tune_svf.py (L2-cold "
                       "weights, CUDA graphs); the others are heuristic plans "
-                      "(configs.heuristic_plan), not measured" if tuned else
-                      "heuristic plans (configs.heuristic_plan), not measured: re-tune on the "
+                      "(plans.heuristic_plan), not measured" if tuned else
+                      "heuristic plans (plans.heuristic_plan), not measured: re-tune on the "
                       "GPU with bench/tune_svf.py"))
-    out.write_text(json.dumps(configs.table_to_json(entries, arch, meta), indent=1) + "\n")
-    configs.parse_table(json.loads(out.read_text()), str(out))     # what we wrote reads back
+    out.write_text(json.dumps(plans.table_to_json(entries, arch, meta), indent=1) + "\n")
+    plans.parse_table(json.loads(out.read_text()), str(out))     # what we wrote reads back
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .kernels.configs import BACKEND_CHOICES
+from .kernels.plans import BACKEND_CHOICES
 from .mixtures import DEFAULT_BOUNDS, MixtureBounds
 from .targets import layers_to_json, normalize_layers, normalize_targets
 

@@ -1,6 +1,6 @@
 """The one mixture language of t2fast: parsing and bounding α, expert names, z ranges.
 
-Every entry point — :meth:`t2fast.patch_model.SVFHandle.set_mixture`, the vLLM front end
+Every entry point — :meth:`t2fast.patching.SVFHandle.set_mixture`, the vLLM front end
 (``extra_args["t2"]``), the CLI and the server — parses mixtures with :func:`parse_mixture`, so
 they accept the same forms and give the same errors.
 
@@ -15,7 +15,7 @@ A **mixture** over a bank of K experts (bank order ``expert_names``) gives every
     [[...K...], ...L rows...]   per-layer weights [num_layers, K] in bank order
 
 A spec is always ONE mixture: a nested list is a per-layer α, never one spec per batch row
-(:meth:`~t2fast.patch_model.SVFHandle.set_mixture` takes per-row mixtures as ``rows=[...]``).
+(:meth:`~t2fast.patching.SVFHandle.set_mixture` takes per-row mixtures as ``rows=[...]``).
 
 **Bounds** (:class:`MixtureBounds`, configurable): every weight is a finite real number — a
 Python, numpy or 0-d tensor real whose float value is finite (not ``10**400``; no booleans, no

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from t2fast.kernels import aot, configs
+from t2fast.kernels import aot, plans
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from shapes import group_dims, groups  # noqa: E402
@@ -28,19 +28,19 @@ SMS = 132
 
 def _specs():
     """One spec per distinct compiled kernel of the shipped plans (and fp16, α-mixing, fp32)."""
-    table = configs.load_table("sm90")
+    table = plans.load_table("sm90")
     fast = [e.plan for e in table]
-    fast += [configs.plan_for(configs.t_bucket(T), e.m, e.n, min(e.m, e.n), torch.bfloat16,
+    fast += [plans.plan_for(plans.t_bucket(T), e.m, e.n, min(e.m, e.n), torch.bfloat16,
                               "sm90", SMS, deterministic=False)
              for e in table for T in (1, e.t)]
-    det = [configs.plan_for(b, *group_dims(slices), torch.bfloat16, "sm90", SMS)
+    det = [plans.plan_for(b, *group_dims(slices), torch.bfloat16, "sm90", SMS)
            for model in ("llama3-8b", "qwen2.5-7b") for slices in groups(model).values()
-           for b in configs.T_BUCKETS]
+           for b in plans.T_BUCKETS]
     seen, specs = set(), []
 
     def add(op, tile, dtype="bf16", mix=False, h_dtype="", offset_64=False):
         if op == "expand":                    # the grouped expand never splits
-            tile = configs.TileConfig(**{**asdict(tile), "split_k": 1})
+            tile = plans.TileConfig(**{**asdict(tile), "split_k": 1})
         spec = dict(op=op, tile=asdict(tile), dtype=dtype, mix=mix, h_dtype=h_dtype,
                     offset_64=offset_64)
         key = repr(sorted(spec.items()))
@@ -54,13 +54,13 @@ def _specs():
         add("expand", plan.expand, h_dtype=h)
     for plan in det:                          # what the vLLM layers run (α mixed in the kernel)
         add("shrink", plan.shrink, mix=True)
-    decode = configs.plan_for(16, 4096, 4096, 4096, torch.float16, "sm90", SMS)
+    decode = plans.plan_for(16, 4096, 4096, 4096, torch.float16, "sm90", SMS)
     add("shrink", decode.shrink, "fp16")
     add("expand", decode.expand, "fp16")
-    prefill = configs.plan_for(4096, 28672, 4096, 8192, torch.bfloat16, "sm90", SMS)
+    prefill = plans.plan_for(4096, 28672, 4096, 8192, torch.bfloat16, "sm90", SMS)
     add("shrink", prefill.shrink, offset_64=True)
     add("expand", prefill.expand, offset_64=True)
-    add("merge", configs.gemm_tile(4096, torch.bfloat16))
+    add("merge", plans.gemm_tile(4096, torch.bfloat16))
     return specs
 
 
@@ -69,7 +69,7 @@ SPECS = _specs()
 
 @pytest.fixture(scope="module")
 def reports():
-    fp32 = configs.plan_for(16, 256, 256, 256, torch.float32, "sm90", SMS).shrink
+    fp32 = plans.plan_for(16, 256, 256, 256, torch.float32, "sm90", SMS).shrink
     return aot.compile_reports(SPECS + [dict(op="shrink", tile=asdict(fp32), dtype="fp32")])
 
 
@@ -108,7 +108,7 @@ def test_fp32_path_uses_ieee_not_tf32(reports):
 
 def test_op_path_has_no_host_sync():
     """The op path never waits for the GPU (capturable in CUDA graphs)."""
-    for name in ("launch.py", "shrink_expand.py", "scaled_matmul.py", "configs.py"):
+    for name in ("launch.py", "shrink_expand.py", "scaled_matmul.py", "plans.py"):
         src = (Path(aot.__file__).parent / name).read_text()
         for pattern in (r"\.item\(", r"\.tolist\(", r"synchronize\(", r"\.cpu\(", r"\bprint\("):
             assert not re.search(pattern, src), f"{name} contains {pattern}"
@@ -119,7 +119,7 @@ def test_fp_fusion_is_pinned_whatever_the_environment(monkeypatch):
     α-mixing shrink compiles to fused multiply-adds even with TRITON_DEFAULT_FP_FUSION=0."""
     from t2fast.kernels.launch import FP_FUSION, compile_options
 
-    tile = configs.TileConfig(block_m=16, block_n=16, block_k=128, num_warps=4, num_stages=2)
+    tile = plans.TileConfig(block_m=16, block_n=16, block_k=128, num_warps=4, num_stages=2)
     assert compile_options(tile)["enable_fp_fusion"] is FP_FUSION is True
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
     spec = dict(op="shrink", tile=asdict(tile), dtype="bf16", mix=True)

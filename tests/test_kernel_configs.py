@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from t2fast.kernels import configs
-from t2fast.kernels.configs import SVFPlan, TableEntry, TileConfig
+from t2fast.kernels import plans
+from t2fast.kernels.plans import SVFPlan, TableEntry, TileConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -31,20 +31,20 @@ GROUPS_8B = sorted({(name, tuple(slices)) for model in ("llama3-8b", "qwen2.5-7b
 
 
 def _sm90_plan(T, m, n, deterministic=True, r=None):
-    return configs.plan_for(configs.t_bucket(T), m, n, r or min(m, n), torch.bfloat16, "sm90",
+    return plans.plan_for(plans.t_bucket(T), m, n, r or min(m, n), torch.bfloat16, "sm90",
                             H100_SMS, deterministic)
 
 
 def test_shipped_tables_parse_and_cover_every_bucket():
-    tables = sorted(configs.CONFIG_DIR.glob("*.json"))
+    tables = sorted(plans.CONFIG_DIR.glob("*.json"))
     assert tables, "no config table ships with the kernels"
     for path in tables:
         data = json.loads(path.read_text())
-        entries = configs.parse_table(data, str(path))
+        entries = plans.parse_table(data, str(path))
         assert data["arch"] == path.stem
         assert isinstance(data["tuned"], bool) and data["note"]
-        assert {e.t for e in entries} == set(configs.T_BUCKETS), path.name
-    sm90 = configs.load_table("sm90")
+        assert {e.t for e in entries} == set(plans.T_BUCKETS), path.name
+    sm90 = plans.load_table("sm90")
     assert {(e.m, e.n) for e in sm90} >= set(SHAPES_8B)
 
 
@@ -72,10 +72,10 @@ def test_deterministic_plans_keep_one_reduction_order_at_every_bucket(group):
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         orders = {op: set() for op in ("shrink", "expand")}
         for T in (1, 17, 33, 65, 200, 300, 600, 1100, 3000, 4096, 9000):
-            p = configs.plan_for(configs.t_bucket(T) if T <= 4096 else 16384, m, n, r, dtype,
+            p = plans.plan_for(plans.t_bucket(T) if T <= 4096 else 16384, m, n, r, dtype,
                                  "sm90", H100_SMS)
-            orders["shrink"].add(configs.reduction_order(p.shrink, dtype))
-            orders["expand"].add(configs.reduction_order(p.expand, dtype))
+            orders["shrink"].add(plans.reduction_order(p.shrink, dtype))
+            orders["expand"].add(plans.reduction_order(p.expand, dtype))
         assert all(len(o) == 1 for o in orders.values()), orders
         assert next(iter(orders["shrink"]))[0] == 1                     # no split
 
@@ -103,8 +103,8 @@ def test_plans_depend_on_the_bucket_only():
     """One binary per bucket: every T of a bucket gets the same plan."""
     for lo, hi in ((1, 16), (17, 32), (65, 128), (513, 1024)):
         assert _sm90_plan(lo, 4096, 14336) == _sm90_plan(hi, 4096, 14336)
-    assert configs.t_bucket(1) == 16 and configs.t_bucket(17) == 32
-    assert configs.t_bucket(10_000) == configs.T_BUCKETS[-1]
+    assert plans.t_bucket(1) == 16 and plans.t_bucket(17) == 32
+    assert plans.t_bucket(10_000) == plans.T_BUCKETS[-1]
 
 
 def test_lookup_nearest_shape_and_fallback():
@@ -112,33 +112,33 @@ def test_lookup_nearest_shape_and_fallback():
     b = SVFPlan(TileConfig(16, 32, 64), TileConfig(16, 16, 64), backend="torch", source="b")
     entries = [TableEntry(16, 4096, 4096, a), TableEntry(16, 1024, 4096, b),
                TableEntry(64, 4096, 4096, b)]
-    assert configs.lookup(entries, 1, 4000, 4100) is a
-    assert configs.lookup(entries, 1, 900, 4096) is b
-    assert configs.lookup(entries, 40, 4096, 4096) is b        # bucket 64
-    assert configs.lookup(entries, 5000, 4096, 4096) is b      # past the last bucket: the last
-    assert configs.lookup(entries, 1, 256, 256) is None        # nothing near: heuristic
-    assert configs.lookup([], 1, 4096, 4096) is None
-    assert configs.lookup(entries, 1, 4000, 4100, deterministic=True) is None   # none marked
+    assert plans.lookup(entries, 1, 4000, 4100) is a
+    assert plans.lookup(entries, 1, 900, 4096) is b
+    assert plans.lookup(entries, 40, 4096, 4096) is b        # bucket 64
+    assert plans.lookup(entries, 5000, 4096, 4096) is b      # past the last bucket: the last
+    assert plans.lookup(entries, 1, 256, 256) is None        # nothing near: heuristic
+    assert plans.lookup([], 1, 4096, 4096) is None
+    assert plans.lookup(entries, 1, 4000, 4100, deterministic=True) is None   # none marked
     det = TableEntry(16, 1024, 4096, b, deterministic=True)
-    assert configs.lookup(entries + [det], 1, 1000, 4100, deterministic=True) is b
-    assert configs.lookup(entries + [det], 1, 4000, 4100, deterministic=True) is None
+    assert plans.lookup(entries + [det], 1, 1000, 4100, deterministic=True) is b
+    assert plans.lookup(entries + [det], 1, 4000, 4100, deterministic=True) is None
 
 
 def test_unknown_arch_and_fp32_use_the_heuristic():
-    p = configs.plan_for(16, 4096, 4096, 4096, torch.bfloat16, "sm75", 40)
+    p = plans.plan_for(16, 4096, 4096, 4096, torch.bfloat16, "sm75", 40)
     assert p.source == "heuristic"
-    p32 = configs.plan_for(16, 4096, 4096, 4096, torch.float32, "sm90", H100_SMS)
+    p32 = plans.plan_for(16, 4096, 4096, 4096, torch.float32, "sm90", H100_SMS)
     assert p32.source == "heuristic" and p32.shrink.block_k == 32   # small IEEE-fp32 tiles
 
 
 def test_fill_gpu_splits_only_what_is_too_narrow():
     wide = TileConfig(16, 32, 128)
-    assert configs.fill_gpu(wide, 16, 14336, 4096, H100_SMS) == wide          # 448 tiles
-    narrow = configs.fill_gpu(TileConfig(16, 64, 128), 16, 1024, 4096, H100_SMS)
+    assert plans.fill_gpu(wide, 16, 14336, 4096, H100_SMS) == wide          # 448 tiles
+    narrow = plans.fill_gpu(TileConfig(16, 64, 128), 16, 1024, 4096, H100_SMS)
     assert narrow.programs(16, 1024) >= 2 * H100_SMS
-    short_k = configs.fill_gpu(TileConfig(16, 64, 128), 16, 64, 128, H100_SMS)
+    short_k = plans.fill_gpu(TileConfig(16, 64, 128), 16, 64, 128, H100_SMS)
     assert (short_k.block_n, short_k.block_k, short_k.split_k) == (16, 32, 4)  # 4 k-blocks
-    unsplit = configs.fill_gpu(TileConfig(64, 64, 128), 16, 1024, 4096, H100_SMS, split=False)
+    unsplit = plans.fill_gpu(TileConfig(64, 64, 128), 16, 1024, 4096, H100_SMS, split=False)
     assert (unsplit.block_n, unsplit.block_k, unsplit.split_k) == (16, 128, 1)  # N only
 
 
@@ -154,9 +154,9 @@ def test_tile_config_rejects_bad_values(bad, match):
 
 
 def test_parse_table_names_what_is_wrong(tmp_path):
-    good = configs.table_to_json([TableEntry(16, 64, 64, configs.INTERPRETER_PLAN)], "x", {})
-    assert configs.parse_table(json.loads(json.dumps(good)), "t.json")[0].plan.shrink == \
-        configs.INTERPRETER_PLAN.shrink
+    good = plans.table_to_json([TableEntry(16, 64, 64, plans.INTERPRETER_PLAN)], "x", {})
+    assert plans.parse_table(json.loads(json.dumps(good)), "t.json")[0].plan.shrink == \
+        plans.INTERPRETER_PLAN.shrink
     cases = [
         ({**good, "format": 9}, "not a t2fast kernel config table of format 1"),
         ({**good, "entries": []}, "'entries' must be a non-empty list"),
@@ -175,7 +175,7 @@ def test_parse_table_names_what_is_wrong(tmp_path):
     ]
     for data, match in cases:
         with pytest.raises(ValueError, match=match):
-            configs.parse_table(data, "t.json")
+            plans.parse_table(data, "t.json")
 
 
 def _tuner(*argv):
@@ -194,12 +194,12 @@ def test_tuner_updates_a_table_the_loader_reads(tmp_path):
     says whether it was tuned, and the table as a whole is not marked tuned."""
     out = tmp_path / "cpu.json"
     _tuner("--untuned", "--shapes", "40x48", "64x48", "--buckets", "16", "--out", str(out))
-    before = {(e.m, e.n): e for e in configs.parse_table(json.loads(out.read_text()), str(out))}
+    before = {(e.m, e.n): e for e in plans.parse_table(json.loads(out.read_text()), str(out))}
     assert not any(e.tuned for e in before.values())
     assert all(e.deterministic for e in before.values())
     _tuner("--update", "--shapes", "40x48", "--buckets", "16", "--quick", "--out", str(out))
     data = json.loads(out.read_text())
-    after = {(e.m, e.n): e for e in configs.parse_table(data, str(out))}
+    after = {(e.m, e.n): e for e in plans.parse_table(data, str(out))}
     assert set(after) == {(40, 48), (64, 48)} and all(e.t == 16 for e in after.values())
     assert after[(40, 48)].tuned and not after[(64, 48)].tuned
     assert after[(64, 48)].plan == before[(64, 48)].plan
@@ -239,7 +239,7 @@ def _tune(timer, deterministic=True, current=None, check=_all_clean, slices=((40
 def test_tuner_cannot_regress_the_current_entry():
     """The current entry and the heuristic plan race the tuned pair; when the current entry is
     fastest it stays, and a tuned candidate slower than the heuristic never replaces it."""
-    current = configs.heuristic_plan(16, 40, 48, 40, torch.bfloat16, 2)
+    current = plans.heuristic_plan(16, 40, 48, 40, torch.bfloat16, 2)
     current = SVFPlan(replace(current.shrink, num_stages=3), current.expand)
     times = {"current": 1.0, "heuristic": 2.0, "tuned": 3.0}
     timer = _FakeTimer(lambda k: times.get(k, 5.0) if isinstance(k, str) else 1.0)
@@ -249,7 +249,7 @@ def test_tuner_cannot_regress_the_current_entry():
     times.update(current=9.0)
     entry = _tune(_FakeTimer(lambda k: times.get(k, 5.0) if isinstance(k, str) else 1.0),
                   current=current)
-    assert entry.plan.shrink == configs.heuristic_plan(16, 40, 48, 40, torch.bfloat16,
+    assert entry.plan.shrink == plans.heuristic_plan(16, 40, 48, 40, torch.bfloat16,
                                                        2).shrink
 
 
@@ -257,14 +257,14 @@ def test_tuner_candidates_keep_the_order_and_offer_block_n_128():
     """Deterministic candidates keep the reduction order (no split, one block_k, one dot
     family); block_n 128 is offered even with --quick; the heuristic's tile is raced first."""
     tune = _tune_module()
-    base = configs.heuristic_plan(4096, 4096, 4096, 4096, torch.bfloat16, H100_SMS).shrink
+    base = plans.heuristic_plan(4096, 4096, 4096, 4096, torch.bfloat16, H100_SMS).shrink
     tiles = tune.candidates(base, 4096, 4096, 4096, 2, H100_SMS, True, True)
     assert tiles[0] == base and any(t.block_n == 128 for t in tiles)
-    assert {configs.reduction_order(t, torch.bfloat16) for t in tiles} == \
-        {configs.reduction_order(base, torch.bfloat16)}
+    assert {plans.reduction_order(t, torch.bfloat16) for t in tiles} == \
+        {plans.reduction_order(base, torch.bfloat16)}
     timer = _FakeTimer(lambda k: 1.0)
     _tune(timer)
-    heur = configs.heuristic_plan(16, 40, 48, 40, torch.bfloat16, 2)
+    heur = plans.heuristic_plan(16, 40, 48, 40, torch.bfloat16, 2)
     assert timer.races[0][0] == heur.shrink and timer.races[1][0] == heur.expand
 
 
@@ -337,7 +337,7 @@ def test_launchers_pick_the_dot_from_the_weights_dtype(monkeypatch, weights, wan
     calls = []
     monkeypatch.setattr(shrink_expand, "svf_shrink_kernel", _RecordLaunch("shrink", calls))
     monkeypatch.setattr(shrink_expand, "svf_expand_kernel", _RecordLaunch("expand", calls))
-    plan = configs.heuristic_plan(1, 4096, 4096, 4096, weights, H100_SMS, deterministic=False)
+    plan = plans.heuristic_plan(1, 4096, 4096, 4096, weights, H100_SMS, deterministic=False)
     assert plan.shrink.split_k > 1
     m, n, r = 48, 40, 32
     x, U, Vh = torch.zeros(1, n, dtype=weights), torch.zeros(m, r, dtype=weights), \

@@ -30,6 +30,11 @@ STALE = {
         r"\bops[./]svf\b|\bfrom \.svf import",
     "aot.H100, the sm_90 target (now aot.SM90_TARGET)": r"\baot\.H100\b|\bH100 = GPUTarget",
     "bench's unfused_torch, the fp32 reference (now reference_fp32)": r"\bunfused_torch\b",
+    "the plans module t2fast.kernels.configs (now plans; configs/ is the tables' folder)":
+        r"kernels\.configs\b|\bfrom \.configs import|kernels import (\w+, )*configs\b|"
+        r"kernels/configs\.py\b",
+    "t2fast.patch_model as a module (now t2fast.patching)":
+        r"t2fast\.patch_model\.\w|\bfrom t2fast\.patch_model import|\bpatch_model\.py\b",
 }
 
 
@@ -59,13 +64,16 @@ def test_stale_patterns_catch_the_old_spellings():
     old = ["from t2fast.kernels import svf_matmul as kernel", "kernel.svf_expand(h, Us)",
            "torch.ops.t2fast.svf_group_mix(x)", "reference.svf_merge(U, S, z, Vh)",
            "torch_backend.svf_group(x)", "sm.scaled_matmul(A, B)", "install_svf_layers(model)",
-           "from .svf import svf_matmul", "aot.H100.arch", "B.unfused_torch(problem)"]
+           "from .svf import svf_matmul", "aot.H100.arch", "B.unfused_torch(problem)",
+           "from t2fast.kernels import aot, configs", "t2fast.patch_model.SVFHandle"]
     for what, pattern in STALE.items():
         assert any(re.search(pattern, s) for s in old), what
     new = ["from t2fast.kernels import shrink_expand", "svf_shrink_kernel[grid](x)",
            "torch.ops.t2fast.svf_group_mix_triton(x)", "reference.svf_merge_reference(U)",
            "torch_backend.svf_group_torch(x)", "launch_scaled_matmul(A, B)",
-           "t2fast.ops.svf_matmul(x)", "from .dispatch import svf_matmul", "aot.SM90_TARGET"]
+           "t2fast.ops.svf_matmul(x)", "from .dispatch import svf_matmul", "aot.SM90_TARGET",
+           "t2fast/kernels/configs/sm90.json", "from t2fast.kernels import aot, plans",
+           "t2fast.patch_model(model)", "from t2fast.patching import SVFHandle"]
     assert [s for s in new if any(re.search(p, s) for p in STALE.values())] == []
 
 

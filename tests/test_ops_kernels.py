@@ -8,7 +8,7 @@ import torch
 
 from t2fast import ops
 from t2fast.kernels import scaled_matmul, shrink_expand
-from t2fast.kernels.configs import SVFPlan, TileConfig
+from t2fast.kernels.plans import SVFPlan, TileConfig
 from t2fast.ops.reference import svf_matmul_mix_reference, svf_matmul_reference
 
 pytestmark = pytest.mark.interpreter
@@ -241,11 +241,11 @@ def test_expand_split_poisoned_output(split, device):
 
 
 def _shipped_entries():
-    from t2fast.kernels import configs
+    from t2fast.kernels import plans
     if not torch.cuda.is_available():
         return []
-    arch, _ = configs.device_arch(torch.device("cuda"))
-    return list(configs.load_table(arch)) or list(configs.load_table("sm90"))
+    arch, _ = plans.device_arch(torch.device("cuda"))
+    return list(plans.load_table(arch)) or list(plans.load_table("sm90"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real shapes run compiled on a GPU")
@@ -254,7 +254,7 @@ def _shipped_entries():
 def test_every_shipped_config_on_real_shapes(entry):
     """Each shipped table entry's plan (as the GPU resolves it, with and without the default
     deterministic plans) at its own shape and bucket."""
-    from t2fast.kernels import configs
+    from t2fast.kernels import plans
     gen = torch.Generator().manual_seed(entry.m + entry.n + entry.t)
     T, n, m, r = entry.t - 3 if entry.t > 16 else 1, entry.n, entry.m, min(entry.m, entry.n)
     device = torch.device("cuda")
@@ -264,6 +264,6 @@ def test_every_shipped_config_on_real_shapes(entry):
     Z = (1 + 0.5 * torch.randn(slots, r, generator=gen)).to(device)
     idx = _idx(T, slots, gen, device)
     for deterministic in (True, False):       # the default plan, and the entry's own
-        plan = configs.plan(T, m, n, r, torch.bfloat16, device, deterministic)
+        plan = plans.plan(T, m, n, r, torch.bfloat16, device, deterministic)
         y = shrink_expand.launch_group(x, [U], S, Vh, idx, Z=Z, plan=plan)
         _close(y, svf_matmul_reference(*_f64(x, U, S, Vh, Z), idx), torch.bfloat16)

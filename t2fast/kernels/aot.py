@@ -27,7 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .configs import TileConfig
+from .plans import TileConfig
 from .launch import compile_options, dot_fp32
 from .scaled_matmul import scaled_matmul_kernel
 from .shrink_expand import svf_expand_kernel, svf_shrink_kernel

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .configs import TileConfig
+from .plans import TileConfig
 
 
 def interpreter_active() -> bool:

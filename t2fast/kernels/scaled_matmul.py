@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs
-from .configs import SPLIT_SUM_BLOCK, TileConfig
+from . import plans
+from .plans import SPLIT_SUM_BLOCK, TileConfig
 from .launch import dot_fp32, interpreter_active, launch_options, needs_offset_64
 from .tile_utils import reduce_tile, tile_offsets
 
@@ -84,8 +84,8 @@ def split_sum_kernel(
 def merge_tile(A, B) -> TileConfig:
     """Tiles of a large GEMM such as the merge ``U diag(σ⊙z) Vh`` (M = m rows)."""
     if interpreter_active():
-        return configs.INTERPRETER_PLAN.expand
-    return configs.gemm_tile(A.shape[0], B.dtype)
+        return plans.INTERPRETER_PLAN.expand
+    return plans.gemm_tile(A.shape[0], B.dtype)
 
 
 def launch_scaled_matmul(A, B, scale=None, tile: TileConfig | None = None, out_dtype=None,

@@ -8,7 +8,7 @@ single matrix is a group of one) with one input x [T, n]. Its rank dimensions ar
 so one shrink computes ``h = S ⊙ z ⊙ (x Vhᵀ)`` [T, R] for every slice, and one grouped expand
 writes ``y[:, cols_i] = h[:, ranks_i] U_iᵀ`` into the fused output [T, Σ m_i] (slice i's columns
 follow slice i-1's; GQA's k/v have their own r_i and m_i). Two launches per group, whatever the
-number of slices. Plans (tiles, h's dtype) come from :mod:`.configs`. The custom ops of
+number of slices. Plans (tiles, h's dtype) come from :mod:`.plans`. The custom ops of
 :mod:`t2fast.ops.custom_ops` (``torch.ops.t2fast.svf_matmul_triton`` and the rest) call
 :func:`launch_group`; :mod:`t2fast.ops` is their only caller and validates the inputs.
 
@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs
-from .configs import SVFPlan, TileConfig
+from . import plans
+from .plans import SVFPlan, TileConfig
 from .launch import (INT32_MAX, MAX_SLICES, dot_fp32, interpreter_active, launch_options,
                      needs_offset_64, pack_factors)
 from .tile_utils import reduce_tile, tile_offsets
@@ -151,10 +151,10 @@ def svf_expand_kernel(
 
 def group_plan(x: torch.Tensor, Us, Vh: torch.Tensor, deterministic: bool = True) -> SVFPlan:
     """The plan for ``x`` [T, n] through the group ``Us`` ([m_i, r_i]), ``Vh`` [R, n]: the plan
-    of the group's total shape (Σ m_i, n, R) (see :func:`configs.plan`)."""
+    of the group's total shape (Σ m_i, n, R) (see :func:`plans.plan`)."""
     if interpreter_active():
-        return configs.INTERPRETER_PLAN
-    return configs.plan(x.shape[0], sum(U.shape[0] for U in Us), Vh.shape[1], Vh.shape[0],
+        return plans.INTERPRETER_PLAN
+    return plans.plan(x.shape[0], sum(U.shape[0] for U in Us), Vh.shape[1], Vh.shape[0],
                         Vh.dtype, x.device, deterministic)
 
 
@@ -167,7 +167,7 @@ def launch_shrink(x, Vh, S, idx, Z=None, alpha=None, bank=None, tile: TileConfig
     ``h_dtype`` (fp32 whenever ``tile.split_k > 1``). ``out`` [T, R] is written when given and
     must be a zero-filled fp32 tensor when the reduction is split.
     """
-    tile = tile or configs.INTERPRETER_PLAN.shrink
+    tile = tile or plans.INTERPRETER_PLAN.shrink
     T, N = x.shape
     R = Vh.shape[0]
     split = tile.split_k > 1
@@ -211,7 +211,7 @@ def launch_expand(h, Us, tile: TileConfig | None = None, out_dtype=None, out=Non
     ``h`` [T, Σ r_i] (any strides), ``Us`` [m_i, r_i] (1 to :data:`MAX_SLICES`; packed into one
     buffer if they are not already, see :func:`pack_factors`). ``tile.split_k`` must be 1.
     """
-    tile = tile or configs.INTERPRETER_PLAN.expand
+    tile = tile or plans.INTERPRETER_PLAN.expand
     if tile.split_k != 1:
         raise ValueError(f"the grouped expand never splits its reduction; tile.split_k is "
                          f"{tile.split_k}")

@@ -13,7 +13,7 @@ so ``offs * stride`` cannot wrap once T·m or T·n reaches 2^31.
 Reduction order: a program reduces its k-blocks in ascending order, chaining one ``tl.dot`` per
 block into one fp32 accumulator; with SPLIT_K == 1 every row of a tile is reduced the same way
 whatever the other rows of the tile are, which is what makes a row's output independent of its
-batch (see :mod:`t2fast.kernels.configs`).
+batch (see :mod:`t2fast.kernels.plans`).
 """
 import triton
 import triton.language as tl

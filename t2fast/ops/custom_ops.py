@@ -11,10 +11,10 @@ validates the inputs first.
 
 Each op is opaque to ``torch.compile`` (with a fake implementation) and captured whole by CUDA
 graphs. With ``auto`` set, the op runs the backend of the kernel plan for this shape and token
-count (:func:`t2fast.kernels.configs.plan`): the Triton kernels, or the torch composition where
+count (:func:`t2fast.kernels.plans.plan`): the Triton kernels, or the torch composition where
 the plan names it. Deciding inside the op keeps that choice out of compiled graphs, so one
 compiled model serves every token count. ``deterministic`` selects the batch-invariant plans
-(the default) or the order-dependent ones (:mod:`t2fast.kernels.configs`).
+(the default) or the order-dependent ones (:mod:`t2fast.kernels.plans`).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ float32/float64 ``svf_<op>_reference`` versions, the tests' oracle):
     ``"torch"``   torch ops in the activation dtype (:mod:`t2fast.ops.torch_backend`)
     ``"auto"``    on CUDA, the backend of the kernel plan for this shape and token count (the
                   shipped config table's entry, else the heuristic: :func:`t2fast.kernels.
-                  configs.plan`), chosen inside the custom op at run time so a compiled graph
+                  plans.plan`), chosen inside the custom op at run time so a compiled graph
                   keeps no per-T branch; triton for CPU tensors when the interpreter is on; torch
                   otherwise. The same everywhere: the HF and the vLLM layers both call here.
 

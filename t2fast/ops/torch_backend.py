@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.configs import HALF_DTYPES
+from ..kernels.plans import HALF_DTYPES
 from .reference import svf_group_reference
 
 
