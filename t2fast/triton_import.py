@@ -5,7 +5,7 @@ first runs.
 it is not installed (Triton has Linux wheels only). :func:`t2fast.ops.resolve_backend` turns
 ``"auto"`` into the torch backend there, and asking for ``"triton"`` raises the ImportError of
 :func:`require_triton`, which says what to do; where Triton is installed it calls
-:func:`load_kernels` before the triton backend runs.
+:func:`register_custom_ops` before the triton backend runs.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import importlib
 # Plain module flags, not functools.cache: torch.compile traces the checks below on every call of
 # an op and reads a flag without a graph break.
 _triton_found: bool | None = None
-_kernels_loaded = False
+_custom_ops_registered = False
 
 
 def triton_available() -> bool:
@@ -41,15 +41,15 @@ def require_triton(what: str = "backend='triton'") -> None:
 CUSTOM_OP_MODULES = ("t2fast.ops.custom_ops",)
 
 
-def load_kernels() -> None:
+def register_custom_ops() -> None:
     """Import Triton and the kernels, registering the custom ops (an ImportError without
     Triton, see :func:`require_triton`)."""
-    global _kernels_loaded
-    if not _kernels_loaded:
+    global _custom_ops_registered
+    if not _custom_ops_registered:
         require_triton()
         for name in CUSTOM_OP_MODULES:
             importlib.import_module(name)
-        _kernels_loaded = True
+        _custom_ops_registered = True
 
 
 class LazyModule:

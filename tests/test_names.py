@@ -33,6 +33,7 @@ STALE = {
     "the plans module t2fast.kernels.configs (now plans; configs/ is the tables' folder)":
         r"kernels\.configs\b|\bfrom \.configs import|kernels import (\w+, )*configs\b|"
         r"kernels/configs\.py\b",
+    "triton_import.load_kernels (now register_custom_ops)": r"\bload_kernels\b",
     "t2fast.patch_model as a module (now t2fast.patching)":
         r"t2fast\.patch_model\.\w|\bfrom t2fast\.patch_model import|\bpatch_model\.py\b",
 }
@@ -65,7 +66,8 @@ def test_stale_patterns_catch_the_old_spellings():
            "torch.ops.t2fast.svf_group_mix(x)", "reference.svf_merge(U, S, z, Vh)",
            "torch_backend.svf_group(x)", "sm.scaled_matmul(A, B)", "install_svf_layers(model)",
            "from .svf import svf_matmul", "aot.H100.arch", "B.unfused_torch(problem)",
-           "from t2fast.kernels import aot, configs", "t2fast.patch_model.SVFHandle"]
+           "from t2fast.kernels import aot, configs", "t2fast.patch_model.SVFHandle",
+           "triton_import.load_kernels()"]
     for what, pattern in STALE.items():
         assert any(re.search(pattern, s) for s in old), what
     new = ["from t2fast.kernels import shrink_expand", "svf_shrink_kernel[grid](x)",
@@ -79,9 +81,9 @@ def test_stale_patterns_catch_the_old_spellings():
 
 def test_custom_ops_are_registered_under_their_triton_names():
     pytest.importorskip("triton")
-    from t2fast.triton_import import load_kernels
+    from t2fast.triton_import import register_custom_ops
 
-    load_kernels()
+    register_custom_ops()
     for name in ("svf_matmul", "svf_matmul_mix", "svf_group", "svf_group_mix"):
         assert hasattr(torch.ops.t2fast, f"{name}_triton"), name
         assert not hasattr(torch.ops.t2fast, name), f"torch.ops.t2fast.{name} is registered"

@@ -7,8 +7,8 @@ import textwrap
 
 
 # Every module is importable without Triton except the kernels, their custom ops (imported by
-# t2fast.triton_import.load_kernels when the triton backend first runs) and the vLLM / serving
-# layers (vLLM itself needs Triton).
+# t2fast.triton_import.register_custom_ops when the triton backend first runs) and the vLLM /
+# serving layers (vLLM itself needs Triton).
 NEEDS_TRITON = ("t2fast.kernels", "t2fast.ops.custom_ops", "t2fast.vllm", "t2fast.serve")
 
 SCRIPT = textwrap.dedent("""

@@ -40,14 +40,14 @@ import torch
 from ..config import BACKENDS
 from ..kernels import launch
 from ..kernels.launch import MAX_SLICES
-from ..triton_import import LazyModule, load_kernels, triton_available
+from ..triton_import import LazyModule, register_custom_ops, triton_available
 from . import torch_backend
 from .checks import (INDEX_DTYPES, KERNEL_DTYPES, check_dim, check_finite, check_index_range,
                      check_same_device, check_svf_factors, check_tensor)
 from .reference import mix_experts_reference, svf_merge_reference
 
-# Imported with Triton on first use (the custom ops too: t2fast.triton_import.load_kernels), so
-# the torch backend runs where Triton is not installed.
+# Imported with Triton on first use (the custom ops too: t2fast.triton_import.
+# register_custom_ops), so the torch backend runs where Triton is not installed.
 scaled_matmul_kernels = LazyModule("t2fast.kernels.scaled_matmul")
 
 
@@ -65,7 +65,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                          f"kernels on the CPU through Triton's interpreter; tensors are on "
                          f"{device}. Use backend='torch' or 'auto'.")
     if backend == "triton":
-        load_kernels()
+        register_custom_ops()
     return backend
 
 
