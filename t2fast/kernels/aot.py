@@ -144,10 +144,8 @@ def compile_expand(tile: TileConfig, dtype: str = "bf16", h_dtype: str = "",
     factors are."""
     h_dtype = h_dtype or dtype
     pointers = dict(h_ptr=_PTR[h_dtype], u_ptr=_PTR[dtype], out_ptr=_PTR[dtype])
-    meta = tile.meta()
-    del meta["SPLIT_K"]
     constants = dict(DOT_FP32=dot_fp32(_TORCH[dtype]), OFFSET_64=offset_64,
-                     stride_hr=1, stride_om=1, **meta)
+                     stride_hr=1, stride_om=1, **tile.meta(split=False))
     sig, attrs = _signature(svf_expand_kernel, pointers, constants,
                             {"stride_ht", "stride_ot", "U0", "U1", "U2", "M0", "M1", "M2", "R0",
                              "R1", "R2", "stride_u0", "stride_u1", "stride_u2"})

@@ -90,10 +90,12 @@ class TileConfig:
             raise ValueError(f"TileConfig.num_warps must be 1, 2, 4, 8 or 16, got "
                              f"{self.num_warps}")
 
-    def meta(self) -> dict:
-        """The kernel's constexpr block arguments."""
-        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-                    SPLIT_K=self.split_k, GROUP_M=self.group_m)
+    def meta(self, split: bool = True) -> dict:
+        """The kernel's constexpr block arguments (``split=False``: without ``SPLIT_K``, for a
+        kernel that never splits its reduction, the grouped expand)."""
+        meta = dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                    GROUP_M=self.group_m)
+        return dict(meta, SPLIT_K=self.split_k) if split else meta
 
     def tiles(self, M: int, N: int) -> int:
         return cdiv(M, self.block_m) * cdiv(N, self.block_n)

@@ -231,15 +231,9 @@ def launch_expand(h, Us, tile: TileConfig | None = None, out_dtype=None, out=Non
             slices)
     svf_expand_kernel[grid](
         h, base, out, T, *offsets, *ms, *rs, *row_strides, *h.stride(), *out.stride(),
-        DOT_FP32=dot_fp32(base.dtype), OFFSET_64=wide, **_meta(tile),
+        DOT_FP32=dot_fp32(base.dtype), OFFSET_64=wide, **tile.meta(split=False),
         **launch_options(tile))
     return out
-
-
-def _meta(tile: TileConfig) -> dict:
-    meta = tile.meta()
-    del meta["SPLIT_K"]
-    return meta
 
 
 def launch_group(x, Us, S, Vh, idx, Z=None, alpha=None, bank=None, plan: SVFPlan | None = None,
