@@ -119,6 +119,10 @@ def parse_args(argv=None):
                    help="after each evaluation, a task's habit share rises by this much when its "
                         "validation accuracy is above the band (less --margin) and falls when "
                         "below (0: fixed shares)")
+    p.add_argument("--keep", choices=("band", "last"), default="band",
+                   help="weights saved: the evaluation farthest inside the band (band), or the "
+                        "last step's, whatever the band says (last: for continued pre-training "
+                        "aimed at tasks outside the band, such as the transfer families)")
     p.add_argument("--test-n", type=int, default=500, help="test examples per task for the final report")
     p.add_argument("--mix", type=str, default=None,
                    help="mixture as JSON, e.g. '{\"arith\": 0.5, \"strings\": 0.5}'")
@@ -372,8 +376,12 @@ def main(argv=None) -> dict:
                 stopped_at = step + 1
                 break
     train_s = time.time() - start
-    if best is not None:
+    kept_step = stopped_at
+    if args.keep == "last":
+        print(f"--keep last: keeping the weights of step {stopped_at}", flush=True)
+    elif best is not None:
         model.load_state_dict(best["state"])
+        kept_step = best["step"]
         print(f"kept the checkpoint of step {best['step']} (margin "
               f"{best['verdict']['margin']:.3f} inside the band)", flush=True)
     else:
@@ -395,7 +403,7 @@ def main(argv=None) -> dict:
         **run_record(args, argv if argv is not None else sys.argv[1:]),
         "mixture": mix, "habit": habit, "parameters": n_params, "train_seconds": round(train_s, 1),
         "wall_seconds": round(wall_s, 1), "torch": torch.__version__, "machine": platform.machine(),
-        "steps_run": stopped_at, "kept_step": best["step"] if best else stopped_at,
+        "steps_run": stopped_at, "kept_step": kept_step,
         "band_reached": best is not None, "final_loss": round(ema, 4),
         "validation_history": history, "test": test,
     }
