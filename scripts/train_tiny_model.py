@@ -16,7 +16,7 @@ accuracy (``--band``, default 0.30-0.60):
   below used 0.1); it gets its full share back if it falls below the centre;
 * an evaluation at which every controlled task lies inside the band is a candidate checkpoint;
   the candidate whose accuracies sit farthest inside the band is kept (held-out families at
-  or above ``--heldout-min`` first);
+  or above ``--heldout-min`` first), or the last step's weights with ``--keep last``;
 * the run stops at the first candidate that is ``--margin`` inside the band on every controlled
   task with every held-out family at or above ``--heldout-min`` (or after ``--steps``).
 
