@@ -1,8 +1,5 @@
 """Truncated SVF experts (scripts/expert_truncation.py): only the top-k directions of
 σ ⊙ (z − 1) per matrix kept, the others at z = 1."""
-import importlib.util
-import pathlib
-import sys
 
 import pytest
 import torch
@@ -10,18 +7,10 @@ import torch
 from t2fast.decompose import SVDFactors
 from t2fast.experts import Expert
 
-SCRIPTS = pathlib.Path(__file__).resolve().parent.parent / "scripts"
+from script_loader import load_script
 
 
-def load():
-    spec = importlib.util.spec_from_file_location("expert_truncation",
-                                                  SCRIPTS / "expert_truncation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tr = load()
+tr = load_script("expert_truncation")
 
 
 def factors(rank=8, m=12, n=8):

@@ -1,6 +1,5 @@
 """The tiny world's results: the committed README is exactly what the renderer makes of the
 committed JSON, every comparison is paired, the exact McNemar test, and the training recipes."""
-import importlib.util
 import itertools
 import json
 import math
@@ -10,14 +9,9 @@ import pytest
 
 from t2fast.train.evaluate import mcnemar_exact
 
+from script_loader import load_script
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")

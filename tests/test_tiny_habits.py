@@ -1,30 +1,16 @@
 """The competing habits of the tiny model's pre-training corpus (scripts/tiny_habits.py): a
 second plausible answer per task, applied to a share of pre-training examples only."""
-import importlib.util
 import itertools
-import pathlib
-import sys
 
 import pytest
 
 from t2fast.tasks import (CLASSIFY, CLASSIFY_TRANSFER, HELDOUT_FAMILIES, PARENT_FAMILY,
                           TRAIN_FAMILIES, TRANSFER_FAMILIES, get_task)
 
-SCRIPTS = pathlib.Path(__file__).resolve().parent.parent / "scripts"
+from script_loader import load_script
 
 
-def load_habits():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        spec = importlib.util.spec_from_file_location("tiny_habits", SCRIPTS / "tiny_habits.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(SCRIPTS))
-
-
-habits = load_habits()
+habits = load_script("tiny_habits")
 TASKS = [*TRAIN_FAMILIES, *HELDOUT_FAMILIES, *TRANSFER_FAMILIES, CLASSIFY, CLASSIFY_TRANSFER]
 
 

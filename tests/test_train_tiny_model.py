@@ -1,29 +1,15 @@
 """scripts/train_tiny_model.py: which weights a run saves (``--keep``)."""
-import importlib.util
 import pathlib
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
 from t2fast.models import tiny_model_path
 
-SCRIPTS = pathlib.Path(__file__).resolve().parent.parent / "scripts"
+from script_loader import load_script
 
 
-def load_script():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        spec = importlib.util.spec_from_file_location("train_tiny_model",
-                                                      SCRIPTS / "train_tiny_model.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(SCRIPTS))
-
-
-train_tiny_model = load_script()
+train_tiny_model = load_script("train_tiny_model")
 
 
 def run(out: pathlib.Path, keep: str) -> dict:
