@@ -51,6 +51,7 @@ from log_tables import read_log  # noqa: E402
 from results_render import render  # noqa: E402
 from t2fast.adapt import (CEMConfig, ClassifierDispatch, FixedMixture, PromptDispatch,  # noqa: E402
                           TwoPassEngine, fewshot_cem, fewshot_examples, uniform_alpha)
+from t2fast.config import SVFConfig  # noqa: E402
 from t2fast.experts import load_expert  # noqa: E402
 from t2fast.models import load_tiny  # noqa: E402
 from t2fast.models import tiny_model_path  # noqa: E402
@@ -143,10 +144,13 @@ class World:
             if not p.exists():
                 raise SystemExit(f"missing expert {p}; run with --train or see experts/README.md")
 
-    def patched(self, experts):
+    def patched(self, experts, more: int = 0):
+        """The tiny model patched with ``experts``, its bank holding ``more`` besides."""
         model, tok = load_tiny()
-        return t2fast.patch_model(model, experts=list(experts), backend="torch",
-                                  progress=False), tok
+        experts = list(experts)
+        return t2fast.patch_model(model, experts=experts, backend="torch", progress=False,
+                                  max_experts=max(SVFConfig().max_experts,
+                                                  len(experts) + more)), tok
 
     def examples(self, task_name):
         return get_task(task_name).examples("test", self.args.n)
@@ -299,9 +303,9 @@ def heldout_results(w: World) -> dict:
 def truncation_results(w: World) -> dict:
     """Each training family's expert and its truncations (k = r / d for d in DIVISORS) on the
     family's test questions."""
-    handle, tok = w.patched(w.expert_paths.values())
+    handle, tok = w.patched(w.expert_paths.values(), more=len(TRAIN_FAMILIES) * len(DIVISORS))
     factors = handle.decomposition.factors
-    full = {e.name: e for e in handle.bank.experts}
+    full = dict(handle.bank.experts)
     handle.add_experts([truncate(full[f], factors, d) for f in TRAIN_FAMILIES for d in DIVISORS])
     out: dict = {"divisors": list(DIVISORS),
                  "bytes_ratio": {str(d): correction_bytes_ratio(factors, d) for d in DIVISORS},

@@ -555,8 +555,10 @@ def _adapt_run(args) -> int:
     _set_threads(args.threads)
     task, examples, shots, shot_set, targets = _adapt_check(args)
     model, tok = _load(args)
-    handle = t2fast.patch_model(model, experts=args.experts, targets=targets,
-                                backend=args.backend)
+    handle = t2fast.patch_model(model, experts=args.experts, targets=targets,  # + classifier
+                                backend=args.backend,
+                                max_experts=max(SVFConfig().max_experts,
+                                                len(args.experts) + bool(args.classifier)))
     experts = list(handle.expert_names)
     if task is not None:
         prompts = [e.prompt for e in examples]
