@@ -125,10 +125,6 @@ class ExpertBank:
         self.tables.append(table)
         return len(self.tables) - 1
 
-    @property
-    def targets(self) -> list[str]:
-        return list(self._where)
-
     def __len__(self) -> int:
         return len(self.names)
 
@@ -144,10 +140,6 @@ class ExpertBank:
 
     def group_of(self, target: str) -> int:
         return self._where[target][0]
-
-    def columns(self) -> dict[str, int]:
-        """``{name: column of α}``: an expert's column is its row."""
-        return dict(self.row_of)
 
     def load(self, experts: Sequence[Expert], replace: bool = False) -> None:
         """Write ``experts`` (checked against the targets) into free rows; a loaded name is an
