@@ -19,10 +19,11 @@ vLLM's ``QKVParallelLinear`` (q, k, v), ``MergedColumnParallelLinear`` (gate, up
   through :func:`t2fast.ops.svf_group_mix` (z mixed from the bank by the slot's α; two kernel
   launches per layer, whose output is already vLLM's fused layout), with ``backend`` and
   ``deterministic`` as configured: ``auto`` means what it means in :mod:`t2fast.ops` (the plan's
-  backend), for the Hugging Face and the vLLM layers alike. Parts that are not adapted run their dense rows and
-  are concatenated in place. The token → slot map and the α table are persistent buffers shared
-  by all layers (:class:`t2fast.vllm.runner.T2Runtime`), updated with ``copy_`` before each
-  step, so a compiled graph (and a CUDA graph) sees each step's values.
+  backend), for the Hugging Face and the vLLM layers alike. Parts that are not adapted run
+  their dense rows and are concatenated in place. The token → slot map and the α table are
+  persistent buffers of the runtime shared by all layers (:class:`t2fast.vllm.runner.
+  T2Runtime`), updated with ``copy_`` before each step, so a compiled graph (and a CUDA graph)
+  sees each step's values.
 * The output of every layer that writes keys and values is passed through
   :func:`t2fast.vllm.kv_guard.finite_guard`, so the KV cache never holds a non-finite number.
 * Hybrid (eager execution only: no torch.compile graph, no CUDA graph): a step in which every
