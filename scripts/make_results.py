@@ -14,7 +14,10 @@ evaluated with greedy decoding on the test splits:
    does);
 3. classification (pass 1) on the classify test split;
 4. truncated experts: each training family's expert with only the top-k directions of
-   σ ⊙ (z − 1) per matrix kept (``scripts/expert_truncation.py``), k = r/2 ... r/16.
+   σ ⊙ (z − 1) per matrix kept (``scripts/expert_truncation.py``), k = r/2 ... r/16;
+5. cross-model transfer: the experts on a second base model of the same shapes
+   (``results/second_base/``), in σ order, in reversed order and shuffled, and few-shot CEM
+   over them (``scripts/cross_model.py``).
 
 ``results.json`` keeps every measurement, including which test questions each system answered
 correctly, so that every comparison is paired and tested with the exact McNemar test;
@@ -27,6 +30,7 @@ commands listed in ``experts/README.md``), each writing its JSONL training log n
     python scripts/make_results.py --render-only       # README.md from results.json
     python scripts/make_results.py --train             # retrain everything, then evaluate
     python scripts/make_results.py --n 100 --cem-seeds 0 --out quick_results   # quicker
+    python scripts/make_results.py --only cross_model  # re-measure one section, keep the rest
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ for p in (ROOT, ROOT / "scripts"):
         sys.path.insert(0, str(p))
 
 import t2fast  # noqa: E402
+from cross_model import ARMS, SECOND_BASE, SHUFFLE_SEEDS, reorder, weights_sha256  # noqa: E402
 from expert_truncation import DIVISORS, correction_bytes_ratio, truncate  # noqa: E402
 from log_tables import read_log  # noqa: E402
 from results_render import render  # noqa: E402
@@ -119,6 +124,9 @@ def parse_args(argv=None):
                         "--threads 1)")
     p.add_argument("--render-only", action="store_true",
                    help="rewrite README.md from the results.json in --out (no measurement)")
+    p.add_argument("--only", nargs="+", choices=list(SECTIONS), metavar="SECTION",
+                   help="measure only these sections (" + ", ".join(SECTIONS) + ") and keep "
+                        "the others from the results.json in --out")
     args = p.parse_args(argv)
     if args.n < 1 or args.shots < 1 or min(args.cem_seeds) < 0 or args.jobs < 1:
         p.error("--n, --shots and --jobs must be >= 1 and --cem-seeds >= 0")
@@ -144,11 +152,13 @@ class World:
             if not p.exists():
                 raise SystemExit(f"missing expert {p}; run with --train or see experts/README.md")
 
-    def patched(self, experts, more: int = 0):
-        """The tiny model patched with ``experts``, its bank holding ``more`` besides."""
-        model, tok = load_tiny()
+    def patched(self, experts, more: int = 0, model_path: Path | None = None):
+        """The tiny model (or the model at ``model_path``, which may take experts made for
+        another model) patched with ``experts``, its bank holding ``more`` besides."""
+        model, tok = load_tiny(path=model_path)
         experts = list(experts)
         return t2fast.patch_model(model, experts=experts, backend="torch", progress=False,
+                                  allow_other_model=model_path is not None,
                                   max_experts=max(SVFConfig().max_experts,
                                                   len(experts) + more)), tok
 
@@ -260,6 +270,22 @@ def cem_runs(w: World, eng, run, handle, tok, task, shots: int, **settings) -> l
     return runs
 
 
+def runner(w: World, family: str):
+    """``run(engine, strategy)``: a two-pass run on ``family``'s test questions, as a record
+    with the pass times (and pass 1's picks when it picked)."""
+    task, exs = get_task(family), w.examples(family)
+    prompts = [e.prompt for e in exs]
+
+    def run(engine, strategy) -> dict:
+        r = engine.run(prompts, strategy)
+        entry = {**record(score_generations(task, r.outputs, exs)), "pass1_s": r.pass1_s,
+                 "pass2_s": r.pass2_s}
+        if r.labels is not None:
+            entry["picked"] = dict(Counter(r.labels))
+        return entry
+    return run
+
+
 def heldout_results(w: World) -> dict:
     a = w.args
     families = list(TRAIN_FAMILIES)
@@ -267,22 +293,12 @@ def heldout_results(w: World) -> dict:
     handle_c, tok_c = w.patched([*w.expert_paths.values(), w.classifier_path])
     out = {}
     for h in unseen_families():
-        task, exs = get_task(h), w.examples(h)
-        prompts = [e.prompt for e in exs]
+        task, run = get_task(h), runner(w, h)
         mnt = max_new_tokens_for(h)
         eng = TwoPassEngine(handle, tok, max_new_tokens=mnt, batch_size=a.batch_size)
         eng_c = TwoPassEngine(handle_c, tok_c, max_new_tokens=mnt, batch_size=a.batch_size)
         rec: dict = {"parent": PARENT_FAMILY[h],
                      "kind": "transfer" if h in TRANSFER_FAMILIES else "held out"}
-
-        def run(engine, strategy) -> dict:
-            r = engine.run(prompts, strategy)
-            entry = {**record(score_generations(task, r.outputs, exs)), "pass1_s": r.pass1_s,
-                     "pass2_s": r.pass2_s}
-            if r.labels is not None:
-                entry["picked"] = dict(Counter(r.labels))
-            return entry
-
         rec["base"] = run(eng, FixedMixture(None, "base"))
         rec["parent_expert"] = run(eng, FixedMixture(PARENT_FAMILY[h], "parent"))
         rec["uniform"] = run(eng, FixedMixture(uniform_alpha(len(families)), "uniform"))
@@ -317,6 +333,37 @@ def truncation_results(w: World) -> dict:
             row[str(d)] = record(w.eval_model(handle.model, tok, f))
         out["families"][f] = row
     handle.set_mixture(None)
+    return out
+
+
+def cross_model_results(w: World) -> dict:
+    """The shipped experts on the second base model: its base, each expert in every arm of
+    :data:`cross_model.ARMS` (the shuffled control once per seed) on its own family, and the
+    default few-shot CEM over the experts in σ order (one row per seed)."""
+    folder = ROOT / SECOND_BASE
+    report = json.loads((folder / "training_report.json").read_text())
+    full = {f: load_expert(p) for f, p in w.expert_paths.items()}
+    arms = [reorder(full[f], arm, seed) for f in TRAIN_FAMILIES for arm in ARMS
+            for seed in (SHUFFLE_SEEDS if arm == "shuffled" else (0,))]
+    handle, tok = w.patched(arms, model_path=folder)
+    # CEM searches over the experts in σ order alone (a bank of the three)
+    handle_m, tok_m = w.patched([a for a in arms if a.extra["cross_model_arm"] == "matched"],
+                                model_path=folder)
+    out: dict = {"model": str(SECOND_BASE), "sha256": weights_sha256(folder),
+                 "seed": report["args"]["seed"], "steps_run": report["steps_run"],
+                 "kept_step": report["kept_step"], "bank": handle_m.expert_names,
+                 "shuffle_seeds": list(SHUFFLE_SEEDS), "families": {}}
+    for f in TRAIN_FAMILIES:
+        mnt, run = max_new_tokens_for(f), runner(w, f)
+        eng = TwoPassEngine(handle, tok, max_new_tokens=mnt, batch_size=w.args.batch_size)
+        eng_m = TwoPassEngine(handle_m, tok_m, max_new_tokens=mnt, batch_size=w.args.batch_size)
+        row = {"base": run(eng, FixedMixture(None, "base")),
+               "matched": run(eng, FixedMixture(f"{f}_matched", "matched")),
+               "reversed": run(eng, FixedMixture(f"{f}_reversed", "reversed")),
+               "shuffled": [{"seed": s, **run(eng, FixedMixture(f"{f}_shuffled{s}", "shuffled"))}
+                            for s in SHUFFLE_SEEDS],
+               "cem": cem_runs(w, eng_m, run, handle_m, tok_m, get_task(f), w.args.shots)}
+        out["families"][f] = row
     return out
 
 
@@ -372,43 +419,83 @@ def write(results: dict, out: Path) -> None:
     (out / "README.md").write_text(render(results))
 
 
+#: The measured sections, in measuring order: key -> (what it measures, measure(world) -> the
+#: entries it writes into results.json).
+SECTIONS = {
+    "train_families": ("training families", lambda w: dict(zip(
+        ("train_families", "parameters", "column_labels"), train_family_results(w)))),
+    "classification": ("classification", lambda w: {"classification": classification_results(w)}),
+    "heldout": ("unseen families", lambda w: {"heldout": heldout_results(w)}),
+    "truncated": ("truncated experts", lambda w: {"truncated": truncation_results(w)}),
+    "cross_model": ("cross-model transfer", lambda w: {"cross_model": cross_model_results(w)}),
+}
+
+
+def run_args(args) -> dict:
+    """The settings every section is measured with (``results.json``'s ``args``)."""
+    return {"n": args.n, "shots": args.shots, "cem_seeds": args.cem_seeds,
+            "cem_variants": {} if args.no_cem_variants else CEM_VARIANTS,
+            "cem_iterations": args.cem_iterations, "cem_population": args.cem_population,
+            "per_layer": args.per_layer}
+
+
+def previous_results(args) -> dict:
+    """The results.json that ``--only`` updates; its sections must have been measured with
+    the settings given now."""
+    path = args.out / "results.json"
+    if args.train:
+        raise SystemExit("--only re-measures the shipped experts; it cannot be combined with "
+                         "--train (retrain, then measure every section)")
+    if not path.exists():
+        raise SystemExit(f"--only updates {path}, which does not exist: measure every section "
+                         f"first")
+    old = json.loads(path.read_text())
+    now = run_args(args)
+    differ = [k for k, v in now.items() if json.loads(json.dumps(v)) != old["args"].get(k)]
+    if differ:
+        raise SystemExit(f"--only: {path} was measured with other settings ({', '.join(differ)}"
+                         f"); give the same ones, or measure every section")
+    return old
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.render_only:
         (args.out / "README.md").write_text(render(json.loads(
             (args.out / "results.json").read_text())))
         return 0
+    results = previous_results(args) if args.only else None
     torch.set_num_threads(args.threads)
     if args.train:
         t0 = time.perf_counter()
         train_all(args.jobs)
         print(f"training took {time.perf_counter() - t0:.0f} s", flush=True)
-    t0 = time.perf_counter()
     w = World(args)
-    words = list(argv if argv is not None else sys.argv[1:])
-    if "--jobs" in words:                      # how the experts were trained, not measured
-        i = words.index("--jobs")
-        del words[i:i + 2]
-    flags = " ".join(a for a in words if a != "--train")
-    results = {"args": {"n": args.n, "shots": args.shots, "cem_seeds": args.cem_seeds,
-                        "cem_variants": {} if args.no_cem_variants else CEM_VARIANTS,
-                        "cem_iterations": args.cem_iterations,
-                        "cem_population": args.cem_population, "per_layer": args.per_layer,
-                        "command_flags": (" " + flags) if flags else ""},
-               "machine": f"{platform.machine()} CPU, {args.threads} torch thread(s), "
-                          f"torch {torch.__version__}",
-               "bank": list(TRAIN_FAMILIES)}
-    print("training families ...", flush=True)
-    results["train_families"], results["parameters"], results["column_labels"] = \
-        train_family_results(w)
-    print("classification ...", flush=True)
-    results["classification"] = classification_results(w)
-    print("unseen families ...", flush=True)
-    results["heldout"] = heldout_results(w)
-    print("truncated experts ...", flush=True)
-    results["truncated"] = truncation_results(w)
+    if results is None:
+        words = list(argv if argv is not None else sys.argv[1:])
+        if "--jobs" in words:                      # how the experts were trained, not measured
+            i = words.index("--jobs")
+            del words[i:i + 2]
+        flags = " ".join(a for a in words if a != "--train")
+        results = {"args": {**run_args(args), "command_flags": (" " + flags) if flags else ""},
+                   "machine": f"{platform.machine()} CPU, {args.threads} torch thread(s), "
+                              f"torch {torch.__version__}",
+                   "bank": list(TRAIN_FAMILIES), "section_s": {}}
+    seconds = results.setdefault("section_s", {})
+    t_all = time.perf_counter()
+    for key, (what, measure) in SECTIONS.items():
+        if args.only and key not in args.only:
+            continue
+        print(f"{what} ...", flush=True)
+        t0 = time.perf_counter()
+        results.update(measure(w))
+        seconds[key] = time.perf_counter() - t0
     results["experts"], results["checkpoints"] = expert_info(w)
-    results["wall_s"] = time.perf_counter() - t0
+    if args.only:               # the full run's total stays; these sections came later
+        results["remeasured"] = sorted(set(results.get("remeasured", [])) | set(args.only))
+    else:
+        results["wall_s"] = time.perf_counter() - t_all
+        results.pop("remeasured", None)
     write(results, args.out)
     print(render(results))
     return 0

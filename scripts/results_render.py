@@ -27,6 +27,9 @@ HELDOUT_ROWS = (("base", "base"), ("parent_expert", "parent expert"), ("uniform"
                 ("prompt", "prompt dispatch (A)"), ("classifier", "classification expert (B)"))
 #: Share of an unseen family's questions pass 1 should route to its parent family.
 ROUTING_MIN = 0.80
+#: The arms of the cross-model section: key -> label.
+CROSS_ARMS = {"matched": "experts in σ order", "reversed": "σ order reversed",
+              "shuffled": "shuffled z"}
 #: The CEM runs of an unseen family's record: key -> label (the default first).
 CEM_LABELS = {"cem": "CEM", "cem_per_layer": "per-layer CEM",
               "cem_acc5": "CEM (accuracy, 5 shots, absolute)",
@@ -99,6 +102,16 @@ def comparisons(results: dict) -> list[dict]:
                 name = f"truncated k = r/{d}"
                 out.append(compare(f, name, row[str(d)], labels["svf_rl"], full["svf_rl"]))
                 out.append(compare(f, name, row[str(d)], "base", full["base"]))
+    cm = results.get("cross_model")
+    for f, row in (cm or {}).get("families", {}).items():
+        where, base = f"{f} (second model)", row["base"]
+        shuffled = [(f"{CROSS_ARMS['shuffled']} seed {r['seed']}", r) for r in row["shuffled"]]
+        for name, rec in [(CROSS_ARMS["matched"], row["matched"]),
+                          (CROSS_ARMS["reversed"], row["reversed"]), *shuffled,
+                          *((f"CEM seed {r['seed']}", r) for r in row["cem"])]:
+            out.append(compare(where, name, rec, "second model's base", base))
+        for name, rec in [(CROSS_ARMS["reversed"], row["reversed"]), *shuffled]:
+            out.append(compare(where, CROSS_ARMS["matched"], row["matched"], name, rec))
     return out
 
 
@@ -138,6 +151,15 @@ def routed(rec: dict, parent: str) -> float:
     return rec["picked"].get(parent, 0) / rec["n"]
 
 
+def cem_row(where: str, label: str, run: dict, shots: int) -> str:
+    """One CEM run: | where | label | seed | shots | α | few-shot acc (base) | test acc | s |."""
+    base_fs = run.get("base_fewshot_accuracy")
+    fs = f"{run['fewshot_accuracy']:.2f}" + ("" if base_fs is None else f" ({base_fs:.2f})")
+    shown = "base kept" if run.get("kept_base") else f"({alpha_text(run['alpha'])})"
+    return (f"| {where} | {label} | {run['seed']} | {run.get('shots', shots)} | {shown} | {fs} "
+            f"| {fmt(run)} | {run['cem_s']:.1f} |")
+
+
 def heldout_tables(results: dict) -> list[str]:
     ho = results["heldout"]
     a = results["args"]
@@ -169,13 +191,7 @@ def heldout_tables(results: dict) -> list[str]:
           "|---|---|---|---|---|---|---|---|"]
     for h, r in ho.items():
         for key, label in CEM_LABELS.items():
-            for run in r.get(key, []):
-                base_fs = run.get("base_fewshot_accuracy")
-                fs = f"{run['fewshot_accuracy']:.2f}" + (
-                    "" if base_fs is None else f" ({base_fs:.2f})")
-                shown = "base kept" if run.get("kept_base") else f"({alpha_text(run['alpha'])})"
-                L.append(f"| {h} | {label} | {run['seed']} | {run.get('shots', a['shots'])} | "
-                         f"{shown} | {fs} | {fmt(run)} | {run['cem_s']:.1f} |")
+            L += [cem_row(h, label, run, a["shots"]) for run in r.get(key, [])]
     L += ["", "### Experts picked in pass 1 on the unseen families", "",
           f"Routed: the share sent to the parent family's expert (wanted: ≥ {ROUTING_MIN:.0%}).",
           "", "| family | strategy | routed to parent | picked |", "|---|---|---|---|"]
@@ -202,6 +218,28 @@ def truncation_table(results: dict) -> list[str]:
                  + " | ".join(fmt(row[str(d)]) for d in ds) + " |")
     L.append("| bytes of W + rank-k correction / W | 1 | — | "
              + " | ".join(f"{tr['bytes_ratio'][str(d)]:.2f}" for d in ds) + " |")
+    return L
+
+
+def cross_model_tables(results: dict) -> list[str]:
+    cm, first = results["cross_model"], results["train_families"]
+    labels = results["column_labels"]
+    seeds = cm["shuffle_seeds"]
+    L = ["| family | first model: base | first model: expert | second model: base | "
+         f"{CROSS_ARMS['matched']} | {CROSS_ARMS['reversed']} | "
+         + " | ".join(f"{CROSS_ARMS['shuffled']} seed {s}" for s in seeds) + " |",
+         "|---|---|---|---|---|---|" + "---|" * len(seeds)]
+    for f, row in cm["families"].items():
+        L.append(f"| {f} | {fmt(first[f]['base'])} | {fmt(first[f]['svf_rl'])} | "
+                 f"{fmt(row['base'])} | {fmt(row['matched'])} | {fmt(row['reversed'])} | "
+                 + " | ".join(fmt(r) for r in row["shuffled"]) + " |")
+    L += ["", f"First model: expert = {labels['svf_rl']} on the bundled model (section 1). "
+          f"Few-shot CEM on the second model over the experts in σ order (bank: "
+          + ", ".join(cm["bank"]) + "; the default CEM of section 2, one row per seed):", "",
+          "| family | CEM | seed | shots | α | few-shot acc (base) | test acc | search (s) |",
+          "|---|---|---|---|---|---|---|---|"]
+    for f, row in cm["families"].items():
+        L += [cem_row(f, "CEM", run, results["args"]["shots"]) for run in row["cem"]]
     return L
 
 
@@ -322,6 +360,16 @@ WORLD = ("**The world these numbers come from.** The bundled base model was pre-
          "answers follow them: `t2fast/assets/tiny_llama/README.md`.")
 
 
+def later_sections(results: dict) -> str:
+    """'; measured later with --only: ...' for the sections re-measured after the full run."""
+    later = results.get("remeasured", [])
+    if not later:
+        return ""
+    secs = results.get("section_s", {})
+    return ("; measured afterwards with `--only`: "
+            + ", ".join(f"{k} ({secs[k]:.0f} s)" for k in later))
+
+
 def render(results: dict) -> str:
     """The README text for ``results`` (the parsed results.json)."""
     a = results["args"]
@@ -333,7 +381,8 @@ def render(results: dict) -> str:
          f"{a['cem_iterations']} iterations). Brackets are Wilson 95% intervals. Do not edit by "
          f"hand: `python scripts/make_results.py --render-only` rewrites this file from "
          f"`results.json`.", "",
-         f"Machine: {results['machine']}; measuring took {results['wall_s']:.0f} s.", "",
+         f"Machine: {results['machine']}; measuring took {results['wall_s']:.0f} s"
+         + later_sections(results) + ".", "",
          WORLD, "",
          "## 1. Training families (test split)", ""]
     L += train_table(results)
@@ -348,6 +397,18 @@ def render(results: dict) -> str:
               "`scripts/expert_truncation.py`), r = the matrix's rank (64 or 256 here). The last "
               "row: what a dense W plus a rank-k correction would read, over W's bytes.", ""]
         L += truncation_table(results) + [""]
+    if results.get("cross_model"):
+        cm = results["cross_model"]
+        L += ["## 3c. Cross-model transfer (test split)", "",
+              f"The experts of section 1 applied to a second base model: `{cm['model']}`, the "
+              f"bundled model's shapes and pre-training mixture from another random start (seed "
+              f"{cm['seed']}; weights sha256 `{cm['sha256'][:12]}…`; its README has the run). "
+              "Singular vectors of two independently trained models are unrelated, so an entry "
+              "z[i] can only keep its position in the σ order: *in σ order* puts z[i] on the "
+              "second model's i-th largest σ, *reversed* on its i-th smallest, *shuffled z* "
+              "(the control) permutes each matrix's z at random (`scripts/cross_model.py`). "
+              "Each expert is measured on its own family.", ""]
+        L += cross_model_tables(results) + [""]
     L += ["## 4. Every paired comparison", "",
           "Each line compares two systems on the same test questions: *A only* / *B only* count "
           "the questions only A / only B answers correctly; p is the exact two-sided McNemar "

@@ -39,6 +39,10 @@ def records(results):
     for f, row in results["truncated"]["families"].items():
         for d, rec in row.items():
             yield f, f"truncated r/{d}", rec
+    for f, row in results.get("cross_model", {}).get("families", {}).items():
+        for k, rec in row.items():
+            for run in (rec if isinstance(rec, list) else [rec]):
+                yield f"{f} (second model)", k, run
 
 
 def test_results_are_paired_per_question(results):
@@ -50,7 +54,9 @@ def test_results_are_paired_per_question(results):
         assert m.count("1") == rec["correct"], (where, key)
         assert math.isclose(rec["accuracy"], rec["correct"] / n), (where, key)
         seen.add(where)
-    assert seen == set(results["train_families"]) | set(results["heldout"]) | {"classify"}
+    second = {f"{f} (second model)" for f in results.get("cross_model", {}).get("families", {})}
+    assert seen == (set(results["train_families"]) | set(results["heldout"]) | {"classify"}
+                    | second)
     for h, r in results["heldout"].items():      # one CEM row per seed, never pooled
         for key in ("cem", *results["args"]["cem_variants"]):
             assert [run["seed"] for run in r[key]] == results["args"]["cem_seeds"], (h, key)
