@@ -15,7 +15,10 @@ evaluated with greedy decoding on the test splits:
 3. classification (pass 1) on the classify test split;
 4. truncated experts: each training family's expert with only the top-k directions of
    σ ⊙ (z − 1) per matrix kept (``scripts/expert_truncation.py``), k = r/2 ... r/16;
-5. cross-model transfer: the experts on a second base model of the same shapes
+5. surface variants (near transfer): every variant of ``scripts/surface_variants.py`` (the
+   training families' test questions with spacing, quotes, case or punctuation changed): base,
+   the family's expert and both dispatchers;
+6. cross-model transfer: the experts on a second base model of the same shapes
    (``results/second_base/``), in σ order, in reversed order and shuffled, and few-shot CEM
    over them (``scripts/cross_model.py``).
 
@@ -52,6 +55,7 @@ for p in (ROOT, ROOT / "scripts"):
 import t2fast  # noqa: E402
 from cross_model import ARMS, SECOND_BASE, SHUFFLE_SEEDS, reorder, weights_sha256  # noqa: E402
 from expert_truncation import DIVISORS, correction_bytes_ratio, truncate  # noqa: E402
+from surface_variants import VARIANTS, variant_examples  # noqa: E402
 from log_tables import read_log  # noqa: E402
 from results_render import render  # noqa: E402
 from t2fast.adapt import (CEMConfig, ClassifierDispatch, FixedMixture, PromptDispatch,  # noqa: E402
@@ -270,10 +274,12 @@ def cem_runs(w: World, eng, run, handle, tok, task, shots: int, **settings) -> l
     return runs
 
 
-def runner(w: World, family: str):
-    """``run(engine, strategy)``: a two-pass run on ``family``'s test questions, as a record
-    with the pass times (and pass 1's picks when it picked)."""
-    task, exs = get_task(family), w.examples(family)
+def runner(w: World, family: str, examples=None):
+    """``run(engine, strategy)``: a two-pass run on ``examples`` (default: ``family``'s test
+    questions) scored by ``family``, as a record with the pass times (and pass 1's picks when
+    it picked)."""
+    task = get_task(family)
+    exs = w.examples(family) if examples is None else examples
     prompts = [e.prompt for e in exs]
 
     def run(engine, strategy) -> dict:
@@ -333,6 +339,29 @@ def truncation_results(w: World) -> dict:
             row[str(d)] = record(w.eval_model(handle.model, tok, f))
         out["families"][f] = row
     handle.set_mixture(None)
+    return out
+
+
+def surface_results(w: World) -> dict:
+    """Every surface variant of every training family (``scripts/surface_variants.py``): the
+    base model, the family's expert, prompt dispatch (A) and the classification expert (B)."""
+    families = list(TRAIN_FAMILIES)
+    handle, tok = w.patched(w.expert_paths.values())
+    handle_c, tok_c = w.patched([*w.expert_paths.values(), w.classifier_path])
+    out: dict = {}
+    for f, variants in VARIANTS.items():
+        mnt = max_new_tokens_for(f)
+        eng = TwoPassEngine(handle, tok, max_new_tokens=mnt, batch_size=w.args.batch_size)
+        eng_c = TwoPassEngine(handle_c, tok_c, max_new_tokens=mnt, batch_size=w.args.batch_size)
+        out[f] = {}
+        for v, (example, _) in variants.items():
+            run = runner(w, f, variant_examples(f, v, w.args.n))
+            out[f][v] = {"example": example,
+                         "base": run(eng, FixedMixture(None, "base")),
+                         "parent_expert": run(eng, FixedMixture(f, "parent")),
+                         "prompt": run(eng, PromptDispatch(handle, tok, families)),
+                         "classifier": run(eng_c, ClassifierDispatch(handle_c, tok_c, CLASSIFY,
+                                                                     families))}
     return out
 
 
@@ -427,6 +456,7 @@ SECTIONS = {
     "classification": ("classification", lambda w: {"classification": classification_results(w)}),
     "heldout": ("unseen families", lambda w: {"heldout": heldout_results(w)}),
     "truncated": ("truncated experts", lambda w: {"truncated": truncation_results(w)}),
+    "surface": ("surface variants", lambda w: {"surface": surface_results(w)}),
     "cross_model": ("cross-model transfer", lambda w: {"cross_model": cross_model_results(w)}),
 }
 

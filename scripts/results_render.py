@@ -27,6 +27,9 @@ HELDOUT_ROWS = (("base", "base"), ("parent_expert", "parent expert"), ("uniform"
                 ("prompt", "prompt dispatch (A)"), ("classifier", "classification expert (B)"))
 #: Share of an unseen family's questions pass 1 should route to its parent family.
 ROUTING_MIN = 0.80
+#: The systems measured on each surface variant: key -> label.
+SURFACE_ROWS = (("base", "base"), ("parent_expert", "parent expert"),
+                ("prompt", "prompt dispatch (A)"), ("classifier", "classification expert (B)"))
 #: The arms of the cross-model section: key -> label.
 CROSS_ARMS = {"matched": "experts in σ order", "reversed": "σ order reversed",
               "shuffled": "shuffled z"}
@@ -102,6 +105,10 @@ def comparisons(results: dict) -> list[dict]:
                 name = f"truncated k = r/{d}"
                 out.append(compare(f, name, row[str(d)], labels["svf_rl"], full["svf_rl"]))
                 out.append(compare(f, name, row[str(d)], "base", full["base"]))
+    for f, variants in results.get("surface", {}).items():
+        for v, r in variants.items():
+            for key, name in SURFACE_ROWS[1:]:
+                out.append(compare(f"{f}: {v}", name, r[key], "base", r["base"]))
     cm = results.get("cross_model")
     for f, row in (cm or {}).get("families", {}).items():
         where, base = f"{f} (second model)", row["base"]
@@ -219,6 +226,29 @@ def truncation_table(results: dict) -> list[str]:
     L.append("| bytes of W + rank-k correction / W | 1 | — | "
              + " | ".join(f"{tr['bytes_ratio'][str(d)]:.2f}" for d in ds) + " |")
     return L
+
+
+def surface_table(results: dict) -> list[str]:
+    L = ["| family | variant | example | " + " | ".join(n for _, n in SURFACE_ROWS)
+         + " | routed to parent (A / B) |", "|---|---|---|" + "---|" * (len(SURFACE_ROWS) + 1)]
+    for f, variants in results["surface"].items():
+        for v, r in variants.items():
+            L.append(f"| {f} | {v} | `{r['example']}` | "
+                     + " | ".join(fmt(r[k]) for k, _ in SURFACE_ROWS)
+                     + f" | {routed(r['prompt'], f):.3f} / {routed(r['classifier'], f):.3f} |")
+    return L
+
+
+def surface_gains(results: dict, rows: list[dict]) -> list[str]:
+    """Surface variants on which the classification expert beats base by ≥ 5 points, p < 0.01."""
+    wins = [c["where"] for c in rows if c["a"] == "classification expert (B)"
+            and c["b"] == "base" and ": " in c["where"] and c["diff"] >= 0.05
+            and c["p"] < STRONG and not c["where"].endswith(": as trained")]
+    n = sum(len(v) - ("as trained" in v) for v in results["surface"].values())
+    return [f"Near transfer, for comparison (section 3c: surface variants, never pre-trained "
+            f"on, so not transfer families in the sense above): the classification expert beats "
+            f"base by ≥ +0.05 with p < 0.01 on {len(wins)} of {n} variants"
+            + (f" ({', '.join(wins)})" if wins else "") + "."]
 
 
 def cross_model_tables(results: dict) -> list[str]:
@@ -397,9 +427,17 @@ def render(results: dict) -> str:
               "`scripts/expert_truncation.py`), r = the matrix's rank (64 or 256 here). The last "
               "row: what a dense W plus a rank-k correction would read, over W's bytes.", ""]
         L += truncation_table(results) + [""]
+    if results.get("surface"):
+        L += ["## 3c. Surface variants: near transfer (test split)", "",
+              "Each training family's test questions with a small change of surface (spacing, "
+              "quotes, case, punctuation; `scripts/surface_variants.py`), on which the base "
+              "model was never pre-trained and no expert trained: every variant listed there is "
+              "measured. *As trained* is the family itself (section 1's numbers). Routed: the "
+              "share of questions pass 1 sends to the family's own expert.", ""]
+        L += surface_table(results) + [""]
     if results.get("cross_model"):
         cm = results["cross_model"]
-        L += ["## 3c. Cross-model transfer (test split)", "",
+        L += ["## 3d. Cross-model transfer (test split)", "",
               f"The experts of section 1 applied to a second base model: `{cm['model']}`, the "
               f"bundled model's shapes and pre-training mixture from another random start (seed "
               f"{cm['seed']}; weights sha256 `{cm['sha256'][:12]}…`; its README has the run). "
@@ -418,6 +456,8 @@ def render(results: dict) -> str:
     L += comparison_table(rows)
     L += ["", "## 5. The quality targets", ""]
     L += [f"- {t}" for t in target_lines(results, rows)]
+    if results.get("surface"):
+        L += [f"- {t}" for t in surface_gains(results, rows)]
     notes = identity_notes(results)
     if notes:
         L += ["", "## 6. Notes", ""] + [f"- {t}" for t in notes]

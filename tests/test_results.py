@@ -39,6 +39,10 @@ def records(results):
     for f, row in results["truncated"]["families"].items():
         for d, rec in row.items():
             yield f, f"truncated r/{d}", rec
+    for f, variants in results.get("surface", {}).items():
+        for v, r in variants.items():
+            for k in ("base", "parent_expert", "prompt", "classifier"):
+                yield f"{f}: {v}", k, r[k]
     for f, row in results.get("cross_model", {}).get("families", {}).items():
         for k, rec in row.items():
             for run in (rec if isinstance(rec, list) else [rec]):
@@ -55,8 +59,9 @@ def test_results_are_paired_per_question(results):
         assert math.isclose(rec["accuracy"], rec["correct"] / n), (where, key)
         seen.add(where)
     second = {f"{f} (second model)" for f in results.get("cross_model", {}).get("families", {})}
+    variants = {f"{f}: {v}" for f, vs in results.get("surface", {}).items() for v in vs}
     assert seen == (set(results["train_families"]) | set(results["heldout"]) | {"classify"}
-                    | second)
+                    | second | variants)
     for h, r in results["heldout"].items():      # one CEM row per seed, never pooled
         for key in ("cem", *results["args"]["cem_variants"]):
             assert [run["seed"] for run in r[key]] == results["args"]["cem_seeds"], (h, key)
@@ -202,3 +207,21 @@ def test_unseen_targets_on_a_synthetic_transfer_family():
     assert "1 of 2 (arith_words seed 1); target (none) NOT met." in text
     assert "on 0 of 1 transfer families (none)" in text
     assert "0.250, 0.400, 0.250 (CEM: mean of the seeds) — does not hold" in text
+
+
+def test_surface_variants_are_all_measured_and_reproduce_section_1(results):
+    """Every variant of the script is in the JSON (no selection), each compared with base three
+    times, and the unchanged surface gives exactly section 1's answers."""
+    sv = load_script("surface_variants")
+    rows = load_script("results_render").comparisons(results)
+    pairs = {(c["where"], c["a"], c["b"]) for c in rows}
+    surface = results["surface"]
+    assert {f: list(v) for f, v in surface.items()} == {f: list(v) for f, v in sv.VARIANTS.items()}
+    for f, variants in surface.items():
+        for v in variants:
+            for name in ("parent expert", "prompt dispatch (A)", "classification expert (B)"):
+                assert (f"{f}: {v}", name, "base") in pairs
+        same, first = variants["as trained"], results["train_families"][f]
+        assert same["base"]["correct_mask"] == first["base"]["correct_mask"]
+        assert same["parent_expert"]["correct_mask"] == first["svf_rl"]["correct_mask"]
+
