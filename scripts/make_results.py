@@ -56,6 +56,7 @@ import t2fast  # noqa: E402
 from cross_model import ARMS, SECOND_BASE, SHUFFLE_SEEDS, reorder, weights_sha256  # noqa: E402
 from expert_truncation import DIVISORS, correction_bytes_ratio, truncate  # noqa: E402
 from surface_variants import VARIANTS, variant_examples  # noqa: E402
+from tiny_habits import HABITS  # noqa: E402
 from log_tables import read_log  # noqa: E402
 from results_render import render  # noqa: E402
 from t2fast.adapt import (CEMConfig, ClassifierDispatch, FixedMixture, PromptDispatch,  # noqa: E402
@@ -274,10 +275,12 @@ def cem_runs(w: World, eng, run, handle, tok, task, shots: int, **settings) -> l
     return runs
 
 
-def runner(w: World, family: str, examples=None):
+def runner(w: World, family: str, examples=None, habits: bool = False):
     """``run(engine, strategy)``: a two-pass run on ``examples`` (default: ``family``'s test
     questions) scored by ``family``, as a record with the pass times (and pass 1's picks when
-    it picked)."""
+    it picked). With ``habits`` the record adds ``habit``: the share of questions answered
+    with the pre-training habit's answer where it differs from the task's
+    (``scripts/tiny_habits.py``)."""
     task = get_task(family)
     exs = w.examples(family) if examples is None else examples
     prompts = [e.prompt for e in exs]
@@ -286,6 +289,10 @@ def runner(w: World, family: str, examples=None):
         r = engine.run(prompts, strategy)
         entry = {**record(score_generations(task, r.outputs, exs)), "pass1_s": r.pass1_s,
                  "pass2_s": r.pass2_s}
+        if habits:
+            entry["habit"] = sum(
+                HABITS[family](e) != e.answer and task.extract(g, e) == HABITS[family](e)
+                for g, e in zip(r.outputs, exs)) / len(exs)
         if r.labels is not None:
             entry["picked"] = dict(Counter(r.labels))
         return entry
@@ -355,7 +362,7 @@ def surface_results(w: World) -> dict:
         eng_c = TwoPassEngine(handle_c, tok_c, max_new_tokens=mnt, batch_size=w.args.batch_size)
         out[f] = {}
         for v, (example, _) in variants.items():
-            run = runner(w, f, variant_examples(f, v, w.args.n))
+            run = runner(w, f, variant_examples(f, v, w.args.n), habits=True)
             out[f][v] = {"example": example,
                          "base": run(eng, FixedMixture(None, "base")),
                          "parent_expert": run(eng, FixedMixture(f, "parent")),

@@ -230,12 +230,14 @@ def truncation_table(results: dict) -> list[str]:
 
 def surface_table(results: dict) -> list[str]:
     L = ["| family | variant | example | " + " | ".join(n for _, n in SURFACE_ROWS)
-         + " | routed to parent (A / B) |", "|---|---|---|" + "---|" * (len(SURFACE_ROWS) + 1)]
+         + " | habit's answer: base → expert | routed to parent (A / B) |",
+         "|---|---|---|" + "---|" * (len(SURFACE_ROWS) + 2)]
     for f, variants in results["surface"].items():
         for v, r in variants.items():
             L.append(f"| {f} | {v} | `{r['example']}` | "
                      + " | ".join(fmt(r[k]) for k, _ in SURFACE_ROWS)
-                     + f" | {routed(r['prompt'], f):.3f} / {routed(r['classifier'], f):.3f} |")
+                     + f" | {r['base']['habit']:.3f} → {r['parent_expert']['habit']:.3f} "
+                     f"| {routed(r['prompt'], f):.3f} / {routed(r['classifier'], f):.3f} |")
     return L
 
 
@@ -432,8 +434,11 @@ def render(results: dict) -> str:
               "Each training family's test questions with a small change of surface (spacing, "
               "quotes, case, punctuation; `scripts/surface_variants.py`), on which the base "
               "model was never pre-trained and no expert trained: every variant listed there is "
-              "measured. *As trained* is the family itself (section 1's numbers). Routed: the "
-              "share of questions pass 1 sends to the family's own expert.", ""]
+              "measured. *As trained* is the family itself (section 1's numbers). Habit's answer: "
+              "the share of questions answered with the pre-training habit's answer "
+              "(`t2fast/assets/tiny_llama/README.md`), by the base model and by the family's "
+              "expert. Routed: the share of questions pass 1 sends to the family's own "
+              "expert.", ""]
         L += surface_table(results) + [""]
     if results.get("cross_model"):
         cm = results["cross_model"]

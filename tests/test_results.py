@@ -221,6 +221,9 @@ def test_surface_variants_are_all_measured_and_reproduce_section_1(results):
         for v in variants:
             for name in ("parent expert", "prompt dispatch (A)", "classification expert (B)"):
                 assert (f"{f}: {v}", name, "base") in pairs
+        for r in variants.values():        # a habit answer is a wrong answer
+            for k in ("base", "parent_expert"):
+                assert 0 <= r[k]["habit"] <= 1 - r[k]["accuracy"] + 1e-9
         same, first = variants["as trained"], results["train_families"][f]
         assert same["base"]["correct_mask"] == first["base"]["correct_mask"]
         assert same["parent_expert"]["correct_mask"] == first["svf_rl"]["correct_mask"]
