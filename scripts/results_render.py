@@ -392,6 +392,39 @@ WORLD = ("**The world these numbers come from.** The bundled base model was pre-
          "answers follow them: `t2fast/assets/tiny_llama/README.md`.")
 
 
+def cross_model_intro(results: dict) -> str:
+    cm = results["cross_model"]
+    return (f"The experts of section 1 applied to a second base model: `{cm['model']}`, the "
+            f"bundled model's shapes and pre-training mixture from another random start (seed "
+            f"{cm['seed']}; weights sha256 `{cm['sha256'][:12]}…`; its README has the run). "
+            "Singular vectors of two independently trained models are unrelated, so an entry "
+            "z[i] can only keep its position in the σ order: *in σ order* puts z[i] on the "
+            "second model's i-th largest σ, *reversed* on its i-th smallest, *shuffled z* (the "
+            "control) permutes each matrix's z at random (`scripts/cross_model.py`). Each expert "
+            "is measured on its own family.")
+
+
+#: The sections a results.json may lack: (its key, heading, introduction, table).
+EXTRA_SECTIONS = (
+    ("truncated", "3b. Truncated experts (test split)", lambda results: (
+        "Each training family's expert with, per matrix, only the k directions of σ ⊙ (z − 1) "
+        "largest in absolute value kept (the others at z = 1; `scripts/expert_truncation.py`), "
+        "r = the matrix's rank (64 or 256 here). The last row: what a dense W plus a rank-k "
+        "correction would read, over W's bytes."), truncation_table),
+    ("surface", "3c. Surface variants: near transfer (test split)", lambda results: (
+        "Each training family's test questions with a small change of surface (spacing, "
+        "quotes, case, punctuation; `scripts/surface_variants.py`), on which the base model was "
+        "never pre-trained and no expert trained: every variant listed there is measured. *As "
+        "trained* is the family itself (section 1's numbers). Habit's answer: the share of "
+        "questions answered with the pre-training habit's answer "
+        "(`t2fast/assets/tiny_llama/README.md`), by the base model and by the family's expert. "
+        "Routed: the share of questions pass 1 sends to the family's own expert."),
+     surface_table),
+    ("cross_model", "3d. Cross-model transfer (test split)", cross_model_intro,
+     cross_model_tables),
+)
+
+
 def later_sections(results: dict) -> str:
     """'; measured later with --only: ...' for the sections re-measured after the full run."""
     later = results.get("remeasured", [])
@@ -422,36 +455,9 @@ def render(results: dict) -> str:
     L += heldout_tables(results)
     L += ["", "## 3. Classification (pass 1) on the classify test split", ""]
     L += classification_tables(results)
-    if results.get("truncated"):
-        L += ["## 3b. Truncated experts (test split)", "",
-              "Each training family's expert with, per matrix, only the k directions of "
-              "σ ⊙ (z − 1) largest in absolute value kept (the others at z = 1; "
-              "`scripts/expert_truncation.py`), r = the matrix's rank (64 or 256 here). The last "
-              "row: what a dense W plus a rank-k correction would read, over W's bytes.", ""]
-        L += truncation_table(results) + [""]
-    if results.get("surface"):
-        L += ["## 3c. Surface variants: near transfer (test split)", "",
-              "Each training family's test questions with a small change of surface (spacing, "
-              "quotes, case, punctuation; `scripts/surface_variants.py`), on which the base "
-              "model was never pre-trained and no expert trained: every variant listed there is "
-              "measured. *As trained* is the family itself (section 1's numbers). Habit's answer: "
-              "the share of questions answered with the pre-training habit's answer "
-              "(`t2fast/assets/tiny_llama/README.md`), by the base model and by the family's "
-              "expert. Routed: the share of questions pass 1 sends to the family's own "
-              "expert.", ""]
-        L += surface_table(results) + [""]
-    if results.get("cross_model"):
-        cm = results["cross_model"]
-        L += ["## 3d. Cross-model transfer (test split)", "",
-              f"The experts of section 1 applied to a second base model: `{cm['model']}`, the "
-              f"bundled model's shapes and pre-training mixture from another random start (seed "
-              f"{cm['seed']}; weights sha256 `{cm['sha256'][:12]}…`; its README has the run). "
-              "Singular vectors of two independently trained models are unrelated, so an entry "
-              "z[i] can only keep its position in the σ order: *in σ order* puts z[i] on the "
-              "second model's i-th largest σ, *reversed* on its i-th smallest, *shuffled z* "
-              "(the control) permutes each matrix's z at random (`scripts/cross_model.py`). "
-              "Each expert is measured on its own family.", ""]
-        L += cross_model_tables(results) + [""]
+    for key, heading, intro, table in EXTRA_SECTIONS:
+        if results.get(key):
+            L += [f"## {heading}", "", intro(results), ""] + table(results) + [""]
     L += ["## 4. Every paired comparison", "",
           "Each line compares two systems on the same test questions: *A only* / *B only* count "
           "the questions only A / only B answers correctly; p is the exact two-sided McNemar "
