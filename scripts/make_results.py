@@ -62,7 +62,7 @@ from results_render import render  # noqa: E402
 from t2fast.adapt import (CEMConfig, ClassifierDispatch, FixedMixture, PromptDispatch,  # noqa: E402
                           TwoPassEngine, fewshot_cem, fewshot_examples, uniform_alpha)
 from t2fast.config import SVFConfig  # noqa: E402
-from t2fast.experts import load_expert  # noqa: E402
+from t2fast.experts import Expert, load_expert  # noqa: E402
 from t2fast.models import load_tiny  # noqa: E402
 from t2fast.models import tiny_model_path  # noqa: E402
 from t2fast.tasks import (CLASSIFY, HELDOUT_FAMILIES, OTHER, PARENT_FAMILY,  # noqa: E402
@@ -105,6 +105,10 @@ for _f in TRAIN_FAMILIES:
     RECIPES[f"experts/baselines/svf_sft_{_f}.safetensors"] = ["--task", _f, *SFT]
     RECIPES[f"experts/baselines/lora_rl_{_f}"] = ["--task", _f, *LORA_RL]
     RECIPES[f"experts/baselines/lora_sft_{_f}"] = ["--task", _f, *SFT, *LORA]
+#: The second base model's own experts (the cross-model section's reference), same RL recipe.
+for _f in TRAIN_FAMILIES:
+    RECIPES[f"{SECOND_BASE}/experts/{_f}.safetensors"] = ["--model", str(SECOND_BASE),
+                                                         "--task", _f, *RL]
 
 
 def parse_args(argv=None):
@@ -373,15 +377,18 @@ def surface_results(w: World) -> dict:
 
 
 def cross_model_results(w: World) -> dict:
-    """The shipped experts on the second base model: its base, each expert in every arm of
-    :data:`cross_model.ARMS` (the shuffled control once per seed) on its own family, and the
-    default few-shot CEM over the experts in σ order (one row per seed)."""
+    """The shipped experts on the second base model: its base, its own expert (trained on it
+    with the same recipe), each shipped expert in every arm of :data:`cross_model.ARMS` (the
+    shuffled control once per seed) on its own family, and the default few-shot CEM over the
+    shipped experts in σ order (one row per seed)."""
     folder = ROOT / SECOND_BASE
     report = json.loads((folder / "training_report.json").read_text())
     full = {f: load_expert(p) for f, p in w.expert_paths.items()}
     arms = [reorder(full[f], arm, seed) for f in TRAIN_FAMILIES for arm in ARMS
             for seed in (SHUFFLE_SEEDS if arm == "shuffled" else (0,))]
-    handle, tok = w.patched(arms, model_path=folder)
+    own = [load_expert(folder / "experts" / f"{f}.safetensors") for f in TRAIN_FAMILIES]
+    own = [Expert(f"{e.name}_own", e.z, e.base_model, e.fingerprint, e.extra) for e in own]
+    handle, tok = w.patched([*arms, *own], model_path=folder)
     # CEM searches over the experts in σ order alone (a bank of the three)
     handle_m, tok_m = w.patched([a for a in arms if a.extra["cross_model_arm"] == "matched"],
                                 model_path=folder)
@@ -394,6 +401,7 @@ def cross_model_results(w: World) -> dict:
         eng = TwoPassEngine(handle, tok, max_new_tokens=mnt, batch_size=w.args.batch_size)
         eng_m = TwoPassEngine(handle_m, tok_m, max_new_tokens=mnt, batch_size=w.args.batch_size)
         row = {"base": run(eng, FixedMixture(None, "base")),
+               "own": run(eng, FixedMixture(f"{f}_own", "own")),
                "matched": run(eng, FixedMixture(f"{f}_matched", "matched")),
                "reversed": run(eng, FixedMixture(f"{f}_reversed", "reversed")),
                "shuffled": [{"seed": s, **run(eng, FixedMixture(f"{f}_shuffled{s}", "shuffled"))}

@@ -113,6 +113,10 @@ def comparisons(results: dict) -> list[dict]:
     for f, row in (cm or {}).get("families", {}).items():
         where, base = f"{f} (second model)", row["base"]
         shuffled = [(f"{CROSS_ARMS['shuffled']} seed {r['seed']}", r) for r in row["shuffled"]]
+        out.append(compare(where, "second model's own expert", row["own"],
+                           "second model's base", base))
+        out.append(compare(where, CROSS_ARMS["matched"], row["matched"],
+                           "second model's own expert", row["own"]))
         for name, rec in [(CROSS_ARMS["matched"], row["matched"]),
                           (CROSS_ARMS["reversed"], row["reversed"]), *shuffled,
                           *((f"CEM seed {r['seed']}", r) for r in row["cem"])]:
@@ -253,19 +257,41 @@ def surface_gains(results: dict, rows: list[dict]) -> list[str]:
             + (f" ({', '.join(wins)})" if wins else "") + "."]
 
 
+def cross_model_lines(results: dict, rows: list[dict]) -> list[str]:
+    """Cross-model transfer in one line per question: does an expert gain on the second model,
+    and does the σ order matter (in σ order against reversed and shuffled)?"""
+    by = {(c["where"], c["a"], c["b"]): c for c in rows}
+    fams = list(results["cross_model"]["families"])
+    base, own = "second model's base", "second model's own expert"
+
+    def diffs(a, b):
+        cs = [by[(f"{f} (second model)", a, b)] for f in fams]
+        return ", ".join(f"{f} {c['diff']:+.3f} (p = {c['p']:.2g})" for f, c in zip(fams, cs))
+    order = [c for c in rows if c["where"].endswith("(second model)")
+             and c["a"] == CROSS_ARMS["matched"] and c["b"] not in (base, own)]
+    higher = sum(c["verdict"].startswith("higher") for c in order)
+    return [f"Cross-model transfer (section 3d; no target): the first model's experts in σ order "
+            f"against the second model's base: {diffs(CROSS_ARMS['matched'], base)}; the second "
+            f"model's own experts: {diffs(own, base)}. In σ order against reversed or shuffled "
+            f"z: higher in {higher} of {len(order)} comparisons."]
+
+
 def cross_model_tables(results: dict) -> list[str]:
     cm, first = results["cross_model"], results["train_families"]
     labels = results["column_labels"]
     seeds = cm["shuffle_seeds"]
     L = ["| family | first model: base | first model: expert | second model: base | "
-         f"{CROSS_ARMS['matched']} | {CROSS_ARMS['reversed']} | "
+         f"second model: own expert | {CROSS_ARMS['matched']} | {CROSS_ARMS['reversed']} | "
          + " | ".join(f"{CROSS_ARMS['shuffled']} seed {s}" for s in seeds) + " |",
-         "|---|---|---|---|---|---|" + "---|" * len(seeds)]
+         "|---|---|---|---|---|---|---|" + "---|" * len(seeds)]
     for f, row in cm["families"].items():
         L.append(f"| {f} | {fmt(first[f]['base'])} | {fmt(first[f]['svf_rl'])} | "
-                 f"{fmt(row['base'])} | {fmt(row['matched'])} | {fmt(row['reversed'])} | "
+                 f"{fmt(row['base'])} | {fmt(row['own'])} | {fmt(row['matched'])} | "
+                 f"{fmt(row['reversed'])} | "
                  + " | ".join(fmt(r) for r in row["shuffled"]) + " |")
     L += ["", f"First model: expert = {labels['svf_rl']} on the bundled model (section 1). "
+          f"Own expert: the second model's, trained on it with the same recipe "
+          f"(`{cm['model']}/experts/`). "
           f"Few-shot CEM on the second model over the experts in σ order (bank: "
           + ", ".join(cm["bank"]) + "; the default CEM of section 2, one row per seed):", "",
           "| family | CEM | seed | shots | α | few-shot acc (base) | test acc | search (s) |",
@@ -401,7 +427,8 @@ def cross_model_intro(results: dict) -> str:
             "z[i] can only keep its position in the σ order: *in σ order* puts z[i] on the "
             "second model's i-th largest σ, *reversed* on its i-th smallest, *shuffled z* (the "
             "control) permutes each matrix's z at random (`scripts/cross_model.py`). Each expert "
-            "is measured on its own family.")
+            "is measured on its own family; the second model's own experts (same recipe) show "
+            "how much an expert can gain there.")
 
 
 #: The sections a results.json may lack: (its key, heading, introduction, table).
@@ -469,6 +496,8 @@ def render(results: dict) -> str:
     L += [f"- {t}" for t in target_lines(results, rows)]
     if results.get("surface"):
         L += [f"- {t}" for t in surface_gains(results, rows)]
+    if results.get("cross_model"):
+        L += [f"- {t}" for t in cross_model_lines(results, rows)]
     notes = identity_notes(results)
     if notes:
         L += ["", "## 6. Notes", ""] + [f"- {t}" for t in notes]

@@ -131,6 +131,7 @@ def test_recipes_are_valid_train_configurations(tmp_path):
     recipes = load_script("make_results").RECIPES
     parser = cli.build_parser()
     assert {pathlib.Path(o).parent.name for o in recipes} == {"experts", "baselines"}
+    assert sum(o.startswith("results/second_base/") for o in recipes) == 3
     for out, argv in recipes.items():
         args = parser.parse_args(["train", "--out", str(tmp_path / pathlib.Path(out).name),
                                   *argv])
