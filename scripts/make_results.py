@@ -476,6 +476,11 @@ SECTIONS = {
 }
 
 
+def machine(args) -> str:
+    """The machine and settings the timings depend on."""
+    return f"{platform.machine()} CPU, {args.threads} torch thread(s), torch {torch.__version__}"
+
+
 def run_args(args) -> dict:
     """The settings every section is measured with (``results.json``'s ``args``)."""
     return {"n": args.n, "shots": args.shots, "cem_seeds": args.cem_seeds,
@@ -523,9 +528,7 @@ def main(argv=None) -> int:
             del words[i:i + 2]
         flags = " ".join(a for a in words if a != "--train")
         results = {"args": {**run_args(args), "command_flags": (" " + flags) if flags else ""},
-                   "machine": f"{platform.machine()} CPU, {args.threads} torch thread(s), "
-                              f"torch {torch.__version__}",
-                   "bank": list(TRAIN_FAMILIES), "section_s": {}}
+                   "machine": machine(args), "bank": list(TRAIN_FAMILIES), "section_s": {}}
     seconds = results.setdefault("section_s", {})
     t_all = time.perf_counter()
     for key, (what, measure) in SECTIONS.items():
@@ -538,9 +541,11 @@ def main(argv=None) -> int:
     results["experts"], results["checkpoints"] = expert_info(w)
     if args.only:               # the full run's total stays; these sections came later
         results["remeasured"] = sorted(set(results.get("remeasured", [])) | set(args.only))
+        results.setdefault("section_machine", {}).update({k: machine(args) for k in args.only})
     else:
         results["wall_s"] = time.perf_counter() - t_all
         results.pop("remeasured", None)
+        results.pop("section_machine", None)
     write(results, args.out)
     print(render(results))
     return 0

@@ -457,9 +457,13 @@ def later_sections(results: dict) -> str:
     later = results.get("remeasured", [])
     if not later:
         return ""
-    secs = results.get("section_s", {})
+    secs, where = results.get("section_s", {}), results.get("section_machine", {})
+
+    def on(k: str) -> str:
+        m = where.get(k, results["machine"])
+        return "" if m == results["machine"] else f" on {m}"
     return ("; measured afterwards with `--only`: "
-            + ", ".join(f"{k} ({secs[k]:.0f} s)" for k in later))
+            + ", ".join(f"{k} ({secs[k]:.0f} s{on(k)})" for k in later))
 
 
 def render(results: dict) -> str:

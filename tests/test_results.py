@@ -229,3 +229,14 @@ def test_surface_variants_are_all_measured_and_reproduce_section_1(results):
         assert same["base"]["correct_mask"] == first["base"]["correct_mask"]
         assert same["parent_expert"]["correct_mask"] == first["svf_rl"]["correct_mask"]
 
+
+
+def test_sections_measured_later_are_named_with_their_machine(results):
+    later = load_script("results_render").later_sections
+    assert later({**results, "remeasured": []}) == ""
+    r = {**results, "remeasured": ["surface"], "section_s": {"surface": 12.4},
+         "section_machine": {"surface": "arm64 CPU, 2 torch thread(s), torch 2.15.0"}}
+    assert later(r) == ("; measured afterwards with `--only`: surface (12 s on arm64 CPU, "
+                        "2 torch thread(s), torch 2.15.0)")
+    r["section_machine"] = {"surface": results["machine"]}
+    assert later(r) == "; measured afterwards with `--only`: surface (12 s)"
