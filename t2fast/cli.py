@@ -497,6 +497,10 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
                    help="cem searches the paper's absolute α (z' = Σ α_k z_k) instead of "
                         "residual α (z' = 1 + Σ α_k (z_k - 1)) and always returns its best "
                         "member, even one the shots find worse than the base model")
+    p.add_argument("--cem-check-shots", type=integer(0), default=c.check_shots,
+                   help="cem: hold out the last N of the --shots from the search; only they "
+                        "decide whether the search's best replaces the base model (0: the "
+                        "searched shots decide)")
     p.add_argument("--save-profile", default=None, metavar="FILE", type=output_file,
                    help="cem: write the α found as a mixture profile (t2fast serve --profiles "
                         "NAME=FILE serves it as t2_adapt='profile:NAME')")
@@ -525,6 +529,12 @@ def _adapt_check(args):
     examples = task_examples(args, task, args.split, args.n) if task else None
     shot_set = args.seed if args.shot_set is None else args.shot_set
     shots = None
+    if args.cem_check_shots and args.cem_absolute:
+        usage_error(args, "--cem-check-shots", "decides between the search and the base model; "
+                                               "--cem-absolute never returns the base model")
+    if args.cem_check_shots >= args.shots:
+        usage_error(args, "--cem-check-shots", f"must leave some of the --shots {args.shots} to "
+                                               f"search on")
     if s == "cem":
         task_examples(args, task, "validation", args.shots * (shot_set + 1),
                       "--shots" if args.shot_set is None else "--shot-set")
@@ -534,7 +544,8 @@ def _adapt_check(args):
                              per_layer=args.per_layer, normalize=args.normalize,
                              seed=args.seed, objective=args.cem_objective,
                              space="absolute" if args.cem_absolute else "residual",
-                             keep_base=not args.cem_absolute).validate()  # the flags are checked
+                             keep_base=not args.cem_absolute,
+                             check_shots=args.cem_check_shots).validate()  # the flags are checked
     from .experts import load_expert
     # a bad file is reported before the model is loaded
     paths = list(args.experts) + ([args.classifier] if args.classifier else [])

@@ -251,6 +251,35 @@ def test_fewshot_cem_keeps_the_base_model_unless_the_shots_show_a_gain(patched, 
         CEMConfig(space="absolute").validate()
 
 
+def test_check_shots_are_held_out_of_the_search_and_decide_alone(patched, monkeypatch):
+    """With check_shots = c the search scores only the first shots and the keep-base decision
+    (and the reported few-shot numbers) the last c only."""
+    handle, tok = patched
+    task = get_task("choice")
+    exs = task.examples("validation", 5)
+    searched, measured = [], []
+    search_call = FewShotScorer.__call__
+    monkeypatch.setattr(FewShotScorer, "__call__", lambda self, a: (
+        searched.append([e.question for e in self.examples]), search_call(self, a))[1])
+    # the held-out shots find the search's best worse than the base: base kept
+    monkeypatch.setattr(FewShotScorer, "measure", lambda self, a: (
+        measured.append([e.question for e in self.examples]),
+        (torch.tensor([0.5, 0.0]), torch.tensor([-1.0, -2.0])))[1])
+    cfg = CEMConfig(population=4, iterations=2, check_shots=2)
+    res = fewshot_cem(handle, tok, task, exs, cfg, max_new_tokens=2)
+    assert res.kept_base and res.base == {"accuracy": 0.5, "likelihood": -1.0}
+    questions = [e.question for e in exs]
+    assert searched and all(q == questions[:3] for q in searched)
+    assert measured == [questions[3:]]
+    with pytest.raises(ValueError, match="check_shots=5 holds out every one of the 5"):
+        fewshot_cem(handle, tok, task, exs, CEMConfig(check_shots=5), max_new_tokens=2)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="check_shots"):
+            CEMConfig(check_shots=bad).validate()
+    with pytest.raises(ConfigError, match="keep_base=True"):
+        CEMConfig(check_shots=2, space="absolute", keep_base=False).validate()
+
+
 def test_likelihood_objective_ranks_without_generating(patched, monkeypatch):
     handle, tok = patched
     task = get_task("arith")

@@ -31,7 +31,10 @@ Two spaces (``CEMConfig.space``) for α:
 With ``keep_base`` (default) the search starts at the base model (residual α = 0 when
 ``init_mean`` is None), and :func:`fewshot_cem` returns the best member only when it beats the
 base model on the shots by the objective *and* is at least as accurate under greedy decoding
-there; otherwise the base model: a few shots that show no gain leave it alone.
+there; otherwise the base model: a few shots that show no gain leave it alone. The search's
+best is chosen on those very shots, so it tends to look better there than it is;
+``check_shots`` holds the last shots out of the search to make that decision on shots it never
+saw.
 
 :attr:`CEMResult.spec` is the mixture to serve (``set_mixture``, ``FixedMixture``, a profile):
 ``{"base": 1 − Σα, name: α_k ...}`` for residual α, the K weights for absolute α, or None
@@ -78,7 +81,9 @@ class CEMConfig:
     sum over experts (per layer when per-layer; a sum near 0 falls back to Σ|α|); per_layer: α of
     shape [L, K]; keep_best: return the best member ever scored (else the final mean);
     include_mean: member 0 of each generation is the current mean; patience: stop after this
-    many generations without a better best (None: never); seed.
+    many generations without a better best (None: never); check_shots: with ``keep_base``, the
+    last ``check_shots`` examples take no part in the search and alone decide whether its best
+    member replaces the base model (0: the search's own shots decide); seed.
     """
 
     population: int = 16
@@ -96,6 +101,7 @@ class CEMConfig:
     keep_best: bool = True
     include_mean: bool = True
     patience: int | None = None
+    check_shots: int = 0
     seed: int = 0
 
     def validate(self) -> "CEMConfig":
@@ -126,6 +132,12 @@ class CEMConfig:
                 bad("clamp", "expected (lo, hi) with lo < hi, or None")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
             bad("patience", "expected an integer >= 1 or None")
+        if not isinstance(self.check_shots, int) or isinstance(self.check_shots, bool) or \
+                self.check_shots < 0:
+            bad("check_shots", "expected an integer >= 0")
+        if self.check_shots and not self.keep_base:
+            bad("check_shots", "held-out shots decide between the search and the base model; "
+                               "expected keep_base=True")
         return self
 
     def to_dict(self) -> dict:
@@ -400,13 +412,24 @@ def fewshot_cem(handle, tokenizer, task, examples: Sequence, config: CEMConfig |
     Returns α of shape [K] or, with ``config.per_layer``, [num_layers, K], and ``result.spec``,
     the mixture to pass to ``handle.set_mixture`` or :class:`t2fast.adapt.engine.FixedMixture`.
     With ``config.keep_base`` the result is the base model (``kept_base``, ``spec`` None) unless
-    the search's best beats it on the shots by the objective and is at least as accurate there.
+    the search's best beats it on the shots by the objective and is at least as accurate there;
+    with ``config.check_shots`` = c the search uses all but the last c examples and that
+    comparison (and ``fewshot_accuracy``, ``base``) the last c alone.
     """
     cfg = (config or CEMConfig()).validate()
     names = handle.expert_names
     shape = (handle.num_layers, len(names)) if cfg.per_layer else (len(names),)
-    scorer = FewShotScorer(handle, tokenizer, task, examples, max_new_tokens=max_new_tokens,
-                           max_rows=max_rows, objective=cfg.objective, space=cfg.space)
+    examples = list(examples)
+    if cfg.check_shots and cfg.check_shots >= len(examples):
+        raise ValueError(f"CEMConfig.check_shots={cfg.check_shots} holds out every one of the "
+                         f"{len(examples)} shots: expected fewer, so that some are searched on")
+    searched = examples[:len(examples) - cfg.check_shots]
+
+    def scorer_on(shots):
+        return FewShotScorer(handle, tokenizer, task, shots, max_new_tokens=max_new_tokens,
+                             max_rows=max_rows, objective=cfg.objective, space=cfg.space)
+    scorer = scorer_on(searched)
+    check = scorer_on(examples[len(searched):]) if cfg.check_shots else scorer
     bounds = (residual_bounds(handle.mixture_bounds) if cfg.space == "residual"
               else handle.mixture_bounds)
     res = cem_search(scorer, shape, cfg, callback=callback, bounds=bounds)
@@ -414,7 +437,7 @@ def fewshot_cem(handle, tokenizer, task, examples: Sequence, config: CEMConfig |
     candidates = torch.stack([torch.zeros(shape), res.alpha.float()])
     if cfg.space == "absolute":                   # the base model is not an absolute α
         candidates = candidates[1:]
-    acc, ll = scorer.measure(candidates)
+    acc, ll = check.measure(candidates)
     res.evaluations += len(candidates)
     res.fewshot_accuracy = float(acc[-1])
     if cfg.space == "residual":
