@@ -274,7 +274,8 @@ def cem_runs(w: World, eng, run, handle, tok, task, shots: int, **settings) -> l
                      "alpha": res.alpha.tolist(), "space": cfg.space,
                      "fewshot_accuracy": res.fewshot_accuracy,
                      "base_fewshot_accuracy": res.base and res.base["accuracy"],
-                     "kept_base": res.kept_base, "shots": shots, "cem_s": res.wall_s,
+                     "kept_base": res.kept_base, "shots": shots,
+                     "check_shots": cfg.check_shots, "cem_s": res.wall_s,
                      "evaluations": res.evaluations})
     return runs
 
@@ -380,7 +381,8 @@ def cross_model_results(w: World) -> dict:
     """The shipped experts on the second base model: its base, its own expert (trained on it
     with the same recipe), each shipped expert in every arm of :data:`cross_model.ARMS` (the
     shuffled control once per seed) on its own family, and the default few-shot CEM over the
-    shipped experts in σ order (one row per seed)."""
+    shipped experts in σ order (one row per seed), also with the last half of its shots held
+    out to decide between its best and the base model (``CEMConfig.check_shots``)."""
     folder = ROOT / SECOND_BASE
     report = json.loads((folder / "training_report.json").read_text())
     full = {f: load_expert(p) for f, p in w.expert_paths.items()}
@@ -406,7 +408,9 @@ def cross_model_results(w: World) -> dict:
                "reversed": run(eng, FixedMixture(f"{f}_reversed", "reversed")),
                "shuffled": [{"seed": s, **run(eng, FixedMixture(f"{f}_shuffled{s}", "shuffled"))}
                             for s in SHUFFLE_SEEDS],
-               "cem": cem_runs(w, eng_m, run, handle_m, tok_m, get_task(f), w.args.shots)}
+               "cem": cem_runs(w, eng_m, run, handle_m, tok_m, get_task(f), w.args.shots),
+               "cem_checked": cem_runs(w, eng_m, run, handle_m, tok_m, get_task(f),
+                                       w.args.shots, check_shots=w.args.shots // 2)}
         out["families"][f] = row
     return out
 

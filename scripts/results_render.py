@@ -119,7 +119,9 @@ def comparisons(results: dict) -> list[dict]:
                            "second model's own expert", row["own"]))
         for name, rec in [(CROSS_ARMS["matched"], row["matched"]),
                           (CROSS_ARMS["reversed"], row["reversed"]), *shuffled,
-                          *((f"CEM seed {r['seed']}", r) for r in row["cem"])]:
+                          *((f"CEM seed {r['seed']}", r) for r in row["cem"]),
+                          *((f"CEM (checked) seed {r['seed']}", r)
+                            for r in row.get("cem_checked", []))]:
             out.append(compare(where, name, rec, "second model's base", base))
         for name, rec in [(CROSS_ARMS["reversed"], row["reversed"]), *shuffled]:
             out.append(compare(where, CROSS_ARMS["matched"], row["matched"], name, rec))
@@ -270,10 +272,17 @@ def cross_model_lines(results: dict, rows: list[dict]) -> list[str]:
     order = [c for c in rows if c["where"].endswith("(second model)")
              and c["a"] == CROSS_ARMS["matched"] and c["b"] not in (base, own)]
     higher = sum(c["verdict"].startswith("higher") for c in order)
+
+    def below(prefix):
+        cs = [c for c in rows if c["where"].endswith("(second model)") and c["b"] == base
+              and c["a"].startswith(prefix)]
+        return f"{sum(c['verdict'].startswith('lower') for c in cs)} of {len(cs)}"
     return [f"Cross-model transfer (section 3d; no target): the first model's experts in σ order "
             f"against the second model's base: {diffs(CROSS_ARMS['matched'], base)}; the second "
             f"model's own experts: {diffs(own, base)}. In σ order against reversed or shuffled "
-            f"z: higher in {higher} of {len(order)} comparisons."]
+            f"z: higher in {higher} of {len(order)} comparisons. CEM seeds below the second "
+            f"model's base (p < {ALPHA}): {below('CEM seed')} (default), "
+            f"{below('CEM (checked) seed')} (checked)."]
 
 
 def cross_model_tables(results: dict) -> list[str]:
@@ -297,7 +306,17 @@ def cross_model_tables(results: dict) -> list[str]:
           "| family | CEM | seed | shots | α | few-shot acc (base) | test acc | search (s) |",
           "|---|---|---|---|---|---|---|---|"]
     for f, row in cm["families"].items():
-        L += [cem_row(f, "CEM", run, results["args"]["shots"]) for run in row["cem"]]
+        for key, label in (("cem", "CEM"), ("cem_checked", "CEM (checked)")):
+            L += [cem_row(f, label, run, results["args"]["shots"]) for run in row.get(key, [])]
+    checked = [r["check_shots"] for row in cm["families"].values()
+               for r in row.get("cem_checked", [])]
+    if checked:
+        held = checked[0]
+        searched = results["args"]["shots"] - held
+        L += ["", f"CEM (checked): the same search on the first {searched} shots only; the last "
+              f"{held} decide alone whether its best replaces the base model "
+              "(`CEMConfig.check_shots`, `t2fast adapt --cem-check-shots`); its few-shot "
+              "accuracies are those of the held-out shots."]
     return L
 
 
