@@ -39,7 +39,7 @@ TRAIN_VALUES = dict(
 CEM_VALUES = dict(population=8, elite_ratio=0.5, iterations=3, init_mean=[0.25, 0.75],
                   init_std=0.2, min_std=0.01, clamp=(-0.5, 1.5), normalize=True, per_layer=True,
                   keep_best=False, include_mean=False, patience=2, seed=4,
-                  objective="accuracy", space="absolute", keep_base=False)
+                  objective="accuracy", space="absolute", keep_base=False, check_shots=3)
 
 
 @pytest.mark.parametrize("cls, values, fixed", [
