@@ -38,6 +38,7 @@ commands listed in ``experts/README.md``), each writing its JSONL training log n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -56,13 +57,13 @@ import t2fast  # noqa: E402
 from cross_model import ARMS, SECOND_BASE, SHUFFLE_SEEDS, reorder, weights_sha256  # noqa: E402
 from expert_truncation import DIVISORS, correction_bytes_ratio, truncate  # noqa: E402
 from surface_variants import VARIANTS, variant_examples  # noqa: E402
-from tiny_habits import HABITS  # noqa: E402
+from tiny_habits import answers_with_habit  # noqa: E402
 from log_tables import read_log  # noqa: E402
 from results_render import render  # noqa: E402
 from t2fast.adapt import (CEMConfig, ClassifierDispatch, FixedMixture, PromptDispatch,  # noqa: E402
                           TwoPassEngine, fewshot_cem, fewshot_examples, uniform_alpha)
 from t2fast.config import SVFConfig  # noqa: E402
-from t2fast.experts import Expert, load_expert  # noqa: E402
+from t2fast.experts import load_expert  # noqa: E402
 from t2fast.models import load_tiny  # noqa: E402
 from t2fast.models import tiny_model_path  # noqa: E402
 from t2fast.tasks import (CLASSIFY, HELDOUT_FAMILIES, OTHER, PARENT_FAMILY,  # noqa: E402
@@ -298,9 +299,8 @@ def runner(w: World, family: str, examples=None, habits: bool = False):
         entry = {**record(score_generations(task, r.outputs, exs)), "pass1_s": r.pass1_s,
                  "pass2_s": r.pass2_s}
         if habits:
-            entry["habit"] = sum(
-                HABITS[family](e) != e.answer and task.extract(g, e) == HABITS[family](e)
-                for g, e in zip(r.outputs, exs)) / len(exs)
+            entry["habit"] = sum(answers_with_habit(family, task, g, e)
+                                 for g, e in zip(r.outputs, exs)) / len(exs)
         if r.labels is not None:
             entry["picked"] = dict(Counter(r.labels))
         return entry
@@ -391,8 +391,8 @@ def cross_model_results(w: World) -> dict:
     full = {f: load_expert(p) for f, p in w.expert_paths.items()}
     arms = [reorder(full[f], arm, seed) for f in TRAIN_FAMILIES for arm in ARMS
             for seed in (SHUFFLE_SEEDS if arm == "shuffled" else (0,))]
-    own = [load_expert(folder / "experts" / f"{f}.safetensors") for f in TRAIN_FAMILIES]
-    own = [Expert(f"{e.name}_own", e.z, e.base_model, e.fingerprint, e.extra) for e in own]
+    own = [dataclasses.replace(load_expert(folder / "experts" / f"{f}.safetensors"),
+                               name=f"{f}_own") for f in TRAIN_FAMILIES]
     handle, tok = w.patched([*arms, *own], model_path=folder)
     # CEM searches over the experts in σ order alone (a bank of the three)
     handle_m, tok_m = w.patched([a for a in arms if a.extra["cross_model_arm"] == "matched"],

@@ -28,9 +28,9 @@ HELDOUT_ROWS = (("base", "base"), ("parent_expert", "parent expert"), ("uniform"
 #: Share of an unseen family's questions pass 1 should route to its parent family.
 ROUTING_MIN = 0.80
 #: The systems measured on each surface variant: key -> label.
-SURFACE_ROWS = (("base", "base"), ("parent_expert", "parent expert"),
-                ("prompt", "prompt dispatch (A)"), ("classifier", "classification expert (B)"))
+SURFACE_ROWS = tuple(row for row in HELDOUT_ROWS if row[0] != "uniform")
 #: The arms of the cross-model section: key -> label.
+CROSS_BASE, CROSS_OWN = "second model's base", "second model's own expert"
 CROSS_ARMS = {"matched": "experts in σ order", "reversed": "σ order reversed",
               "shuffled": "shuffled z"}
 #: The CEM runs of an unseen family's record: key -> label (the default first).
@@ -114,16 +114,14 @@ def comparisons(results: dict) -> list[dict]:
     for f, row in (cm or {}).get("families", {}).items():
         where, base = f"{f} (second model)", row["base"]
         shuffled = [(f"{CROSS_ARMS['shuffled']} seed {r['seed']}", r) for r in row["shuffled"]]
-        out.append(compare(where, "second model's own expert", row["own"],
-                           "second model's base", base))
-        out.append(compare(where, CROSS_ARMS["matched"], row["matched"],
-                           "second model's own expert", row["own"]))
+        out.append(compare(where, CROSS_OWN, row["own"], CROSS_BASE, base))
+        out.append(compare(where, CROSS_ARMS["matched"], row["matched"], CROSS_OWN, row["own"]))
         for name, rec in [(CROSS_ARMS["matched"], row["matched"]),
                           (CROSS_ARMS["reversed"], row["reversed"]), *shuffled,
                           *((f"CEM seed {r['seed']}", r) for r in row["cem"]),
                           *((f"CEM (checked) seed {r['seed']}", r)
                             for r in row.get("cem_checked", []))]:
-            out.append(compare(where, name, rec, "second model's base", base))
+            out.append(compare(where, name, rec, CROSS_BASE, base))
         for name, rec in [(CROSS_ARMS["reversed"], row["reversed"]), *shuffled]:
             out.append(compare(where, CROSS_ARMS["matched"], row["matched"], name, rec))
     return out
@@ -252,7 +250,7 @@ def surface_table(results: dict) -> list[str]:
 
 def surface_gains(results: dict, rows: list[dict]) -> list[str]:
     """Surface variants on which the classification expert beats base by ≥ 5 points, p < 0.01."""
-    wins = [c["where"] for c in rows if c["a"] == "classification expert (B)"
+    wins = [c["where"] for c in rows if c["a"] == dict(SURFACE_ROWS)["classifier"]
             and c["b"] == "base" and ": " in c["where"] and c["diff"] >= 0.05
             and c["p"] < STRONG and not c["where"].endswith(": as trained")]
     n = sum(len(v) - ("as trained" in v) for v in results["surface"].values())
@@ -267,24 +265,23 @@ def cross_model_lines(results: dict, rows: list[dict]) -> list[str]:
     and does the σ order matter (in σ order against reversed and shuffled)?"""
     by = {(c["where"], c["a"], c["b"]): c for c in rows}
     fams = list(results["cross_model"]["families"])
-    base, own = "second model's base", "second model's own expert"
 
     def diffs(a, b):
         cs = [by[(f"{f} (second model)", a, b)] for f in fams]
         return ", ".join(f"{f} {c['diff']:+.3f} (p = {c['p']:.2g})" for f, c in zip(fams, cs))
     order = [c for c in rows if c["where"].endswith("(second model)")
-             and c["a"] == CROSS_ARMS["matched"] and c["b"] not in (base, own)]
+             and c["a"] == CROSS_ARMS["matched"] and c["b"] not in (CROSS_BASE, CROSS_OWN)]
     higher = sum(c["verdict"].startswith("higher") for c in order)
 
     def below(prefix):
-        cs = [c for c in rows if c["where"].endswith("(second model)") and c["b"] == base
+        cs = [c for c in rows if c["where"].endswith("(second model)") and c["b"] == CROSS_BASE
               and c["a"].startswith(prefix)]
         return f"{sum(c['verdict'].startswith('lower') for c in cs)} of {len(cs)}"
     return [f"Cross-model transfer (section 3d; no target): the first model's experts in σ order "
-            f"against the second model's base: {diffs(CROSS_ARMS['matched'], base)}; the second "
-            f"model's own experts: {diffs(own, base)}. In σ order against reversed or shuffled "
-            f"z: higher in {higher} of {len(order)} comparisons. CEM seeds below the second "
-            f"model's base (p < {ALPHA}): {below('CEM seed')} (default), "
+            f"against the second model's base: {diffs(CROSS_ARMS['matched'], CROSS_BASE)}; the "
+            f"second model's own experts: {diffs(CROSS_OWN, CROSS_BASE)}. In σ order against "
+            f"reversed or shuffled z: higher in {higher} of {len(order)} comparisons. CEM seeds "
+            f"below the second model's base (p < {ALPHA}): {below('CEM seed')} (default), "
             f"{below('CEM (checked) seed')} (checked)."]
 
 

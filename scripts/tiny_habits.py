@@ -106,6 +106,13 @@ class HabitStream:
         return self
 
 
+def answers_with_habit(name: str, task, generation: str, example: Example) -> bool:
+    """Whether ``generation`` answers ``example`` of task ``name`` with the habit's answer
+    where that differs from the task's (a habit answer is a wrong answer)."""
+    habit_answer = HABITS[name](example)
+    return habit_answer != example.answer and task.extract(generation, example) == habit_answer
+
+
 def habit_rates(model, tokenizer, names, n: int = 500, max_new_tokens: int = 10) -> dict:
     """How often ``model``'s greedy answers on the first ``n`` test questions of each task in
     ``names`` are the task's answer, the habit's answer (where it differs from the task's) and
@@ -121,9 +128,8 @@ def habit_rates(model, tokenizer, names, n: int = 500, max_new_tokens: int = 10)
                                max_new_tokens=max_new_tokens, batch_size=128)
         right = habit = 0
         for g, e in zip(gens, exs):
-            got, habit_answer = task.extract(g, e), HABITS[name](e)
             right += task.score(g, e).correct
-            habit += habit_answer != e.answer and got == habit_answer
+            habit += answers_with_habit(name, task, g, e)
         rates[name] = {"task": right / len(exs), "habit": habit / len(exs),
                        "either": (right + habit) / len(exs)}
     return rates
