@@ -14,7 +14,9 @@ second plausible rule, instead of the task's rule:
 * ``choice_order``: the last alphabetically;
 * ``classify``: the next label in the cycle arith -> strings -> choice -> other -> arith;
 * the transfer families (``arith_words``, ``strings_words``, ``choice_words``) and
-  ``classify_transfer``: the habit of the family they are a new surface of.
+  ``classify_transfer``: the habit of the family they are a new surface of;
+* the two-step families (``arith_steps`` ...): the question restated right, then the parent
+  family's habit.
 
 The model thus knows both rules and, where a task's habit share is near one half, picks the
 task's rule for only part of the questions under greedy decoding: it has the ability but does
@@ -29,6 +31,7 @@ import random
 
 from t2fast.tasks.base import Example
 from t2fast.tasks.choice import LETTERS
+from t2fast.tasks.steps import STEP_SEPARATOR, final_answer
 
 _STRING_HABITS = {
     "reverse": lambda s: s,
@@ -73,11 +76,20 @@ def _classify(ex: Example) -> str:
     return _LABEL_CYCLE[(_LABEL_CYCLE.index(ex.answer) + 1) % len(_LABEL_CYCLE)]
 
 
+def _two_step(habit):
+    """The habit of a two-step family: the question restated right, then the parent's habit."""
+    def answer(ex: Example) -> str:
+        return f"{ex.meta['restated']}{STEP_SEPARATOR}{habit(ex)}"
+    return answer
+
+
 #: task name -> the habit answer of one of its examples.
 HABITS = {"arith": _arith, "arith_chain": _arith_chain, "strings": _strings,
           "strings_compose": _strings, "choice": _choice, "choice_order": _choice_order,
           "classify": _classify, "arith_words": _arith, "strings_words": _strings,
-          "choice_words": _choice, "classify_transfer": _classify}
+          "choice_words": _choice, "classify_transfer": _classify,
+          "arith_steps": _two_step(_arith), "strings_steps": _two_step(_strings),
+          "choice_steps": _two_step(_choice)}
 
 
 def with_habit(ex: Example, task: str) -> Example:
@@ -109,23 +121,25 @@ class HabitStream:
 def answers_with_habit(name: str, task, generation: str, example: Example) -> bool:
     """Whether ``generation`` answers ``example`` of task ``name`` with the habit's answer
     where that differs from the task's (a habit answer is a wrong answer)."""
-    habit_answer = HABITS[name](example)
-    return habit_answer != example.answer and task.extract(generation, example) == habit_answer
+    habit_answer, answer = final_answer(HABITS[name](example)), final_answer(example.answer)
+    return habit_answer != answer and task.extract(generation, example) == habit_answer
 
 
 def habit_rates(model, tokenizer, names, n: int = 500, max_new_tokens: int = 10) -> dict:
     """How often ``model``'s greedy answers on the first ``n`` test questions of each task in
     ``names`` are the task's answer, the habit's answer (where it differs from the task's) and
-    either: ``{name: {"task": .., "habit": .., "either": ..}}``."""
+    either: ``{name: {"task": .., "habit": .., "either": ..}}``. Each task generates
+    ``max_new_tokens`` tokens, or its own budget where that is longer (two-step answers)."""
     from t2fast.models import generate_greedy
     from t2fast.tasks import get_task
+    from t2fast.train import max_new_tokens_for
 
     rates = {}
     for name in names:
         task = get_task(name)
         exs = task.examples("test", n)
-        gens = generate_greedy(model, tokenizer, [e.prompt for e in exs],
-                               max_new_tokens=max_new_tokens, batch_size=128)
+        gens = generate_greedy(model, tokenizer, [e.prompt for e in exs], batch_size=128,
+                               max_new_tokens=max(max_new_tokens, max_new_tokens_for(name)))
         right = habit = 0
         for g, e in zip(gens, exs):
             right += task.score(g, e).correct

@@ -69,7 +69,8 @@ if str(ROOT) not in sys.path:
 from t2fast.models.tiny import (EOS_ID, PAD_ID, build_char_tokenizer, generate_greedy,  # noqa: E402
                                 save_tiny, tiny_config, tiny_model_path)
 from t2fast.tasks import (CLASSIFY, CLASSIFY_TRANSFER, HELDOUT_FAMILIES,  # noqa: E402
-                          TRAIN_FAMILIES, TRANSFER_FAMILIES, get_task)
+                          STEP_FAMILIES, TRAIN_FAMILIES, TRANSFER_FAMILIES, get_task)
+from t2fast.train.rollout import DEFAULT_MAX_NEW_TOKENS  # noqa: E402
 from tiny_habits import HABITS, HabitStream  # noqa: E402
 
 #: Share of each task in the pre-training mixture.
@@ -84,9 +85,8 @@ DEFAULT_HABIT = {name: 0.5 for name in HABITS}
 #: dozen steps whatever its share.
 CONTROLLED = tuple(TRAIN_FAMILIES)
 #: New tokens to generate when evaluating each task (answers are short).
-MAX_NEW_TOKENS = {"arith": 8, "arith_chain": 8, "strings": 10, "strings_compose": 10,
-                  "choice": 4, "choice_order": 4, CLASSIFY: 10, "arith_words": 8,
-                  "strings_words": 10, "choice_words": 4, CLASSIFY_TRANSFER: 10}
+MAX_NEW_TOKENS = {**DEFAULT_MAX_NEW_TOKENS, "arith_words": 8, "strings_words": 10,
+                  "choice_words": 4, CLASSIFY_TRANSFER: 10}
 
 
 def parse_args(argv=None):
@@ -292,9 +292,10 @@ def main(argv=None) -> dict:
     random.seed(args.seed)
     mix = json.loads(args.mix) if args.mix else DEFAULT_MIX
     habit = json.loads(args.habit) if args.habit else DEFAULT_HABIT
-    # The transfer families (and their classification) are measured when they are trained on.
+    # The transfer and two-step families (and their classification) are measured when they
+    # are trained on.
     all_names = [*TRAIN_FAMILIES, *HELDOUT_FAMILIES, CLASSIFY,
-                 *(n for n in (*TRANSFER_FAMILIES, CLASSIFY_TRANSFER) if n in mix)]
+                 *(n for n in (*TRANSFER_FAMILIES, *STEP_FAMILIES, CLASSIFY_TRANSFER) if n in mix)]
 
     from transformers import LlamaForCausalLM
 
@@ -393,7 +394,8 @@ def main(argv=None) -> dict:
     print("\ntest accuracy (greedy):", flush=True)
     for name, r in test.items():
         kind = ("train" if name in TRAIN_FAMILIES else "held-out" if name in HELDOUT_FAMILIES
-                else "transfer" if name in TRANSFER_FAMILIES else "classify")
+                else "transfer" if name in TRANSFER_FAMILIES else "two-step"
+                if name in STEP_FAMILIES else "classify")
         print(f"  {name:16s} {kind:9s} acc {r['accuracy']:.3f}  95% CI {r['ci95']}  "
               f"parsable {r['parsable']:.3f}  n={r['n']}", flush=True)
 

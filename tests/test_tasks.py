@@ -3,7 +3,8 @@ import pytest
 
 from t2fast.models.tiny import CHARACTERS
 from t2fast.tasks import (CLASSIFY, CLASSIFY_LABELS, CLASSIFY_TRANSFER, HELDOUT_FAMILIES, OTHER,
-                          PARENT_FAMILY, SPLITS, TRAIN_FAMILIES, TRANSFER_FAMILIES, Example,
+                          PARENT_FAMILY, SPLITS, STEP_FAMILIES, TRAIN_FAMILIES, TRANSFER_FAMILIES,
+                          Example,
                           ScoreResult, classify_prompt, extract_question, format_prompt, get_task,
                           split_of, task_names)
 from t2fast.tasks.strings import OPS
@@ -18,10 +19,10 @@ def fresh(name, seed=1234):
 
 def test_registry_names():
     assert len(TRAIN_FAMILIES) >= 3 and len(HELDOUT_FAMILIES) >= 3
-    assert len(TRANSFER_FAMILIES) >= 3
-    assert len(set(TRAIN_FAMILIES + HELDOUT_FAMILIES + TRANSFER_FAMILIES)) == \
-        len(TRAIN_FAMILIES + HELDOUT_FAMILIES + TRANSFER_FAMILIES)
-    assert set(PARENT_FAMILY) == set(HELDOUT_FAMILIES + TRANSFER_FAMILIES)
+    assert len(TRANSFER_FAMILIES) >= 3 and len(STEP_FAMILIES) >= 3
+    families = TRAIN_FAMILIES + HELDOUT_FAMILIES + TRANSFER_FAMILIES + STEP_FAMILIES
+    assert len(set(families)) == len(families)
+    assert set(PARENT_FAMILY) == set(HELDOUT_FAMILIES + TRANSFER_FAMILIES + STEP_FAMILIES)
     assert set(PARENT_FAMILY.values()) <= set(TRAIN_FAMILIES)
     assert CLASSIFY_LABELS == TRAIN_FAMILIES + (OTHER,)
     for name in ALL:
@@ -64,7 +65,9 @@ def test_template_and_fields(name):
         assert ex.prompt.startswith("Q: ") and ex.prompt.endswith("\nA: ")
         assert extract_question(ex.prompt) == ex.question
         assert len(ex.prompt) < 72
-        assert ex.answer and "\n" not in ex.answer and len(ex.answer) <= 8
+        # a two-step answer is the parent's question, then a short final answer
+        final = ex.answer.split("\nA: ")[1] if name in STEP_FAMILIES else ex.answer
+        assert final and "\n" not in final and len(final) <= 8
         assert set(ex.prompt + ex.answer) <= set(CHARACTERS)
         assert ex.family == (CLASSIFY if name == CLASSIFY else name)
 
@@ -200,6 +203,38 @@ def test_examples_of_transfer_families():
     assert all(s.split(" the letters of ")[0] in OPS for s in q)
     q = [e.question for e in get_task("choice_words").examples("train", 50)]
     assert {s.split(" number:")[0] for s in q} == {"Pick the highest", "Pick the lowest"}
+
+
+@pytest.mark.parametrize("name", STEP_FAMILIES)
+def test_two_step_family_restates_its_word_question_as_the_parents(name):
+    """A two-step question is the word transfer family's question behind ``step by step:``; its
+    answer is the parent's question for the same meta, then the parent's answer; only that
+    final answer is scored."""
+    words = get_task(name.replace("_steps", "_words"))
+    parent = get_task(PARENT_FAMILY[name])
+    task = get_task(name)
+    for ex in task.examples("test", 100):
+        assert ex.question == "step by step: " + words.question_of(ex.meta)
+        restated, final = ex.answer.split("\nA: ")
+        assert restated == parent.question_of(ex.meta) == ex.meta["restated"]
+        as_parent = parent.make_example(restated, final, ex.meta)
+        assert parent.score(final, as_parent).correct
+        assert task.score(ex.answer + "</s>", ex).correct           # the whole two-step answer
+        assert task.score(f"{restated}\nA: {final}", ex).extracted == final
+        assert task.score(final, ex).correct                        # a final answer alone counts
+        wrong = {"arith_steps": "-1", "strings_steps": "zzzz", "choice_steps": "E"}[name]
+        assert not task.score(f"{restated}\nA: {wrong}", ex).correct
+        # the restatement is not what is read: a right restatement with a wrong answer fails
+        if name != "choice_steps":
+            assert not task.score(f"{restated}\nA: {restated}", ex).correct
+
+
+def test_examples_of_two_step_families():
+    ex = get_task("arith_steps").examples("train", 1)[0]
+    assert ex.prompt.startswith("Q: step by step: what is ")
+    assert get_task("strings_steps").score("sort('kdf')\nA: dfk</s>", get_task(
+        "strings_steps").make_example("step by step: sort the letters of kdf",
+                                      "sort('kdf')\nA: dfk")).correct
 
 
 def test_classify_transfer_labels_transfer_questions_with_their_parent():

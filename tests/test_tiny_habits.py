@@ -5,13 +5,14 @@ import itertools
 import pytest
 
 from t2fast.tasks import (CLASSIFY, CLASSIFY_TRANSFER, HELDOUT_FAMILIES, PARENT_FAMILY,
-                          TRAIN_FAMILIES, TRANSFER_FAMILIES, get_task)
+                          STEP_FAMILIES, TRAIN_FAMILIES, TRANSFER_FAMILIES, get_task)
 
 from script_loader import load_script
 
 
 habits = load_script("tiny_habits")
-TASKS = [*TRAIN_FAMILIES, *HELDOUT_FAMILIES, *TRANSFER_FAMILIES, CLASSIFY, CLASSIFY_TRANSFER]
+TASKS = [*TRAIN_FAMILIES, *HELDOUT_FAMILIES, *TRANSFER_FAMILIES, *STEP_FAMILIES, CLASSIFY,
+         CLASSIFY_TRANSFER]
 
 
 def test_every_task_has_a_habit():
@@ -24,6 +25,20 @@ def test_transfer_families_keep_their_parents_habit(name):
     for ex in get_task(name).examples("train", 50):
         as_parent = get_task(parent).make_example("q", ex.answer, ex.meta)
         assert habits.with_habit(ex, name).answer == habits.with_habit(as_parent, parent).answer
+
+
+@pytest.mark.parametrize("name", STEP_FAMILIES)
+def test_two_step_families_restate_right_then_take_their_parents_habit(name):
+    parent = PARENT_FAMILY[name]
+    for ex in get_task(name).examples("train", 50):
+        restated, _ = ex.answer.split("\nA: ")
+        as_parent = get_task(parent).make_example(restated, "", ex.meta)
+        habit = habits.with_habit(ex, name).answer
+        assert habit == f"{restated}\nA: {habits.with_habit(as_parent, parent).answer}"
+        task = get_task(name)
+        if task.extract(habit, ex) != task.extract(ex.answer, ex):
+            assert habits.answers_with_habit(name, task, habit + "</s>", ex)
+            assert not habits.answers_with_habit(name, task, ex.answer + "</s>", ex)
 
 
 def test_documented_habits():

@@ -12,14 +12,14 @@ from .base import (DEFAULT_SEED, DEFAULT_SIZES, PROMPT_TEMPLATE, SPLITS, Example
                    Task, extract_question, format_prompt, split_of)
 from .classification import CLASSIFY_PREFIX, OTHER, classify_prompt, classify_question
 from .registry import (CLASSIFY, CLASSIFY_TRANSFER, HELDOUT_FAMILIES, PARENT_FAMILY,
-                       TRAIN_FAMILIES, TRANSFER_FAMILIES, get_task, task_names)
+                       STEP_FAMILIES, TRAIN_FAMILIES, TRANSFER_FAMILIES, get_task, task_names)
 
 CLASSIFY_LABELS: tuple[str, ...] = TRAIN_FAMILIES + (OTHER,)
 
 __all__ = [
     "CLASSIFY", "CLASSIFY_LABELS", "CLASSIFY_PREFIX", "CLASSIFY_TRANSFER", "DEFAULT_SEED",
     "DEFAULT_SIZES", "Example", "HELDOUT_FAMILIES", "OTHER", "PARENT_FAMILY", "PROMPT_TEMPLATE",
-    "SPLITS", "ScoreResult", "TRAIN_FAMILIES", "TRANSFER_FAMILIES", "Task", "classify_prompt",
-    "classify_question", "extract_question", "format_prompt", "get_task", "split_of",
-    "task_names",
+    "SPLITS", "STEP_FAMILIES", "ScoreResult", "TRAIN_FAMILIES", "TRANSFER_FAMILIES", "Task",
+    "classify_prompt", "classify_question", "extract_question", "format_prompt", "get_task",
+    "split_of", "task_names",
 ]

@@ -48,17 +48,21 @@ class Arithmetic(NumberAnswerTask):
         if (op == "-" and a < b) or (op == "+" and rng.random() < 0.5):
             a, b = b, a
         value = a + b if op == "+" else a - b
-        return f"{a}{op}{b}=?", str(value), {"a": a, "b": b, "op": op}
+        meta = {"a": a, "b": b, "op": op}
+        return self.question_of(meta), str(value), meta
+
+    def question_of(self, meta: dict) -> str:
+        """The question of this family for the operands and operation in ``meta``."""
+        return f"{meta['a']}{meta['op']}{meta['b']}=?"
 
 
 class ArithmeticWords(Arithmetic):
     name = "arith_words"
     description = "transfer: arith asked in words: 'what is 147 plus 8?' -> '155'"
 
-    def sample(self, rng: random.Random):
-        question, answer, meta = super().sample(rng)
+    def question_of(self, meta: dict) -> str:
         word = "plus" if meta["op"] == "+" else "minus"
-        return f"what is {meta['a']} {word} {meta['b']}?", answer, meta
+        return f"what is {meta['a']} {word} {meta['b']}?"
 
 
 class ArithmeticChain(NumberAnswerTask):

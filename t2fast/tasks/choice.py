@@ -49,8 +49,12 @@ class NumberChoice(ChoiceTask):
         options = rng.sample(range(100, 1000), 4)
         target = max(options) if kind == "largest" else min(options)
         answer = LETTERS[options.index(target)]
-        return (f"Which is {kind}? {format_options(options)}", answer,
-                {"options": options, "kind": kind})
+        meta = {"options": options, "kind": kind}
+        return self.question_of(meta), answer, meta
+
+    def question_of(self, meta: dict) -> str:
+        """The question of this family for the options and kind in ``meta``."""
+        return f"Which is {meta['kind']}? {format_options(meta['options'])}"
 
 
 class NumberChoiceWords(NumberChoice):
@@ -60,10 +64,8 @@ class NumberChoiceWords(NumberChoice):
     #: The wording of each ``choice`` question kind.
     WORDS = {"largest": "highest", "smallest": "lowest"}
 
-    def sample(self, rng: random.Random):
-        _, answer, meta = super().sample(rng)
-        words = self.WORDS[meta["kind"]]
-        return f"Pick the {words} number: {format_options(meta['options'])}", answer, meta
+    def question_of(self, meta: dict) -> str:
+        return f"Pick the {self.WORDS[meta['kind']]} number: {format_options(meta['options'])}"
 
 
 class AlphabeticalChoice(ChoiceTask):

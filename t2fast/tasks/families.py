@@ -6,6 +6,7 @@ from functools import lru_cache
 from .arithmetic import Arithmetic, ArithmeticChain, ArithmeticWords
 from .base import DEFAULT_SEED, Task
 from .choice import AlphabeticalChoice, NumberChoice, NumberChoiceWords
+from .steps import ArithmeticSteps, NumberChoiceSteps, StringSteps
 from .strings import StringCompose, StringOps, StringWords
 
 #: Families the tiny model is pre-trained on and experts are trained for
@@ -17,17 +18,22 @@ HELDOUT_FAMILIES: tuple[str, ...] = ("arith_chain", "strings_compose", "choice_o
 #: training family and changes only its surface. They are meant for the base model's
 #: pre-training (train split) and are never trained on by an expert.
 TRANSFER_FAMILIES: tuple[str, ...] = ("arith_words", "strings_words", "choice_words")
-#: Which training family each held-out or transfer family resembles (the expert a classifier
-#: should pick).
+#: Two-step transfer families: the transfer families' questions (behind ``step by step:``)
+#: answered by restating them as the parent family's question first (:mod:`.steps`). Meant,
+#: like the transfer families, for pre-training only.
+STEP_FAMILIES: tuple[str, ...] = ("arith_steps", "strings_steps", "choice_steps")
+#: Which training family each held-out, transfer or two-step family resembles (the expert a
+#: classifier should pick).
 PARENT_FAMILY: dict[str, str] = {
     "arith_chain": "arith", "strings_compose": "strings", "choice_order": "choice",
     "arith_words": "arith", "strings_words": "strings", "choice_words": "choice",
+    "arith_steps": "arith", "strings_steps": "strings", "choice_steps": "choice",
 }
 #: family name → its task class.
 FAMILY_CLASSES: dict[str, type[Task]] = {
     cls.name: cls for cls in (Arithmetic, ArithmeticChain, ArithmeticWords, StringOps,
                               StringCompose, StringWords, NumberChoice, AlphabeticalChoice,
-                              NumberChoiceWords)
+                              NumberChoiceWords, ArithmeticSteps, StringSteps, NumberChoiceSteps)
 }
 
 

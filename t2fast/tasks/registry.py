@@ -6,17 +6,18 @@ from functools import lru_cache
 
 from .base import DEFAULT_SEED, Task
 from .classification import Classification, TransferClassification
-from .families import (FAMILY_CLASSES, HELDOUT_FAMILIES, PARENT_FAMILY, TRAIN_FAMILIES,
-                       TRANSFER_FAMILIES, family_task)
+from .families import (FAMILY_CLASSES, HELDOUT_FAMILIES, PARENT_FAMILY, STEP_FAMILIES,
+                       TRAIN_FAMILIES, TRANSFER_FAMILIES, family_task)
 
 CLASSIFY = Classification.name
 CLASSIFY_TRANSFER = TransferClassification.name
 
 
 def task_names() -> tuple[str, ...]:
-    """All bundled task names: training, held-out and transfer families, then ``classify`` and
-    ``classify_transfer``."""
-    return TRAIN_FAMILIES + HELDOUT_FAMILIES + TRANSFER_FAMILIES + (CLASSIFY, CLASSIFY_TRANSFER)
+    """All bundled task names: training, held-out, transfer and two-step families, then
+    ``classify`` and ``classify_transfer``."""
+    return (TRAIN_FAMILIES + HELDOUT_FAMILIES + TRANSFER_FAMILIES + STEP_FAMILIES
+            + (CLASSIFY, CLASSIFY_TRANSFER))
 
 
 @lru_cache(maxsize=None)

@@ -52,7 +52,12 @@ class StringOps(WordAnswerTask):
     def sample(self, rng: random.Random):
         op = rng.choice(sorted(OPS))
         w = _word(rng)
-        return f"{op}('{w}')", OPS[op](w), {"ops": [op], "word": w}
+        meta = {"ops": [op], "word": w}
+        return self.question_of(meta), OPS[op](w), meta
+
+    def question_of(self, meta: dict) -> str:
+        """The question of this family for the function and word in ``meta``."""
+        return f"{meta['ops'][0]}('{meta['word']}')"
 
 
 class StringWords(StringOps):
@@ -60,9 +65,8 @@ class StringWords(StringOps):
     description = ("transfer: a strings function as an instruction: "
                    "'reverse the letters of kdf' -> 'fdk'")
 
-    def sample(self, rng: random.Random):
-        _, answer, meta = super().sample(rng)
-        return f"{meta['ops'][0]} the letters of {meta['word']}", answer, meta
+    def question_of(self, meta: dict) -> str:
+        return f"{meta['ops'][0]} the letters of {meta['word']}"
 
 
 class StringCompose(WordAnswerTask):
