@@ -20,7 +20,11 @@ evaluated with greedy decoding on the test splits:
    the family's expert and both dispatchers;
 6. cross-model transfer: the experts on a second base model of the same shapes
    (``results/second_base/``), in σ order, in reversed order and shuffled, and few-shot CEM
-   over them (``scripts/cross_model.py``).
+   over them (``scripts/cross_model.py``);
+7. transfer families on a base pre-trained on them (``results/transfer_base/``, with its own
+   experts): base and expert on the training families, then every strategy of 2 on the
+   transfer families (a new surface of a training family) and the two-step families (the
+   transfer questions answered by first restating them as the parent family's question).
 
 ``results.json`` keeps every measurement, including which test questions each system answered
 correctly, so that every comparison is paired and tested with the exact McNemar test;
@@ -67,7 +71,8 @@ from t2fast.experts import load_expert  # noqa: E402
 from t2fast.models import load_tiny  # noqa: E402
 from t2fast.models import tiny_model_path  # noqa: E402
 from t2fast.tasks import (CLASSIFY, HELDOUT_FAMILIES, OTHER, PARENT_FAMILY,  # noqa: E402
-                          TRAIN_FAMILIES, TRANSFER_FAMILIES, get_task)
+                          STEP_FAMILIES, TRAIN_FAMILIES, TRANSFER_FAMILIES, get_task)
+from t2fast.tasks.steps import restated_right  # noqa: E402
 from t2fast.train import evaluate, max_new_tokens_for  # noqa: E402
 from t2fast.train.evaluate import EvalResult, score_generations  # noqa: E402
 
@@ -113,6 +118,13 @@ for _f in TRAIN_FAMILIES:
 for _f in TRAIN_FAMILIES:
     RECIPES[f"{SECOND_BASE}/experts/{_f}.safetensors"] = ["--model", str(SECOND_BASE),
                                                          "--task", _f, *RL]
+#: The transfer base model (pre-trained on the transfer and two-step families; its README has
+#: the runs), relative to the repository root.
+TRANSFER_BASE = Path("results") / "transfer_base"
+#: Its own experts and classification expert, same RL recipe.
+for _f in (*TRAIN_FAMILIES, CLASSIFY):
+    RECIPES[f"{TRANSFER_BASE}/experts/{_f}.safetensors"] = ["--model", str(TRANSFER_BASE),
+                                                           "--task", _f, *RL]
 
 
 def parse_args(argv=None):
@@ -165,13 +177,15 @@ class World:
             if not p.exists():
                 raise SystemExit(f"missing expert {p}; run with --train or see experts/README.md")
 
-    def patched(self, experts, more: int = 0, model_path: Path | None = None):
+    def patched(self, experts, more: int = 0, model_path: Path | None = None,
+                own: bool = False):
         """The tiny model (or the model at ``model_path``, which may take experts made for
-        another model) patched with ``experts``, its bank holding ``more`` besides."""
+        another model unless ``own``) patched with ``experts``, its bank holding ``more``
+        besides."""
         model, tok = load_tiny(path=model_path)
         experts = list(experts)
         return t2fast.patch_model(model, experts=experts, backend="torch", progress=False,
-                                  allow_other_model=model_path is not None,
+                                  allow_other_model=model_path is not None and not own,
                                   max_experts=max(SVFConfig().max_experts,
                                                   len(experts) + more)), tok
 
@@ -289,7 +303,8 @@ def runner(w: World, family: str, examples=None, habits: bool = False):
     questions) scored by ``family``, as a record with the pass times (and pass 1's picks when
     it picked). With ``habits`` the record adds ``habit``: the share of questions answered
     with the pre-training habit's answer where it differs from the task's
-    (``scripts/tiny_habits.py``)."""
+    (``scripts/tiny_habits.py``), and for a two-step family ``restated``: the share whose first
+    step is the parent question, exactly."""
     task = get_task(family)
     exs = w.examples(family) if examples is None else examples
     prompts = [e.prompt for e in exs]
@@ -301,25 +316,43 @@ def runner(w: World, family: str, examples=None, habits: bool = False):
         if habits:
             entry["habit"] = sum(answers_with_habit(family, task, g, e)
                                  for g, e in zip(r.outputs, exs)) / len(exs)
+            if family in STEP_FAMILIES:
+                entry["restated"] = sum(map(restated_right, r.outputs, exs)) / len(exs)
         if r.labels is not None:
             entry["picked"] = dict(Counter(r.labels))
         return entry
     return run
 
 
-def heldout_results(w: World) -> dict:
+def family_kind(name: str) -> str:
+    return ("transfer" if name in TRANSFER_FAMILIES else "two-step" if name in STEP_FAMILIES
+            else "held out")
+
+
+def heldout_results(w: World, unseen=None, model_path: Path | None = None,
+                    variants: dict | None = None, habits: bool = False) -> dict:
+    """Every strategy on each unseen family in ``unseen`` (default :func:`unseen_families`) of
+    the bundled model with the shipped experts, or of the model at ``model_path`` with its own
+    experts (``model_path/experts/``). ``variants``: the CEM variants besides the default
+    (default: :data:`CEM_VARIANTS` unless ``--no-cem-variants``); ``habits``: records add the
+    share of habit answers."""
     a = w.args
     families = list(TRAIN_FAMILIES)
-    handle, tok = w.patched(w.expert_paths.values())
-    handle_c, tok_c = w.patched([*w.expert_paths.values(), w.classifier_path])
+    paths, classifier = w.expert_paths.values(), w.classifier_path
+    if model_path is not None:
+        paths = [model_path / "experts" / f"{f}.safetensors" for f in TRAIN_FAMILIES]
+        classifier = model_path / "experts" / f"{CLASSIFY}.safetensors"
+    if variants is None:
+        variants = {} if a.no_cem_variants else CEM_VARIANTS
+    handle, tok = w.patched(paths, model_path=model_path, own=True)
+    handle_c, tok_c = w.patched([*paths, classifier], model_path=model_path, own=True)
     out = {}
-    for h in unseen_families():
-        task, run = get_task(h), runner(w, h)
+    for h in unseen_families() if unseen is None else unseen:
+        task, run = get_task(h), runner(w, h, habits=habits)
         mnt = max_new_tokens_for(h)
         eng = TwoPassEngine(handle, tok, max_new_tokens=mnt, batch_size=a.batch_size)
         eng_c = TwoPassEngine(handle_c, tok_c, max_new_tokens=mnt, batch_size=a.batch_size)
-        rec: dict = {"parent": PARENT_FAMILY[h],
-                     "kind": "transfer" if h in TRANSFER_FAMILIES else "held out"}
+        rec: dict = {"parent": PARENT_FAMILY[h], "kind": family_kind(h)}
         rec["base"] = run(eng, FixedMixture(None, "base"))
         rec["parent_expert"] = run(eng, FixedMixture(PARENT_FAMILY[h], "parent"))
         rec["uniform"] = run(eng, FixedMixture(uniform_alpha(len(families)), "uniform"))
@@ -329,10 +362,9 @@ def heldout_results(w: World) -> dict:
         if a.per_layer:
             rec["cem_per_layer"] = cem_runs(w, eng, run, handle, tok, task, a.shots,
                                             per_layer=True)
-        if not a.no_cem_variants:
-            for key, v in CEM_VARIANTS.items():
-                rec[key] = cem_runs(w, eng, run, handle, tok, task, v["shots"],
-                                    **{k: x for k, x in v.items() if k != "shots"})
+        for key, v in variants.items():
+            rec[key] = cem_runs(w, eng, run, handle, tok, task, v["shots"],
+                                **{k: x for k, x in v.items() if k != "shots"})
         out[h] = rec
     return out
 
@@ -418,6 +450,29 @@ def cross_model_results(w: World) -> dict:
     return out
 
 
+def transfer_base_results(w: World) -> dict:
+    """The transfer base model (pre-trained on the transfer and two-step families, never an
+    expert's training data) with its own experts: each training family (base, its expert) and
+    every transfer and two-step family (every strategy of :func:`heldout_results`, with the
+    default CEM and the one with half its shots held out to decide; habit shares)."""
+    folder = ROOT / TRANSFER_BASE
+    report = json.loads((folder / "training_report.json").read_text())
+    handle, tok = w.patched([folder / "experts" / f"{f}.safetensors" for f in TRAIN_FAMILIES],
+                            model_path=folder, own=True)
+    train = {}
+    for f in TRAIN_FAMILIES:
+        handle.set_mixture(None)
+        train[f] = {"base": record(w.eval_model(handle.model, tok, f))}
+        handle.set_mixture(f)
+        train[f]["expert"] = record(w.eval_model(handle.model, tok, f))
+    check = {"cem_check10": CEM_VARIANTS["cem_check10"]}
+    return {"model": str(TRANSFER_BASE), "sha256": weights_sha256(folder),
+            "steps_run": report["steps_run"], "mixture": report["mixture"],
+            "train_families": train,
+            "unseen": heldout_results(w, [*TRANSFER_FAMILIES, *STEP_FAMILIES], folder, check,
+                                      habits=True)}
+
+
 def expert_info(w: World) -> tuple[dict, dict]:
     """Training facts of every shipped expert and baseline (from their metadata)."""
     info, checkpoints = {}, {}
@@ -480,6 +535,8 @@ SECTIONS = {
     "truncated": ("truncated experts", lambda w: {"truncated": truncation_results(w)}),
     "surface": ("surface variants", lambda w: {"surface": surface_results(w)}),
     "cross_model": ("cross-model transfer", lambda w: {"cross_model": cross_model_results(w)}),
+    "transfer_base": ("transfer families on a base pre-trained on them",
+                      lambda w: {"transfer_base": transfer_base_results(w)}),
 }
 
 
@@ -489,7 +546,7 @@ def machine(args) -> str:
 
 
 #: Settings that only some sections use: --only may change them with all of those sections.
-SECTION_SETTINGS = {"cem_variants": {"heldout"}, "per_layer": {"heldout"}}
+SECTION_SETTINGS = {"cem_variants": {"heldout"}, "per_layer": {"heldout", "transfer_base"}}
 
 
 def run_args(args) -> dict:

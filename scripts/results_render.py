@@ -33,6 +33,8 @@ SURFACE_ROWS = tuple(row for row in HELDOUT_ROWS if row[0] != "uniform")
 CROSS_BASE, CROSS_OWN = "second model's base", "second model's own expert"
 CROSS_ARMS = {"matched": "experts in σ order", "reversed": "σ order reversed",
               "shuffled": "shuffled z"}
+#: Where-suffix and expert label of the transfer base model's rows (section 3e).
+TB, TB_EXPERT = " (transfer base)", "its own expert"
 #: The CEM runs of an unseen family's record: key -> label (the default first).
 CEM_LABELS = {"cem": "CEM", "cem_per_layer": "per-layer CEM",
               "cem_acc5": "CEM (accuracy, 5 shots, absolute)",
@@ -78,22 +80,7 @@ def comparisons(results: dict) -> list[dict]:
         for k in others:
             if k != "svf_rl" and "svf_rl" in row:
                 out.append(compare(f, labels["svf_rl"], row["svf_rl"], labels[k], row[k]))
-    for h, r in results["heldout"].items():
-        names = dict(HELDOUT_ROWS)
-        for key, name in HELDOUT_ROWS[1:]:
-            out.append(compare(h, name, r[key], "base", r["base"]))
-        for key in ("prompt", "classifier"):
-            out.append(compare(h, names[key], r[key], names["uniform"], r["uniform"]))
-        out.append(compare(h, names["classifier"], r["classifier"], names["prompt"],
-                           r["prompt"]))
-        for key, label in CEM_LABELS.items():
-            # the default CEM against every other strategy; its ablations against base
-            others = ["base"] if key.startswith("cem_") else ["base", "uniform", "prompt",
-                                                                  "classifier"]
-            for run in r.get(key, []):
-                name = f"{label} seed {run['seed']}"
-                for other in others:
-                    out.append(compare(h, name, run, names[other], r[other]))
+    out += unseen_comparisons(results["heldout"])
     c = results["classification"]
     out.append(compare("classify (pass 1)", "classification expert (B)", c["classifier"],
                        "prompt (A)", c["prompt"]))
@@ -124,6 +111,37 @@ def comparisons(results: dict) -> list[dict]:
             out.append(compare(where, name, rec, CROSS_BASE, base))
         for name, rec in [(CROSS_ARMS["reversed"], row["reversed"]), *shuffled]:
             out.append(compare(where, CROSS_ARMS["matched"], row["matched"], name, rec))
+    tb = results.get("transfer_base")
+    if tb:
+        for f, row in tb["train_families"].items():
+            out.append(compare(f + TB, TB_EXPERT, row["expert"], "base", row["base"]))
+        out += unseen_comparisons(tb["unseen"], TB)
+    return out
+
+
+def unseen_comparisons(ho: dict, suffix: str = "") -> list[dict]:
+    """The comparisons on unseen families ``ho`` (family -> record of every strategy), each
+    where = family + ``suffix``: every strategy against base, the dispatchers against uniform
+    α and each other, the default CEM against every other strategy, its variants against
+    base."""
+    out = []
+    names = dict(HELDOUT_ROWS)
+    for h, r in ho.items():
+        where = h + suffix
+        for key, name in HELDOUT_ROWS[1:]:
+            out.append(compare(where, name, r[key], "base", r["base"]))
+        for key in ("prompt", "classifier"):
+            out.append(compare(where, names[key], r[key], names["uniform"], r["uniform"]))
+        out.append(compare(where, names["classifier"], r["classifier"], names["prompt"],
+                           r["prompt"]))
+        for key, label in CEM_LABELS.items():
+            # the default CEM against every other strategy; its ablations against base
+            others = ["base"] if key.startswith("cem_") else ["base", "uniform", "prompt",
+                                                                  "classifier"]
+            for run in r.get(key, []):
+                name = f"{label} seed {run['seed']}"
+                for other in others:
+                    out.append(compare(where, name, run, names[other], r[other]))
     return out
 
 
@@ -172,20 +190,56 @@ def cem_row(where: str, label: str, run: dict, shots: int) -> str:
             f"| {fmt(run)} | {run['cem_s']:.1f} |")
 
 
+def strategy_table(ho: dict, habits: bool = False) -> list[str]:
+    """| family | kind | every strategy of HELDOUT_ROWS | with ``habits``: the habit's answers
+    and (two-step families) the right restatements, base → parent expert |"""
+    def shares(key: str, r: dict) -> str:
+        if key not in r["base"]:
+            return "—"
+        return f"{r['base'][key]:.3f} → {r['parent_expert'][key]:.3f}"
+    L = ["| family | kind | " + " | ".join(n for _, n in HELDOUT_ROWS)
+         + (" | habit's answer: base → parent expert | first step right: base → parent expert"
+            if habits else "") + " |",
+         "|---|---|" + "---|" * (len(HELDOUT_ROWS) + 2 * habits)]
+    for h, r in ho.items():
+        L.append(f"| {h} | {r.get('kind', 'held out')} | "
+                 + " | ".join(fmt(r[k]) for k, _ in HELDOUT_ROWS)
+                 + (f" | {shares('habit', r)} | {shares('restated', r)}" if habits else "")
+                 + " |")
+    return L + ["", "Parent expert: the training family each unseen family resembles ("
+                + ", ".join(f"{h} → {r['parent']}" for h, r in ho.items()) + ")."]
+
+
+def cem_table(ho: dict, shots: int) -> list[str]:
+    L = ["| family | CEM | seed | shots | α | few-shot acc (base) | test acc | search (s) |",
+         "|---|---|---|---|---|---|---|---|"]
+    for h, r in ho.items():
+        for key, label in CEM_LABELS.items():
+            L += [cem_row(h, label, run, shots) for run in r.get(key, [])]
+    return L
+
+
+def routing_table(ho: dict) -> list[str]:
+    L = [f"Routed: the share sent to the parent family's expert (wanted: ≥ {ROUTING_MIN:.0%}).",
+         "", "| family | strategy | routed to parent | picked |", "|---|---|---|---|"]
+    for h, r in ho.items():
+        for s in ("prompt", "classifier"):
+            picked = ", ".join(f"{k}: {v}" for k, v in sorted(r[s]["picked"].items()))
+            L.append(f"| {h} | {s} | {routed(r[s], r['parent']):.3f} | {picked} |")
+    return L
+
+
 def heldout_tables(results: dict) -> list[str]:
     ho = results["heldout"]
     a = results["args"]
-    L = ["| family | kind | " + " | ".join(n for _, n in HELDOUT_ROWS) + " |",
-         "|---|---|" + "---|" * len(HELDOUT_ROWS)]
-    for h, r in ho.items():
-        L.append(f"| {h} | {r.get('kind', 'held out')} | "
-                 + " | ".join(fmt(r[k]) for k, _ in HELDOUT_ROWS) + " |")
-    L += ["", "Parent expert: the training family each unseen family resembles ("
-          + ", ".join(f"{h} → {r['parent']}" for h, r in ho.items()) + ")."]
+    L = strategy_table(ho)
     if not any(r.get("kind") == "transfer" for r in ho.values()):
-        L += ["", "No transfer family is measured: the shipped base model was not pre-trained on "
-              "them, and they are measured once one that was is shipped "
-              "(`t2fast/assets/tiny_llama/README.md`, \"Transfer families\")."]
+        L += ["", "No transfer family is measured here: the bundled base model was not "
+              "pre-trained on them. " + ("Section 3e measures them on a base model that was."
+                                         if results.get("transfer_base") else
+                                         "They are measured once one that was is shipped "
+                                         "(`t2fast/assets/tiny_llama/README.md`, \"Transfer "
+                                         "families\").")]
     L += ["",
           "### Few-shot CEM, one row per seed", "",
           f"Seed s draws its own few-shot examples (block s of the validation split, blocks of "
@@ -200,24 +254,44 @@ def heldout_tables(results: dict) -> list[str]:
           f"z' = Σ α_k z_k from uniform 1/K, best member always kept); *held out to decide* is "
           f"the default with the last shots out of the search, they alone deciding whether its "
           f"best replaces the base model (few-shot accuracies on them). Bank order: "
-          + ", ".join(results["bank"]) + ".", "",
-          "| family | CEM | seed | shots | α | few-shot acc (base) | test acc | search (s) |",
-          "|---|---|---|---|---|---|---|---|"]
-    for h, r in ho.items():
-        for key, label in CEM_LABELS.items():
-            L += [cem_row(h, label, run, a["shots"]) for run in r.get(key, [])]
-    L += ["", "### Experts picked in pass 1 on the unseen families", "",
-          f"Routed: the share sent to the parent family's expert (wanted: ≥ {ROUTING_MIN:.0%}).",
-          "", "| family | strategy | routed to parent | picked |", "|---|---|---|---|"]
-    for h, r in ho.items():
-        for s in ("prompt", "classifier"):
-            picked = ", ".join(f"{k}: {v}" for k, v in sorted(r[s]["picked"].items()))
-            L.append(f"| {h} | {s} | {routed(r[s], r['parent']):.3f} | {picked} |")
+          + ", ".join(results["bank"]) + ".", ""]
+    L += cem_table(ho, a["shots"])
+    L += ["", "### Experts picked in pass 1 on the unseen families", ""]
+    L += routing_table(ho)
     L += ["", "### Pass-1 / pass-2 wall time (s) on the unseen test sets", "",
           "| family | strategy | pass 1 | pass 2 |", "|---|---|---|---|"]
     for h, r in ho.items():
         for s in ("base", "uniform", "prompt", "classifier"):
             L.append(f"| {h} | {s} | {r[s]['pass1_s']:.2f} | {r[s]['pass2_s']:.2f} |")
+    return L
+
+
+def transfer_base_intro(results: dict) -> str:
+    tb = results["transfer_base"]
+    return (f"The transfer families need a base model that knows them: `{tb['model']}` is the "
+            f"bundled model pre-trained further ({tb['steps_run']} steps in its last run; "
+            f"weights sha256 `{tb['sha256'][:12]}…`; its README has every run) with the transfer "
+            "families and the two-step families in its pre-training mixture (train split), and "
+            "its own experts and classification expert trained on it with the shipped RL recipe "
+            "(`experts/` of that folder): no expert saw a transfer or two-step question. A "
+            "*transfer* family asks a training family's question in other words and is answered "
+            "directly; a *two-step* family asks the same words behind `step by step:` and is "
+            "answered by first writing the parent family's own question, then its answer "
+            "(`t2fast/tasks/steps.py`; only the final answer is scored). Habit's answer: the "
+            "share of questions answered with the pre-training habit's answer, by the base "
+            "model and by the parent family's expert.")
+
+
+def transfer_base_tables(results: dict) -> list[str]:
+    tb = results["transfer_base"]
+    L = [f"| training family | base | {TB_EXPERT} |", "|---|---|---|"]
+    L += [f"| {f} | {fmt(row['base'])} | {fmt(row['expert'])} |"
+          for f, row in tb["train_families"].items()]
+    L += [""] + strategy_table(tb["unseen"], habits=True)
+    L += ["", "Few-shot CEM over its own experts (the default and the one with half its shots "
+          "held out to decide, as in section 2), one row per seed:", ""]
+    L += cem_table(tb["unseen"], results["args"]["shots"])
+    L += [""] + routing_table(tb["unseen"])
     return L
 
 
@@ -364,49 +438,57 @@ def target_lines(results: dict, rows: list[dict]) -> list[str]:
             out.append(f"SVF (RL) on {c['where']}: {c['diff']:+.3f} against the base model, "
                        f"p = {c['p']:.2g}: target (≥ +0.10 with p < 0.01) "
                        + ("met." if met else "NOT met."))
-    return out + unseen_target_lines(results, rows)
+    out += unseen_target_lines(results["heldout"], rows)
+    if results.get("transfer_base"):
+        out += unseen_target_lines(results["transfer_base"]["unseen"], rows, TB)
+    return out
 
 
-def unseen_target_lines(results: dict, rows: list[dict]) -> list[str]:
-    """The targets on the unseen families: pass 1 routes transfer families to their parent,
-    the classification expert beats base on them, no CEM seed is significantly below base, CEM
-    beats base on transfer families, and the order prompt ≤ classifier ≤ CEM."""
+def unseen_target_lines(ho: dict, rows: list[dict], suffix: str = "") -> list[str]:
+    """The targets on the unseen families ``ho`` (rows where = family + ``suffix``): pass 1
+    routes transfer (and two-step) families to their parent, the classification expert beats
+    base on them, no CEM seed is significantly below base, CEM beats base on them, and the
+    order prompt ≤ classifier ≤ CEM."""
     out = []
     by = {(c["where"], c["a"], c["b"]): c for c in rows}
-    ho = results["heldout"]
     names = dict(HELDOUT_ROWS)
-    transfer = [h for h, r in ho.items() if r.get("kind") == "transfer"]
+    on = f" ({suffix.strip(' ()')})" if suffix else ""
+    transfer = [h for h, r in ho.items() if r.get("kind") in ("transfer", "two-step")]
     for h in transfer:
         r = ho[h]
         for s in ("prompt", "classifier"):
             share = routed(r[s], r["parent"])
-            out.append(f"{names[s]} routes {h} to {r['parent']}: {share:.3f}; target "
+            out.append(f"{names[s]} routes {h}{on} to {r['parent']}: {share:.3f}; target "
                        f"(≥ {ROUTING_MIN:.2f}) " + ("met." if share >= ROUTING_MIN else "NOT met."))
-        c = by[(h, names["classifier"], "base")]
+        c = by[(h + suffix, names["classifier"], "base")]
         met = c["diff"] >= 0.05 and c["p"] < STRONG
-        out.append(f"Classification expert (B) on the transfer family {h}: {c['diff']:+.3f} "
-                   f"against base, p = {c['p']:.2g}: target (≥ +0.05 with p < 0.01) "
-                   + ("met." if met else "NOT met."))
-    below = [c for c in rows if c["a"].startswith("CEM seed") and c["b"] == "base"
-             and c["verdict"].startswith("lower")]
-    n_cem = sum(1 for c in rows if c["a"].startswith("CEM seed") and c["b"] == "base")
-    out.append(f"Default CEM seeds significantly below base on an unseen family: {len(below)} of "
-               f"{n_cem}" + ("" if not below else " (" + ", ".join(
+        out.append(f"Classification expert (B) on the {r['kind']} family {h}{on}: "
+                   f"{c['diff']:+.3f} against base, p = {c['p']:.2g}: target (≥ +0.05 with "
+                   f"p < 0.01) " + ("met." if met else "NOT met."))
+    wheres = {h + suffix for h in ho}
+    cem = [c for c in rows if c["a"].startswith("CEM seed") and c["b"] == "base"
+           and c["where"] in wheres]
+    below = [c for c in cem if c["verdict"].startswith("lower")]
+    out.append(f"Default CEM seeds significantly below base on an unseen family{on}: "
+               f"{len(below)} of {len(cem)}" + ("" if not below else " (" + ", ".join(
                    f"{c['where']} {c['a'][4:]}" for c in below) + ")")
                + "; target (none) " + ("met." if not below else "NOT met."))
-    if transfer:
-        wins = [h for h in transfer if all(
-            by[(h, f"CEM seed {run['seed']}", "base")]["verdict"].startswith("higher")
+    for kind in ("transfer", "two-step"):
+        fams = [h for h in transfer if ho[h]["kind"] == kind]
+        if not fams:
+            continue
+        wins = [h for h in fams if all(
+            by[(h + suffix, f"CEM seed {run['seed']}", "base")]["verdict"].startswith("higher")
             for run in ho[h]["cem"])]
         out.append(f"Default CEM significantly above base on every seed on {len(wins)} of "
-                   f"{len(transfer)} transfer families ({', '.join(wins) or 'none'}); target "
+                   f"{len(fams)} {kind} families{on} ({', '.join(wins) or 'none'}); target "
                    f"(≥ 2) " + ("met." if len(wins) >= 2 else "NOT met."))
     for h, r in ho.items():
-        cem = sum(run["accuracy"] for run in r["cem"]) / len(r["cem"])
+        cem_acc = sum(run["accuracy"] for run in r["cem"]) / len(r["cem"])
         p_acc, c_acc = r["prompt"]["accuracy"], r["classifier"]["accuracy"]
-        order = "holds" if p_acc <= c_acc <= cem else "does not hold"
-        out.append(f"Order prompt ≤ classifier ≤ CEM on {h}: {p_acc:.3f}, {c_acc:.3f}, "
-                   f"{cem:.3f} (CEM: mean of the seeds) — {order} in the point estimates; "
+        order = "holds" if p_acc <= c_acc <= cem_acc else "does not hold"
+        out.append(f"Order prompt ≤ classifier ≤ CEM on {h}{on}: {p_acc:.3f}, {c_acc:.3f}, "
+                   f"{cem_acc:.3f} (CEM: mean of the seeds) — {order} in the point estimates; "
                    f"section 4 has the paired tests.")
     return out
 
@@ -468,6 +550,8 @@ EXTRA_SECTIONS = (
      surface_table),
     ("cross_model", "3d. Cross-model transfer (test split)", cross_model_intro,
      cross_model_tables),
+    ("transfer_base", "3e. Transfer families on a base pre-trained on them (test split)",
+     transfer_base_intro, transfer_base_tables),
 )
 
 

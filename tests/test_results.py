@@ -196,11 +196,9 @@ def test_unseen_targets_on_a_synthetic_transfer_family():
            "uniform": rec(20), "prompt": rec(25, picked={"arith": 85, "other": 15}),
            "classifier": rec(40, picked={"arith": 79, "strings": 21}),
            "cem": [{**rec(45), "seed": 0}, {**rec(5), "seed": 1}]}
-    results = {"heldout": {"arith_words": fam}, "column_labels": {}}
-    lines = rr.unseen_target_lines(results, rr.comparisons(
-        {**results, "train_families": {}, "classification": {
-            "classifier": rec(1), "prompt": rec(1)}}))
-    text = "\n".join(lines)
+    results = {"heldout": {"arith_words": fam}, "column_labels": {}, "train_families": {},
+               "classification": {"classifier": rec(1), "prompt": rec(1)}}
+    text = "\n".join(rr.unseen_target_lines(results["heldout"], rr.comparisons(results)))
     assert "prompt dispatch (A) routes arith_words to arith: 0.850; target (≥ 0.80) met." in text
     assert "classification expert (B) routes arith_words to arith: 0.790; target (≥ 0.80) NOT met." \
         in text
@@ -208,6 +206,17 @@ def test_unseen_targets_on_a_synthetic_transfer_family():
     assert "1 of 2 (arith_words seed 1); target (none) NOT met." in text
     assert "on 0 of 1 transfer families (none)" in text
     assert "0.250, 0.400, 0.250 (CEM: mean of the seeds) — does not hold" in text
+    # the transfer base's families, a two-step one among them, counted apart from section 2's
+    tb = {"arith_words": fam, "arith_steps": {**fam, "kind": "two-step"}}
+    rows = rr.comparisons({**results, "transfer_base": {"train_families": {
+        "arith": {"base": rec(20), "expert": rec(50)}}, "unseen": tb}})
+    assert [c["diff"] for c in rows if c["where"] == "arith (transfer base)"] == [0.3]
+    text = "\n".join(rr.unseen_target_lines(tb, rows, rr.TB))
+    assert "routes arith_steps (transfer base) to arith: 0.850; target (≥ 0.80) met." in text
+    assert ("Classification expert (B) on the two-step family arith_steps (transfer base): "
+            "+0.200") in text
+    assert "below base on an unseen family (transfer base): 2 of 4 (" in text
+    assert "on 0 of 1 two-step families (transfer base) (none)" in text
 
 
 def test_surface_variants_are_all_measured_and_reproduce_section_1(results):

@@ -7,6 +7,7 @@ from t2fast.tasks import (CLASSIFY, CLASSIFY_LABELS, CLASSIFY_TRANSFER, HELDOUT_
                           Example,
                           ScoreResult, classify_prompt, extract_question, format_prompt, get_task,
                           split_of, task_names)
+from t2fast.tasks.steps import restated_right
 from t2fast.tasks.strings import OPS
 
 ALL = task_names()
@@ -227,6 +228,8 @@ def test_two_step_family_restates_its_word_question_as_the_parents(name):
         # the restatement is not what is read: a right restatement with a wrong answer fails
         if name != "choice_steps":
             assert not task.score(f"{restated}\nA: {restated}", ex).correct
+        assert restated_right(ex.answer + "</s>", ex) and restated_right(f"{restated}\nA: x", ex)
+        assert not restated_right(final, ex) and not restated_right(f"{restated}x\nA: {final}", ex)
 
 
 def test_examples_of_two_step_families():

@@ -37,6 +37,12 @@ def final_answer(text: str) -> str:
     return text.rsplit(STEP_SEPARATOR.rstrip(" "), 1)[-1].strip()
 
 
+def restated_right(generation: str, example: Example) -> bool:
+    """Whether ``generation``'s first step is exactly the parent question of ``example``."""
+    sep = STEP_SEPARATOR.rstrip(" ")
+    return sep in generation and generation.split(sep, 1)[0].strip() == example.meta["restated"]
+
+
 class TwoStepTask(Task):
     """Mixin over a word transfer family: the question gets :data:`STEP_PREFIX`, the answer
     restates the parent family's question first; scoring reads the final answer only."""
