@@ -329,6 +329,37 @@ def family_kind(name: str) -> str:
             else "held out")
 
 
+class Dispatchers:
+    """The two patched models every dispatch comparison needs: the training families' experts
+    (fixed mixtures, prompt dispatch, CEM) and the same plus the classification expert
+    (classifier dispatch), on the bundled model with the shipped experts or on the model at
+    ``model_path`` with its own (``model_path/experts/``)."""
+
+    def __init__(self, w: World, model_path: Path | None = None):
+        paths, classifier = list(w.expert_paths.values()), w.classifier_path
+        if model_path is not None:
+            paths = [model_path / "experts" / f"{f}.safetensors" for f in TRAIN_FAMILIES]
+            classifier = model_path / "experts" / f"{CLASSIFY}.safetensors"
+        self.handle, self.tok = w.patched(paths, model_path=model_path, own=True)
+        self.handle_c, self.tok_c = w.patched([*paths, classifier], model_path=model_path,
+                                              own=True)
+        self.batch_size = w.args.batch_size
+
+    def engines(self, family: str) -> tuple[TwoPassEngine, TwoPassEngine]:
+        """Two-pass engines over both models with ``family``'s answer budget."""
+        mnt = max_new_tokens_for(family)
+        return (TwoPassEngine(self.handle, self.tok, max_new_tokens=mnt,
+                              batch_size=self.batch_size),
+                TwoPassEngine(self.handle_c, self.tok_c, max_new_tokens=mnt,
+                              batch_size=self.batch_size))
+
+    def prompt(self) -> PromptDispatch:
+        return PromptDispatch(self.handle, self.tok, list(TRAIN_FAMILIES))
+
+    def classifier(self) -> ClassifierDispatch:
+        return ClassifierDispatch(self.handle_c, self.tok_c, CLASSIFY, list(TRAIN_FAMILIES))
+
+
 def heldout_results(w: World, unseen=None, model_path: Path | None = None,
                     variants: dict | None = None, habits: bool = False) -> dict:
     """Every strategy on each unseen family in ``unseen`` (default :func:`unseen_families`) of
@@ -337,33 +368,25 @@ def heldout_results(w: World, unseen=None, model_path: Path | None = None,
     (default: :data:`CEM_VARIANTS` unless ``--no-cem-variants``); ``habits``: records add the
     share of habit answers."""
     a = w.args
-    families = list(TRAIN_FAMILIES)
-    paths, classifier = w.expert_paths.values(), w.classifier_path
-    if model_path is not None:
-        paths = [model_path / "experts" / f"{f}.safetensors" for f in TRAIN_FAMILIES]
-        classifier = model_path / "experts" / f"{CLASSIFY}.safetensors"
     if variants is None:
         variants = {} if a.no_cem_variants else CEM_VARIANTS
-    handle, tok = w.patched(paths, model_path=model_path, own=True)
-    handle_c, tok_c = w.patched([*paths, classifier], model_path=model_path, own=True)
+    d = Dispatchers(w, model_path)
     out = {}
     for h in unseen_families() if unseen is None else unseen:
         task, run = get_task(h), runner(w, h, habits=habits)
-        mnt = max_new_tokens_for(h)
-        eng = TwoPassEngine(handle, tok, max_new_tokens=mnt, batch_size=a.batch_size)
-        eng_c = TwoPassEngine(handle_c, tok_c, max_new_tokens=mnt, batch_size=a.batch_size)
+        eng, eng_c = d.engines(h)
         rec: dict = {"parent": PARENT_FAMILY[h], "kind": family_kind(h)}
         rec["base"] = run(eng, FixedMixture(None, "base"))
         rec["parent_expert"] = run(eng, FixedMixture(PARENT_FAMILY[h], "parent"))
-        rec["uniform"] = run(eng, FixedMixture(uniform_alpha(len(families)), "uniform"))
-        rec["prompt"] = run(eng, PromptDispatch(handle, tok, families))
-        rec["classifier"] = run(eng_c, ClassifierDispatch(handle_c, tok_c, CLASSIFY, families))
-        rec["cem"] = cem_runs(w, eng, run, handle, tok, task, a.shots)
+        rec["uniform"] = run(eng, FixedMixture(uniform_alpha(len(TRAIN_FAMILIES)), "uniform"))
+        rec["prompt"] = run(eng, d.prompt())
+        rec["classifier"] = run(eng_c, d.classifier())
+        rec["cem"] = cem_runs(w, eng, run, d.handle, d.tok, task, a.shots)
         if a.per_layer:
-            rec["cem_per_layer"] = cem_runs(w, eng, run, handle, tok, task, a.shots,
+            rec["cem_per_layer"] = cem_runs(w, eng, run, d.handle, d.tok, task, a.shots,
                                             per_layer=True)
         for key, v in variants.items():
-            rec[key] = cem_runs(w, eng, run, handle, tok, task, v["shots"],
+            rec[key] = cem_runs(w, eng, run, d.handle, d.tok, task, v["shots"],
                                 **{k: x for k, x in v.items() if k != "shots"})
         out[h] = rec
     return out
@@ -392,23 +415,18 @@ def truncation_results(w: World) -> dict:
 def surface_results(w: World) -> dict:
     """Every surface variant of every training family (``scripts/surface_variants.py``): the
     base model, the family's expert, prompt dispatch (A) and the classification expert (B)."""
-    families = list(TRAIN_FAMILIES)
-    handle, tok = w.patched(w.expert_paths.values())
-    handle_c, tok_c = w.patched([*w.expert_paths.values(), w.classifier_path])
+    d = Dispatchers(w)
     out: dict = {}
     for f, variants in VARIANTS.items():
-        mnt = max_new_tokens_for(f)
-        eng = TwoPassEngine(handle, tok, max_new_tokens=mnt, batch_size=w.args.batch_size)
-        eng_c = TwoPassEngine(handle_c, tok_c, max_new_tokens=mnt, batch_size=w.args.batch_size)
+        eng, eng_c = d.engines(f)
         out[f] = {}
         for v, (example, _) in variants.items():
             run = runner(w, f, variant_examples(f, v, w.args.n), habits=True)
             out[f][v] = {"example": example,
                          "base": run(eng, FixedMixture(None, "base")),
                          "parent_expert": run(eng, FixedMixture(f, "parent")),
-                         "prompt": run(eng, PromptDispatch(handle, tok, families)),
-                         "classifier": run(eng_c, ClassifierDispatch(handle_c, tok_c, CLASSIFY,
-                                                                     families))}
+                         "prompt": run(eng, d.prompt()),
+                         "classifier": run(eng_c, d.classifier())}
     return out
 
 
