@@ -360,17 +360,16 @@ class Dispatchers:
         return ClassifierDispatch(self.handle_c, self.tok_c, CLASSIFY, list(TRAIN_FAMILIES))
 
 
-def heldout_results(w: World, unseen=None, model_path: Path | None = None,
+def heldout_results(w: World, unseen=None, d: Dispatchers | None = None,
                     variants: dict | None = None, habits: bool = False) -> dict:
-    """Every strategy on each unseen family in ``unseen`` (default :func:`unseen_families`) of
-    the bundled model with the shipped experts, or of the model at ``model_path`` with its own
-    experts (``model_path/experts/``). ``variants``: the CEM variants besides the default
-    (default: :data:`CEM_VARIANTS` unless ``--no-cem-variants``); ``habits``: records add the
-    share of habit answers."""
+    """Every strategy on each unseen family in ``unseen`` (default :func:`unseen_families`)
+    with the models of ``d`` (default: the bundled model with the shipped experts).
+    ``variants``: the CEM variants besides the default (default: :data:`CEM_VARIANTS` unless
+    ``--no-cem-variants``); ``habits``: records add the share of habit answers."""
     a = w.args
     if variants is None:
         variants = {} if a.no_cem_variants else CEM_VARIANTS
-    d = Dispatchers(w, model_path)
+    d = Dispatchers(w) if d is None else d
     out = {}
     for h in unseen_families() if unseen is None else unseen:
         task, run = get_task(h), runner(w, h, habits=habits)
@@ -475,19 +474,18 @@ def transfer_base_results(w: World) -> dict:
     default CEM and the one with half its shots held out to decide; habit shares)."""
     folder = ROOT / TRANSFER_BASE
     report = json.loads((folder / "training_report.json").read_text())
-    handle, tok = w.patched([folder / "experts" / f"{f}.safetensors" for f in TRAIN_FAMILIES],
-                            model_path=folder, own=True)
+    d = Dispatchers(w, folder)
     train = {}
     for f in TRAIN_FAMILIES:
-        handle.set_mixture(None)
-        train[f] = {"base": record(w.eval_model(handle.model, tok, f))}
-        handle.set_mixture(f)
-        train[f]["expert"] = record(w.eval_model(handle.model, tok, f))
+        d.handle.set_mixture(None)
+        train[f] = {"base": record(w.eval_model(d.handle.model, d.tok, f))}
+        d.handle.set_mixture(f)
+        train[f]["expert"] = record(w.eval_model(d.handle.model, d.tok, f))
     check = {"cem_check10": CEM_VARIANTS["cem_check10"]}
     return {"model": str(TRANSFER_BASE), "sha256": weights_sha256(folder),
             "steps_run": report["steps_run"], "mixture": report["mixture"],
             "train_families": train,
-            "unseen": heldout_results(w, [*TRANSFER_FAMILIES, *STEP_FAMILIES], folder, check,
+            "unseen": heldout_results(w, [*TRANSFER_FAMILIES, *STEP_FAMILIES], d, check,
                                       habits=True)}
 
 

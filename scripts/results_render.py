@@ -33,6 +33,8 @@ SURFACE_ROWS = tuple(row for row in HELDOUT_ROWS if row[0] != "uniform")
 CROSS_BASE, CROSS_OWN = "second model's base", "second model's own expert"
 CROSS_ARMS = {"matched": "experts in σ order", "reversed": "σ order reversed",
               "shuffled": "shuffled z"}
+#: Where-suffix of the cross-model rows (section 3d).
+SECOND = " (second model)"
 #: Where-suffix and expert label of the transfer base model's rows (section 3e).
 TB, TB_EXPERT = " (transfer base)", "its own expert"
 #: The CEM runs of an unseen family's record: key -> label (the default first).
@@ -99,7 +101,7 @@ def comparisons(results: dict) -> list[dict]:
                 out.append(compare(f"{f}: {v}", name, r[key], "base", r["base"]))
     cm = results.get("cross_model")
     for f, row in (cm or {}).get("families", {}).items():
-        where, base = f"{f} (second model)", row["base"]
+        where, base = f + SECOND, row["base"]
         shuffled = [(f"{CROSS_ARMS['shuffled']} seed {r['seed']}", r) for r in row["shuffled"]]
         out.append(compare(where, CROSS_OWN, row["own"], CROSS_BASE, base))
         out.append(compare(where, CROSS_ARMS["matched"], row["matched"], CROSS_OWN, row["own"]))
@@ -341,14 +343,14 @@ def cross_model_lines(results: dict, rows: list[dict]) -> list[str]:
     fams = list(results["cross_model"]["families"])
 
     def diffs(a, b):
-        cs = [by[(f"{f} (second model)", a, b)] for f in fams]
+        cs = [by[(f + SECOND, a, b)] for f in fams]
         return ", ".join(f"{f} {c['diff']:+.3f} (p = {c['p']:.2g})" for f, c in zip(fams, cs))
-    order = [c for c in rows if c["where"].endswith("(second model)")
+    order = [c for c in rows if c["where"].endswith(SECOND)
              and c["a"] == CROSS_ARMS["matched"] and c["b"] not in (CROSS_BASE, CROSS_OWN)]
     higher = sum(c["verdict"].startswith("higher") for c in order)
 
     def below(prefix):
-        cs = [c for c in rows if c["where"].endswith("(second model)") and c["b"] == CROSS_BASE
+        cs = [c for c in rows if c["where"].endswith(SECOND) and c["b"] == CROSS_BASE
               and c["a"].startswith(prefix)]
         return f"{sum(c['verdict'].startswith('lower') for c in cs)} of {len(cs)}"
     return [f"Cross-model transfer (section 3d; no target): the first model's experts in σ order "
@@ -452,24 +454,23 @@ def unseen_target_lines(ho: dict, rows: list[dict], suffix: str = "") -> list[st
     out = []
     by = {(c["where"], c["a"], c["b"]): c for c in rows}
     names = dict(HELDOUT_ROWS)
-    on = f" ({suffix.strip(' ()')})" if suffix else ""
     transfer = [h for h, r in ho.items() if r.get("kind") in ("transfer", "two-step")]
     for h in transfer:
         r = ho[h]
         for s in ("prompt", "classifier"):
             share = routed(r[s], r["parent"])
-            out.append(f"{names[s]} routes {h}{on} to {r['parent']}: {share:.3f}; target "
+            out.append(f"{names[s]} routes {h}{suffix} to {r['parent']}: {share:.3f}; target "
                        f"(≥ {ROUTING_MIN:.2f}) " + ("met." if share >= ROUTING_MIN else "NOT met."))
         c = by[(h + suffix, names["classifier"], "base")]
         met = c["diff"] >= 0.05 and c["p"] < STRONG
-        out.append(f"Classification expert (B) on the {r['kind']} family {h}{on}: "
+        out.append(f"Classification expert (B) on the {r['kind']} family {h}{suffix}: "
                    f"{c['diff']:+.3f} against base, p = {c['p']:.2g}: target (≥ +0.05 with "
                    f"p < 0.01) " + ("met." if met else "NOT met."))
     wheres = {h + suffix for h in ho}
     cem = [c for c in rows if c["a"].startswith("CEM seed") and c["b"] == "base"
            and c["where"] in wheres]
     below = [c for c in cem if c["verdict"].startswith("lower")]
-    out.append(f"Default CEM seeds significantly below base on an unseen family{on}: "
+    out.append(f"Default CEM seeds significantly below base on an unseen family{suffix}: "
                f"{len(below)} of {len(cem)}" + ("" if not below else " (" + ", ".join(
                    f"{c['where']} {c['a'][4:]}" for c in below) + ")")
                + "; target (none) " + ("met." if not below else "NOT met."))
@@ -481,13 +482,13 @@ def unseen_target_lines(ho: dict, rows: list[dict], suffix: str = "") -> list[st
             by[(h + suffix, f"CEM seed {run['seed']}", "base")]["verdict"].startswith("higher")
             for run in ho[h]["cem"])]
         out.append(f"Default CEM significantly above base on every seed on {len(wins)} of "
-                   f"{len(fams)} {kind} families{on} ({', '.join(wins) or 'none'}); target "
+                   f"{len(fams)} {kind} families{suffix} ({', '.join(wins) or 'none'}); target "
                    f"(≥ 2) " + ("met." if len(wins) >= 2 else "NOT met."))
     for h, r in ho.items():
         cem_acc = sum(run["accuracy"] for run in r["cem"]) / len(r["cem"])
         p_acc, c_acc = r["prompt"]["accuracy"], r["classifier"]["accuracy"]
         order = "holds" if p_acc <= c_acc <= cem_acc else "does not hold"
-        out.append(f"Order prompt ≤ classifier ≤ CEM on {h}{on}: {p_acc:.3f}, {c_acc:.3f}, "
+        out.append(f"Order prompt ≤ classifier ≤ CEM on {h}{suffix}: {p_acc:.3f}, {c_acc:.3f}, "
                    f"{cem_acc:.3f} (CEM: mean of the seeds) — {order} in the point estimates; "
                    f"section 4 has the paired tests.")
     return out

@@ -29,18 +29,20 @@ from .strings import StringOps, StringWords
 STEP_PREFIX = "step by step: "
 #: What separates the restated question from the final answer.
 STEP_SEPARATOR = ANSWER_PREFIX
+#: The separator as read back from a generation (its trailing space may be missing).
+_MARK = STEP_SEPARATOR.rstrip(" ")
 
 
 def final_answer(text: str) -> str:
     """The part of a two-step answer after its last separator, stripped (all of ``text`` if it
     has none)."""
-    return text.rsplit(STEP_SEPARATOR.rstrip(" "), 1)[-1].strip()
+    return text.rsplit(_MARK, 1)[-1].strip()
 
 
 def restated_right(generation: str, example: Example) -> bool:
     """Whether ``generation``'s first step is exactly the parent question of ``example``."""
-    sep = STEP_SEPARATOR.rstrip(" ")
-    return sep in generation and generation.split(sep, 1)[0].strip() == example.meta["restated"]
+    return _MARK in generation and generation.split(_MARK, 1)[0].strip() == \
+        example.meta["restated"]
 
 
 class TwoStepTask(Task):
