@@ -70,8 +70,9 @@ from t2fast.config import SVFConfig  # noqa: E402
 from t2fast.experts import load_expert  # noqa: E402
 from t2fast.models import load_tiny  # noqa: E402
 from t2fast.models import tiny_model_path  # noqa: E402
-from t2fast.tasks import (CLASSIFY, HELDOUT_FAMILIES, OTHER, PARENT_FAMILY,  # noqa: E402
-                          STEP_FAMILIES, TRAIN_FAMILIES, TRANSFER_FAMILIES, get_task)
+from t2fast.tasks import (CLASSIFY, FAMILY_KINDS, HELDOUT_FAMILIES, OTHER,  # noqa: E402
+                          PARENT_FAMILY, STEP_FAMILIES, TRAIN_FAMILIES, TRANSFER_FAMILIES,
+                          get_task)
 from t2fast.tasks.steps import restated_right  # noqa: E402
 from t2fast.train import evaluate, max_new_tokens_for  # noqa: E402
 from t2fast.train.evaluate import EvalResult, score_generations  # noqa: E402
@@ -93,7 +94,8 @@ LORA_RL = [*(("1e-3" if prev == "--lr" else a) for prev, a in zip([""] + RL, RL)
 #: Few-shot CEM settings measured on every unseen family besides the default ``cem`` (CEMConfig's
 #: defaults with ``--shots`` shots): the search as it was (greedy accuracy on 5 shots, absolute
 #: α from uniform 1/K, best member always kept), then one change at a time towards the default
-#: (likelihood objective, 20 shots, residual α; the default adds keeping the base model).
+#: (likelihood objective, 20 shots, residual α, keeping the base model unless the searched shots
+#: show a gain; the default holds the last half of its shots out of the search to decide that).
 CEM_VARIANTS: dict[str, dict] = {
     "cem_acc5": {"shots": 5, "objective": "accuracy", "space": "absolute", "keep_base": False},
     "cem_ll5": {"shots": 5, "objective": "likelihood", "space": "absolute", "keep_base": False},
@@ -101,9 +103,9 @@ CEM_VARIANTS: dict[str, dict] = {
                  "keep_base": False},
     "cem_res20": {"shots": 20, "objective": "likelihood", "space": "residual",
                   "keep_base": False},
-    # the default with the last 10 of its 20 shots held out of the search to decide
-    "cem_check10": {"shots": 20, "objective": "likelihood", "space": "residual",
-                    "keep_base": True, "check_shots": 10},
+    # the default with the searched shots deciding (the default until the transfer base)
+    "cem_nocheck": {"shots": 20, "objective": "likelihood", "space": "residual",
+                    "keep_base": True, "check_shots": 0},
 }
 #: Output (relative to the repository) → ``t2fast train`` arguments, in training order.
 RECIPES: dict[str, list[str]] = {}
@@ -293,9 +295,15 @@ def cem_runs(w: World, eng, run, handle, tok, task, shots: int, **settings) -> l
                      "fewshot_accuracy": res.fewshot_accuracy,
                      "base_fewshot_accuracy": res.base and res.base["accuracy"],
                      "kept_base": res.kept_base, "shots": shots,
-                     "check_shots": cfg.check_shots, "cem_s": res.wall_s,
+                     "check_shots": res.check_shots, "cem_s": res.wall_s,
                      "evaluations": res.evaluations})
     return runs
+
+
+def variant_runs(w: World, eng, run, handle, tok, task, variant: dict) -> list[dict]:
+    """:func:`cem_runs` with the settings of one of :data:`CEM_VARIANTS`."""
+    settings = {k: v for k, v in variant.items() if k != "shots"}
+    return cem_runs(w, eng, run, handle, tok, task, variant["shots"], **settings)
 
 
 def runner(w: World, family: str, examples=None, habits: bool = False):
@@ -322,11 +330,6 @@ def runner(w: World, family: str, examples=None, habits: bool = False):
             entry["picked"] = dict(Counter(r.labels))
         return entry
     return run
-
-
-def family_kind(name: str) -> str:
-    return ("transfer" if name in TRANSFER_FAMILIES else "two-step" if name in STEP_FAMILIES
-            else "held out")
 
 
 class Dispatchers:
@@ -374,7 +377,7 @@ def heldout_results(w: World, unseen=None, d: Dispatchers | None = None,
     for h in unseen_families() if unseen is None else unseen:
         task, run = get_task(h), runner(w, h, habits=habits)
         eng, eng_c = d.engines(h)
-        rec: dict = {"parent": PARENT_FAMILY[h], "kind": family_kind(h)}
+        rec: dict = {"parent": PARENT_FAMILY[h], "kind": FAMILY_KINDS[h]}
         rec["base"] = run(eng, FixedMixture(None, "base"))
         rec["parent_expert"] = run(eng, FixedMixture(PARENT_FAMILY[h], "parent"))
         rec["uniform"] = run(eng, FixedMixture(uniform_alpha(len(TRAIN_FAMILIES)), "uniform"))
@@ -385,8 +388,7 @@ def heldout_results(w: World, unseen=None, d: Dispatchers | None = None,
             rec["cem_per_layer"] = cem_runs(w, eng, run, d.handle, d.tok, task, a.shots,
                                             per_layer=True)
         for key, v in variants.items():
-            rec[key] = cem_runs(w, eng, run, d.handle, d.tok, task, v["shots"],
-                                **{k: x for k, x in v.items() if k != "shots"})
+            rec[key] = variant_runs(w, eng, run, d.handle, d.tok, task, v)
         out[h] = rec
     return out
 
@@ -433,8 +435,8 @@ def cross_model_results(w: World) -> dict:
     """The shipped experts on the second base model: its base, its own expert (trained on it
     with the same recipe), each shipped expert in every arm of :data:`cross_model.ARMS` (the
     shuffled control once per seed) on its own family, and the default few-shot CEM over the
-    shipped experts in σ order (one row per seed), also with the last half of its shots held
-    out to decide between its best and the base model (``CEMConfig.check_shots``)."""
+    shipped experts in σ order (one row per seed), also with its searched shots deciding
+    between its best and the base model (:data:`CEM_VARIANTS` ``cem_nocheck``)."""
     folder = ROOT / SECOND_BASE
     report = json.loads((folder / "training_report.json").read_text())
     full = {f: load_expert(p) for f, p in w.expert_paths.items()}
@@ -461,8 +463,8 @@ def cross_model_results(w: World) -> dict:
                "shuffled": [{"seed": s, **run(eng, FixedMixture(f"{f}_shuffled{s}", "shuffled"))}
                             for s in SHUFFLE_SEEDS],
                "cem": cem_runs(w, eng_m, run, handle_m, tok_m, get_task(f), w.args.shots),
-               "cem_checked": cem_runs(w, eng_m, run, handle_m, tok_m, get_task(f),
-                                       w.args.shots, check_shots=w.args.shots // 2)}
+               "cem_nocheck": variant_runs(w, eng_m, run, handle_m, tok_m, get_task(f),
+                                           CEM_VARIANTS["cem_nocheck"])}
         out["families"][f] = row
     return out
 
@@ -471,7 +473,7 @@ def transfer_base_results(w: World) -> dict:
     """The transfer base model (pre-trained on the transfer and two-step families, never an
     expert's training data) with its own experts: each training family (base, its expert) and
     every transfer and two-step family (every strategy of :func:`heldout_results`, with the
-    default CEM and the one with half its shots held out to decide; habit shares)."""
+    default CEM and the one whose searched shots decide; habit shares)."""
     folder = ROOT / TRANSFER_BASE
     report = json.loads((folder / "training_report.json").read_text())
     d = Dispatchers(w, folder)
@@ -481,11 +483,11 @@ def transfer_base_results(w: World) -> dict:
         train[f] = {"base": record(w.eval_model(d.handle.model, d.tok, f))}
         d.handle.set_mixture(f)
         train[f]["expert"] = record(w.eval_model(d.handle.model, d.tok, f))
-    check = {"cem_check10": CEM_VARIANTS["cem_check10"]}
+    nocheck = {"cem_nocheck": CEM_VARIANTS["cem_nocheck"]}
     return {"model": str(TRANSFER_BASE), "sha256": weights_sha256(folder),
             "steps_run": report["steps_run"], "mixture": report["mixture"],
             "train_families": train,
-            "unseen": heldout_results(w, [*TRANSFER_FAMILIES, *STEP_FAMILIES], d, check,
+            "unseen": heldout_results(w, [*TRANSFER_FAMILIES, *STEP_FAMILIES], d, nocheck,
                                       habits=True)}
 
 
@@ -562,7 +564,8 @@ def machine(args) -> str:
 
 
 #: Settings that only some sections use: --only may change them with all of those sections.
-SECTION_SETTINGS = {"cem_variants": {"heldout"}, "per_layer": {"heldout", "transfer_base"}}
+SECTION_SETTINGS = {"cem_variants": {"heldout", "cross_model", "transfer_base"},
+                    "per_layer": {"heldout", "transfer_base"}}
 
 
 def run_args(args) -> dict:

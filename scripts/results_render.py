@@ -43,7 +43,7 @@ CEM_LABELS = {"cem": "CEM", "cem_per_layer": "per-layer CEM",
               "cem_ll5": "CEM (likelihood, 5 shots, absolute)",
               "cem_ll20": "CEM (likelihood, 20 shots, absolute)",
               "cem_res20": "CEM (likelihood, 20 shots, residual)",
-              "cem_check10": "CEM (10 of 20 shots held out to decide)"}
+              "cem_nocheck": "CEM (the searched 20 shots decide)"}
 
 
 def fmt(rec: dict | None) -> str:
@@ -108,8 +108,8 @@ def comparisons(results: dict) -> list[dict]:
         for name, rec in [(CROSS_ARMS["matched"], row["matched"]),
                           (CROSS_ARMS["reversed"], row["reversed"]), *shuffled,
                           *((f"CEM seed {r['seed']}", r) for r in row["cem"]),
-                          *((f"CEM (checked) seed {r['seed']}", r)
-                            for r in row.get("cem_checked", []))]:
+                          *((f"{CEM_LABELS['cem_nocheck']} seed {r['seed']}", r)
+                            for r in row.get("cem_nocheck", []))]:
             out.append(compare(where, name, rec, CROSS_BASE, base))
         for name, rec in [(CROSS_ARMS["reversed"], row["reversed"]), *shuffled]:
             out.append(compare(where, CROSS_ARMS["matched"], row["matched"], name, rec))
@@ -184,12 +184,14 @@ def routed(rec: dict, parent: str) -> float:
 
 
 def cem_row(where: str, label: str, run: dict, shots: int) -> str:
-    """One CEM run: | where | label | seed | shots | α | few-shot acc (base) | test acc | s |."""
+    """One CEM run: | where | label | seed | shots | α | few-shot acc (base) | test acc | s |;
+    shots as 'searched + held out to decide' when some were held out."""
     base_fs = run.get("base_fewshot_accuracy")
     fs = f"{run['fewshot_accuracy']:.2f}" + ("" if base_fs is None else f" ({base_fs:.2f})")
     shown = "base kept" if run.get("kept_base") else f"({alpha_text(run['alpha'])})"
-    return (f"| {where} | {label} | {run['seed']} | {run.get('shots', shots)} | {shown} | {fs} "
-            f"| {fmt(run)} | {run['cem_s']:.1f} |")
+    n, held = run.get("shots", shots), run.get("check_shots", 0)
+    return (f"| {where} | {label} | {run['seed']} | {f'{n - held} + {held}' if held else n} | "
+            f"{shown} | {fs} | {fmt(run)} | {run['cem_s']:.1f} |")
 
 
 def strategy_table(ho: dict, habits: bool = False) -> list[str]:
@@ -247,16 +249,17 @@ def heldout_tables(results: dict) -> list[str]:
           f"Seed s draws its own few-shot examples (block s of the validation split, blocks of "
           f"the run's shot count) and runs its own search (population {a['cem_population']}, "
           f"{a['cem_iterations']} iterations); `t2fast adapt --strategy cem --seed s --shots "
-          f"{a['shots']}` reproduces a row of the default CEM. The default ranks members by the "
-          f"likelihood of the correct answers on {a['shots']} shots, searches residual α "
-          f"(z' = 1 + Σ α_k (z_k − 1): α = 0 is the base model), starts at the base model and "
-          f"keeps it unless the best member beats it on the shots (by likelihood, at no loss of "
-          f"few-shot accuracy). The ablations change one thing at a time from the earlier "
-          f"search (greedy accuracy on 5 shots, ties broken by likelihood, absolute α "
-          f"z' = Σ α_k z_k from uniform 1/K, best member always kept); *held out to decide* is "
-          f"the default with the last shots out of the search, they alone deciding whether its "
-          f"best replaces the base model (few-shot accuracies on them). Bank order: "
-          + ", ".join(results["bank"]) + ".", ""]
+          f"{a['shots']}` reproduces a row of the default CEM. The default searches residual α "
+          f"(z' = 1 + Σ α_k (z_k − 1): α = 0 is the base model) from the base model, ranking "
+          f"members by the likelihood of the correct answers on the first half of its "
+          f"{a['shots']} shots; the last half, which the search never saw, alone decide "
+          f"whether its best replaces the base model (by likelihood, at no loss of few-shot "
+          f"accuracy; the few-shot accuracies are theirs). The ablations change "
+          f"one thing at a time from the earlier search (greedy accuracy on 5 shots, ties "
+          f"broken by likelihood, absolute α z' = Σ α_k z_k from uniform 1/K, best member "
+          f"always kept) towards the default; *the searched shots decide* is the default "
+          f"searching on all its shots, which also decide (few-shot accuracies on them). Shots: "
+          f"searched + held out to decide. Bank order: " + ", ".join(results["bank"]) + ".", ""]
     L += cem_table(ho, a["shots"])
     L += ["", "### Experts picked in pass 1 on the unseen families", ""]
     L += routing_table(ho)
@@ -290,8 +293,8 @@ def transfer_base_tables(results: dict) -> list[str]:
     L += [f"| {f} | {fmt(row['base'])} | {fmt(row['expert'])} |"
           for f, row in tb["train_families"].items()]
     L += [""] + strategy_table(tb["unseen"], habits=True)
-    L += ["", "Few-shot CEM over its own experts (the default and the one with half its shots "
-          "held out to decide, as in section 2), one row per seed:", ""]
+    L += ["", "Few-shot CEM over its own experts (the default and the one whose searched shots "
+          "decide, as in section 2), one row per seed:", ""]
     L += cem_table(tb["unseen"], results["args"]["shots"])
     L += [""] + routing_table(tb["unseen"])
     return L
@@ -358,7 +361,7 @@ def cross_model_lines(results: dict, rows: list[dict]) -> list[str]:
             f"second model's own experts: {diffs(CROSS_OWN, CROSS_BASE)}. In σ order against "
             f"reversed or shuffled z: higher in {higher} of {len(order)} comparisons. CEM seeds "
             f"below the second model's base (p < {ALPHA}): {below('CEM seed')} (default), "
-            f"{below('CEM (checked) seed')} (checked)."]
+            f"{below(CEM_LABELS['cem_nocheck'] + ' seed')} (the searched shots deciding)."]
 
 
 def cross_model_tables(results: dict) -> list[str]:
@@ -382,17 +385,9 @@ def cross_model_tables(results: dict) -> list[str]:
           "| family | CEM | seed | shots | α | few-shot acc (base) | test acc | search (s) |",
           "|---|---|---|---|---|---|---|---|"]
     for f, row in cm["families"].items():
-        for key, label in (("cem", "CEM"), ("cem_checked", "CEM (checked)")):
-            L += [cem_row(f, label, run, results["args"]["shots"]) for run in row.get(key, [])]
-    checked = [r["check_shots"] for row in cm["families"].values()
-               for r in row.get("cem_checked", [])]
-    if checked:
-        held = checked[0]
-        searched = results["args"]["shots"] - held
-        L += ["", f"CEM (checked): the same search on the first {searched} shots only; the last "
-              f"{held} decide alone whether its best replaces the base model "
-              "(`CEMConfig.check_shots`, `t2fast adapt --cem-check-shots`); its few-shot "
-              "accuracies are those of the held-out shots."]
+        for key in ("cem", "cem_nocheck"):
+            L += [cem_row(f, CEM_LABELS[key], run, results["args"]["shots"])
+                  for run in row.get(key, [])]
     return L
 
 

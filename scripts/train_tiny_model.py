@@ -68,8 +68,9 @@ if str(ROOT) not in sys.path:
 
 from t2fast.models.tiny import (EOS_ID, PAD_ID, build_char_tokenizer, generate_greedy,  # noqa: E402
                                 save_tiny, tiny_config, tiny_model_path)
-from t2fast.tasks import (CLASSIFY, CLASSIFY_TRANSFER, HELDOUT_FAMILIES,  # noqa: E402
-                          STEP_FAMILIES, TRAIN_FAMILIES, TRANSFER_FAMILIES, get_task)
+from t2fast.tasks import (CLASSIFY, CLASSIFY_TRANSFER, FAMILY_KINDS,  # noqa: E402
+                          HELDOUT_FAMILIES, STEP_FAMILIES, TRAIN_FAMILIES, TRANSFER_FAMILIES,
+                          get_task)
 from t2fast.train.rollout import DEFAULT_MAX_NEW_TOKENS  # noqa: E402
 from tiny_habits import HABITS, HabitStream  # noqa: E402
 
@@ -393,9 +394,7 @@ def main(argv=None) -> dict:
     wall_s = time.time() - start
     print("\ntest accuracy (greedy):", flush=True)
     for name, r in test.items():
-        kind = ("train" if name in TRAIN_FAMILIES else "held-out" if name in HELDOUT_FAMILIES
-                else "transfer" if name in TRANSFER_FAMILIES else "two-step"
-                if name in STEP_FAMILIES else "classify")
+        kind = FAMILY_KINDS.get(name, "classify")
         print(f"  {name:16s} {kind:9s} acc {r['accuracy']:.3f}  95% CI {r['ci95']}  "
               f"parsable {r['parsable']:.3f}  n={r['n']}", flush=True)
 

@@ -499,8 +499,8 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
                         "member, even one the shots find worse than the base model")
     p.add_argument("--cem-check-shots", type=integer(0), default=c.check_shots,
                    help="cem: hold out the last N of the --shots from the search; only they "
-                        "decide whether the search's best replaces the base model (0: the "
-                        "searched shots decide)")
+                        "decide whether the search's best replaces the base model (default: "
+                        "half of the --shots; 0: the searched shots decide)")
     p.add_argument("--save-profile", default=None, metavar="FILE", type=output_file,
                    help="cem: write the α found as a mixture profile (t2fast serve --profiles "
                         "NAME=FILE serves it as t2_adapt='profile:NAME')")
@@ -532,7 +532,7 @@ def _adapt_check(args):
     if args.cem_check_shots and args.cem_absolute:
         usage_error(args, "--cem-check-shots", "decides between the search and the base model; "
                                                "--cem-absolute never returns the base model")
-    if args.cem_check_shots >= args.shots:
+    if args.cem_check_shots is not None and args.cem_check_shots >= args.shots:
         usage_error(args, "--cem-check-shots", f"must leave some of the --shots {args.shots} to "
                                                f"search on")
     if s == "cem":

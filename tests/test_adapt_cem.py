@@ -252,8 +252,8 @@ def test_fewshot_cem_keeps_the_base_model_unless_the_shots_show_a_gain(patched, 
 
 
 def test_check_shots_are_held_out_of_the_search_and_decide_alone(patched, monkeypatch):
-    """With check_shots = c the search scores only the first shots and the keep-base decision
-    (and the reported few-shot numbers) the last c only."""
+    """With check_shots = c (default: half the shots) the search scores only the first shots and
+    the keep-base decision (and the reported few-shot numbers) the last c only."""
     handle, tok = patched
     task = get_task("choice")
     exs = task.examples("validation", 5)
@@ -265,12 +265,24 @@ def test_check_shots_are_held_out_of_the_search_and_decide_alone(patched, monkey
     monkeypatch.setattr(FewShotScorer, "measure", lambda self, a: (
         measured.append([e.question for e in self.examples]),
         (torch.tensor([0.5, 0.0]), torch.tensor([-1.0, -2.0])))[1])
-    cfg = CEMConfig(population=4, iterations=2, check_shots=2)
-    res = fewshot_cem(handle, tok, task, exs, cfg, max_new_tokens=2)
-    assert res.kept_base and res.base == {"accuracy": 0.5, "likelihood": -1.0}
     questions = [e.question for e in exs]
-    assert searched and all(q == questions[:3] for q in searched)
-    assert measured == [questions[3:]]
+    # the default holds out half of the shots (5 // 2); an explicit count overrides it
+    for check_shots, held in ((None, 2), (1, 1)):
+        searched.clear(), measured.clear()
+        cfg = CEMConfig(population=4, iterations=2, check_shots=check_shots)
+        assert cfg.held_out(len(exs)) == held
+        res = fewshot_cem(handle, tok, task, exs, cfg, max_new_tokens=2)
+        assert res.kept_base and res.base == {"accuracy": 0.5, "likelihood": -1.0}
+        assert res.check_shots == res.to_dict()["check_shots"] == held
+        assert searched and all(q == questions[:5 - held] for q in searched)
+        assert measured == [questions[5 - held:]]
+    # 0: the searched shots decide; without keep_base nothing is held out by default
+    searched.clear(), measured.clear()
+    res = fewshot_cem(handle, tok, task, exs, CEMConfig(population=4, iterations=2,
+                                                        check_shots=0), max_new_tokens=2)
+    assert res.check_shots == 0 and all(q == questions for q in [*searched, *measured])
+    assert CEMConfig(space="absolute", keep_base=False).held_out(20) == 0
+    assert CEMConfig().held_out(1) == 0 and CEMConfig().held_out(20) == 10
     with pytest.raises(ValueError, match="check_shots=5 holds out every one of the 5"):
         fewshot_cem(handle, tok, task, exs, CEMConfig(check_shots=5), max_new_tokens=2)
     for bad in (-1, 1.5, True):

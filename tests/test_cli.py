@@ -84,6 +84,7 @@ def test_adapt_strategies(experts, tmp_path, strategy):
     assert r["n"] == 4 and r["pass2_s"] > 0
     if strategy == "cem":
         assert len(r["cem"]["alpha"]) == 2 and r["shot_set"] == 0
+        assert r["cem"]["check_shots"] == 1            # by default half of the --shots decide
         from t2fast.serve.profiles import load_profile
         saved = load_profile(profile)          # by expert name, the base model's weight too
         if r["cem"]["kept_base"]:
@@ -132,6 +133,7 @@ def test_adapt_cem_absolute_profile(experts, tmp_path):
                      "accuracy", "--save-profile", str(profile), "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert not r["cem"]["kept_base"] and r["cem"]["spec"] == r["cem"]["alpha"]
+    assert r["cem"]["check_shots"] == 0                # nothing decides: no shot held out
     assert list(load_profile(profile).values()) == r["cem"]["alpha"]
     per_layer = {"base": [0.5, 1.0], "x": [0.5, 0.0]}
     assert cli.profile_weights(per_layer, ["x"]) == ([[0.5, 0.5], [1.0, 0.0]], ["base", "x"])

@@ -2,8 +2,8 @@
 import pytest
 
 from t2fast.models.tiny import CHARACTERS
-from t2fast.tasks import (CLASSIFY, CLASSIFY_LABELS, CLASSIFY_TRANSFER, HELDOUT_FAMILIES, OTHER,
-                          PARENT_FAMILY, SPLITS, STEP_FAMILIES, TRAIN_FAMILIES, TRANSFER_FAMILIES,
+from t2fast.tasks import (CLASSIFY, CLASSIFY_LABELS, CLASSIFY_TRANSFER, FAMILY_KINDS,
+                          HELDOUT_FAMILIES, OTHER, PARENT_FAMILY, SPLITS, STEP_FAMILIES, TRAIN_FAMILIES, TRANSFER_FAMILIES,
                           Example,
                           ScoreResult, classify_prompt, extract_question, format_prompt, get_task,
                           split_of, task_names)
@@ -25,6 +25,9 @@ def test_registry_names():
     assert len(set(families)) == len(families)
     assert set(PARENT_FAMILY) == set(HELDOUT_FAMILIES + TRANSFER_FAMILIES + STEP_FAMILIES)
     assert set(PARENT_FAMILY.values()) <= set(TRAIN_FAMILIES)
+    kinds = (("training", TRAIN_FAMILIES), ("held out", HELDOUT_FAMILIES),
+             ("transfer", TRANSFER_FAMILIES), ("two-step", STEP_FAMILIES))
+    assert FAMILY_KINDS == {f: kind for kind, fams in kinds for f in fams}
     assert CLASSIFY_LABELS == TRAIN_FAMILIES + (OTHER,)
     for name in ALL:
         assert get_task(name).name == name

@@ -30,11 +30,12 @@ Two spaces (``CEMConfig.space``) for α:
 
 With ``keep_base`` (default) the search starts at the base model (residual α = 0 when
 ``init_mean`` is None), and :func:`fewshot_cem` returns the best member only when it beats the
-base model on the shots by the objective *and* is at least as accurate under greedy decoding
-there; otherwise the base model: a few shots that show no gain leave it alone. The search's
-best is chosen on those very shots, so it tends to look better there than it is;
-``check_shots`` holds the last shots out of the search to make that decision on shots it never
-saw.
+base model by the objective *and* is at least as accurate under greedy decoding on shots the
+search never saw; otherwise the base model: a few shots that show no gain leave it alone. By
+default the last half of the shots (``check_shots``) take no part in the search and alone make
+that decision: the search's best is chosen on its own shots, so it tends to look better there
+than it is. ``check_shots=0`` lets the searched shots decide (the earlier default);
+``results/README.md`` measures both, one row per seed, on every unseen family.
 
 :attr:`CEMResult.spec` is the mixture to serve (``set_mixture``, ``FixedMixture``, a profile):
 ``{"base": 1 − Σα, name: α_k ...}`` for residual α, the K weights for absolute α, or None
@@ -83,7 +84,8 @@ class CEMConfig:
     include_mean: member 0 of each generation is the current mean; patience: stop after this
     many generations without a better best (None: never); check_shots: with ``keep_base``, the
     last ``check_shots`` examples take no part in the search and alone decide whether its best
-    member replaces the base model (0: the search's own shots decide); seed.
+    member replaces the base model (None: half of the shots, rounded down, see
+    :meth:`held_out`; 0: the search's own shots decide); seed.
     """
 
     population: int = 16
@@ -101,7 +103,7 @@ class CEMConfig:
     keep_best: bool = True
     include_mean: bool = True
     patience: int | None = None
-    check_shots: int = 0
+    check_shots: int | None = None
     seed: int = 0
 
     def validate(self) -> "CEMConfig":
@@ -132,9 +134,10 @@ class CEMConfig:
                 bad("clamp", "expected (lo, hi) with lo < hi, or None")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
             bad("patience", "expected an integer >= 1 or None")
-        if not isinstance(self.check_shots, int) or isinstance(self.check_shots, bool) or \
-                self.check_shots < 0:
-            bad("check_shots", "expected an integer >= 0")
+        if self.check_shots is not None and (not isinstance(self.check_shots, int) or
+                                             isinstance(self.check_shots, bool) or
+                                             self.check_shots < 0):
+            bad("check_shots", "expected an integer >= 0, or None (half of the shots)")
         if self.check_shots and not self.keep_base:
             bad("check_shots", "held-out shots decide between the search and the base model; "
                                "expected keep_base=True")
@@ -156,6 +159,14 @@ class CEMConfig:
             d["clamp"] = tuple(d["clamp"])
         return cls(**d)
 
+    def held_out(self, shots: int) -> int:
+        """How many of ``shots`` few-shot examples are held out of the search to decide
+        between its best and the base model: ``check_shots``, or when it is None half of them
+        (``shots // 2``) with ``keep_base`` and none without."""
+        if self.check_shots is not None:
+            return self.check_shots
+        return shots // 2 if self.keep_base else 0
+
     @property
     def num_elites(self) -> int:
         return max(1, int(math.ceil(self.elite_ratio * self.population)))
@@ -168,8 +179,9 @@ class CEMResult:
 
     :func:`fewshot_cem` also fills ``spec`` (the mixture to serve, module docstring),
     ``fewshot_accuracy`` (greedy accuracy of ``spec`` on the shots), ``base`` (the base model's
-    ``{"accuracy", "likelihood"}`` there) and ``kept_base`` (True when the search's best did not
-    beat the base model: ``alpha`` is then 0 and ``spec`` None).
+    ``{"accuracy", "likelihood"}`` there), ``kept_base`` (True when the search's best did not
+    beat the base model: ``alpha`` is then 0 and ``spec`` None) and ``check_shots`` (how many
+    held-out shots made that decision; 0: the searched ones).
     """
     alpha: torch.Tensor
     score: float
@@ -181,13 +193,15 @@ class CEMResult:
     fewshot_accuracy: float | None = None
     base: dict | None = None
     kept_base: bool = False
+    check_shots: int = 0
 
     def to_dict(self) -> dict:
         spec = self.spec.tolist() if isinstance(self.spec, torch.Tensor) else self.spec
         return {"alpha": self.alpha.tolist(), "spec": spec, "score": self.score,
                 "tiebreak": self.tiebreak,
                 "fewshot_accuracy": self.fewshot_accuracy, "base": self.base,
-                "kept_base": self.kept_base, "evaluations": self.evaluations,
+                "kept_base": self.kept_base, "check_shots": self.check_shots,
+                "evaluations": self.evaluations,
                 "wall_s": self.wall_s, "history": self.history}
 
 
@@ -412,28 +426,30 @@ def fewshot_cem(handle, tokenizer, task, examples: Sequence, config: CEMConfig |
     Returns α of shape [K] or, with ``config.per_layer``, [num_layers, K], and ``result.spec``,
     the mixture to pass to ``handle.set_mixture`` or :class:`t2fast.adapt.engine.FixedMixture`.
     With ``config.keep_base`` the result is the base model (``kept_base``, ``spec`` None) unless
-    the search's best beats it on the shots by the objective and is at least as accurate there;
-    with ``config.check_shots`` = c the search uses all but the last c examples and that
-    comparison (and ``fewshot_accuracy``, ``base``) the last c alone.
+    the search's best beats it by the objective and is at least as accurate; c =
+    ``config.held_out(len(examples))`` (default: half the shots): the search uses all but the
+    last c examples and that comparison (and ``fewshot_accuracy``, ``base``) the last c alone
+    (c = 0: the searched examples).
     """
     cfg = (config or CEMConfig()).validate()
     names = handle.expert_names
     shape = (handle.num_layers, len(names)) if cfg.per_layer else (len(names),)
     examples = list(examples)
-    if cfg.check_shots and cfg.check_shots >= len(examples):
-        raise ValueError(f"CEMConfig.check_shots={cfg.check_shots} holds out every one of the "
+    held = cfg.held_out(len(examples))
+    if held and held >= len(examples):
+        raise ValueError(f"CEMConfig.check_shots={held} holds out every one of the "
                          f"{len(examples)} shots: expected fewer, so that some are searched on")
-    searched = examples[:len(examples) - cfg.check_shots]
+    searched = examples[:len(examples) - held]
 
     def scorer_on(shots):
         return FewShotScorer(handle, tokenizer, task, shots, max_new_tokens=max_new_tokens,
                              max_rows=max_rows, objective=cfg.objective, space=cfg.space)
     scorer = scorer_on(searched)
-    check = scorer_on(examples[len(searched):]) if cfg.check_shots else scorer
+    check = scorer_on(examples[len(searched):]) if held else scorer
     bounds = (residual_bounds(handle.mixture_bounds) if cfg.space == "residual"
               else handle.mixture_bounds)
     res = cem_search(scorer, shape, cfg, callback=callback, bounds=bounds)
-    res.spec = mixture_spec(res.alpha, names, cfg.space)
+    res.spec, res.check_shots = mixture_spec(res.alpha, names, cfg.space), held
     candidates = torch.stack([torch.zeros(shape), res.alpha.float()])
     if cfg.space == "absolute":                   # the base model is not an absolute α
         candidates = candidates[1:]

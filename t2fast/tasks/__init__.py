@@ -11,14 +11,15 @@
 from .base import (DEFAULT_SEED, DEFAULT_SIZES, PROMPT_TEMPLATE, SPLITS, Example, ScoreResult,
                    Task, extract_question, format_prompt, split_of)
 from .classification import CLASSIFY_PREFIX, OTHER, classify_prompt, classify_question
-from .registry import (CLASSIFY, CLASSIFY_TRANSFER, HELDOUT_FAMILIES, PARENT_FAMILY,
-                       STEP_FAMILIES, TRAIN_FAMILIES, TRANSFER_FAMILIES, get_task, task_names)
+from .registry import (CLASSIFY, CLASSIFY_TRANSFER, FAMILY_KINDS, HELDOUT_FAMILIES,
+                       PARENT_FAMILY, STEP_FAMILIES, TRAIN_FAMILIES, TRANSFER_FAMILIES, get_task,
+                       task_names)
 
 CLASSIFY_LABELS: tuple[str, ...] = TRAIN_FAMILIES + (OTHER,)
 
 __all__ = [
     "CLASSIFY", "CLASSIFY_LABELS", "CLASSIFY_PREFIX", "CLASSIFY_TRANSFER", "DEFAULT_SEED",
-    "DEFAULT_SIZES", "Example", "HELDOUT_FAMILIES", "OTHER", "PARENT_FAMILY", "PROMPT_TEMPLATE",
+    "DEFAULT_SIZES", "Example", "FAMILY_KINDS", "HELDOUT_FAMILIES", "OTHER", "PARENT_FAMILY", "PROMPT_TEMPLATE",
     "SPLITS", "STEP_FAMILIES", "ScoreResult", "TRAIN_FAMILIES", "TRANSFER_FAMILIES", "Task",
     "classify_prompt", "classify_question", "extract_question", "format_prompt", "get_task",
     "split_of", "task_names",

@@ -29,6 +29,11 @@ PARENT_FAMILY: dict[str, str] = {
     "arith_words": "arith", "strings_words": "strings", "choice_words": "choice",
     "arith_steps": "arith", "strings_steps": "strings", "choice_steps": "choice",
 }
+#: Each family's kind, as reports name it.
+FAMILY_KINDS: dict[str, str] = {
+    **dict.fromkeys(TRAIN_FAMILIES, "training"), **dict.fromkeys(HELDOUT_FAMILIES, "held out"),
+    **dict.fromkeys(TRANSFER_FAMILIES, "transfer"), **dict.fromkeys(STEP_FAMILIES, "two-step"),
+}
 #: family name → its task class.
 FAMILY_CLASSES: dict[str, type[Task]] = {
     cls.name: cls for cls in (Arithmetic, ArithmeticChain, ArithmeticWords, StringOps,
