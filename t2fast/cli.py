@@ -593,12 +593,15 @@ def _adapt_run(args) -> int:
             from .serve.profiles import save_profile
             save_profile(args.save_profile, *profile_weights(res.spec, experts),
                          task=task.name, fewshot_accuracy=res.fewshot_accuracy,
-                         shots=args.shots, shot_set=shot_set, seed=args.seed)
+                         shots=args.shots, check_shots=res.check_shots, shot_set=shot_set,
+                         seed=args.seed)
         strategy = FixedMixture(res.spec, "cem")
-        found = ("the base model (nothing beat it on the shots)" if res.kept_base else
+        n = res.check_shots
+        deciding = f"the {n} held-out shot{'s' * (n != 1)}" if n else "the searched shots"
+        found = (f"the base model (nothing beat it on {deciding})" if res.kept_base else
                  f"alpha={[round(v, 3) for v in res.alpha.reshape(-1).tolist()]} "
                  f"({args.cem.space})")
-        print(f"cem: {found}, few-shot accuracy {res.fewshot_accuracy:.2f} "
+        print(f"cem: {found}, few-shot accuracy {res.fewshot_accuracy:.2f} on {deciding} "
               f"({res.evaluations} evaluations, {res.wall_s:.1f}s)")
     elif s == "uniform":
         strategy = FixedMixture(uniform_alpha(len(experts)), "uniform")

@@ -2,6 +2,7 @@
 import importlib.util
 import io
 import json
+import re
 import sys
 
 import pytest
@@ -69,7 +70,7 @@ def test_eval_base_and_expert(experts, tmp_path, capsys):
 
 @pytest.mark.parametrize("strategy", ["prompt", "uniform", "base", "expert:strings", "cem",
                                       "classifier"])
-def test_adapt_strategies(experts, tmp_path, strategy):
+def test_adapt_strategies(experts, tmp_path, strategy, capsys):
     out = tmp_path / "a.json"
     extra = ["--classifier", str(experts[1])] if strategy == "classifier" else []
     profile = tmp_path / "profile.json"
@@ -85,6 +86,9 @@ def test_adapt_strategies(experts, tmp_path, strategy):
     if strategy == "cem":
         assert len(r["cem"]["alpha"]) == 2 and r["shot_set"] == 0
         assert r["cem"]["check_shots"] == 1            # by default half of the --shots decide
+        assert json.loads(profile.read_text())["meta"]["check_shots"] == 1
+        assert re.search(r"few-shot accuracy [\d.]+ on the 1 held-out shot \(",
+                         capsys.readouterr().out)
         from t2fast.serve.profiles import load_profile
         saved = load_profile(profile)          # by expert name, the base model's weight too
         if r["cem"]["kept_base"]:
