@@ -24,7 +24,10 @@ evaluated with greedy decoding on the test splits:
 7. transfer families on a base pre-trained on them (``results/transfer_base/``, with its own
    experts): base and expert on the training families, then every strategy of 2 on the
    transfer families (a new surface of a training family) and the two-step families (the
-   transfer questions answered by first restating them as the parent family's question).
+   transfer questions answered by first restating them as the parent family's question);
+8. on the same base, the transfer and two-step families answered after the base model restates
+   each question as its parent family's question (:class:`t2fast.adapt.Restated`): the base
+   model, the parent's expert and both dispatchers on the restated questions.
 
 ``results.json`` keeps every measurement, including which test questions each system answered
 correctly, so that every comparison is paired and tested with the exact McNemar test;
@@ -65,7 +68,7 @@ from tiny_habits import answers_with_habit  # noqa: E402
 from log_tables import read_log  # noqa: E402
 from results_render import render  # noqa: E402
 from t2fast.adapt import (CEMConfig, ClassifierDispatch, FixedMixture, PromptDispatch,  # noqa: E402
-                          TwoPassEngine, fewshot_cem, fewshot_examples, uniform_alpha)
+                          Restated, TwoPassEngine, fewshot_cem, fewshot_examples, uniform_alpha)
 from t2fast.config import SVFConfig  # noqa: E402
 from t2fast.experts import load_expert  # noqa: E402
 from t2fast.models import load_tiny  # noqa: E402
@@ -491,6 +494,37 @@ def transfer_base_results(w: World) -> dict:
                                       habits=True)}
 
 
+#: The strategies measured after a restatement (:class:`t2fast.adapt.Restated`), by key.
+RESTATED_ARMS = ("base", "parent_expert", "prompt", "classifier")
+
+
+def restated_results(w: World) -> dict:
+    """The transfer base model with its own experts on every transfer and two-step family,
+    each question first restated by the base model (its two-step first line;
+    :class:`t2fast.adapt.Restated`) and then answered in its restated prompt: by the base model,
+    the parent family's expert, prompt dispatch (A) and the classification expert (B), each
+    record with the share of right restatements; and the base model on the questions as asked."""
+    d = Dispatchers(w, ROOT / TRANSFER_BASE)
+    out: dict = {"model": str(TRANSFER_BASE), "families": {}}
+    for h in (*TRANSFER_FAMILIES, *STEP_FAMILIES):
+        parent, run, exs = PARENT_FAMILY[h], runner(w, h), w.examples(h)
+        eng, eng_c = d.engines(h)
+        wanted = [get_task(parent).question_of(e.meta) for e in exs]
+        rec: dict = {"parent": parent, "kind": FAMILY_KINDS[h],
+                     "base": run(eng, FixedMixture(None, "base"))}
+        for key, engine, strategy in zip(RESTATED_ARMS, (eng, eng, eng, eng_c),
+                                         (FixedMixture(None, "base"),
+                                          FixedMixture(parent, "parent"), d.prompt(),
+                                          d.classifier())):
+            restated = Restated(strategy, engine.handle, engine.tokenizer)
+            rec[f"restated_{key}"] = {
+                **run(engine, restated),
+                "restated_right": sum(r == q for r, q in zip(restated.last_restated, wanted))
+                / len(exs)}
+        out["families"][h] = rec
+    return out
+
+
 def expert_info(w: World) -> tuple[dict, dict]:
     """Training facts of every shipped expert and baseline (from their metadata)."""
     info, checkpoints = {}, {}
@@ -555,6 +589,8 @@ SECTIONS = {
     "cross_model": ("cross-model transfer", lambda w: {"cross_model": cross_model_results(w)}),
     "transfer_base": ("transfer families on a base pre-trained on them",
                       lambda w: {"transfer_base": transfer_base_results(w)}),
+    "restated": ("questions restated before dispatch",
+                 lambda w: {"restated": restated_results(w)}),
 }
 
 

@@ -37,6 +37,11 @@ CROSS_ARMS = {"matched": "experts in σ order", "reversed": "σ order reversed",
 SECOND = " (second model)"
 #: Where-suffix and expert label of the transfer base model's rows (section 3e).
 TB, TB_EXPERT = " (transfer base)", "its own expert"
+#: The strategies of section 3f, each after a restatement of the question: key -> label.
+RESTATED = {"restated_base": "restated, base model",
+            "restated_parent_expert": "restated, parent expert",
+            "restated_prompt": "restated, prompt dispatch (A)",
+            "restated_classifier": "restated, classification expert (B)"}
 #: The CEM runs of an unseen family's record: key -> label (the default first).
 CEM_LABELS = {"cem": "CEM", "cem_per_layer": "per-layer CEM",
               "cem_acc5": "CEM (accuracy, 5 shots, absolute)",
@@ -118,6 +123,14 @@ def comparisons(results: dict) -> list[dict]:
         for f, row in tb["train_families"].items():
             out.append(compare(f + TB, TB_EXPERT, row["expert"], "base", row["base"]))
         out += unseen_comparisons(tb["unseen"], TB)
+    for f, r in results.get("restated", {}).get("families", {}).items():
+        where, b = f + TB, RESTATED["restated_classifier"]
+        out += [compare(where, name, r[key], "base", r["base"]) for key, name in RESTATED.items()]
+        out.append(compare(where, b, r["restated_classifier"], RESTATED["restated_base"],
+                           r["restated_base"]))
+        if tb and f in tb["unseen"]:
+            out.append(compare(where, b, r["restated_classifier"], "classification expert (B)",
+                               tb["unseen"][f]["classifier"]))
     return out
 
 
@@ -300,6 +313,33 @@ def transfer_base_tables(results: dict) -> list[str]:
     return L
 
 
+def restated_intro(results: dict) -> str:
+    return ("The transfer base of section 3e with its own experts, each transfer and two-step "
+            "question first *restated*: the base model is asked the question behind `step by "
+            "step:` (a two-step question as it is) and its first line, the question as its "
+            "parent training family asks it, replaces the question; the strategy then picks the "
+            "mixture for the restated question and pass 2 answers it in its own prompt "
+            "(`t2fast.adapt.Restated`; a question without a first line is answered as asked). "
+            "No expert saw a transfer or two-step question; the restatement is the base model's "
+            "own, learnt in pre-training. Base (as asked): the base model on the question as "
+            "asked (section 3e's base). First step right: the share of restatements that are "
+            "exactly the parent family's question. Routed: the share pass 1 sends to the parent "
+            "family's expert after the restatement.")
+
+
+def restated_table(results: dict) -> list[str]:
+    rs = results["restated"]["families"]
+    L = ["| family | kind | base (as asked) | first step right | " + " | ".join(RESTATED.values())
+         + " | routed to parent (A / B) |", "|---|---|---|---|" + "---|" * (len(RESTATED) + 1)]
+    for h, r in rs.items():
+        L.append(f"| {h} | {r['kind']} | {fmt(r['base'])} | "
+                 f"{r['restated_base']['restated_right']:.3f} | "
+                 + " | ".join(fmt(r[k]) for k in RESTATED)
+                 + f" | {routed(r['restated_prompt'], r['parent']):.3f} / "
+                   f"{routed(r['restated_classifier'], r['parent']):.3f} |")
+    return L
+
+
 def truncation_table(results: dict) -> list[str]:
     tr = results["truncated"]
     ds = tr["divisors"]
@@ -438,6 +478,32 @@ def target_lines(results: dict, rows: list[dict]) -> list[str]:
     out += unseen_target_lines(results["heldout"], rows)
     if results.get("transfer_base"):
         out += unseen_target_lines(results["transfer_base"]["unseen"], rows, TB)
+    if results.get("restated"):
+        out += restated_target_lines(results["restated"]["families"], rows)
+    return out
+
+
+def restated_target_lines(rs: dict, rows: list[dict]) -> list[str]:
+    """The routing and classifier targets on the families ``rs`` of section 3f, met by the
+    dispatchers after a restatement of each question."""
+    out, by = [], {(c["where"], c["a"], c["b"]): c for c in rows}
+    for h, r in rs.items():
+        for key in ("restated_prompt", "restated_classifier"):
+            share = routed(r[key], r["parent"])
+            out.append(f"{RESTATED[key][len('restated, '):]} routes the restated {h}{TB} to "
+                       f"{r['parent']}: {share:.3f}; target (≥ {ROUTING_MIN:.2f}) "
+                       + ("met." if share >= ROUTING_MIN else "NOT met."))
+    wins = []
+    for h, r in rs.items():
+        c = by[(h + TB, RESTATED["restated_classifier"], "base")]
+        met = c["diff"] >= 0.05 and c["p"] < STRONG
+        wins += [h] if met else []
+        out.append(f"Classification expert (B) after restatement on the {r['kind']} family "
+                   f"{h}{TB}: {c['diff']:+.3f} against base, p = {c['p']:.2g}: target (≥ +0.05 "
+                   f"with p < 0.01) " + ("met." if met else "NOT met."))
+    out.append(f"Classification expert (B) after restatement ≥ +0.05 above base with p < 0.01 on "
+               f"{len(wins)} of {len(rs)} transfer and two-step families{TB}; target (≥ 3) "
+               + ("met." if len(wins) >= 3 else "NOT met."))
     return out
 
 
@@ -548,6 +614,8 @@ EXTRA_SECTIONS = (
      cross_model_tables),
     ("transfer_base", "3e. Transfer families on a base pre-trained on them (test split)",
      transfer_base_intro, transfer_base_tables),
+    ("restated", "3f. Restated before dispatch: the transfer base's own chain of thought (test "
+                 "split)", restated_intro, restated_table),
 )
 
 

@@ -501,6 +501,11 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
                    help="cem: hold out the last N of the --shots from the search; only they "
                         "decide whether the search's best replaces the base model (default: "
                         "half of the --shots; 0: the searched shots decide)")
+    p.add_argument("--restate", action="store_true",
+                   help="pass 1 first has the base model restate each question (the first line "
+                        "of its answer to 'step by step: QUESTION', as a model pre-trained on "
+                        "two-step answers writes it); the strategy then picks for, and pass 2 "
+                        "answers, the restated question (not with cem)")
     p.add_argument("--save-profile", default=None, metavar="FILE", type=output_file,
                    help="cem: write the α found as a mixture profile (t2fast serve --profiles "
                         "NAME=FILE serves it as t2_adapt='profile:NAME')")
@@ -525,6 +530,9 @@ def _adapt_check(args):
         usage_error(args, "--strategy", "classifier needs --classifier FILE")
     if s == "cem" and not args.task:
         usage_error(args, "--strategy", "cem needs --task (its few-shot examples)")
+    if s == "cem" and args.restate:
+        usage_error(args, "--restate", "cem searches its mixture on the questions as asked; "
+                                       "use --restate with another --strategy")
     task = get_task(args.task) if args.task else None
     examples = task_examples(args, task, args.split, args.n) if task else None
     shot_set = args.seed if args.shot_set is None else args.shot_set
@@ -558,8 +566,8 @@ def _adapt_check(args):
 
 def _adapt_run(args) -> int:
     import t2fast
-    from .adapt import (ClassifierDispatch, FixedMixture, PromptDispatch, TwoPassEngine,
-                        fewshot_cem, uniform_alpha)
+    from .adapt import (ClassifierDispatch, FixedMixture, PromptDispatch, Restated,
+                        TwoPassEngine, fewshot_cem, uniform_alpha)
     from .tasks import format_prompt
     from .train import max_new_tokens_for
     from .train.evaluate import score_generations
@@ -609,12 +617,14 @@ def _adapt_run(args) -> int:
         strategy = FixedMixture(None, "base")
     else:
         strategy = FixedMixture(s.split(":", 1)[1], s)
+    if args.restate:
+        strategy = Restated(strategy, handle, tok)
     mnt = max_new_tokens_for(task.name if task else None, args.max_new_tokens)
     engine = TwoPassEngine(handle, tok, max_new_tokens=mnt, batch_size=args.batch_size,
                            progress=True)
     out = engine.run(prompts, strategy)
-    summary = {"strategy": s, "experts": experts, "pass1_s": out.pass1_s,
-               "pass2_s": out.pass2_s, **extra}
+    summary = {"strategy": s, "restated": args.restate, "experts": experts,
+               "pass1_s": out.pass1_s, "pass2_s": out.pass2_s, **extra}
     if task is not None:
         ev = score_generations(task, out.outputs, examples)
         summary.update(ev.summary())
@@ -623,9 +633,12 @@ def _adapt_run(args) -> int:
             summary["pass1_labels"] = dict(Counter(out.labels))
         print(f"{s}: {ev}  pass1 {out.pass1_s:.2f}s, pass2 {out.pass2_s:.2f}s")
     else:
-        for p, o, m, l in zip(prompts, out.outputs, out.mixtures,
-                              out.labels or [None] * len(prompts)):
-            print(json.dumps({"prompt": p, "label": l, "mixture": _jsonable(m), "output": o}))
+        for i, (p, o, m) in enumerate(zip(prompts, out.outputs, out.mixtures)):
+            row = {"prompt": p, "label": out.labels and out.labels[i], "mixture": _jsonable(m),
+                   "output": o}
+            if out.answered is not None:            # --restate: the question pass 2 answered
+                row["answered"] = out.answered[i]
+            print(json.dumps(row))
         print(f"pass1 {out.pass1_s:.3f}s, pass2 {out.pass2_s:.3f}s", file=sys.stderr)
     _emit(summary, args.json)
     return 0

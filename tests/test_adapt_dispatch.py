@@ -138,3 +138,45 @@ def test_fixed_mixtures(setup):
         uniform_alpha(0)
     with pytest.raises(ValueError, match="no prompts"):
         engine.run([], FixedMixture(None))
+
+
+def test_restated_answers_the_restated_prompts(monkeypatch, setup):
+    """Restated: the base weights write each question's first step (behind the step prefix,
+    never prefixed twice), the wrapped strategy picks for the restated prompts, pass 2 answers
+    them; a question without a first step is answered as asked."""
+    from t2fast.adapt import Restated
+    from t2fast.adapt import restate as restate_mod
+    handle, tok = setup
+    seen, picked = [], []
+
+    def fake(model, tok_, prompts, **kw):
+        layer = next(iter(handle.modules.values()))
+        seen.append({"prompts": list(prompts), "merged": layer.dense_weight(),
+                     "original": handle._originals[layer.name].weight})
+        return ["147+8=?\nA: 155", "no separator", "\nA: 3", "sort('ab')\nA: ab\nQ: x"]
+    monkeypatch.setattr(restate_mod, "generate_texts", fake)
+
+    class Pick:
+        name = "pick"
+
+        def select(self, ps):
+            picked.append(list(ps))
+            return ["arith", None, None, "strings"], None
+
+    prompts = ["Q: what is 147 plus 8?\nA: ", "Q: hi\nA: ", "Q: x\nA: ",
+               "Q: step by step: sort the letters of ab\nA: "]
+    handle.set_mixture("classify")                     # an expert was active before
+    r = Restated(Pick(), handle, tok)
+    res = TwoPassEngine(handle, tok, max_new_tokens=3).run(prompts, r)
+    assert seen[0]["prompts"] == ["Q: step by step: what is 147 plus 8?\nA: ",
+                                  "Q: step by step: hi\nA: ", "Q: step by step: x\nA: ",
+                                  "Q: step by step: sort the letters of ab\nA: "]
+    assert seen[0]["merged"].data_ptr() == seen[0]["original"].data_ptr()   # base weights
+    want = ["Q: 147+8=?\nA: ", "Q: hi\nA: ", "Q: x\nA: ", "Q: sort('ab')\nA: "]
+    assert r.last_restated == ["147+8=?", None, None, "sort('ab')"]
+    assert picked == [want] and res.answered == want and r.name == "restated pick"
+    for p, s, out in zip(want, ["arith", None, None, "strings"], res.outputs):
+        handle.set_mixture(s)
+        assert generate(handle.model, tok, [p], max_new_tokens=3).texts[0] == out
+    handle.set_mixture(None)
+    assert TwoPassEngine(handle, tok, max_new_tokens=3).run(prompts, Pick()).answered is None

@@ -2,6 +2,7 @@
 import importlib.util
 import io
 import json
+import pathlib
 import re
 import sys
 
@@ -98,6 +99,25 @@ def test_adapt_strategies(experts, tmp_path, strategy, capsys):
             assert list(saved.values())[1:] == r["cem"]["alpha"]
     if strategy in ("prompt", "classifier"):
         assert sum(r["pass1_labels"].values()) == 4
+
+
+def test_adapt_restate_on_the_transfer_base(tmp_path, capsys):
+    """--restate: the transfer base restates the word questions as its parent family's, the
+    classification expert routes them, the parent's expert answers them."""
+    tb = pathlib.Path(__file__).resolve().parent.parent / "results" / "transfer_base"
+    ex = [str(tb / "experts" / f"{f}.safetensors") for f in ("arith", "strings", "choice")]
+    base = ["adapt", "--model", str(tb), "--threads", "1", "--experts", *ex, "--strategy",
+            "classifier", "--classifier", str(tb / "experts" / "classify.safetensors")]
+    out = tmp_path / "r.json"
+    assert cli.main([*base, "--task", "choice_words", "--n", "12", "--restate", "--json",
+                     str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["restated"] is True and r["pass1_labels"] == {"choice": 12}
+    capsys.readouterr()
+    assert cli.main([*base, "--prompt", "step by step: what is 147 plus 8?", "--restate"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["answered"] == "Q: 147+8=?\nA: " and row["label"] == "arith"
+    assert re.fullmatch(r"\d+", row["output"].split("\n")[0].strip())     # a number
 
 
 def test_adapt_defaults_and_cem_shot_set(experts, tmp_path, monkeypatch):
@@ -231,6 +251,7 @@ def _bad_options(tmp_path, experts):
         (cem + ["--cem-check-shots", "-1"], "--cem-check-shots"),
         (cem + ["--shots", "5", "--cem-check-shots", "5"], "--cem-check-shots"),
         (cem + ["--cem-check-shots", "2", "--cem-absolute"], "--cem-check-shots"),
+        (cem + ["--restate"], "--restate"),
         (["adapt", "--experts", *map(str, experts), "--prompt", "1+1", "--strategy", "cem"],
          "--strategy"),
         (["adapt", "--experts", str(tmp_path / "absent"), "--task", "arith"], "--experts"),

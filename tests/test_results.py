@@ -219,6 +219,51 @@ def test_unseen_targets_on_a_synthetic_transfer_family():
     assert "on 0 of 1 two-step families (transfer base) (none)" in text
 
 
+def test_restated_targets_on_synthetic_records():
+    """Section 3f: every restated strategy against base, B after restatement against the
+    restated base model and against B as asked; its targets read off hand-made records."""
+    rr = load_script("results_render")
+
+    def rec(ones, n=100, **extra):
+        return {"n": n, "correct": ones, "accuracy": ones / n,
+                "correct_mask": "1" * ones + "0" * (n - ones), **extra}
+    fam = {"parent": "arith", "kind": "transfer", "base": rec(20),
+           "restated_base": rec(30), "restated_parent_expert": rec(50),
+           "restated_prompt": rec(45, picked={"arith": 75, "other": 25}),
+           "restated_classifier": rec(50, picked={"arith": 100})}
+    weak = {**fam, "kind": "two-step", "restated_classifier": rec(24, picked={"arith": 100})}
+    asked = {"parent": "arith", "kind": "transfer", "base": rec(20), "parent_expert": rec(20),
+             "uniform": rec(20), "prompt": rec(20), "classifier": rec(10)}
+    tb = {"train_families": {}, "unseen": {"arith_words": asked}}
+    results = {"heldout": {}, "column_labels": {}, "train_families": {}, "transfer_base": tb,
+               "classification": {"classifier": rec(1), "prompt": rec(1)},
+               "restated": {"families": {"arith_words": fam, "arith_steps": weak}}}
+    rows = rr.comparisons(results)
+    got = {(c["where"], c["a"], c["b"]): round(c["diff"], 3) for c in rows}
+    b = "restated, classification expert (B)"
+    assert got[("arith_words (transfer base)", b, "base")] == 0.3
+    assert got[("arith_words (transfer base)", b, "restated, base model")] == 0.2
+    assert got[("arith_words (transfer base)", b, "classification expert (B)")] == 0.4
+    assert ("arith_steps (transfer base)", b, "classification expert (B)") not in got
+    text = "\n".join(rr.restated_target_lines(results["restated"]["families"], rows))
+    assert ("prompt dispatch (A) routes the restated arith_words (transfer base) to arith: 0.750; "
+            "target (≥ 0.80) NOT met.") in text
+    assert "after restatement on the transfer family arith_words (transfer base): +0.300" in text
+    assert ("after restatement on the two-step family arith_steps (transfer base): +0.040 "
+            "against base, p = ") in text
+    assert "on 1 of 2 transfer and two-step families (transfer base); target (≥ 3) NOT met." \
+        in text
+
+
+def test_restated_section_restates_once_and_asks_as_section_3e(results):
+    """Every restated strategy saw the same restatements, and the base model on the questions
+    as asked is section 3e's."""
+    for h, r in results["restated"]["families"].items():
+        assert len({r[k]["restated_right"] for k in r if k.startswith("restated_")}) == 1
+        assert r["base"]["correct_mask"] == \
+            results["transfer_base"]["unseen"][h]["base"]["correct_mask"]
+
+
 def test_surface_variants_are_all_measured_and_reproduce_section_1(results):
     """Every variant of the script is in the JSON (no selection), each compared with base three
     times, and the unchanged surface gives exactly section 1's answers."""

@@ -7,7 +7,7 @@ from t2fast.tasks import (CLASSIFY, CLASSIFY_LABELS, CLASSIFY_TRANSFER, FAMILY_K
                           Example,
                           ScoreResult, classify_prompt, extract_question, format_prompt, get_task,
                           split_of, task_names)
-from t2fast.tasks.steps import restated_right
+from t2fast.tasks.steps import first_step, restated_right
 from t2fast.tasks.strings import OPS
 
 ALL = task_names()
@@ -233,6 +233,8 @@ def test_two_step_family_restates_its_word_question_as_the_parents(name):
             assert not task.score(f"{restated}\nA: {restated}", ex).correct
         assert restated_right(ex.answer + "</s>", ex) and restated_right(f"{restated}\nA: x", ex)
         assert not restated_right(final, ex) and not restated_right(f"{restated}x\nA: {final}", ex)
+        assert first_step(f" {restated} \nA: {final}\nQ: y\nA: z") == restated
+        assert first_step(final) is None and first_step(f"\nA: {final}") is None
 
 
 def test_examples_of_two_step_families():

@@ -1,5 +1,6 @@
 """Two-pass self-adaptation: prompt-based dispatch (A), a classification expert (B), few-shot
-CEM over mixture weights (C), and the two-pass engine.
+CEM over mixture weights (C), any of them after a restatement of the question (:class:`Restated`),
+and the two-pass engine.
 
     from t2fast.adapt import PromptDispatch, TwoPassEngine
     engine = TwoPassEngine(handle, tokenizer)
@@ -10,10 +11,11 @@ from .cem import (CEMConfig, CEMResult, FewShotScorer, cem_search, fewshot_cem,
 from .classifier import ClassifierDispatch, train_classifier
 from .engine import FixedMixture, TwoPassEngine, TwoPassResult, uniform_alpha
 from .prompt import (PromptDispatch, paper_style_prompt, parse_category, tiny_world_prompt)
+from .restate import Restated
 
 __all__ = [
     "CEMConfig", "CEMResult", "ClassifierDispatch", "FewShotScorer", "FixedMixture",
-    "PromptDispatch", "TwoPassEngine", "TwoPassResult", "cem_search", "fewshot_cem",
+    "PromptDispatch", "Restated", "TwoPassEngine", "TwoPassResult", "cem_search", "fewshot_cem",
     "fewshot_examples", "paper_style_prompt", "parse_category", "tiny_world_prompt", "train_classifier",
     "transform", "uniform_alpha",
 ]

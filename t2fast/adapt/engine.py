@@ -10,6 +10,9 @@ Strategies (anything with ``select(prompts) -> (specs, labels)``):
     :class:`t2fast.adapt.classifier.ClassifierDispatch` B. classification expert in pass 1
     :class:`FixedMixture`                               C. a task-level α (e.g. from few-shot
                                                         CEM), uniform α, one expert, or the base
+A strategy with a ``rewrite(prompts) -> prompts`` method (:class:`t2fast.adapt.restate.Restated`)
+rewrites the prompts at the start of pass 1; its ``select`` and pass 2 then see the rewritten
+prompts (``TwoPassResult.answered``).
 Pass 2 sets one mixture per row (``SVFHandle.set_mixture(rows=[...])``): rows sharing one
 mixture are served by merged weights, mixed batches by the SVF kernels.
 """
@@ -49,13 +52,15 @@ def uniform_alpha(num_experts: int) -> list[float]:
 class TwoPassResult:
     """Outputs of both passes: ``outputs`` (pass-2 completions), ``mixtures`` (spec per row),
     ``labels`` (pass-1 categories, None for fixed mixtures), ``pass1_s`` / ``pass2_s`` (wall
-    seconds), ``pass2_paths`` (the path the hybrid dispatcher chose per chunk)."""
+    seconds), ``pass2_paths`` (the path the hybrid dispatcher chose per chunk), ``answered``
+    (the prompts pass 2 answered when the strategy rewrote them, else None)."""
     outputs: list[str]
     mixtures: list
     labels: list[str] | None
     pass1_s: float
     pass2_s: float
     pass2_paths: list[str] = field(default_factory=list)
+    answered: list[str] | None = None
 
     @property
     def total_s(self) -> float:
@@ -85,17 +90,21 @@ class TwoPassEngine:
                   disable=None if self.progress else True, dynamic_ncols=True,
                   leave=False) as bar:
             t0 = time.perf_counter()
-            specs, labels = strategy.select(prompts)
+            rewrite = getattr(strategy, "rewrite", None)
+            asked = list(rewrite(prompts)) if rewrite is not None else prompts
+            if len(asked) != len(prompts):
+                raise RuntimeError(f"strategy rewrote {len(prompts)} prompts into {len(asked)}")
+            specs, labels = strategy.select(asked)
             t1 = time.perf_counter()
             if len(specs) != len(prompts):
                 raise RuntimeError(f"strategy returned {len(specs)} mixtures for "
                                    f"{len(prompts)} prompts")
             bar.set_description("pass 2")
             bar.update(len(prompts))
-            outputs, paths = self.answer(prompts, specs, max_new_tokens,
-                                         after_chunk=bar.update)
+            outputs, paths = self.answer(asked, specs, max_new_tokens, after_chunk=bar.update)
             t2 = time.perf_counter()
-        return TwoPassResult(outputs, list(specs), labels, t1 - t0, t2 - t1, paths)
+        return TwoPassResult(outputs, list(specs), labels, t1 - t0, t2 - t1, paths,
+                             asked if rewrite is not None else None)
 
     @torch.no_grad()
     def answer(self, prompts: Sequence[str], specs: Sequence, max_new_tokens: int | None = None,

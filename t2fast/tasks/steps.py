@@ -39,10 +39,17 @@ def final_answer(text: str) -> str:
     return text.rsplit(_MARK, 1)[-1].strip()
 
 
+def first_step(text: str) -> str | None:
+    """The first step of a two-step answer: the text before its first separator, stripped;
+    None when there is no separator or nothing before it."""
+    if _MARK not in text:
+        return None
+    return text.split(_MARK, 1)[0].strip() or None
+
+
 def restated_right(generation: str, example: Example) -> bool:
     """Whether ``generation``'s first step is exactly the parent question of ``example``."""
-    return _MARK in generation and generation.split(_MARK, 1)[0].strip() == \
-        example.meta["restated"]
+    return first_step(generation) == example.meta["restated"]
 
 
 class TwoStepTask(Task):

@@ -1,0 +1,67 @@
+"""Restatement before dispatch: pass 1 first has the base model rewrite each question in the
+form the experts were trained on, then picks the mixture for the rewritten question, and pass 2
+answers the rewritten question in its own prompt.
+
+The tiny world's chain of thought (:mod:`t2fast.tasks.steps`) does the rewriting: asked
+``step by step: <question>``, a base model pre-trained on the two-step families writes the
+question as its training family's question before answering it
+(``step by step: what is 147 plus 8?`` → ``147+8=?\\nA: 155``). :class:`Restated` keeps that
+first step only and hands ``Q: 147+8=?\\nA: `` to the strategy it wraps and to pass 2, so an
+expert answers the surface it was trained on rather than a new one. A question without a first
+step in the model's answer is answered as asked.
+
+    engine.run(prompts, Restated(ClassifierDispatch(handle, tok, "classify"), handle, tok))
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..generation import generate_texts
+from ..tasks import extract_question, format_prompt
+from ..tasks.steps import STEP_PREFIX, first_step
+
+
+class Restated:
+    """Wraps a strategy (anything with ``select(prompts)``): :meth:`rewrite` restates the
+    prompts with the base weights, ``select`` is the wrapped strategy's on the restated prompts
+    (the engine calls both; :class:`t2fast.adapt.engine.TwoPassEngine` answers the restated
+    prompts).
+
+    Args:
+        inner: the strategy that picks a mixture for each restated prompt.
+        handle / tokenizer: the patched model (its base weights write the first step).
+        prefix: what asks the model for its steps (default: the tiny world's ``step by step: ``;
+            a question that already starts with it is not prefixed twice).
+        max_new_tokens / batch_size: the restatement's generation budget and rows per call.
+    """
+
+    def __init__(self, inner, handle, tokenizer, *, prefix: str = STEP_PREFIX,
+                 max_new_tokens: int = 64, batch_size: int | None = 128):
+        self.inner = inner
+        self.handle = handle
+        self.tokenizer = tokenizer
+        self.prefix = prefix
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.name = f"restated {getattr(inner, 'name', type(inner).__name__)}"
+        self.last_restated: list[str | None] = []
+
+    def step_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """The prompts that ask for the steps: each question behind :attr:`prefix`."""
+        questions = [extract_question(p) for p in prompts]
+        return [format_prompt(q if q.startswith(self.prefix) else self.prefix + q)
+                for q in questions]
+
+    def rewrite(self, prompts: Sequence[str]) -> list[str]:
+        """Each prompt as its restated question's prompt (the prompt itself where the model
+        wrote no first step); ``last_restated`` holds the restated questions (None there)."""
+        self.handle.set_trainable_z(None)
+        self.handle.set_mixture(None)
+        gens = generate_texts(self.handle.model, self.tokenizer, self.step_prompts(prompts),
+                              batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+        self.last_restated = [first_step(g) for g in gens]
+        return [p if r is None else format_prompt(r)
+                for p, r in zip(prompts, self.last_restated)]
+
+    def select(self, prompts: Sequence[str]):
+        return self.inner.select(prompts)
