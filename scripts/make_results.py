@@ -68,15 +68,16 @@ from tiny_habits import answers_with_habit  # noqa: E402
 from log_tables import read_log  # noqa: E402
 from results_render import render  # noqa: E402
 from t2fast.adapt import (CEMConfig, ClassifierDispatch, FixedMixture, PromptDispatch,  # noqa: E402
-                          Restated, TwoPassEngine, fewshot_cem, fewshot_examples, uniform_alpha)
+                          Restated, TwoPassEngine, fewshot_cem, fewshot_examples,
+                          restated_questions, uniform_alpha)
 from t2fast.config import SVFConfig  # noqa: E402
 from t2fast.experts import load_expert  # noqa: E402
 from t2fast.models import load_tiny  # noqa: E402
 from t2fast.models import tiny_model_path  # noqa: E402
 from t2fast.tasks import (CLASSIFY, FAMILY_KINDS, HELDOUT_FAMILIES, OTHER,  # noqa: E402
                           PARENT_FAMILY, STEP_FAMILIES, TRAIN_FAMILIES, TRANSFER_FAMILIES,
-                          get_task)
-from t2fast.tasks.steps import restated_right  # noqa: E402
+                          format_prompt, get_task)
+from t2fast.tasks.steps import final_answer, restated_right  # noqa: E402
 from t2fast.train import evaluate, max_new_tokens_for  # noqa: E402
 from t2fast.train.evaluate import EvalResult, score_generations  # noqa: E402
 
@@ -284,16 +285,34 @@ def unseen_families() -> list[str]:
     return [*HELDOUT_FAMILIES, *(f for f in TRANSFER_FAMILIES if f in report["mixture"])]
 
 
-def cem_runs(w: World, eng, run, handle, tok, task, shots: int, **settings) -> list[dict]:
+def restated_examples(handle, tok, examples: list) -> list:
+    """``examples`` as their parent family's questions: each restated by the base model as
+    :class:`Restated` restates it, with its final answer (a two-step answer's last step)."""
+    questions = restated_questions(handle, tok, [e.prompt for e in examples])
+    return [dataclasses.replace(e, answer=final_answer(e.answer), **(
+        {} if q is None else {"prompt": format_prompt(q), "question": q}))
+        for e, q in zip(examples, questions)]
+
+
+def cem_runs(w: World, eng, run, handle, tok, task, shots: int, restated_as=None,
+             **settings) -> list[dict]:
     """One few-shot CEM per seed in ``--cem-seeds`` (seed s: its own search on shot set s),
-    each evaluated on the test questions by ``run``."""
+    each evaluated on the test questions by ``run``. With ``restated_as`` (the parent family's
+    task) the shots are restated (:func:`restated_examples`) and scored as that family's
+    questions, and pass 2 answers the restated test questions."""
     a = w.args
     runs = []
     for seed in a.cem_seeds:
         cfg = CEMConfig(population=a.cem_population, iterations=a.cem_iterations, seed=seed,
                         **settings)
-        res = fewshot_cem(handle, tok, task, fewshot_examples(task, shots, seed), cfg)
-        runs.append({"seed": seed, **run(eng, FixedMixture(res.spec, "cem")),
+        exs = fewshot_examples(task, shots, seed)
+        if restated_as is not None:
+            exs = restated_examples(handle, tok, exs)
+        res = fewshot_cem(handle, tok, restated_as or task, exs, cfg)
+        strategy = FixedMixture(res.spec, "cem")
+        if restated_as is not None:
+            strategy = Restated(strategy, handle, tok)
+        runs.append({"seed": seed, **run(eng, strategy),
                      "alpha": res.alpha.tolist(), "space": cfg.space,
                      "fewshot_accuracy": res.fewshot_accuracy,
                      "base_fewshot_accuracy": res.base and res.base["accuracy"],
@@ -503,7 +522,8 @@ def restated_results(w: World) -> dict:
     each question first restated by the base model (its two-step first line;
     :class:`t2fast.adapt.Restated`) and then answered in its restated prompt: by the base model,
     the parent family's expert, prompt dispatch (A) and the classification expert (B), each
-    record with the share of right restatements; and the base model on the questions as asked."""
+    record with the share of right restatements; few-shot CEM on restated shots, answering the
+    restated questions (one row per seed); and the base model on the questions as asked."""
     d = Dispatchers(w, ROOT / TRANSFER_BASE)
     out: dict = {"model": str(TRANSFER_BASE), "families": {}}
     for h in (*TRANSFER_FAMILIES, *STEP_FAMILIES):
@@ -521,6 +541,8 @@ def restated_results(w: World) -> dict:
                 **run(engine, restated),
                 "restated_right": sum(r == q for r, q in zip(restated.last_restated, wanted))
                 / len(exs)}
+        rec["restated_cem"] = cem_runs(w, eng, run, d.handle, d.tok, get_task(h), w.args.shots,
+                                       restated_as=get_task(parent))
         out["families"][h] = rec
     return out
 

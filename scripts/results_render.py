@@ -42,6 +42,8 @@ RESTATED = {"restated_base": "restated, base model",
             "restated_parent_expert": "restated, parent expert",
             "restated_prompt": "restated, prompt dispatch (A)",
             "restated_classifier": "restated, classification expert (B)"}
+#: Section 3f's CEM runs: key -> label.
+RESTATED_CEM = {"restated_cem": "restated, CEM"}
 #: The CEM runs of an unseen family's record: key -> label (the default first).
 CEM_LABELS = {"cem": "CEM", "cem_per_layer": "per-layer CEM",
               "cem_acc5": "CEM (accuracy, 5 shots, absolute)",
@@ -131,6 +133,10 @@ def comparisons(results: dict) -> list[dict]:
         if tb and f in tb["unseen"]:
             out.append(compare(where, b, r["restated_classifier"], "classification expert (B)",
                                tb["unseen"][f]["classifier"]))
+        for run in r.get("restated_cem", []):
+            name = f"{RESTATED_CEM['restated_cem']} seed {run['seed']}"
+            out.append(compare(where, name, run, "base", r["base"]))
+            out.append(compare(where, name, run, b, r["restated_classifier"]))
     return out
 
 
@@ -227,11 +233,11 @@ def strategy_table(ho: dict, habits: bool = False) -> list[str]:
                 + ", ".join(f"{h} → {r['parent']}" for h, r in ho.items()) + ")."]
 
 
-def cem_table(ho: dict, shots: int) -> list[str]:
+def cem_table(ho: dict, shots: int, labels: dict = CEM_LABELS) -> list[str]:
     L = ["| family | CEM | seed | shots | α | few-shot acc (base) | test acc | search (s) |",
          "|---|---|---|---|---|---|---|---|"]
     for h, r in ho.items():
-        for key, label in CEM_LABELS.items():
+        for key, label in labels.items():
             L += [cem_row(h, label, run, shots) for run in r.get(key, [])]
     return L
 
@@ -337,6 +343,12 @@ def restated_table(results: dict) -> list[str]:
                  + " | ".join(fmt(r[k]) for k in RESTATED)
                  + f" | {routed(r['restated_prompt'], r['parent']):.3f} / "
                    f"{routed(r['restated_classifier'], r['parent']):.3f} |")
+    if any(r.get("restated_cem") for r in rs.values()):
+        L += ["", "Few-shot CEM after restatement (the default CEM of section 2 over the same "
+              "experts): each shot restated like the test questions and scored as its parent "
+              "family's question with its final answer, then the restated test questions "
+              "answered with the α found; one row per seed:", ""]
+        L += cem_table(rs, results["args"]["shots"], RESTATED_CEM)
     return L
 
 
@@ -504,6 +516,31 @@ def restated_target_lines(rs: dict, rows: list[dict]) -> list[str]:
     out.append(f"Classification expert (B) after restatement ≥ +0.05 above base with p < 0.01 on "
                f"{len(wins)} of {len(rs)} transfer and two-step families{TB}; target (≥ 3) "
                + ("met." if len(wins) >= 3 else "NOT met."))
+    cem = RESTATED_CEM["restated_cem"]
+    runs = [by[(h + TB, f"{cem} seed {run['seed']}", "base")]
+            for h, r in rs.items() for run in r.get("restated_cem", [])]
+    if not runs:
+        return out
+    below = [c for c in runs if c["verdict"].startswith("lower")]
+    out.append(f"CEM seeds after restatement significantly below base{TB}: {len(below)} of "
+               f"{len(runs)}" + ("" if not below else " (" + ", ".join(
+                   f"{c['where']} {c['a'][len(cem) + 1:]}" for c in below) + ")")
+               + "; target (none) " + ("met." if not below else "NOT met."))
+    for kind in ("transfer", "two-step"):
+        fams = [h for h, r in rs.items() if r["kind"] == kind]
+        wins = [h for h in fams if all(
+            by[(h + TB, f"{cem} seed {run['seed']}", "base")]["verdict"].startswith("higher")
+            for run in rs[h]["restated_cem"])]
+        out.append(f"CEM after restatement significantly above base on every seed on {len(wins)} "
+                   f"of {len(fams)} {kind} families{TB} ({', '.join(wins) or 'none'}); target "
+                   f"(≥ 2) " + ("met." if len(wins) >= 2 else "NOT met."))
+    for h, r in rs.items():
+        acc = [r[k]["accuracy"] for k in ("restated_prompt", "restated_classifier")]
+        acc.append(sum(run["accuracy"] for run in r["restated_cem"]) / len(r["restated_cem"]))
+        order = "holds" if acc[0] <= acc[1] <= acc[2] else "does not hold"
+        out.append(f"Order prompt ≤ classifier ≤ CEM after restatement on {h}{TB}: "
+                   + ", ".join(f"{a:.3f}" for a in acc) + f" (CEM: mean of the seeds) — {order} "
+                   "in the point estimates; section 4 has the paired tests.")
     return out
 
 

@@ -230,8 +230,10 @@ def test_restated_targets_on_synthetic_records():
     fam = {"parent": "arith", "kind": "transfer", "base": rec(20),
            "restated_base": rec(30), "restated_parent_expert": rec(50),
            "restated_prompt": rec(45, picked={"arith": 75, "other": 25}),
-           "restated_classifier": rec(50, picked={"arith": 100})}
-    weak = {**fam, "kind": "two-step", "restated_classifier": rec(24, picked={"arith": 100})}
+           "restated_classifier": rec(50, picked={"arith": 100}),
+           "restated_cem": [{**rec(60), "seed": 0}, {**rec(45), "seed": 1}]}
+    weak = {**fam, "kind": "two-step", "restated_classifier": rec(24, picked={"arith": 100}),
+            "restated_cem": [{**rec(5), "seed": 0}, {**rec(20), "seed": 1}]}
     asked = {"parent": "arith", "kind": "transfer", "base": rec(20), "parent_expert": rec(20),
              "uniform": rec(20), "prompt": rec(20), "classifier": rec(10)}
     tb = {"train_families": {}, "unseen": {"arith_words": asked}}
@@ -253,13 +255,21 @@ def test_restated_targets_on_synthetic_records():
             "against base, p = ") in text
     assert "on 1 of 2 transfer and two-step families (transfer base); target (≥ 3) NOT met." \
         in text
+    assert got[("arith_words (transfer base)", "restated, CEM seed 0", b)] == 0.1
+    assert ("below base (transfer base): 1 of 4 (arith_steps (transfer base) seed 0); target "
+            "(none) NOT met.") in text
+    assert "on every seed on 1 of 1 transfer families (transfer base) (arith_words)" in text
+    assert "on every seed on 0 of 1 two-step families (transfer base) (none)" in text
+    assert ("restatement on arith_words (transfer base): 0.450, 0.500, 0.525 (CEM: mean of the "
+            "seeds) — holds") in text
 
 
 def test_restated_section_restates_once_and_asks_as_section_3e(results):
     """Every restated strategy saw the same restatements, and the base model on the questions
     as asked is section 3e's."""
+    rr = load_script("results_render")
     for h, r in results["restated"]["families"].items():
-        assert len({r[k]["restated_right"] for k in r if k.startswith("restated_")}) == 1
+        assert len({r[k]["restated_right"] for k in rr.RESTATED}) == 1
         assert r["base"]["correct_mask"] == \
             results["transfer_base"]["unseen"][h]["base"]["correct_mask"]
 
@@ -294,3 +304,16 @@ def test_sections_measured_later_are_named_with_their_machine(results):
                         "2 torch thread(s), torch 2.15.0)")
     r["section_machine"] = {"surface": results["machine"]}
     assert later(r) == "; measured afterwards with `--only`: surface (12 s)"
+
+
+def test_restated_examples_take_the_restated_question_and_the_final_answer(monkeypatch):
+    """CEM's shots after restatement: the restated question's prompt (the question as asked
+    where there is none) and the final answer of a two-step answer."""
+    from t2fast.tasks import get_task
+    mr = load_script("make_results")
+    exs = get_task("arith_steps").examples("validation", 2)
+    monkeypatch.setattr(mr, "restated_questions", lambda h, t, prompts: ["1+2=?", None])
+    got = mr.restated_examples(None, None, exs)
+    final = [e.answer.split("\nA: ")[-1] for e in exs]
+    assert [g.answer for g in got] == final and got[0].prompt == "Q: 1+2=?\nA: "
+    assert got[0].question == "1+2=?" and got[1].prompt == exs[1].prompt

@@ -8,7 +8,8 @@ question as its training family's question before answering it
 (``step by step: what is 147 plus 8?`` → ``147+8=?\\nA: 155``). :class:`Restated` keeps that
 first step only and hands ``Q: 147+8=?\\nA: `` to the strategy it wraps and to pass 2, so an
 expert answers the surface it was trained on rather than a new one. A question without a first
-step in the model's answer is answered as asked.
+step in the model's answer is answered as asked. :func:`restated_questions` gives the
+restated questions alone (section 3f of ``results/README.md`` restates CEM's few-shot examples with it).
 
     engine.run(prompts, Restated(ClassifierDispatch(handle, tok, "classify"), handle, tok))
 """
@@ -19,6 +20,20 @@ from typing import Sequence
 from ..generation import generate_texts
 from ..tasks import extract_question, format_prompt
 from ..tasks.steps import STEP_PREFIX, first_step
+
+
+def restated_questions(handle, tokenizer, prompts: Sequence[str], *, prefix: str = STEP_PREFIX,
+                       max_new_tokens: int = 64, batch_size: int | None = 128
+                       ) -> list[str | None]:
+    """The question each prompt restates to: the first step the handle's base weights write
+    for it behind ``prefix`` (not prefixed twice), or None where they write none."""
+    questions = [extract_question(p) for p in prompts]
+    steps = [format_prompt(q if q.startswith(prefix) else prefix + q) for q in questions]
+    handle.set_trainable_z(None)
+    handle.set_mixture(None)
+    gens = generate_texts(handle.model, tokenizer, steps, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens)
+    return [first_step(g) for g in gens]
 
 
 class Restated:
@@ -46,20 +61,13 @@ class Restated:
         self.name = f"restated {getattr(inner, 'name', type(inner).__name__)}"
         self.last_restated: list[str | None] = []
 
-    def step_prompts(self, prompts: Sequence[str]) -> list[str]:
-        """The prompts that ask for the steps: each question behind :attr:`prefix`."""
-        questions = [extract_question(p) for p in prompts]
-        return [format_prompt(q if q.startswith(self.prefix) else self.prefix + q)
-                for q in questions]
-
     def rewrite(self, prompts: Sequence[str]) -> list[str]:
-        """Each prompt as its restated question's prompt (the prompt itself where the model
-        wrote no first step); ``last_restated`` holds the restated questions (None there)."""
-        self.handle.set_trainable_z(None)
-        self.handle.set_mixture(None)
-        gens = generate_texts(self.handle.model, self.tokenizer, self.step_prompts(prompts),
-                              batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
-        self.last_restated = [first_step(g) for g in gens]
+        """Each prompt as its restated question's prompt (:func:`restated_questions`; the
+        prompt itself where the model wrote no first step); ``last_restated`` holds the
+        restated questions (None there)."""
+        self.last_restated = restated_questions(
+            self.handle, self.tokenizer, prompts, prefix=self.prefix,
+            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
         return [p if r is None else format_prompt(r)
                 for p, r in zip(prompts, self.last_restated)]
 
