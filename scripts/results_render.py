@@ -516,31 +516,11 @@ def restated_target_lines(rs: dict, rows: list[dict]) -> list[str]:
     out.append(f"Classification expert (B) after restatement ≥ +0.05 above base with p < 0.01 on "
                f"{len(wins)} of {len(rs)} transfer and two-step families{TB}; target (≥ 3) "
                + ("met." if len(wins) >= 3 else "NOT met."))
-    cem = RESTATED_CEM["restated_cem"]
-    runs = [by[(h + TB, f"{cem} seed {run['seed']}", "base")]
-            for h, r in rs.items() for run in r.get("restated_cem", [])]
-    if not runs:
-        return out
-    below = [c for c in runs if c["verdict"].startswith("lower")]
-    out.append(f"CEM seeds after restatement significantly below base{TB}: {len(below)} of "
-               f"{len(runs)}" + ("" if not below else " (" + ", ".join(
-                   f"{c['where']} {c['a'][len(cem) + 1:]}" for c in below) + ")")
-               + "; target (none) " + ("met." if not below else "NOT met."))
-    for kind in ("transfer", "two-step"):
-        fams = [h for h, r in rs.items() if r["kind"] == kind]
-        wins = [h for h in fams if all(
-            by[(h + TB, f"{cem} seed {run['seed']}", "base")]["verdict"].startswith("higher")
-            for run in rs[h]["restated_cem"])]
-        out.append(f"CEM after restatement significantly above base on every seed on {len(wins)} "
-                   f"of {len(fams)} {kind} families{TB} ({', '.join(wins) or 'none'}); target "
-                   f"(≥ 2) " + ("met." if len(wins) >= 2 else "NOT met."))
-    for h, r in rs.items():
-        acc = [r[k]["accuracy"] for k in ("restated_prompt", "restated_classifier")]
-        acc.append(sum(run["accuracy"] for run in r["restated_cem"]) / len(r["restated_cem"]))
-        order = "holds" if acc[0] <= acc[1] <= acc[2] else "does not hold"
-        out.append(f"Order prompt ≤ classifier ≤ CEM after restatement on {h}{TB}: "
-                   + ", ".join(f"{a:.3f}" for a in acc) + f" (CEM: mean of the seeds) — {order} "
-                   "in the point estimates; section 4 has the paired tests.")
+    if any(r.get("restated_cem") for r in rs.values()):
+        out += cem_target_lines(rs, by, TB, "CEM after restatement", " after restatement",
+                                RESTATED_CEM["restated_cem"],
+                                (ho_acc(rs, "restated_prompt"), ho_acc(rs, "restated_classifier")),
+                                "restated_cem")
     return out
 
 
@@ -564,31 +544,45 @@ def unseen_target_lines(ho: dict, rows: list[dict], suffix: str = "") -> list[st
         out.append(f"Classification expert (B) on the {r['kind']} family {h}{suffix}: "
                    f"{c['diff']:+.3f} against base, p = {c['p']:.2g}: target (≥ +0.05 with "
                    f"p < 0.01) " + ("met." if met else "NOT met."))
-    wheres = {h + suffix for h in ho}
-    cem = [c for c in rows if c["a"].startswith("CEM seed") and c["b"] == "base"
-           and c["where"] in wheres]
+    out += cem_target_lines(ho, by, suffix, "Default CEM", "", "CEM",
+                            (ho_acc(ho, "prompt"), ho_acc(ho, "classifier")), "cem")
+    return out
+
+
+def ho_acc(ho: dict, key: str) -> dict:
+    """family -> accuracy of strategy ``key`` on it."""
+    return {h: r[key]["accuracy"] for h, r in ho.items()}
+
+
+def cem_target_lines(ho: dict, by: dict, suffix: str, what: str, after: str, name: str,
+                     dispatch: tuple[dict, dict], key: str) -> list[str]:
+    """CEM's targets on the families ``ho`` (runs ``ho[h][key]``, compared in ``by`` as
+    '<name> seed s' where = family + ``suffix``): no seed significantly below base, every seed
+    above base on ≥ 2 families of each kind, and the order prompt ≤ classifier ≤ CEM against
+    ``dispatch`` (family -> accuracy of A, of B); ``what`` / ``after`` name the CEM."""
+    runs = {h: [by[(h + suffix, f"{name} seed {run['seed']}", "base")] for run in r.get(key, [])]
+            for h, r in ho.items()}
+    cem = [c for cs in runs.values() for c in cs]
     below = [c for c in cem if c["verdict"].startswith("lower")]
-    out.append(f"Default CEM seeds significantly below base on an unseen family{suffix}: "
-               f"{len(below)} of {len(cem)}" + ("" if not below else " (" + ", ".join(
-                   f"{c['where']} {c['a'][4:]}" for c in below) + ")")
-               + "; target (none) " + ("met." if not below else "NOT met."))
+    out = [f"{what} seeds significantly below base on an unseen family{suffix}: "
+           f"{len(below)} of {len(cem)}" + ("" if not below else " (" + ", ".join(
+               f"{c['where']} {c['a'][len(name) + 1:]}" for c in below) + ")")
+           + "; target (none) " + ("met." if not below else "NOT met.")]
     for kind in ("transfer", "two-step"):
-        fams = [h for h in transfer if ho[h]["kind"] == kind]
+        fams = [h for h, r in ho.items() if r.get("kind") == kind]
         if not fams:
             continue
-        wins = [h for h in fams if all(
-            by[(h + suffix, f"CEM seed {run['seed']}", "base")]["verdict"].startswith("higher")
-            for run in ho[h]["cem"])]
-        out.append(f"Default CEM significantly above base on every seed on {len(wins)} of "
+        wins = [h for h in fams if all(c["verdict"].startswith("higher") for c in runs[h])]
+        out.append(f"{what} significantly above base on every seed on {len(wins)} of "
                    f"{len(fams)} {kind} families{suffix} ({', '.join(wins) or 'none'}); target "
                    f"(≥ 2) " + ("met." if len(wins) >= 2 else "NOT met."))
     for h, r in ho.items():
-        cem_acc = sum(run["accuracy"] for run in r["cem"]) / len(r["cem"])
-        p_acc, c_acc = r["prompt"]["accuracy"], r["classifier"]["accuracy"]
+        cem_acc = sum(run["accuracy"] for run in r[key]) / len(r[key])
+        p_acc, c_acc = dispatch[0][h], dispatch[1][h]
         order = "holds" if p_acc <= c_acc <= cem_acc else "does not hold"
-        out.append(f"Order prompt ≤ classifier ≤ CEM on {h}{suffix}: {p_acc:.3f}, {c_acc:.3f}, "
-                   f"{cem_acc:.3f} (CEM: mean of the seeds) — {order} in the point estimates; "
-                   f"section 4 has the paired tests.")
+        out.append(f"Order prompt ≤ classifier ≤ CEM{after} on {h}{suffix}: {p_acc:.3f}, "
+                   f"{c_acc:.3f}, {cem_acc:.3f} (CEM: mean of the seeds) — {order} in the point "
+                   f"estimates; section 4 has the paired tests.")
     return out
 
 

@@ -256,8 +256,8 @@ def test_restated_targets_on_synthetic_records():
     assert "on 1 of 2 transfer and two-step families (transfer base); target (≥ 3) NOT met." \
         in text
     assert got[("arith_words (transfer base)", "restated, CEM seed 0", b)] == 0.1
-    assert ("below base (transfer base): 1 of 4 (arith_steps (transfer base) seed 0); target "
-            "(none) NOT met.") in text
+    assert ("CEM after restatement seeds significantly below base on an unseen family (transfer "
+            "base): 1 of 4 (arith_steps (transfer base) seed 0); target (none) NOT met.") in text
     assert "on every seed on 1 of 1 transfer families (transfer base) (arith_words)" in text
     assert "on every seed on 0 of 1 two-step families (transfer base) (none)" in text
     assert ("restatement on arith_words (transfer base): 0.450, 0.500, 0.525 (CEM: mean of the "
