@@ -625,6 +625,13 @@ def _adapt_run(args) -> int:
     out = engine.run(prompts, strategy)
     summary = {"strategy": s, "restated": args.restate, "experts": experts,
                "pass1_s": out.pass1_s, "pass2_s": out.pass2_s, **extra}
+    if args.restate:
+        done = sum(r is not None for r in strategy.last_restated)
+        summary["restated_prompts"] = done
+        print(f"t2fast adapt: --restate: restated {done} of {len(prompts)} prompts"
+              + ("" if done else "; the model wrote no first step for any, so each was answered "
+                                 "as asked (a model learns to restate from two-step answers in "
+                                 "pre-training)"), file=sys.stderr)
     if task is not None:
         ev = score_generations(task, out.outputs, examples)
         summary.update(ev.summary())

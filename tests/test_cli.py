@@ -113,11 +113,20 @@ def test_adapt_restate_on_the_transfer_base(tmp_path, capsys):
                      str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["restated"] is True and r["pass1_labels"] == {"choice": 12}
-    capsys.readouterr()
+    assert "restated 12 of 12 prompts\n" in capsys.readouterr().err
     assert cli.main([*base, "--prompt", "step by step: what is 147 plus 8?", "--restate"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["answered"] == "Q: 147+8=?\nA: " and row["label"] == "arith"
     assert re.fullmatch(r"\d+", row["output"].split("\n")[0].strip())     # a number
+
+
+def test_adapt_restate_says_when_the_model_restates_nothing(experts, capsys):
+    """A model never taught to restate writes no first step: every prompt is answered as
+    asked, and the command says so."""
+    assert cli.main(["adapt", *MODEL, "--experts", *map(str, experts), "--strategy", "base",
+                     "--prompt", "1+1", "2+2", "--restate", "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "restated 0 of 2 prompts; the model wrote no first step for any" in err
 
 
 def test_adapt_defaults_and_cem_shot_set(experts, tmp_path, monkeypatch):
