@@ -68,8 +68,8 @@ from tiny_habits import answers_with_habit  # noqa: E402
 from log_tables import read_log  # noqa: E402
 from results_render import render  # noqa: E402
 from t2fast.adapt import (CEMConfig, ClassifierDispatch, FixedMixture, PromptDispatch,  # noqa: E402
-                          Restated, TwoPassEngine, fewshot_cem, fewshot_examples,
-                          restated_questions, uniform_alpha)
+                          TwoPassEngine, fewshot_cem, fewshot_examples, restated_questions,
+                          uniform_alpha)
 from t2fast.config import SVFConfig  # noqa: E402
 from t2fast.experts import load_expert  # noqa: E402
 from t2fast.models import load_tiny  # noqa: E402
@@ -286,8 +286,10 @@ def unseen_families() -> list[str]:
 
 
 def restated_examples(handle, tok, examples: list) -> list:
-    """``examples`` as their parent family's questions: each restated by the base model as
-    :class:`Restated` restates it, with its final answer (a two-step answer's last step)."""
+    """``examples`` as their parent family's questions: each restated once by the base model
+    (:func:`t2fast.adapt.restated_questions`, what :class:`t2fast.adapt.Restated` does in
+    pass 1; a question without a first step stays as asked), with its final answer (a two-step
+    answer's last step), which the family's scorer and the parent's read alike."""
     questions = restated_questions(handle, tok, [e.prompt for e in examples])
     return [dataclasses.replace(e, answer=final_answer(e.answer), **(
         {} if q is None else {"prompt": format_prompt(q), "question": q}))
@@ -299,7 +301,7 @@ def cem_runs(w: World, eng, run, handle, tok, task, shots: int, restated_as=None
     """One few-shot CEM per seed in ``--cem-seeds`` (seed s: its own search on shot set s),
     each evaluated on the test questions by ``run``. With ``restated_as`` (the parent family's
     task) the shots are restated (:func:`restated_examples`) and scored as that family's
-    questions, and pass 2 answers the restated test questions."""
+    questions (``run`` then answers restated test questions)."""
     a = w.args
     runs = []
     for seed in a.cem_seeds:
@@ -309,10 +311,7 @@ def cem_runs(w: World, eng, run, handle, tok, task, shots: int, restated_as=None
         if restated_as is not None:
             exs = restated_examples(handle, tok, exs)
         res = fewshot_cem(handle, tok, restated_as or task, exs, cfg)
-        strategy = FixedMixture(res.spec, "cem")
-        if restated_as is not None:
-            strategy = Restated(strategy, handle, tok)
-        runs.append({"seed": seed, **run(eng, strategy),
+        runs.append({"seed": seed, **run(eng, FixedMixture(res.spec, "cem")),
                      "alpha": res.alpha.tolist(), "space": cfg.space,
                      "fewshot_accuracy": res.fewshot_accuracy,
                      "base_fewshot_accuracy": res.base and res.base["accuracy"],
@@ -513,37 +512,35 @@ def transfer_base_results(w: World) -> dict:
                                       habits=True)}
 
 
-#: The strategies measured after a restatement (:class:`t2fast.adapt.Restated`), by key.
-RESTATED_ARMS = ("base", "parent_expert", "prompt", "classifier")
-
-
 def restated_results(w: World) -> dict:
     """The transfer base model with its own experts on every transfer and two-step family,
-    each question first restated by the base model (its two-step first line;
-    :class:`t2fast.adapt.Restated`) and then answered in its restated prompt: by the base model,
-    the parent family's expert, prompt dispatch (A) and the classification expert (B), each
-    record with the share of right restatements; few-shot CEM on restated shots, answering the
-    restated questions (one row per seed); and the base model on the questions as asked."""
+    each test question restated once by the base model (its two-step first line, as
+    :class:`t2fast.adapt.Restated` restates in pass 1; :func:`restated_examples`) and then
+    answered in its restated prompt: by the base model, the parent family's expert, prompt
+    dispatch (A), the classification expert (B) and few-shot CEM on restated shots (one row per
+    seed); the share of right restatements and the restatement's wall time; and the base model
+    on the questions as asked."""
     d = Dispatchers(w, ROOT / TRANSFER_BASE)
     out: dict = {"model": str(TRANSFER_BASE), "families": {}}
     for h in (*TRANSFER_FAMILIES, *STEP_FAMILIES):
-        parent, run, exs = PARENT_FAMILY[h], runner(w, h), w.examples(h)
+        parent, exs = PARENT_FAMILY[h], w.examples(h)
         eng, eng_c = d.engines(h)
+        t0 = time.perf_counter()
+        restated = restated_examples(d.handle, d.tok, exs)
+        restate_s = time.perf_counter() - t0
         wanted = [get_task(parent).question_of(e.meta) for e in exs]
-        rec: dict = {"parent": parent, "kind": FAMILY_KINDS[h],
-                     "base": run(eng, FixedMixture(None, "base"))}
-        for key, engine, strategy in zip(RESTATED_ARMS, (eng, eng, eng, eng_c),
-                                         (FixedMixture(None, "base"),
-                                          FixedMixture(parent, "parent"), d.prompt(),
-                                          d.classifier())):
-            restated = Restated(strategy, engine.handle, engine.tokenizer)
-            rec[f"restated_{key}"] = {
-                **run(engine, restated),
-                "restated_right": sum(r == q for r, q in zip(restated.last_restated, wanted))
-                / len(exs)}
-        rec["restated_cem"] = cem_runs(w, eng, run, d.handle, d.tok, get_task(h), w.args.shots,
-                                       restated_as=get_task(parent))
-        out["families"][h] = rec
+        run = runner(w, h, restated)
+        out["families"][h] = {
+            "parent": parent, "kind": FAMILY_KINDS[h],
+            "base": runner(w, h)(eng, FixedMixture(None, "base")),
+            "restated_right": sum(e.question == q for e, q in zip(restated, wanted)) / len(exs),
+            "restate_s": restate_s,
+            "restated_base": run(eng, FixedMixture(None, "base")),
+            "restated_parent_expert": run(eng, FixedMixture(parent, "parent")),
+            "restated_prompt": run(eng, d.prompt()),
+            "restated_classifier": run(eng_c, d.classifier()),
+            "restated_cem": cem_runs(w, eng, run, d.handle, d.tok, get_task(h), w.args.shots,
+                                     restated_as=get_task(parent))}
     return out
 
 

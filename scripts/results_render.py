@@ -339,7 +339,7 @@ def restated_table(results: dict) -> list[str]:
          + " | routed to parent (A / B) |", "|---|---|---|---|" + "---|" * (len(RESTATED) + 1)]
     for h, r in rs.items():
         L.append(f"| {h} | {r['kind']} | {fmt(r['base'])} | "
-                 f"{r['restated_base']['restated_right']:.3f} | "
+                 f"{r['restated_right']:.3f} | "
                  + " | ".join(fmt(r[k]) for k in RESTATED)
                  + f" | {routed(r['restated_prompt'], r['parent']):.3f} / "
                    f"{routed(r['restated_classifier'], r['parent']):.3f} |")

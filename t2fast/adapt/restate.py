@@ -9,7 +9,8 @@ question as its training family's question before answering it
 first step only and hands ``Q: 147+8=?\\nA: `` to the strategy it wraps and to pass 2, so an
 expert answers the surface it was trained on rather than a new one. A question without a first
 step in the model's answer is answered as asked. :func:`restated_questions` gives the
-restated questions alone (section 3f of ``results/README.md`` restates CEM's few-shot examples with it).
+restated questions alone (section 3f of ``results/README.md`` restates its test questions and
+CEM's few-shot examples with it, once each).
 
     engine.run(prompts, Restated(ClassifierDispatch(handle, tok, "classify"), handle, tok))
 """
