@@ -68,16 +68,16 @@ from tiny_habits import answers_with_habit  # noqa: E402
 from log_tables import read_log  # noqa: E402
 from results_render import render  # noqa: E402
 from t2fast.adapt import (CEMConfig, ClassifierDispatch, FixedMixture, PromptDispatch,  # noqa: E402
-                          TwoPassEngine, fewshot_cem, fewshot_examples, restated_questions,
-                          uniform_alpha)
+                          TwoPassEngine, fewshot_cem, fewshot_examples, restated_examples,
+                          restated_task, uniform_alpha)
 from t2fast.config import SVFConfig  # noqa: E402
 from t2fast.experts import load_expert  # noqa: E402
 from t2fast.models import load_tiny  # noqa: E402
 from t2fast.models import tiny_model_path  # noqa: E402
 from t2fast.tasks import (CLASSIFY, FAMILY_KINDS, HELDOUT_FAMILIES, OTHER,  # noqa: E402
                           PARENT_FAMILY, STEP_FAMILIES, TRAIN_FAMILIES, TRANSFER_FAMILIES,
-                          format_prompt, get_task)
-from t2fast.tasks.steps import final_answer, restated_right  # noqa: E402
+                          get_task)
+from t2fast.tasks.steps import restated_right  # noqa: E402
 from t2fast.train import evaluate, max_new_tokens_for  # noqa: E402
 from t2fast.train.evaluate import EvalResult, score_generations  # noqa: E402
 
@@ -285,32 +285,22 @@ def unseen_families() -> list[str]:
     return [*HELDOUT_FAMILIES, *(f for f in TRANSFER_FAMILIES if f in report["mixture"])]
 
 
-def restated_examples(handle, tok, examples: list) -> list:
-    """``examples`` as their parent family's questions: each restated once by the base model
-    (:func:`t2fast.adapt.restated_questions`, what :class:`t2fast.adapt.Restated` does in
-    pass 1; a question without a first step stays as asked), with its final answer (a two-step
-    answer's last step), which the family's scorer and the parent's read alike."""
-    questions = restated_questions(handle, tok, [e.prompt for e in examples])
-    return [dataclasses.replace(e, answer=final_answer(e.answer), **(
-        {} if q is None else {"prompt": format_prompt(q), "question": q}))
-        for e, q in zip(examples, questions)]
-
-
-def cem_runs(w: World, eng, run, handle, tok, task, shots: int, restated_as=None,
+def cem_runs(w: World, eng, run, handle, tok, task, shots: int, restated: bool = False,
              **settings) -> list[dict]:
     """One few-shot CEM per seed in ``--cem-seeds`` (seed s: its own search on shot set s),
-    each evaluated on the test questions by ``run``. With ``restated_as`` (the parent family's
-    task) the shots are restated (:func:`restated_examples`) and scored as that family's
-    questions (``run`` then answers restated test questions)."""
+    each evaluated on the test questions by ``run``. With ``restated`` the shots are restated
+    (:func:`t2fast.adapt.restated_examples`) and scored as :func:`t2fast.adapt.restated_task`
+    says (``run`` then answers restated test questions), as ``t2fast adapt --restate``
+    searches."""
     a = w.args
     runs = []
     for seed in a.cem_seeds:
         cfg = CEMConfig(population=a.cem_population, iterations=a.cem_iterations, seed=seed,
                         **settings)
         exs = fewshot_examples(task, shots, seed)
-        if restated_as is not None:
+        if restated:
             exs = restated_examples(handle, tok, exs)
-        res = fewshot_cem(handle, tok, restated_as or task, exs, cfg)
+        res = fewshot_cem(handle, tok, restated_task(task) if restated else task, exs, cfg)
         runs.append({"seed": seed, **run(eng, FixedMixture(res.spec, "cem")),
                      "alpha": res.alpha.tolist(), "space": cfg.space,
                      "fewshot_accuracy": res.fewshot_accuracy,
@@ -515,7 +505,7 @@ def transfer_base_results(w: World) -> dict:
 def restated_results(w: World) -> dict:
     """The transfer base model with its own experts on every transfer and two-step family,
     each test question restated once by the base model (its two-step first line, as
-    :class:`t2fast.adapt.Restated` restates in pass 1; :func:`restated_examples`) and then
+    :class:`t2fast.adapt.Restated` restates in pass 1; :func:`t2fast.adapt.restated_examples`) and then
     answered in its restated prompt: by the base model, the parent family's expert, prompt
     dispatch (A), the classification expert (B) and few-shot CEM on restated shots (one row per
     seed); the share of right restatements and the restatement's wall time; and the base model
@@ -540,7 +530,7 @@ def restated_results(w: World) -> dict:
             "restated_prompt": run(eng, d.prompt()),
             "restated_classifier": run(eng_c, d.classifier()),
             "restated_cem": cem_runs(w, eng, run, d.handle, d.tok, get_task(h), w.args.shots,
-                                     restated_as=get_task(parent))}
+                                     restated=True)}
     return out
 
 

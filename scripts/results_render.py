@@ -347,7 +347,8 @@ def restated_table(results: dict) -> list[str]:
         L += ["", "Few-shot CEM after restatement (the default CEM of section 2 over the same "
               "experts): each shot restated like the test questions and scored as its parent "
               "family's question with its final answer, then the restated test questions "
-              "answered with the α found; one row per seed:", ""]
+              "answered with the α found (`t2fast adapt --strategy cem --restate`); one row "
+              "per seed:", ""]
         L += cem_table(rs, results["args"]["shots"], RESTATED_CEM)
     return L
 

@@ -505,7 +505,8 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
                    help="pass 1 first has the base model restate each question (the first line "
                         "of its answer to 'step by step: QUESTION', as a model pre-trained on "
                         "two-step answers writes it); the strategy then picks for, and pass 2 "
-                        "answers, the restated question (not with cem)")
+                        "answers, the restated question (cem: searches on restated --shots, "
+                        "scored as the task's parent training family)")
     p.add_argument("--save-profile", default=None, metavar="FILE", type=output_file,
                    help="cem: write the α found as a mixture profile (t2fast serve --profiles "
                         "NAME=FILE serves it as t2_adapt='profile:NAME')")
@@ -530,9 +531,6 @@ def _adapt_check(args):
         usage_error(args, "--strategy", "classifier needs --classifier FILE")
     if s == "cem" and not args.task:
         usage_error(args, "--strategy", "cem needs --task (its few-shot examples)")
-    if s == "cem" and args.restate:
-        usage_error(args, "--restate", "cem searches its mixture on the questions as asked; "
-                                       "use --restate with another --strategy")
     task = get_task(args.task) if args.task else None
     examples = task_examples(args, task, args.split, args.n) if task else None
     shot_set = args.seed if args.shot_set is None else args.shot_set
@@ -567,7 +565,8 @@ def _adapt_check(args):
 def _adapt_run(args) -> int:
     import t2fast
     from .adapt import (ClassifierDispatch, FixedMixture, PromptDispatch, Restated,
-                        TwoPassEngine, fewshot_cem, uniform_alpha)
+                        TwoPassEngine, fewshot_cem, restated_examples, restated_task,
+                        uniform_alpha)
     from .tasks import format_prompt
     from .train import max_new_tokens_for
     from .train.evaluate import score_generations
@@ -591,18 +590,26 @@ def _adapt_run(args) -> int:
         strategy = ClassifierDispatch(handle, tok, args.classifier, experts)
     elif s == "cem":
         extra["shot_set"] = shot_set
+        scored_as = task
+        if args.restate:                  # searched on the shots as pass 1 will restate them
+            asked, shots = shots, restated_examples(handle, tok, shots)
+            scored_as = restated_task(task)
+            changed = sum(a.prompt != r.prompt for a, r in zip(asked, shots))
+            extra["restated_shots"] = changed
+            print(f"t2fast adapt: --restate: restated {changed} of {len(shots)} cem shots, "
+                  f"scored as {scored_as.name} questions", file=sys.stderr)
         with _progress(args.cem.iterations, "cem") as bar:
             def step(rec):
                 bar.update(1)
                 bar.set_postfix(best_score=f"{rec['best_score']:.3g}", refresh=False)
-            res = fewshot_cem(handle, tok, task, shots, args.cem, callback=step)
+            res = fewshot_cem(handle, tok, scored_as, shots, args.cem, callback=step)
         extra["cem"] = res.to_dict()
         if args.save_profile:
             from .serve.profiles import save_profile
             save_profile(args.save_profile, *profile_weights(res.spec, experts),
                          task=task.name, fewshot_accuracy=res.fewshot_accuracy,
                          shots=args.shots, check_shots=res.check_shots, shot_set=shot_set,
-                         seed=args.seed)
+                         seed=args.seed, restated=args.restate)
         strategy = FixedMixture(res.spec, "cem")
         n = res.check_shots
         deciding = f"the {n} held-out shot{'s' * (n != 1)}" if n else "the searched shots"

@@ -180,3 +180,24 @@ def test_restated_answers_the_restated_prompts(monkeypatch, setup):
         assert generate(handle.model, tok, [p], max_new_tokens=3).texts[0] == out
     handle.set_mixture(None)
     assert TwoPassEngine(handle, tok, max_new_tokens=3).run(prompts, Pick()).answered is None
+
+
+def test_restated_examples_keep_the_final_answer(monkeypatch, setup):
+    """restated_examples: each example's question becomes its first step (the prompt built
+    from it) and its answer the final answer; an example without a first step keeps its
+    question. restated_task scores them as the parent training family where one exists."""
+    from t2fast.adapt import restated_examples, restated_task
+    from t2fast.adapt import restate as restate_mod
+    from t2fast.tasks import get_task
+    handle, tok = setup
+    exs = get_task("arith_steps").examples("validation", 3)
+    monkeypatch.setattr(restate_mod, "generate_texts",
+                        lambda model, tok_, prompts, **kw: ["1+2=?\nA: 3", "nothing", "x\nA: 9"])
+    got = restated_examples(handle, tok, exs)
+    assert [e.question for e in got] == ["1+2=?", exs[1].question, "x"]
+    assert got[0].prompt == "Q: 1+2=?\nA: " and got[1].prompt == exs[1].prompt
+    assert [e.answer for e in got] == [e.answer.rsplit("\nA:", 1)[1].strip() for e in exs]
+    assert all("\n" in e.answer for e in exs)                  # two-step answers before
+    assert restated_task(get_task("arith_steps")).name == "arith"
+    assert restated_task(get_task("choice_words")).name == "choice"
+    assert restated_task(get_task("arith")).name == "arith"    # no parent: itself

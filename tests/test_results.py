@@ -305,16 +305,3 @@ def test_sections_measured_later_are_named_with_their_machine(results):
                         "2 torch thread(s), torch 2.15.0)")
     r["section_machine"] = {"surface": results["machine"]}
     assert later(r) == "; measured afterwards with `--only`: surface (12 s)"
-
-
-def test_restated_examples_take_the_restated_question_and_the_final_answer(monkeypatch):
-    """CEM's shots after restatement: the restated question's prompt (the question as asked
-    where there is none) and the final answer of a two-step answer."""
-    from t2fast.tasks import get_task
-    mr = load_script("make_results")
-    exs = get_task("arith_steps").examples("validation", 2)
-    monkeypatch.setattr(mr, "restated_questions", lambda h, t, prompts: ["1+2=?", None])
-    got = mr.restated_examples(None, None, exs)
-    final = [e.answer.split("\nA: ")[-1] for e in exs]
-    assert [g.answer for g in got] == final and got[0].prompt == "Q: 1+2=?\nA: "
-    assert got[0].question == "1+2=?" and got[1].prompt == exs[1].prompt

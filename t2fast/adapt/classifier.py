@@ -7,7 +7,6 @@ category's expert (base for "other"), exactly as in prompt-based dispatch.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 from ..experts import Expert
 from .prompt import PromptDispatch

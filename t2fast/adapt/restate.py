@@ -9,18 +9,21 @@ question as its training family's question before answering it
 first step only and hands ``Q: 147+8=?\\nA: `` to the strategy it wraps and to pass 2, so an
 expert answers the surface it was trained on rather than a new one. A question without a first
 step in the model's answer is answered as asked. :func:`restated_questions` gives the
-restated questions alone (section 3f of ``results/README.md`` restates its test questions and
-CEM's few-shot examples with it, once each).
+restated questions alone, :func:`restated_examples` a task's examples restated (CEM searches
+its mixture on restated shots, scored as :func:`restated_task` says; section 3f of
+``results/README.md`` restates its test questions and CEM's few-shot examples with them, once
+each).
 
     engine.run(prompts, Restated(ClassifierDispatch(handle, tok, "classify"), handle, tok))
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 from ..generation import generate_texts
-from ..tasks import extract_question, format_prompt
-from ..tasks.steps import STEP_PREFIX, first_step
+from ..tasks import PARENT_FAMILY, extract_question, format_prompt, get_task
+from ..tasks.steps import STEP_PREFIX, final_answer, first_step
 
 
 def restated_questions(handle, tokenizer, prompts: Sequence[str], *, prefix: str = STEP_PREFIX,
@@ -35,6 +38,25 @@ def restated_questions(handle, tokenizer, prompts: Sequence[str], *, prefix: str
     gens = generate_texts(handle.model, tokenizer, steps, batch_size=batch_size,
                           max_new_tokens=max_new_tokens)
     return [first_step(g) for g in gens]
+
+
+def restated_examples(handle, tokenizer, examples: Sequence, **kwargs) -> list:
+    """``examples`` (:class:`t2fast.tasks.Example`) as their restated questions: each restated
+    once by :func:`restated_questions` (``kwargs`` go there; an example without a first step
+    stays as asked), with its final answer (a two-step answer's last step, which the family's
+    scorer and its parent's read alike)."""
+    questions = restated_questions(handle, tokenizer, [e.prompt for e in examples], **kwargs)
+    return [dataclasses.replace(e, answer=final_answer(e.answer), **(
+        {} if q is None else {"prompt": format_prompt(q), "question": q}))
+        for e, q in zip(examples, questions)]
+
+
+def restated_task(task):
+    """The task whose scorer and answer budget suit ``task``'s restated questions: its parent
+    training family (:data:`t2fast.tasks.PARENT_FAMILY`) for a bundled family that has one,
+    else ``task`` itself."""
+    parent = PARENT_FAMILY.get(getattr(task, "name", None))
+    return task if parent is None else get_task(parent)
 
 
 class Restated:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import string
 from typing import Any
 
 import torch
