@@ -527,6 +527,10 @@ def _adapt_check(args):
     s = args.strategy
     if args.save_profile and s != "cem":
         usage_error(args, "--save-profile", "needs --strategy cem")
+    if args.save_profile and args.restate:
+        usage_error(args, "--save-profile", "a profile is served on questions as asked (t2fast "
+                                            "serve does not restate), but --restate searched "
+                                            "its α on restated ones")
     if s == "classifier" and not args.classifier:
         usage_error(args, "--strategy", "classifier needs --classifier FILE")
     if s == "cem" and not args.task:
@@ -609,7 +613,7 @@ def _adapt_run(args) -> int:
             save_profile(args.save_profile, *profile_weights(res.spec, experts),
                          task=task.name, fewshot_accuracy=res.fewshot_accuracy,
                          shots=args.shots, check_shots=res.check_shots, shot_set=shot_set,
-                         seed=args.seed, restated=args.restate)
+                         seed=args.seed)
         strategy = FixedMixture(res.spec, "cem")
         n = res.check_shots
         deciding = f"the {n} held-out shot{'s' * (n != 1)}" if n else "the searched shots"
