@@ -509,7 +509,8 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
                         "scored as the task's parent training family)")
     p.add_argument("--save-profile", default=None, metavar="FILE", type=output_file,
                    help="cem: write the α found as a mixture profile (t2fast serve --profiles "
-                        "NAME=FILE serves it as t2_adapt='profile:NAME')")
+                        "NAME=FILE serves it as t2_adapt='profile:NAME'; with --restate, "
+                        "t2fast serve --restate)")
     p.add_argument("--per-layer", action="store_true", help="cem: one α per decoder layer")
     p.add_argument("--normalize", action="store_true", help="cem: α sums to 1")
     p.add_argument("--seed", type=integer(0), default=c.seed, help="cem's search seed")
@@ -527,10 +528,6 @@ def _adapt_check(args):
     s = args.strategy
     if args.save_profile and s != "cem":
         usage_error(args, "--save-profile", "needs --strategy cem")
-    if args.save_profile and args.restate:
-        usage_error(args, "--save-profile", "a profile is served on questions as asked (t2fast "
-                                            "serve does not restate), but --restate searched "
-                                            "its α on restated ones")
     if s == "classifier" and not args.classifier:
         usage_error(args, "--strategy", "classifier needs --classifier FILE")
     if s == "cem" and not args.task:
@@ -613,7 +610,7 @@ def _adapt_run(args) -> int:
             save_profile(args.save_profile, *profile_weights(res.spec, experts),
                          task=task.name, fewshot_accuracy=res.fewshot_accuracy,
                          shots=args.shots, check_shots=res.check_shots, shot_set=shot_set,
-                         seed=args.seed)
+                         seed=args.seed, restated=args.restate)
         strategy = FixedMixture(res.spec, "cem")
         n = res.check_shots
         deciding = f"the {n} held-out shot{'s' * (n != 1)}" if n else "the searched shots"

@@ -122,19 +122,21 @@ def test_adapt_restate_on_the_transfer_base(tmp_path, capsys):
 
 def test_adapt_cem_restate_searches_on_restated_shots(tmp_path, capsys):
     """cem --restate: the shots are restated like the test questions and scored as the
-    parent family's questions; the summary says so."""
+    parent family's questions; the summary says so, and the saved profile (which only a
+    --restate server serves)."""
     tb = pathlib.Path(__file__).resolve().parent.parent / "results" / "transfer_base"
     ex = [str(tb / "experts" / f"{f}.safetensors") for f in ("arith", "strings", "choice")]
-    out = tmp_path / "r.json"
+    out, profile = tmp_path / "r.json", tmp_path / "p.json"
     assert cli.main(["adapt", "--model", str(tb), "--threads", "1", "--experts", *ex,
                      "--strategy", "cem", "--restate", "--task", "choice_steps", "--n", "6",
                      "--shots", "4", "--cem-iterations", "1", "--cem-population", "3",
-                     "--json", str(out)]) == 0
+                     "--save-profile", str(profile), "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["restated"] is True and r["restated_shots"] == 4 and r["restated_prompts"] == 6
     assert r["cem"]["check_shots"] == 2
     err = capsys.readouterr().err
     assert "restated 4 of 4 cem shots, scored as choice questions" in err
+    assert json.loads(profile.read_text())["meta"]["restated"] is True
 
 
 def test_adapt_restate_says_when_the_model_restates_nothing(experts, capsys):
@@ -266,7 +268,6 @@ def _bad_options(tmp_path, experts):
         (ad + ["--strategy", "expert:nope"], "--strategy"),
         (ad + ["--save-profile", str(tmp_path / "p.json")], "--save-profile"),
         (cem + ["--save-profile", under_file], "--save-profile"),
-        (cem + ["--save-profile", str(tmp_path / "p.json"), "--restate"], "--save-profile"),
         (ad + ["--json", under_file], "--json"),
         (cem + ["--shots", "0"], "--shots"), (cem + ["--shot-set", "-1"], "--shot-set"),
         (cem + ["--shots", "10000000"], "--shots"),
@@ -290,6 +291,7 @@ def _bad_options(tmp_path, experts):
         (["serve", "tiny", "--profiles", str(a_file)], "--profiles"),
         (["serve", "tiny", "--adapt", "magic"], "--adapt"),
         (["serve", "tiny", "--adapt", "classifier"], "--adapt"),
+        (["serve", "tiny", "--restate", "--adapt-template", "paper"], "--restate"),
         (["serve", "tiny", "--adapt", "profile:p", "--profiles", f"q={a_file}"], "--adapt"),
         (["serve", "tiny", "--classifier", f"c={tmp_path / 'absent'}"], "--classifier"),
         (["serve", "tiny", "--allow-runtime-loading"], "--allow-runtime-loading"),

@@ -63,7 +63,7 @@ class PassOne:
         yield Out()
 
 
-def make_app(tmp_path, adapt="none") -> tuple[FastAPI, T2Server]:
+def make_app(tmp_path, adapt="none", engine=None, restate=False) -> tuple[FastAPI, T2Server]:
     app = FastAPI()
     T2EndpointPlugin().attach_router(app)
 
@@ -83,8 +83,9 @@ def make_app(tmp_path, adapt="none") -> tuple[FastAPI, T2Server]:
     root.mkdir(exist_ok=True)
     experts = ServedExperts(FakeEngine(BANK), fe, ["tiny"], {}, root)
     cfg = ServeConfig(adapt=adapt, classifier="classify", allow_runtime_loading=True,
-                      runtime_loading_root=str(root))
-    server = T2Server(experts, Adapter(PassOne(), classifier="classify"), cfg,
+                      runtime_loading_root=str(root), restate=restate)
+    server = T2Server(experts, Adapter(engine or PassOne(), classifier="classify",
+                                       restate=restate), cfg,
                       {"mix": {"arith": 0.5, "strings": 0.5}})
     setattr(app.state, STATE_ATTR, server)
     app.state.openai_serving_models = Models()
@@ -236,6 +237,100 @@ def test_server_default_adapt_skips_requests_it_cannot_serve(tmp_path):
     r = call(app, "POST", "/v1/completions", {"model": "tiny", "prompt": ["a", "b"],
                                                "t2_adapt": "classifier"})
     refused(r, 400, "t2_adapt", "needs one text prompt")
+
+
+# ---- restatement (--restate) -------------------------------------------------------------
+class Restating:
+    """``engine_client.generate`` of a model that restates: ``step by step: what is 147 plus
+    8?`` -> ``147+8=?``, nothing for other step questions; classifies everything ``arith``.
+    Records (prompt, extra_args) of every call."""
+
+    def __init__(self):
+        self.seen = []
+
+    async def generate(self, prompt, params, request_id):
+        self.seen.append((prompt, params.extra_args))
+        text = ("147+8=?\nA: 155" if "step by step: what is 147 plus 8?" in prompt else
+                "no steps" if "step by step:" in prompt else "arith")
+
+        class Out:
+            outputs = [type("O", (), {"text": text})()]
+        yield Out()
+
+
+@pytest.mark.parametrize("route, body, asked", [
+    ("/v1/completions", {"prompt": "Q: what is 147 plus 8?\nA: "}, "Q: 147+8=?\nA: "),
+    ("/v1/completions", {"prompt": ["what is 147 plus 8?"]}, ["147+8=?"]),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"},
+                                           {"role": "assistant", "content": "hello"},
+                                           {"role": "user", "content": "what is 147 plus 8?"}]},
+     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+      {"role": "user", "content": "147+8=?"}]),
+])
+@pytest.mark.parametrize("adapt", ["classifier", "profile:mix"])
+def test_restate_asks_the_restated_question(tmp_path, route, body, asked, adapt):
+    """--restate: the base weights (no extra_args) restate the question; pass 1 picks for the
+    restated question and the request asks it, in the form it was sent in."""
+    engine = Restating()
+    app, _ = make_app(tmp_path, engine=engine, restate=True)
+    r = call(app, "POST", route, {"model": "tiny", **body, "t2_adapt": adapt})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-t2-restated"] == "147+8=?" and float(r.headers["x-t2-restate-ms"]) >= 0
+    sent = r.json()["body"]
+    assert sent.get("prompt", sent.get("messages")) == asked
+    assert engine.seen[0] == ("Q: step by step: what is 147 plus 8?\nA: ", None)
+    if adapt == "classifier":
+        assert "147+8=?" in engine.seen[1][0] and engine.seen[1][1] == {"t2": {"expert":
+                                                                               "classify"}}
+        assert r.headers["x-t2-expert"] == "arith"
+    else:
+        assert len(engine.seen) == 1 and r.headers["x-t2-adapt"] == "profile:mix"
+        assert r.headers["x-t2-mixture"] == '{"arith":0.5,"strings":0.5}'
+
+
+def test_restate_leaves_other_requests_as_sent(tmp_path):
+    """A question without a first step is asked as sent (x-t2-restated: none); a request that
+    names its mixture is not restated; a default adapt that cannot run skips the restatement
+    too; a server without --restate never restates."""
+    engine = Restating()
+    app, _ = make_app(tmp_path, adapt="classifier", engine=engine, restate=True)
+    r = call(app, "POST", "/v1/completions", {"model": "tiny", "prompt": "Q: hi\nA: "})
+    assert r.headers["x-t2-restated"] == "none" and r.json()["body"]["prompt"] == "Q: hi\nA: "
+    assert r.headers["x-t2-expert"] == "arith" and len(engine.seen) == 2
+    r = call(app, "POST", "/v1/completions", {"model": "tiny", "prompt": "what is 147 plus 8?",
+                                               "t2_expert": "strings"})
+    assert "x-t2-restated" not in r.headers and len(engine.seen) == 2
+    r = call(app, "POST", "/v1/completions", {"model": "tiny", "prompt": ["a", "b"]})
+    assert r.json()["body"]["prompt"] == ["a", "b"] and "x-t2-restated" not in r.headers
+    assert "one text prompt" in r.headers["x-t2-adapt-skipped"] and len(engine.seen) == 2
+    engine = Restating()
+    app, _ = make_app(tmp_path, engine=engine)
+    r = call(app, "POST", "/v1/completions", {"model": "tiny", "prompt": "what is 147 plus 8?",
+                                               "t2_adapt": "classifier"})
+    assert "x-t2-restated" not in r.headers and r.json()["body"]["prompt"] == \
+        "what is 147 plus 8?"
+    assert len(engine.seen) == 1 and "step by step" not in engine.seen[0][0]
+
+
+def test_restate_needs_the_tiny_template():
+    with pytest.raises(ValueError, match="--adapt-template tiny"):
+        ServeConfig(restate=True, adapt_template="paper")
+    with pytest.raises(ValueError, match="'tiny' adapt template"):
+        Adapter(PassOne(), "paper", restate=True)
+
+
+def test_profiles_are_served_as_they_were_searched(tmp_path):
+    """A profile from t2fast adapt --restate needs a --restate server; any other one a server
+    without it."""
+    from t2fast.serve.profiles import check_restated, read_profile, save_profile
+    plain = read_profile(save_profile(tmp_path / "a.json", [1.0], ["arith"], task="x"))[1]
+    restated = read_profile(save_profile(tmp_path / "b.json", [1.0], ["arith"], restated=True))[1]
+    check_restated(plain, False)
+    check_restated(restated, True)
+    with pytest.raises(ValueError, match="serve it with --restate"):
+        check_restated(restated, False)
+    with pytest.raises(ValueError, match="this server restates them"):
+        check_restated(plain, True)
 
 
 # ---- run-time loading --------------------------------------------------------------------

@@ -11,11 +11,13 @@ from .cem import (CEMConfig, CEMResult, FewShotScorer, cem_search, fewshot_cem,
 from .classifier import ClassifierDispatch, train_classifier
 from .engine import FixedMixture, TwoPassEngine, TwoPassResult, uniform_alpha
 from .prompt import (PromptDispatch, paper_style_prompt, parse_category, tiny_world_prompt)
-from .restate import Restated, restated_examples, restated_questions, restated_task
+from .restate import (Restated, restated_examples, restated_questions, restated_task,
+                      restatement_prompt)
 
 __all__ = [
     "CEMConfig", "CEMResult", "ClassifierDispatch", "FewShotScorer", "FixedMixture",
     "PromptDispatch", "Restated", "TwoPassEngine", "TwoPassResult", "cem_search", "fewshot_cem",
     "fewshot_examples", "paper_style_prompt", "parse_category", "restated_examples",
-    "restated_questions", "restated_task", "tiny_world_prompt", "train_classifier", "transform", "uniform_alpha",
+    "restated_questions", "restated_task", "restatement_prompt", "tiny_world_prompt",
+    "train_classifier", "transform", "uniform_alpha",
 ]

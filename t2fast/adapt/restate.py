@@ -26,13 +26,23 @@ from ..tasks import PARENT_FAMILY, extract_question, format_prompt, get_task
 from ..tasks.steps import STEP_PREFIX, final_answer, first_step
 
 
+#: The restatement's generation budget (a first step and its separator).
+RESTATE_MAX_TOKENS = 64
+
+
+def restatement_prompt(prompt: str, prefix: str = STEP_PREFIX) -> str:
+    """The prompt that asks for ``prompt``'s first step: its question behind ``prefix`` (not
+    prefixed twice), in the tiny world's template."""
+    q = extract_question(prompt)
+    return format_prompt(q if q.startswith(prefix) else prefix + q)
+
+
 def restated_questions(handle, tokenizer, prompts: Sequence[str], *, prefix: str = STEP_PREFIX,
-                       max_new_tokens: int = 64, batch_size: int | None = 128
+                       max_new_tokens: int = RESTATE_MAX_TOKENS, batch_size: int | None = 128
                        ) -> list[str | None]:
     """The question each prompt restates to: the first step the handle's base weights write
-    for it behind ``prefix`` (not prefixed twice), or None where they write none."""
-    questions = [extract_question(p) for p in prompts]
-    steps = [format_prompt(q if q.startswith(prefix) else prefix + q) for q in questions]
+    for it behind ``prefix`` (:func:`restatement_prompt`), or None where they write none."""
+    steps = [restatement_prompt(p, prefix) for p in prompts]
     handle.set_trainable_z(None)
     handle.set_mixture(None)
     gens = generate_texts(handle.model, tokenizer, steps, batch_size=batch_size,
@@ -74,7 +84,7 @@ class Restated:
     """
 
     def __init__(self, inner, handle, tokenizer, *, prefix: str = STEP_PREFIX,
-                 max_new_tokens: int = 64, batch_size: int | None = 128):
+                 max_new_tokens: int = RESTATE_MAX_TOKENS, batch_size: int | None = 128):
         self.inner = inner
         self.handle = handle
         self.tokenizer = tokenizer

@@ -7,6 +7,12 @@ served with the chosen category's expert (the base model for "other"). Pass-1 re
 concurrent HTTP requests are in flight together, so vLLM's scheduler batches them like any
 other requests. The chosen expert and the pass-1 time are reported in response headers
 (:data:`HEADER_EXPERT`, :data:`HEADER_PASS1_MS`).
+
+With restatement (``t2fast serve --restate``, the tiny world's template only), pass 1 first has
+the base weights restate the request's question (:meth:`Adapter.restate`: the first line of
+their answer to ``step by step: QUESTION``, as :class:`t2fast.adapt.Restated` does); the
+request then asks the restated question, for the choice of pass 1 and in pass 2
+(:data:`HEADER_RESTATED`). A question the model writes no first step for is asked as sent.
 """
 from __future__ import annotations
 
@@ -14,8 +20,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from ..adapt import paper_style_prompt, parse_category, tiny_world_prompt
+from ..adapt import paper_style_prompt, parse_category, restatement_prompt, tiny_world_prompt
+from ..adapt.restate import RESTATE_MAX_TOKENS
 from ..mixtures import EXPERT_FIELD, REQUEST_KEY
+from ..tasks import extract_question, format_prompt
+from ..tasks.steps import first_step
 from .translate import ADAPT_KEY, T2HTTPError
 
 HEADER_ADAPT = "x-t2-adapt"
@@ -27,9 +36,26 @@ HEADER_ALPHA = "x-t2-alpha"
 HEADER_MIXTURE = "x-t2-mixture"
 #: Why the server's default ``t2_adapt`` was not run for a request.
 HEADER_ADAPT_SKIPPED = "x-t2-adapt-skipped"
+#: The question the request asked after restatement (``none``: asked as sent).
+HEADER_RESTATED = "x-t2-restated"
+#: How long the restatement took.
+HEADER_RESTATE_MS = "x-t2-restate-ms"
 #: How pass 1 phrases the question: the tiny world's template, or the paper's for chat models.
 TEMPLATES = {"tiny": tiny_world_prompt, "paper": paper_style_prompt}
 PASS1_MAX_TOKENS = 10
+
+
+def restated_text(text: str, question: str) -> str:
+    """``text`` (a request's prompt) asking ``question`` instead: in the tiny world's template
+    where ``text`` was in it, else bare."""
+    return question if extract_question(text) == text.strip() else format_prompt(question)
+
+
+@dataclass
+class Restatement:
+    """Outcome of the restatement: the restated question (None: none written), its time."""
+    question: str | None
+    ms: float
 
 
 @dataclass
@@ -51,15 +77,40 @@ class Adapter:
         engine_client: vLLM's ``EngineClient``.
         template: a key of :data:`TEMPLATES`.
         classifier: the classification expert's name (needed for ``"classifier"``).
+        restate: restate each adapted request's question first (:meth:`restate`; ``"tiny"``
+            template only).
     """
 
-    def __init__(self, engine_client, template: str = "tiny", classifier: str | None = None):
+    def __init__(self, engine_client, template: str = "tiny", classifier: str | None = None,
+                 restate: bool = False):
         if template not in TEMPLATES:
             raise ValueError(f"t2fast serve: adapt template must be one of {sorted(TEMPLATES)}, "
                              f"got {template!r}")
+        if restate and template != "tiny":
+            raise ValueError("t2fast serve: restatement needs the 'tiny' adapt template")
         self.engine_client = engine_client
         self.prompt_fn = TEMPLATES[template]
         self.classifier = classifier
+        self.restates = restate
+
+    async def _greedy(self, prompt: str, max_tokens: int, extra_args=None) -> str:
+        """The engine's greedy text for ``prompt`` (an internal request, batched with the
+        others in flight)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra_args)
+        final = None
+        async for out in self.engine_client.generate(prompt, params,
+                                                     f"t2-pass1-{uuid.uuid4().hex}"):
+            final = out
+        return final.outputs[0].text if final is not None and final.outputs else ""
+
+    async def restate(self, text: str) -> Restatement:
+        """The question ``text`` restates to: the first step the base weights write for
+        ``step by step: QUESTION`` (:func:`t2fast.adapt.restatement_prompt`), or None."""
+        t0 = time.perf_counter()
+        answer = await self._greedy(restatement_prompt(text), RESTATE_MAX_TOKENS)
+        return Restatement(first_step(answer), (time.perf_counter() - t0) * 1e3)
 
     def categories(self, loaded: list[str]) -> list[str]:
         """Pass-2 experts: every loaded expert but the classification expert."""
@@ -67,8 +118,6 @@ class Adapter:
 
     async def choose(self, mode: str, text: str, loaded: list[str]) -> Choice:
         """Pass 1 for ``text``; ``mode`` is ``"prompt"`` or ``"classifier"``."""
-        from vllm import SamplingParams
-
         if mode == "classifier":
             if self.classifier is None:
                 raise T2HTTPError(f"{ADAPT_KEY}='classifier' needs a classification expert; "
@@ -81,13 +130,8 @@ class Adapter:
             raise T2HTTPError(f"{ADAPT_KEY} needs at least one loaded expert to choose from",
                               param=ADAPT_KEY)
         extra = {REQUEST_KEY: {EXPERT_FIELD: self.classifier}} if mode == "classifier" else None
-        params = SamplingParams(temperature=0.0, max_tokens=PASS1_MAX_TOKENS, extra_args=extra)
         t0 = time.perf_counter()
-        final = None
-        async for out in self.engine_client.generate(self.prompt_fn(text, labels), params,
-                                                     f"t2-pass1-{uuid.uuid4().hex}"):
-            final = out
+        answer = await self._greedy(self.prompt_fn(text, labels), PASS1_MAX_TOKENS, extra)
         ms = (time.perf_counter() - t0) * 1e3
-        answer = final.outputs[0].text if final is not None and final.outputs else ""
         label = parse_category(answer, labels)
         return Choice(label, label if label in labels else None, ms)

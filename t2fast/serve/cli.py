@@ -70,6 +70,9 @@ def check_args(args) -> None:
 
     if args.adapt == "classifier" and not args.classifier:
         usage_error(args, "--adapt", "classifier needs --classifier")
+    if args.restate and args.adapt_template != "tiny":
+        usage_error(args, "--restate", "asks the tiny world's 'step by step:' question; it "
+                                       "needs --adapt-template tiny")
     profiles = {_named(e)[0] for e in args.profiles}
     if profile_name(args.adapt) not in (None, *profiles):
         usage_error(args, "--adapt", f"{args.adapt!r} names no --profiles entry (given: "
@@ -103,6 +106,12 @@ def _add_args(p: argparse.ArgumentParser) -> None:
                    help="mixture profiles (saved α) served as t2_adapt='profile:NAME'")
     p.add_argument("--adapt-template", default="tiny", choices=("tiny", "paper"),
                    help="pass-1 prompt: the tiny world's or the paper's (chat models)")
+    p.add_argument("--restate", action="store_true",
+                   help="pass 1 of every adapted request (t2_adapt) first has the base model "
+                        "restate its question (the first line of its answer to 'step by step: "
+                        "QUESTION'); the request then asks the restated question (x-t2-restated "
+                        "says which; tiny template only; profiles must come from t2fast adapt "
+                        "--restate)")
     add_svf_arguments(p, SERVE_SVF_FIELDS)
     p.add_argument("--allow-runtime-loading", action="store_true",
                    help="enable POST/DELETE /v1/t2/experts (they read files named by clients; "
@@ -226,7 +235,7 @@ def vllm_arguments(args, extra: list[str]) -> list[str]:
                             allow_runtime_loading=args.allow_runtime_loading,
                             runtime_loading_root=None if args.runtime_loading_root is None
                             else str(Path(args.runtime_loading_root).resolve()),
-                            named_experts=named, profiles=profiles)
+                            named_experts=named, profiles=profiles, restate=args.restate)
     kw = engine_args(model, files, **svf_settings(args, SERVE_SVF_FIELDS))  # checked before start
     kw["additional_config"][SERVE_KEY] = serve_cfg.to_dict()
     out = [model, *served, "--host", args.host, "--port", str(args.port),

@@ -32,6 +32,9 @@ class ServeConfig:
         named_experts: ``{name: file}`` loaded at start-up under the given names.
         profiles: ``{name: file}`` of mixture profiles (:mod:`t2fast.serve.profiles`) served
             as ``t2_adapt="profile:NAME"``.
+        restate: pass 1 first restates each adapted request's question with the base weights
+            and the request asks the restated one (:mod:`t2fast.serve.adapt`; ``"tiny"``
+            template only).
     """
     adapt: str = "none"
     classifier: str | None = None
@@ -40,6 +43,7 @@ class ServeConfig:
     runtime_loading_root: str | None = None
     named_experts: dict = field(default_factory=dict)
     profiles: dict = field(default_factory=dict)
+    restate: bool = False
 
     def __post_init__(self):
         from ..mixtures import profile_name
@@ -65,6 +69,10 @@ class ServeConfig:
         if self.adapt_template not in TEMPLATES:
             raise ValueError(f"t2fast serve: adapt_template must be one of {sorted(TEMPLATES)}, "
                              f"got {self.adapt_template!r}")
+        if self.restate and self.adapt_template != "tiny":
+            raise ValueError("t2fast serve: --restate asks the tiny world's 'step by step:' "
+                             f"question; it needs --adapt-template tiny, not "
+                             f"{self.adapt_template!r}")
 
     @classmethod
     def from_dict(cls, d) -> "ServeConfig":

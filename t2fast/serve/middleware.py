@@ -7,7 +7,8 @@ For ``POST /v1/completions`` and ``/v1/chat/completions`` it reads the JSON body
 2. refuses unknown t2 keys and conflicting mixtures (:func:`t2fast.serve.translate.translate`,
    HTTP 400), maps ``"model": "<expert>"`` to the base model plus that expert;
 3. runs pass 1 when the request asks for ``t2_adapt`` (:class:`t2fast.serve.adapt.Adapter`), or
-   when the server's default asks for it and the request can take it;
+   when the server's default asks for it and the request can take it (with ``--restate``, the
+   request then asks its restated question);
 4. validates the mixture with the engine front end's parser (400 naming the request's key)
    and counts the request as in flight for the experts it uses;
 5. hands the rewritten body to vLLM's route and adds ``x-t2-*`` headers to its response
@@ -27,9 +28,9 @@ from http import HTTPStatus
 from ..messages import MAX_MESSAGE_CHARS, cap_text, shown, shown_list
 from ..mixtures import ALPHA_FIELD, BASE, EXPERT_FIELD, Mixture, profile_name
 from .adapt import HEADER_ADAPT, HEADER_ADAPT_SKIPPED, HEADER_ALPHA, HEADER_EXPERT, \
-    HEADER_MIXTURE
+    HEADER_MIXTURE, HEADER_RESTATE_MS, HEADER_RESTATED, restated_text
 from .translate import (ADAPT_KEY, ROUTES, T2HTTPError, body_too_deep, check_depth,
-                        prompt_text, set_spec, t2_keys_in, translate)
+                        prompt_text, set_prompt_text, set_spec, t2_keys_in, translate)
 
 STATE_ATTR = "t2fast"
 #: t2fast's own routes (their bodies are not requests for a model).
@@ -146,28 +147,14 @@ class T2Server:
             return body, Mixture(), {}
         tr = translate(body, self.experts.names, self.experts.base_names, self.config.adapt)
         headers = {}
-        name = profile_name(tr.adapt)
-        if name is not None:
-            if name not in self.profiles:
-                raise T2HTTPError(f"unknown profile {shown(name)}; served profiles: "
-                                  f"{shown_list(sorted(self.profiles)) or '(none)'}",
-                                  param=ADAPT_KEY)
-            tr.spec = {ALPHA_FIELD: self.profiles[name]}
-            set_spec(tr.body, tr.spec)
-            headers = {HEADER_ADAPT: tr.adapt, HEADER_ALPHA: json.dumps(self.profiles[name])}
-        elif tr.adapt is not None:
+        if tr.adapt is not None:
             try:
-                choice = await self.adapter.choose(tr.adapt, prompt_text(route, tr.body),
-                                                   self.experts.names)
+                tr.body, tr.spec, headers = await self.pass1(route, tr.body, tr.adapt)
             except T2HTTPError as exc:
                 if not tr.adapt_is_default:
                     raise
                 headers = {HEADER_ADAPT: "none", HEADER_ADAPT_SKIPPED: _header_text(
                     f"server default {tr.adapt}: {exc.message}")}
-            else:
-                tr.spec = None if choice.expert is None else {EXPERT_FIELD: choice.expert}
-                set_spec(tr.body, tr.spec)
-                headers = choice.headers(tr.adapt)
         elif tr.via_model is not None:
             headers = {HEADER_EXPERT: tr.via_model}
         try:
@@ -177,6 +164,39 @@ class T2Server:
             raise T2HTTPError(f"{key}: {getattr(exc, 'detail', exc)}", param=key) from None
         headers[HEADER_MIXTURE] = mixture.key or BASE
         return tr.body, mixture, headers
+
+    async def pass1(self, route: str, body: dict, adapt: str) -> tuple[dict, object, dict]:
+        """(body, mixture spec, headers) of a request after pass 1 of ``adapt``: the server's
+        restatement first when it restates (the body then asks the restated question), then
+        the profile's α or the expert :meth:`Adapter.choose` picks. ``body`` is not changed.
+
+        Raises:
+            T2HTTPError (400) when pass 1 cannot run for the request (no single text prompt,
+            no expert to choose from, an unknown profile).
+        """
+        name = profile_name(adapt)
+        if name is not None and name not in self.profiles:
+            raise T2HTTPError(f"unknown profile {shown(name)}; served profiles: "
+                              f"{shown_list(sorted(self.profiles)) or '(none)'}",
+                              param=ADAPT_KEY)
+        body, headers = dict(body), {}
+        if self.adapter.restates:
+            text = prompt_text(route, body)
+            r = await self.adapter.restate(text)
+            if r.question is not None:
+                set_prompt_text(route, body, restated_text(text, r.question))
+            headers = {HEADER_RESTATED: _header_text(r.question or "none"),
+                       HEADER_RESTATE_MS: f"{r.ms:.1f}"}
+        if name is not None:
+            spec = {ALPHA_FIELD: self.profiles[name]}
+            headers.update({HEADER_ADAPT: adapt, HEADER_ALPHA: json.dumps(self.profiles[name])})
+        else:
+            choice = await self.adapter.choose(adapt, prompt_text(route, body),
+                                               self.experts.names)
+            spec = None if choice.expert is None else {EXPERT_FIELD: choice.expert}
+            headers.update(choice.headers(adapt))
+        set_spec(body, spec)
+        return body, spec, headers
 
 
 def _vllm_model_names(scope) -> list[str] | None:

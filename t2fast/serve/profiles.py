@@ -49,6 +49,11 @@ def load_profile(path) -> dict:
     Raises:
         ValueError naming the file and the problem.
     """
+    return read_profile(path)[0]
+
+
+def read_profile(path) -> tuple[dict, dict]:
+    """(``alpha``, ``meta``) of a profile file, checked as :func:`load_profile` says."""
     where = f"profile file {str(path)!r}"
     try:
         d = json.loads(Path(path).read_text())
@@ -63,4 +68,24 @@ def load_profile(path) -> dict:
                          f"version {PROFILE_VERSION}")
     if not isinstance(d.get("alpha"), dict) or not d["alpha"]:
         raise ValueError(f"{where}: 'alpha' must be a non-empty {{expert name: weight}}")
-    return d["alpha"]
+    meta = d.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: 'meta' must be an object")
+    return d["alpha"], meta
+
+
+def check_restated(meta: dict, restate: bool) -> None:
+    """Refuse a profile whose α was searched on questions asked otherwise than a server with
+    ``restate`` asks them: ``meta["restated"]`` (``t2fast adapt --restate``) needs a server
+    that restates (``t2fast serve --restate``), any other profile one that does not.
+
+    Raises:
+        ValueError saying which.
+    """
+    if bool(meta.get("restated", False)) == restate:
+        return
+    if restate:
+        raise ValueError("its α was searched on questions as asked, but this server restates "
+                         "them (--restate); search it with t2fast adapt --restate")
+    raise ValueError("its α was searched on restated questions (t2fast adapt --restate); serve "
+                     "it with --restate")

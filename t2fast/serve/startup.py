@@ -8,7 +8,7 @@ from .adapt import Adapter
 from .config import ServeConfig
 from .experts import ServedExperts
 from .middleware import T2Server
-from .profiles import load_profile
+from .profiles import check_restated, read_profile
 
 logger = logging.getLogger("t2fast.serve")
 
@@ -42,17 +42,18 @@ async def build_server(engine_client, args) -> T2Server | None:
                          f"loaded experts {experts.names}")
     profiles = {}
     for name, path in cfg.profiles.items():
-        alpha = load_profile(path)
+        alpha, meta = read_profile(path)
         try:
             experts.parse({ALPHA_FIELD: alpha})
+            check_restated(meta, cfg.restate)
         except ValueError as exc:
             raise ValueError(f"t2fast serve: profile {name!r} ({path}): {exc}") from None
         profiles[name] = alpha
     if profile_name(cfg.adapt) not in (None, *profiles):
         raise ValueError(f"t2fast serve: --adapt {cfg.adapt}: no such profile; given: "
                          f"{sorted(profiles) or '(none)'}")
-    server = T2Server(experts, Adapter(engine_client, cfg.adapt_template, cfg.classifier), cfg,
-                      profiles)
+    server = T2Server(experts, Adapter(engine_client, cfg.adapt_template, cfg.classifier,
+                                       cfg.restate), cfg, profiles)
     log_startup(server, await experts.info(), vllm_config)
     return server
 
@@ -76,8 +77,8 @@ def log_startup(server: T2Server, info: dict, vllm_config) -> None:
     logger.info("t2fast: path: %s; SVF kernels: %s; %s", path, "/".join(w["kernels"]),
                 "eager" if eager else "compiled (torch.compile / CUDA graphs)")
     cfg = server.config
-    logger.info("t2fast: default t2_adapt=%s, classifier=%s, template=%s, profiles %s; run-time "
-                "loading %s", cfg.adapt, cfg.classifier or "-", cfg.adapt_template,
-                sorted(server.profiles) or "-",
+    logger.info("t2fast: default t2_adapt=%s, classifier=%s, template=%s, restate=%s, profiles "
+                "%s; run-time loading %s", cfg.adapt, cfg.classifier or "-", cfg.adapt_template,
+                cfg.restate, sorted(server.profiles) or "-",
                 f"allowed under {server.experts.root}" if cfg.allow_runtime_loading
                 else "disabled")

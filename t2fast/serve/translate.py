@@ -202,6 +202,19 @@ def set_spec(body: dict, spec) -> None:
     body[XARGS] = xargs
 
 
+def set_prompt_text(path: str, body: dict, text: str) -> None:
+    """Make ``text`` the prompt :func:`prompt_text` reads from ``body`` (the completion prompt,
+    or the last user message of a chat, whose list is copied, not changed in place)."""
+    if path.endswith("/chat/completions"):
+        msgs = list(body["messages"])
+        last = max(i for i, m in enumerate(msgs)
+                   if isinstance(m, dict) and m.get("role") == "user")
+        msgs[last] = {**msgs[last], "content": text}
+        body["messages"] = msgs
+    else:
+        body["prompt"] = [text] if isinstance(body.get("prompt"), list) else text
+
+
 def prompt_text(path: str, body: dict) -> str:
     """The text pass 1 classifies: the completion prompt, or the last user message of a chat.
 
