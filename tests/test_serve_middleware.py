@@ -312,6 +312,36 @@ def test_restate_leaves_other_requests_as_sent(tmp_path):
     assert len(engine.seen) == 1 and "step by step" not in engine.seen[0][0]
 
 
+class TooLong:
+    """``engine_client.generate`` refusing every prompt as vLLM refuses one longer than the
+    model's context."""
+
+    async def generate(self, prompt, params, request_id):
+        from vllm.exceptions import VLLMValidationError
+        raise VLLMValidationError("This model's maximum context length is 256 tokens. However, "
+                                  "your prompt contains at least 257 input tokens",
+                                  parameter="input_tokens", value=257)
+        yield  # an async generator, as the engine's
+
+
+@pytest.mark.parametrize("restate, purpose", [(False, "classification"),
+                                              (True, "restatement")])
+def test_a_pass1_prompt_the_engine_refuses_is_a_400_that_says_so(tmp_path, restate, purpose):
+    """A question that fits the model alone but not inside pass 1's template: a 400 naming
+    t2_adapt and which of pass 1's prompts was refused; the server's default adapt is skipped
+    for it instead (the base model answers, x-t2-adapt-skipped says why)."""
+    app, _ = make_app(tmp_path, engine=TooLong(), restate=restate)
+    r = call(app, "POST", "/v1/completions", {"model": "tiny", "prompt": "Q: 1+1=?\nA: ",
+                                               "t2_adapt": "classifier"})
+    refused(r, 400, "t2_adapt", f"the engine refused pass 1's {purpose} prompt")
+    assert "maximum context length is 256" in r.json()["error"]["message"]
+    app, _ = make_app(tmp_path, adapt="classifier", engine=TooLong(), restate=restate)
+    r = call(app, "POST", "/v1/completions", {"model": "tiny", "prompt": "Q: 1+1=?\nA: "})
+    assert r.status_code == 200 and r.headers["x-t2-mixture"] == "base"
+    assert f"refused pass 1's {purpose} prompt" in r.headers["x-t2-adapt-skipped"]
+    assert r.json()["body"]["prompt"] == "Q: 1+1=?\nA: "
+
+
 def test_restate_needs_the_tiny_template():
     with pytest.raises(ValueError, match="--adapt-template tiny"):
         ServeConfig(restate=True, adapt_template="paper")

@@ -93,23 +93,35 @@ class Adapter:
         self.classifier = classifier
         self.restates = restate
 
-    async def _greedy(self, prompt: str, max_tokens: int, extra_args=None) -> str:
+    async def _greedy(self, purpose: str, prompt: str, max_tokens: int,
+                      extra_args=None) -> str:
         """The engine's greedy text for ``prompt`` (an internal request, batched with the
-        others in flight)."""
+        others in flight).
+
+        Raises:
+            T2HTTPError (400) when the engine refuses the request (a question that fits the
+            model alone but not inside the ``purpose`` template, ...).
+        """
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
 
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra_args)
         final = None
-        async for out in self.engine_client.generate(prompt, params,
-                                                     f"t2-pass1-{uuid.uuid4().hex}"):
-            final = out
+        try:
+            async for out in self.engine_client.generate(prompt, params,
+                                                         f"t2-pass1-{uuid.uuid4().hex}"):
+                final = out
+        except VLLMClientError as exc:
+            raise T2HTTPError(f"{ADAPT_KEY}: the engine refused pass 1's {purpose} prompt (the "
+                              f"request's question inside the {purpose} template): {exc}",
+                              param=ADAPT_KEY) from None
         return final.outputs[0].text if final is not None and final.outputs else ""
 
     async def restate(self, text: str) -> Restatement:
         """The question ``text`` restates to: the first step the base weights write for
         ``step by step: QUESTION`` (:func:`t2fast.adapt.restatement_prompt`), or None."""
         t0 = time.perf_counter()
-        answer = await self._greedy(restatement_prompt(text), RESTATE_MAX_TOKENS)
+        answer = await self._greedy("restatement", restatement_prompt(text), RESTATE_MAX_TOKENS)
         return Restatement(first_step(answer), (time.perf_counter() - t0) * 1e3)
 
     def categories(self, loaded: list[str]) -> list[str]:
@@ -131,7 +143,8 @@ class Adapter:
                               param=ADAPT_KEY)
         extra = {REQUEST_KEY: {EXPERT_FIELD: self.classifier}} if mode == "classifier" else None
         t0 = time.perf_counter()
-        answer = await self._greedy(self.prompt_fn(text, labels), PASS1_MAX_TOKENS, extra)
+        answer = await self._greedy("classification", self.prompt_fn(text, labels),
+                                    PASS1_MAX_TOKENS, extra)
         ms = (time.perf_counter() - t0) * 1e3
         label = parse_category(answer, labels)
         return Choice(label, label if label in labels else None, ms)
