@@ -246,10 +246,11 @@ class Restating:
     Records (prompt, extra_args) of every call."""
 
     def __init__(self):
-        self.seen = []
+        self.seen, self.stops = [], []
 
     async def generate(self, prompt, params, request_id):
         self.seen.append((prompt, params.extra_args))
+        self.stops.append((params.stop, params.include_stop_str_in_output))
         text = ("147+8=?\nA: 155" if "step by step: what is 147 plus 8?" in prompt else
                 "no steps" if "step by step:" in prompt else "arith")
 
@@ -279,6 +280,7 @@ def test_restate_asks_the_restated_question(tmp_path, route, body, asked, adapt)
     sent = r.json()["body"]
     assert sent.get("prompt", sent.get("messages")) == asked
     assert engine.seen[0] == ("Q: step by step: what is 147 plus 8?\nA: ", None)
+    assert engine.stops[0] == (["\nA:"], True)             # ends at the step's separator
     if adapt == "classifier":
         assert "147+8=?" in engine.seen[1][0] and engine.seen[1][1] == {"t2": {"expert":
                                                                                "classify"}}

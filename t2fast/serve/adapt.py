@@ -24,7 +24,7 @@ from ..adapt import paper_style_prompt, parse_category, restatement_prompt, tiny
 from ..adapt.restate import RESTATE_MAX_TOKENS
 from ..mixtures import EXPERT_FIELD, REQUEST_KEY
 from ..tasks import extract_question, format_prompt
-from ..tasks.steps import first_step
+from ..tasks.steps import STEP_MARK, first_step
 from .translate import ADAPT_KEY, T2HTTPError
 
 HEADER_ADAPT = "x-t2-adapt"
@@ -93,10 +93,10 @@ class Adapter:
         self.classifier = classifier
         self.restates = restate
 
-    async def _greedy(self, purpose: str, prompt: str, max_tokens: int,
-                      extra_args=None) -> str:
+    async def _greedy(self, purpose: str, prompt: str, max_tokens: int, extra_args=None,
+                      stop: str | None = None) -> str:
         """The engine's greedy text for ``prompt`` (an internal request, batched with the
-        others in flight).
+        others in flight), ending with ``stop`` where it writes it.
 
         Raises:
             T2HTTPError (400) when the engine refuses the request (a question that fits the
@@ -105,7 +105,8 @@ class Adapter:
         from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError
 
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra_args)
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra_args,
+                                stop=stop, include_stop_str_in_output=True)
         final = None
         try:
             async for out in self.engine_client.generate(prompt, params,
@@ -119,9 +120,12 @@ class Adapter:
 
     async def restate(self, text: str) -> Restatement:
         """The question ``text`` restates to: the first step the base weights write for
-        ``step by step: QUESTION`` (:func:`t2fast.adapt.restatement_prompt`), or None."""
+        ``step by step: QUESTION`` (:func:`t2fast.adapt.restatement_prompt`), or None. The
+        generation stops at the step's separator: greedy decoding writes the same first step
+        as the full answer of :func:`t2fast.adapt.restated_questions`, without the rest."""
         t0 = time.perf_counter()
-        answer = await self._greedy("restatement", restatement_prompt(text), RESTATE_MAX_TOKENS)
+        answer = await self._greedy("restatement", restatement_prompt(text), RESTATE_MAX_TOKENS,
+                                    stop=STEP_MARK)
         return Restatement(first_step(answer), (time.perf_counter() - t0) * 1e3)
 
     def categories(self, loaded: list[str]) -> list[str]:

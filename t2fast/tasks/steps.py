@@ -30,21 +30,21 @@ STEP_PREFIX = "step by step: "
 #: What separates the restated question from the final answer.
 STEP_SEPARATOR = ANSWER_PREFIX
 #: The separator as read back from a generation (its trailing space may be missing).
-_MARK = STEP_SEPARATOR.rstrip(" ")
+STEP_MARK = STEP_SEPARATOR.rstrip(" ")
 
 
 def final_answer(text: str) -> str:
     """The part of a two-step answer after its last separator, stripped (all of ``text`` if it
     has none)."""
-    return text.rsplit(_MARK, 1)[-1].strip()
+    return text.rsplit(STEP_MARK, 1)[-1].strip()
 
 
 def first_step(text: str) -> str | None:
     """The first step of a two-step answer: the text before its first separator, stripped;
     None when there is no separator or nothing before it."""
-    if _MARK not in text:
+    if STEP_MARK not in text:
         return None
-    return text.split(_MARK, 1)[0].strip() or None
+    return text.split(STEP_MARK, 1)[0].strip() or None
 
 
 def restated_right(generation: str, example: Example) -> bool:
