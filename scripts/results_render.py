@@ -503,18 +503,14 @@ def restated_target_lines(rs: dict, rows: list[dict]) -> list[str]:
     out, by = [], {(c["where"], c["a"], c["b"]): c for c in rows}
     for h, r in rs.items():
         for key in ("restated_prompt", "restated_classifier"):
-            share = routed(r[key], r["parent"])
-            out.append(f"{RESTATED[key][len('restated, '):]} routes the restated {h}{TB} to "
-                       f"{r['parent']}: {share:.3f}; target (≥ {ROUTING_MIN:.2f}) "
-                       + ("met." if share >= ROUTING_MIN else "NOT met."))
+            out.append(routing_target_line(RESTATED[key][len("restated, "):],
+                                           f"the restated {h}{TB}", r, key))
     wins = []
     for h, r in rs.items():
-        c = by[(h + TB, RESTATED["restated_classifier"], "base")]
-        met = c["diff"] >= 0.05 and c["p"] < STRONG
+        line, met = classifier_target_line(by[(h + TB, RESTATED["restated_classifier"], "base")],
+                                           f"after restatement on the {r['kind']} family {h}{TB}")
         wins += [h] if met else []
-        out.append(f"Classification expert (B) after restatement on the {r['kind']} family "
-                   f"{h}{TB}: {c['diff']:+.3f} against base, p = {c['p']:.2g}: target (≥ +0.05 "
-                   f"with p < 0.01) " + ("met." if met else "NOT met."))
+        out.append(line)
     out.append(f"Classification expert (B) after restatement ≥ +0.05 above base with p < 0.01 on "
                f"{len(wins)} of {len(rs)} transfer and two-step families{TB}; target (≥ 3) "
                + ("met." if len(wins) >= 3 else "NOT met."))
@@ -537,18 +533,29 @@ def unseen_target_lines(ho: dict, rows: list[dict], suffix: str = "") -> list[st
     transfer = [h for h, r in ho.items() if r.get("kind") in ("transfer", "two-step")]
     for h in transfer:
         r = ho[h]
-        for s in ("prompt", "classifier"):
-            share = routed(r[s], r["parent"])
-            out.append(f"{names[s]} routes {h}{suffix} to {r['parent']}: {share:.3f}; target "
-                       f"(≥ {ROUTING_MIN:.2f}) " + ("met." if share >= ROUTING_MIN else "NOT met."))
-        c = by[(h + suffix, names["classifier"], "base")]
-        met = c["diff"] >= 0.05 and c["p"] < STRONG
-        out.append(f"Classification expert (B) on the {r['kind']} family {h}{suffix}: "
-                   f"{c['diff']:+.3f} against base, p = {c['p']:.2g}: target (≥ +0.05 with "
-                   f"p < 0.01) " + ("met." if met else "NOT met."))
+        out += [routing_target_line(names[s], h + suffix, r, s) for s in ("prompt", "classifier")]
+        out.append(classifier_target_line(by[(h + suffix, names["classifier"], "base")],
+                                          f"on the {r['kind']} family {h}{suffix}")[0])
     out += cem_target_lines(ho, by, suffix, "Default CEM", "", "CEM",
                             (ho_acc(ho, "prompt"), ho_acc(ho, "classifier")), "cem")
     return out
+
+
+def routing_target_line(label: str, what: str, r: dict, key: str) -> str:
+    """The routing target of dispatcher ``label`` (runs ``r[key]``) on ``what``: the share it
+    sends to the family's parent ``r["parent"]``."""
+    share = routed(r[key], r["parent"])
+    return (f"{label} routes {what} to {r['parent']}: {share:.3f}; target "
+            f"(≥ {ROUTING_MIN:.2f}) " + ("met." if share >= ROUTING_MIN else "NOT met."))
+
+
+def classifier_target_line(c: dict, where: str) -> tuple[str, bool]:
+    """(line, met) of the classifier target (≥ +0.05 above base with p < 0.01) on comparison
+    ``c`` against base; ``where`` follows "Classification expert (B) "."""
+    met = c["diff"] >= 0.05 and c["p"] < STRONG
+    return (f"Classification expert (B) {where}: {c['diff']:+.3f} against base, "
+            f"p = {c['p']:.2g}: target (≥ +0.05 with p < 0.01) " + ("met." if met else "NOT met."),
+            met)
 
 
 def ho_acc(ho: dict, key: str) -> dict:

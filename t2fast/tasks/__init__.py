@@ -19,8 +19,8 @@ CLASSIFY_LABELS: tuple[str, ...] = TRAIN_FAMILIES + (OTHER,)
 
 __all__ = [
     "CLASSIFY", "CLASSIFY_LABELS", "CLASSIFY_PREFIX", "CLASSIFY_TRANSFER", "DEFAULT_SEED",
-    "DEFAULT_SIZES", "Example", "FAMILY_KINDS", "HELDOUT_FAMILIES", "OTHER", "PARENT_FAMILY", "PROMPT_TEMPLATE",
-    "SPLITS", "STEP_FAMILIES", "ScoreResult", "TRAIN_FAMILIES", "TRANSFER_FAMILIES", "Task",
-    "classify_prompt", "classify_question", "extract_question", "format_prompt", "get_task",
-    "split_of", "task_names",
+    "DEFAULT_SIZES", "Example", "FAMILY_KINDS", "HELDOUT_FAMILIES", "OTHER", "PARENT_FAMILY",
+    "PROMPT_TEMPLATE", "SPLITS", "STEP_FAMILIES", "ScoreResult", "TRAIN_FAMILIES",
+    "TRANSFER_FAMILIES", "Task", "classify_prompt", "classify_question", "extract_question",
+    "format_prompt", "get_task", "split_of", "task_names",
 ]
