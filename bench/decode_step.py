@@ -250,7 +250,9 @@ def run_batch(lm, model: str, batch: int, context: int, steps: int, reps: int,
                ratio_to_unpatched={k: us["unpatched"] / us[k] for k in ("per_row", "merged")},
                byte_limit=byte_limit(model, layers, vocab, batch, context),
                capture_errors={k: g.error for k, g in graphs.items() if g.error}, **notes)
-    del graphs, keep, handle, patched
+    graphs.clear()                                        # the graphs and their buffers go
+    keep.clear()
+    del handle, patched
     if CUDA:
         torch.cuda.empty_cache()
     return out

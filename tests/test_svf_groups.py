@@ -510,7 +510,8 @@ def test_one_hf_layer_decode_is_eight_launches(tmp_path, monkeypatch):
         for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
             proj(x)
         layer.self_attn.o_proj(torch.randn(3, 1, 48))
-        g, u = layer.mlp.gate_proj(x), layer.mlp.up_proj(x)
+        layer.mlp.gate_proj(x)
+        layer.mlp.up_proj(x)
         layer.mlp.down_proj(torch.randn(3, 1, 72))
     assert [name for name, _ in calls] == ["shrink", "expand"] * 4
     assert seen.count("svf_group_triton") == 2 and seen.count("svf_matmul_triton") == 2

@@ -83,7 +83,7 @@ def test_portable_names_and_config():
 def test_official_parameterization_and_kl_also_learn(tmp_path, tok):
     cfg = toy_config(tmp_path, parameterization="official", lr=1.0, kl_coef=0.01, steps=30,
                      baseline="mean")
-    res = train(cfg, small_model(), tok, task=DigitTask())
+    train(cfg, small_model(), tok, task=DigitTask())
     recs = steps_of(cfg.log_path)
     assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-6)   # starts at the base model
     assert recs[-1]["kl"] > 0
@@ -177,7 +177,7 @@ def test_target_selection(tmp_path, tok, targets, layers, expected):
     cfg = toy_config(tmp_path, targets=targets, layers=layers, steps=1)
     tr = Trainer(cfg, model, tok, task=DigitTask())
     assert tr.policy.num_parameters() == expected
-    res = tr.train()
+    tr.train()
     assert set(load_expert(cfg.out).z) == set(tr.policy.handle.modules)
     if layers is not None:
         assert all(".layers.1." in n for n in tr.policy.handle.modules)

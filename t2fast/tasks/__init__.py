@@ -11,9 +11,9 @@
 from .base import (DEFAULT_SEED, DEFAULT_SIZES, PROMPT_TEMPLATE, SPLITS, Example, ScoreResult,
                    Task, extract_question, format_prompt, split_of)
 from .classification import CLASSIFY_PREFIX, OTHER, classify_prompt, classify_question
-from .registry import (CLASSIFY, CLASSIFY_TRANSFER, FAMILY_KINDS, HELDOUT_FAMILIES,
-                       PARENT_FAMILY, STEP_FAMILIES, TRAIN_FAMILIES, TRANSFER_FAMILIES, get_task,
-                       task_names)
+from .families import (FAMILY_KINDS, HELDOUT_FAMILIES, PARENT_FAMILY, STEP_FAMILIES,
+                       TRAIN_FAMILIES, TRANSFER_FAMILIES)
+from .registry import CLASSIFY, CLASSIFY_TRANSFER, get_task, task_names
 
 CLASSIFY_LABELS: tuple[str, ...] = TRAIN_FAMILIES + (OTHER,)
 

@@ -6,8 +6,8 @@ from functools import lru_cache
 
 from .base import DEFAULT_SEED, Task
 from .classification import Classification, TransferClassification
-from .families import (FAMILY_CLASSES, FAMILY_KINDS, HELDOUT_FAMILIES, PARENT_FAMILY,
-                       STEP_FAMILIES, TRAIN_FAMILIES, TRANSFER_FAMILIES, family_task)
+from .families import (FAMILY_CLASSES, HELDOUT_FAMILIES, STEP_FAMILIES, TRAIN_FAMILIES,
+                       TRANSFER_FAMILIES, family_task)
 
 CLASSIFY = Classification.name
 CLASSIFY_TRANSFER = TransferClassification.name
