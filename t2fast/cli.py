@@ -64,14 +64,15 @@ def _load_plugins() -> None:
 
 # ---- shared helpers ------------------------------------------------------------------------
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows each option's default, unless it is None or False (nothing to show) or
-    the help text already speaks of it."""
+    """``--help`` shows each option's default, unless it is None or False (nothing to show),
+    the option is a flag (off unless given, whatever the field it sets) or the help text
+    already speaks of it."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         d = action.default
-        if not action.option_strings or d is None or d is False or d is argparse.SUPPRESS \
-                or d == [] or "default" in text:
+        if not action.option_strings or action.nargs == 0 or d is None or d is False \
+                or d is argparse.SUPPRESS or d == [] or "default" in text:
             return text
         return super()._get_help_string(action)
 

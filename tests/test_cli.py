@@ -365,6 +365,8 @@ def test_help_shows_defaults(capsys):
         for t in texts:
             assert t in text, (cmd, t)
         assert "(default: None)" not in text and "(default: False)" not in text
+        # a flag is off unless given, whatever the default of the field it sets
+        assert "(default: True)" not in text, cmd
 
 
 class _Terminal(io.StringIO):
