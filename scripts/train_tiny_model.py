@@ -71,7 +71,7 @@ from t2fast.models.tiny import (EOS_ID, PAD_ID, build_char_tokenizer, generate_g
 from t2fast.tasks import (CLASSIFY, CLASSIFY_TRANSFER, FAMILY_KINDS,  # noqa: E402
                           HELDOUT_FAMILIES, STEP_FAMILIES, TRAIN_FAMILIES, TRANSFER_FAMILIES,
                           get_task)
-from t2fast.train.rollout import DEFAULT_MAX_NEW_TOKENS  # noqa: E402
+from t2fast.train.rollout import max_new_tokens_for  # noqa: E402
 from tiny_habits import HABITS, HabitStream  # noqa: E402
 
 #: Share of each task in the pre-training mixture.
@@ -85,9 +85,6 @@ DEFAULT_HABIT = {name: 0.5 for name in HABITS}
 #: not among them: its surface cues (digits, quotes, options) make it near-perfect within a few
 #: dozen steps whatever its share.
 CONTROLLED = tuple(TRAIN_FAMILIES)
-#: New tokens to generate when evaluating each task (answers are short).
-MAX_NEW_TOKENS = {**DEFAULT_MAX_NEW_TOKENS, "arith_words": 8, "strings_words": 10,
-                  "choice_words": 4, CLASSIFY_TRANSFER: 10}
 
 
 def parse_args(argv=None):
@@ -208,7 +205,7 @@ def evaluate(model, tokenizer, names, split: str, n: int) -> dict[str, dict]:
         task = get_task(name)
         exs = task.examples(split, n)
         gens = generate_greedy(model, tokenizer, [e.prompt for e in exs],
-                               max_new_tokens=MAX_NEW_TOKENS.get(name, 12), batch_size=128)
+                               max_new_tokens=max_new_tokens_for(name), batch_size=128)
         scores = [task.score(g, e) for g, e in zip(gens, exs)]
         acc = sum(s.correct for s in scores) / len(scores)
         parsable = sum(s.parsable for s in scores) / len(scores)

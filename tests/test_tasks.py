@@ -35,6 +35,17 @@ def test_registry_names():
         get_task("no-such-task")
 
 
+def test_every_bundled_task_has_its_answer_budget():
+    """Evaluation, CEM, training and pre-training read one budget per task; a transfer family
+    (the same answers, reworded questions) gets its training family's."""
+    from t2fast.train.rollout import DEFAULT_MAX_NEW_TOKENS, max_new_tokens_for
+    assert set(DEFAULT_MAX_NEW_TOKENS) == set(ALL)
+    for name in TRANSFER_FAMILIES:
+        assert max_new_tokens_for(name) == max_new_tokens_for(PARENT_FAMILY[name])
+    assert max_new_tokens_for(CLASSIFY_TRANSFER) == max_new_tokens_for(CLASSIFY)
+    assert max_new_tokens_for("arith_words", 3) == 3
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_deterministic_per_seed(name):
     a = fresh(name).examples("train", 64)

@@ -20,6 +20,9 @@ __all__ = ["DEFAULT_MAX_NEW_TOKENS", "FALLBACK_MAX_NEW_TOKENS", "Rollout", "comp
 #: New tokens per task when generating (answers of the tiny world are short).
 DEFAULT_MAX_NEW_TOKENS = {"arith": 8, "arith_chain": 8, "strings": 10, "strings_compose": 10,
                           "choice": 4, "choice_order": 4, "classify": 10,
+                          # transfer families: their training family's budget
+                          "arith_words": 8, "strings_words": 10, "choice_words": 4,
+                          "classify_transfer": 10,
                           # two-step families restate the question first
                           "arith_steps": 20, "strings_steps": 26, "choice_steps": 52}
 FALLBACK_MAX_NEW_TOKENS = 16
