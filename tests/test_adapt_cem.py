@@ -114,21 +114,35 @@ def patched():
     return handle, tok
 
 
-def test_fewshot_scorer_batches_rows_with_their_own_alpha(patched):
+def test_fewshot_scorer_batches_rows_with_their_own_alpha(patched, monkeypatch):
     handle, tok = patched
     task = get_task("arith")
     exs = task.examples("validation", 3)
+    import t2fast.adapt.cem as cem_module
+    batched = []                                        # the texts of the batched generation
+
+    def recording(*a, **k):
+        out = real_generate(*a, **k)
+        batched.extend(out.texts)
+        return out
+    real_generate = cem_module.generate
+    monkeypatch.setattr(cem_module, "generate", recording)
     # score the population in one batched call (rows carry their own α) ...
     scorer = FewShotScorer(handle, tok, task, exs, max_new_tokens=4)
     pop = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.3, 0.3, 0.4], [0.5, -0.2, 0.0]])
     acc, ll = scorer(pop)
     assert acc.shape == (4,) and ll.shape == (4,) and scorer.calls == 1
-    # ... and compare with each member alone on merged weights
+    assert len(batched) == 4 * len(exs)
+    # ... and compare with each member alone on merged weights: the same generations (the
+    # random model rarely answers right, so its accuracies alone would not tell rows apart)
     from t2fast.train.rollout import completion_logits, generate, teacher_batch
     from t2fast.train.objectives import token_logprobs
+    alone_texts = []
     for p in range(4):
         handle.set_mixture(pop[p])
         texts = generate(handle.model, tok, [e.prompt for e in exs], max_new_tokens=4).texts
+        alone_texts.append(texts)
+        assert batched[p * len(exs):(p + 1) * len(exs)] == texts, p
         a = sum(task.score(t, e).correct for t, e in zip(texts, exs)) / len(exs)
         b = teacher_batch(tok, [e.prompt for e in exs], [e.answer for e in exs])
         with torch.no_grad():
@@ -136,8 +150,9 @@ def test_fewshot_scorer_batches_rows_with_their_own_alpha(patched):
         alone = ((lp * b.completion_mask).sum(-1) / b.completion_mask.sum(-1)).mean()
         assert acc[p].item() == pytest.approx(a)
         assert ll[p].item() == pytest.approx(alone.item(), abs=1e-4)
-    # four different mixtures, four different log-likelihoods
+    # four different mixtures, four different log-likelihoods and generations
     assert len(set(ll.tolist())) == 4
+    assert len({tuple(t) for t in alone_texts}) > 1
     handle.set_mixture(None)
     # split into several calls when max_rows is small: same numbers
     acc2, ll2 = FewShotScorer(handle, tok, task, exs, max_new_tokens=4, max_rows=5)(pop)

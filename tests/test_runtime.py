@@ -2,6 +2,7 @@
 capacity, and the Hugging Face handle over it."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import t2fast
 from t2fast.experts import Expert
@@ -172,8 +173,21 @@ def test_tables_mirrored_on_other_devices_follow_every_write():
     alpha, slots = rt.on("alpha", meta), rt.on("slot_map", meta)
     assert alpha.device == meta and alpha.shape == rt.alpha.shape
     assert rt.on("alpha", meta) is alpha and rt.on("alpha", rt.device) is rt.alpha
-    rt.set_row_mixtures([rt.alpha_of("a"), None])
+    class Writes(TorchDispatchMode):                  # the meta mirror holds no values: watch
+        def __init__(self):                           # the copies into it instead
+            super().__init__()
+            self.into = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.copy_:
+                self.into.append(args[0])
+            return func(*args, **(kwargs or {}))
+
+    with Writes() as writes:
+        rt.set_row_mixtures([rt.alpha_of("a"), None])
     assert rt.on("alpha", meta) is alpha and rt.on("slot_map", meta) is slots, "kept in place"
+    assert any(t is alpha for t in writes.into) and any(t is slots for t in writes.into), \
+        "every write reaches the mirrors"
     rt.set_row_mixtures([rt.alpha_of(s) for s in ("a", "b", {"a": 0.5}, {"b": 0.5})] * 3)
     assert rt.on("alpha", meta).shape == rt.alpha.shape, "grown with the table"
     assert rt.on("slot_map", meta).shape == rt.slot_map.shape

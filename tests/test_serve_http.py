@@ -132,13 +132,16 @@ def test_models_lists_base_and_experts_openai_client(server):
     base = client.completions.create(model="tiny", prompt=ARITH, max_tokens=MAX_TOKENS,
                                      temperature=0)
     assert a.choices[0].text == b.choices[0].text
+    assert a.choices[0].text != base.choices[0].text    # the arith expert answers ARITH its way
+    messages = [{"role": "user", "content": "reverse('yek')"}]
     chat = client.chat.completions.create(model="strings", max_tokens=MAX_TOKENS,
-                                          temperature=0,
-                                          messages=[{"role": "user",
-                                                     "content": "reverse('yek')"}])
-    assert chat.choices[0].message.content is not None
+                                          temperature=0, messages=messages)
+    named = client.chat.completions.create(model="tiny", max_tokens=MAX_TOKENS, temperature=0,
+                                           messages=messages,
+                                           extra_body={"t2_expert": "strings"})
+    assert chat.choices[0].message.content == named.choices[0].message.content
+    assert chat.model == "strings" and named.model == "tiny"
     assert [m.id for m in client.models.list().data] == ["tiny", *BANK]
-    assert base.choices[0].text is not None
     for route in ("/v1/models", "/v1/t2/experts"):   # no server paths in any response
         text = httpx.get(server.url + route).text
         assert str(ROOT) not in text and "safetensors" not in text, route

@@ -471,16 +471,23 @@ def test_hf_group_recomputes_after_set_mixture_and_for_a_new_input(tmp_path):
     """A member never takes a stale share: a new mixture or a new input recomputes."""
     model, h = _patched_tiny(tmp_path, "torch")
     attn = model.model.layers[0].self_attn
-    x = torch.randn(3, 1, 48)
+    x, x2, x3 = torch.randn(3, 3, 1, 48).unbind(0)
     with torch.no_grad():
         q1 = attn.q_proj(x)
         h.set_mixture(rows=["b", "a", "a"])
-        k_after = attn.k_proj(x)
+        k_after = attn.k_proj(x)                      # a new mixture
+        attn.q_proj(x2)
+        v_new = attn.v_proj(x3)                       # another tensor
+        attn.q_proj(x2)
+        x2.add_(1.0)
+        k_inplace = attn.k_proj(x2)                   # the same tensor, written in place
         for layer in h.modules.values():
             layer.group = None
-        k_alone = attn.k_proj(x)
-        q_alone = attn.q_proj(x)
+        k_alone, q_alone = attn.k_proj(x), attn.q_proj(x)
+        v_alone, k2_alone = attn.v_proj(x3), attn.k_proj(x2)
     torch.testing.assert_close(k_after, k_alone)
+    torch.testing.assert_close(v_new, v_alone)
+    torch.testing.assert_close(k_inplace, k2_alone)
     assert not torch.allclose(q1, q_alone)            # the first q saw the old mixture
 
 

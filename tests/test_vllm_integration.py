@@ -224,6 +224,9 @@ def test_poisoned_expert_cannot_change_other_requests(main_run, compiled_run):
         assert run["after"] == run["reference"]
         assert run["kv_finite"] == [True]
         assert len(run["alone"][0]) == plan.MAX_TOKENS
+        # the poison was served: its rows are not the source expert's answers
+        assert run["alone"][0] != run["unpoisoned"][0]
+        assert all(p != u for p, u in zip(run["poisoned"], run["unpoisoned"], strict=True))
 
 
 @pytest.mark.slow

@@ -85,7 +85,9 @@ def _kv_cache_finite(worker) -> bool:
 def poison_checks(llm, world: Path, reference: list) -> dict:
     """A poisoned expert (z = 1e30 everywhere, written into the bank behind the checks) served
     alone, in a batch with good requests, and before them: the others' tokens must equal
-    ``reference`` (``plan.BATCH`` served before) and the KV cache must stay finite."""
+    ``reference`` (``plan.BATCH`` served before) and the KV cache must stay finite. The
+    poisoned rows are kept beside the same prompts served with the expert the poison was
+    copied from (``unpoisoned``), so a poison that never reached the served tables shows."""
     from t2fast.experts import Expert, load_expert
 
     # α lists follow the bank order, which the poisoned expert extends: keep the named forms.
@@ -97,11 +99,13 @@ def poison_checks(llm, world: Path, reference: list) -> dict:
     llm.collective_rpc(_poison_bank, args=("poison", 1e30))
     bad = [(p, {"expert": "poison"}) for p in plan.PROMPTS[:2]]
     out = {"alone": run_batch(llm, bad[:1])}
-    out["batch"] = run_batch(llm, bad + good)[len(bad):]
+    served = run_batch(llm, bad + good)
+    out["poisoned"], out["batch"] = served[:len(bad)], served[len(bad):]
     out["after"] = run_batch(llm, good)
     out["kv_finite"] = llm.collective_rpc(_kv_cache_finite)
     out["reference"] = [reference[i] for i in rows]
     llm.unload_experts(["poison"])
+    out["unpoisoned"] = run_batch(llm, [(p, {"expert": "math"}) for p, _ in bad])
     return out
 
 
