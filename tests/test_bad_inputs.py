@@ -171,8 +171,9 @@ def test_failed_patch_model_leaves_the_model_untouched(world):
     model = _model()
     keys = list(model.state_dict())
     before = _logits(model)
+    patterns = {key: pattern for key, _, pattern in FILES}
     for bad in ("nan", "path_name", "foreign"):
-        with pytest.raises(T2FileError):
+        with pytest.raises(T2FileError, match=patterns[bad]):
             t2fast.patch_model(model, experts=[files["c"], files[bad]],
                                cache_dir=world["dir"] / "svd", progress=False)
         assert not any(isinstance(m, SVFLinear) for m in model.modules())

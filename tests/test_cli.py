@@ -314,7 +314,7 @@ def test_every_bad_option_is_a_usage_error_before_any_work(experts, tmp_path, ca
     assert "expected an integer >= 1, got '0'" in err
 
 
-def test_flash_attention_needs_cuda_and_half_precision():
+def test_flash_attention_needs_cuda_and_half_precision(capsys):
     import argparse
     from t2fast.cli_types import check_model_placement
     p = argparse.ArgumentParser(prog="t2fast eval")
@@ -322,6 +322,7 @@ def test_flash_attention_needs_cuda_and_half_precision():
         with pytest.raises(SystemExit):
             check_model_placement(p, argparse.Namespace(attn="flash_attention_2", device=dev,
                                                         dtype=dtype))
+        assert why in capsys.readouterr().err
     check_model_placement(p, argparse.Namespace(attn="flash_attention_2", device="cuda:0",
                                                 dtype="bfloat16"))
     check_model_placement(p, argparse.Namespace(attn="sdpa", device="cpu", dtype="float32"))

@@ -1,6 +1,8 @@
 """Target selection, SVD cache, expert files and banks."""
+import io
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -303,6 +305,7 @@ def test_bank_rows_and_alpha(decomp):
     assert rt.alpha_of({"a": 0.3, "base": 0.7})[0].tolist() == pytest.approx([0.7, 0.3, 0, 0, 0])
     per_layer = rt.alpha_of(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]))
     assert per_layer[:, 1:3].tolist() == [[1, 0], [0, 1], [0.5, 0.5]]
+    assert torch.equal(bank.bank_z(t)[1], a.z[t])
     rt.unload_experts(["a"])                         # row 1 is free; "b" keeps row 2
     assert bank.names == ["b"] and bank.row_of == {"b": 2} and not bank.bank_z(t)[1].any()
     assert rt.alpha_of([1.0])[0].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
@@ -337,6 +340,15 @@ def test_bank_rejects_duplicates_overflow_and_clashes(decomp):
     assert rt.expert_names == ["a"], "a refused load leaves the bank as it was"
 
 
-def test_progress_bar_only_on_a_terminal(model, tmp_path, capfd):
+def test_progress_bar_only_on_a_terminal(model, tmp_path, capfd, monkeypatch):
     decompose_model(model, "mlp", cache_dir=tmp_path, progress=True)    # stderr is not a TTY
     assert capfd.readouterr().err == ""
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    for progress in (True, False):
+        terminal = Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        decompose_model(model, "mlp", cache_dir=tmp_path, progress=progress)
+        assert ("SVD" in terminal.getvalue()) is progress

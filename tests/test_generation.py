@@ -16,32 +16,58 @@ def world():
     return random_tiny_llama(0, num_hidden_layers=2).eval(), build_char_tokenizer()
 
 
-def test_greedy_generate_matches_hugging_face(world):
-    model, tok = world
+@pytest.fixture(scope="module")
+def trained():
+    """The bundled tiny model: answers of different lengths, each ended by end-of-sequence."""
+    from t2fast.models import load_tiny
+    return load_tiny()
+
+
+TASK_PROMPTS = ["Q: 12+7=?\nA: ", "Q: reverse('abc')\nA: ",
+                "Q: Which is largest? A)347 B)712 C)128 D)550\nA: ", "Q: classify: 3+4=?\nA: "]
+
+
+def hf_greedy(model, tok, prompts, max_new_tokens):
+    """Hugging Face's greedy generate: the completion tokens [B, G] and the prompt length."""
     eos, pad = special_ids(tok)
-    out = generate(model, tok, PROMPTS, max_new_tokens=6)
     with left_padding(tok):
-        enc = tok(PROMPTS, return_tensors="pt", padding=True)
-    ref = model.generate(**enc, max_new_tokens=6, do_sample=False, eos_token_id=eos,
-                         pad_token_id=pad)[:, enc["input_ids"].shape[1]:]
+        enc = tok(prompts, return_tensors="pt", padding=True)
+    ref = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=eos, pad_token_id=pad)
+    return ref[:, enc["input_ids"].shape[1]:], enc["input_ids"].shape[1]
+
+
+def test_greedy_generate_matches_hugging_face(trained):
+    model, tok = trained
+    eos, pad = special_ids(tok)
+    out = generate(model, tok, TASK_PROMPTS, max_new_tokens=12)
+    ref, prompt_len = hf_greedy(model, tok, TASK_PROMPTS, 12)
     got = out.completion_ids
-    assert got.shape[1] > 1                     # the rows do not stop at once
-    assert torch.equal(got, ref[:, :got.shape[1]])
-    assert out.completion_mask.shape == got.shape and out.prompt_len == enc["input_ids"].shape[1]
+    assert torch.equal(got, ref)                # the same tokens, and the same early stop
+    assert 2 < got.shape[1] < 12                # every row ended before the budget
+    ends = (got == eos).float().argmax(1)       # each row's end-of-sequence ...
+    assert sorted(set(ends.tolist())) == sorted(ends.tolist())   # ... at different steps
+    steps = torch.arange(got.shape[1])
+    assert torch.equal(out.completion_mask, (steps[None] <= ends[:, None]).float())
+    assert bool((got[out.completion_mask == 0] == pad).all())
+    assert out.texts == tok.batch_decode(ref, skip_special_tokens=True)
+    assert out.prompt_len == prompt_len
 
 
-def test_steps_compose_to_generate(world):
-    model, tok = world
+def test_steps_compose_to_generate(trained):
+    """prefill + decode_n_tokens, called directly, give Hugging Face's greedy tokens."""
+    model, tok = trained
     eos, pad = special_ids(tok)
     with left_padding(tok):
-        enc = tok(PROMPTS, return_tensors="pt", padding=True)
+        enc = tok(TASK_PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
         logits, past, last_pos = prefill(model, enc["input_ids"], enc["attention_mask"])
-        assert logits.shape == (len(PROMPTS), model.config.vocab_size)
+        assert logits.shape == (len(TASK_PROMPTS), model.config.vocab_size)
         tokens, alive = decode_n_tokens(model, logits, past, enc["attention_mask"], last_pos, 5,
                                         eos, pad)
-    assert torch.equal(tokens, generate(model, tok, PROMPTS, max_new_tokens=5).completion_ids)
+    assert torch.equal(tokens, hf_greedy(model, tok, TASK_PROMPTS, 5)[0])
     assert alive.dtype == torch.bool and bool(alive[:, 0].all())
+    assert not bool(alive[:, -1].all())         # a row ended within the five steps
 
 
 def test_decode_one_token_extends_the_cache(world):

@@ -138,7 +138,14 @@ def test_captured_step_takes_the_factored_path(monkeypatch, svd_cache, single):
             w = layer.dense_weight()
             w.copy_(torch.full_like(w, float("nan")))
         torch.testing.assert_close(model(ids).logits, eager, rtol=1e-4, atol=1e-4)
-        h.set_mixture(rows=["b", single, "a"])
+        rows = ["b", single, "a"]
+        h.set_mixture(rows=rows)
         captured = model(ids).logits
         monkeypatch.setattr(layers, "capturing", lambda: False)
-        torch.testing.assert_close(captured, model(ids).logits, rtol=0, atol=0)
+        # each row is its own mixture's answer: on a fresh copy, that mixture alone on merged
+        # dense weights (the base weights for None)
+        fresh, h2 = _patched(svd_cache)
+        for i, spec in enumerate(rows):
+            assert h2.set_mixture(spec) == ("merged" if spec else "base")
+            torch.testing.assert_close(captured[i:i + 1], fresh(ids[i:i + 1]).logits,
+                                       rtol=1e-4, atol=1e-4)

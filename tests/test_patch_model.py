@@ -33,7 +33,7 @@ def _logits(model, ids):
     return model(ids).logits.float()
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)],
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.03)],
                          ids=["fp32", "bf16"])
 def test_identity_z_matches_unpatched(dtype, tol, svd_cache):
     model = _model(dtype)

@@ -49,14 +49,40 @@ def records(results):
                 yield f"{f} (second model)", k, run
 
 
+def masked(node, path=()):
+    """Every record with a per-question mask anywhere in ``node``: (path, record)."""
+    if isinstance(node, dict):
+        if "correct_mask" in node:
+            yield path, node
+        for k, v in node.items():
+            yield from masked(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from masked(v, (*path, i))
+
+
+def check_paired(rec, n, where):
+    m = rec["correct_mask"]
+    assert set(m) <= {"0", "1"} and len(m) == rec["n"] == n, where
+    assert m.count("1") == rec["correct"], where
+    assert math.isclose(rec["accuracy"], rec["correct"] / n), where
+
+
+def test_every_masked_record_is_paired(results):
+    """Every record of every section, wherever it sits, holds one mask bit per question."""
+    n = results["args"]["n"]
+    found = list(masked(results))
+    for path, rec in found:
+        check_paired(rec, n, path)
+    sections = {path[0] for path, _ in found}
+    assert {"train_families", "heldout", "transfer_base", "restated"} <= sections, sections
+
+
 def test_results_are_paired_per_question(results):
     n = results["args"]["n"]
     seen = set()
     for where, key, rec in records(results):
-        m = rec["correct_mask"]
-        assert set(m) <= {"0", "1"} and len(m) == rec["n"] == n, (where, key)
-        assert m.count("1") == rec["correct"], (where, key)
-        assert math.isclose(rec["accuracy"], rec["correct"] / n), (where, key)
+        check_paired(rec, n, (where, key))
         seen.add(where)
     second = {f"{f} (second model)" for f in results.get("cross_model", {}).get("families", {})}
     variants = {f"{f}: {v}" for f, vs in results.get("surface", {}).items() for v in vs}

@@ -1,5 +1,7 @@
 """Surface variants (scripts/surface_variants.py): each changes only the question's surface,
 keeps the answer, and draws from the parent family's test split."""
+import re
+
 import pytest
 
 from t2fast.tasks import extract_question, get_task, split_of
@@ -13,6 +15,20 @@ CANONICAL = {"arith": "147+8=?", "strings": "reverse('kdf')",
 CASES = [(f, v) for f, vs in sv.VARIANTS.items() for v in vs]
 
 
+def content(family: str, question: str) -> tuple:
+    """What a question asks, read back from its text independently of the transforms: the
+    numbers and operators (arith), the operation and word (strings), the extreme and the
+    options with their labels (choice)."""
+    if family == "arith":
+        return [int(x) for x in re.findall(r"\d+", question)], re.findall(r"[+-]", question)
+    if family == "strings":
+        op, word = re.fullmatch(r"\s*(?:compute )?(\w+) ?\( ?['\"]?(\w+)['\"]? ?\)\W*",
+                                question).groups()
+        return op.lower(), word
+    kind = re.search(r"largest|smallest", question.lower()).group()
+    return kind, re.findall(r"([A-D])\) ?(\d+)", question)
+
+
 @pytest.mark.parametrize("family,variant", CASES)
 def test_variant_changes_the_surface_only(family, variant):
     originals = get_task(family).examples("test", 40)
@@ -23,6 +39,7 @@ def test_variant_changes_the_surface_only(family, variant):
         assert (c.answer, c.family, c.meta) == (o.answer, o.family, o.meta)
         assert extract_question(c.prompt) == c.question.strip()
         assert c.question == transform(o.question)
+        assert content(family, c.question) == content(family, o.question), c.question
         if variant == "as trained":
             assert c == o
         else:
