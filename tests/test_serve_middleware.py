@@ -239,6 +239,75 @@ def test_server_default_adapt_skips_requests_it_cannot_serve(tmp_path):
     refused(r, 400, "t2_adapt", "needs one text prompt")
 
 
+def test_server_default_adapt_skips_a_choice_that_is_gone(tmp_path):
+    """A default adapt whose pass 1 names an expert no longer loaded (a profile's, here) is
+    skipped like any other it cannot serve; a request asking for it hears why."""
+    app, server = make_app(tmp_path, adapt="profile:mix")
+    asyncio.run(server.experts.unload("arith"))
+    r = call(app, "POST", "/v1/completions", {"model": "tiny", "prompt": "Q: 1+1=?\nA: "})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-t2-mixture"] == "base" and r.headers["x-t2-adapt"] == "none"
+    assert "unknown expert 'arith'" in r.headers["x-t2-adapt-skipped"]
+    assert "vllm_xargs" not in r.json()["body"]
+    r = call(app, "POST", "/v1/completions", {"model": "tiny", "prompt": "Q: 1+1=?\nA: ",
+                                               "t2_adapt": "profile:mix"})
+    refused(r, 400, "t2_adapt", "unknown expert 'arith'")
+
+
+@pytest.mark.parametrize("text", [None, 5, ["a"]])
+def test_a_chat_text_part_that_is_not_a_string_is_a_400(tmp_path, text):
+    app, _ = make_app(tmp_path)
+    body = {"model": "tiny", "t2_adapt": "prompt",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}
+    refused(call(app, "POST", "/v1/chat/completions", body), 400, "messages",
+            "'text' must be a string")
+
+
+class Holding:
+    """``engine_client.generate`` for pass 1 that answers ``arith`` only once ``go`` is set
+    (``entered`` says it was called)."""
+
+    def __init__(self):
+        self.entered, self.go = asyncio.Event(), asyncio.Event()
+
+    async def generate(self, prompt, params, request_id):
+        self.entered.set()
+        await self.go.wait()
+
+        class Out:
+            outputs = [type("O", (), {"text": "arith"})()]
+        yield Out()
+
+
+def test_an_unload_waits_for_pass_1_on_the_classifier(tmp_path):
+    """Pass 1's classification counts as a request on the classification expert: unloading it
+    (or replacing it) waits until the classification is done, never pulling it from under it."""
+    engine = Holding()
+    app, server = make_app(tmp_path, engine=engine)
+    experts = server.experts
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            request = asyncio.create_task(client.post(
+                "/v1/completions", json={"model": "tiny", "prompt": "Q: 1+1=?\nA: ",
+                                         "t2_adapt": "classifier"}))
+            await engine.entered.wait()
+            assert experts.in_flight["classify"] == 1
+            unload = asyncio.create_task(experts.unload("classify"))
+            await asyncio.sleep(0.05)
+            assert not unload.done()
+            assert "t2_unload_experts" not in experts.engine_client.calls
+            engine.go.set()
+            r = await request
+            await unload
+            return r
+    r = asyncio.run(go())
+    assert r.status_code == 200 and r.headers["x-t2-expert"] == "arith"
+    assert experts.in_flight["classify"] == 0 and "classify" not in experts.names
+    assert experts.engine_client.calls == ["t2_unload_experts"]
+
+
 # ---- restatement (--restate) -------------------------------------------------------------
 class Restating:
     """``engine_client.generate`` of a model that restates: ``step by step: what is 147 plus

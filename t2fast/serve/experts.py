@@ -15,6 +15,7 @@ Files are read off the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from http import HTTPStatus
@@ -66,11 +67,23 @@ class ServedExperts:
     async def acquire(self, mixture: Mixture) -> list[str]:
         """Count a request that uses the experts of ``mixture`` (after waiting for a
         replacement of one of them to finish)."""
-        used = list(mixture.names)
+        return await self._count(list(mixture.names))
+
+    async def _count(self, used: list[str]) -> list[str]:
         while any(n in self.swapping for n in used):
             await next(self.swapping[n] for n in used if n in self.swapping).wait()
         self.in_flight.update(used)
         return used
+
+    @contextlib.asynccontextmanager
+    async def using(self, names: list[str]):
+        """Count pass 1's internal request on ``names`` (the classification expert) like a
+        client's request, so that an unload or a replacement waits for it to finish."""
+        used = await self._count(list(names))
+        try:
+            yield
+        finally:
+            await self.release(used)
 
     async def release(self, used: list[str]) -> None:
         if not used:

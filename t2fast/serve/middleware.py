@@ -146,24 +146,35 @@ class T2Server:
         if not isinstance(body, dict):  # vLLM's own validation answers
             return body, Mixture(), {}
         tr = translate(body, self.experts.names, self.experts.base_names, self.config.adapt)
-        headers = {}
+        headers, mixture = {}, None
         if tr.adapt is not None:
             try:
-                tr.body, tr.spec, headers = await self.pass1(route, tr.body, tr.adapt)
+                new_body, spec, headers = await self.pass1(route, tr.body, tr.adapt)
+                mixture = self.parse(spec, ADAPT_KEY)   # the choice may be gone meanwhile
+                tr.body, tr.spec = new_body, spec
             except T2HTTPError as exc:
                 if not tr.adapt_is_default:
                     raise
                 headers = {HEADER_ADAPT: "none", HEADER_ADAPT_SKIPPED: _header_text(
                     f"server default {tr.adapt}: {exc.message}")}
+                mixture = Mixture()
         elif tr.via_model is not None:
             headers = {HEADER_EXPERT: tr.via_model}
-        try:
-            mixture = Mixture() if tr.spec is None else self.experts.parse(tr.spec)
-        except (ValueError, TypeError, OverflowError) as exc:
-            key = tr.key or ADAPT_KEY
-            raise T2HTTPError(f"{key}: {getattr(exc, 'detail', exc)}", param=key) from None
+        if mixture is None:
+            mixture = self.parse(tr.spec, tr.key or ADAPT_KEY)
         headers[HEADER_MIXTURE] = mixture.key or BASE
         return tr.body, mixture, headers
+
+    def parse(self, spec, key: str) -> Mixture:
+        """The :class:`~t2fast.mixtures.Mixture` of a raw spec (None: the base model).
+
+        Raises:
+            T2HTTPError (400) naming ``key``.
+        """
+        try:
+            return Mixture() if spec is None else self.experts.parse(spec)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise T2HTTPError(f"{key}: {getattr(exc, 'detail', exc)}", param=key) from None
 
     async def pass1(self, route: str, body: dict, adapt: str) -> tuple[dict, object, dict]:
         """(body, mixture spec, headers) of a request after pass 1 of ``adapt``: the server's
@@ -191,8 +202,13 @@ class T2Server:
             spec = {ALPHA_FIELD: self.profiles[name]}
             headers.update({HEADER_ADAPT: adapt, HEADER_ALPHA: json.dumps(self.profiles[name])})
         else:
-            choice = await self.adapter.choose(adapt, prompt_text(route, body),
-                                               self.experts.names)
+            # the classification expert's own pass is counted, so that it cannot be unloaded
+            # or replaced while it classifies
+            classifier = self.adapter.classifier if adapt == "classifier" else None
+            async with self.experts.using([classifier] if classifier in self.experts.names
+                                          else []):
+                choice = await self.adapter.choose(adapt, prompt_text(route, body),
+                                                   self.experts.names)
             spec = None if choice.expert is None else {EXPERT_FIELD: choice.expert}
             headers.update(choice.headers(adapt))
         set_spec(body, spec)

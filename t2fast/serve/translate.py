@@ -111,10 +111,12 @@ def translate(body, expert_names, base_names, default_adapt: str = "none") -> Tr
             if looks_like_request_key(k) and k not in T2_KEYS:
                 raise T2HTTPError(f"unknown t2fast key {shown(where + k)}; known keys: "
                                   f"{', '.join(T2_KEYS)}", param=where + k)
-    for k in LOOKALIKES:
-        if k in body:
-            raise T2HTTPError(f"unknown field {k!r}: t2fast mixtures go in "
-                              f"{', '.join(T2_KEYS)} (top level or {XARGS})", param=k)
+    for where, d in (("", body), (f"{XARGS}.", xargs)):
+        for k in LOOKALIKES:
+            if k in d:
+                raise T2HTTPError(f"unknown field {shown(where + k)}: t2fast mixtures go in "
+                                  f"{', '.join(T2_KEYS)} (top level or {XARGS})",
+                                  param=where + k)
     in_xargs = {k: f"{XARGS}.{k}" for k in T2_KEYS if k in xargs}
     for k in T2_KEYS:
         if k in body:
@@ -228,8 +230,12 @@ def prompt_text(path: str, body: dict) -> str:
         if users:
             content = users[-1].get("content")
             if isinstance(content, list):
-                content = "".join(p.get("text", "") for p in content
-                                  if isinstance(p, dict) and p.get("type") == "text")
+                texts = [p.get("text") for p in content
+                         if isinstance(p, dict) and p.get("type") == "text"]
+                if not all(isinstance(t, str) for t in texts):
+                    raise T2HTTPError("messages: a text part's 'text' must be a string",
+                                      param="messages")
+                content = "".join(texts)
             if isinstance(content, str) and content.strip():
                 return content
         raise T2HTTPError(f"{ADAPT_KEY} needs a user message with text", param=ADAPT_KEY)
