@@ -211,6 +211,26 @@ def test_mixture_spec_and_residual_bounds():
         residual_bounds(MixtureBounds(max_abs=1.0, max_l1=8.0))
 
 
+@pytest.mark.parametrize("space", ["absolute", "residual"])
+@pytest.mark.parametrize("K", [2, 3, 6, 16])
+def test_every_transformed_member_is_a_mixture_the_handle_accepts(space, K):
+    """Members scaled onto the L1 bound in float32 used to land a hair outside it (and a
+    residual member's base weight 1 − Σα outside max_abs), which the handle's exact check
+    refused mid-search."""
+    from t2fast.adapt.cem import mixture_spec, residual_bounds
+    from t2fast.mixtures import DEFAULT_BOUNDS, parse_mixture
+    names = [f"e{k}" for k in range(K)]
+    bounds = DEFAULT_BOUNDS if space == "absolute" else residual_bounds(DEFAULT_BOUNDS)
+    g = torch.Generator().manual_seed(K)
+    raw = torch.cat([torch.randn(500, K, generator=g) * 4,
+                     -torch.rand(500, K, generator=g) * 4])       # all negative: base weight up
+    members = transform(raw, (-8.0, 8.0), False, bounds)
+    assert members.dtype == raw.dtype
+    assert (members.abs().sum(-1) > bounds.max_l1 * 0.999).sum() > 20    # many on the bound
+    for row in members:
+        parse_mixture(mixture_spec(row, names, space), names)
+
+
 def test_residual_alpha_zero_is_the_base_model(patched):
     """Residual α = 0 scores exactly as the base model; absolute α = uniform 1/K is the
     residual uniform mixture."""

@@ -205,11 +205,18 @@ class CEMResult:
                 "wall_s": self.wall_s, "history": self.history}
 
 
+#: How far inside ``max_l1`` :func:`transform` shrinks a row (relative): a member rounded back
+#: to its dtype, and a residual member's base weight ``1 − Σα``, then still pass the handle's
+#: exact float64 check of the bounds.
+L1_MARGIN = 1e-5
+
+
 def transform(samples: torch.Tensor, clamp=None, normalize: bool = False,
               bounds: MixtureBounds | None = None) -> torch.Tensor:
     """Clamp, then (optionally) normalize over the last dim (experts), then scale into
     ``bounds`` (``|α_k| ≤ max_abs``, then ``Σ_k |α_k| ≤ max_l1`` by shrinking the whole
-    row), so that every member is a mixture the handle accepts."""
+    row, in float64 and :data:`L1_MARGIN` inside), so that every member is a mixture the
+    handle accepts. Same shape and dtype as ``samples``."""
     x = samples
     if clamp is not None:
         x = x.clamp(clamp[0], clamp[1])
@@ -219,9 +226,9 @@ def transform(samples: torch.Tensor, clamp=None, normalize: bool = False,
         s = torch.where(s.abs() < 1e-6, a, s)
         x = x / s
     if bounds is not None:
-        x = x.clamp(-bounds.max_abs, bounds.max_abs)
+        x = x.double().clamp(-bounds.max_abs, bounds.max_abs)
         l1 = x.abs().sum(-1, keepdim=True).clamp(min=1e-12)
-        x = x * (bounds.max_l1 / l1).clamp(max=1.0)
+        x = (x * (bounds.max_l1 * (1 - L1_MARGIN) / l1).clamp(max=1.0)).to(samples.dtype)
     return x
 
 
