@@ -142,12 +142,13 @@ def add_split_arguments(p: argparse.ArgumentParser) -> None:
                    help="examples of --task (from the start of --split)")
 
 
-def add_generation_arguments(p: argparse.ArgumentParser, batch_size: int | None) -> None:
+def add_generation_arguments(p: argparse.ArgumentParser, batch_size: int | None,
+                             help: str = "rows per generation call") -> None:
     """``--batch-size`` (default ``batch_size``; None: all rows at once) and
     ``--max-new-tokens``."""
     p.add_argument("--batch-size", type=integer(1), default=batch_size,
-                   help="rows per generation call" + ("" if batch_size else
-                                                      " (default: all at once)"))
+                   help=help + ("" if batch_size or "default" in help else
+                                " (default: all at once)"))
     p.add_argument("--max-new-tokens", type=integer(1), default=None,
                    help="answer length (default: the task's)")
 
@@ -515,7 +516,9 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-layer", action="store_true", help="cem: one α per decoder layer")
     p.add_argument("--normalize", action="store_true", help="cem: α sums to 1")
     p.add_argument("--seed", type=integer(0), default=c.seed, help="cem's search seed")
-    add_generation_arguments(p, batch_size=None)
+    add_generation_arguments(p, batch_size=None, help=(
+        "rows per generation call in every pass: pass 1, the restatement, cem's scoring and "
+        "pass 2 (default: 128 in pass 1 and the restatement, all at once otherwise)"))
     add_svf_arguments(p, ("backend",), backend="torch")
     p.add_argument("--json", default=None, type=output_file, help="write the summary as JSON here")
 
@@ -585,16 +588,17 @@ def _adapt_run(args) -> int:
     else:
         prompts = [p if p.rstrip().endswith("A:") else format_prompt(p) for p in args.prompt]
     extra: dict = {}
+    rows = {} if args.batch_size is None else {"batch_size": args.batch_size}
     s = args.strategy
     if s == "prompt":
-        strategy = PromptDispatch(handle, tok, experts)
+        strategy = PromptDispatch(handle, tok, experts, **rows)
     elif s == "classifier":
-        strategy = ClassifierDispatch(handle, tok, args.classifier, experts)
+        strategy = ClassifierDispatch(handle, tok, args.classifier, experts, **rows)
     elif s == "cem":
         extra["shot_set"] = shot_set
         scored_as = task
         if args.restate:                  # searched on the shots as pass 1 will restate them
-            asked, shots = shots, restated_examples(handle, tok, shots)
+            asked, shots = shots, restated_examples(handle, tok, shots, **rows)
             scored_as = restated_task(task)
             changed = sum(a.prompt != r.prompt for a, r in zip(asked, shots))
             extra["restated_shots"] = changed
@@ -604,7 +608,8 @@ def _adapt_run(args) -> int:
             def step(rec):
                 bar.update(1)
                 bar.set_postfix(best_score=f"{rec['best_score']:.3g}", refresh=False)
-            res = fewshot_cem(handle, tok, scored_as, shots, args.cem, callback=step)
+            res = fewshot_cem(handle, tok, scored_as, shots, args.cem, callback=step,
+                              max_rows=args.batch_size)
         extra["cem"] = res.to_dict()
         if args.save_profile:
             from .serve.profiles import save_profile
@@ -627,7 +632,7 @@ def _adapt_run(args) -> int:
     else:
         strategy = FixedMixture(s.split(":", 1)[1], s)
     if args.restate:
-        strategy = Restated(strategy, handle, tok)
+        strategy = Restated(strategy, handle, tok, **rows)
     mnt = max_new_tokens_for(task.name if task else None, args.max_new_tokens)
     engine = TwoPassEngine(handle, tok, max_new_tokens=mnt, batch_size=args.batch_size,
                            progress=True)

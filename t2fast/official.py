@@ -184,8 +184,9 @@ def sigmoid_mask(p: torch.Tensor, max_mult: float = 1.0) -> torch.Tensor:
 
 def rescaled_z(mask: torch.Tensor, S: torch.Tensor, target: str = "") -> torch.Tensor:
     """z = mask · Σσ / Σ(σ ⊙ mask) (float32 [r]): the official ``W'`` with the nuclear-norm
-    rescale folded in. Raises when Σ(σ ⊙ mask) is not positive (no such ``W'`` exists)."""
-    s, mask = S.double(), mask.double()
+    rescale folded in, on the CPU whatever the device of ``S``. Raises when Σ(σ ⊙ mask) is not
+    positive (no such ``W'`` exists)."""
+    s, mask = S.detach().double().cpu(), mask.double().cpu()
     total = (s * mask).sum()
     if not bool(total > 0):
         raise ValueError(f"the official mask of {target or 'a matrix'} gives Σ(σ ⊙ mask) = "

@@ -187,7 +187,7 @@ class SVFHandle:
     def expert_names(self) -> list[str]:
         return self.runtime.expert_names
 
-    def add_experts(self, experts, allow_other_model: bool = False,
+    def add_experts(self, experts, allow_other_model: bool | None = None,
                     replace: bool = False) -> None:
         """Add experts (``Expert`` objects, expert files or expert folders) to the bank.
 
@@ -195,7 +195,11 @@ class SVFHandle:
         must be unique; a name already in the bank is an error unless ``replace=True``, which
         swaps that expert in place (its bank row is kept). The bank holds ``max_experts``
         (:class:`t2fast.config.SVFConfig`). Every row is then on the base model.
+        ``allow_other_model``: accept experts made for another base model of equal shapes
+        (default: the handle's ``SVFConfig.allow_other_model``).
         """
+        if allow_other_model is None:
+            allow_other_model = self.config.allow_other_model
         with self.lock:
             self._check_live()
             loaded = load_sources(_sources(experts), self.decomposition.factors,

@@ -7,6 +7,7 @@ import re
 import sys
 
 import pytest
+import torch
 
 from t2fast import cli
 from t2fast.experts import load_expert
@@ -118,6 +119,29 @@ def test_adapt_restate_on_the_transfer_base(tmp_path, capsys):
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["answered"] == "Q: 147+8=?\nA: " and row["label"] == "arith"
     assert re.fullmatch(r"\d+", row["output"].split("\n")[0].strip())     # a number
+
+
+@pytest.mark.parametrize("strategy", ["cem", "classifier"])
+def test_adapt_batch_size_bounds_every_pass(tmp_path, strategy):
+    """--batch-size caps the rows of every forward: the restatement, pass 1, cem's scoring
+    (generation and likelihood) and pass 2."""
+    tb = pathlib.Path(__file__).resolve().parent.parent / "results" / "transfer_base"
+    ex = [str(tb / "experts" / f"{f}.safetensors") for f in ("arith", "strings", "choice")]
+    rows = []
+
+    def record(module, args):
+        if isinstance(module, torch.nn.Embedding):
+            rows.append(args[0].shape[0])
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        assert cli.main(["adapt", "--model", str(tb), "--threads", "1", "--experts", *ex,
+                         "--strategy", strategy, "--classifier",
+                         str(tb / "experts" / "classify.safetensors"), "--restate", "--task",
+                         "choice_words", "--n", "5", "--shots", "4", "--cem-iterations", "1",
+                         "--cem-population", "3", "--batch-size", "2"]) == 0
+    finally:
+        hook.remove()
+    assert rows and max(rows) == 2
 
 
 def test_adapt_cem_restate_searches_on_restated_shots(tmp_path, capsys):

@@ -166,6 +166,13 @@ def test_handle_errors(svd_cache, tmp_path):
         h.add_experts([foreign])
     h.add_experts([foreign], allow_other_model=True)
     assert h.expert_names == ["a", "b", "f"]
+    # a handle patched to accept other models' experts accepts them in later calls too
+    h.restore()
+    h = t2fast.patch_model(model, cache_dir=svd_cache, progress=False, allow_other_model=True)
+    h.add_experts([foreign])
+    with pytest.raises(t2fast.T2FileError, match="another base model"):
+        h.add_experts([foreign], allow_other_model=False, replace=True)
+    assert h.expert_names == ["f"]
 
 
 def test_add_experts_replace_keeps_bank_order(svd_cache):

@@ -356,11 +356,13 @@ class FewShotScorer:
         specs, prompts = self._rows(alphas)
         n = len(self.examples)
         texts: list[str] = []
-        for i, j in self._chunks(len(specs)):
-            self.handle.set_mixture(rows=specs[i:j])
-            texts.extend(generate(self.handle.model, self.tokenizer, prompts[i:j],
-                                  max_new_tokens=self.max_new_tokens).texts)
-        self.handle.set_mixture(None)
+        try:
+            for i, j in self._chunks(len(specs)):
+                self.handle.set_mixture(rows=specs[i:j])
+                texts.extend(generate(self.handle.model, self.tokenizer, prompts[i:j],
+                                      max_new_tokens=self.max_new_tokens).texts)
+        finally:
+            self.handle.set_mixture(None)
         return torch.tensor([float(self.task.score(t, self.examples[k % n]).correct)
                              for k, t in enumerate(texts)], dtype=torch.float64).view(-1, n).mean(1)
 
@@ -371,13 +373,15 @@ class FewShotScorer:
         answers = [e.answer for e in self.examples] * alphas.shape[0]
         device = next(self.handle.model.parameters()).device
         ll = []
-        for i, j in self._chunks(len(specs)):
-            self.handle.set_mixture(rows=specs[i:j])
-            batch = teacher_batch(self.tokenizer, prompts[i:j], answers[i:j], device=device)
-            logits = completion_logits(self.handle.model, batch)
-            lp = token_logprobs(logits, batch.completion_ids) * batch.completion_mask
-            ll.append((lp.sum(-1) / batch.completion_mask.sum(-1)).cpu())
-        self.handle.set_mixture(None)
+        try:
+            for i, j in self._chunks(len(specs)):
+                self.handle.set_mixture(rows=specs[i:j])
+                batch = teacher_batch(self.tokenizer, prompts[i:j], answers[i:j], device=device)
+                logits = completion_logits(self.handle.model, batch)
+                lp = token_logprobs(logits, batch.completion_ids) * batch.completion_mask
+                ll.append((lp.sum(-1) / batch.completion_mask.sum(-1)).cpu())
+        finally:
+            self.handle.set_mixture(None)
         return torch.cat(ll).double().view(alphas.shape[0], -1).mean(1)
 
     @torch.no_grad()
