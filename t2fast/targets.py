@@ -27,11 +27,14 @@ PRESETS = {"all": ATTENTION + MLP, "attention": ATTENTION, "mlp": MLP}
 #: fused projection → the logical matrices it stacks along its output dimension, in order.
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+#: The decoder-layer lists of Hugging Face models: ``model.layers.N`` (Llama, Mistral, Qwen2,
+#: Phi-3, GPT-NeoX), ``transformer.h.N`` (GPT-2, GPT-J, Falcon, BLOOM), ``blocks.N`` (MPT).
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 
 def layer_index(name: str) -> int | None:
-    """Decoder-layer index in a module name (``model.layers.7.self_attn.q_proj`` → 7)."""
+    """Decoder-layer index in a module name (``model.layers.7.self_attn.q_proj`` → 7,
+    ``transformer.h.2.attn.q_proj`` → 2)."""
     m = _LAYER_RE.search(name)
     return int(m.group(1)) if m else None
 
@@ -223,9 +226,10 @@ def resolve_targets(model: nn.Module, targets="all", layers=None) -> list[str]:
         ``q_proj``, ``k_proj``, ``v_proj``) in its place. A pattern that matches the fused
         module's own name selects all its parts.
     Raises:
-        ValueError if nothing matches, or if ``targets="all"`` leaves linear matrices of the
+        ValueError if nothing matches, if ``targets="all"`` leaves linear matrices of the
         selected decoder layers unadapted (an architecture whose projections t2fast cannot tell
-        apart); the message lists them.
+        apart; the message lists them), or if a selected matrix of a multi-layer model sits
+        outside every decoder-layer list t2fast knows (``layers.N``, ``h.N``, ``blocks.N``).
     """
     patterns = _module_patterns(targets)
     matrices = _linear_matrices(model)
@@ -250,4 +254,11 @@ def resolve_targets(model: nn.Module, targets="all", layers=None) -> list[str]:
         sample = ", ".join(linears[:8]) + (" ..." if len(linears) > 8 else "")
         raise ValueError(f"no nn.Linear module matches targets={targets!r} layers={layers!r}; "
                          f"the model's linear modules include: {sample or '(none)'}")
+    deep = max(num_layers, getattr(getattr(model, "config", None), "num_hidden_layers", 0) or 0)
+    unplaced = [n for n in out if layer_index(n) is None]
+    if unplaced and deep > 1:
+        raise ValueError(f"cannot tell which decoder layer {unplaced[:3]}"
+                         f"{' ...' if len(unplaced) > 3 else ''} belong to (t2fast reads it from "
+                         f"a 'layers.N', 'h.N' or 'blocks.N' module path), so per-layer mixtures "
+                         f"could not address them; pass targets= naming modules of those lists")
     return out

@@ -102,3 +102,43 @@ def test_unknown_projections_are_listed_not_skipped():
                                          r"extra_proj'\]"):
         resolve_targets(model, "all")
     assert len(resolve_targets(model, "mlp")) == 6          # an explicit choice is fine
+
+
+def _gptj():
+    """GPT-J: decoder layers in ``transformer.h.N``, projections q/k/v, out_proj, fc_in/out."""
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.GPTJConfig(n_layer=3, n_embd=32, n_head=4, rotary_dim=4, vocab_size=64,
+                                  n_positions=64, bos_token_id=1, eos_token_id=2)
+    return transformers.GPTJForCausalLM(cfg).eval()
+
+
+def test_layers_in_h_lists_are_addressed_per_layer(svd_cache):
+    """``transformer.h.N`` is a decoder-layer list like ``model.layers.N``: per-layer α reaches
+    each layer, and targets='all' names the projections it cannot adapt instead of adapting
+    only q, k and v."""
+    model = _gptj()
+    with pytest.raises(ValueError, match=r"9 linear modules.*transformer\.h\.0\.attn\.out_proj"):
+        resolve_targets(model, "all")
+    names = ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]
+    h = t2fast.patch_model(model, targets=names, cache_dir=svd_cache, progress=False)
+    assert len(h.targets) == 18 and h.num_layers == 3
+    assert [h.modules[f"transformer.h.{i}.mlp.fc_in"].layer for i in range(3)] == [0, 1, 2]
+    h.add_experts([h.new_expert("e", Expert.random("e", h.decomposition.factors, 0.5, 1).z)])
+    h.set_mixture("e")
+    whole = _logits(model)
+    h.set_mixture({"e": [1.0, 0.0, 0.0], "base": [0.0, 1.0, 1.0]})     # the first layer only
+    first = _logits(model)
+    h.set_mixture(None)
+    base = _logits(model)
+    assert (first - whole).abs().max() > 1e-3 and (first - base).abs().max() > 1e-3
+    h.restore()
+
+
+def test_matrices_outside_any_layer_list_are_refused():
+    """A multi-layer model whose selected matrix sits outside every known decoder-layer list
+    would silently share layer 0's α: refused, naming it."""
+    model = _model("llama")
+    model.lm_head_proj = nn.Linear(32, 32)
+    with pytest.raises(ValueError, match=r"cannot tell which decoder layer \['lm_head_proj'\]"):
+        resolve_targets(model, ["lm_head_proj"])
