@@ -55,6 +55,29 @@ def test_bad_parameterization():
         ZParameterization({}, "sigmoid")
 
 
+@pytest.mark.parametrize("kind", ["plain", "official"])
+def test_init_z_is_where_training_starts(kind):
+    """An expert's z (official: rescaled, Σσz = Σσ, values above 1 included) is the effective
+    z training starts from; names that are not targets, and (official) z ≤ 0, are refused."""
+    from t2fast.decompose import decompose_model
+    f = decompose_model(small_model(), cache_dir=False, progress=False).factors
+    g = torch.Generator().manual_seed(0)
+    init = {}
+    for n, fac in f.items():
+        z = 0.2 + 1.6 * torch.rand(fac.rank, generator=g)
+        init[n] = z * (fac.S.sum() / (fac.S * z).sum())          # an official expert's z
+    assert max(float(z.max()) for z in init.values()) > 1.2
+    eff = ZParameterization(f, kind, init_z=init).effective()
+    for n in f:
+        torch.testing.assert_close(eff[n].detach(), init[n].float(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"not targets: \['model\.layers\.0\.mlp\.DOWN'\]"):
+        ZParameterization(f, kind, init_z={"model.layers.0.mlp.DOWN": torch.ones(3)})
+    if kind == "official":
+        n = next(iter(f))
+        with pytest.raises(ValueError, match="only positive z"):
+            ZParameterization(f, kind, init_z={n: init[n] - init[n].max()})
+
+
 @pytest.mark.parametrize("parameterization", ["plain", "official"])
 def test_training_mode_matches_acting_and_base(tok, parameterization):
     model = small_model()

@@ -22,7 +22,14 @@ KINDS = ("plain", "official")
 
 
 class ZParameterization(nn.Module):
-    """Trainable z for every target matrix of a decomposition."""
+    """Trainable z for every target matrix of a decomposition.
+
+    ``init_z`` ({target: z [r]}, e.g. an expert's) starts those targets at that z; under the
+    official parameterization, whose effective z is ``m · Σσ / Σ(σ ⊙ m)`` with m in (0, 1),
+    that is z itself for a z already so rescaled (an official expert's), else z rescaled. An
+    ``init_z`` naming another target, of another length, or (official) not positive is
+    refused.
+    """
 
     def __init__(self, factors: dict[str, SVDFactors], kind: str = "plain", init: float = 0.1,
                  init_z: dict[str, torch.Tensor] | None = None, device=None):
@@ -33,6 +40,10 @@ class ZParameterization(nn.Module):
             raise ValueError("ZParameterization needs at least one target matrix")
         self.kind = kind
         self.names = list(factors)
+        unknown = sorted(set(init_z or {}) - set(factors))
+        if unknown:
+            raise ValueError(f"init_z names {len(unknown)} matrices that are not targets: "
+                             f"{unknown[:3]}{' ...' if len(unknown) > 3 else ''}")
         params = []
         for n, f in factors.items():
             r = f.rank
@@ -41,7 +52,11 @@ class ZParameterization(nn.Module):
                 if z0.shape[0] != r:
                     raise ValueError(f"init_z for {n} has length {z0.shape[0]}, expected {r}")
                 if kind == "official":
-                    z0 = torch.logit(z0.clamp(1e-4, 1 - 1e-4))
+                    if not bool((z0 > 0).all()):
+                        raise ValueError(f"init_z for {n}: the official parameterization "
+                                         f"holds only positive z")
+                    # any m ∝ z gives the same effective z: the largest just below 1
+                    z0 = torch.logit(z0 / (z0.max() * (1 + 1e-3)))
                 params.append(nn.Parameter(z0.clone().to(device)))
             elif kind == "plain":
                 params.append(nn.Parameter(torch.ones(r, device=device)))
