@@ -240,3 +240,28 @@ def test_lora_load_takes_local_folders_only(tmp_path, make, why):
     path = make(tmp_path)
     with pytest.raises(FileNotFoundError, match=f"LoRA adapter '{path}' {why}"):
         LoRAPolicy.load(None, path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kl_reference_is_the_trainable_path_at_z_one(tok, dtype):
+    """The KL's reference equals the policy at z = 1 on the trainable path, so that z = 1 has
+    KL 0: in float32 it is the base model's own weights; in bf16 the rounded factors' product,
+    which differs from the original weights."""
+    from t2fast.models import load_tiny
+    model, _ = load_tiny(dtype=dtype)
+    batch = teacher_batch(tok, PROMPTS, ["19", "dcba", "B"])
+    pol = svf_policy(model)
+    with pol.training() as m, torch.no_grad():
+        at_one = completion_logits(m, batch).float()
+    with pol.reference() as m:
+        reference = completion_logits(m, batch).float()
+    with pol.base() as m:
+        base = completion_logits(m, batch).float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(reference, base, rtol=0, atol=0)
+        torch.testing.assert_close(at_one, base, rtol=1e-4, atol=1e-4)
+    else:
+        torch.testing.assert_close(reference, at_one, rtol=0, atol=0)
+        assert (at_one - base).abs().max() > 1e-2       # what the base weights would add
+    assert all(layer.train_z is None for layer in pol.handle.modules.values())
+    pol.close()

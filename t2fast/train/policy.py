@@ -7,7 +7,10 @@ A policy gives the trainer four things:
     ``acting()``    a context for fast, gradient-free rollouts and evaluation with the current
                     parameters (SVF: merged dense weights, computed once per context);
     ``base()``      a context in which the model is exactly the base model (SVF: the original
-                    weights; LoRA: adapters disabled) — the KL reference;
+                    weights; LoRA: adapters disabled);
+    ``reference()`` the KL's reference: the base model as the trainable path computes it (SVF in
+                    bf16/fp16: W = U diag(σ) Vᵀ from the same rounded factors, so that z = 1
+                    has KL 0; otherwise ``base()``);
     ``state_dict`` / ``load_state_dict`` / ``save`` / ``num_parameters``.
 """
 from __future__ import annotations
@@ -83,6 +86,26 @@ class SVFPolicy:
         self.handle.set_mixture(None)
         with torch.no_grad():
             yield self.model
+
+    @contextmanager
+    def reference(self):
+        """The base model for the KL term. In bf16/fp16 the product of the rounded factors
+        differs from the original weights (by up to 0.14 in the bundled model's logits),
+        which would give z = 1 a KL floor that z then moves to undo: the reference is z = 1
+        on the trainable path. In float32 it is :meth:`base`."""
+        layer = next(iter(self.handle.modules.values()))
+        if layer.U.dtype not in (torch.bfloat16, torch.float16):
+            with self.base() as model:
+                yield model
+            return
+        ones = {n: torch.ones(m.rank, device=m.U.device) for n, m in self.handle.modules.items()}
+        self.handle.set_mixture(None)
+        self.handle.set_trainable_z(ones)
+        try:
+            with torch.no_grad():
+                yield self.model
+        finally:
+            self.handle.set_trainable_z(None)
 
     def state_dict(self) -> dict:
         return {k: v.detach().clone() for k, v in self.param.state_dict().items()}
@@ -160,6 +183,8 @@ class LoRAPolicy:
     def base(self):
         with torch.no_grad(), self.model.disable_adapter():
             yield self.model
+
+    reference = base
 
     def _names(self):
         return [n for n, p in self.model.named_parameters() if p.requires_grad]

@@ -181,7 +181,7 @@ class Trainer:
         adv = advantages(rewards, c.samples_per_prompt, c.baseline)
         base_logits = None
         if c.kl_coef > 0 or c.log_kl:
-            with self.policy.base() as model:
+            with self.policy.reference() as model:
                 base_logits = completion_logits(model, ro, c.samples_per_prompt)
         with self.policy.training() as model:
             logits = completion_logits(model, ro, c.samples_per_prompt)
