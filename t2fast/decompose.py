@@ -260,6 +260,12 @@ def decompose_weights(weights: dict[str, torch.Tensor], cache_dir=None, progress
     matrices never exist at once: a bf16 model's factors then take their bf16 size (about 1.4x
     the adapted weights) plus one matrix's float32 factors, instead of twice that.
     """
+    absent = [n for n, w in weights.items() if w.device.type == "meta"]
+    if absent:
+        raise ValueError(f"{len(absent)} target weights hold no values (on the meta device: "
+                         f"offloaded, e.g. by accelerate's device_map, or never loaded): "
+                         f"{absent[:3]}{' ...' if len(absent) > 3 else ''}; load the model "
+                         f"onto real devices before patching it")
     cache = None if cache_dir is False else SVDCache(cache_dir)
     factors, errors, hits = {}, {}, 0
     # disable=None: a bar on a terminal only, never escape codes in logs and pipes

@@ -345,6 +345,9 @@ class SVFHandle:
                 if z[name].shape != (layer.rank,):
                     raise ValueError(f"set_trainable_z: z for {name} has shape "
                                      f"{tuple(z[name].shape)}, expected ({layer.rank},)")
+                if z[name].device != layer.S.device:
+                    raise ValueError(f"set_trainable_z: z for {name} is on {z[name].device}, "
+                                     f"the layer on {layer.S.device}")
             for name, layer in self.modules.items():
                 layer.train_z = None if z is None else z[name]
 

@@ -146,6 +146,19 @@ def test_wrong_batch_rows_and_trainable_z(world):
     partial = {n: torch.ones(layer.rank) for n, layer in list(world["handle"].modules.items())[:-1]}
     _case(world, lambda h, f: h.set_trainable_z(partial), ValueError,
           r"set_trainable_z: no z given for target model\.layers\.1\.mlp\.down_proj")
+    elsewhere = {n: torch.ones(layer.rank, device="meta")
+                 for n, layer in world["handle"].modules.items()}
+    _case(world, lambda h, f: h.set_trainable_z(elsewhere), ValueError,
+          r"set_trainable_z: z for .* is on meta, the layer on cpu")
+
+
+def test_weights_without_values_are_refused_before_the_svd():
+    model = _model()
+    model.model.layers[1].mlp.down_proj.to("meta")
+    with pytest.raises(ValueError, match=r"1 target weights hold no values \(on the meta "
+                                         r"device.*\['model\.layers\.1\.mlp\.down_proj'\]"):
+        t2fast.patch_model(model, cache_dir=False, progress=False)
+    assert not any(isinstance(m, SVFLinear) for m in model.modules())
 
 
 def test_ops_reject_bad_arguments(world):
