@@ -312,6 +312,24 @@ def test_mixture_place_reports_missing_experts():
         alpha, torch.tensor([[0.5, 0.1, 0], [0.5, 0.2, 0]]))
 
 
+def test_worker_serves_a_request_whose_expert_is_gone_with_the_base_model(caplog):
+    """A vLLM worker never serves a mixture with one weight dropped (a lone expert would make
+    z' = 0): a request whose expert was unloaded gets the base model, and the log says so."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from t2fast.vllm.config import T2Config
+    from t2fast.vllm.runner import T2Runtime
+    vc = SimpleNamespace(
+        scheduler_config=SimpleNamespace(max_num_seqs=3, max_num_batched_tokens=64),
+        model_config=SimpleNamespace(hf_config=SimpleNamespace(num_hidden_layers=2)),
+        device_config=SimpleNamespace(device="cpu"))
+    rt = T2Runtime(vc, T2Config(backend="torch", max_experts=2))
+    assert rt.place_request(Mixture.parse({"base": 0.5, "gone": 0.5}, ["gone"], 2)) is None
+    assert rt.place_request(Mixture.parse("gone", ["gone"], 2)) is None
+    assert "'gone', which is no longer loaded; it is served with the base model" in caplog.text
+
+
 def test_envelope_round_trip_and_forgeries():
     """The workers read only the front end's envelope, and bound its weights again: a value
     that skipped the front end never places an unchecked α."""
