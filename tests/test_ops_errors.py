@@ -42,6 +42,27 @@ def test_svf_matmul_rejects(over, exc, pattern, backend):
         _call(backend, **over)
 
 
+def test_stack_group_checks_that_each_slice_belongs_together():
+    """Slices whose S or Vh belong to another slice (same total rank, so the grouped op could
+    not tell) or differ in dtype, input size or device are refused, naming the slice."""
+    g = torch.Generator().manual_seed(0)
+    Us = [torch.randn(10, 4, generator=g), torch.randn(20, 8, generator=g)]
+    Ss = [torch.rand(4, generator=g), torch.rand(8, generator=g)]
+    Vhs = [torch.randn(4, 12, generator=g), torch.randn(8, 12, generator=g)]
+    Up, S, Vh = ops.stack_group(Us, Ss, Vhs)
+    assert [U.shape for U in Up] == [(10, 4), (20, 8)] and S.shape == (12,)
+    for args, exc, pattern in [
+        ((Us, Ss[::-1], Vhs[::-1]), ValueError, r"Ss\[0\] has shape \(8,\).*Us\[0\]"),
+        ((Us, Ss, [Vhs[0], Vhs[1][:, :5]]), ValueError, r"Vhs\[1\] has shape \(8, 5\)"),
+        ((Us, Ss, [Vhs[0], Vhs[1].T]), ValueError, r"Vhs\[1\] has shape \(12, 8\)"),
+        (([Us[0].bfloat16(), Us[1]], Ss, Vhs), TypeError, r"Us\[1\] is torch.float32"),
+        (([Us[0], Us[1][:, 0]], Ss, Vhs), ValueError, r"Us\[1\] must have 2 dimension"),
+        (([Us[0], Us[1].to("meta")], Ss, Vhs), ValueError, r"one device.*Us\[1\] is on meta"),
+    ]:
+        with pytest.raises(exc, match=pattern):
+            ops.stack_group(*args)
+
+
 def test_unknown_backend():
     with pytest.raises(ValueError, match=r"backend must be one of"):
         _call("cuda")

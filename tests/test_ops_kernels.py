@@ -163,6 +163,20 @@ def test_empty_batch(device):
     assert y.shape == (0, 6)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_batch_keeps_the_autograd_graph(device, backend):
+    """An empty micro-batch in training backpropagates (zero gradients), as x[:0] @ W does."""
+    gen = torch.Generator().manual_seed(0)
+    U, S, Vh = _factors(8, 6, 6, torch.float32, device, gen)
+    x = torch.empty(0, 8, device=device, requires_grad=True)
+    Z = torch.ones(1, 6, device=device, requires_grad=True)
+    y = ops.svf_matmul(x, U, S, Vh, Z, torch.empty(0, dtype=torch.long, device=device),
+                       backend=backend)
+    assert y.shape == (0, 6) and y.requires_grad
+    y.sum().backward()
+    assert torch.equal(Z.grad, torch.zeros_like(Z)) and x.grad.shape == (0, 8)
+
+
 @pytest.mark.parametrize("mix", [False, True])
 def test_triton_autograd_matches_reference(mix, device):
     """Gradients of x and of Z (or α and the bank) through the triton backend."""

@@ -143,7 +143,10 @@ def _dispatch(x, Us, S, Vh, idx, *, backend, validate, deterministic, group, Z=N
         if mix:
             check_finite("alpha", alpha)
     if x.shape[0] == 0:
-        return x.new_empty((0, m))
+        if not (torch.is_grad_enabled() and any(
+                t.requires_grad for t in (x, *Us, S, Vh, *slot_tensors.values()))):
+            return x.new_empty((0, m))
+        resolved = "torch"          # no rows: the torch composition keeps the autograd graph
     if resolved == "torch":
         Zt = mix_experts_reference(alpha, bank) if mix else Z
         return torch_backend.svf_group_torch(x, Us, S, Vh, Zt, idx)
@@ -240,11 +243,25 @@ def stack_group(Us, Ss, Vhs):
     into one buffer (returned as views of it, 16-element aligned), their S_i and Vh_i stacked
     along the rank → (Us, S [R], Vh [R, n]). Pass views of the results (``S[a:b]``,
     ``Vh[a:b]``) where a single matrix is needed, so nothing is held twice."""
+    Us, Ss, Vhs = list(Us), list(Ss), list(Vhs)
     if not 1 <= len(Us) == len(Ss) == len(Vhs) <= MAX_SLICES:
         raise ValueError(f"a group has 1 to {MAX_SLICES} slices, each with U, S and Vh; got "
                          f"{len(Us)} U, {len(Ss)} S and {len(Vhs)} Vh")
-    return (launch.pack_factors(Us), torch.cat([S.reshape(-1) for S in Ss]),
-            torch.cat(list(Vhs)).contiguous())
+    for i, (U, S, Vh) in enumerate(zip(Us, Ss, Vhs)):
+        check_tensor(f"Us[{i}]", U, 2)
+        check_tensor(f"Ss[{i}]", S, 1)
+        check_tensor(f"Vhs[{i}]", Vh, 2)
+        check_dim(f"Ss[{i}]", S, 0, U.shape[1], f"Us[{i}].shape[1] (slice {i}'s rank)")
+        check_dim(f"Vhs[{i}]", Vh, 0, U.shape[1], f"Us[{i}].shape[1] (slice {i}'s rank)")
+        check_dim(f"Vhs[{i}]", Vh, 1, Vhs[0].shape[1], "Vhs[0].shape[1] (the input size)")
+        for name, t, first in ((f"Us[{i}]", U, Us[0]), (f"Ss[{i}]", S, Ss[0]),
+                               (f"Vhs[{i}]", Vh, Vhs[0])):
+            if t.dtype != first.dtype:
+                raise TypeError(f"{name} is {t.dtype}; every slice's must share slice 0's "
+                                f"dtype {first.dtype}")
+    check_same_device(**{f"{k}[{i}]": t for k, ts in (("Us", Us), ("Ss", Ss), ("Vhs", Vhs))
+                         for i, t in enumerate(ts)})
+    return launch.pack_factors(Us), torch.cat(Ss), torch.cat(Vhs).contiguous()
 
 
 def mix_experts(alpha, bank):
