@@ -173,6 +173,11 @@ class ExpertBank:
                 table[row].zero_()
 
 
+class MergeBudgetError(ValueError):
+    """Dense weights were required (an explicit merge, a policy's weights) but exceed the
+    merge cache's byte budget."""
+
+
 class MergeCache:
     """Dense merged weights per mixture, least recently used first out, within a byte budget.
 
@@ -383,9 +388,9 @@ class SVFRuntime:
         budget = cache.resolve_budget(self.device)
         if self.merged_bytes > budget:
             if required:
-                raise ValueError(f"t2fast: merged weights need {self.merged_bytes} bytes, more "
-                                 f"than the merge cache's budget of {budget} bytes "
-                                 f"(merge_cache_bytes)")
+                raise MergeBudgetError(f"t2fast: merged weights need {self.merged_bytes} bytes, "
+                                       f"more than the merge cache's budget of {budget} bytes "
+                                       f"(merge_cache_bytes)")
             self.stats["merge_over_budget"] += 1
             return "factored"
         self.merge_key = key

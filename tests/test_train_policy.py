@@ -265,3 +265,29 @@ def test_kl_reference_is_the_trainable_path_at_z_one(tok, dtype):
         assert (at_one - base).abs().max() > 1e-2       # what the base weights would add
     assert all(layer.train_z is None for layer in pol.handle.modules.values())
     pol.close()
+
+
+def test_acting_without_room_for_merged_weights_rebuilds_them_per_forward(tok):
+    """Rollouts where the merged weights exceed the merge budget (a large model on a full
+    device) run the trainable path without gradients, with one warning, instead of failing."""
+    pol = svf_policy(small_model())
+    with torch.no_grad():
+        for p in pol.param.params:
+            p.add_(0.3 * torch.randn_like(p))
+    batch = teacher_batch(tok, PROMPTS, ["19", "dcba", "B"])
+    with pol.acting() as m:
+        merged = completion_logits(m, batch)
+    assert pol.handle.runtime.mode == "base"
+    pol.handle.runtime.merge_cache.budget = 1
+    with pytest.warns(RuntimeWarning, match="merge cache's budget.*rebuild each adapted weight"):
+        with pol.acting() as m:
+            rebuilt = completion_logits(m, batch)
+    torch.testing.assert_close(rebuilt, merged, rtol=1e-5, atol=1e-5)
+    assert not rebuilt.requires_grad
+    assert all(layer.train_z is None for layer in pol.handle.modules.values())
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                   # warned once per policy
+        with pol.acting() as m:
+            completion_logits(m, batch)
+    pol.close()

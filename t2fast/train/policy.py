@@ -15,11 +15,13 @@ A policy gives the trainer four things:
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from ..runtime import MergeBudgetError
 from ..targets import resolve_targets
 
 
@@ -44,6 +46,7 @@ class SVFPolicy:
         self.handle = handle
         self.model = handle.model
         self.param = param
+        self._warned_budget = False
 
     @classmethod
     def create(cls, model, config: TrainConfig, init_z=None) -> "SVFPolicy":
@@ -71,13 +74,25 @@ class SVFPolicy:
 
     @contextmanager
     def acting(self):
+        """Merged dense weights of the current z; where they exceed the merge cache's budget,
+        the trainable path without gradients (W' rebuilt per forward: slower, the same
+        weights up to rounding), with one warning."""
         with torch.no_grad():
             z = self.param.effective()
             self.handle.set_trainable_z(None)
-            self.handle.merge_z(z)
+            try:
+                self.handle.merge_z(z)
+            except MergeBudgetError as exc:
+                if not self._warned_budget:
+                    self._warned_budget = True
+                    warnings.warn(f"{exc}; rollouts and evaluation rebuild each adapted weight "
+                                  f"per forward instead", RuntimeWarning, stacklevel=3)
+                self.handle.set_mixture(None)
+                self.handle.set_trainable_z(z)
             try:
                 yield self.model
             finally:
+                self.handle.set_trainable_z(None)
                 self.handle.set_mixture(None)
 
     @contextmanager
