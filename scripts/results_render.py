@@ -68,7 +68,8 @@ def mask(rec: dict) -> list[bool]:
 def compare(where: str, a_name: str, a: dict, b_name: str, b: dict) -> dict:
     """One paired comparison of system a against system b on the same examples."""
     t = mcnemar_exact(mask(a), mask(b))
-    diff = a["accuracy"] - b["accuracy"]
+    # from the counts, so that a difference of exactly 25 of 500 is 0.05 (0.45 - 0.40 is not)
+    diff = (t["a_only"] - t["b_only"]) / len(mask(a))
     if t["p"] < ALPHA:
         verdict = ("higher" if diff > 0 else "lower") + (" (p < 0.01)" if t["p"] < STRONG
                                                          else " (p < 0.05)")
@@ -136,6 +137,7 @@ def comparisons(results: dict) -> list[dict]:
         for run in r.get("restated_cem", []):
             name = f"{RESTATED_CEM['restated_cem']} seed {run['seed']}"
             out.append(compare(where, name, run, "base", r["base"]))
+            out.append(compare(where, name, run, RESTATED["restated_base"], r["restated_base"]))
             out.append(compare(where, name, run, b, r["restated_classifier"]))
     return out
 
@@ -518,7 +520,8 @@ def restated_target_lines(rs: dict, rows: list[dict]) -> list[str]:
         out += cem_target_lines(rs, by, TB, "CEM after restatement", " after restatement",
                                 RESTATED_CEM["restated_cem"],
                                 (ho_acc(rs, "restated_prompt"), ho_acc(rs, "restated_classifier")),
-                                "restated_cem")
+                                "restated_cem", own=(RESTATED["restated_base"],
+                                                     "the base model on the restated questions"))
     return out
 
 
@@ -564,34 +567,52 @@ def ho_acc(ho: dict, key: str) -> dict:
 
 
 def cem_target_lines(ho: dict, by: dict, suffix: str, what: str, after: str, name: str,
-                     dispatch: tuple[dict, dict], key: str) -> list[str]:
+                     dispatch: tuple[dict, dict], key: str,
+                     own: tuple[str, str] | None = None) -> list[str]:
     """CEM's targets on the families ``ho`` (runs ``ho[h][key]``, compared in ``by`` as
     '<name> seed s' where = family + ``suffix``): no seed significantly below base, every seed
-    above base on ≥ 2 families of each kind, and the order prompt ≤ classifier ≤ CEM against
-    ``dispatch`` (family -> accuracy of A, of B); ``what`` / ``after`` name the CEM."""
-    runs = {h: [by[(h + suffix, f"{name} seed {run['seed']}", "base")] for run in r.get(key, [])]
-            for h, r in ho.items()}
+    above base on ≥ 2 families of each kind, and, per seed, the order prompt ≤ classifier ≤
+    CEM against ``dispatch`` (family -> accuracy of A, of B); ``what`` / ``after`` name the
+    CEM. ``own``: (comparison name, words) of the system CEM builds on (the restated base
+    model), against which the same count says what CEM adds to it (no target)."""
+    def above(ref: str) -> dict:
+        return {h: [by[(h + suffix, f"{name} seed {run['seed']}", ref)]
+                    for run in r.get(key, [])] for h, r in ho.items()}
+    runs = above("base")
     cem = [c for cs in runs.values() for c in cs]
     below = [c for c in cem if c["verdict"].startswith("lower")]
     out = [f"{what} seeds significantly below base on an unseen family{suffix}: "
            f"{len(below)} of {len(cem)}" + ("" if not below else " (" + ", ".join(
                f"{c['where']} {c['a'][len(name) + 1:]}" for c in below) + ")")
            + "; target (none) " + ("met." if not below else "NOT met.")]
+    def wins(found: dict, fams: list[str]) -> list[str]:
+        return [h for h in fams
+                if found[h] and all(c["verdict"].startswith("higher") for c in found[h])]
+    mine = above(own[0]) if own else None
     for kind in ("transfer", "two-step"):
-        fams = [h for h, r in ho.items() if r.get("kind") == kind]
+        fams = [h for h, r in ho.items() if r.get("kind") == kind and r.get(key)]
         if not fams:
             continue
-        wins = [h for h in fams if all(c["verdict"].startswith("higher") for c in runs[h])]
-        out.append(f"{what} significantly above base on every seed on {len(wins)} of "
-                   f"{len(fams)} {kind} families{suffix} ({', '.join(wins) or 'none'}); target "
-                   f"(≥ 2) " + ("met." if len(wins) >= 2 else "NOT met."))
+        won = wins(runs, fams)
+        out.append(f"{what} significantly above base on every seed on {len(won)} of "
+                   f"{len(fams)} {kind} families{suffix} ({', '.join(won) or 'none'}); target "
+                   f"(≥ 2) " + ("met." if len(won) >= 2 else "NOT met."))
+        if mine is not None:
+            won = wins(mine, fams)
+            out.append(f"{what} significantly above {own[1]} on every seed on {len(won)} of "
+                       f"{len(fams)} {kind} families{suffix} ({', '.join(won) or 'none'}): what "
+                       f"CEM adds to the restatement (no target).")
     for h, r in ho.items():
-        cem_acc = sum(run["accuracy"] for run in r[key]) / len(r[key])
+        if not r.get(key):
+            continue
         p_acc, c_acc = dispatch[0][h], dispatch[1][h]
-        order = "holds" if p_acc <= c_acc <= cem_acc else "does not hold"
+        holding = [run["seed"] for run in r[key] if p_acc <= c_acc <= run["accuracy"]]
         out.append(f"Order prompt ≤ classifier ≤ CEM{after} on {h}{suffix}: {p_acc:.3f}, "
-                   f"{c_acc:.3f}, {cem_acc:.3f} (CEM: mean of the seeds) — {order} in the point "
-                   f"estimates; section 4 has the paired tests.")
+                   f"{c_acc:.3f}, CEM seeds "
+                   + ", ".join(f"{run['accuracy']:.3f}" for run in r[key])
+                   + f" — holds in the point estimates for {len(holding)} of {len(r[key])} "
+                   f"seeds" + (f" ({', '.join(map(str, holding))})" if holding else "")
+                   + "; section 4 has the paired tests.")
     return out
 
 

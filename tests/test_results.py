@@ -231,7 +231,10 @@ def test_unseen_targets_on_a_synthetic_transfer_family():
     assert "Classification expert (B) on the transfer family arith_words: +0.200" in text
     assert "1 of 2 (arith_words seed 1); target (none) NOT met." in text
     assert "on 0 of 1 transfer families (none)" in text
-    assert "0.250, 0.400, 0.250 (CEM: mean of the seeds) — does not hold" in text
+    assert ("0.250, 0.400, CEM seeds 0.450, 0.050 — holds in the point estimates for 1 of 2 "
+            "seeds (0);") in text                                  # per seed, never pooled
+    # differences from the counts: 45 against 40 of 100 is +0.05 exactly (0.45 - 0.40 is not)
+    assert 0.45 - 0.40 < 0.05 and rr.compare("w", "a", rec(45), "b", rec(40))["diff"] == 0.05
     # the transfer base's families, a two-step one among them, counted apart from section 2's
     tb = {"arith_words": fam, "arith_steps": {**fam, "kind": "two-step"}}
     rows = rr.comparisons({**results, "transfer_base": {"train_families": {
@@ -286,8 +289,15 @@ def test_restated_targets_on_synthetic_records():
             "base): 1 of 4 (arith_steps (transfer base) seed 0); target (none) NOT met.") in text
     assert "on every seed on 1 of 1 transfer families (transfer base) (arith_words)" in text
     assert "on every seed on 0 of 1 two-step families (transfer base) (none)" in text
-    assert ("restatement on arith_words (transfer base): 0.450, 0.500, 0.525 (CEM: mean of the "
-            "seeds) — holds") in text
+    assert ("restatement on arith_words (transfer base): 0.450, 0.500, CEM seeds 0.600, 0.450 — "
+            "holds in the point estimates for 1 of 2 seeds (0);") in text
+    # what CEM adds to the restatement: each seed against the restated base model
+    assert got[("arith_words (transfer base)", "restated, CEM seed 1", "restated, base model")] \
+        == 0.15
+    assert ("CEM after restatement significantly above the base model on the restated questions "
+            "on every seed on 1 of 1 transfer families (transfer base) (arith_words)") in text
+    assert ("above the base model on the restated questions on every seed on 0 of 1 two-step "
+            "families (transfer base) (none)") in text
 
 
 def test_restated_section_restates_as_section_3e_and_asks_as_it(results):
