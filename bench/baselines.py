@@ -45,12 +45,14 @@ class Problem:
 
 
 def make_problem(m, n, T, slots, dtype=torch.bfloat16, device="cpu", K=4, seed=0) -> Problem:
-    """Random factors of a full-rank W (orthonormal U, Vh; decaying σ) and per-token slots."""
+    """Random factors of a full-rank W (orthonormal U, Vh; decaying σ) and per-token slots
+    (int32 indices, as the layers' slot map). Drawn on the CPU (reproducible), orthonormalised
+    and multiplied on ``device`` (a 4096² QR takes seconds on a CPU)."""
     g = torch.Generator().manual_seed(seed)
     r = min(m, n)
-    U = torch.linalg.qr(torch.randn(m, r, generator=g))[0]
-    Vh = torch.linalg.qr(torch.randn(n, r, generator=g))[0].T
-    S = torch.linspace(1.0, 0.05, r)
+    U = torch.linalg.qr(torch.randn(m, r, generator=g).to(device))[0]
+    Vh = torch.linalg.qr(torch.randn(n, r, generator=g).to(device))[0].T
+    S = torch.linspace(1.0, 0.05, r, device=device)
     W = (U * S) @ Vh
     bank = 1 + 0.1 * torch.randn(K, r, generator=g)
     alpha = torch.softmax(torch.randn(slots, K, generator=g), dim=-1)
@@ -58,8 +60,9 @@ def make_problem(m, n, T, slots, dtype=torch.bfloat16, device="cpu", K=4, seed=0
     idx[:slots] = torch.arange(min(slots, T))          # every slot used when S <= T
     x = torch.randn(T, n, generator=g)
     cast = dict(device=device, dtype=dtype)
-    return Problem(x.to(**cast), W.to(**cast), U.to(**cast), S.to(device), Vh.to(**cast),
-                   (alpha @ bank).to(device), alpha.to(device), bank.to(device), idx.to(device))
+    return Problem(x.to(**cast), W.to(**cast), U.to(**cast), S, Vh.to(**cast),
+                   (alpha @ bank).to(device), alpha.to(device), bank.to(device),
+                   idx.to(device=device, dtype=torch.int32))
 
 
 def dense(p: Problem):
@@ -144,12 +147,16 @@ def make_group(slices, T, slots, dtype=torch.bfloat16, device="cpu", K=4, seed=0
                         (first.alpha @ bank).to(device), first.alpha, bank, first.idx)
 
 
-def l2_cold_groups(slices, T, dtype, device, with_dense: bool = True) -> list[GroupProblem]:
-    """Distinct copies of one group, enough that the weights a timed call reads exceed L2."""
+def l2_cold_groups(slices, T, dtype, device, reads=("factors", "dense")) -> list[GroupProblem]:
+    """Distinct copies of one group, enough that the weights of the lightest timed call
+    exceed L2 several times over: ``reads`` names what each call reads ("factors", "dense",
+    "U": an expand alone, "Vh": a shrink alone), and the copies follow the smallest."""
     first = make_group(slices, T, T, dtype, device)
-    weight_bytes = first.bytes_factors + (first.bytes_dense if with_dense else 0)
+    size = first.Vh.element_size()
+    read = {"factors": first.bytes_factors, "dense": first.bytes_dense,
+            "U": sum(U.numel() for U in first.Us) * size, "Vh": first.Vh.numel() * size}
     return [first] + [make_group(slices, T, T, dtype, device, seed=s)
-                      for s in range(1, l2_cold_copies(weight_bytes))]
+                      for s in range(1, l2_cold_copies(min(read[k] for k in reads)))]
 
 
 def group_dense(p: GroupProblem):

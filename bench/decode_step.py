@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import re
@@ -46,7 +47,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0")     # on the CPU, backend "auto" 
 import torch  # noqa: E402
 
 from shapes import MODELS  # noqa: E402
-from timing import capture_graph, device_tag  # noqa: E402
+from timing import capture_graph, device_tag, write_text  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -253,6 +254,7 @@ def run_batch(lm, model: str, batch: int, context: int, steps: int, reps: int,
     graphs.clear()                                        # the graphs and their buffers go
     keep.clear()
     del handle, patched
+    gc.collect()            # a patched model sits in reference cycles: free it before the next
     if CUDA:
         torch.cuda.empty_cache()
     return out
@@ -285,16 +287,17 @@ def main(argv=None) -> dict:
                   dtype=str(dtype).replace("torch.", ""), cuda_graphs=CUDA, reps=args.reps,
                   steps=steps, config_table=table_note(), runs=[])
     svd_memo = {}                                   # one SVD per matrix, for every batch
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"decode-{device_tag(result['device'])}-{result['date']}" + ("-small" if small else "")
+    path = args.out / f"{stem}.json"
     with tempfile.TemporaryDirectory() as cache_dir:
         for b in batches:
             run = run_batch(lm, model, b, context, steps, args.reps, cache_dir, svd_memo)
             result["runs"].append(run)
             print(json.dumps({k: run[k] for k in ("batch", "step_us", "ratio_to_unpatched",
                                                   "byte_limit")}), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"decode-{device_tag(result['device'])}-{result['date']}" + ("-small" if small else "")
-    path = args.out / f"{stem}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+            # after every batch: a run cut off by its time limit keeps what it measured
+            write_text(path, json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
     return result
 

@@ -7,7 +7,8 @@
 #   decode  the decode step of the full Llama-3-8B (32 layers, vocabulary 128256) at batch
 #           1/8/32/64: unpatched, per-row mixtures, one merged mixture
 #   tune    tuning of the deterministic plans of the Llama-3-8B layer ops at buckets 16, 64 and
-#           4096 ($OUT/sm90.json: copy it to t2fast/kernels/configs/)
+#           4096, every other bucket and shape given the heuristic's entry first
+#           ($OUT/sm90.json: copy it to t2fast/kernels/configs/)
 # Everything goes to $OUT (default bench/results); at most 8 files come back from a device run,
 # so the benchmarks share one log. Each step has its own time limit (tests 120 s, sweep 150 s,
 # decode 270 s: 9 minutes for the default steps) so a slow one cannot starve the rest; the tuner
@@ -27,6 +28,8 @@ mkdir -p "$OUT"
 { nvidia-smi; python3 -m pip install -q --no-deps --no-build-isolation -e .; } > "$OUT/env.log" 2>&1
 export TRITON_CACHE_DIR="$(mktemp -d)"      # cold compiles: first-call times are compile times
 export TRITON_INTERPRET=0
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # t2fast importable even if pip failed
+export PYTHONUNBUFFERED=1                   # a step cut off by its time limit keeps its log
 LOG="$OUT/run.log"
 for step in $STEPS; do
   case $step in
@@ -45,6 +48,11 @@ for step in $STEPS; do
           >> "$LOG" 2>&1; echo "decode rc=$?" >> "$LOG" ;;
     tune)
       cp t2fast/kernels/configs/sm90.json "$OUT/sm90.json"
+      # every bucket and shape gets an entry first (the heuristic's plan, untuned): a lookup
+      # falls back to the next bucket up and the nearest shape, so without them the entries
+      # tuned below would change plans they never measured
+      python3 bench/tune_svf.py --untuned --update --arch sm90 --out "$OUT/sm90.json" \
+          >> "$LOG" 2>&1
       timeout "${TUNE_S:-150}" python3 bench/tune_svf.py --update --quick --model llama3-8b \
           --buckets 16 64 4096 --out "$OUT/sm90.json" >> "$LOG" 2>&1
       echo "tune rc=$?" >> "$LOG" ;;

@@ -46,7 +46,7 @@ import baselines as B  # noqa: E402
 from shapes import groups  # noqa: E402
 from t2fast.kernels import shrink_expand  # noqa: E402
 from t2fast.ops.reference import svf_group_reference  # noqa: E402
-from timing import CUDA, ceilings, device_tag, time_us  # noqa: E402
+from timing import CUDA, ceilings, device_tag, time_us, write_text  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 VARIANTS = {
@@ -196,6 +196,10 @@ def main(argv=None) -> dict:
               f"{r['byte_floor_us']:7.1f} x{r['x_byte_floor']:.2f} err "
               f"{r['rel_err_triton']:.1e} first {r['first_call_s']:.2f}s", flush=True)
 
+    result = {"environment": env, "model": model, "dtype": str(dtype).replace("torch.", ""),
+              "reps": reps, "ceilings": ceil, "kernels": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{device_tag(env['device'])}-{env['date']}" + ("-small" if small else "")
     for T in Ts:
         op_copies = {}
         for name, slices in groups(model).items():
@@ -203,12 +207,9 @@ def main(argv=None) -> dict:
             report(row)
         report(layer_row(op_copies, T, ceil, reps))
         del op_copies
-    result = {"environment": env, "model": model, "dtype": str(dtype).replace("torch.", ""),
-              "reps": reps, "ceilings": ceil, "kernels": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{device_tag(env['device'])}-{env['date']}" + ("-small" if small else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(render_markdown(result))
+        # after every T: a run cut off by its time limit keeps what it measured
+        write_text(args.out / f"{stem}.json", json.dumps(result, indent=1) + "\n")
+        write_text(args.out / f"{stem}.md", render_markdown(result))
     print(f"wrote {args.out / (stem + '.json')}")
     return result
 

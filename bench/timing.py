@@ -9,6 +9,7 @@ script works and says nothing about GPU speed.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 
@@ -23,6 +24,14 @@ def l2_cold_copies(bytes_per_copy: int, factor: float = 3.0, cap: int = 64) -> i
         return 2
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     return max(2, min(cap, math.ceil(factor * l2 / max(1, bytes_per_copy))))
+
+
+def write_text(path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a temporary file, then a rename), so a
+    benchmark stopped by its time limit leaves its last complete results."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def device_tag(device_name: str) -> str:

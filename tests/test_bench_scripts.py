@@ -35,3 +35,35 @@ def test_byte_limit_of_llama3_8b_at_batch_1():
     finally:
         sys.path.remove(str(ROOT / "bench"))
     assert abs(byte_limit("llama3-8b", 32, 128256, 1, 512)["per_row"] - 0.7326) < 1e-3
+
+
+def test_decode_step_frees_each_batch_patched_model(monkeypatch):
+    """A patched model sits in reference cycles: run_batch collects it before returning, or on
+    the GPU each batch would keep a patched copy of the 8B model (and its merged weights)."""
+    import functools
+    import gc
+    import tempfile
+
+    import t2fast
+    # the torch backend: a quick check (the interpreted kernels take minutes)
+    monkeypatch.setattr(t2fast, "patch_model", functools.partial(t2fast.patch_model,
+                                                                 backend="torch"))
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import decode_step
+        from t2fast.layers import SVFLinear
+
+        def alive() -> int:
+            return sum(isinstance(o, SVFLinear) for o in gc.get_objects())
+        lm = decode_step.build_model("cpu-small", 1, decode_step.torch.float32, 256)
+        gc.collect()
+        before = alive()                # other tests' patched models may live on
+        gc.disable()                    # only run_batch's own collection may free the copy
+        try:
+            with tempfile.TemporaryDirectory() as cache:
+                decode_step.run_batch(lm, "cpu-small", 1, 8, 1, 1, cache, {})
+            assert alive() == before
+        finally:
+            gc.enable()
+    finally:
+        sys.path.remove(str(ROOT / "bench"))

@@ -253,6 +253,25 @@ def test_tuner_cannot_regress_the_current_entry():
                                                        2).shrink
 
 
+def test_tuned_pair_replaces_the_incumbents_only_beyond_the_noise_margin():
+    """A tie keeps the current entry (then the heuristic); the tuned pair wins only when it is
+    TUNED_MARGIN faster than the best incumbent."""
+    tune = _tune_module()
+    heuristic = plans.heuristic_plan(16, 40, 48, 40, torch.bfloat16, 2)
+    current = SVFPlan(replace(heuristic.shrink, num_stages=3), heuristic.expand)
+
+    def entry(times, current=current):
+        return _tune(_FakeTimer(lambda k: times.get(k, 5.0) if isinstance(k, str) else 1.0),
+                     current=current)
+    assert entry({"current": 2.0, "heuristic": 2.0, "tuned": 2.0}).plan.shrink == current.shrink
+    assert entry({"heuristic": 2.0, "tuned": 2.0}, None).plan.shrink == heuristic.shrink
+    just = 2.0 * (1 - tune.TUNED_MARGIN) * 1.001
+    assert entry({"current": 2.0, "heuristic": 3.0, "tuned": just}).plan.shrink == current.shrink
+    # the tuned pair: the tiles raced first, the heuristic's here (every tile timed alike)
+    won = entry({"current": 2.0, "heuristic": 3.0, "tuned": 1.0}).plan
+    assert won.shrink == heuristic.shrink != current.shrink
+
+
 def test_tuner_candidates_keep_the_order_and_offer_block_n_128():
     """Deterministic candidates keep the reduction order (no split, one block_k, one dot
     family); block_n 128 is offered even with --quick; the heuristic's tile is raced first."""
