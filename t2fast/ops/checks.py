@@ -25,6 +25,13 @@ def check_dim(name: str, t: torch.Tensor, dim: int, expected: int, what: str) ->
                          f"{what} = {expected}")
 
 
+def check_same_dtype(name: str, t: torch.Tensor, first_name: str, first: torch.Tensor) -> None:
+    """``t`` (one of a group's slices) has the dtype of the group's first, ``first``."""
+    if t.dtype != first.dtype:
+        raise TypeError(f"{name} is {t.dtype}; every slice of a group must share "
+                        f"{first_name}'s dtype {first.dtype}")
+
+
 def check_same_device(**tensors) -> torch.device:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     first_name, first = next(iter(devices.items()))

@@ -43,7 +43,7 @@ from ..kernels.launch import MAX_SLICES
 from ..triton_import import LazyModule, register_custom_ops, triton_available
 from . import torch_backend
 from .checks import (INDEX_DTYPES, KERNEL_DTYPES, check_dim, check_finite, check_index_range,
-                     check_same_device, check_svf_factors, check_tensor)
+                     check_same_device, check_same_dtype, check_svf_factors, check_tensor)
 from .reference import mix_experts_reference, svf_merge_reference
 
 # Imported with Triton on first use (the custom ops too: t2fast.triton_import.
@@ -98,9 +98,7 @@ def _check_group(x, Us, S, Vh) -> tuple[int, int]:
                          f"{len(Us) if isinstance(Us, (list, tuple)) else '-'}")
     for i, U in enumerate(Us):
         check_tensor(f"Us[{i}]", U, 2)
-        if U.dtype != Us[0].dtype:
-            raise TypeError(f"Us[{i}] is {U.dtype}; every U of a group must share Us[0]'s "
-                            f"dtype {Us[0].dtype}")
+        check_same_dtype(f"Us[{i}]", U, "Us[0]", Us[0])
     R = sum(U.shape[1] for U in Us)
     check_tensor("S", S, 1)
     check_tensor("Vh", Vh, 2)
@@ -133,8 +131,9 @@ def _dispatch(x, Us, S, Vh, idx, *, backend, validate, deterministic, group, Z=N
     device = check_same_device(x=x, **factors, S=S, Vh=Vh, **slot_tensors, idx=idx)
     resolved = resolve_backend(backend, device)
     _check_kernel_inputs(resolved, x=x, **factors, S=S, Vh=Vh, **slot_tensors)
-    if group and resolved == "triton" and torch.is_grad_enabled() and any(
-            t.requires_grad for t in (x, *Us, S, Vh, *slot_tensors.values())):
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, *Us, S, Vh, *slot_tensors.values()))
+    if group and resolved == "triton" and needs_grad:
         raise ValueError("the grouped Triton ops serve inference only (no autograd); run them "
                          "under torch.no_grad() or use backend='torch'")
     if validate:
@@ -143,8 +142,7 @@ def _dispatch(x, Us, S, Vh, idx, *, backend, validate, deterministic, group, Z=N
         if mix:
             check_finite("alpha", alpha)
     if x.shape[0] == 0:
-        if not (torch.is_grad_enabled() and any(
-                t.requires_grad for t in (x, *Us, S, Vh, *slot_tensors.values()))):
+        if not needs_grad:
             return x.new_empty((0, m))
         resolved = "torch"          # no rows: the torch composition keeps the autograd graph
     if resolved == "torch":
@@ -254,11 +252,9 @@ def stack_group(Us, Ss, Vhs):
         check_dim(f"Ss[{i}]", S, 0, U.shape[1], f"Us[{i}].shape[1] (slice {i}'s rank)")
         check_dim(f"Vhs[{i}]", Vh, 0, U.shape[1], f"Us[{i}].shape[1] (slice {i}'s rank)")
         check_dim(f"Vhs[{i}]", Vh, 1, Vhs[0].shape[1], "Vhs[0].shape[1] (the input size)")
-        for name, t, first in ((f"Us[{i}]", U, Us[0]), (f"Ss[{i}]", S, Ss[0]),
-                               (f"Vhs[{i}]", Vh, Vhs[0])):
-            if t.dtype != first.dtype:
-                raise TypeError(f"{name} is {t.dtype}; every slice's must share slice 0's "
-                                f"dtype {first.dtype}")
+        check_same_dtype(f"Us[{i}]", U, "Us[0]", Us[0])
+        check_same_dtype(f"Ss[{i}]", S, "Ss[0]", Ss[0])
+        check_same_dtype(f"Vhs[{i}]", Vh, "Vhs[0]", Vhs[0])
     check_same_device(**{f"{k}[{i}]": t for k, ts in (("Us", Us), ("Ss", Ss), ("Vhs", Vhs))
                          for i, t in enumerate(ts)})
     return launch.pack_factors(Us), torch.cat(Ss), torch.cat(Vhs).contiguous()
