@@ -87,12 +87,12 @@ class SVFPolicy:
                     self._warned_budget = True
                     warnings.warn(f"{exc}; rollouts and evaluation rebuild each adapted weight "
                                   f"per forward instead", RuntimeWarning, stacklevel=3)
-                self.handle.set_mixture(None)
-                self.handle.set_trainable_z(z)
+                with self._at(z) as model:
+                    yield model
+                return
             try:
                 yield self.model
             finally:
-                self.handle.set_trainable_z(None)
                 self.handle.set_mixture(None)
 
     @contextmanager
@@ -113,9 +113,16 @@ class SVFPolicy:
             with self.base() as model:
                 yield model
             return
-        ones = {n: torch.ones(m.rank, device=m.U.device) for n, m in self.handle.modules.items()}
+        with self._at({n: torch.ones(m.rank, device=m.U.device)
+                       for n, m in self.handle.modules.items()}) as model:
+            yield model
+
+    @contextmanager
+    def _at(self, z: dict):
+        """The model on the trainable path at ``z`` ({target: z [r]}), without gradients:
+        each adapted weight rebuilt per forward."""
         self.handle.set_mixture(None)
-        self.handle.set_trainable_z(ones)
+        self.handle.set_trainable_z(z)
         try:
             with torch.no_grad():
                 yield self.model

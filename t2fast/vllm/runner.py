@@ -133,14 +133,13 @@ class T2Runtime(SVFRuntime):
             return None
         alpha, missing = mixture.place(self.bank.row_of, self.num_layers,
                                        self.bank.capacity + 1)
-        if missing:  # unloaded between the front end's check and this step
-            for name in missing:
-                if name not in self._warned:
-                    self._warned.add(name)
-                    logger.warning("t2fast: a request uses expert %r, which is no longer "
-                                   "loaded; it is served with the base model", name)
-            return None   # never a mixture with a weight dropped (z' = 0 for a lone expert)
-        return alpha
+        for name in missing:  # unloaded between the front end's check and this step
+            if name not in self._warned:
+                self._warned.add(name)
+                logger.warning("t2fast: a request uses expert %r, which is no longer loaded; "
+                               "it is served with the base model", name)
+        # never a mixture with a weight dropped (z' = 0 for a lone expert)
+        return None if missing else alpha
 
     def _request_mixture(self, req_id, raw_of):
         if req_id in self._req:
