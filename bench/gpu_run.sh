@@ -36,8 +36,11 @@ for step in $STEPS; do
     tests)
       # The tuner's dry run (a CPU interpreter run, which CI covers) fails in Triton 3.6's
       # interpreter there ("only 0-dimensional arrays can be converted to Python scalars").
-      timeout 120 python3 -m pytest -q tests/test_svf_groups.py tests/test_ops_kernels.py \
-          tests/test_kernel_configs.py \
+      # Cold compiles dominate this step: with pytest-xdist (in the GPU image) eight workers
+      # compile in parallel, sharing the cache directory.
+      XDIST=$(python3 -c 'import xdist' 2>/dev/null && echo "-n 8")
+      timeout 120 python3 -m pytest -q $XDIST --durations=10 tests/test_svf_groups.py \
+          tests/test_ops_kernels.py tests/test_kernel_configs.py \
           --deselect tests/test_kernel_configs.py::test_tuner_updates_a_table_the_loader_reads \
           > "$OUT/tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/tests.log" ;;
     sweep)
