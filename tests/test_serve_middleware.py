@@ -173,6 +173,14 @@ def test_errors_of_vllm_are_capped_too(app):
     refused(r, 404, "name", "is not loaded")
 
 
+def test_the_token_in_route_refuses_a_mixture_in_its_sampling_params(app):
+    body = {"token_ids": [1, 2], "sampling_params": {"extra_args": {"t2": {"expert": "arith"}}}}
+    r = call(app, "POST", "/inference/v1/generate", body)
+    refused(r, 400, "sampling_params.extra_args.t2", "does not serve t2fast mixtures")
+    body["sampling_params"]["extra_args"] = {"seed_note": 1}
+    assert call(app, "POST", "/inference/v1/generate", body).status_code != 400
+
+
 def test_a_deep_body_on_another_route_is_left_to_vllm(app):
     r = call(app, "POST", "/v1/t2/experts", raw=nested(1000).encode())
     refused(r, 400, None, "nested")

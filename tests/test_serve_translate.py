@@ -88,6 +88,12 @@ def test_bodies_that_are_not_t2_requests_pass_through():
     assert t2_keys_in({"input": "x", "t2_expert": "a", "vllm_xargs": {"t2": "b", "k": 1}}) == [
         "t2_expert", "vllm_xargs.t2"]
     assert t2_keys_in({"input": "x"}) == [] and t2_keys_in("x") == []
+    generate = {"token_ids": [1], "sampling_params": {"extra_args": {"t2": "a", "T2-alpha": 1,
+                                                                     "k": 1}}}
+    assert t2_keys_in(generate) == ["sampling_params.extra_args.t2",
+                                    "sampling_params.extra_args.T2-alpha"]
+    assert t2_keys_in({"sampling_params": {"extra_args": ["t2"]}}) == []
+    assert t2_keys_in({"sampling_params": "t2"}) == []
 
 
 def deep(depth: int):

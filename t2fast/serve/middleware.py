@@ -15,10 +15,12 @@ For ``POST /v1/completions`` and ``/v1/chat/completions`` it reads the JSON body
    (``x-t2-mixture`` always; ``"model"`` is the expert's name when the request named the
    expert as its model).
 
-Other ``POST`` routes (``/v1/responses`` ...) are refused with 400 when their body carries a
-t2 key, since they would ignore it. Every error response of a t2fast server, vLLM's included,
-has its message capped (no unbounded echo of a client's value). Everything else, and every
-request when the engine is not a t2fast engine, passes through untouched.
+Other ``POST`` routes (``/v1/responses``, ``/inference/v1/generate`` ...) are refused with
+400 when their body carries a t2 key (:func:`t2fast.serve.translate.t2_keys_in`): they would
+ignore it or bypass pass 1 and the count of requests in flight. Every error response of a
+t2fast server, vLLM's included, has its message capped (no unbounded echo of a client's
+value). Everything else, and every request when the engine is not a t2fast engine, passes
+through untouched.
 """
 from __future__ import annotations
 

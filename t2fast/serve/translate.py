@@ -180,12 +180,19 @@ def body_too_deep(field=None) -> T2HTTPError:
 
 
 def t2_keys_in(body) -> list[str]:
-    """The t2-looking keys of a body sent to a route that does not serve mixtures."""
+    """The t2-looking keys of a body sent to a route that does not serve mixtures: top-level,
+    in ``vllm_xargs``, and in ``sampling_params.extra_args`` (vLLM's token-in route
+    ``/inference/v1/generate`` hands those to the engine, bypassing pass 1 and the count of
+    requests in flight)."""
     if not isinstance(body, dict):
         return []
-    xargs = body.get(XARGS) if isinstance(body.get(XARGS), dict) else {}
+    params = body.get("sampling_params")
+    places = {XARGS: body.get(XARGS),
+              "sampling_params.extra_args": params.get("extra_args")
+              if isinstance(params, dict) else None}
     return [k for k in body if looks_like_request_key(k)] + \
-        [f"{XARGS}.{k}" for k in xargs if looks_like_request_key(k)]
+        [f"{where}.{k}" for where, keys in places.items() if isinstance(keys, dict)
+         for k in keys if looks_like_request_key(k)]
 
 
 def _adapt_mode(value, what: str) -> str | None:
