@@ -548,6 +548,13 @@ def _unwrap_request(raw):
         raise MixtureError(f"unknown key(s) {shown_list(unknown)}; use 'expert' or 'alpha'")
     if EXPERT_FIELD in raw and ALPHA_FIELD in raw:
         raise MixtureError("give either 'expert' or 'alpha', not both")
+    if VERSION_FIELD in raw and (ALPHA_FIELD not in raw or type(raw[VERSION_FIELD]) is not int
+                                 or raw[VERSION_FIELD] != ENVELOPE_VERSION):
+        # accepted only as the front end writes it (a reused SamplingParams is read again)
+        raise MixtureError(f"'{VERSION_FIELD}' is the version of the front end's envelope "
+                           f"({{'{ALPHA_FIELD}': ..., '{VERSION_FIELD}': {ENVELOPE_VERSION}}}); "
+                           f"got {shown(raw[VERSION_FIELD])}"
+                           + ("" if ALPHA_FIELD in raw else " without 'alpha'"))
     if EXPERT_FIELD in raw:
         spec = raw[EXPERT_FIELD]
         if spec is not None and not isinstance(spec, str):

@@ -300,6 +300,8 @@ def test_parse_request_forms_and_errors():
     assert normal({"alpha": {"base": 0}}) == {"base": 0.0}
     assert normal({"alpha": {"math": [1, 0.5], "code": 0.5}}) == {"code": 0.5,
                                                                  "math": [1.0, 0.5]}
+    envelope = parse_request({"alpha": [0.25, 0]}, names, L).envelope()
+    assert normal(envelope) == {"math": 0.25}       # a reused SamplingParams is read again
     for bad, msg in [({"expert": "x"}, "unknown expert"), ({"alpha": [1]}, "expected 2"),
                      ({"alpha": [1, math.nan]}, "finite"), ({"alpha": {"math": math.inf}},
                                                             "finite"),
@@ -309,7 +311,11 @@ def test_parse_request_forms_and_errors():
                      ({"expert": 1}, "strings"), ({"foo": 1}, "unknown key"),
                      ({"alpha": [0, 0]}, "all zero"), ({"alpha": {}}, "all zero"),
                      ({"alpha": [1e30, 0]}, "bound |α| ≤ 4"), ({"alpha": [3, 3]}, "Σ|α| ≤ 5"),
-                     ({"alpha": ["0.5", 0]}, "number"), ({"alpha": "math"}, "use 'expert'")]:
+                     ({"alpha": ["0.5", 0]}, "number"), ({"alpha": "math"}, "use 'expert'"),
+                     ({"expert": "math", "v": 1}, "'v' is the version of the front end's"),
+                     ({"alpha": [1, 0], "v": 2}, "got 2"), ({"alpha": [1, 0], "v": "1"},
+                                                           "got '1'"),
+                     ({"alpha": [1, 0], "v": True}, "got True")]:
         with pytest.raises(T2RequestError, match=re.escape(msg)):
             normal(bad, MixtureBounds(max_abs=4, max_l1=5))
 
