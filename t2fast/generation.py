@@ -21,6 +21,20 @@ from typing import Callable, Sequence
 import torch
 
 
+def _cache_field() -> str:
+    """The name of a Hugging Face model's KV cache, as keyword and as output field: ``cache``
+    on recent transformers (which deprecated ``past_key_values``), ``past_key_values`` before.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) \
+        else "past_key_values"
+
+
+#: See :func:`_cache_field`.
+CACHE_FIELD = _cache_field()
+
+
 @dataclass
 class Rollout:
     """A batch of prompts and their completions.
@@ -98,7 +112,7 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
                 use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1], out.past_key_values, pos[:, -1:]
+    return out.logits[:, -1], getattr(out, CACHE_FIELD), pos[:, -1:]
 
 
 def decode_one_token(model, token: torch.Tensor, attention_mask: torch.Tensor,
@@ -106,8 +120,8 @@ def decode_one_token(model, token: torch.Tensor, attention_mask: torch.Tensor,
     """Feed one token per row (``token`` [B]; ``attention_mask`` [B, cached + 1],
     ``position_ids`` [B, 1] already include it); returns ``(logits [B, V], KV cache)``."""
     out = model(input_ids=token[:, None], attention_mask=attention_mask,
-                position_ids=position_ids, past_key_values=past, use_cache=True)
-    return out.logits[:, -1], out.past_key_values
+                position_ids=position_ids, use_cache=True, **{CACHE_FIELD: past})
+    return out.logits[:, -1], getattr(out, CACHE_FIELD)
 
 
 def decode_n_tokens(model, logits: torch.Tensor, past, attention_mask: torch.Tensor,

@@ -84,6 +84,25 @@ def test_decode_one_token_extends_the_cache(world):
     torch.testing.assert_close(step_logits, full, rtol=1e-4, atol=1e-4)
 
 
+def test_the_cache_is_passed_by_the_installed_transformers_own_name(world):
+    """No deprecated keyword: recent transformers renamed ``past_key_values`` to ``cache`` (and
+    announced the old name's removal); both the generation loop and the trainer's grouped
+    likelihood pass whichever name the installed release reads."""
+    import inspect
+    import warnings
+
+    from t2fast.generation import CACHE_FIELD
+    from t2fast.train.rollout import completion_logits, repeat_prompts
+
+    model, tok = world
+    assert CACHE_FIELD in inspect.signature(model.forward).parameters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        with torch.no_grad():
+            rollout = generate(model, tok, repeat_prompts(PROMPTS[:2], 2), max_new_tokens=3)
+            completion_logits(model, rollout, group_size=2)
+
+
 def test_bad_arguments():
     model, tok = random_tiny_llama(0, num_hidden_layers=1), build_char_tokenizer()
     with pytest.raises(ValueError, match="no prompts"):
