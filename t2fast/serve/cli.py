@@ -32,10 +32,6 @@ SERVE_SVF_FIELDS = ("targets", "layers", "max_experts", "backend", "hybrid", "me
 #: vLLM options that ``t2fast serve`` sets itself.
 OWNED_VLLM_OPTIONS = ("--hf-overrides", "--additional-config", "--worker-extension-cls",
                       "--model")
-#: On a CPU with no KV-cache size given: this share of the memory available at start-up ...
-CPU_KV_SHARE = 0.25
-#: ... capped at this many bytes.
-CPU_KV_MAX_BYTES = 1 << 30
 
 
 def expert_entry(text: str) -> str:
@@ -127,6 +123,9 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 
 def vllm_parser() -> argparse.ArgumentParser:
     """vLLM's own ``serve`` argument parser."""
+    from ..vllm.environment import import_vllm
+
+    import_vllm()
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -250,18 +249,12 @@ def _given(extra: list[str], *options: str) -> bool:
 
 
 def cpu_defaults(extra: list[str]) -> list[str]:
-    """On vLLM's CPU build, a KV cache sized from the memory available now (vLLM's default
-    asks for most of the machine's memory and fails on a small one), unless given."""
-    from vllm.platforms import current_platform
+    """On vLLM's CPU build, a KV cache sized to the machine unless ``extra`` sizes it
+    (:func:`t2fast.vllm.environment.cpu_kv_cache_bytes`)."""
+    from ..vllm.environment import KV_OPTIONS, cpu_kv_cache_bytes
 
-    given = _given(extra, "--kv-cache-memory-bytes", "--gpu-memory-utilization") or \
-        os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    if not current_platform.is_cpu() or given:
-        return []
-    import psutil
-
-    size = min(int(psutil.virtual_memory().available * CPU_KV_SHARE), CPU_KV_MAX_BYTES)
-    return ["--kv-cache-memory-bytes", str(size)]
+    size = cpu_kv_cache_bytes(_given(extra, *KV_OPTIONS))
+    return [] if size is None else [KV_OPTIONS[0], str(size)]
 
 
 def check_plugins_installed() -> None:
@@ -271,7 +264,8 @@ def check_plugins_installed() -> None:
     for group in (GENERAL_GROUP, ENDPOINT_GROUP):
         if not any(ep.name == PLUGIN_NAME for ep in entry_points(group=group)):
             raise ImportError(f"t2fast's {group} entry point is not installed; reinstall "
-                              f"t2fast (pip install -e .) so that vLLM finds its plugins")
+                              f"t2fast (pip install t2fast, or pip install -e . in a checkout) "
+                              f"so that vLLM finds its plugins")
 
 
 def allowlist_plugins() -> None:
@@ -290,7 +284,10 @@ def allowlist_plugins() -> None:
 
 
 def _run(args) -> int:
+    from ..vllm.environment import import_vllm
+
     check_args(args)
+    import_vllm()
     check_plugins_installed()
     allowlist_plugins()
     argv = vllm_arguments(args, list(getattr(args, "_extra", [])))

@@ -105,14 +105,23 @@ class LLM:
         config: a :class:`T2Config` whose settings the arguments above replace
             (:func:`engine_args`).
         **vllm_kwargs: anything ``vllm.LLM`` takes (``enforce_eager``, ``max_model_len`` ...).
+            On vLLM's CPU build, ``kv_cache_memory_bytes`` defaults to a share of the memory
+            available (as for ``t2fast serve``; :mod:`t2fast.vllm.environment`).
     Attributes:
         llm: the underlying ``vllm.LLM``; ``generate``/``chat``/... are forwarded to it.
     """
 
     def __init__(self, model: str, experts=(), targets=None, layers=None, **kwargs):
+        from .environment import KV_OPTIONS, cpu_kv_cache_bytes, import_vllm
+
+        import_vllm()
         from vllm import LLM as VLLM
 
         from ..experts import Expert
+
+        kv_size = cpu_kv_cache_bytes(any(o[2:].replace("-", "_") in kwargs for o in KV_OPTIONS))
+        if kv_size is not None:
+            kwargs["kv_cache_memory_bytes"] = kv_size
 
         experts = list(experts)
         files = [e for e in experts if not isinstance(e, Expert)]
