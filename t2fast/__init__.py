@@ -16,3 +16,16 @@ from .safetensors_io import T2FileError  # noqa: E402
 __all__ = ["Expert", "ExpertBank", "SVDCache", "SVDFactors", "SVFHandle", "SVFRuntime",
            "T2FileError",
            "decompose_model", "load_expert", "patch_model"]
+
+#: Subpackages reachable as attributes after ``import t2fast`` (``t2fast.tasks.get_task``),
+#: imported on first use so that ``import t2fast`` stays cheap.
+LAZY_SUBMODULES = ("adapt", "generation", "mixtures", "models", "official", "ops", "tasks",
+                   "train", "vllm")
+
+
+def __getattr__(name):
+    if name in LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -102,6 +102,11 @@ def test_installed_wheel_runs_the_demo_and_the_readme_example(dist, tmp_path):
     assert where.splitlines()[1] == f"{t2fast.__version__} {t2fast.__version__}"
     assert "import-official" in run(tmp_path / "env" / "bin" / "t2fast", "--help")
 
+    # the README's table names the tiny world by attribute after `import t2fast`
+    assert run(python, "-c", "import t2fast; print(t2fast.tasks.get_task('arith').name, "
+               "t2fast.models.tiny_expert('arith').name)").split() == ["arith",
+                                                                     "arith.safetensors"]
+
     code, printed = ten_line_example()
     assert run(python, "-c", code) == printed
 
