@@ -335,3 +335,16 @@ def test_likelihood_objective_ranks_without_generating(patched, monkeypatch):
     monkeypatch.setattr(FewShotScorer, "accuracy", lambda *a: pytest.fail("generated"))
     ll, tie = scorer(torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
     assert tie is None and ll.shape == (2,) and ll[0] != ll[1]
+
+
+def test_alpha_is_float32_under_a_bf16_default_dtype():
+    score, _ = synthetic(TARGET)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        for keep_base in (False, True):
+            res = cem_search(lambda a: score(a.float()), (3,),
+                             CEMConfig(population=8, iterations=3, seed=0, keep_base=keep_base))
+            assert res.alpha.dtype == torch.float32, keep_base
+    finally:
+        torch.set_default_dtype(old)

@@ -181,3 +181,22 @@ def test_target_selection(tmp_path, tok, targets, layers, expected):
     assert set(load_expert(cfg.out).z) == set(tr.policy.handle.modules)
     if layers is not None:
         assert all(".layers.1." in n for n in tr.policy.handle.modules)
+
+
+def test_trainable_state_is_float32_under_a_bf16_default_dtype(tmp_path, tok):
+    """Loading code for large models often sets a bf16 default dtype: z, its updates and the
+    rewards stay float32 (a bf16 z near 1 rounds away AdamW steps below 2^-8)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        for kind in ("plain", "official"):
+            tr = Trainer(toy_config(tmp_path, steps=2, parameterization=kind),
+                         small_model().float(), tok, task=DigitTask())
+            assert {p.dtype for p in tr.policy.parameters()} == {torch.float32}, kind
+            before = torch.cat([p.detach().clone() for p in tr.policy.parameters()])
+            tr.rl_step(tr.batch_examples(tr.step))
+            after = torch.cat([p.detach() for p in tr.policy.parameters()])
+            assert after.dtype == torch.float32 and after.unique().numel() > 100, kind
+            assert not torch.equal(before, after)
+    finally:
+        torch.set_default_dtype(old)

@@ -61,6 +61,9 @@ from ..train.config import ConfigError, known_fields
 from ..train.objectives import token_logprobs
 from ..train.rollout import completion_logits, max_new_tokens_for, teacher_batch
 
+#: α, its mean and spread are float32 whatever torch's default dtype is.
+F32 = torch.float32
+
 
 #: The objectives :class:`FewShotScorer` can rank members by.
 OBJECTIVES = ("likelihood", "accuracy")
@@ -246,20 +249,21 @@ def cem_search(score_fn: Callable[[torch.Tensor], tuple], shape: Sequence[int],
     K = shape[-1]
     g = torch.Generator().manual_seed(cfg.seed)
     if cfg.init_mean is None:
-        mean = torch.zeros(shape) if cfg.keep_base else torch.full(shape, 1.0 / K)
+        mean = torch.zeros(shape, dtype=F32) if cfg.keep_base else \
+            torch.full(shape, 1.0 / K, dtype=F32)
     else:
-        im = torch.as_tensor(cfg.init_mean, dtype=torch.float32)
+        im = torch.as_tensor(cfg.init_mean, dtype=F32)
         if im.dim() == 0 or im.shape == (K,) or im.shape == shape:
             mean = im.expand(shape).clone().float()
         else:
             raise ConfigError(f"CEMConfig.init_mean has shape {tuple(im.shape)}; expected a "
                               f"number, ({K},) or {shape}")
-    std = torch.full(shape, cfg.init_std)
+    std = torch.full(shape, cfg.init_std, dtype=F32)
     best_alpha, best_key = None, None
     history, n_eval, since = [], 0, 0
     t0 = time.perf_counter()
     for it in range(cfg.iterations):
-        noise = torch.randn((cfg.population, *shape), generator=g)
+        noise = torch.randn((cfg.population, *shape), generator=g, dtype=F32)
         raw = mean + std * noise
         if cfg.include_mean:
             raw[0] = mean
@@ -461,7 +465,7 @@ def fewshot_cem(handle, tokenizer, task, examples: Sequence, config: CEMConfig |
               else handle.mixture_bounds)
     res = cem_search(scorer, shape, cfg, callback=callback, bounds=bounds)
     res.spec, res.check_shots = mixture_spec(res.alpha, names, cfg.space), held
-    candidates = torch.stack([torch.zeros(shape), res.alpha.float()])
+    candidates = torch.stack([torch.zeros(shape, dtype=F32), res.alpha.float()])
     if cfg.space == "absolute":                   # the base model is not an absolute α
         candidates = candidates[1:]
     acc, ll = check.measure(candidates)
@@ -475,7 +479,7 @@ def fewshot_cem(handle, tokenizer, task, examples: Sequence, config: CEMConfig |
         else:
             beats = bool(acc[1] >= acc[0] and ll[1] > ll[0])
         if not beats:
-            res.alpha, res.spec, res.kept_base = torch.zeros(shape), None, True
+            res.alpha, res.spec, res.kept_base = torch.zeros(shape, dtype=F32), None, True
             res.score = float(acc[0] if cfg.objective == "accuracy" else ll[0])
             res.fewshot_accuracy = float(acc[0])
     return res

@@ -59,9 +59,10 @@ class ZParameterization(nn.Module):
                     z0 = torch.logit(z0 / (z0.max() * (1 + 1e-3)))
                 params.append(nn.Parameter(z0.clone().to(device)))
             elif kind == "plain":
-                params.append(nn.Parameter(torch.ones(r, device=device)))
+                params.append(nn.Parameter(torch.ones(r, dtype=torch.float32, device=device)))
             else:
-                params.append(nn.Parameter(torch.full((r,), float(init), device=device)))
+                params.append(nn.Parameter(torch.full((r,), float(init), dtype=torch.float32,
+                                                   device=device)))
         self.params = nn.ParameterList(params)
         for i, f in enumerate(factors.values()):
             self.register_buffer(f"sigma{i}", f.S.detach().float().to(device), persistent=False)

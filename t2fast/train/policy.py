@@ -113,7 +113,7 @@ class SVFPolicy:
             with self.base() as model:
                 yield model
             return
-        with self._at({n: torch.ones(m.rank, device=m.U.device)
+        with self._at({n: torch.ones(m.rank, dtype=torch.float32, device=m.U.device)
                        for n, m in self.handle.modules.items()}) as model:
             yield model
 

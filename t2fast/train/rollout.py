@@ -49,7 +49,7 @@ def teacher_batch(tokenizer, prompts: Sequence[str], answers: Sequence[str], *,
     ans = [tokenizer(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
     G = max(len(a) for a in ans)
     comp = torch.full((len(ans), G), pad, dtype=torch.long)
-    cmask = torch.zeros(len(ans), G)
+    cmask = torch.zeros(len(ans), G, dtype=torch.float32)
     for i, a in enumerate(ans):
         comp[i, :len(a)] = torch.tensor(a)
         cmask[i, :len(a)] = 1

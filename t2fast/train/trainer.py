@@ -177,7 +177,8 @@ class Trainer:
                           temperature=c.temperature, top_k=c.top_k, generator=gen)
         t_roll = time.perf_counter() - t0
         scores = [self.task.score(t, e) for t, e in zip(ro.texts, exs)]
-        rewards = torch.tensor([s.reward(c.unparsable_penalty) for s in scores])
+        rewards = torch.tensor([s.reward(c.unparsable_penalty) for s in scores],
+                               dtype=torch.float32)
         adv = advantages(rewards, c.samples_per_prompt, c.baseline)
         base_logits = None
         if c.kl_coef > 0 or c.log_kl:
