@@ -25,7 +25,7 @@ import hashlib
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -235,10 +235,13 @@ def _describe(shapes: dict) -> str:
 
 @dataclass
 class Decomposition:
-    """Factors of a model's adapted matrices, in model order, with reconstruction errors."""
+    """Factors of a model's adapted matrices, in model order, with reconstruction errors:
+    ``errors`` of the float32 factors, ``held_errors`` of the factors cast to a half-precision
+    weight's dtype (only for those matrices), what the layers compute with."""
     factors: dict[str, SVDFactors]
     errors: dict[str, float]
     cache_hits: int = 0
+    held_errors: dict[str, float] = field(default_factory=dict)
 
     @property
     def targets(self) -> list[str]:
@@ -246,8 +249,13 @@ class Decomposition:
 
     def report(self) -> str:
         worst = max(self.errors.items(), key=lambda kv: kv[1])
-        return (f"{len(self.factors)} matrices decomposed ({self.cache_hits} from cache); "
+        text = (f"{len(self.factors)} matrices decomposed ({self.cache_hits} from cache); "
                 f"max relative reconstruction error {worst[1]:.2e} ({worst[0]})")
+        if self.held_errors:
+            name, err = max(self.held_errors.items(), key=lambda kv: kv[1])
+            text += (f"; {err:.2e} ({name}) with U and Vh as held in "
+                     f"{str(self.factors[name].U.dtype).removeprefix('torch.')}")
+        return text
 
 
 def decompose_weights(weights: dict[str, torch.Tensor], cache_dir=None, progress: bool = True,
@@ -256,9 +264,10 @@ def decompose_weights(weights: dict[str, torch.Tensor], cache_dir=None, progress
     the disk cache.
 
     With ``like_weights``, U and Vh are cast to each weight's dtype as soon as it is decomposed
-    (S stays float32; errors are measured before the cast), so the float32 factors of all the
-    matrices never exist at once: a bf16 model's factors then take their bf16 size (about 1.4x
-    the adapted weights) plus one matrix's float32 factors, instead of twice that.
+    (S stays float32; ``errors`` are measured before the cast, ``held_errors`` after it), so
+    the float32 factors of all the matrices never exist at once: a bf16 model's factors then
+    take their bf16 size (about 1.4x the adapted weights) plus one matrix's float32 factors,
+    instead of twice that.
     """
     absent = [n for n, w in weights.items() if w.device.type == "meta"]
     if absent:
@@ -267,7 +276,7 @@ def decompose_weights(weights: dict[str, torch.Tensor], cache_dir=None, progress
                          f"{absent[:3]}{' ...' if len(absent) > 3 else ''}; load the model "
                          f"onto real devices before patching it")
     cache = None if cache_dir is False else SVDCache(cache_dir)
-    factors, errors, hits = {}, {}, 0
+    factors, errors, held, hits = {}, {}, {}, 0
     # disable=None: a bar on a terminal only, never escape codes in logs and pipes
     for name, w in tqdm(weights.items(), desc="SVD", disable=None if progress else True,
                         leave=False):
@@ -278,9 +287,10 @@ def decompose_weights(weights: dict[str, torch.Tensor], cache_dir=None, progress
         errors[name] = relative_error(w, f)
         if like_weights and w.dtype != f.U.dtype:
             f = SVDFactors(f.U.to(w.dtype), f.S, f.Vh.to(w.dtype))
+            held[name] = relative_error(w, f)
         factors[name] = f
         hits += int(hit)
-    return Decomposition(factors, errors, hits)
+    return Decomposition(factors, errors, hits, held)
 
 
 def decompose_model(model: nn.Module, targets="all", layers=None, cache_dir=None,

@@ -356,7 +356,8 @@ class SVFHandle:
         """Put the original ``nn.Linear`` modules back (bit for bit); the handle is then spent.
 
         With ``keep_dense=False`` the dropped weights are rebuilt from the factors,
-        ``U diag(σ) Vh`` in the weight's dtype: as exact as the decomposition, not bit for bit.
+        ``U diag(σ) Vh`` in the weight's dtype: as exact as the factors the layers hold
+        (``decomposition.report()``; in bf16 about one bf16 rounding), not bit for bit.
         """
         with self.lock:
             self._check_live()

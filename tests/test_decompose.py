@@ -18,6 +18,13 @@ def test_factors_like_weights_are_cast_as_they_are_made():
         assert torch.equal(f.U, plain.factors[name].U.to(w.dtype))
         rel = (f.reconstruct() - w.float()).norm() / w.float().norm()
         assert f.reconstruct().dtype == torch.float32 and rel < 2e-2
+    # the report says what the layers compute with: bf16 factors are off by ~1 bf16 ulp
+    assert list(cast.held_errors) == ["a"] and plain.held_errors == {}
+    rel = (cast.factors["a"].reconstruct() - weights["a"].float()).norm() / \
+        weights["a"].float().norm()
+    assert abs(cast.held_errors["a"] - float(rel)) < 1e-6 and 1e-3 < rel < 2e-2
+    assert cast.report().endswith(f"; {cast.held_errors['a']:.2e} (a) with U and Vh as held "
+                                  f"in bfloat16") and "held" not in plain.report()
 
 
 def test_cache_works_under_a_bf16_default_dtype(tmp_path):
