@@ -4,7 +4,10 @@ activation dtype.
 For bf16/fp16 inputs this is the composition a user would write,
 ``((x @ Vh.T) * (S * Z[idx]).to(x.dtype)) @ U.T``: two matmuls on the weights as stored (cuBLAS or
 oneDNN accumulate in fp32) and one elementwise scale — no per-call copy of U or Vh. A group of
-matrices shares the first matmul (stacked Vh) and runs one second matmul per slice. Other dtype
+matrices shares the first matmul (stacked Vh) and runs one second matmul per slice. Like that
+composition, in fp16 it rounds ``x @ Vh.T`` to fp16 before the scale, so an input with
+``‖x‖`` near fp16's maximum (65504) can overflow there where the dense product and the Triton
+kernels (which scale the fp32 accumulator) stay finite; bf16 has fp32's range. Other dtype
 combinations (fp32, fp64, mixed) go through :func:`t2fast.ops.reference.svf_group_reference`,
 which upcasts only what is not already in the accumulation dtype. The float64 oracle of the tests
 stays the reference module, called on float64 inputs.
