@@ -200,3 +200,15 @@ def test_trainable_state_is_float32_under_a_bf16_default_dtype(tmp_path, tok):
             assert not torch.equal(before, after)
     finally:
         torch.set_default_dtype(old)
+
+
+def test_tensorboard_missing_is_said_not_ignored(tmp_path, monkeypatch):
+    import sys
+
+    from t2fast.train.trainer import JSONLLogger
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.warns(RuntimeWarning, match=r"no TensorBoard logs in .*pip install tensorboard"):
+        logger = JSONLLogger(tmp_path / "log.jsonl", str(tmp_path / "tb"))
+    logger.log({"step": 1, "reward": 0.5})
+    assert json.loads((tmp_path / "log.jsonl").read_text())["reward"] == 0.5

@@ -21,6 +21,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,8 +48,10 @@ class JSONLLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(tensorboard_dir)
-            except Exception:  # tensorboard not installed
-                self.tb = None
+            except Exception as exc:  # noqa: BLE001 - tensorboard missing or broken
+                warnings.warn(f"no TensorBoard logs in {tensorboard_dir} ({type(exc).__name__}: "
+                              f"{exc}; pip install tensorboard); the JSONL log is written",
+                              RuntimeWarning, stacklevel=2)
 
     def log(self, record: dict) -> None:
         record = {"time": round(time.time(), 3), **record}
