@@ -140,7 +140,7 @@ def model_spec(text: str) -> str:
     if text == "random" or text.startswith("random:"):
         parts = text.split(":")[1:]
         try:
-            ok = len(parts) <= 2 and (not parts[0] or int(parts[0]) >= 0) and \
+            ok = len(parts) <= 2 and (not parts or not parts[0] or int(parts[0]) >= 0) and \
                 (len(parts) < 2 or int(parts[1]) >= 1)
         except ValueError:
             ok = False

@@ -32,6 +32,21 @@ def experts(tmp_path_factory):
     return paths
 
 
+def test_train_on_a_jsonl_data_set_and_a_bare_random_model(tmp_path):
+    """``--task gsm8k:FILE`` trains like ``eval --task gsm8k:FILE`` evaluates, and ``--model
+    random`` (no seed) is the documented form."""
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} plus {i + 1}?",
+                                        "answer": f"{i} + {i + 1} = {2 * i + 1}\n#### {2 * i + 1}"})
+                            + "\n" for i in range(40)))
+    out = tmp_path / "gsm.safetensors"
+    rc = cli.main(["train", "--task", f"gsm8k:{data}", "--out", str(out), "--model", "random",
+                   "--threads", "1", "--steps", "1", "--batch-size", "2",
+                   "--samples-per-prompt", "2", "--eval-n", "2", "--eval-every", "1",
+                   "--no-progress", "--no-cache"])
+    assert rc == 0 and load_expert(out).extra["task"] == f"gsm8k:{data}"
+
+
 def test_train_writes_expert_log_and_removes_checkpoint(experts, capsys):
     e = load_expert(experts[0])
     assert e.name == "arith" and e.extra["task"] == "arith"

@@ -20,6 +20,19 @@ def task_names() -> tuple[str, ...]:
             + (CLASSIFY, CLASSIFY_TRANSFER))
 
 
+#: Kinds of user-supplied JSONL data sets: ``get_task("KIND:PATH")``.
+JSONL_KINDS = ("gsm8k", "arc", "mbpp", "humaneval")
+
+
+def is_task_name(name) -> bool:
+    """Whether ``name`` names a task :func:`get_task` can build: a bundled task, or
+    ``KIND:PATH`` with a :data:`JSONL_KINDS` kind (the file is read only by :func:`get_task`)."""
+    if not isinstance(name, str):
+        return False
+    kind, sep, path = name.partition(":")
+    return name in task_names() or bool(sep and path and kind in JSONL_KINDS)
+
+
 @lru_cache(maxsize=None)
 def get_task(name: str, seed: int = DEFAULT_SEED) -> Task:
     """The bundled task called ``name`` (see :func:`task_names`).
@@ -32,7 +45,7 @@ def get_task(name: str, seed: int = DEFAULT_SEED) -> Task:
     Tasks are cached per (name, seed); they hold no mutable state.
     """
     kind, sep, path = name.partition(":")
-    if sep and kind in ("gsm8k", "arc", "mbpp", "humaneval"):
+    if sep and kind in JSONL_KINDS:
         from .jsonl import load_jsonl_task
         return load_jsonl_task(kind, path, seed=seed)
     if name == CLASSIFY:

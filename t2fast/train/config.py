@@ -153,9 +153,10 @@ class TrainConfig:
             if hi is not None and v > hi:
                 bad(name, f"expected a value <= {hi}")
 
-        from ..tasks import task_names
-        if check_task and self.task not in task_names():
-            bad("task", f"unknown task; known tasks: {', '.join(task_names())}")
+        from ..tasks.registry import JSONL_KINDS, is_task_name, task_names
+        if check_task and not is_task_name(self.task):
+            bad("task", f"unknown task; known tasks: {', '.join(task_names())}, or KIND:FILE "
+                        f"(a JSONL data set; KIND: {', '.join(JSONL_KINDS)})")
         choice("method", METHODS)
         choice("objective", OBJECTIVES)
         choice("parameterization", PARAMETERIZATIONS)
