@@ -65,13 +65,21 @@ class Rollout:
 
 @contextmanager
 def left_padding(tokenizer):
-    """Pad on the left while the block runs (generation appends on the right)."""
+    """Pad on the left while the block runs (generation appends on the right). A tokenizer
+    without a pad token (Llama-3's, Mistral's ...) pads with its end-of-sequence token meanwhile:
+    padded positions are masked, so their id does not matter."""
     old = getattr(tokenizer, "padding_side", "left")
+    borrow = getattr(tokenizer, "pad_token", None) is None and \
+        getattr(tokenizer, "eos_token", None) is not None
     tokenizer.padding_side = "left"
+    if borrow:
+        tokenizer.pad_token = tokenizer.eos_token
     try:
         yield
     finally:
         tokenizer.padding_side = old
+        if borrow:
+            tokenizer.pad_token = None
 
 
 def special_ids(tokenizer, eos_token_id=None, pad_token_id=None) -> tuple[int, int]:

@@ -103,6 +103,25 @@ def test_the_cache_is_passed_by_the_installed_transformers_own_name(world):
             completion_logits(model, rollout, group_size=2)
 
 
+def test_a_tokenizer_without_a_pad_token_pads_with_eos(world):
+    """Llama-3 and Mistral base tokenizers have no pad token: generation and teacher-forced
+    batches pad with end-of-sequence (masked) and leave the tokenizer as it was."""
+    from t2fast.train.rollout import teacher_batch
+
+    model, tok = world
+    with torch.no_grad():
+        want = generate(model, tok, PROMPTS, max_new_tokens=3).texts
+    tok.pad_token = None
+    try:
+        assert tok.pad_token_id is None
+        with torch.no_grad():
+            assert generate(model, tok, PROMPTS, max_new_tokens=3).texts == want
+        teacher_batch(tok, PROMPTS[:2], ["1", "22"])
+        assert tok.pad_token is None
+    finally:
+        tok.pad_token = "<pad>"
+
+
 def test_bad_arguments():
     model, tok = random_tiny_llama(0, num_hidden_layers=1), build_char_tokenizer()
     with pytest.raises(ValueError, match="no prompts"):
