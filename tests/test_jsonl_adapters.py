@@ -1,13 +1,21 @@
 """Adapters for user-supplied JSONL data sets, on small fixture files."""
 import pathlib
+import sys
+import time
 
 import pytest
 
 from t2fast.tasks import SPLITS, get_task
-from t2fast.tasks.jsonl import (ARCTask, GSM8KTask, HumanEvalTask, MBPPTask, extract_code,
-                                gsm8k_reference, load_jsonl_task, read_jsonl)
+from t2fast.tasks.jsonl import (ALLOW_CODE_ENV, ARCTask, GSM8KTask, HumanEvalTask, MBPPTask,
+                                extract_code, gsm8k_reference, load_jsonl_task, read_jsonl,
+                                run_python)
 
 FIX = pathlib.Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def allow_code(monkeypatch):
+    monkeypatch.setenv(ALLOW_CODE_ENV, "1")
 
 
 def test_read_jsonl_reports_bad_line(tmp_path):
@@ -79,7 +87,7 @@ def test_extract_code():
     assert extract_code("```\nx = 1\n") == "x = 1\n"   # unterminated fence
 
 
-def test_mbpp_scoring():
+def test_mbpp_scoring(allow_code):
     task = MBPPTask(FIX / "mbpp_sample.jsonl", split="test")
     add, rev = task.examples("test")
     assert "assert add(1, 2) == 3" in add.prompt
@@ -93,7 +101,7 @@ def test_mbpp_scoring():
     assert task.score("def rev(s):\n    return ''.join(reversed(s))", rev).correct
 
 
-def test_humaneval_scoring():
+def test_humaneval_scoring(allow_code):
     task = HumanEvalTask(FIX / "humaneval_sample.jsonl", split="test")
     double, even = task.examples("test")
     assert double.prompt.startswith("def double")
@@ -103,7 +111,7 @@ def test_humaneval_scoring():
     assert task.score(even.answer, even).correct
 
 
-def test_humaneval_timeout():
+def test_humaneval_timeout(allow_code):
     task = HumanEvalTask(FIX / "humaneval_sample.jsonl", split="test")
     task.timeout = 2.0
     even = task.examples("test")[1]
@@ -121,3 +129,28 @@ def test_hashed_splits_and_registry():
     assert isinstance(get_task(f"arc:{FIX / 'arc_sample.jsonl'}"), ARCTask)
     with pytest.raises(KeyError):
         load_jsonl_task("squad", path)
+
+
+def test_code_tasks_refuse_to_load_unless_code_execution_is_allowed(monkeypatch):
+    monkeypatch.delenv(ALLOW_CODE_ENV, raising=False)
+    for kind in ("mbpp", "humaneval"):
+        with pytest.raises(ValueError, match=f"scoring {kind} runs model-written Python.*"
+                                             f"{ALLOW_CODE_ENV}=1"):
+            get_task(f"{kind}:{FIX / f'{kind}_sample.jsonl'}")
+    monkeypatch.setenv(ALLOW_CODE_ENV, "yes")           # only "1" allows it
+    with pytest.raises(ValueError, match=ALLOW_CODE_ENV):
+        MBPPTask(FIX / "mbpp_sample.jsonl", split="test")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups are POSIX")
+def test_run_python_leaves_no_process_of_its_group_behind(tmp_path):
+    """A program that starts a child and then hangs: after the time limit neither lives on."""
+    flag = tmp_path / "alive"
+    program = (f"import subprocess, sys\n"
+               f"subprocess.Popen([sys.executable, '-c', 'import time, pathlib; time.sleep(2); "
+               f"pathlib.Path({str(flag)!r}).write_text(\"x\")'])\n"
+               f"while True:\n    pass\n")
+    assert run_python(program, timeout=1.0) is False
+    time.sleep(2.5)
+    assert not flag.exists()
+    assert run_python("import sys\nsys.exit(0)\n") and not run_python("raise SystemExit(3)\n")

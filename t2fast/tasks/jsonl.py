@@ -10,7 +10,10 @@
 * ``MBPPTask`` (``{"text", "code", "test_list", "test_setup_code"}``) and ``HumanEvalTask``
   (``{"prompt", "entry_point", "canonical_solution", "test"}``): the code of a generation (the
   first fenced code block, else the whole text) is run against the tests in a separate Python
-  process with a time limit; unparsable means no code that compiles.
+  process with a time limit; unparsable means no code that compiles. That runs model-written
+  code on this machine, outside any sandbox (a temporary folder, a time limit, the process
+  group killed afterwards): these tasks refuse to load unless ``T2FAST_ALLOW_CODE_EXECUTION=1``
+  is set (run them in a container or a throw-away machine).
 
 Splits: pass ``split="test"`` (or any split) when the file is one split; leave it ``None`` to
 divide the records 80/10/10 by a hash of the question, like the bundled families. Use
@@ -24,6 +27,7 @@ import json
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -179,23 +183,50 @@ def compiles(code: str) -> bool:
     return True
 
 
+#: The environment variable that allows the code tasks to run model-written code.
+ALLOW_CODE_ENV = "T2FAST_ALLOW_CODE_EXECUTION"
+
+
+def check_code_execution_allowed(kind: str) -> None:
+    """Raise unless :data:`ALLOW_CODE_ENV` is ``1`` (see the module docstring)."""
+    if os.environ.get(ALLOW_CODE_ENV) != "1":
+        raise ValueError(f"scoring {kind} runs model-written Python on this machine, outside "
+                         f"any sandbox; set {ALLOW_CODE_ENV}=1 to allow it (in a container or "
+                         f"a throw-away machine)")
+
+
 def run_python(program: str, timeout: float = 10.0) -> bool:
-    """Run ``program`` in a fresh, isolated Python process in a temporary folder; True when it
-    exits with status 0 within ``timeout`` seconds."""
+    """Run ``program`` in a fresh, isolated Python process (its own process group) in a
+    temporary folder; True when it exits with status 0 within ``timeout`` seconds. The whole
+    process group is killed afterwards, so nothing it started outlives the call (POSIX)."""
     with tempfile.TemporaryDirectory() as tmp:
         file = pathlib.Path(tmp) / "program.py"
         file.write_text(program, encoding="utf-8")
+        proc = subprocess.Popen([sys.executable, "-I", str(file)], cwd=tmp,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                stdin=subprocess.DEVNULL, start_new_session=os.name == "posix")
         try:
-            proc = subprocess.run([sys.executable, "-I", str(file)], cwd=tmp, timeout=timeout,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  stdin=subprocess.DEVNULL)
+            returncode = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            return False
-    return proc.returncode == 0
+            returncode = None
+        finally:
+            if os.name == "posix":
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:      # the group is gone already
+                    pass
+            else:
+                proc.kill()
+            proc.wait()
+    return returncode == 0
 
 
 class _CodeTask(JsonlTask):
     timeout = 10.0
+
+    def __init__(self, *args, **kwargs):
+        check_code_execution_allowed(self.name)
+        super().__init__(*args, **kwargs)
 
     def program(self, code: str, example: Example) -> str:
         raise NotImplementedError
