@@ -44,6 +44,12 @@ def test_every_bundled_task_has_its_answer_budget():
         assert max_new_tokens_for(name) == max_new_tokens_for(PARENT_FAMILY[name])
     assert max_new_tokens_for(CLASSIFY_TRANSFER) == max_new_tokens_for(CLASSIFY)
     assert max_new_tokens_for("arith_words", 3) == 3
+    # a JSONL data set's budget goes by its kind: room for a worked solution or code
+    from t2fast.tasks.registry import JSONL_KINDS
+    from t2fast.train.rollout import JSONL_MAX_NEW_TOKENS
+    assert set(JSONL_MAX_NEW_TOKENS) == set(JSONL_KINDS)
+    assert max_new_tokens_for("gsm8k:data/test.jsonl") == 512
+    assert max_new_tokens_for("arc:x.jsonl") == 32 and max_new_tokens_for("gsm8k:x", 7) == 7
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -26,14 +26,21 @@ DEFAULT_MAX_NEW_TOKENS = {"arith": 8, "arith_chain": 8, "strings": 10, "strings_
                           "classify_transfer": 10,
                           # two-step families restate the question first
                           "arith_steps": 20, "strings_steps": 26, "choice_steps": 52}
+#: New tokens per JSONL data set kind (``KIND:FILE`` tasks): worked solutions and code are long.
+JSONL_MAX_NEW_TOKENS = {"gsm8k": 512, "arc": 32, "mbpp": 512, "humaneval": 512}
 FALLBACK_MAX_NEW_TOKENS = 16
 
 
 def max_new_tokens_for(task_name: str | None, override: int | None = None) -> int:
-    """``override`` when given, else the task's default answer budget."""
+    """``override`` when given, else the task's default answer budget (a ``KIND:FILE`` task's
+    by its kind)."""
     if override is not None:
         return int(override)
-    return DEFAULT_MAX_NEW_TOKENS.get(task_name or "", FALLBACK_MAX_NEW_TOKENS)
+    name = task_name or ""
+    kind, sep, _ = name.partition(":")
+    if sep and kind in JSONL_MAX_NEW_TOKENS:
+        return JSONL_MAX_NEW_TOKENS[kind]
+    return DEFAULT_MAX_NEW_TOKENS.get(name, FALLBACK_MAX_NEW_TOKENS)
 
 
 def teacher_batch(tokenizer, prompts: Sequence[str], answers: Sequence[str], *,
