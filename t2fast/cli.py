@@ -235,6 +235,10 @@ SVF_FLAGS = {
 }
 
 
+#: The settings ``eval`` and ``adapt`` take for the experts they load.
+EXPERT_SVF_FIELDS = ("backend", "allow_other_model")
+
+
 def add_svf_arguments(p: argparse.ArgumentParser, fields, **defaults) -> None:
     """Add the :data:`SVF_FLAGS` of the :class:`t2fast.config.SVFConfig` ``fields``, with the
     field's default unless ``defaults`` gives another; :func:`svf_settings` reads them back."""
@@ -407,7 +411,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora", default=None, help="LoRA adapter folder (PEFT)")
     add_split_arguments(p)
     add_generation_arguments(p, batch_size=128)
-    add_svf_arguments(p, ("backend",), backend="torch")
+    add_svf_arguments(p, EXPERT_SVF_FIELDS, backend="torch")
     p.add_argument("--json", default=None, type=output_file, help="write the result as JSON here")
 
 
@@ -427,7 +431,7 @@ def _eval_run(args) -> int:
     if args.expert:
         import t2fast
         handle = t2fast.patch_model(model, experts=[args.expert], targets=targets,
-                                    backend=args.backend)
+                                    **svf_settings(args, EXPERT_SVF_FIELDS))
         handle.set_mixture(handle.expert_names[0])
         what = f"expert {handle.expert_names[0]}"
     elif args.lora:
@@ -519,7 +523,7 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
     add_generation_arguments(p, batch_size=None, help=(
         "rows per generation call in every pass: pass 1, the restatement, cem's scoring and "
         "pass 2 (default: 128 in pass 1 and the restatement, all at once otherwise)"))
-    add_svf_arguments(p, ("backend",), backend="torch")
+    add_svf_arguments(p, EXPERT_SVF_FIELDS, backend="torch")
     p.add_argument("--json", default=None, type=output_file, help="write the summary as JSON here")
 
 
@@ -579,7 +583,7 @@ def _adapt_run(args) -> int:
     task, examples, shots, shot_set, targets = _adapt_check(args)
     model, tok = _load(args)
     handle = t2fast.patch_model(model, experts=args.experts, targets=targets,  # + classifier
-                                backend=args.backend,
+                                **svf_settings(args, EXPERT_SVF_FIELDS),
                                 max_experts=max(SVFConfig().max_experts,
                                                 len(args.experts) + bool(args.classifier)))
     experts = list(handle.expert_names)

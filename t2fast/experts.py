@@ -162,7 +162,8 @@ class Expert:
         if why:
             raise T2FileError(f"{where} was trained on another base model "
                               f"({self.base_model or 'unnamed'}): {why}; pass "
-                              f"allow_other_model=True for cross-model transfer")
+                              f"allow_other_model=True (command line: --allow-other-model) "
+                              f"for cross-model transfer")
 
 
 def check_fit(shapes: dict[str, tuple], factors: dict[str, SVDFactors], where: str) -> None:

@@ -508,3 +508,20 @@ def test_registry(capsys):
         assert cli.main(["hello-test"]) == 1 and "boom" in capsys.readouterr().err
     finally:
         cli.SUBCOMMANDS.pop("hello-test")
+
+
+def test_eval_and_adapt_take_allow_other_model(capsys):
+    """An expert of the bundled model on the second base model (same shapes, another seed):
+    refused with the flag that allows it named, then evaluated with that flag."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    other = str(root / "results" / "second_base")
+    expert = str(root / "experts" / "arith.safetensors")
+    ev = ["eval", "--model", other, "--task", "arith", "--n", "2", "--threads", "1",
+          "--expert", expert]
+    assert cli.main(ev) == 2
+    assert "--allow-other-model" in capsys.readouterr().err
+    assert cli.main([*ev, "--allow-other-model"]) == 0
+    ad = ["adapt", "--model", other, "--task", "arith", "--n", "2", "--threads", "1",
+          "--experts", expert, "--strategy", "uniform"]
+    assert cli.main(ad) == 2 and "--allow-other-model" in capsys.readouterr().err
+    assert cli.main([*ad, "--allow-other-model"]) == 0
