@@ -1,4 +1,5 @@
 """Adapters for user-supplied JSONL data sets, on small fixture files."""
+import json
 import pathlib
 import sys
 import time
@@ -154,3 +155,51 @@ def test_run_python_leaves_no_process_of_its_group_behind(tmp_path):
     time.sleep(2.5)
     assert not flag.exists()
     assert run_python("import sys\nsys.exit(0)\n") and not run_python("raise SystemExit(3)\n")
+
+
+GOOD_GSM = {"question": "What is 2 plus 3?", "answer": "2 + 3 = 5\n#### 5"}
+GOOD_ARC = {"question": "Pick B", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
+            "answerKey": "B"}
+
+
+@pytest.mark.parametrize("kind, record, message", [
+    ("gsm8k", {"question": "x"}, "missing field 'answer'"),
+    ("gsm8k", {"question": 5, "answer": "#### 5"}, "field 'question' must be str, got int"),
+    ("gsm8k", {"question": None, "answer": "#### 5"}, "field 'question' must be str"),
+    ("gsm8k", ["a list"], "expected a JSON object, got list"),
+    ("gsm8k", {"question": "x", "answer": "5"}, "no '####'"),
+    ("gsm8k", {"question": "x", "answer": "#### 18 dollars"}, "not a number: '18 dollars'"),
+    ("gsm8k", {"question": "x", "answer": "#### "}, "not a number: ''"),
+    ("arc", GOOD_GSM, "missing field 'choices'"),
+    ("arc", {**GOOD_ARC, "choices": {"text": "ab", "label": ["A", "B"]}},
+     "field 'text' must be a non-empty list"),
+    ("arc", {**GOOD_ARC, "choices": {"text": ["a"], "label": ["A", "B"]}},
+     "2 option labels but 1 option texts"),
+    ("arc", {**GOOD_ARC, "answerKey": "C"}, "answerKey 'C' not among"),
+    ("mbpp", {"text": "add", "test_list": []}, "field 'test_list' must be a non-empty list"),
+    ("mbpp", {"text": "add", "test_list": "assert f()"}, "field 'test_list' must be a non-empty"),
+    ("humaneval", {"prompt": "def f():", "test": "x"}, "missing field 'entry_point'"),
+])
+def test_bad_records_name_file_line_and_field(tmp_path, allow_code, kind, record, message):
+    path = tmp_path / f"{kind}.jsonl"
+    good = {"gsm8k": GOOD_GSM, "arc": GOOD_ARC, "mbpp": {"text": "t", "test_list": ["assert 1"]},
+            "humaneval": {"prompt": "def f():", "test": "x", "entry_point": "f"}}[kind]
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(record) + "\n")
+    with pytest.raises(ValueError) as err:
+        get_task(f"{kind}:{path}")
+    assert str(err.value).startswith(f"{path}:3: {kind} record: "), err.value
+    assert message in str(err.value)
+
+
+def test_conflicting_duplicates_and_encoding_are_located(tmp_path):
+    path = tmp_path / "dup.jsonl"
+    path.write_text(json.dumps(GOOD_GSM) + "\n" + json.dumps({**GOOD_GSM,
+                                                              "answer": "#### 6"}) + "\n")
+    with pytest.raises(ValueError, match=r"dup.jsonl:2: gsm8k record: the question of line 1 "
+                                         r"again, with another answer \('6', not '5'\)"):
+        GSM8KTask(path, split="test")
+    path.write_text(json.dumps(GOOD_GSM) + "\n" + json.dumps(GOOD_GSM) + "\n")  # same answer
+    assert len(GSM8KTask(path, split="test")) == 2
+    path.write_bytes(json.dumps(GOOD_GSM).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"dup.jsonl:2: not UTF-8"):
+        GSM8KTask(path, split="test")

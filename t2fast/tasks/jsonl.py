@@ -40,16 +40,46 @@ from .extract import extract_choice, extract_last_number, numbers_equal
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Records of a JSONL file (blank lines skipped; a clear error names a bad line)."""
+    return [record for _, record in numbered_records(path)]
+
+
+def numbered_records(path: str | os.PathLike) -> list[tuple[int, Any]]:
+    """``(line number, record)`` of each non-blank line of a JSONL file.
+
+    Raises:
+        ValueError naming ``file:line`` for a line that is not JSON or not UTF-8.
+    """
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 ({e})") from None
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                records.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
     return records
+
+
+def field_of(record: dict, key: str, kind: type | tuple = str):
+    """``record[key]``, checked to be of ``kind`` (a non-empty list for ``list``).
+
+    Raises:
+        ValueError naming the field.
+    """
+    if key not in record:
+        raise ValueError(f"missing field {key!r}")
+    value = record[key]
+    if not isinstance(value, kind) or (kind is list and not value):
+        want = "a non-empty list" if kind is list else \
+            " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"field {key!r} must be {want}, got {type(value).__name__} "
+                         f"{str(value)[:40]!r}")
+    return value
 
 
 class JsonlTask(Task):
@@ -67,7 +97,22 @@ class JsonlTask(Task):
         self.path = pathlib.Path(path)
         self.split = check_split(split) if split is not None else None
         self.template = template
-        self._examples = [self.convert(r) for r in read_jsonl(self.path)]
+        self._examples, seen = [], {}
+        for lineno, record in numbered_records(self.path):
+            where = f"{self.path}:{lineno}"
+            try:
+                if not isinstance(record, dict):
+                    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+                ex = self.convert(record)
+            except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+                why = f"missing field {exc.args[0]!r}" if isinstance(exc, KeyError) else exc
+                raise ValueError(f"{where}: {self.name} record: {why}") from None
+            first = seen.setdefault(ex.question, (lineno, ex.answer))
+            if first[1] != ex.answer:
+                raise ValueError(f"{where}: {self.name} record: the question of line "
+                                 f"{first[0]} again, with another answer ({ex.answer!r}, "
+                                 f"not {first[1]!r})")
+            self._examples.append(ex)
 
     # -- conversion -----------------------------------------------------------------------
     def to_example(self, question: str, answer: str, meta: dict[str, Any]) -> Example:
@@ -95,10 +140,17 @@ class JsonlTask(Task):
 
 # --------------------------------------------------------------------------------- GSM8K
 def gsm8k_reference(answer_field: str) -> str:
-    """The final answer of a GSM8K solution: the text after ``####``, commas removed."""
+    """The final answer of a GSM8K solution: the number after ``####``, commas removed.
+
+    Raises:
+        ValueError when there is no ``####`` or what follows it is not a number.
+    """
     if "####" not in answer_field:
         raise ValueError("GSM8K answer has no '####' final answer")
-    return answer_field.rsplit("####", 1)[1].strip().replace(",", "")
+    ref = answer_field.rsplit("####", 1)[1].strip().replace(",", "")
+    if not re.fullmatch(r"[-+]?\d+(\.\d+)?", ref):
+        raise ValueError(f"GSM8K final answer after '####' is not a number: {ref[:40]!r}")
+    return ref
 
 
 class GSM8KTask(JsonlTask):
@@ -106,8 +158,9 @@ class GSM8KTask(JsonlTask):
     instruction = "Finish with: The answer is N."
 
     def convert(self, record: dict) -> Example:
-        return self.to_example(record["question"].strip(), gsm8k_reference(record["answer"]),
-                               {"solution": record["answer"]})
+        answer = field_of(record, "answer")
+        return self.to_example(field_of(record, "question").strip(), gsm8k_reference(answer),
+                               {"solution": answer})
 
     def extract(self, generation: str, example: Example | None = None) -> str | None:
         return extract_last_number(generation)
@@ -122,18 +175,22 @@ class GSM8KTask(JsonlTask):
 # ----------------------------------------------------------------------------------- ARC
 def arc_fields(record: dict) -> tuple[str, list[str], list[str], str]:
     """(question, labels, option texts, answer label) of an ARC record in either layout."""
-    q = record["question"]
+    q = field_of(record, "question", (str, dict))
     if isinstance(q, dict):  # original ARC layout
-        stem = q["stem"]
-        choices = q["choices"]
+        stem = field_of(q, "stem")
+        choices = field_of(q, "choices", list)
+        if not all(isinstance(c, dict) for c in choices):
+            raise ValueError("field 'choices' must be a list of {'label', 'text'} objects")
         labels = [str(c["label"]) for c in choices]
         texts = [str(c["text"]) for c in choices]
     else:
         stem = q
-        choices = record["choices"]
-        labels = [str(l) for l in choices["label"]]
-        texts = [str(t) for t in choices["text"]]
-    return stem.strip(), labels, texts, str(record["answerKey"]).strip()
+        choices = field_of(record, "choices", dict)
+        labels = [str(l) for l in field_of(choices, "label", list)]
+        texts = [str(t) for t in field_of(choices, "text", list)]
+    if len(labels) != len(texts):
+        raise ValueError(f"{len(labels)} option labels but {len(texts)} option texts")
+    return stem.strip(), labels, texts, str(field_of(record, "answerKey", (str, int))).strip()
 
 
 class ARCTask(JsonlTask):
@@ -250,8 +307,11 @@ class MBPPTask(_CodeTask):
     instruction = "Answer with Python code only."
 
     def convert(self, record: dict) -> Example:
-        tests = list(record["test_list"])
-        question = f"{record['text'].strip()}\nYour code should pass this test:\n{tests[0]}"
+        tests = field_of(record, "test_list", list)
+        if not all(isinstance(t, str) for t in tests):
+            raise ValueError("field 'test_list' must hold strings (assert statements)")
+        question = (f"{field_of(record, 'text').strip()}\nYour code should pass this test:\n"
+                    f"{tests[0]}")
         return self.to_example(question, record.get("code", ""),
                                {"tests": tests, "setup": record.get("test_setup_code", "") or "",
                                 "task_id": record.get("task_id")})
@@ -269,9 +329,11 @@ class HumanEvalTask(_CodeTask):
         super().__init__(*args, **kwargs)
 
     def convert(self, record: dict) -> Example:
-        return self.to_example(record["prompt"], record.get("canonical_solution", ""),
-                               {"test": record["test"], "entry_point": record["entry_point"],
-                                "task_id": record.get("task_id"), "code_prompt": record["prompt"]})
+        prompt = field_of(record, "prompt")
+        return self.to_example(prompt, record.get("canonical_solution", ""),
+                               {"test": field_of(record, "test"),
+                                "entry_point": field_of(record, "entry_point"),
+                                "task_id": record.get("task_id"), "code_prompt": prompt})
 
     def program(self, code: str, example: Example) -> str:
         entry = example.meta["entry_point"]
