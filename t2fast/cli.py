@@ -403,7 +403,10 @@ def _train_run(args) -> int:
 # ---- eval ----------------------------------------------------------------------------------
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, type=task_name,
-                   help="task to evaluate on (e.g. arith, or gsm8k:FILE.jsonl)")
+                   help="task to evaluate on: a bundled task (e.g. arith), or a JSONL data "
+                        "set KIND:FILE (split 80/10/10 by question hash) or "
+                        "KIND@SPLIT:FILE (the whole file is SPLIT), KIND: gsm8k, arc, mbpp, "
+                        "humaneval")
     add_model_argument(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--expert", default=None, type=existing_path("expert file or folder"),

@@ -203,3 +203,21 @@ def test_conflicting_duplicates_and_encoding_are_located(tmp_path):
     path.write_bytes(json.dumps(GOOD_GSM).encode() + b"\n\xff\xfe\n")
     with pytest.raises(ValueError, match=r"dup.jsonl:2: not UTF-8"):
         GSM8KTask(path, split="test")
+
+
+def test_a_whole_file_as_one_split(tmp_path):
+    """``KIND@SPLIT:FILE``: every record in that split (the standard GSM8K test set is one
+    file), none in the others; ``KIND:FILE`` divides it by hash."""
+    from t2fast.tasks.registry import is_task_name, jsonl_spec
+    from t2fast.train.rollout import max_new_tokens_for
+
+    path = FIX / "gsm8k_sample.jsonl"
+    whole = get_task(f"gsm8k@test:{path}")
+    assert len(whole.examples("test")) == len(read_jsonl(path)) == 4
+    assert whole.examples("train") == [] and whole.split == "test"
+    assert jsonl_spec(f"gsm8k:{path}") == ("gsm8k", None, str(path))
+    assert max_new_tokens_for(f"gsm8k@test:{path}") == max_new_tokens_for(f"gsm8k:{path}")
+    for bad in (f"gsm8k@dev:{path}", "gsm8k@test:", "arith@test:x", "nope:x", 3):
+        assert jsonl_spec(bad) is None and not is_task_name(bad)
+    with pytest.raises(KeyError, match="KIND@SPLIT:FILE"):
+        get_task(f"gsm8k@dev:{path}")

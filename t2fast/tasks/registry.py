@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from .base import DEFAULT_SEED, Task
+from .base import DEFAULT_SEED, SPLITS, Task
 from .classification import Classification, TransferClassification
 from .families import (FAMILY_CLASSES, HELDOUT_FAMILIES, STEP_FAMILIES, TRAIN_FAMILIES,
                        TRANSFER_FAMILIES, family_task)
@@ -24,13 +24,23 @@ def task_names() -> tuple[str, ...]:
 JSONL_KINDS = ("gsm8k", "arc", "mbpp", "humaneval")
 
 
-def is_task_name(name) -> bool:
-    """Whether ``name`` names a task :func:`get_task` can build: a bundled task, or
-    ``KIND:PATH`` with a :data:`JSONL_KINDS` kind (the file is read only by :func:`get_task`)."""
+def jsonl_spec(name) -> tuple[str, str | None, str] | None:
+    """``(kind, split, path)`` of a JSONL task name, ``KIND:PATH`` (the records divided
+    80/10/10 by question hash) or ``KIND@SPLIT:PATH`` (the whole file is that split, e.g.
+    ``gsm8k@test:test.jsonl``); None for any other name."""
     if not isinstance(name, str):
-        return False
-    kind, sep, path = name.partition(":")
-    return name in task_names() or bool(sep and path and kind in JSONL_KINDS)
+        return None
+    head, sep, path = name.partition(":")
+    kind, at, split = head.partition("@")
+    if not (sep and path and kind in JSONL_KINDS) or (at and split not in SPLITS):
+        return None
+    return kind, split or None, path
+
+
+def is_task_name(name) -> bool:
+    """Whether ``name`` names a task :func:`get_task` can build: a bundled task, or a JSONL
+    data set (:func:`jsonl_spec`; the file is read only by :func:`get_task`)."""
+    return name in task_names() or jsonl_spec(name) is not None
 
 
 @lru_cache(maxsize=None)
@@ -41,17 +51,21 @@ def get_task(name: str, seed: int = DEFAULT_SEED) -> Task:
     ``other``; ``classify_transfer`` those of the transfer families into their training
     family's name or ``other``. ``"gsm8k:PATH"``, ``"arc:PATH"``, ``"mbpp:PATH"`` and
     ``"humaneval:PATH"`` wrap a user-supplied JSONL file (see :mod:`t2fast.tasks.jsonl`), split
-    80/10/10 by question hash.
+    80/10/10 by question hash; ``"gsm8k@test:PATH"`` makes the whole file the test split
+    (:func:`jsonl_spec`).
     Tasks are cached per (name, seed); they hold no mutable state.
     """
-    kind, sep, path = name.partition(":")
-    if sep and kind in JSONL_KINDS:
+    spec = jsonl_spec(name)
+    if spec is not None:
         from .jsonl import load_jsonl_task
-        return load_jsonl_task(kind, path, seed=seed)
+        kind, split, path = spec
+        return load_jsonl_task(kind, path, split=split, seed=seed)
     if name == CLASSIFY:
         return Classification(seed=seed)
     if name == CLASSIFY_TRANSFER:
         return TransferClassification(seed=seed)
     if name not in FAMILY_CLASSES:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}; "
+                       f"a JSONL data set: KIND:FILE or KIND@SPLIT:FILE (KIND: "
+                       f"{', '.join(JSONL_KINDS)}; SPLIT: {', '.join(SPLITS)})")
     return family_task(name, seed)

@@ -156,7 +156,7 @@ class TrainConfig:
         from ..tasks.registry import JSONL_KINDS, is_task_name, task_names
         if check_task and not is_task_name(self.task):
             bad("task", f"unknown task; known tasks: {', '.join(task_names())}, or KIND:FILE "
-                        f"(a JSONL data set; KIND: {', '.join(JSONL_KINDS)})")
+                        f"or KIND@SPLIT:FILE (a JSONL data set; KIND: {', '.join(JSONL_KINDS)})")
         choice("method", METHODS)
         choice("objective", OBJECTIVES)
         choice("parameterization", PARAMETERIZATIONS)

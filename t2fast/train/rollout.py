@@ -36,11 +36,12 @@ def max_new_tokens_for(task_name: str | None, override: int | None = None) -> in
     by its kind)."""
     if override is not None:
         return int(override)
-    name = task_name or ""
-    kind, sep, _ = name.partition(":")
-    if sep and kind in JSONL_MAX_NEW_TOKENS:
-        return JSONL_MAX_NEW_TOKENS[kind]
-    return DEFAULT_MAX_NEW_TOKENS.get(name, FALLBACK_MAX_NEW_TOKENS)
+    from ..tasks.registry import jsonl_spec
+
+    spec = jsonl_spec(task_name)
+    if spec is not None:
+        return JSONL_MAX_NEW_TOKENS[spec[0]]
+    return DEFAULT_MAX_NEW_TOKENS.get(task_name or "", FALLBACK_MAX_NEW_TOKENS)
 
 
 def teacher_batch(tokenizer, prompts: Sequence[str], answers: Sequence[str], *,
