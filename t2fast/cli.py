@@ -510,6 +510,9 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
                    help="cem: hold out the last N of the --shots from the search; only they "
                         "decide whether the search's best replaces the base model (default: "
                         "half of the --shots; 0: the searched shots decide)")
+    p.add_argument("--adapt-template", default="tiny", choices=("tiny", "paper"),
+                   help="prompt strategy's pass-1 prompt: the tiny world's, or the paper's "
+                        "listing the experts' names as categories (chat models)")
     p.add_argument("--restate", action="store_true",
                    help="pass 1 first has the base model restate each question (the first line "
                         "of its answer to 'step by step: QUESTION', as a model pre-trained on "
@@ -541,6 +544,9 @@ def _adapt_check(args):
         usage_error(args, "--save-profile", "needs --strategy cem")
     if s == "classifier" and not args.classifier:
         usage_error(args, "--strategy", "classifier needs --classifier FILE")
+    if args.adapt_template != "tiny" and s != "prompt":
+        usage_error(args, "--adapt-template", "phrases the prompt strategy's pass 1; it needs "
+                                              "--strategy prompt")
     if s == "cem" and not args.task:
         usage_error(args, "--strategy", "cem needs --task (its few-shot examples)")
     task = get_task(args.task) if args.task else None
@@ -576,8 +582,8 @@ def _adapt_check(args):
 
 def _adapt_run(args) -> int:
     import t2fast
-    from .adapt import (ClassifierDispatch, FixedMixture, PromptDispatch, Restated,
-                        TwoPassEngine, fewshot_cem, restated_examples, restated_task,
+    from .adapt import (PROMPT_TEMPLATES, ClassifierDispatch, FixedMixture, PromptDispatch,
+                        Restated, TwoPassEngine, fewshot_cem, restated_examples, restated_task,
                         uniform_alpha)
     from .tasks import format_prompt
     from .train import max_new_tokens_for
@@ -598,7 +604,8 @@ def _adapt_run(args) -> int:
     rows = {} if args.batch_size is None else {"batch_size": args.batch_size}
     s = args.strategy
     if s == "prompt":
-        strategy = PromptDispatch(handle, tok, experts, **rows)
+        strategy = PromptDispatch(handle, tok, experts, **rows,
+                                  prompt_fn=PROMPT_TEMPLATES[args.adapt_template])
     elif s == "classifier":
         strategy = ClassifierDispatch(handle, tok, args.classifier, experts, **rows)
     elif s == "cem":

@@ -525,3 +525,19 @@ def test_eval_and_adapt_take_allow_other_model(capsys):
           "--experts", expert, "--strategy", "uniform"]
     assert cli.main(ad) == 2 and "--allow-other-model" in capsys.readouterr().err
     assert cli.main([*ad, "--allow-other-model"]) == 0
+
+
+def test_adapt_prompt_strategy_takes_the_paper_template(experts, capsys, monkeypatch):
+    """``--adapt-template paper`` lists the experts' names as categories in pass 1 (chat
+    models); it only phrases the prompt strategy."""
+    from t2fast.adapt import prompt as prompt_module
+
+    seen = []
+    real = prompt_module.PROMPT_TEMPLATES["paper"]
+    monkeypatch.setitem(prompt_module.PROMPT_TEMPLATES, "paper",
+                        lambda p, labels: seen.append(list(labels)) or real(p, labels))
+    ad = ["adapt", *MODEL, "--experts", *map(str, experts), "--task", "arith", "--n", "2"]
+    assert cli.main([*ad, "--adapt-template", "paper"]) == 0
+    assert seen and all(labels == ["arith", "strings"] for labels in seen)
+    assert cli.main([*ad, "--strategy", "uniform", "--adapt-template", "paper"]) == 2
+    assert "--adapt-template" in capsys.readouterr().err

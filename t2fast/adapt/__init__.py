@@ -10,12 +10,14 @@ from .cem import (CEMConfig, CEMResult, FewShotScorer, cem_search, fewshot_cem,
                   fewshot_examples, transform)
 from .classifier import ClassifierDispatch, train_classifier
 from .engine import FixedMixture, TwoPassEngine, TwoPassResult, uniform_alpha
-from .prompt import (PromptDispatch, paper_style_prompt, parse_category, tiny_world_prompt)
+from .prompt import (PROMPT_TEMPLATES, PromptDispatch, paper_style_prompt, parse_category,
+                     tiny_world_prompt)
 from .restate import (Restated, restated_examples, restated_questions, restated_task,
                       restatement_prompt)
 
 __all__ = [
     "CEMConfig", "CEMResult", "ClassifierDispatch", "FewShotScorer", "FixedMixture",
+    "PROMPT_TEMPLATES",
     "PromptDispatch", "Restated", "TwoPassEngine", "TwoPassResult", "cem_search", "fewshot_cem",
     "fewshot_examples", "paper_style_prompt", "parse_category", "restated_examples",
     "restated_questions", "restated_task", "restatement_prompt", "tiny_world_prompt",

@@ -36,6 +36,11 @@ def paper_style_prompt(prompt: str, labels: Sequence[str]) -> str:
                                        question=prompt.strip())
 
 
+#: How pass 1 phrases the question, by name (``t2fast adapt`` and ``t2fast serve``
+#: ``--adapt-template``): the tiny world's template, or the paper's for chat models.
+PROMPT_TEMPLATES = {"tiny": tiny_world_prompt, "paper": paper_style_prompt}
+
+
 def parse_category(text: str, labels: Sequence[str], other: str = OTHER,
                    synonyms: dict[str, str] | None = None) -> str:
     """The category a classification answer names, or ``other``.

@@ -20,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from ..adapt import paper_style_prompt, parse_category, restatement_prompt, tiny_world_prompt
+from ..adapt import PROMPT_TEMPLATES, parse_category, restatement_prompt
 from ..adapt.restate import RESTATE_MAX_TOKENS
 from ..mixtures import EXPERT_FIELD, REQUEST_KEY
 from ..tasks import extract_question, format_prompt
@@ -41,7 +41,7 @@ HEADER_RESTATED = "x-t2-restated"
 #: How long the restatement took.
 HEADER_RESTATE_MS = "x-t2-restate-ms"
 #: How pass 1 phrases the question: the tiny world's template, or the paper's for chat models.
-TEMPLATES = {"tiny": tiny_world_prompt, "paper": paper_style_prompt}
+TEMPLATES = PROMPT_TEMPLATES
 PASS1_MAX_TOKENS = 10
 
 
