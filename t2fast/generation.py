@@ -93,6 +93,15 @@ def special_ids(tokenizer, eos_token_id=None, pad_token_id=None) -> tuple[int, i
     return int(eos), int(pad)
 
 
+def stop_ids(model, eos: int) -> list[int]:
+    """The ids that end a row: ``eos`` and every end-of-sequence id of the model's generation
+    config (a chat model's end-of-turn token, e.g. Llama-3-Instruct's ``<|eot_id|>``)."""
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
+    return list(dict.fromkeys([int(eos), *map(int, extra)]))
+
+
 def pick_token(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
                top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
     """The next token of every row [B] (int64) from ``logits`` [B, V]: argmax, or a sample at
@@ -133,16 +142,18 @@ def decode_one_token(model, token: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def decode_n_tokens(model, logits: torch.Tensor, past, attention_mask: torch.Tensor,
-                    last_pos: torch.Tensor, max_new_tokens: int, eos: int, pad: int, *,
-                    do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                    generator: torch.Generator | None = None):
+                    last_pos: torch.Tensor, max_new_tokens: int, eos: int | Sequence[int],
+                    pad: int, *, do_sample: bool = False, temperature: float = 1.0,
+                    top_k: int = 0, generator: torch.Generator | None = None):
     """Up to ``max_new_tokens`` tokens per row after :func:`prefill`; a row that produced ``eos``
-    gets ``pad`` from then on, and the loop stops once every row has.
+    (one id, or any of several) gets ``pad`` from then on, and the loop stops once every row
+    has.
 
     Returns ``(tokens [B, G] int64, alive [B, G] bool)``: ``alive`` marks the tokens produced
     before and including each row's end-of-sequence.
     """
     B, device = logits.shape[0], logits.device
+    stops = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, alive = [], []
     for step in range(max_new_tokens):
@@ -150,7 +161,7 @@ def decode_n_tokens(model, logits: torch.Tensor, past, attention_mask: torch.Ten
         tok = torch.where(finished, torch.full_like(tok, pad), tok)
         alive.append(~finished)
         tokens.append(tok)
-        finished = finished | (tok == eos)
+        finished = finished | torch.isin(tok, stops)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         attention_mask = torch.cat(
@@ -167,7 +178,9 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
              pad_token_id: int | None = None) -> Rollout:
     """Generate completions of ``prompts`` in one batch (see the module docstring).
 
-    Greedy when ``do_sample`` is False. Stops early once every row has produced end-of-sequence.
+    Greedy when ``do_sample`` is False. A row ends at ``eos_token_id`` when given, else at the
+    tokenizer's end-of-sequence or any of the model's generation config (:func:`stop_ids`);
+    stops early once every row has ended.
     """
     if not prompts:
         raise ValueError("generate got no prompts")
@@ -180,7 +193,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     ids = enc["input_ids"].to(device)
     am = enc["attention_mask"].to(device)
     logits, past, last_pos = prefill(model, ids, am)
-    gen, cmask = decode_n_tokens(model, logits, past, am, last_pos, max_new_tokens, eos, pad,
+    stops = eos if eos_token_id is not None else stop_ids(model, eos)
+    gen, cmask = decode_n_tokens(model, logits, past, am, last_pos, max_new_tokens, stops, pad,
                                  do_sample=do_sample, temperature=temperature, top_k=top_k,
                                  generator=generator)
     full_mask = torch.cat([am, cmask.long()], 1)

@@ -122,6 +122,29 @@ def test_a_tokenizer_without_a_pad_token_pads_with_eos(world):
         tok.pad_token = "<pad>"
 
 
+def test_rows_end_at_any_end_of_sequence_id_of_the_generation_config(world):
+    """Chat models end a turn with another token than the tokenizer's eos (Llama-3-Instruct's
+    ``<|eot_id|>``), listed in their generation config: a row ends there, as with HF."""
+    model, tok = world
+    with torch.no_grad():
+        free = generate(model, tok, PROMPTS[:1], max_new_tokens=6)
+    assert free.completion_mask.sum() == 6           # never ends by itself (random weights)
+    stop = int(free.input_ids[0, free.prompt_len + 2])
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    try:
+        with torch.no_grad():
+            ended = generate(model, tok, PROMPTS[:1], max_new_tokens=6)
+            explicit = generate(model, tok, PROMPTS[:1], max_new_tokens=6,
+                                eos_token_id=tok.eos_token_id)
+    finally:
+        model.generation_config.eos_token_id = old
+    first = int((free.input_ids[0, free.prompt_len:] == stop).nonzero()[0])
+    assert ended.completion_mask[0].tolist() == [1.0] * (first + 1) + [0.0] * (
+        ended.completion_mask.shape[1] - first - 1)
+    assert explicit.completion_mask.sum() == 6       # an explicit eos_token_id is the only one
+
+
 def test_bad_arguments():
     model, tok = random_tiny_llama(0, num_hidden_layers=1), build_char_tokenizer()
     with pytest.raises(ValueError, match="no prompts"):
