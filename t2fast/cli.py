@@ -428,12 +428,12 @@ def _eval_run(args) -> int:
     lora = lora_folder(args.lora, "--lora") if args.lora else None   # bad paths: before loading
     if args.expert:
         from .experts import load_expert
-        targets = load_expert(args.expert).targets
+        load_expert(args.expert)                                      # a bad file: before loading
     model, tok = _load(args)
     what = "base"
     if args.expert:
         import t2fast
-        handle = t2fast.patch_model(model, experts=[args.expert], targets=targets,
+        handle = t2fast.patch_model(model, experts=[args.expert],   # the matrices it adapts
                                     **svf_settings(args, EXPERT_SVF_FIELDS))
         handle.set_mixture(handle.expert_names[0])
         what = f"expert {handle.expert_names[0]}"
@@ -535,8 +535,7 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
 
 def _adapt_check(args):
     """Cross-option checks of ``t2fast adapt`` (usage errors, before any model is loaded);
-    returns (task or None, its examples, the cem shots, the shot set, the matrices the experts
-    adapt)."""
+    returns (task or None, its examples, the cem shots, the shot set)."""
     from .adapt import CEMConfig, fewshot_examples
     from .tasks import get_task
     s = args.strategy
@@ -577,7 +576,7 @@ def _adapt_check(args):
     names = [e.name for e in loaded[:len(args.experts)]]
     if s.startswith("expert:") and s.split(":", 1)[1] not in names:
         usage_error(args, "--strategy", f"{s!r} names none of the --experts {names}")
-    return task, examples, shots, shot_set, loaded[0].targets
+    return task, examples, shots, shot_set
 
 
 def _adapt_run(args) -> int:
@@ -589,9 +588,9 @@ def _adapt_run(args) -> int:
     from .train import max_new_tokens_for
     from .train.evaluate import score_generations
     _set_threads(args.threads)
-    task, examples, shots, shot_set, targets = _adapt_check(args)
+    task, examples, shots, shot_set = _adapt_check(args)
     model, tok = _load(args)
-    handle = t2fast.patch_model(model, experts=args.experts, targets=targets,  # + classifier
+    handle = t2fast.patch_model(model, experts=args.experts,   # the matrices they adapt
                                 **svf_settings(args, EXPERT_SVF_FIELDS),
                                 max_experts=max(SVFConfig().max_experts,
                                                 len(args.experts) + bool(args.classifier)))

@@ -30,7 +30,7 @@ from .layers import FusedSVF, SVFLinear, group_members, link_groups, row_block
 from .messages import shown
 from .mixtures import MixtureBounds, MixtureError, parse_mixture
 from .runtime import SVFRuntime, load_sources
-from .targets import layer_index, resolve_targets, target_modules
+from .targets import layer_index, linear_matrices, resolve_targets, target_modules
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -443,16 +443,12 @@ def _expert_targets(model: nn.Module, sources: list) -> list[str]:
             raise ValueError(f"the experts adapt different matrices ({first}: {len(targets)}, "
                              f"{where}: {len(names)}; e.g. {[n[:80] for n in diff[:3]]} in one "
                              f"only): pass targets= to patch_model")
-    try:
-        resolved = resolve_targets(model, list(targets))
-    except ValueError:
-        resolved = []
-    missing = sorted(set(targets) - set(resolved))
+    missing = sorted(set(targets) - {name for name, _ in linear_matrices(model)})
     if not targets or missing:
         raise ValueError(f"{first} adapts {len(targets)} matrices, {len(missing)} of which are "
                          f"not linear modules of this model (e.g. "
                          f"{[n[:80] for n in missing[:3]]}): it was made for another model")
-    return resolved
+    return resolve_targets(model, list(targets))
 
 
 def patch_model(model: nn.Module, experts=(), targets=None, layers=None, *,

@@ -159,7 +159,7 @@ def fused_parts(model: nn.Module, name: str, linear: nn.Linear) -> list[tuple[st
     return parts
 
 
-def _linear_matrices(model: nn.Module) -> list[tuple[str, str | None]]:
+def linear_matrices(model: nn.Module) -> list[tuple[str, str | None]]:
     """``(matrix name, fused module name or None)`` of every linear matrix, in model order."""
     out = []
     for name, mod in model.named_modules():
@@ -226,13 +226,21 @@ def resolve_targets(model: nn.Module, targets="all", layers=None) -> list[str]:
         ``q_proj``, ``k_proj``, ``v_proj``) in its place. A pattern that matches the fused
         module's own name selects all its parts.
     Raises:
-        ValueError if nothing matches, if ``targets="all"`` leaves linear matrices of the
+        ValueError if nothing matches, if some of the names or patterns given match nothing
+        (a preset's names need not all exist), if ``targets="all"`` leaves linear matrices of the
         selected decoder layers unadapted (an architecture whose projections t2fast cannot tell
         apart; the message lists them), or if a selected matrix of a multi-layer model sits
         outside every decoder-layer list t2fast knows (``layers.N``, ``h.N``, ``blocks.N``).
     """
     patterns = _module_patterns(targets)
-    matrices = _linear_matrices(model)
+    matrices = linear_matrices(model)
+    if not (isinstance(targets, str) and targets in PRESETS):    # names the caller wrote
+        idle = [p for p in patterns if not any(
+            _matches(n, [p]) or (f is not None and _matches(f, [p])) for n, f in matrices)]
+        if idle and len(idle) < len(patterns):
+            raise ValueError(f"targets {idle[:4]}{' ...' if len(idle) > 4 else ''} match no "
+                             f"nn.Linear module of this model (misspelled, or made for another "
+                             f"model); the others match")
     linears = [n for n, _ in matrices]
     layer_ids = [layer_index(n) for n in linears]
     num_layers = 1 + max((i for i in layer_ids if i is not None), default=-1)

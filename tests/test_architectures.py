@@ -142,3 +142,19 @@ def test_matrices_outside_any_layer_list_are_refused():
     model.lm_head_proj = nn.Linear(32, 32)
     with pytest.raises(ValueError, match=r"cannot tell which decoder layer \['lm_head_proj'\]"):
         resolve_targets(model, ["lm_head_proj"])
+
+
+def test_target_names_that_match_nothing_are_named():
+    """A misspelled name, or a full name of a layer the model lacks, beside names that match:
+    refused (it used to adapt the others silently); a preset's names need not all exist."""
+    from t2fast.models import random_tiny_llama
+    from t2fast.targets import resolve_targets
+
+    model = random_tiny_llama(0, num_hidden_layers=2)
+    with pytest.raises(ValueError, match=r"targets \['dwn_proj'\] match no nn.Linear module"):
+        resolve_targets(model, ["q_proj", "dwn_proj"])
+    with pytest.raises(ValueError, match=r"layers.7.self_attn.q_proj'\] match no nn.Linear"):
+        resolve_targets(model, ["model.layers.0.self_attn.q_proj",
+                                "model.layers.7.self_attn.q_proj"])
+    assert len(resolve_targets(model, ["q_proj", "model.layers.*.mlp.*"])) == 8
+    assert len(resolve_targets(model, "mlp")) == 6

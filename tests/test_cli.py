@@ -541,3 +541,14 @@ def test_adapt_prompt_strategy_takes_the_paper_template(experts, capsys, monkeyp
     assert seen and all(labels == ["arith", "strings"] for labels in seen)
     assert cli.main([*ad, "--strategy", "uniform", "--adapt-template", "paper"]) == 2
     assert "--adapt-template" in capsys.readouterr().err
+
+
+def test_eval_names_an_expert_made_for_another_model(experts, capsys):
+    """An expert of a 1-layer model on the bundled 4-layer one adapts matrices the model has,
+    but one of the bundled model's on a 1-layer model does not: the error says so."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    rc = cli.main(["eval", *MODEL, "--task", "arith", "--n", "2",
+                   "--expert", str(root / "experts" / "arith.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "of which are not linear modules of this model" in err, err
+    assert "made for another model" in err
