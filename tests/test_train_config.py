@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("min_lr_ratio", 2.0, "<= 1"),
     ("unparsable_penalty", -3.0, ">= -1"),
     ("betas", (0.9,), "two numbers"),
-    ("targets", "everything", "expected all, attention, mlp"),
+    ("targets", " ", "expected all, attention, mlp"),
     ("targets", [], "non-empty list"),
     ("eval_split", "dev", "expected one of"),
     ("patience", 0, ">= 1"),

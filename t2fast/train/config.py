@@ -164,11 +164,10 @@ class TrainConfig:
         choice("baseline", BASELINES)
         if self.method == "lora" and self.parameterization != "plain":
             bad("parameterization", "only applies to method='svf' (leave it 'plain' for LoRA)")
-        if isinstance(self.targets, str):
-            if self.targets not in PRESETS and not self.targets.endswith("_proj") \
-                    and "*" not in self.targets:
+        if isinstance(self.targets, str):   # a preset, or one name checked against the model
+            if not self.targets.strip():
                 bad("targets", f"expected {', '.join(PRESETS)}, a module short name "
-                               f"(e.g. 'down_proj') or a list of names / glob patterns")
+                               f"(e.g. 'down_proj', 'fc1') or a list of names / glob patterns")
         elif not (isinstance(self.targets, (list, tuple)) and self.targets
                   and all(isinstance(t, str) for t in self.targets)):
             bad("targets", "expected a preset name or a non-empty list of module names")
