@@ -48,6 +48,7 @@ def test_gsm8k_examples_and_references():
     (2, "5 - 12 = -7", True, True),
     (2, "It is 7 degrees", False, True),
     (3, "2.5 * 4 = 10.0", True, True),
+    (0, "so 7 in all.\n\nQ: Tom has 5 apples", True, True),   # the next question it writes
 ])
 def test_gsm8k_scoring(i, gen, correct, parsable):
     task = GSM8KTask(FIX / "gsm8k_sample.jsonl", split="test")
@@ -75,6 +76,10 @@ def test_arc_both_layouts():
     (2, "The answer is 3", False, True),
     (3, "E", False, True),
     (3, "Answer: C) solid", True, True),
+    (0, "A good choice is B.", True, True),   # the article A, then the label
+    (1, "A is right", True, True),            # option A, no other label
+    (0, "Answer: b", True, True),             # a lower-case label after the marker
+    (0, "B\nQ: Which is A) big", True, True),  # the next question it writes is not its answer
 ])
 def test_arc_scoring(i, gen, correct, parsable):
     task = ARCTask(FIX / "arc_sample.jsonl", split="test")

@@ -102,7 +102,9 @@ def extract_choice(generation: str, labels: str | list[str] = "ABCD",
     In order: "answer is X" / "answer: (X)"; the whole answer line equal to one option's text
     (the model wrote the value instead of its letter); the first standalone label, e.g. "B",
     "(B)", "B)", "B.". ``whole`` searches the whole generation instead of the answer line (for
-    free-form answers to real data sets). Several candidates: the first one wins.
+    free-form answers to real data sets); there a label after the answer marker may be lower
+    case ("Answer: c"), and an "A" that reads as the article ("A good choice is C") gives way
+    to a later label. Several candidates: the first one wins.
     """
     labels = list(labels)
     text = generation if whole else answer_line(generation)
@@ -113,10 +115,18 @@ def extract_choice(generation: str, labels: str | list[str] = "ABCD",
         m = standalone.match(marked.strip())
         if m:
             return m.group(1)
+        if whole:
+            by_upper = {l.upper(): l for l in labels}
+            m = re.match(r"\(?([A-Za-z0-9]+)\)?(?![A-Za-z0-9])", marked.strip())
+            if m and m.group(1).upper() in by_upper:
+                return by_upper[m.group(1).upper()]
     if option_texts is not None:
         stripped = text.strip().strip(_WORD_STRIP)
         for label, option in zip(labels, option_texts):
             if stripped and stripped == str(option).strip():
                 return label
-    m = standalone.search(text)
-    return m.group(1) if m else None
+    found = list(standalone.finditer(text))
+    if whole and len(found) > 1 and found[0].group(1) == "A" and \
+            re.match(r" [a-z]", text[found[0].end():]):
+        found = found[1:]                               # the article, not option A
+    return found[0].group(1) if found else None

@@ -33,8 +33,8 @@ import sys
 import tempfile
 from typing import Any, Iterable
 
-from .base import (DEFAULT_SEED, PROMPT_TEMPLATE, Example, ScoreResult, Task, check_split,
-                   split_of)
+from .base import (DEFAULT_SEED, PROMPT_TEMPLATE, QUESTION_PREFIX, Example, ScoreResult, Task,
+                   check_split, split_of)
 from .extract import extract_choice, extract_last_number, numbers_equal
 
 
@@ -138,6 +138,12 @@ class JsonlTask(Task):
         return len(self._examples)
 
 
+def own_answer(generation: str) -> str:
+    """A generation up to the next question it goes on to write (``"\nQ:"`` of the prompt
+    template): what follows answers another question, not this one."""
+    return generation.split("\n" + QUESTION_PREFIX.rstrip(), 1)[0]
+
+
 # --------------------------------------------------------------------------------- GSM8K
 def gsm8k_reference(answer_field: str) -> str:
     """The final answer of a GSM8K solution: the number after ``####``, commas removed.
@@ -163,7 +169,7 @@ class GSM8KTask(JsonlTask):
                                {"solution": answer})
 
     def extract(self, generation: str, example: Example | None = None) -> str | None:
-        return extract_last_number(generation)
+        return extract_last_number(own_answer(generation))
 
     def score(self, generation: str, example: Example) -> ScoreResult:
         got = self.extract(generation, example)
@@ -209,6 +215,7 @@ class ARCTask(JsonlTask):
     def extract(self, generation: str, example: Example | None = None) -> str | None:
         labels = example.meta["labels"] if example is not None else list("ABCDE")
         texts = example.meta["options"] if example is not None else None
+        generation = own_answer(generation)
         got = extract_choice(generation, labels, None, whole=True)
         if got is None and texts is not None:
             got = extract_choice(generation, labels, texts, whole=False)
