@@ -153,7 +153,7 @@ def decode_n_tokens(model, logits: torch.Tensor, past, attention_mask: torch.Ten
     before and including each row's end-of-sequence.
     """
     B, device = logits.shape[0], logits.device
-    stops = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=device)
+    stops = torch.as_tensor(eos, device=device).reshape(-1)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, alive = [], []
     for step in range(max_new_tokens):

@@ -226,3 +226,44 @@ def test_a_whole_file_as_one_split(tmp_path):
         assert jsonl_spec(bad) is None and not is_task_name(bad)
     with pytest.raises(KeyError, match="KIND@SPLIT:FILE"):
         get_task(f"gsm8k@dev:{path}")
+
+
+@pytest.mark.parametrize("gen, label", [
+    ("The answer is a mammal, so C.", "C"),    # the article after the marker is no label
+    ("The answer is a: C", "C"),
+    ("(A) is correct, B is not.", "A"),        # option A, written as such
+    ("A is correct; B is wrong.", "A"),
+    ("A good choice is C.", "C"),              # the article, then the label
+    ("Answer: c", "C"), ("The answer is d.", "D"),
+    ("A or B? A", "A"),
+])
+def test_free_form_choice_extraction(gen, label):
+    from t2fast.tasks.extract import extract_choice
+    assert extract_choice(gen, list("ABCD"), None, whole=True) == label
+
+
+def test_budgets_by_the_tasks_own_name_and_numpy_eos():
+    """eval, adapt and CEM ask the budget of ``task.name`` (``gsm8k``), not of the name given
+    on the command line; decode_n_tokens takes an eos id of any integer type."""
+    import numpy as np
+    import torch
+
+    from t2fast.generation import decode_n_tokens
+    from t2fast.train.rollout import max_new_tokens_for
+
+    task = get_task(f"gsm8k@test:{FIX / 'gsm8k_sample.jsonl'}")
+    assert max_new_tokens_for(task.name) == max_new_tokens_for(f"gsm8k:{FIX}") == 512
+    logits = torch.zeros(1, 5)
+    logits[0, 3] = 1.0                                  # greedy picks 3 at once
+    for eos in (3, np.int64(3), torch.tensor(3), [4, 3]):
+        tokens, alive = decode_n_tokens(None, logits, None, torch.ones(1, 1), torch.zeros(1, 1),
+                                        4, eos, 0)
+        assert tokens.tolist() == [[3]] and alive.tolist() == [[True]]
+
+
+def test_code_tasks_may_repeat_a_question_with_another_solution(tmp_path, allow_code):
+    rec = {"text": "add", "test_list": ["assert add(1, 2) == 3"], "code": "def add(a, b): ..."}
+    path = tmp_path / "mbpp.jsonl"
+    path.write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "code": "add = int.__add__"})
+                    + "\n")
+    assert len(MBPPTask(path, split="test")) == 2

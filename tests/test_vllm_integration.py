@@ -390,6 +390,13 @@ def test_targets_selection_matches_patch_model():
         "model.layers.3.mlp.up_proj", "model.layers.3.mlp.down_proj"]
     with pytest.raises(ValueError, match="no nn.Linear module matches"):
         select_targets(names, "lm_head")
+    # vLLM's own fused names stand for their parts, as on a Hugging Face Phi-3
+    assert select_targets(names, ["qkv_proj", "o_proj"]) == [
+        n for n in names if ".self_attn." in n]
+    assert select_targets(names, "model.layers.1.mlp.gate_up_proj") == [
+        "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+    with pytest.raises(ValueError, match=r"targets \['nope'\] match no nn.Linear"):
+        select_targets(names, ["q_proj", "nope"])
 
 
 def test_config_and_engine_args(world):

@@ -79,6 +79,10 @@ def numbers_equal(a: str | None, b: str | None) -> bool:
 
 
 _WORD_STRIP = "\"'`.,;:!?()[]{}"
+#: After a bare "A": a lower-case word that makes it the article ("A good choice is C"), not
+#: a verb or conjunction that makes it option A ("A is correct", "A or B").
+_ARTICLE = re.compile(r" (?!(?:is|was|seems|looks|appears|would|should|could|must|might|"
+                      r"and|or|but|because|since|as|fits|matches|works)\b)[a-z]")
 
 
 def extract_word(generation: str) -> str | None:
@@ -115,9 +119,9 @@ def extract_choice(generation: str, labels: str | list[str] = "ABCD",
         m = standalone.match(marked.strip())
         if m:
             return m.group(1)
-        if whole:
+        if whole:      # "Answer: c" (alone: "the answer is a mammal" names no option)
             by_upper = {l.upper(): l for l in labels}
-            m = re.match(r"\(?([A-Za-z0-9]+)\)?(?![A-Za-z0-9])", marked.strip())
+            m = re.match(r"\(?([A-Za-z0-9]+)\)?\s*(?:$|[.!)])", marked.strip())
             if m and m.group(1).upper() in by_upper:
                 return by_upper[m.group(1).upper()]
     if option_texts is not None:
@@ -126,7 +130,7 @@ def extract_choice(generation: str, labels: str | list[str] = "ABCD",
             if stripped and stripped == str(option).strip():
                 return label
     found = list(standalone.finditer(text))
-    if whole and len(found) > 1 and found[0].group(1) == "A" and \
-            re.match(r" [a-z]", text[found[0].end():]):
+    if whole and len(found) > 1 and found[0].group(0) == "A" and _ARTICLE.match(
+            text, found[0].end()):
         found = found[1:]                               # the article, not option A
     return found[0].group(1) if found else None

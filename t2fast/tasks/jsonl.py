@@ -88,6 +88,9 @@ class JsonlTask(Task):
     name = "jsonl"
     #: Appended to the question in the prompt (tells the model how to state its answer).
     instruction = ""
+    #: Whether generations are scored against ``answer`` (a code task runs its tests instead,
+    #: so two reference solutions of one question do not conflict).
+    answer_scored = True
 
     def __init__(self, path: str | os.PathLike, split: str | None = None, name: str | None = None,
                  template: str = PROMPT_TEMPLATE, seed: int = DEFAULT_SEED):
@@ -108,7 +111,7 @@ class JsonlTask(Task):
                 why = f"missing field {exc.args[0]!r}" if isinstance(exc, KeyError) else exc
                 raise ValueError(f"{where}: {self.name} record: {why}") from None
             first = seen.setdefault(ex.question, (lineno, ex.answer))
-            if first[1] != ex.answer:
+            if first[1] != ex.answer and self.answer_scored:
                 raise ValueError(f"{where}: {self.name} record: the question of line "
                                  f"{first[0]} again, with another answer ({ex.answer!r}, "
                                  f"not {first[1]!r})")
@@ -262,7 +265,8 @@ def check_code_execution_allowed(kind: str) -> None:
 def run_python(program: str, timeout: float = 10.0) -> bool:
     """Run ``program`` in a fresh, isolated Python process (its own process group) in a
     temporary folder; True when it exits with status 0 within ``timeout`` seconds. The whole
-    process group is killed afterwards, so nothing it started outlives the call (POSIX)."""
+    process group is killed afterwards, so nothing it started in that group outlives the call
+    (POSIX; a process that leaves the group, by ``setsid`` or a double fork, escapes)."""
     with tempfile.TemporaryDirectory() as tmp:
         file = pathlib.Path(tmp) / "program.py"
         file.write_text(program, encoding="utf-8")
@@ -277,7 +281,7 @@ def run_python(program: str, timeout: float = 10.0) -> bool:
             if os.name == "posix":
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:      # the group is gone already
+                except (ProcessLookupError, PermissionError):   # the group is gone already
                     pass
             else:
                 proc.kill()
@@ -287,6 +291,7 @@ def run_python(program: str, timeout: float = 10.0) -> bool:
 
 class _CodeTask(JsonlTask):
     timeout = 10.0
+    answer_scored = False
 
     def __init__(self, *args, **kwargs):
         check_code_execution_allowed(self.name)

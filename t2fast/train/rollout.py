@@ -32,15 +32,16 @@ FALLBACK_MAX_NEW_TOKENS = 16
 
 
 def max_new_tokens_for(task_name: str | None, override: int | None = None) -> int:
-    """``override`` when given, else the task's default answer budget (a ``KIND:FILE`` task's
-    by its kind)."""
+    """``override`` when given, else the task's default answer budget: a JSONL data set's by
+    its kind, named by its task name (``KIND:FILE``) or by the task's own ``name`` (``KIND``)."""
     if override is not None:
         return int(override)
     from ..tasks.registry import jsonl_spec
 
     spec = jsonl_spec(task_name)
-    if spec is not None:
-        return JSONL_MAX_NEW_TOKENS[spec[0]]
+    kind = spec[0] if spec is not None else task_name
+    if kind in JSONL_MAX_NEW_TOKENS:
+        return JSONL_MAX_NEW_TOKENS[kind]
     return DEFAULT_MAX_NEW_TOKENS.get(task_name or "", FALLBACK_MAX_NEW_TOKENS)
 
 

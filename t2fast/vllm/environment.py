@@ -32,7 +32,7 @@ def import_vllm():
     try:
         import vllm
     except ImportError as exc:
-        if exc.name == "vllm":
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "vllm":
             raise ImportError(f"vLLM is not installed: {VLLM_INSTALL}") from None
         raise ImportError(_broken(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - any failure inside vLLM's import is reported

@@ -49,7 +49,7 @@ from torch import nn
 from .. import ops
 from ..decompose import SVDCache, SVDFactors, decompose_weight
 from ..layers import capturing
-from ..targets import ATTENTION, FUSED, MLP, layer_index, resolve_targets
+from ..targets import ATTENTION, FUSED, MLP, PRESETS, layer_index, resolve_targets
 from .kv_guard import KVGuardMethod, WrappedMethod, finite_guard, writes_kv
 
 #: vLLM's packed modules (its ``packed_modules_mapping`` when the model gives none).
@@ -71,7 +71,14 @@ def hf_part_names(prefix: str, packed: dict) -> list[str]:
 
 def select_targets(names: list[str], targets="all", layers=None) -> list[str]:
     """The subset of HF module ``names`` that ``targets``/``layers`` select, with exactly the
-    semantics of :func:`t2fast.targets.resolve_targets` (run over a shape-less stand-in model)."""
+    semantics of :func:`t2fast.targets.resolve_targets` (run over a shape-less stand-in model
+    of the split names, so a fused projection's name, ``qkv_proj`` or ``...gate_up_proj``,
+    stands for its parts as it does on a Hugging Face model that holds it)."""
+    if not (isinstance(targets, str) and targets in PRESETS):
+        targets = [f"{parent}{'.' if parent else ''}{part}"
+                   for t in ([targets] if isinstance(targets, str) else targets)
+                   for parent, _, short in [t.rpartition(".")]
+                   for part in FUSED.get(short, (short,))]
     root = nn.Module()
     for name in names:
         node = root
