@@ -125,13 +125,13 @@ class DecodeStep:
     def __init__(self, lm, batch: int, context: int):
         from transformers import StaticCache
 
-        from t2fast.generation import CACHE_FIELD
+        from t2fast.generation import cache_field
         self.lm = lm
         self.cache = StaticCache(config=lm.config, max_cache_len=context + 8)
         g = torch.Generator().manual_seed(batch)
         prompt = torch.randint(0, lm.config.vocab_size, (batch, context), generator=g)
         with torch.no_grad():
-            lm(input_ids=prompt.to(DEVICE), use_cache=True, **{CACHE_FIELD: self.cache},
+            lm(input_ids=prompt.to(DEVICE), use_cache=True, **{cache_field(lm): self.cache},
                cache_position=torch.arange(context, device=DEVICE), logits_to_keep=1)
         self.tok = torch.randint(0, lm.config.vocab_size, (batch, 1), generator=g).to(DEVICE)
         self.pos = torch.full((batch, 1), context, device=DEVICE)
@@ -142,7 +142,7 @@ class DecodeStep:
                                      for layer in getattr(self.cache, "layers", []))
                          if isinstance(c, torch.Tensor)]
         self.context = context
-        self.cache_kw = {CACHE_FIELD: self.cache}
+        self.cache_kw = {cache_field(lm): self.cache}
 
     @torch.no_grad()
     def __call__(self) -> torch.Tensor:

@@ -14,8 +14,10 @@ rollouts, the adaptation engine and the demo all generate through this module.
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
@@ -31,8 +33,23 @@ def _cache_field() -> str:
         else "past_key_values"
 
 
-#: See :func:`_cache_field`.
+#: The installed transformers' name for the KV cache (:func:`_cache_field`).
 CACHE_FIELD = _cache_field()
+
+
+@lru_cache(maxsize=None)
+def _forward_cache_field(cls) -> str:
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return CACHE_FIELD
+    return next((n for n in ("cache", "past_key_values") if n in params), CACHE_FIELD)
+
+
+def cache_field(model) -> str:
+    """The KV cache's name for ``model``: the one its ``forward`` takes (an architecture not
+    yet moved to a renamed keyword keeps the old one), else :data:`CACHE_FIELD`."""
+    return _forward_cache_field(type(model))
 
 
 @dataclass
@@ -129,7 +146,7 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
                 use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1], getattr(out, CACHE_FIELD), pos[:, -1:]
+    return out.logits[:, -1], getattr(out, cache_field(model)), pos[:, -1:]
 
 
 def decode_one_token(model, token: torch.Tensor, attention_mask: torch.Tensor,
@@ -137,8 +154,8 @@ def decode_one_token(model, token: torch.Tensor, attention_mask: torch.Tensor,
     """Feed one token per row (``token`` [B]; ``attention_mask`` [B, cached + 1],
     ``position_ids`` [B, 1] already include it); returns ``(logits [B, V], KV cache)``."""
     out = model(input_ids=token[:, None], attention_mask=attention_mask,
-                position_ids=position_ids, use_cache=True, **{CACHE_FIELD: past})
-    return out.logits[:, -1], getattr(out, CACHE_FIELD)
+                position_ids=position_ids, use_cache=True, **{cache_field(model): past})
+    return out.logits[:, -1], getattr(out, cache_field(model))
 
 
 def decode_n_tokens(model, logits: torch.Tensor, past, attention_mask: torch.Tensor,

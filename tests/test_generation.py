@@ -91,11 +91,21 @@ def test_the_cache_is_passed_by_the_installed_transformers_own_name(world):
     import inspect
     import warnings
 
-    from t2fast.generation import CACHE_FIELD
+    from t2fast.generation import CACHE_FIELD, cache_field
     from t2fast.train.rollout import completion_logits, repeat_prompts
 
     model, tok = world
-    assert CACHE_FIELD in inspect.signature(model.forward).parameters
+    assert cache_field(model) == CACHE_FIELD in inspect.signature(model.forward).parameters
+
+    class Old(torch.nn.Module):          # an architecture that kept the old keyword
+        def forward(self, input_ids, past_key_values=None, use_cache=False):
+            ...
+
+    class Opaque(torch.nn.Module):       # a wrapper that hides its keywords
+        def forward(self, *args, **kwargs):
+            ...
+
+    assert (cache_field(Old()), cache_field(Opaque())) == ("past_key_values", CACHE_FIELD)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         with torch.no_grad():

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from ..generation import (CACHE_FIELD, Rollout, generate, generate_texts, left_padding,
+from ..generation import (Rollout, cache_field, generate, generate_texts, left_padding,
                           special_ids)
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "FALLBACK_MAX_NEW_TOKENS", "Rollout", "completion_logits",
@@ -93,10 +93,10 @@ def completion_logits(model, rollout: Rollout, group_size: int = 1) -> torch.Ten
     # prompt minus its last token (whose logits predict the first completion token)
     out = model(input_ids=prompt_ids[:, :P - 1], attention_mask=am[heads, :P - 1],
                 position_ids=pos[heads, :P - 1], use_cache=True, logits_to_keep=1)
-    cache = getattr(out, CACHE_FIELD)
+    cache = getattr(out, cache_field(model))
     cache.batch_repeat_interleave(group_size)
     out = model(input_ids=rollout.input_ids[:, P - 1:-1], attention_mask=am[:, :-1],
-                position_ids=pos[:, P - 1:-1], use_cache=True, **{CACHE_FIELD: cache})
+                position_ids=pos[:, P - 1:-1], use_cache=True, **{cache_field(model): cache})
     return out.logits.float()
 
 
