@@ -415,6 +415,8 @@ def test_compiled_graph_through_t2fast_ops_with_dynamic_token_count():
         return ops.svf_group_mix(x, Us, S, Vh, alpha, bank, slots[:x.shape[0]], backend="auto",
                                  validate=False) * 2
 
+    # as the layers do when built: a fullgraph trace cannot import the kernels' custom ops
+    ops.resolve_backend("auto", torch.device("cpu"))
     compiled = torch.compile(f, dynamic=True, fullgraph=True)
     for T in (3, 7, 40):
         x = torch.randn(T, n, generator=gen)

@@ -54,7 +54,9 @@ scaled_matmul_kernels = LazyModule("t2fast.kernels.scaled_matmul")
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map ``backend`` ("auto", "triton", "torch") to what runs on ``device``: "torch", or
     "triton" — the kernels' custom op, which under ``"auto"`` on CUDA still follows the plan's
-    backend per token count (see the module docstring)."""
+    backend per token count (see the module docstring). Resolving "triton" registers the custom
+    ops; the HF and vLLM layers resolve when built, and a caller that compiles the ops itself
+    (``torch.compile(fullgraph=True)``) must resolve first: a trace cannot import them."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     kernels_can_run = device.type == "cuda" or launch.interpreter_active()
