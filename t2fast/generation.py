@@ -23,9 +23,11 @@ from typing import Callable, Sequence
 import torch
 
 
+@lru_cache(maxsize=None)
 def _cache_field() -> str:
     """The name of a Hugging Face model's KV cache, as keyword and as output field: ``cache``
     on recent transformers (which deprecated ``past_key_values``), ``past_key_values`` before.
+    Read on first use (``CACHE_FIELD``), so importing this module does not import transformers.
     """
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -33,8 +35,10 @@ def _cache_field() -> str:
         else "past_key_values"
 
 
-#: The installed transformers' name for the KV cache (:func:`_cache_field`).
-CACHE_FIELD = _cache_field()
+def __getattr__(name):
+    if name == "CACHE_FIELD":       # the installed transformers' name for the KV cache
+        return _cache_field()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @lru_cache(maxsize=None)
@@ -42,13 +46,13 @@ def _forward_cache_field(cls) -> str:
     try:
         params = inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
-        return CACHE_FIELD
-    return next((n for n in ("cache", "past_key_values") if n in params), CACHE_FIELD)
+        return _cache_field()
+    return next((n for n in ("cache", "past_key_values") if n in params), _cache_field())
 
 
 def cache_field(model) -> str:
     """The KV cache's name for ``model``: the one its ``forward`` takes (an architecture not
-    yet moved to a renamed keyword keeps the old one), else :data:`CACHE_FIELD`."""
+    yet moved to a renamed keyword keeps the old one), else ``CACHE_FIELD``."""
     return _forward_cache_field(type(model))
 
 
@@ -153,9 +157,10 @@ def decode_one_token(model, token: torch.Tensor, attention_mask: torch.Tensor,
                      position_ids: torch.Tensor, past):
     """Feed one token per row (``token`` [B]; ``attention_mask`` [B, cached + 1],
     ``position_ids`` [B, 1] already include it); returns ``(logits [B, V], KV cache)``."""
+    name = cache_field(model)
     out = model(input_ids=token[:, None], attention_mask=attention_mask,
-                position_ids=position_ids, use_cache=True, **{cache_field(model): past})
-    return out.logits[:, -1], getattr(out, cache_field(model))
+                position_ids=position_ids, use_cache=True, **{name: past})
+    return out.logits[:, -1], getattr(out, name)
 
 
 def decode_n_tokens(model, logits: torch.Tensor, past, attention_mask: torch.Tensor,

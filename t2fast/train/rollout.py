@@ -93,10 +93,11 @@ def completion_logits(model, rollout: Rollout, group_size: int = 1) -> torch.Ten
     # prompt minus its last token (whose logits predict the first completion token)
     out = model(input_ids=prompt_ids[:, :P - 1], attention_mask=am[heads, :P - 1],
                 position_ids=pos[heads, :P - 1], use_cache=True, logits_to_keep=1)
-    cache = getattr(out, cache_field(model))
+    name = cache_field(model)
+    cache = getattr(out, name)
     cache.batch_repeat_interleave(group_size)
     out = model(input_ids=rollout.input_ids[:, P - 1:-1], attention_mask=am[:, :-1],
-                position_ids=pos[:, P - 1:-1], use_cache=True, **{cache_field(model): cache})
+                position_ids=pos[:, P - 1:-1], use_cache=True, **{name: cache})
     return out.logits.float()
 
 
