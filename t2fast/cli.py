@@ -473,6 +473,7 @@ strategy = choice_or_named(STRATEGIES, "expert")
 
 def _adapt_args(p: argparse.ArgumentParser) -> None:
     from .adapt.cem import OBJECTIVES, CEMConfig
+    from .adapt.prompt import PROMPT_TEMPLATES
     c = CEMConfig()
     add_model_argument(p)
     p.add_argument("--experts", nargs="+", required=True,
@@ -510,7 +511,7 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
                    help="cem: hold out the last N of the --shots from the search; only they "
                         "decide whether the search's best replaces the base model (default: "
                         "half of the --shots; 0: the searched shots decide)")
-    p.add_argument("--adapt-template", default="tiny", choices=("tiny", "paper"),
+    p.add_argument("--adapt-template", default="tiny", choices=tuple(PROMPT_TEMPLATES),
                    help="prompt strategy's pass-1 prompt: the tiny world's, or the paper's "
                         "listing the experts' names as categories (chat models)")
     p.add_argument("--restate", action="store_true",

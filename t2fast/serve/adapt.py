@@ -40,8 +40,6 @@ HEADER_ADAPT_SKIPPED = "x-t2-adapt-skipped"
 HEADER_RESTATED = "x-t2-restated"
 #: How long the restatement took.
 HEADER_RESTATE_MS = "x-t2-restate-ms"
-#: How pass 1 phrases the question: the tiny world's template, or the paper's for chat models.
-TEMPLATES = PROMPT_TEMPLATES
 PASS1_MAX_TOKENS = 10
 
 
@@ -75,7 +73,7 @@ class Adapter:
 
     Args:
         engine_client: vLLM's ``EngineClient``.
-        template: a key of :data:`TEMPLATES`.
+        template: a key of :data:`t2fast.adapt.PROMPT_TEMPLATES`.
         classifier: the classification expert's name (needed for ``"classifier"``).
         restate: restate each adapted request's question first (:meth:`restate`; ``"tiny"``
             template only).
@@ -83,13 +81,13 @@ class Adapter:
 
     def __init__(self, engine_client, template: str = "tiny", classifier: str | None = None,
                  restate: bool = False):
-        if template not in TEMPLATES:
-            raise ValueError(f"t2fast serve: adapt template must be one of {sorted(TEMPLATES)}, "
-                             f"got {template!r}")
+        if template not in PROMPT_TEMPLATES:
+            raise ValueError(f"t2fast serve: adapt template must be one "
+                             f"of {sorted(PROMPT_TEMPLATES)}, got {template!r}")
         if restate and template != "tiny":
             raise ValueError("t2fast serve: restatement needs the 'tiny' adapt template")
         self.engine_client = engine_client
-        self.prompt_fn = TEMPLATES[template]
+        self.prompt_fn = PROMPT_TEMPLATES[template]
         self.classifier = classifier
         self.restates = restate
 

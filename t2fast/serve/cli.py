@@ -87,6 +87,8 @@ def check_args(args) -> None:
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
+    from ..adapt.prompt import PROMPT_TEMPLATES
+
     p.add_argument("model", help="'tiny' (the bundled model) or a Llama / Mistral / Qwen2 "
                                  "checkpoint (folder or hub name)")
     p.add_argument("--experts", nargs="+", default=[], metavar="[NAME=]PATH", type=expert_entry,
@@ -100,7 +102,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
                         "prompt, classifier or profile:NAME")
     p.add_argument("--profiles", nargs="+", default=[], metavar="NAME=FILE", type=profile_entry,
                    help="mixture profiles (saved α) served as t2_adapt='profile:NAME'")
-    p.add_argument("--adapt-template", default="tiny", choices=("tiny", "paper"),
+    p.add_argument("--adapt-template", default="tiny", choices=tuple(PROMPT_TEMPLATES),
                    help="pass-1 prompt: the tiny world's or the paper's (chat models)")
     p.add_argument("--restate", action="store_true",
                    help="pass 1 of every adapted request (t2_adapt) first has the base model "

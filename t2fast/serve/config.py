@@ -47,7 +47,7 @@ class ServeConfig:
 
     def __post_init__(self):
         from ..mixtures import profile_name
-        from .adapt import TEMPLATES
+        from ..adapt import PROMPT_TEMPLATES
         from .translate import ADAPT_MODES
 
         if self.adapt not in ADAPT_MODES and profile_name(self.adapt) is None:
@@ -66,9 +66,9 @@ class ServeConfig:
         elif self.runtime_loading_root is not None:
             raise ValueError("t2fast serve: --runtime-loading-root is given without "
                              "--allow-runtime-loading")
-        if self.adapt_template not in TEMPLATES:
-            raise ValueError(f"t2fast serve: adapt_template must be one of {sorted(TEMPLATES)}, "
-                             f"got {self.adapt_template!r}")
+        if self.adapt_template not in PROMPT_TEMPLATES:
+            raise ValueError(f"t2fast serve: adapt_template must be one "
+                             f"of {sorted(PROMPT_TEMPLATES)}, got {self.adapt_template!r}")
         if self.restate and self.adapt_template != "tiny":
             raise ValueError("t2fast serve: --restate asks the tiny world's 'step by step:' "
                              f"question; it needs --adapt-template tiny, not "
