@@ -8,6 +8,7 @@ from .base import DEFAULT_SEED, SPLITS, Task
 from .classification import Classification, TransferClassification
 from .families import (FAMILY_CLASSES, HELDOUT_FAMILIES, STEP_FAMILIES, TRAIN_FAMILIES,
                        TRANSFER_FAMILIES, family_task)
+from .jsonl import ADAPTERS, load_jsonl_task
 
 CLASSIFY = Classification.name
 CLASSIFY_TRANSFER = TransferClassification.name
@@ -21,7 +22,7 @@ def task_names() -> tuple[str, ...]:
 
 
 #: Kinds of user-supplied JSONL data sets: ``get_task("KIND:PATH")``.
-JSONL_KINDS = ("gsm8k", "arc", "mbpp", "humaneval")
+JSONL_KINDS = tuple(ADAPTERS)
 
 
 def jsonl_spec(name) -> tuple[str, str | None, str] | None:
@@ -57,7 +58,6 @@ def get_task(name: str, seed: int = DEFAULT_SEED) -> Task:
     """
     spec = jsonl_spec(name)
     if spec is not None:
-        from .jsonl import load_jsonl_task
         kind, split, path = spec
         return load_jsonl_task(kind, path, split=split, seed=seed)
     if name == CLASSIFY:
