@@ -143,12 +143,12 @@ def add_split_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_generation_arguments(p: argparse.ArgumentParser, batch_size: int | None,
-                             help: str = "rows per generation call") -> None:
-    """``--batch-size`` (default ``batch_size``; None: all rows at once) and
-    ``--max-new-tokens``."""
+                             help: str | None = None) -> None:
+    """``--batch-size`` (default ``batch_size``; None: all rows at once; ``help`` replaces its
+    help text) and ``--max-new-tokens``."""
     p.add_argument("--batch-size", type=integer(1), default=batch_size,
-                   help=help + ("" if batch_size or "default" in help else
-                                " (default: all at once)"))
+                   help=help or "rows per generation call" + ("" if batch_size else
+                                                              " (default: all at once)"))
     p.add_argument("--max-new-tokens", type=integer(1), default=None,
                    help="answer length (default: the task's)")
 
