@@ -15,6 +15,7 @@ rollouts, the adaptation engine and the demo all generate through this module.
 from __future__ import annotations
 
 import inspect
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -123,6 +124,37 @@ def stop_ids(model, eos: int) -> list[int]:
     return list(dict.fromkeys([int(eos), *map(int, extra)]))
 
 
+def position_limit(model) -> int | None:
+    """How many positions ``model`` takes (``max_position_embeddings``, GPT-2's ``n_positions``),
+    or None when its config names no limit."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        limit = getattr(config, name, None)
+        if isinstance(limit, int) and limit > 0:
+            return limit
+    return None
+
+
+def check_positions(model, attention_mask: torch.Tensor, what: str = "row",
+                    room: int = 0) -> int | None:
+    """Raise ValueError naming the first row of ``attention_mask`` [B, L] (1 on real tokens)
+    that, with ``room`` more tokens, would not fit ``model``'s positions; returns the limit
+    (None: no limit). Beyond it a learned position table (GPT-2's) fails with an index error,
+    a device-side assert on a GPU, and rotary positions run where the model was never trained.
+    """
+    limit = position_limit(model)
+    if limit is not None:
+        lengths = attention_mask.sum(-1)
+        over = (lengths + room > limit).nonzero()
+        if len(over):
+            i = int(over[0, 0])
+            needs = f" and {room} more for an answer" if room else ""
+            raise ValueError(f"{what} {i} is {int(lengths[i])} tokens long{needs}; the model "
+                             f"takes at most {limit} positions (its config's "
+                             f"max_position_embeddings)")
+    return limit
+
+
 def pick_token(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
                top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
     """The next token of every row [B] (int64) from ``logits`` [B, V]: argmax, or a sample at
@@ -166,10 +198,12 @@ def decode_one_token(model, token: torch.Tensor, attention_mask: torch.Tensor,
 def decode_n_tokens(model, logits: torch.Tensor, past, attention_mask: torch.Tensor,
                     last_pos: torch.Tensor, max_new_tokens: int, eos: int | Sequence[int],
                     pad: int, *, do_sample: bool = False, temperature: float = 1.0,
-                    top_k: int = 0, generator: torch.Generator | None = None):
+                    top_k: int = 0, generator: torch.Generator | None = None,
+                    max_positions: int | None = None):
     """Up to ``max_new_tokens`` tokens per row after :func:`prefill`; a row that produced ``eos``
     (one id, or any of several) gets ``pad`` from then on, and the loop stops once every row
-    has.
+    has. With ``max_positions``, a row also ends with the token at its last position
+    (``max_positions - 1``); rows that ended are fed at that position, never beyond it.
 
     Returns ``(tokens [B, G] int64, alive [B, G] bool)``: ``alive`` marks the tokens produced
     before and including each row's end-of-sequence.
@@ -184,11 +218,14 @@ def decode_n_tokens(model, logits: torch.Tensor, past, attention_mask: torch.Ten
         alive.append(~finished)
         tokens.append(tok)
         finished = finished | torch.isin(tok, stops)
+        last_pos = last_pos + 1                 # the position of ``tok``
+        if max_positions is not None:
+            finished = finished | (last_pos[:, 0] >= max_positions - 1)
+            last_pos = last_pos.clamp(max=max_positions - 1)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         attention_mask = torch.cat(
             [attention_mask, torch.ones(B, 1, dtype=attention_mask.dtype, device=device)], 1)
-        last_pos = last_pos + 1
         logits, past = decode_one_token(model, tok, attention_mask, last_pos, past)
     return torch.stack(tokens, 1), torch.stack(alive, 1)
 
@@ -201,8 +238,10 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     """Generate completions of ``prompts`` in one batch (see the module docstring).
 
     Greedy when ``do_sample`` is False. A row ends at ``eos_token_id`` when given, else at the
-    tokenizer's end-of-sequence or any of the model's generation config (:func:`stop_ids`);
-    stops early once every row has ended.
+    tokenizer's end-of-sequence or any of the model's generation config (:func:`stop_ids`), or
+    at the model's last position (:func:`position_limit`; a warning says how many rows it cut);
+    stops early once every row has ended. A prompt that leaves no position for an answer is a
+    ValueError.
     """
     if not prompts:
         raise ValueError("generate got no prompts")
@@ -214,11 +253,21 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
         enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
     ids = enc["input_ids"].to(device)
     am = enc["attention_mask"].to(device)
+    limit = check_positions(model, am, "prompt", room=1)
     logits, past, last_pos = prefill(model, ids, am)
     stops = eos if eos_token_id is not None else stop_ids(model, eos)
     gen, cmask = decode_n_tokens(model, logits, past, am, last_pos, max_new_tokens, stops, pad,
                                  do_sample=do_sample, temperature=temperature, top_k=top_k,
-                                 generator=generator)
+                                 generator=generator, max_positions=limit)
+    if limit is not None:
+        n_out = cmask.sum(-1)
+        last = gen.gather(1, (n_out - 1).clamp(min=0)[:, None])[:, 0]
+        cut = (am.sum(-1) + n_out >= limit) & (n_out < max_new_tokens) \
+            & ~torch.isin(last, torch.as_tensor(stops).to(last))
+        if cut.any():
+            warnings.warn(f"{int(cut.sum())} of {len(prompts)} completions filled the model's "
+                          f"{limit} positions before their end-of-sequence and were cut there",
+                          stacklevel=3)   # the caller, past no_grad's wrapper
     full_mask = torch.cat([am, cmask.long()], 1)
     texts = tokenizer.batch_decode([row[m].tolist() for row, m in zip(gen.cpu(), cmask.cpu())],
                                    skip_special_tokens=True)

@@ -1,4 +1,6 @@
 """t2fast.generation: prefill + decode steps agree with Hugging Face's own greedy generate."""
+import warnings
+
 import pytest
 import torch
 
@@ -161,3 +163,47 @@ def test_bad_arguments():
         generate(model, tok, [])
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         generate(model, tok, ["a"], max_new_tokens=0)
+
+
+@pytest.fixture(scope="module")
+def short_gpt2():
+    """A GPT-2 of 16 learned positions: a position past them is an index error in its table."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = build_char_tokenizer()
+    config = GPT2Config(vocab_size=len(tok), n_positions=16, n_embd=32, n_layer=1, n_head=2,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config).eval(), tok
+
+
+def test_a_prompt_longer_than_the_models_positions_is_refused_by_name(short_gpt2):
+    from t2fast.train.rollout import completion_logits, teacher_batch
+
+    model, tok = short_gpt2
+    with pytest.raises(ValueError, match=r"prompt 1 is 17 tokens long and 1 more for an "
+                                         r"answer; the model takes at most 16 positions"):
+        generate(model, tok, ["Q: 1\nA:", "Q: 1234567890\nA:"])
+    with pytest.raises(ValueError, match="prompt 0 is 16 tokens long and 1 more"):
+        generate(model, tok, ["Q: 123456789\nA:"])     # no position left for the answer
+    with pytest.raises(ValueError, match="row 0 is 19 tokens long"):
+        completion_logits(model, teacher_batch(tok, ["Q: 1234567890\nA:"], ["7"]))
+
+
+def test_rows_end_at_the_models_last_position_each_as_if_alone(short_gpt2):
+    """A row whose prompt and completion fill the model's positions ends there (16 tokens in
+    all; before, the next step indexed past GPT-2's position table), whatever its batch."""
+    model, tok = short_gpt2
+    prompts = ["Q: 1234\nA:", "Q: 1\nA:", "Q: 12345678\nA:"]
+    with pytest.warns(UserWarning, match="3 of 3 completions filled the model's 16 positions"):
+        with torch.no_grad():
+            out = generate(model, tok, prompts, max_new_tokens=20)
+    assert out.attention_mask.sum(-1).tolist() == [16, 16, 16]
+    for i, prompt in enumerate(prompts):
+        with pytest.warns(UserWarning), torch.no_grad():
+            assert generate(model, tok, [prompt], max_new_tokens=20).texts == [out.texts[i]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():        # ended by the budget on the last position: no warning
+            out = generate(model, tok, prompts, max_new_tokens=1)
+    assert out.attention_mask.sum(-1).tolist() == [12, 9, 16]

@@ -12,8 +12,8 @@ from typing import Sequence
 
 import torch
 
-from ..generation import (Rollout, cache_field, generate, generate_texts, left_padding,
-                          special_ids)
+from ..generation import (Rollout, cache_field, check_positions, generate, generate_texts,
+                          left_padding, special_ids)
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "FALLBACK_MAX_NEW_TOKENS", "Rollout", "completion_logits",
            "generate", "generate_texts", "max_new_tokens_for", "repeat_prompts", "teacher_batch"]
@@ -77,6 +77,7 @@ def completion_logits(model, rollout: Rollout, group_size: int = 1) -> torch.Ten
     its KV cache repeated for the group's completions — the same numbers (up to float rounding)
     for about half the compute when answers are short. Gradients flow through both parts.
     """
+    check_positions(model, rollout.attention_mask, "row")
     G = rollout.completion_ids.shape[1]
     B, P = rollout.num_rows, rollout.prompt_len
     pos = rollout.position_ids()
