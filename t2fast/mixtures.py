@@ -461,7 +461,8 @@ def extract_spec(extra_args) -> tuple[bool, object]:
 
 def check_request_keys(extra_args) -> None:
     """Refuse keys that look like t2fast's but are not read (``t2_experts``, ``t2_adapt``
-    outside ``t2fast serve``), and more than one spec key: they would silently be ignored.
+    outside ``t2fast serve``, a spec's own ``expert`` / ``alpha`` outside its ``"t2"`` key),
+    and more than one spec key: they would silently be ignored.
 
     Raises:
         MixtureError naming the keys.
@@ -474,6 +475,11 @@ def check_request_keys(extra_args) -> None:
                            f"{[REQUEST_KEY, *FLAT_KEYS]}" +
                            (f"; {ADAPT_KEY} is served by `t2fast serve`" if ADAPT_KEY in unknown
                             else ""))
+    bare = [k for k in keys if k in SPEC_FIELDS]
+    if bare:
+        raise MixtureError(f"extra_args key {bare[0]!r} is read only inside "
+                           f"{REQUEST_KEY!r}: give {{{REQUEST_KEY!r}: {{{bare[0]!r}: ...}}}} or "
+                           f"{{'{REQUEST_KEY}_{bare[0]}': ...}}")
     given = [k for k in keys if k == REQUEST_KEY or k in FLAT_KEYS]
     if len(given) > 1:
         raise MixtureError(f"give one of {given}, not several")

@@ -382,6 +382,10 @@ def test_request_vocabulary_helpers():
     assert xargs_value('{"x": 1}') == '{"x": 1}'
     with pytest.raises(MixtureError, match="t2_adapt is served by `t2fast serve`"):
         check_request_keys({"t2_adapt": "prompt"})
+    for key in ("expert", "alpha"):         # a spec's field without its "t2" key
+        with pytest.raises(MixtureError, match=f"'{key}' is read only inside 't2': give "
+                                               f"{{'t2': {{'{key}': ...}}}} or {{'t2_{key}'"):
+            check_request_keys({key: "math", "seed": 1})
 
 
 #: The request vocabulary, spelled only in t2fast/mixtures.py.
