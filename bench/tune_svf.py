@@ -1,4 +1,4 @@
-"""Write the SVF kernels' config table for this GPU (``t2fast.kernels/configs/<arch>.json``).
+"""Write the SVF kernels' config table for this GPU (``t2fast/kernels/configs/<arch>.json``).
 
     python bench/tune_svf.py                          # the layer groups of Llama-3-8B, Qwen2.5-7B
     python bench/tune_svf.py --quick                  # fewer candidates (a few minutes)

@@ -213,8 +213,9 @@ SVF_FLAGS = {
                                 help="eager mode: dense weights for single-mixture steps "
                                      "(faster, but a request's answer may then depend on its "
                                      "batch)")),
-    "cache_dir": ("--svd-cache-dir", dict(help="SVD cache folder (default: t2fast's, "
-                                               "$T2FAST_CACHE)")),
+    "cache_dir": ("--svd-cache-dir", dict(help="SVD cache folder (default: $T2FAST_CACHE/svd, "
+                                               "else t2fast/svd under $XDG_CACHE_HOME or "
+                                               "~/.cache)")),
     "allow_other_model": ("--allow-other-model", dict(
         action="store_true", help="accept experts made for another base model of equal shapes")),
     "max_alpha_abs": ("--max-alpha-abs", dict(type=real(0, lo_open=True),

@@ -56,7 +56,9 @@ class SVFConfig:
         hybrid: serve a batch whose rows all use one mixture with dense weights (the original
             ones for the base model, a cached merge otherwise), in eager and compiled calls; a
             CUDA graph captures the factored path, which follows every later mixture.
-        cache_dir: SVD cache folder (``None``: ``~/.cache/t2fast/svd``); ``False`` disables it.
+        cache_dir: SVD cache folder (``None``: :func:`t2fast.decompose.default_cache_dir`,
+            ``$T2FAST_CACHE/svd``, else under ``$XDG_CACHE_HOME`` or ``~/.cache``); ``False``
+            disables it.
         allow_other_model: accept experts made for another base model of equal shapes.
         max_alpha_abs, max_alpha_l1: bounds on every mixture, ``|α_k| ≤ max_alpha_abs`` and
             ``Σ|α_k| ≤ max_alpha_l1`` (:class:`t2fast.mixtures.MixtureBounds`).

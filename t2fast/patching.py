@@ -71,8 +71,9 @@ class SVFHandle:
         keep_dense, hybrid: ``config``'s settings (read-only).
         lock: a re-entrant lock held by every call that changes the handle's state
             (``set_mixture``, ``merge``, ``merge_z``, ``unmerge``, ``add_experts``,
-            ``remove_experts``, ``set_trainable_z``, ``restore``) and by every call of the model's ``forward``, so a forward pass sees
-            one mixture whole and concurrent ``set_mixture`` calls apply one after the other.
+            ``remove_experts``, ``set_trainable_z``, ``restore``) and by every call of the
+            model's ``forward``, so a forward pass sees one mixture whole and concurrent
+            ``set_mixture`` calls apply one after the other.
             Hold it yourself (``with handle.lock:``) to keep a mixture across several forward
             calls (``generate``) while other threads use the model. A CUDA graph replay or a
             direct call of a submodule does not take it.
@@ -470,7 +471,8 @@ def patch_model(model: nn.Module, experts=(), targets=None, layers=None, *,
         progress: show the SVD's progress bar (on a terminal).
         mixture_bounds: limits on every mixture's α (sets ``max_alpha_abs`` / ``max_alpha_l1``).
         **settings: :class:`~t2fast.config.SVFConfig` fields, which replace ``config``'s:
-            ``cache_dir`` (default ``~/.cache/t2fast/svd``; ``False`` disables it),
+            ``cache_dir`` (default :func:`t2fast.decompose.default_cache_dir`; ``False``
+            disables it),
             ``backend`` (``"auto"``, ``"triton"`` or ``"torch"``), ``mix_in_kernel`` (mix each
             row's z from α inside the kernel instead of a per-slot table), ``hybrid`` (serve
             single-mixture batches with dense weights; default True), ``allow_other_model``

@@ -276,3 +276,12 @@ def test_classify_transfer_labels_transfer_questions_with_their_parent():
     # the classify task itself still draws the training families only
     assert {e.meta["source_family"] for e in get_task(CLASSIFY).examples("test", 300)} == \
         set(CLASSIFY_LABELS)
+
+
+def test_the_package_docstring_example_runs_as_written():
+    import doctest
+
+    import t2fast.tasks
+
+    result = doctest.testmod(t2fast.tasks)
+    assert result.attempted >= 5 and result.failed == 0

@@ -3,10 +3,10 @@
 >>> from t2fast.tasks import get_task, TRAIN_FAMILIES
 >>> task = get_task("arith")
 >>> ex = task.examples("test", n=1)[0]
->>> ex.prompt                                       # doctest: +SKIP
-'Q: 147+8=?\\nA: '
->>> task.score("155", ex).reward()                  # doctest: +SKIP
-1.0
+>>> ex.prompt
+'Q: 16+0=?\\nA: '
+>>> task.score("16", ex).reward(), task.score("15", ex).reward()
+(1.0, -1.0)
 """
 from .base import (DEFAULT_SEED, DEFAULT_SIZES, PROMPT_TEMPLATE, SPLITS, Example, ScoreResult,
                    Task, extract_question, format_prompt, split_of)
