@@ -73,3 +73,33 @@ def test_the_cpu_kv_cache_default(monkeypatch):
     assert cpu_defaults(["--gpu-memory-utilization", "0.5"]) == []
     flag, value = cpu_defaults([])
     assert flag == "--kv-cache-memory-bytes" and 0 < int(value) <= CPU_KV_MAX_BYTES
+
+
+def test_a_workers_set_up_error_is_raised_where_the_engine_was_started():
+    """A t2fast set-up step failing in a vLLM worker (another process) is raised by the start
+    itself, as T2StartupError with the worker's reason: vLLM only says that its engine core
+    failed, the reason being in the middle of the worker's log."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from t2fast.vllm.environment import STARTUP_ERROR_ENV, T2StartupError, startup_errors
+
+    worker = ("from t2fast.vllm.environment import reports_startup_errors\n"
+              "@reports_startup_errors\n"
+              "def set_up():\n"
+              "    raise ValueError(\"expert 'x' does not fit\\nthis model\")\n"
+              "set_up()\n")
+    path = os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                            os.environ.get("PYTHONPATH", "")])
+    with pytest.raises(T2StartupError, match=r"^vLLM did not start: expert 'x' does not fit "
+                                             r"this model$") as info:
+        with startup_errors():      # a worker inherits the environment of the start
+            subprocess.run([sys.executable, "-c", worker], check=True, capture_output=True,
+                           env={**os.environ, "PYTHONPATH": path})
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value.__cause__, subprocess.CalledProcessError)
+    assert STARTUP_ERROR_ENV not in os.environ
+    with pytest.raises(RuntimeError, match="^engine core$"):   # no reason reported: as it is
+        with startup_errors():
+            raise RuntimeError("engine core")

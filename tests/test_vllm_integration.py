@@ -215,6 +215,16 @@ def test_bad_requests_rejected_at_front_end_engine_keeps_serving(main_run):
 
 
 @pytest.mark.slow
+def test_an_expert_of_another_model_fails_the_start_with_its_reason(main_run):
+    """Raised by the start itself (vLLM's multiprocess layout: the check fails in the worker),
+    not only written in the middle of the worker's log."""
+    err = main_run["other_model_error"]
+    assert err is not None, "an expert of another model was loaded"
+    assert err.startswith("vLLM did not start: expert file ") and \
+        "was trained on another base model" in err and "allow_other_model=True" in err
+
+
+@pytest.mark.slow
 def test_poisoned_expert_cannot_change_other_requests(main_run, compiled_run):
     # z = 1e30 in the bank (behind every check): that request's activations overflow; nobody
     # else's tokens change, alone or batched, eager (merged and factored steps) or compiled,

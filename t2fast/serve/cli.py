@@ -286,7 +286,7 @@ def allowlist_plugins() -> None:
 
 
 def _run(args) -> int:
-    from ..vllm.environment import import_vllm
+    from ..vllm.environment import import_vllm, startup_errors
 
     check_args(args)
     import_vllm()
@@ -312,7 +312,8 @@ def _run(args) -> int:
     vargs.api_server_count = 1
     configure_logging_from_args(vargs)
     validate_parsed_serve_args(vargs)
-    ServeSubcommand.cmd(vargs)
+    with startup_errors():
+        ServeSubcommand.cmd(vargs)
     return 0
 
 

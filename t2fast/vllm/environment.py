@@ -1,12 +1,17 @@
 """What t2fast needs of the vLLM installation: vLLM itself (imported with an error that says what
 to install, or what broke its import) and, on vLLM's CPU build, a KV-cache size that fits the
-machine (vLLM's default asks for most of its memory and fails on a small one).
+machine (vLLM's default asks for most of its memory and fails on a small one); and why t2fast's
+set-up failed in a vLLM worker, said where the user looks, last (:func:`startup_errors`).
 
 ``t2fast serve`` and :class:`t2fast.vllm.LLM` both use these, so the two start alike.
 """
 from __future__ import annotations
 
+import functools
 import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
 
 #: How to install vLLM for t2fast; every error about a missing vLLM names it.
 VLLM_INSTALL = ("pip install 't2fast[vllm]' on CUDA; on a CPU, torch's CPU build first, then "
@@ -60,3 +65,59 @@ def cpu_kv_cache_bytes(given: bool) -> int | None:
     import psutil
 
     return min(int(psutil.virtual_memory().available * CPU_KV_SHARE), CPU_KV_MAX_BYTES)
+
+
+#: Names the file a vLLM worker writes to when t2fast's set-up fails there
+#: (:func:`reports_startup_errors`); set by :func:`startup_errors` in the starting process.
+STARTUP_ERROR_ENV = "T2FAST_STARTUP_ERROR_FILE"
+
+
+class T2StartupError(ValueError):
+    """vLLM did not start because t2fast's set-up failed in a worker (an expert of another
+    model, targets the model lacks ...); the message is the worker's, the worker's own
+    exception is in its log."""
+
+
+def reports_startup_errors(fn):
+    """Decorate t2fast's set-up steps that run inside vLLM's workers: an exception they raise
+    is also written to the file :data:`STARTUP_ERROR_ENV` names (when set), for
+    :func:`startup_errors` to raise in the starting process. vLLM itself only says
+    "Engine core initialization failed", the cause being in the middle of a worker's log."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            path = os.environ.get(STARTUP_ERROR_ENV)
+            if path:
+                text = str(exc) if isinstance(exc, ValueError) else \
+                    f"{type(exc).__name__}: {exc}"
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(" ".join(text.split()) + "\n")
+            raise
+    return wrapper
+
+
+@contextmanager
+def startup_errors():
+    """Around the start of a vLLM engine with t2fast's models: when it fails after a worker
+    reported why (:func:`reports_startup_errors`), raise :class:`T2StartupError` with that
+    reason (the first reported), chained to vLLM's own exception; other failures pass as
+    they are."""
+    fd, path = tempfile.mkstemp(prefix="t2fast-startup-", suffix=".txt")
+    os.close(fd)
+    old = os.environ.get(STARTUP_ERROR_ENV)
+    os.environ[STARTUP_ERROR_ENV] = path
+    try:
+        yield
+    except Exception as exc:
+        reported = Path(path).read_text(encoding="utf-8").splitlines()
+        if reported:
+            raise T2StartupError(f"vLLM did not start: {reported[0]}") from exc
+        raise
+    finally:
+        if old is None:
+            os.environ.pop(STARTUP_ERROR_ENV, None)
+        else:
+            os.environ[STARTUP_ERROR_ENV] = old
+        Path(path).unlink(missing_ok=True)

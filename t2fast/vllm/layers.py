@@ -50,6 +50,7 @@ from .. import ops
 from ..decompose import SVDCache, SVDFactors, decompose_weight
 from ..layers import capturing
 from ..targets import ATTENTION, FUSED, MLP, PRESETS, layer_index, resolve_targets
+from .environment import reports_startup_errors
 from .kv_guard import KVGuardMethod, WrappedMethod, finite_guard, writes_kv
 
 #: vLLM's packed modules (its ``packed_modules_mapping`` when the model gives none).
@@ -156,6 +157,7 @@ class SVFLinearMethod(WrappedMethod):
                 out.append((full, rank * shard))
         return out
 
+    @reports_startup_errors
     def process_weights_after_loading(self, layer) -> None:
         rt = self.runtime
         w = layer.weight.detach()

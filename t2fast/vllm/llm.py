@@ -112,7 +112,7 @@ class LLM:
     """
 
     def __init__(self, model: str, experts=(), targets=None, layers=None, **kwargs):
-        from .environment import KV_OPTIONS, cpu_kv_cache_bytes, import_vllm
+        from .environment import KV_OPTIONS, cpu_kv_cache_bytes, import_vllm, startup_errors
 
         import_vllm()
         from vllm import LLM as VLLM
@@ -129,7 +129,8 @@ class LLM:
         given = kwargs.get("max_experts") or T2Config.build(kwargs.get("config")).max_experts
         kwargs["max_experts"] = max(given, len(experts))
         args = engine_args(str(model), files, targets, layers, **kwargs)
-        self.llm = VLLM(**args)
+        with startup_errors():
+            self.llm = VLLM(**args)
         self._frontend = self._find_frontend()
         if objects:
             self.load_experts(objects)

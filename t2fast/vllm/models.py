@@ -13,6 +13,7 @@ from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from .config import config_from_vllm
+from .environment import reports_startup_errors
 from .layers import install_svf_methods
 from .runner import RUNTIME_ATTR, T2Runtime, install_runner_hooks
 
@@ -27,6 +28,7 @@ def check_parallel(vllm_config) -> None:
             f"(tensor_parallel_size) to split the model")
 
 
+@reports_startup_errors
 def install(model, vllm_config) -> T2Runtime:
     """Attach a :class:`T2Runtime` to a freshly built vLLM model and swap in the SVF quant
     methods."""

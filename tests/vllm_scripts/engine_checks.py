@@ -164,8 +164,32 @@ def run_main(world: Path) -> dict:
     res["objects"] = run_batch(llm, plan.OBJECT_REQUESTS)
     res["poison"] = poison_checks(llm, world, res["batch"])
     res["info_end"] = llm.t2_info()[0]
+    del llm
+    res["other_model_error"] = other_model_start_error(world)
     res["total_s"] = time.time() - t0
     return res
+
+
+def other_model_start_error(world: Path) -> str | None:
+    """Start an engine with an expert whose fingerprint names another model (its Σσ 10 %
+    off): the start must fail with t2fast's reason, not only vLLM's "engine core failed"."""
+    import gc
+
+    from t2fast.experts import Fingerprint, load_expert
+    from t2fast.vllm import LLM
+    from t2fast.vllm.environment import T2StartupError
+
+    gc.collect()
+    expert = load_expert(world / "experts" / "math.safetensors")
+    fp = expert.fingerprint
+    expert.fingerprint = Fingerprint(fp.shapes, {n: 1.1 * s for n, s in fp.sigma_sums.items()})
+    path = expert.save(world / "other_model" / "math.safetensors")
+    try:
+        LLM(str(world / "model"), experts=[str(path)], backend="torch",
+            cache_dir=str(world / "svd"), enforce_eager=True, **engine_kwargs())
+    except T2StartupError as exc:
+        return str(exc)
+    return None
 
 
 def run_compiled(world: Path) -> dict:
