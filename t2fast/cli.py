@@ -161,18 +161,11 @@ def usage_error(args: argparse.Namespace, option: str, message: str) -> NoReturn
 def task_examples(args, task, split: str, n: int, option: str = "--n") -> list:
     """The first ``n`` examples of ``split``, or a usage error naming ``option`` when the
     split holds fewer."""
-    try:
-        examples = task.examples(split, n)
-    except RuntimeError:        # a generated task ran out of distinct questions
-        examples = []
-        try:
-            for ex in task.iter_examples(split):
-                examples.append(ex)
-        except RuntimeError:
-            pass
+    from .tasks.base import first_examples, missing_examples
+
+    examples = first_examples(task, split, n)
     if len(examples) < n:
-        usage_error(args, option, f"{n} examples asked for, but task {task.name!r} has "
-                                  f"{len(examples)} distinct {split} examples")
+        usage_error(args, option, missing_examples(task, split, n, len(examples)))
     return examples
 
 

@@ -552,3 +552,53 @@ def test_eval_names_an_expert_made_for_another_model(experts, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "of which are not linear modules of this model" in err, err
     assert "made for another model" in err
+
+
+def _gsm8k_file(path, n):
+    path.write_text("".join(json.dumps({"question": f"What is {i} plus {i + 1}?",
+                                        "answer": f"#### {2 * i + 1}"}) + "\n" for i in range(n)))
+    return path
+
+
+def test_a_split_the_data_lacks_is_named_with_how_splits_are_made(tmp_path, capsys):
+    """``eval`` on a file taken whole as its train split (default --split test) said only
+    that --n asked for more; ``train`` on it validated on nothing and kept the untrained
+    start; a --train-n beyond the pool was a RuntimeError traceback."""
+    data = _gsm8k_file(tmp_path / "g.jsonl", 12)
+    assert cli.main(["eval", "--task", f"gsm8k@train:{data}", "--model", "random"]) == 2
+    assert "has 0 distinct test examples: it is one file taken whole as its train split " \
+           "(KIND@train:FILE)" in capsys.readouterr().err
+    assert cli.main(["eval", "--task", f"gsm8k:{data}", "--model", "random", "--n", "5"]) == 2
+    assert "KIND:FILE divides a file's records 80/10/10" in capsys.readouterr().err
+    common = ["--model", "random", "--threads", "1", "--steps", "1", "--batch-size", "2",
+              "--samples-per-prompt", "2", "--no-progress", "--no-cache"]
+    out = tmp_path / "g.safetensors"
+    assert cli.main(["train", "--task", f"gsm8k@train:{data}", "--out", str(out), *common]) == 2
+    err = capsys.readouterr().err
+    assert "eval_n 128: 128 examples asked for, but task 'gsm8k' has 0 distinct validation " \
+           "examples" in err and "the trainer keeps the step that scores best" in err
+    assert not out.exists()
+    assert cli.main(["train", "--task", "arith", "--train-n", "5000", "--out", str(out),
+                     *common]) == 2
+    assert "train_n 5000: 5000 examples asked for, but task 'arith' has 4675 distinct train " \
+           "examples" in capsys.readouterr().err
+
+
+def test_the_expert_is_named_after_the_whole_file_name(tmp_path):
+    out = tmp_path / "arith_kl0.2.safetensors"
+    assert cli.main(["train", "--task", "arith", "--out", str(out), "--model", "random",
+                     "--threads", "1", "--steps", "1", "--batch-size", "2",
+                     "--samples-per-prompt", "2", "--eval-n", "2", "--eval-every", "1",
+                     "--no-progress", "--no-cache"]) == 0
+    assert load_expert(out).name == "arith_kl0.2"       # before: arith_kl0
+
+
+def test_fewer_validation_examples_than_eval_n_are_used_with_a_warning(tmp_path):
+    data = _gsm8k_file(tmp_path / "g.jsonl", 40)
+    with pytest.warns(UserWarning, match=r"eval_n 128: 128 examples asked for, but task 'gsm8k' "
+                                         r"has \d distinct validation examples .*validating on "
+                                         r"those \d"):
+        assert cli.main(["train", "--task", f"gsm8k:{data}", "--out",
+                         str(tmp_path / "g.safetensors"), "--model", "random", "--threads", "1",
+                         "--steps", "1", "--batch-size", "2", "--samples-per-prompt", "2",
+                         "--no-progress", "--no-cache"]) == 0

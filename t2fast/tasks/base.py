@@ -194,3 +194,39 @@ class Task:
 def as_answer(example: Example | str | Any) -> str:
     """The reference answer of an Example, or the value itself when given a plain string."""
     return example.answer if isinstance(example, Example) else str(example)
+
+
+def first_examples(task, split: str, n: int) -> list[Example]:
+    """Up to ``n`` examples of ``task``'s ``split``: all it has when that is fewer (a JSONL
+    file's split, a generated task's spent question space), where ``Task.examples`` of a
+    generated task raises RuntimeError."""
+    try:
+        return task.examples(split, n)
+    except RuntimeError:        # a generated task ran out of distinct questions
+        out: list[Example] = []
+        try:
+            for ex in task.iter_examples(split):
+                out.append(ex)
+                if len(out) >= n:
+                    break
+        except RuntimeError:
+            pass
+        return out
+
+
+def missing_examples(task, split: str, n: int, have: int) -> str:
+    """Why ``task``'s ``split`` holds ``have`` < ``n`` examples, for an error message: the
+    counts, and for a JSONL file how its splits are made."""
+    from .jsonl import JsonlTask
+
+    text = f"{n} examples asked for, but task {task.name!r} has {have} distinct {split} examples"
+    if not isinstance(task, JsonlTask):
+        return text
+    if task.split is not None and task.split != split:
+        return (f"{text}: it is one file taken whole as its {task.split} split "
+                f"(KIND@{task.split}:FILE); use the {task.split} split, or KIND:FILE to divide "
+                f"the file 80/10/10")
+    if task.split is None:
+        return (f"{text} (KIND:FILE divides a file's records 80/10/10 into train / validation "
+                f"/ test by a hash of the question; KIND@{split}:FILE takes the whole file)")
+    return text

@@ -218,12 +218,21 @@ class TrainConfig:
         if self.out is not None and self.method == "svf":
             from ..mixtures import check_expert_name
             try:        # the file name is the expert's name: refuse a bad one before training
-                check_expert_name(Path(self.out).name.split(".")[0], "the expert name")
+                check_expert_name(self.expert_name, "the expert name")
             except ValueError as exc:
                 bad("out", str(exc))
         return self
 
     # ------------------------------------------------------------------------------------
+    @property
+    def expert_name(self) -> str | None:
+        """The name the expert is saved under: ``out``'s file name less ``.safetensors``
+        (``arith_kl0.2.safetensors`` → ``arith_kl0.2``), a LoRA folder's name as it is."""
+        if self.out is None:
+            return None
+        name = Path(self.out).name
+        return name[:-len(".safetensors")] if name.endswith(".safetensors") else name
+
     @property
     def log_path(self) -> Path | None:
         if self.log:

@@ -29,6 +29,7 @@ import torch
 
 from ..generation import generate
 from ..tasks import get_task
+from ..tasks.base import first_examples, missing_examples
 from .config import ConfigError, TrainConfig
 from .evaluate import EvalResult, evaluate
 from .objectives import advantages, reinforce_kl_loss, sft_loss
@@ -132,11 +133,11 @@ class Trainer:
         self.policy = make_policy(model, config, init_z=init_z)
         self.model = self.policy.model
         self.max_new_tokens = max_new_tokens_for(config.task, config.max_new_tokens)
-        self.train_examples = self.task.examples("train", config.train_n)
+        self.train_examples = self._examples("train", config.train_n, "train_n")
         if len(self.train_examples) < config.batch_size:
             raise ConfigError(f"batch_size {config.batch_size} is larger than the "
                               f"{len(self.train_examples)} training examples")
-        self.eval_examples = self.task.examples(config.eval_split, config.eval_n)
+        self.eval_examples = self._examples(config.eval_split, config.eval_n, "eval_n")
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.lr,
                                            betas=tuple(config.betas),
                                            weight_decay=config.weight_decay)
@@ -252,6 +253,22 @@ class Trainer:
         self.logger.log(rec)
         return improved
 
+    def _examples(self, split: str, n: int | None, field: str) -> list:
+        """The task's examples of ``split``: ``n`` of them (None: the task's default), all
+        there are when ``field`` is ``eval_n`` and the split has fewer (with a warning);
+        ConfigError when the split is empty or ``train_n`` asks for more than it has."""
+        if n is None:
+            return self.task.examples(split)
+        got = first_examples(self.task, split, n)
+        if len(got) < n:
+            why = missing_examples(self.task, split, n, len(got))
+            if field == "train_n" or not got:
+                keeps = "; the trainer keeps the step that scores best on them" \
+                    if field == "eval_n" else ""
+                raise ConfigError(f"{field} {n}: {why}{keeps}")
+            warnings.warn(f"{field} {n}: {why}; validating on those {len(got)}", stacklevel=3)
+        return got
+
     def _save_best(self) -> None:
         c = self.config
         if not c.out:
@@ -262,7 +279,7 @@ class Trainer:
                  "num_parameters": self.policy.num_parameters(),
                  "config": portable_config(c)}
         Path(c.out).parent.mkdir(parents=True, exist_ok=True)
-        self.policy.save(c.out, Path(c.out).name.split(".")[0], extra)
+        self.policy.save(c.out, c.expert_name, extra)
 
     # ---- checkpoints --------------------------------------------------------------------
     _SAME = ("task", "method", "objective", "parameterization", "targets", "layers", "seed",
@@ -294,8 +311,9 @@ class Trainer:
         new = self.config.to_dict()
         differ = [k for k in self._SAME if old.get(k) != new.get(k)]
         if differ:
+            changes = ", ".join(f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in differ)
             raise ConfigError(f"checkpoint {path} was made with a different configuration "
-                              f"({', '.join(f'{k}: {old.get(k)!r} vs {new.get(k)!r}' for k in differ)})")
+                              f"({changes})")
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
