@@ -124,6 +124,23 @@ def stop_ids(model, eos: int) -> list[int]:
     return list(dict.fromkeys([int(eos), *map(int, extra)]))
 
 
+def prompt_list(prompts, where: str) -> list[str]:
+    """``prompts`` as a list; one string is a TypeError (it would be read as one prompt per
+    character)."""
+    if isinstance(prompts, str):
+        raise TypeError(f"{where}: prompts must be a sequence of strings, got one string; "
+                        f"pass [prompt]")
+    return list(prompts)
+
+
+def check_batch_size(batch_size, where: str) -> None:
+    """Raise ValueError unless ``batch_size`` (rows per generation call) is None or an int ≥ 1."""
+    if batch_size is not None and (isinstance(batch_size, bool) or
+                                   not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"{where}: batch_size must be a positive int or None, got "
+                         f"{batch_size!r}")
+
+
 def position_limit(model) -> int | None:
     """How many positions ``model`` takes (``max_position_embeddings``, GPT-2's ``n_positions``),
     or None when its config names no limit."""
@@ -243,6 +260,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     stops early once every row has ended. A prompt that leaves no position for an answer is a
     ValueError.
     """
+    prompts = prompt_list(prompts, "generate")
     if not prompts:
         raise ValueError("generate got no prompts")
     if max_new_tokens < 1:
@@ -281,7 +299,8 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, batch_size: int 
     ``before_chunk(start, stop)`` is called before each chunk (e.g. to set that chunk's per-row
     expert mixtures); other keyword arguments go to :func:`generate`.
     """
-    prompts = list(prompts)
+    prompts = prompt_list(prompts, "generate_texts")
+    check_batch_size(batch_size, "generate_texts")
     step = batch_size or max(1, len(prompts))
     out: list[str] = []
     for i in range(0, len(prompts), step):

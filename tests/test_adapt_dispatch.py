@@ -123,6 +123,10 @@ def test_engine_per_row_experts_match_running_alone(setup):
     # chunked pass 2 gives the same answers
     res2 = TwoPassEngine(handle, tok, max_new_tokens=5, batch_size=3).run(prompts, Fixed())
     assert res2.outputs == res.outputs and len(res2.pass2_paths) == 2
+    with pytest.raises(TypeError, match="TwoPassEngine.run: prompts must be a sequence"):
+        engine.run(prompts[0], Fixed())      # before: one prompt per character
+    with pytest.raises(ValueError, match="TwoPassEngine: batch_size must be a positive int"):
+        TwoPassEngine(handle, tok, batch_size=-1)   # before: no answers at all
 
 
 def test_fixed_mixtures(setup):

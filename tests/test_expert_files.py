@@ -311,3 +311,15 @@ def test_tensors_at_any_offset_are_read_exactly(tmp_path):
     t, _ = safetensors_io.read_file(path, "x", "f", ("1",), max_bytes=22,
                                     dtypes=(torch.float16, torch.float64))
     assert torch.equal(t["a"], a) and torch.equal(t["b"], b.double())
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "pickle"])
+def test_a_pytorch_checkpoint_is_named_as_such(tmp_path, legacy):
+    """An official Transformer² expert is a torch.save file: say so and how to convert it,
+    not that a safetensors header claims 5e17 bytes."""
+    path = tmp_path / "learnable_params.pt"
+    torch.save({"model.layers.0.mlp.down_proj.weight": torch.ones(3)}, path,
+               _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(T2FileError, match=r"learnable_params\.pt' is a PyTorch checkpoint "
+                                          r".*converted by t2fast import-official"):
+        load_expert(path)

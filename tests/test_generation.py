@@ -4,8 +4,8 @@ import warnings
 import pytest
 import torch
 
-from t2fast.generation import (decode_n_tokens, decode_one_token, generate, left_padding, prefill,
-                               special_ids)
+from t2fast.generation import (decode_n_tokens, decode_one_token, generate, generate_texts,
+                               left_padding, prefill, special_ids)
 from t2fast.models import build_char_tokenizer, random_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -163,6 +163,15 @@ def test_bad_arguments():
         generate(model, tok, [])
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         generate(model, tok, ["a"], max_new_tokens=0)
+    # one string is not a list of one-character prompts; rows per call are at least one
+    with pytest.raises(TypeError, match="generate: prompts must be a sequence of strings, got "
+                                        "one string; pass \\[prompt\\]"):
+        generate(model, tok, "Q: 1+1=?\nA: ")
+    with pytest.raises(TypeError, match="generate_texts: prompts must be"):
+        generate_texts(model, tok, "ab")
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="generate_texts: batch_size must be a positive int"):
+            generate_texts(model, tok, ["a", "b"], batch_size=bad)
 
 
 @pytest.fixture(scope="module")

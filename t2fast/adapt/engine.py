@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from ..generation import generate
+from ..generation import check_batch_size, generate, prompt_list
 
 
 class FixedMixture:
@@ -74,6 +74,7 @@ class TwoPassEngine:
 
     def __init__(self, handle, tokenizer, *, max_new_tokens: int = 16,
                  batch_size: int | None = None, progress: bool = False):
+        check_batch_size(batch_size, "TwoPassEngine")
         self.handle = handle
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
@@ -82,7 +83,7 @@ class TwoPassEngine:
 
     def run(self, prompts: Sequence[str], strategy, max_new_tokens: int | None = None
             ) -> TwoPassResult:
-        prompts = list(prompts)
+        prompts = prompt_list(prompts, "TwoPassEngine.run")
         if not prompts:
             raise ValueError("TwoPassEngine.run got no prompts")
         pass1 = f"pass 1 ({getattr(strategy, 'name', type(strategy).__name__)})"
