@@ -97,6 +97,11 @@ def add_model_argument(p: argparse.ArgumentParser, placement: bool = True) -> No
                             "package, CUDA and bfloat16 or float16")
 
 
+#: Files of which a model folder's tokenizer has at least one (fast, SentencePiece, BPE vocab).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "spiece.model")
+
+
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32",
                attn: str | None = None):
     """(model, tokenizer) for a checked ``--model`` value, in eval mode on ``device`` in
@@ -118,13 +123,17 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32",
         path = tiny_model_path()
     else:
         path = Path(spec)
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    if path.is_dir() and not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise ValueError(f"--model {spec!r}: the folder holds no tokenizer (none of "
+                         f"{', '.join(TOKENIZER_FILES)})")
     kw = {"attn_implementation": attn} if attn else {}
     try:                                # the tokenizer first: a folder without one fails fast
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
                                                      local_files_only=True, **kw)
-    except (OSError, ValueError) as exc:    # e.g. "does not appear to have a file named"
+    except (OSError, ValueError, SafetensorError) as exc:   # a file missing, truncated ...
         raise ValueError(f"--model {spec!r}: {' '.join(str(exc).split())[:300]}") from None
     return model.to(device).eval(), tokenizer
 

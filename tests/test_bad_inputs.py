@@ -232,12 +232,19 @@ def test_damaged_cache_entry_is_recomputed_with_the_same_answers(world):
      r"arith\.safetensors' is not a LoRA adapter folder .*use --expert"),
     (["eval", "--task", "arith", "--model", "random:0:1", "--lora", "no/such/adapter"],
      r"--lora 'no/such/adapter' does not exist"),
+    (["eval", "--task", "arith", "--model", "random:0:1", "--lora", "WEIGHTLESS"],
+     r"has an adapter_config\.json but no weights \(adapter_model\.safetensors or "
+     r"adapter_model\.bin\)"),
     (["eval", "--task", "arith", "--model", "random:0:1", "--expert",
       str(SHIPPED / "baselines" / "lora_sft_arith")], r"is a PEFT LoRA adapter folder"),
     (["import-official", "none.pt", "--model", "random:0:1", "--out", "x.safetensors"],
      r"official checkpoint 'none\.pt' does not exist"),
 ])
-def test_cli_errors(world, args, pattern, capsys):
+def test_cli_errors(world, args, pattern, capsys, tmp_path):
+    if "WEIGHTLESS" in args:            # a LoRA folder of a config alone: PEFT asked the Hub
+        (tmp_path / "adapter_config.json").write_text(
+            (SHIPPED / "baselines" / "lora_sft_arith" / "adapter_config.json").read_text())
+        args = [str(tmp_path) if a == "WEIGHTLESS" else a for a in args]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert re.search(pattern, err), err
@@ -279,3 +286,23 @@ def test_training_refuses_an_invalid_expert_name_before_it_starts():
     with pytest.raises(ValueError, match=r"TrainConfig\.out=.*the expert name 'my expert' is "
                                          r"not valid"):
         TrainConfig(task="arith", out="x/my expert.safetensors").validate()
+
+
+def test_a_damaged_model_folder_is_named(tmp_path, capsys):
+    """A truncated model.safetensors was a SafetensorError traceback; a folder without a
+    tokenizer asked to install sentencepiece."""
+    import shutil
+
+    from t2fast.models import tiny_model_path
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_path(), folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    args = ["eval", "--task", "arith", "--n", "1", "--model", str(folder)]
+    assert cli.main(args) == 2
+    assert re.search(r"t2fast eval: error: --model '.*model': .*", capsys.readouterr().err)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / f).unlink()
+    assert cli.main(args) == 2
+    assert "the folder holds no tokenizer (none of tokenizer.json," in capsys.readouterr().err

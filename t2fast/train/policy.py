@@ -242,11 +242,19 @@ class LoRAPolicy:
         pass
 
 
+#: The weight files of a PEFT adapter folder (one of them).
+LORA_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
 def lora_folder(path, what: str = "LoRA adapter") -> Path:
     """``path`` as a Path if it is a local PEFT adapter folder, else FileNotFoundError saying
     why (``what`` names it in the message). Never a Hub name: no network lookup."""
     p = Path(path)
     if p.is_dir() and (p / "adapter_config.json").is_file():
+        if not any((p / f).is_file() for f in LORA_WEIGHTS):
+            raise FileNotFoundError(f"{what} {str(path)!r} has an adapter_config.json but no "
+                                    f"weights ({' or '.join(LORA_WEIGHTS)}); PEFT would look "
+                                    f"it up on the Hub")
         return p
     hint = ("; it is a t2fast expert: use --expert or t2fast.load_expert"
             if p.suffix == ".safetensors" or (p / "expert_config.json").is_file() else "")
