@@ -419,9 +419,15 @@ class SVFHandle:
 
 
 def _sources(experts) -> list:
-    """``experts`` (one or a list of ``Expert`` objects and file/folder paths) as a list."""
+    """``experts`` (None, one or a list of ``Expert`` objects and file/folder paths) as a
+    list."""
+    if experts is None:
+        return []
     if isinstance(experts, (str, Path, Expert)):
         experts = [experts]
+    if isinstance(experts, dict):       # iterating it would read its keys as file names
+        raise TypeError("experts must be Expert objects or expert file/folder paths, got a "
+                        "dict; pass a list (an expert's name is in its file)")
     experts = list(experts)
     for e in experts:
         if not isinstance(e, (str, Path, Expert)):

@@ -114,9 +114,9 @@ def _header(f, size: int, where: str) -> tuple[dict[str, TensorInfo], dict, int]
     (n,) = struct.unpack("<Q", head)
     if n > MAX_HEADER_BYTES or 8 + n > size:
         if head.startswith((b"PK\x03\x04", *(bytes([0x80, p]) for p in range(2, 6)))):
-            raise T2FileError(f"{where} is a PyTorch checkpoint (torch.save's zip or pickle), "
-                              f"not a safetensors file; an official Transformer² expert "
-                              f"(.pt) is converted by t2fast import-official")
+            raise T2FileError(f"{where} is a zip or pickle file (torch.save's formats), not a "
+                              f"safetensors file; an official Transformer² expert (.pt) is "
+                              f"converted by t2fast import-official")
         raise T2FileError(f"{where} is not a readable safetensors file (truncated or corrupt?): "
                           f"its header claims {n} bytes (file: {size} bytes, limit: "
                           f"{MAX_HEADER_BYTES})")

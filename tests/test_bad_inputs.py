@@ -117,7 +117,8 @@ FILES = [
     ("extra_type", T2FileError, r"et-raw\.safetensors'.*field 'extra' must be a JSON object"),
     ("dup_a", ValueError, r"\['a'\] are already loaded.*replace=True"),
     ("trunc", T2FileError, r"trunc\.safetensors' is not a readable safetensors file"),
-    ("pickle", T2FileError, r"pickled\.safetensors' is not a readable safetensors file"),
+    ("pickle", T2FileError, r"pickled\.safetensors' is a zip or pickle file \(torch\.save's "
+                            r"formats\), not a safetensors file"),
     ("foreign", T2FileError, r"foreign\.safetensors' was trained on another base model"),
 ]
 
@@ -132,6 +133,8 @@ def test_missing_file_and_wrong_object(world):
     _case(world, lambda h, f: h.add_experts([world["dir"] / "missing.safetensors"]),
           T2FileError, r"missing\.safetensors' does not exist")
     _case(world, lambda h, f: h.add_experts([42]), TypeError, r"got int")
+    _case(world, lambda h, f: h.add_experts({"a": f["a"]}), TypeError,
+          r"got a dict; pass a list")
     short = {n: torch.ones(3) for n in world["handle"].targets}
     _case(world, lambda h, f: h.add_experts([Expert("s", short)]), T2FileError,
           r"expert 's': z for .* has shape \(3,\), but that matrix has rank")
@@ -306,3 +309,9 @@ def test_a_damaged_model_folder_is_named(tmp_path, capsys):
         (folder / f).unlink()
     assert cli.main(args) == 2
     assert "the folder holds no tokenizer (none of tokenizer.json," in capsys.readouterr().err
+
+
+def test_no_experts_may_be_given_as_none():
+    handle = t2fast.patch_model(_model(), experts=None, cache_dir=False, progress=False)
+    assert handle.expert_names == []        # before: 'NoneType' object is not iterable
+    handle.restore()

@@ -320,6 +320,6 @@ def test_a_pytorch_checkpoint_is_named_as_such(tmp_path, legacy):
     path = tmp_path / "learnable_params.pt"
     torch.save({"model.layers.0.mlp.down_proj.weight": torch.ones(3)}, path,
                _use_new_zipfile_serialization=not legacy)
-    with pytest.raises(T2FileError, match=r"learnable_params\.pt' is a PyTorch checkpoint "
+    with pytest.raises(T2FileError, match=r"learnable_params\.pt' is a zip or pickle file "
                                           r".*converted by t2fast import-official"):
         load_expert(path)
