@@ -790,7 +790,9 @@ def _main(argv) -> int:
     try:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"t2fast {args.command}: error: {e}", file=sys.stderr)
+        own = f"t2fast {args.command}: "        # a message that already names the command
+        text = str(e)[len(own):] if str(e).startswith(own) else str(e)
+        print(f"{own}error: {text}", file=sys.stderr)
         return 2
 
 

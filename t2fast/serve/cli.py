@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -32,6 +33,9 @@ SERVE_SVF_FIELDS = ("targets", "layers", "max_experts", "backend", "hybrid", "me
 #: vLLM options that ``t2fast serve`` sets itself.
 OWNED_VLLM_OPTIONS = ("--hf-overrides", "--additional-config", "--worker-extension-cls",
                       "--model")
+#: A Hugging Face hub id: ``NAME`` or ``OWNER/NAME`` (a model that is no local path is left to
+#: vLLM when it looks like one).
+HUB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)?")
 
 
 def expert_entry(text: str) -> str:
@@ -84,6 +88,101 @@ def check_args(args) -> None:
         usage_error(args, "--runtime-loading-root", "is given without --allow-runtime-loading")
     if root is not None and not Path(root).is_dir():
         usage_error(args, "--runtime-loading-root", f"{root!r} is not a folder")
+    check_model(args)
+    check_names(args)
+
+
+def check_model(args) -> None:
+    """``MODEL``: ``tiny``, a folder with a ``config.json`` or (no such path) a hub id."""
+    from ..cli import usage_error
+
+    model = args.model
+    if model == "tiny":
+        return
+    if not model:
+        usage_error(args, "model", "is empty: give 'tiny', a model folder or a hub id")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            usage_error(args, "model", f"{model!r} is a folder without config.json (not a "
+                                       f"Hugging Face model folder)")
+    elif path.exists():
+        usage_error(args, "model", f"{model!r} is a file, not a model folder (a folder with "
+                                   f"config.json)")
+    elif model.startswith(("/", "./", "../", "~")) or not HUB_ID.fullmatch(model):
+        usage_error(args, "model", f"{model!r}: no such model folder")
+
+
+def base_names(args) -> list[str]:
+    """The base model's served names: vLLM's ``--served-model-name`` values among the options
+    passed on, else ``tiny`` or ``MODEL`` as given."""
+    extra, names, i = list(getattr(args, "_extra", None) or []), None, 0
+    while i < len(extra):
+        option, sep, value = extra[i].partition("=")
+        i += 1
+        if option.replace("_", "-") != "--served-model-name":
+            continue
+        names = [value] if sep else []
+        while not sep and i < len(extra) and not extra[i].startswith("-"):
+            names.append(extra[i])
+            i += 1
+    return names or [args.model]
+
+
+def check_names(args) -> None:
+    """The expert names of ``--experts`` and ``--classifier`` (``NAME=``, or the name stored in
+    an unnamed file): valid, none twice, none a served name of the base model; no file twice
+    unnamed; a classifier given by name names one of ``--experts``; no profile name twice."""
+    from ..cli import usage_error
+    from ..experts import load_expert
+    from ..mixtures import MixtureError, check_expert_name
+
+    served = base_names(args)
+    entries = [("--experts", e) for e in args.experts]
+    c, bare = args.classifier, None
+    if c is not None:
+        if Path(c).exists() or "=" in c:
+            entries.append(("--classifier", c))
+        else:
+            bare = c
+    names: dict[str, tuple[str, str]] = {}    # expert name -> (option, entry)
+    files: dict[str, tuple[str, str]] = {}    # unnamed file -> (option, entry)
+    for option, entry in entries:
+        name, path = _named(entry)
+        if name is None:
+            if path in files:
+                hint = "; name it by its expert name" if option == "--classifier" else ""
+                usage_error(args, option, f"{entry!r} is given twice (as {files[path][0]} "
+                                          f"{files[path][1]!r} too){hint}")
+            files[path] = (option, entry)
+            try:                        # the name stored in the file (it is read in full)
+                name = load_expert(path).name
+            except (ValueError, OSError) as exc:
+                usage_error(args, option, str(exc))
+            what = f"{entry!r}: its expert name {name!r}"
+        else:
+            try:
+                check_expert_name(name, f"{entry!r}: expert name")
+            except MixtureError as exc:
+                usage_error(args, option, str(exc))
+            what = f"{entry!r}: expert name {name!r}"
+        if name in served:
+            usage_error(args, option, f"{what} is the base model's served name")
+        if name in names:
+            usage_error(args, option, f"{what} is given twice (by {names[name][0]} "
+                                      f"{names[name][1]!r} too)")
+        names[name] = (option, entry)
+    if bare is not None and bare not in names:
+        usage_error(args, "--classifier", f"{bare!r} is neither an expert file nor the name "
+                                          f"of one of --experts (their names: "
+                                          f"{sorted(names) or 'none'})")
+    profiles: dict[str, str] = {}
+    for entry in args.profiles:
+        name = _named(entry)[0]
+        if name in profiles:
+            usage_error(args, "--profiles", f"profile name {name!r} is given twice "
+                                            f"({profiles[name]!r} and {entry!r})")
+        profiles[name] = entry
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
@@ -198,7 +297,7 @@ def vllm_arguments(args, extra: list[str]) -> list[str]:
     if owned:
         raise ValueError(f"t2fast serve sets {', '.join(owned)} itself; use its own options "
                          f"(t2fast serve --help)")
-    model = args.model
+    model = os.path.expanduser(args.model)
     served = []
     if model == "tiny":
         from ..models import tiny_model_path
