@@ -21,11 +21,16 @@ import torch
 from tqdm.auto import tqdm
 
 import t2fast
+from t2fast.cli_types import integer
 from t2fast.experts import Expert, load_expert
 from t2fast.generation import generate
 from t2fast.models import load_tiny, random_tiny_llama, tiny_experts, tiny_model_path
 from t2fast.models.tiny import build_char_tokenizer
 from t2fast.tasks import TRAIN_FAMILIES, get_task
+
+
+#: The most test rows per family (the smallest training family's test split holds more).
+MAX_ROWS_PER_FAMILY = 500
 
 
 def _load_model(random_model: bool):
@@ -64,11 +69,11 @@ def _generate(model, tok, prompts, max_new_tokens):
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description="t2fast demo: per-row SVF experts in one batch")
-    ap.add_argument("--rows-per-family", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=12)
+    ap.add_argument("--rows-per-family", type=integer(1, MAX_ROWS_PER_FAMILY), default=8)
+    ap.add_argument("--max-new-tokens", type=integer(1), default=12)
     ap.add_argument("--backend", default="auto", choices=t2fast.ops.BACKENDS)
     ap.add_argument("--random", action="store_true", help="use a random model, not the bundled one")
-    ap.add_argument("--show", type=int, default=2, help="rows printed per family")
+    ap.add_argument("--show", type=integer(0), default=2, help="rows printed per family")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
 
