@@ -537,6 +537,17 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, type=output_file, help="write the summary as JSON here")
 
 
+#: ``t2fast adapt`` options that only cem reads.
+CEM_OPTIONS = ("--shots", "--shot-set", "--cem-iterations", "--cem-population",
+               "--cem-elite-ratio", "--cem-std", "--cem-objective", "--cem-absolute",
+               "--cem-check-shots", "--per-layer", "--normalize", "--seed")
+
+
+def _given(args, option: str) -> bool:
+    """Whether the command line (``args._argv``) gives ``option``, as ``--x v`` or ``--x=v``."""
+    return any(a.split("=", 1)[0] == option for a in getattr(args, "_argv", ()))
+
+
 def _adapt_check(args):
     """Cross-option checks of ``t2fast adapt`` (usage errors, before any model is loaded);
     returns (task or None, its examples, the cem shots, the shot set)."""
@@ -547,6 +558,13 @@ def _adapt_check(args):
         usage_error(args, "--save-profile", "needs --strategy cem")
     if s == "classifier" and not args.classifier:
         usage_error(args, "--strategy", "classifier needs --classifier FILE")
+    if args.classifier and s != "classifier":
+        usage_error(args, "--classifier", f"is pass 1 of --strategy classifier; the strategy "
+                                          f"here is {s}")
+    unused = [o for o in CEM_OPTIONS if _given(args, o)]
+    if unused and s != "cem":
+        usage_error(args, unused[0], f"sets cem's search; it needs --strategy cem (the "
+                                     f"strategy here is {s})")
     if args.adapt_template != "tiny" and s != "prompt":
         usage_error(args, "--adapt-template", "phrases the prompt strategy's pass 1; it needs "
                                               "--strategy prompt")

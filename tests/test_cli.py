@@ -92,11 +92,11 @@ def test_adapt_strategies(experts, tmp_path, strategy, capsys):
     extra = ["--classifier", str(experts[1])] if strategy == "classifier" else []
     profile = tmp_path / "profile.json"
     if strategy == "cem":
-        extra = ["--save-profile", str(profile)]
+        extra = ["--save-profile", str(profile), "--shots", "2", "--cem-iterations", "1",
+                 "--cem-population", "3"]
     experts_arg = [str(experts[0])] if strategy == "classifier" else [str(p) for p in experts]
     args = ["adapt", *MODEL, "--experts", *experts_arg, "--strategy", strategy, "--task",
-            "arith_chain", "--n", "4", "--shots", "2", "--cem-iterations", "1",
-            "--cem-population", "3", "--json", str(out), *extra]
+            "arith_chain", "--n", "4", "--json", str(out), *extra]
     assert cli.main(args) == 0
     r = json.loads(out.read_text())
     assert r["n"] == 4 and r["pass2_s"] > 0
@@ -147,13 +147,13 @@ def test_adapt_batch_size_bounds_every_pass(tmp_path, strategy):
     def record(module, args):
         if isinstance(module, torch.nn.Embedding):
             rows.append(args[0].shape[0])
+    own = ["--shots", "4", "--cem-iterations", "1", "--cem-population", "3"] \
+        if strategy == "cem" else ["--classifier", str(tb / "experts" / "classify.safetensors")]
     hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
     try:
         assert cli.main(["adapt", "--model", str(tb), "--threads", "1", "--experts", *ex,
-                         "--strategy", strategy, "--classifier",
-                         str(tb / "experts" / "classify.safetensors"), "--restate", "--task",
-                         "choice_words", "--n", "5", "--shots", "4", "--cem-iterations", "1",
-                         "--cem-population", "3", "--batch-size", "2"]) == 0
+                         "--strategy", strategy, *own, "--restate", "--task", "choice_words",
+                         "--n", "5", "--batch-size", "2"]) == 0
     finally:
         hook.remove()
     assert rows and max(rows) == 2
@@ -235,6 +235,19 @@ def test_adapt_on_prompts(experts, capsys):
                      "--prompt", "1+2=?", "reverse('ab')"]) == 0
     lines = [json.loads(l) for l in capsys.readouterr().out.strip().splitlines()]
     assert [l["prompt"] for l in lines] == ["Q: 1+2=?\nA: ", "Q: reverse('ab')\nA: "]
+
+
+def test_options_of_another_strategy_are_refused(experts, capsys):
+    """--classifier without the classifier strategy, and cem's options without cem, were
+    silently ignored."""
+    base = ["adapt", *MODEL, "--experts", str(experts[0]), "--task", "arith", "--n", "1"]
+    err = _usage_error(capsys, [*base, "--classifier", str(experts[1])], "--classifier")
+    assert "is pass 1 of --strategy classifier; the strategy here is prompt" in err
+    for option in (["--shots", "3"], ["--cem-std=0.5"], ["--per-layer"], ["--seed", "1"]):
+        err = _usage_error(capsys, [*base, "--strategy", "classifier", "--classifier",
+                                    str(experts[1]), *option], option[0].split("=")[0])
+        assert "sets cem's search; it needs --strategy cem (the strategy here is classifier)" \
+            in err
 
 
 def test_errors(experts, tmp_path, capsys):
