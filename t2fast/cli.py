@@ -552,7 +552,7 @@ def _adapt_check(args):
     """Cross-option checks of ``t2fast adapt`` (usage errors, before any model is loaded);
     returns (task or None, its examples, the cem shots, the shot set)."""
     from .adapt import CEMConfig, fewshot_examples
-    from .tasks import get_task
+    from .tasks import extract_question, get_task
     s = args.strategy
     if args.save_profile and s != "cem":
         usage_error(args, "--save-profile", "needs --strategy cem")
@@ -568,6 +568,8 @@ def _adapt_check(args):
     if args.adapt_template != "tiny" and s != "prompt":
         usage_error(args, "--adapt-template", "phrases the prompt strategy's pass 1; it needs "
                                               "--strategy prompt")
+    if args.prompt and not all(extract_question(p) for p in args.prompt):
+        usage_error(args, "--prompt", "a prompt holds no question")
     if s == "cem" and not args.task:
         usage_error(args, "--strategy", "cem needs --task (its few-shot examples)")
     task = get_task(args.task) if args.task else None
@@ -606,7 +608,7 @@ def _adapt_run(args) -> int:
     from .adapt import (PROMPT_TEMPLATES, ClassifierDispatch, FixedMixture, PromptDispatch,
                         Restated, TwoPassEngine, fewshot_cem, restated_examples, restated_task,
                         uniform_alpha)
-    from .tasks import format_prompt
+    from .tasks import extract_question, format_prompt
     from .train import max_new_tokens_for
     from .train.evaluate import score_generations
     _set_threads(args.threads)
@@ -620,7 +622,8 @@ def _adapt_run(args) -> int:
     if task is not None:
         prompts = [e.prompt for e in examples]
     else:
-        prompts = [p if p.rstrip().endswith("A:") else format_prompt(p) for p in args.prompt]
+        # bare, templated or half-templated ("Q: 4+64=?"): each in the template once
+        prompts = [format_prompt(extract_question(p)) for p in args.prompt]
     extra: dict = {}
     rows = {} if args.batch_size is None else {"batch_size": args.batch_size}
     s = args.strategy

@@ -232,9 +232,12 @@ def test_adapt_cem_absolute_profile(experts, tmp_path):
 
 def test_adapt_on_prompts(experts, capsys):
     assert cli.main(["adapt", *MODEL, "--experts", *map(str, experts), "--strategy", "prompt",
-                     "--prompt", "1+2=?", "reverse('ab')"]) == 0
+                     "--prompt", "1+2=?", "reverse('ab')", "Q: 4+64=?", "Q: 5+1=?\nA:"]) == 0
     lines = [json.loads(l) for l in capsys.readouterr().out.strip().splitlines()]
-    assert [l["prompt"] for l in lines] == ["Q: 1+2=?\nA: ", "Q: reverse('ab')\nA: "]
+    assert [l["prompt"] for l in lines] == ["Q: 1+2=?\nA: ", "Q: reverse('ab')\nA: ",
+                                            "Q: 4+64=?\nA: ", "Q: 5+1=?\nA: "]
+    assert cli.main(["adapt", *MODEL, "--experts", str(experts[0]), "--prompt", " "]) == 2
+    assert "argument --prompt: a prompt holds no question" in capsys.readouterr().err
 
 
 def test_options_of_another_strategy_are_refused(experts, capsys):
