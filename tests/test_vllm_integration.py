@@ -426,6 +426,15 @@ def test_config_and_engine_args(world):
     assert args["worker_extension_cls"] == "t2fast.vllm.worker.T2WorkerExtension"
     assert args["enforce_eager"] is True
     json.dumps(args["additional_config"])  # vLLM hashes it as JSON
+    # what a worker would fail on after vLLM's start is refused before it (bare names, missing
+    # files), and max_experts=0 is an error, not the default
+    from t2fast.safetensors_io import T2FileError
+
+    for bad in ("math", world / "nope.safetensors"):
+        with pytest.raises(T2FileError, match="does not exist"):
+            engine_args(str(world / "model"), [bad])
+    with pytest.raises(ValueError, match="max_experts=0: max_experts must be a positive int"):
+        engine_args(str(world / "model"), max_experts=0)
     # Settings may also come through hf_overrides (a "t2fast" attribute of the HF config).
     from types import SimpleNamespace
 

@@ -22,6 +22,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ..experts import load_expert
 from ..mixtures import MixtureBounds
 from .config import ARCHITECTURES, CONFIG_KEY, T2_ARCHITECTURES, T2Config
 
@@ -54,8 +55,9 @@ def engine_args(model: str, experts=(), targets=None, layers=None, *,
     field (``backend``, ``max_experts``, ``hybrid``, ``deterministic``, ``cache_dir``,
     ``allow_other_model``, ``max_alpha_abs`` ...) replace its settings; the other keyword
     arguments go to vLLM.
-    ``experts`` must be file paths here (they travel in ``additional_config``); the bank holds
-    at least all of them, whatever ``max_experts`` says.
+    ``experts`` must be file paths here (they travel in ``additional_config``), each read and
+    checked now (:func:`t2fast.experts.load_expert`; against the model in the workers); the bank
+    holds at least all of them, whatever ``max_experts`` says.
     """
     t2_fields = {f.name for f in dataclasses.fields(T2Config)}
     settings = {k: kwargs.pop(k) for k in list(kwargs) if k in t2_fields}
@@ -63,7 +65,12 @@ def engine_args(model: str, experts=(), targets=None, layers=None, *,
     base = T2Config.build(config)
     if experts:
         settings["experts"] = [str(p) for p in experts]
-    settings["max_experts"] = max(settings.get("max_experts") or base.max_experts,
+    for path in settings.get("experts", ()):    # what a worker would fail on, said now
+        load_expert(path)
+    given = settings.get("max_experts")
+    if given is not None:
+        T2Config.build(base, max_experts=given)         # a bad value is named as given
+    settings["max_experts"] = max(base.max_experts if given is None else given,
                                   len(settings.get("experts", base.experts)))
     cfg = T2Config.build(base, mixture_bounds, targets=targets, layers=layers, **settings)
     hf_overrides = dict(vllm_kwargs.pop("hf_overrides", None) or {})
