@@ -291,3 +291,19 @@ def test_acting_without_room_for_merged_weights_rebuilds_them_per_forward(tok):
         with pol.acting() as m:
             completion_logits(m, batch)
     pol.close()
+
+
+def test_a_lora_adapter_of_other_shapes_is_named(tmp_path):
+    """PEFT's "size mismatch" RuntimeError (a traceback on the command line) is a ValueError
+    naming the adapter."""
+    peft = pytest.importorskip("peft")
+    from t2fast.train.policy import LoRAPolicy
+
+    other = peft.get_peft_model(random_tiny_llama(0, num_hidden_layers=1, hidden_size=32,
+                                                  intermediate_size=64, num_attention_heads=2,
+                                                  num_key_value_heads=1),
+                                peft.LoraConfig(r=2, target_modules=["down_proj"]))
+    other.save_pretrained(tmp_path / "lora")
+    with pytest.raises(ValueError, match=r"LoRA adapter '.*lora' was made for a model of other "
+                                         r"shapes: size mismatch for .*down_proj"):
+        LoRAPolicy.load(small_model(), tmp_path / "lora")

@@ -182,7 +182,14 @@ class LoRAPolicy:
         """The adapter in the local PEFT folder ``path`` on ``model`` (never a Hub lookup)."""
         path = lora_folder(path)
         peft = _require_peft()
-        pm = peft.PeftModel.from_pretrained(model, str(path), is_trainable=False)
+        try:
+            pm = peft.PeftModel.from_pretrained(model, str(path), is_trainable=False)
+        except RuntimeError as exc:     # PEFT's load_state_dict: "size mismatch for ..."
+            if "size mismatch" not in str(exc):
+                raise
+            first = next(line.strip() for line in str(exc).splitlines() if "size mismatch" in line)
+            raise ValueError(f"LoRA adapter {str(path)!r} was made for a model of other "
+                             f"shapes: {first}") from None
         pm.eval()
         return cls(pm)
 
