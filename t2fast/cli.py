@@ -170,11 +170,11 @@ def usage_error(args: argparse.Namespace, option: str, message: str) -> NoReturn
 def task_examples(args, task, split: str, n: int, option: str = "--n") -> list:
     """The first ``n`` examples of ``split``, or a usage error naming ``option`` when the
     split holds fewer."""
-    from .tasks.base import first_examples, missing_examples
+    from .tasks.base import first_examples
 
     examples = first_examples(task, split, n)
     if len(examples) < n:
-        usage_error(args, option, missing_examples(task, split, n, len(examples)))
+        usage_error(args, option, task.shortfall(split, n, len(examples)))
     return examples
 
 

@@ -174,6 +174,11 @@ class Task:
                 break
         return out
 
+    def shortfall(self, split: str, n: int, have: int) -> str:
+        """Why ``split`` holds ``have`` < ``n`` examples, for an error message."""
+        return (f"{n} examples asked for, but task {self.name!r} has {have} distinct {split} "
+                f"examples")
+
     def iter_examples(self, split: str, distinct: bool = True) -> Iterator[Example]:
         """A deterministic stream of examples of ``split``: distinct questions (the order of
         ``examples``; ends when the split's question space is exhausted), or, with
@@ -213,20 +218,3 @@ def first_examples(task, split: str, n: int) -> list[Example]:
             pass
         return out
 
-
-def missing_examples(task, split: str, n: int, have: int) -> str:
-    """Why ``task``'s ``split`` holds ``have`` < ``n`` examples, for an error message: the
-    counts, and for a JSONL file how its splits are made."""
-    from .jsonl import JsonlTask
-
-    text = f"{n} examples asked for, but task {task.name!r} has {have} distinct {split} examples"
-    if not isinstance(task, JsonlTask):
-        return text
-    if task.split is not None and task.split != split:
-        return (f"{text}: it is one file taken whole as its {task.split} split "
-                f"(KIND@{task.split}:FILE); use the {task.split} split, or KIND:FILE to divide "
-                f"the file 80/10/10")
-    if task.split is None:
-        return (f"{text} (KIND:FILE divides a file's records 80/10/10 into train / validation "
-                f"/ test by a hash of the question; KIND@{split}:FILE takes the whole file)")
-    return text

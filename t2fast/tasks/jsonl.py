@@ -137,6 +137,19 @@ class JsonlTask(Task):
     def iter_examples(self, split: str, distinct: bool = True):
         return iter(self.examples(split))
 
+    def shortfall(self, split: str, n: int, have: int) -> str:
+        """The counts, and how this file's splits are made."""
+        text = super().shortfall(split, n, have)
+        if self.split is None:
+            return (f"{text} (KIND:FILE divides a file's records 80/10/10 into train / "
+                    f"validation / test by a hash of the question; KIND@{split}:FILE takes the "
+                    f"whole file)")
+        if self.split != split:
+            return (f"{text}: it is one file taken whole as its {self.split} split "
+                    f"(KIND@{self.split}:FILE); use the {self.split} split, or KIND:FILE to "
+                    f"divide the file 80/10/10")
+        return text
+
     def __len__(self) -> int:
         return len(self._examples)
 

@@ -29,7 +29,7 @@ import torch
 
 from ..generation import generate
 from ..tasks import get_task
-from ..tasks.base import first_examples, missing_examples
+from ..tasks.base import first_examples
 from .config import ConfigError, TrainConfig
 from .evaluate import EvalResult, evaluate
 from .objectives import advantages, reinforce_kl_loss, sft_loss
@@ -261,7 +261,7 @@ class Trainer:
             return self.task.examples(split)
         got = first_examples(self.task, split, n)
         if len(got) < n:
-            why = missing_examples(self.task, split, n, len(got))
+            why = self.task.shortfall(split, n, len(got))
             if field == "train_n" or not got:
                 keeps = "; the trainer keeps the step that scores best on them" \
                     if field == "eval_n" else ""
