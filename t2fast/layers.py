@@ -112,6 +112,11 @@ class SVFLinear(nn.Module):
         on the base mixture, original) weight. Per-row and trainable modes have none, so saving
         then raises instead of writing a state dict without the adapted weights."""
         w = None if self.train_z is not None else self.dense_weight()
+        if w is None and self.train_z is None and self.runtime.mode == "base":
+            raise RuntimeError(
+                f"{self.name} is an SVF layer whose original weight was dropped "
+                f"(keep_dense=False); handle.restore() rebuilds it from the factors, "
+                f"handle.merge(spec) saves an adapted model")
         if w is None:
             mode = "trainable z" if self.train_z is not None else "per-row mixtures"
             raise RuntimeError(
@@ -121,11 +126,24 @@ class SVFLinear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "weight"] = w if keep_vars else w.detach()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        refuse_weight(self.name, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         mode = ("trainable" if self.train_z is not None else
                 self.runtime.mode if self.runtime is not None else "unpatched")
         return (f"{self.name}: in={self.in_features}, out={self.out_features}, rank={self.rank}, "
                 f"mode={mode}")
+
+
+def refuse_weight(name: str, state_dict: dict, prefix: str) -> None:
+    """Refuse a weight loaded into a patched layer: it would not reach the SVD factors, the
+    expert tables or the merged weights (and ``strict=False`` would drop it silently)."""
+    if prefix + "weight" in state_dict:
+        raise RuntimeError(f"{name} is an SVF layer: a weight loaded into a patched model would "
+                           f"not reach its SVD factors; load the weights before patch_model, or "
+                           f"handle.restore() first")
 
 
 def svf_apply(rt, members: list[SVFLinear], U, S, Vh, x2: torch.Tensor, lead: torch.Size,
@@ -273,6 +291,10 @@ class FusedSVF(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        refuse_weight(self.name, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _fused_state_dict(module: FusedSVF, state: dict, prefix: str, local_metadata) -> None:

@@ -111,11 +111,11 @@ class SVFHandle:
         originals = dict(self._originals)
         try:            # from the first swap on, any exception (KeyboardInterrupt too) undoes all
             self._put(swaps)
-            self._guard_forward()
+            self._install_guards()
             self._finish_init(decomposition, config, experts)
         except BaseException:
             self._put(originals)
-            self._unguard_forward()
+            self._remove_guards()
             self._restored = True
             raise
 
@@ -151,28 +151,56 @@ class SVFHandle:
             parent, attr = _parent(self.model, module_name)
             setattr(parent, attr, module)
 
-    def _guard_forward(self) -> None:
-        """Run every call of the model's ``forward`` under :attr:`lock` (an instance attribute
-        wrapping the current ``forward``; :meth:`restore` removes it)."""
-        inner, lock = self.model.forward, self.lock
+    def _install_guards(self) -> None:
+        """Install the patched model's guards, instance attributes that :meth:`restore` removes:
+        every call of ``forward`` runs under :attr:`lock`; a cast or move (``to``, ``half``,
+        ``cuda`` ...: ``_apply``) that would change the SVF factors' dtype or device is refused
+        before anything changes (the expert tables, merged weights and original weights are
+        placed once, at patch time), and so are ``copy.deepcopy`` and pickling (the copy would
+        share, or lose, the handle's runtime)."""
+        model, lock, layers = self.model, self.lock, self.modules
+        inner, inner_apply = model.forward, model._apply
 
         @functools.wraps(inner)
         def forward(*args, **kwargs):
             with lock:
                 return inner(*args, **kwargs)
 
-        self._forward_before = self.model.__dict__.get("forward")
-        self._forward = forward
-        self.model.forward = forward
+        def _apply(fn, *args, **kwargs):
+            probe = next(iter(layers.values())).U
+            moved = fn(probe)
+            if moved.dtype != probe.dtype or moved.device != probe.device:
+                raise RuntimeError(
+                    f"t2fast: this model was patched on {probe.device} in {probe.dtype}; "
+                    f"moving or casting it (to {moved.device}, {moved.dtype}) would leave the "
+                    f"expert tables, merged weights and original weights behind. Move or cast "
+                    f"the model before patch_model, or handle.restore(), move it and patch "
+                    f"again (the SVD cache makes that cheap)")
+            return inner_apply(fn, *args, **kwargs)
 
-    def _unguard_forward(self) -> None:
-        mine = getattr(self, "_forward", None)
-        if mine is None or self.model.__dict__.get("forward") is not mine:
-            return                      # not installed, or wrapped again since: left as it is
-        if self._forward_before is None:
-            del self.model.forward
-        else:
-            self.model.forward = self._forward_before
+        def refuse_copy(*args):
+            raise TypeError("t2fast: a patched model cannot be copied or pickled: its SVF layers "
+                            "read the handle's runtime (expert bank, mixtures). Copy or save "
+                            "the model before patch_model, or save the adapted weights with "
+                            "handle.merge(spec) and save_pretrained")
+
+        guards = {"forward": forward, "_apply": _apply, "__deepcopy__": refuse_copy,
+                  "__reduce_ex__": refuse_copy}
+        self._guards_before = {k: model.__dict__.get(k) for k in guards}
+        self._guards = guards
+        for name, guard in guards.items():
+            setattr(model, name, guard)
+
+    def _remove_guards(self) -> None:
+        """Remove the guards of :meth:`_install_guards` (one replaced since is left)."""
+        for name, guard in getattr(self, "_guards", {}).items():
+            if self.model.__dict__.get(name) is not guard:
+                continue
+            before = self._guards_before[name]
+            if before is None:
+                delattr(self.model, name)
+            else:
+                setattr(self.model, name, before)
 
     # ---- experts -------------------------------------------------------------------------
     @property
@@ -364,7 +392,7 @@ class SVFHandle:
             self._check_live()
             self._put({name: self._rebuild_linear(name) if linear is None else linear
                        for name, linear in self._originals.items()})
-            self._unguard_forward()
+            self._remove_guards()
             self._restored = True
             self.runtime.merge_cache.clear()
             return self.model

@@ -101,7 +101,7 @@ def _fail_on_call(monkeypatch, owner, attr, n):
 
 @pytest.mark.parametrize("owner, attr, n", [
     (patch_module, "_parent", 5),                          # in the middle of the swaps
-    (patch_module.SVFHandle, "_guard_forward", 1),
+    (patch_module.SVFHandle, "_install_guards", 1),
     (patch_module, "SVFRuntime", 1),                       # after every module is swapped
     (patch_module.SVFRuntime, "add_group", 3),             # while the bank is laid out
     (patch_module.SVFRuntime, "load_experts", 1),          # while the experts go in
@@ -119,7 +119,7 @@ def test_interrupted_patch_model_restores_the_model(svd_cache, tmp_path, monkeyp
         with pytest.raises(Interrupt):
             t2fast.patch_model(model, experts=[path], cache_dir=svd_cache, progress=False)
     assert not any(isinstance(mod, SVFLinear) for mod in model.modules())
-    assert "forward" not in model.__dict__
+    assert not {"forward", "_apply", "__deepcopy__", "__reduce_ex__"} & set(model.__dict__)
     assert torch.equal(_logits(model), before)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     t2fast.patch_model(model, experts=[path], cache_dir=svd_cache, progress=False).restore()
@@ -236,3 +236,53 @@ def test_experts_with_different_targets_are_an_error(tmp_path, svd_cache):
                                          r"of this model"):
         t2fast.patch_model(other, experts=[mlp], cache_dir=svd_cache, progress=False)
     assert not any(isinstance(mod, SVFLinear) for mod in model.modules())
+
+
+# ---- after patching: no cast, move, copy or weight load goes silently wrong ---------------------
+def test_a_cast_or_move_after_patching_is_refused_before_anything_changes(svd_cache):
+    """The expert tables, merged weights and original weights are placed at patch time: a cast
+    left mixtures crashing (bf16 factors beside float32 weights) and restore() a mixed model."""
+    model, h = _patched(svd_cache)
+    h.set_mixture("a")
+    want = _logits(model)
+    before = {k: v.dtype for k, v in model.state_dict().items()}
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("meta"),
+                 lambda m: m.to(device="meta", dtype=torch.float64)):
+        with pytest.raises(RuntimeError, match=r"this model was patched on cpu in torch\.float32"
+                                               r"; moving or casting it .*Move or cast the "
+                                               r"model before patch_model"):
+            cast(model)
+        assert {k: v.dtype for k, v in model.state_dict().items()} == before
+        assert torch.equal(_logits(model), want)
+    assert model.to(torch.float32) is model and model.float() is model    # no change: allowed
+    original = h.restore()
+    assert original.to(torch.bfloat16).model.layers[0].self_attn.q_proj.weight.dtype == \
+        torch.bfloat16                                  # restored: the guard is gone
+
+
+def test_a_patched_model_is_not_copied_pickled_or_loaded_into(svd_cache, tmp_path):
+    """A deep copy ran the original model's forward (and followed its handle); pickling failed
+    with a misleading message; load_state_dict(strict=False) dropped the adapted weights."""
+    import copy
+    import pickle
+
+    model, h = _patched(svd_cache)
+    for copier in (copy.deepcopy, pickle.dumps, lambda m: torch.save(m, tmp_path / "m.pt")):
+        with pytest.raises(TypeError, match="a patched model cannot be copied or pickled"):
+            copier(model)
+    h.merge("a")
+    state = model.state_dict()
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"model\.layers\.0\.self_attn\.q_proj is an SVF "
+                                               r"layer: a weight loaded into a patched model"):
+            model.load_state_dict(state, strict=strict)
+    h.restore()
+    assert copy.deepcopy(model) is not model
+
+
+def test_saving_after_keep_dense_false_names_the_dropped_weight(svd_cache):
+    model, h = _patched(svd_cache, keep_dense=False)
+    h.set_mixture(None)
+    with pytest.raises(RuntimeError, match=r"whose original weight was dropped \(keep_dense="
+                                           r"False\); handle\.restore\(\) rebuilds it"):
+        model.state_dict()
