@@ -433,6 +433,8 @@ def test_config_and_engine_args(world):
     for bad in ("math", world / "nope.safetensors"):
         with pytest.raises(T2FileError, match="does not exist"):
             engine_args(str(world / "model"), [bad])
+    with pytest.raises(T2FileError, match="does not exist"):          # experts of a config
+        engine_args(str(world / "model"), config=T2Config(experts=["nope.safetensors"]))
     with pytest.raises(ValueError, match="max_experts=0: max_experts must be a positive int"):
         engine_args(str(world / "model"), max_experts=0)
     # Settings may also come through hf_overrides (a "t2fast" attribute of the HF config).
@@ -586,3 +588,28 @@ def test_svf_custom_op_compiles_with_dynamic_token_count():
         x = torch.randn(T, 32, generator=g)
         want = ops.svf_matmul_mix(x, U, S, Vh, alpha, bank, slots[:T], backend="torch") * 2
         torch.testing.assert_close(compiled(x), want, rtol=1e-4, atol=1e-4)
+
+def test_llm_checks_max_experts_before_the_engine(world, monkeypatch):
+    """max_experts=0 became the default 8 and -1 the number of experts; the bank holds at
+    least the experts given."""
+    import vllm
+
+    from t2fast.vllm import LLM
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    def engine(**kwargs):
+        seen.update(kwargs)
+        raise Started
+    monkeypatch.setattr(vllm, "LLM", engine)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"max_experts={bad}: max_experts must be a "
+                                             f"positive int"):
+            LLM(str(world / "model"), max_experts=bad)
+    files = [world / "experts" / f"{n}.safetensors" for n in plan.FILE_EXPERTS]
+    with pytest.raises(Started):
+        LLM(str(world / "model"), files, max_experts=1)
+    assert seen["additional_config"]["t2fast"]["max_experts"] == len(plan.FILE_EXPERTS)

@@ -65,7 +65,7 @@ def engine_args(model: str, experts=(), targets=None, layers=None, *,
     base = T2Config.build(config)
     if experts:
         settings["experts"] = [str(p) for p in experts]
-    for path in settings.get("experts", ()):    # what a worker would fail on, said now
+    for path in settings.get("experts", base.experts):  # what a worker would fail on, said now
         load_expert(path)
     given = settings.get("max_experts")
     if given is not None:
@@ -133,8 +133,10 @@ class LLM:
         experts = list(experts)
         files = [e for e in experts if not isinstance(e, Expert)]
         objects = [e for e in experts if isinstance(e, Expert)]
-        given = kwargs.get("max_experts") or T2Config.build(kwargs.get("config")).max_experts
-        kwargs["max_experts"] = max(given, len(experts))
+        given = kwargs.get("max_experts")
+        cfg = T2Config.build(kwargs.get("config"), **({} if given is None else
+                                                      {"max_experts": given}))  # checks it
+        kwargs["max_experts"] = max(cfg.max_experts, len(experts))
         args = engine_args(str(model), files, targets, layers, **kwargs)
         with startup_errors():
             self.llm = VLLM(**args)
