@@ -130,11 +130,34 @@ class SVFLinear(nn.Module):
         refuse_weight(self.name, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _apply(self, fn, *args, **kwargs):
+        if self.runtime is not None:        # patched: a submodule's cast reaches here first
+            check_placement([self], fn)
+        return super()._apply(fn, *args, **kwargs)
+
     def extra_repr(self) -> str:
         mode = ("trainable" if self.train_z is not None else
                 self.runtime.mode if self.runtime is not None else "unpatched")
         return (f"{self.name}: in={self.in_features}, out={self.out_features}, rank={self.rank}, "
                 f"mode={mode}")
+
+
+def check_placement(layers, fn) -> None:
+    """Raise RuntimeError if the ``_apply`` function ``fn`` (of ``to``, ``half``, ``cuda``
+    ...) would change the dtype or device of the factors of patched ``layers``: their
+    runtime's tables, merged weights and original weights stay where patching placed them."""
+    seen = {}
+    for layer in layers:
+        seen.setdefault((layer.U.device, layer.U.dtype), layer.U)
+    for probe in seen.values():
+        moved = fn(probe)
+        if moved.dtype != probe.dtype or moved.device != probe.device:
+            raise RuntimeError(
+                f"t2fast: this model was patched on {probe.device} in {probe.dtype}; moving or "
+                f"casting it (to {moved.device}, {moved.dtype}) would leave the expert tables, "
+                f"merged weights and original weights behind. Move or cast the model before "
+                f"patch_model, or handle.restore(), move it and patch again (the SVD cache "
+                f"makes that cheap)")
 
 
 def refuse_weight(name: str, state_dict: dict, prefix: str) -> None:

@@ -26,7 +26,8 @@ from . import ops
 from .config import SVFConfig
 from .decompose import Decomposition, SVDFactors, decompose_model
 from .experts import Expert, Fingerprint, expert_targets
-from .layers import FusedSVF, SVFLinear, group_members, link_groups, row_block
+from .layers import (FusedSVF, SVFLinear, check_placement, group_members, link_groups,
+                     refuse_weight, row_block)
 from .messages import shown
 from .mixtures import MixtureBounds, MixtureError, parse_mixture
 from .runtime import SVFRuntime, load_sources
@@ -156,10 +157,13 @@ class SVFHandle:
         every call of ``forward`` runs under :attr:`lock`; a cast or move (``to``, ``half``,
         ``cuda`` ...: ``_apply``) that would change the SVF factors' dtype or device is refused
         before anything changes (the expert tables, merged weights and original weights are
-        placed once, at patch time), and so are ``copy.deepcopy`` and pickling (the copy would
-        share, or lose, the handle's runtime)."""
+        placed once, at patch time; a submodule's cast meets each SVF layer's own check), and so
+        are ``copy.deepcopy`` and pickling (the copy would share, or lose, the handle's runtime)
+        and ``load_state_dict`` with a weight for an SVF layer (checked before anything loads).
+        """
         model, lock, layers = self.model, self.lock, self.modules
-        inner, inner_apply = model.forward, model._apply
+        inner, inner_apply, inner_load = model.forward, model._apply, model.load_state_dict
+        adapted = [f"{name}.weight" for name in self._originals]
 
         @functools.wraps(inner)
         def forward(*args, **kwargs):
@@ -167,16 +171,14 @@ class SVFHandle:
                 return inner(*args, **kwargs)
 
         def _apply(fn, *args, **kwargs):
-            probe = next(iter(layers.values())).U
-            moved = fn(probe)
-            if moved.dtype != probe.dtype or moved.device != probe.device:
-                raise RuntimeError(
-                    f"t2fast: this model was patched on {probe.device} in {probe.dtype}; "
-                    f"moving or casting it (to {moved.device}, {moved.dtype}) would leave the "
-                    f"expert tables, merged weights and original weights behind. Move or cast "
-                    f"the model before patch_model, or handle.restore(), move it and patch "
-                    f"again (the SVD cache makes that cheap)")
+            check_placement(layers.values(), fn)
             return inner_apply(fn, *args, **kwargs)
+
+        def load_state_dict(state_dict, *args, **kwargs):
+            found = [k for k in adapted if k in state_dict]
+            if found:
+                refuse_weight(found[0][:-len(".weight")], state_dict, found[0][:-len("weight")])
+            return inner_load(state_dict, *args, **kwargs)
 
         def refuse_copy(*args):
             raise TypeError("t2fast: a patched model cannot be copied or pickled: its SVF layers "
@@ -185,7 +187,7 @@ class SVFHandle:
                             "handle.merge(spec) and save_pretrained")
 
         guards = {"forward": forward, "_apply": _apply, "__deepcopy__": refuse_copy,
-                  "__reduce_ex__": refuse_copy}
+                  "__reduce_ex__": refuse_copy, "load_state_dict": load_state_dict}
         self._guards_before = {k: model.__dict__.get(k) for k in guards}
         self._guards = guards
         for name, guard in guards.items():

@@ -119,7 +119,8 @@ def test_interrupted_patch_model_restores_the_model(svd_cache, tmp_path, monkeyp
         with pytest.raises(Interrupt):
             t2fast.patch_model(model, experts=[path], cache_dir=svd_cache, progress=False)
     assert not any(isinstance(mod, SVFLinear) for mod in model.modules())
-    assert not {"forward", "_apply", "__deepcopy__", "__reduce_ex__"} & set(model.__dict__)
+    assert not {"forward", "_apply", "__deepcopy__", "__reduce_ex__", "load_state_dict"} & \
+        set(model.__dict__)
     assert torch.equal(_logits(model), before)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     t2fast.patch_model(model, experts=[path], cache_dir=svd_cache, progress=False).restore()
@@ -255,6 +256,8 @@ def test_a_cast_or_move_after_patching_is_refused_before_anything_changes(svd_ca
         assert {k: v.dtype for k, v in model.state_dict().items()} == before
         assert torch.equal(_logits(model), want)
     assert model.to(torch.float32) is model and model.float() is model    # no change: allowed
+    with pytest.raises(RuntimeError, match="this model was patched on cpu"):
+        model.model.layers[0].half()                   # a submodule's cast: each layer checks
     original = h.restore()
     assert original.to(torch.bfloat16).model.layers[0].self_attn.q_proj.weight.dtype == \
         torch.bfloat16                                  # restored: the guard is gone
@@ -272,10 +275,13 @@ def test_a_patched_model_is_not_copied_pickled_or_loaded_into(svd_cache, tmp_pat
             copier(model)
     h.merge("a")
     state = model.state_dict()
+    state["model.embed_tokens.weight"] = torch.zeros_like(state["model.embed_tokens.weight"])
+    want = _logits(model)
     for strict in (True, False):
         with pytest.raises(RuntimeError, match=r"model\.layers\.0\.self_attn\.q_proj is an SVF "
                                                r"layer: a weight loaded into a patched model"):
             model.load_state_dict(state, strict=strict)
+        assert torch.equal(_logits(model), want)        # refused before anything loaded
     h.restore()
     assert copy.deepcopy(model) is not model
 
