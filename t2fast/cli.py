@@ -544,8 +544,15 @@ CEM_OPTIONS = ("--shots", "--shot-set", "--cem-iterations", "--cem-population",
 
 
 def _given(args, option: str) -> bool:
-    """Whether the command line (``args._argv``) gives ``option``, as ``--x v`` or ``--x=v``."""
-    return any(a.split("=", 1)[0] == option for a in getattr(args, "_argv", ()))
+    """Whether the command line (``args._argv``) gives ``option``, as ``--x v`` or ``--x=v``,
+    spelled out or abbreviated as argparse accepts (a prefix that is no option itself)."""
+    known = args._parser._option_string_actions
+    for token in getattr(args, "_argv", ()):
+        word = token.split("=", 1)[0]
+        if word == option or (word.startswith("--") and len(word) > 2 and word not in known
+                              and option.startswith(word)):
+            return True
+    return False
 
 
 def _adapt_check(args):

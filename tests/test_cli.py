@@ -246,11 +246,14 @@ def test_options_of_another_strategy_are_refused(experts, capsys):
     base = ["adapt", *MODEL, "--experts", str(experts[0]), "--task", "arith", "--n", "1"]
     err = _usage_error(capsys, [*base, "--classifier", str(experts[1])], "--classifier")
     assert "is pass 1 of --strategy classifier; the strategy here is prompt" in err
-    for option in (["--shots", "3"], ["--cem-std=0.5"], ["--per-layer"], ["--seed", "1"]):
+    for option, named in ((["--shots", "3"], "--shots"), (["--cem-std=0.5"], "--cem-std"),
+                          (["--per-layer"], "--per-layer"), (["--seed", "1"], "--seed"),
+                          (["--cem-iter", "5"], "--cem-iterations"), (["--norm"], "--normalize")):
         err = _usage_error(capsys, [*base, "--strategy", "classifier", "--classifier",
-                                    str(experts[1]), *option], option[0].split("=")[0])
+                                    str(experts[1]), *option], named)
         assert "sets cem's search; it needs --strategy cem (the strategy here is classifier)" \
             in err
+    assert cli.main([*base, "--n", "1"]) == 0           # --n: no abbreviation of --normalize
 
 
 def test_errors(experts, tmp_path, capsys):
