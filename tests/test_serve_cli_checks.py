@@ -95,11 +95,13 @@ def test_expert_names_are_checked_before_the_start(capsys, no_start):
     capsys.readouterr()
 
 
-def test_a_bad_unnamed_expert_file_is_a_usage_error(capsys, no_start, tmp_path):
+def test_a_bad_expert_file_is_a_usage_error(capsys, no_start, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    err = usage_error(capsys, ["tiny", "--experts", str(bad)], "--experts")
-    assert str(bad) in err
+    for entry, option in ((str(bad), "--experts"), (f"m={bad}", "--experts"),
+                          (f"c={bad}", "--classifier")):    # named: read after start-up before
+        err = usage_error(capsys, ["tiny", option, entry], option)
+        assert str(bad) in err
 
 
 def test_a_classifier_name_must_name_one_of_the_experts(capsys, no_start):

@@ -135,7 +135,7 @@ def check_names(args) -> None:
     unnamed; a classifier given by name names one of ``--experts``; no profile name twice."""
     from ..cli import usage_error
     from ..experts import load_expert
-    from ..mixtures import MixtureError, check_expert_name
+    from ..mixtures import check_expert_name
 
     served = base_names(args)
     entries = [("--experts", e) for e in args.experts]
@@ -163,7 +163,8 @@ def check_names(args) -> None:
         else:
             try:
                 check_expert_name(name, f"{entry!r}: expert name")
-            except MixtureError as exc:
+                load_expert(path)           # read and checked now, not after vLLM's start
+            except (ValueError, OSError) as exc:
                 usage_error(args, option, str(exc))
             what = f"{entry!r}: expert name {name!r}"
         if name in served:
