@@ -99,7 +99,7 @@ def add_model_argument(p: argparse.ArgumentParser, placement: bool = True) -> No
 
 #: Files of which a model folder's tokenizer has at least one (fast, SentencePiece, BPE vocab).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
-                   "spiece.model")
+                   "vocab.txt", "spiece.model")
 
 
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32",

@@ -15,6 +15,7 @@ rollouts, the adaptation engine and the demo all generate through this module.
 from __future__ import annotations
 
 import inspect
+import operator
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -134,22 +135,39 @@ def prompt_list(prompts, where: str) -> list[str]:
 
 
 def check_batch_size(batch_size, where: str) -> None:
-    """Raise ValueError unless ``batch_size`` (rows per generation call) is None or an int ≥ 1."""
-    if batch_size is not None and (isinstance(batch_size, bool) or
-                                   not isinstance(batch_size, int) or batch_size < 1):
+    """Raise ValueError unless ``batch_size`` (rows per generation call) is None or an integer
+    ≥ 1 (a numpy integer too)."""
+    if batch_size is None:
+        return
+    try:
+        ok = not isinstance(batch_size, bool) and operator.index(batch_size) >= 1
+    except TypeError:
+        ok = False
+    if not ok:
         raise ValueError(f"{where}: batch_size must be a positive int or None, got "
                          f"{batch_size!r}")
 
 
 def position_limit(model) -> int | None:
-    """How many positions ``model`` takes (``max_position_embeddings``, GPT-2's ``n_positions``),
-    or None when its config names no limit."""
+    """How many positions ``model`` takes, or None when its config names no limit:
+    ``max_position_embeddings`` (GPT-2's ``n_positions``), extended by a RoPE scaling factor
+    as vLLM extends it (YaRN: the factor times ``original_max_position_embeddings``; linear,
+    dynamic: the factor times the limit; Llama-3's and LongRoPE's limits already include it)."""
     config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        limit = getattr(config, name, None)
-        if isinstance(limit, int) and limit > 0:
-            return limit
-    return None
+    limit = next((v for v in (getattr(config, n, None) for n in ("max_position_embeddings",
+                                                                  "n_positions"))
+                  if isinstance(v, int) and not isinstance(v, bool) and v > 0), None)
+    scaling = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if limit is None or not isinstance(scaling, dict):
+        return limit
+    kind = scaling.get("rope_type") or scaling.get("type")
+    factor = scaling.get("factor")
+    if not isinstance(factor, (int, float)) or kind in (None, "default", "llama3", "longrope",
+                                                        "su"):
+        return limit
+    if kind == "yarn":
+        return max(limit, int(scaling.get("original_max_position_embeddings", limit) * factor))
+    return max(limit, int(limit * factor))
 
 
 def check_positions(model, attention_mask: torch.Tensor, what: str = "row",

@@ -494,9 +494,9 @@ class SVFRuntime:
             more = ""
             if len(lead_shape) and lead_shape[0] > B and lead_shape[0] % B == 0:
                 k = lead_shape[0] // B
-                more = (f" (generate's num_beams / num_return_sequences repeat each row "
-                        f"{k} times in a row: give each mixture {k} times, [m for m in "
-                        f"mixtures for _ in range({k})])")
+                more = (f" (if this comes from generate's num_beams / num_return_sequences, "
+                        f"which repeat each row {k} times in a row: give each mixture {k} "
+                        f"times, [m for m in mixtures for _ in range({k})])")
             raise ValueError(f"the mixture was set for {B} batch rows, but the input has "
                              f"leading shape {tuple(lead_shape)}; call set_mixture(rows=[...]) "
                              f"with one mixture per row of this batch{more}")

@@ -143,8 +143,8 @@ def test_missing_file_and_wrong_object(world):
 def test_wrong_batch_rows_and_trainable_z(world):
     _case(world, lambda h, f: _logits(world["model"], IDS.repeat(2, 1)), ValueError,
           r"mixture was set for 2 batch rows, but the input has leading shape \(4, 5\).* "
-          r"\(generate's num_beams / num_return_sequences repeat each row 2 times in a row: "
-          r"give each mixture 2 times")
+          r"\(if this comes from generate's num_beams / num_return_sequences, which repeat each "
+          r"row 2 times in a row: give each mixture 2 times")
     _case(world, lambda h, f: h.set_trainable_z({n: torch.ones(2) for n in h.modules}),
           ValueError, r"set_trainable_z: z for .* has shape \(2,\), expected")
     _case(world, lambda h, f: h.set_mixture(rows=[]), ValueError, r"empty list of rows")

@@ -172,6 +172,10 @@ def test_bad_arguments():
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="generate_texts: batch_size must be a positive int"):
             generate_texts(model, tok, ["a", "b"], batch_size=bad)
+    import numpy as np
+
+    assert len(generate_texts(model, tok, ["a", "b"], batch_size=np.int64(1),
+                              max_new_tokens=1)) == 2
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +220,22 @@ def test_rows_end_at_the_models_last_position_each_as_if_alone(short_gpt2):
         with torch.no_grad():        # ended by the budget on the last position: no warning
             out = generate(model, tok, prompts, max_new_tokens=1)
     assert out.attention_mask.sum(-1).tolist() == [12, 9, 16]
+
+
+def test_the_position_limit_follows_rope_scaling_as_vllm_does():
+    """A YaRN model keeps max_position_embeddings at its trained length and serves the factor
+    times it; Llama-3's limit already includes its scaling; dynamic NTK multiplies it."""
+    from types import SimpleNamespace
+
+    from t2fast.generation import position_limit
+
+    def limit(**config):
+        return position_limit(SimpleNamespace(config=SimpleNamespace(**config)))
+
+    assert limit(max_position_embeddings=32768, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}) == 131072
+    assert limit(max_position_embeddings=131072, rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}) == 131072
+    assert limit(max_position_embeddings=2048, rope_scaling={"type": "dynamic",
+                                                             "factor": 2.0}) == 4096
+    assert limit(n_positions=1024) == 1024 and limit() is None

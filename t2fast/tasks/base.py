@@ -217,4 +217,3 @@ def first_examples(task, split: str, n: int) -> list[Example]:
         except RuntimeError:
             pass
         return out
-

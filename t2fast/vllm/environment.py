@@ -89,11 +89,14 @@ def reports_startup_errors(fn):
             return fn(*args, **kwargs)
         except Exception as exc:
             path = os.environ.get(STARTUP_ERROR_ENV)
-            if path:
+            if path and os.path.exists(path):   # (gone: the start it was made for is over)
                 text = str(exc) if isinstance(exc, ValueError) else \
                     f"{type(exc).__name__}: {exc}"
-                with open(path, "a", encoding="utf-8") as f:
-                    f.write(" ".join(text.split()) + "\n")
+                try:
+                    with open(path, "a", encoding="utf-8") as f:
+                        f.write(" ".join(text.split()) + "\n")
+                except OSError:             # the worker's own error matters, not this one
+                    pass
             raise
     return wrapper
 
