@@ -610,6 +610,14 @@ def test_the_expert_is_named_after_the_whole_file_name(tmp_path):
                      "--samples-per-prompt", "2", "--eval-n", "2", "--eval-every", "1",
                      "--no-progress", "--no-cache"]) == 0
     assert load_expert(out).name == "arith_kl0.2"       # before: arith_kl0
+    log = pathlib.Path(f"{out}.log.jsonl")
+    runs = [json.loads(line)["event"] for line in log.read_text().splitlines()].count("config")
+    assert cli.main(["train", "--task", "arith", "--out", str(out), "--model", "random",
+                     "--threads", "1", "--steps", "1", "--batch-size", "2",
+                     "--samples-per-prompt", "2", "--eval-n", "2", "--eval-every", "1",
+                     "--no-progress", "--no-cache"]) == 0
+    assert [json.loads(line)["event"] for line in log.read_text().splitlines()].count(
+        "config") == runs == 1                          # a new run starts its log anew
 
 
 def test_fewer_validation_examples_than_eval_n_are_used_with_a_warning(tmp_path):

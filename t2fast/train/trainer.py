@@ -38,12 +38,16 @@ from .rollout import completion_logits, max_new_tokens_for, repeat_prompts, teac
 
 
 class JSONLLogger:
-    """Appends one JSON object per line; mirrors scalars to TensorBoard when it is installed."""
+    """Appends one JSON object per line; mirrors scalars to TensorBoard when it is installed.
+    ``fresh``: start the file anew (a new run; a resumed one appends to its log)."""
 
-    def __init__(self, path: Path | None, tensorboard_dir: str | None = None):
+    def __init__(self, path: Path | None, tensorboard_dir: str | None = None,
+                 fresh: bool = False):
         self.path = Path(path) if path else None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if fresh:
+                self.path.write_text("")
         self.tb = None
         if tensorboard_dir:
             try:
@@ -148,7 +152,7 @@ class Trainer:
         self.best_state = None
         self.evals_since_best = 0
         self.evals: list[dict] = []
-        self.logger = JSONLLogger(config.log_path, config.tensorboard)
+        self.logger = JSONLLogger(config.log_path, config.tensorboard, fresh=not config.resume)
 
     # ---- schedule and data ------------------------------------------------------------
     def lr_factor(self, step: int) -> float:
