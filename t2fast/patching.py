@@ -482,9 +482,13 @@ def _expert_targets(model: nn.Module, sources: list) -> list[str]:
                              f"only): pass targets= to patch_model")
     missing = sorted(set(targets) - {name for name, _ in linear_matrices(model)})
     if not targets or missing:
+        why = ("this model carries PEFT adapters (their layers wrap the linear modules and "
+               "prefix the names): merge them (merge_and_unload()) or patch the model without "
+               "them" if any(hasattr(m, "lora_A") for m in model.modules()) else
+               "it was made for another model")
         raise ValueError(f"{first} adapts {len(targets)} matrices, {len(missing)} of which are "
                          f"not linear modules of this model (e.g. "
-                         f"{[n[:80] for n in missing[:3]]}): it was made for another model")
+                         f"{[n[:80] for n in missing[:3]]}): {why}")
     return resolve_targets(model, list(targets))
 
 

@@ -307,3 +307,18 @@ def test_a_lora_adapter_of_other_shapes_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"LoRA adapter '.*lora' was made for a model of other "
                                          r"shapes: size mismatch for .*down_proj"):
         LoRAPolicy.load(small_model(), tmp_path / "lora")
+
+
+def test_patching_a_model_that_carries_a_lora_adapter_names_it(tmp_path):
+    """The expert's matrices are not found by name in a PeftModel: the error blamed the expert
+    ("made for another model")."""
+    peft = pytest.importorskip("peft")
+    import t2fast
+    from t2fast.experts import Expert
+
+    model = small_model()
+    factors = t2fast.decompose_model(model, cache_dir=False, progress=False).factors
+    path = Expert.ones("e", factors).save(tmp_path / "e.safetensors")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["down_proj"]))
+    with pytest.raises(ValueError, match=r"this model carries PEFT adapters .*merge_and_unload"):
+        t2fast.patch_model(wrapped, experts=[path], cache_dir=False, progress=False)
