@@ -83,7 +83,8 @@ def test_a_workers_set_up_error_is_raised_where_the_engine_was_started():
     import subprocess
     from pathlib import Path
 
-    from t2fast.vllm.environment import STARTUP_ERROR_ENV, T2StartupError, startup_errors
+    from t2fast.vllm.environment import (STARTUP_ERROR_ENV, T2StartupError, startup_errors,
+                                         startup_over)
 
     worker = ("from t2fast.vllm.environment import reports_startup_errors\n"
               "@reports_startup_errors\n"
@@ -103,3 +104,8 @@ def test_a_workers_set_up_error_is_raised_where_the_engine_was_started():
     with pytest.raises(RuntimeError, match="^engine core$"):   # no reason reported: as it is
         with startup_errors():
             raise RuntimeError("engine core")
+    with pytest.raises(subprocess.CalledProcessError):     # after the start: as it is
+        with startup_errors():
+            startup_over()
+            subprocess.run([sys.executable, "-c", worker], check=True, capture_output=True,
+                           env={**os.environ, "PYTHONPATH": path})

@@ -20,6 +20,7 @@ async def build_server(engine_client, args) -> T2Server | None:
     SVD cache hits, the execution path and the adaptation settings.
     """
     from ..vllm.config import config_from_vllm
+    from ..vllm.environment import startup_over
     from ..vllm.frontend import expert_file_name, frontend_of
 
     frontend = frontend_of(engine_client.input_processor)
@@ -55,6 +56,7 @@ async def build_server(engine_client, args) -> T2Server | None:
     server = T2Server(experts, Adapter(engine_client, cfg.adapt_template, cfg.classifier,
                                        cfg.restate), cfg, profiles)
     log_startup(server, await experts.info(), vllm_config)
+    startup_over()
     return server
 
 

@@ -114,7 +114,8 @@ def startup_errors():
     try:
         yield
     except Exception as exc:
-        reported = Path(path).read_text(encoding="utf-8").splitlines()
+        done = not Path(path).exists()          # startup_over(): a later failure
+        reported = [] if done else Path(path).read_text(encoding="utf-8").splitlines()
         if reported:
             raise T2StartupError(f"vLLM did not start: {reported[0]}") from exc
         raise
@@ -123,4 +124,12 @@ def startup_errors():
             os.environ.pop(STARTUP_ERROR_ENV, None)
         else:
             os.environ[STARTUP_ERROR_ENV] = old
+        Path(path).unlink(missing_ok=True)
+
+
+def startup_over() -> None:
+    """The engine is up (``t2fast serve``'s server is built): from now on a worker's failure is
+    not a start-up failure, and :func:`startup_errors` lets it pass as it is."""
+    path = os.environ.get(STARTUP_ERROR_ENV)
+    if path:
         Path(path).unlink(missing_ok=True)
