@@ -163,7 +163,7 @@ class SVFHandle:
         """
         model, lock, layers = self.model, self.lock, self.modules
         inner, inner_apply, inner_load = model.forward, model._apply, model.load_state_dict
-        adapted = [f"{name}.weight" for name in self._originals]
+        adapted = list(self._originals)             # the swapped modules' names
 
         @functools.wraps(inner)
         def forward(*args, **kwargs):
@@ -175,9 +175,8 @@ class SVFHandle:
             return inner_apply(fn, *args, **kwargs)
 
         def load_state_dict(state_dict, *args, **kwargs):
-            found = [k for k in adapted if k in state_dict]
-            if found:
-                refuse_weight(found[0][:-len(".weight")], state_dict, found[0][:-len("weight")])
+            for name in adapted:
+                refuse_weight(name, state_dict, f"{name}.")
             return inner_load(state_dict, *args, **kwargs)
 
         def refuse_copy(*args):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from itertools import islice
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -202,18 +203,13 @@ def as_answer(example: Example | str | Any) -> str:
 
 
 def first_examples(task, split: str, n: int) -> list[Example]:
-    """Up to ``n`` examples of ``task``'s ``split``: all it has when that is fewer (a JSONL
-    file's split, a generated task's spent question space), where ``Task.examples`` of a
-    generated task raises RuntimeError."""
+    """Up to ``n`` examples of ``task``'s ``split`` (the order of ``Task.examples``): all it has
+    when that is fewer (a JSONL file's split, a generated task's spent question space), where
+    ``Task.examples`` of a generated task raises RuntimeError."""
+    out: list[Example] = []
     try:
-        return task.examples(split, n)
+        for ex in islice(task.iter_examples(split), n):
+            out.append(ex)
     except RuntimeError:        # a generated task ran out of distinct questions
-        out: list[Example] = []
-        try:
-            for ex in task.iter_examples(split):
-                out.append(ex)
-                if len(out) >= n:
-                    break
-        except RuntimeError:
-            pass
-        return out
+        pass
+    return out
