@@ -186,7 +186,7 @@ def check_positions(model, attention_mask: torch.Tensor, what: str = "row",
             needs = f" and {room} more for an answer" if room else ""
             raise ValueError(f"{what} {i} is {int(lengths[i])} tokens long{needs}; the model "
                              f"takes at most {limit} positions (its config's "
-                             f"max_position_embeddings)")
+                             f"max_position_embeddings, with its RoPE scaling)")
     return limit
 
 
