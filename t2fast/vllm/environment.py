@@ -114,8 +114,8 @@ def startup_errors():
     try:
         yield
     except Exception as exc:
-        done = not Path(path).exists()          # startup_over(): a later failure
-        reported = [] if done else Path(path).read_text(encoding="utf-8").splitlines()
+        file = Path(path)                       # gone after startup_over(): a later failure
+        reported = file.read_text(encoding="utf-8").splitlines() if file.exists() else []
         if reported:
             raise T2StartupError(f"vLLM did not start: {reported[0]}") from exc
         raise
