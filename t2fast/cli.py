@@ -543,16 +543,26 @@ CEM_OPTIONS = ("--shots", "--shot-set", "--cem-iterations", "--cem-population",
                "--cem-check-shots", "--per-layer", "--normalize", "--seed")
 
 
+def option_given(tokens, option: str, known=()) -> str | None:
+    """The first of ``tokens`` (command-line words) that gives ``option``, or None.
+
+    Spellings: ``--x v``, ``--x=v``, a prefix as argparse accepts it (one that is not itself an
+    option in ``known``), and vLLM's own (``--x_y`` for ``--x-y``; ``--x.key v``, one key of a
+    JSON option).
+    """
+    for token in tokens:
+        if not token.startswith("--") or len(token) <= 2:
+            continue
+        word = "--" + token[2:].split("=", 1)[0].split(".", 1)[0].replace("_", "-")
+        if word == option or (word not in known and option.startswith(word)):
+            return token
+    return None
+
+
 def _given(args, option: str) -> bool:
-    """Whether the command line (``args._argv``) gives ``option``, as ``--x v`` or ``--x=v``,
-    spelled out or abbreviated as argparse accepts (a prefix that is no option itself)."""
-    known = args._parser._option_string_actions
-    for token in getattr(args, "_argv", ()):
-        word = token.split("=", 1)[0]
-        if word == option or (word.startswith("--") and len(word) > 2 and word not in known
-                              and option.startswith(word)):
-            return True
-    return False
+    """Whether ``t2fast``'s own command line (``args._argv``) gives ``option``."""
+    return option_given(getattr(args, "_argv", ()), option,
+                        args._parser._option_string_actions) is not None
 
 
 def _adapt_check(args):

@@ -188,6 +188,12 @@ def test_serve_command_line_parses_and_refuses_owned_vllm_options(tmp_path):
     assert extra == ["--enforce-eager", "--max-model-len=256"]
     with pytest.raises(ValueError, match="sets --hf-overrides itself"):
         vllm_arguments(args, ["--hf-overrides={}"])
+    # vLLM's other spellings replace t2fast's value just as well (its parser appends the
+    # dotted keys as one JSON value after every other), so they are refused too
+    for spelling in (["--hf_overrides", "{}"], ["--hf-overrides.rope_theta", "1e4"],
+                     ["--additional-conf", "{}"], ["--worker_extension_cls=x"]):
+        with pytest.raises(ValueError, match=f"itself \\(given as '{spelling[0]}'\\)"):
+            vllm_arguments(args, spelling)
     args, extra = build_parser().parse_known_args(
         ["serve", "tiny", "--allow-runtime-loading", "--runtime-loading-root", str(tmp_path)])
     argv = vllm_arguments(args, extra)
@@ -196,6 +202,19 @@ def test_serve_command_line_parses_and_refuses_owned_vllm_options(tmp_path):
     args, extra = build_parser().parse_known_args(["serve", "tiny", "--allow-runtime-loading"])
     with pytest.raises(ValueError, match="needs a root folder"):
         vllm_arguments(args, extra)
+
+
+@pytest.mark.vllm
+def test_owned_and_sized_options_are_no_prefix_of_another_vllm_option():
+    """``option_given`` reads a prefix of an option as that option (argparse's abbreviation):
+    sound only while no vLLM option is itself such a prefix."""
+    from t2fast.serve.cli import OWNED_VLLM_OPTIONS, vllm_parser
+    from t2fast.vllm.environment import KV_OPTIONS
+
+    names = vllm_parser()._option_string_actions
+    for option in (*OWNED_VLLM_OPTIONS, *KV_OPTIONS, "--dtype"):
+        assert option in names
+        assert [n for n in names if n != option and option.startswith(n)] == []
 
 
 @pytest.mark.parametrize("raw, msg", [

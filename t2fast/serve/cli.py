@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..cli import add_svf_arguments, register, svf_settings
+from ..cli import add_svf_arguments, option_given, register, svf_settings
 from ..cli_types import choice_or_named, integer
 
 ENDPOINT_GROUP = "vllm.endpoint_plugins"
@@ -294,10 +294,13 @@ def vllm_arguments(args, extra: list[str]) -> list[str]:
     from ..vllm.llm import engine_args
     from .config import SERVE_KEY, ServeConfig
 
-    owned = [o for o in OWNED_VLLM_OPTIONS if _given(extra, o)]
-    if owned:
-        raise ValueError(f"t2fast serve sets {', '.join(owned)} itself; use its own options "
-                         f"(t2fast serve --help)")
+    for option in OWNED_VLLM_OPTIONS:
+        token = option_given(extra, option)
+        if token is not None:
+            given = "" if token.split("=", 1)[0] == option else f" (given as {token!r})"
+            raise ValueError(f"t2fast serve sets {option} itself{given}: vLLM would replace "
+                             f"t2fast's value with this one; use t2fast serve's own options "
+                             f"(t2fast serve --help)")
     model = os.path.expanduser(args.model)
     served = []
     if model == "tiny":
@@ -305,7 +308,7 @@ def vllm_arguments(args, extra: list[str]) -> list[str]:
 
         model = str(tiny_model_path())
         served = ["--served-model-name", "tiny"]
-        if not _given(extra, "--dtype"):  # the float32 weights it was trained and tested in
+        if option_given(extra, "--dtype") is None:  # the float32 weights it was trained in
             served += ["--dtype", "float32"]
     files, named = [], {}
     for entry in args.experts:
@@ -346,16 +349,12 @@ def vllm_arguments(args, extra: list[str]) -> list[str]:
     return out + cpu_defaults(extra) + list(extra)
 
 
-def _given(extra: list[str], *options: str) -> bool:
-    return any(a.split("=", 1)[0] in options for a in extra)
-
-
 def cpu_defaults(extra: list[str]) -> list[str]:
     """On vLLM's CPU build, a KV cache sized to the machine unless ``extra`` sizes it
     (:func:`t2fast.vllm.environment.cpu_kv_cache_bytes`)."""
     from ..vllm.environment import KV_OPTIONS, cpu_kv_cache_bytes
 
-    size = cpu_kv_cache_bytes(_given(extra, *KV_OPTIONS))
+    size = cpu_kv_cache_bytes(any(option_given(extra, o) for o in KV_OPTIONS))
     return [] if size is None else [KV_OPTIONS[0], str(size)]
 
 
