@@ -92,14 +92,17 @@ def make_app(tmp_path, adapt="none", engine=None, restate=False) -> tuple[FastAP
     return app, server
 
 
-def call(app, method, path, body=None, raw: bytes | None = None) -> httpx.Response:
+def call(app, method, path, body=None, raw: bytes | None = None,
+         headers: list | None = None) -> httpx.Response:
+    """``body`` as JSON, or ``raw`` bytes, sent as ``application/json`` or with ``headers``."""
     async def go():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            if raw is not None:
-                return await client.request(method, path, content=raw,
-                                            headers={"content-type": "application/json"})
-            return await client.request(method, path, json=body)
+            if raw is None and headers is None:
+                return await client.request(method, path, json=body)
+            return await client.request(
+                method, path, headers=headers or [("content-type", "application/json")],
+                content=json.dumps(body).encode() if raw is None else raw)
     return asyncio.run(go())
 
 
@@ -181,6 +184,19 @@ def test_the_token_in_route_refuses_a_mixture_in_its_sampling_params(app):
     assert call(app, "POST", "/inference/v1/generate", body).status_code != 400
 
 
+@pytest.mark.parametrize("headers", [
+    [("content-type", "Application/JSON")],
+    [("content-type", "application/json; charset=utf-8")],
+    [("content-type", "application/json"), ("content-type", "text/plain")],
+])
+def test_another_route_refuses_a_mixture_however_its_content_type_is_written(app, headers):
+    """The server reads the first content-type, in any case: so does the check (a mixed-case
+    type, or a second header, let the base model answer a request that named an expert)."""
+    r = call(app, "POST", "/v1/responses", {"model": "tiny", "input": "x", "t2_expert": "arith"},
+             headers=headers)
+    refused(r, 400, "t2_expert", "does not serve t2fast mixtures")
+
+
 def test_a_deep_body_on_another_route_is_left_to_vllm(app):
     r = call(app, "POST", "/v1/t2/experts", raw=nested(1000).encode())
     refused(r, 400, None, "nested")
@@ -206,8 +222,9 @@ def test_every_response_names_its_mixture(app, fields, mixture, expert):
     assert r.status_code == 200, r.text
     assert r.headers["x-t2-mixture"] == mixture
     assert r.headers.get("x-t2-expert") == expert
-    sent = r.json()["body"].get("vllm_xargs", {}).get("t2")
-    assert (sent is None) == (mixture == "base" and "t2_expert" not in fields)
+    sent = r.json()["body"].get("vllm_xargs", {}).get("t2")   # by name: what was checked
+    assert (None if sent is None else json.loads(sent)) == \
+        (None if mixture == "base" else {"alpha": json.loads(mixture)})
     if "model" in fields:
         assert r.json()["model"] == "arith"
 
@@ -239,8 +256,9 @@ def test_server_default_adapt_skips_requests_it_cannot_serve(tmp_path):
     assert r.headers["x-t2-mixture"] == "base" and r.headers["x-t2-adapt"] == "none"
     assert "one text prompt" in r.headers["x-t2-adapt-skipped"]
     assert "vllm_xargs" not in r.json()["body"] and server.adapter.engine_client.calls == 0
-    r = call(app, "POST", "/v1/completions", {"model": "tiny", "prompt": "Q: 1+1=?"})
-    assert r.headers["x-t2-expert"] == "arith" and "x-t2-adapt-skipped" not in r.headers
+    for model in ({"model": "tiny"}, {"model": ""}, {}):   # vLLM serves "" as the base model
+        r = call(app, "POST", "/v1/completions", {**model, "prompt": "Q: 1+1=?"})
+        assert r.headers["x-t2-expert"] == "arith" and "x-t2-adapt-skipped" not in r.headers
     # a request that asks for adaptation itself still hears why it cannot have it
     r = call(app, "POST", "/v1/completions", {"model": "tiny", "prompt": ["a", "b"],
                                                "t2_adapt": "classifier"})

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
+from t2fast.mixtures import Mixture
 from t2fast.serve.config import ServeConfig
 from t2fast.serve.translate import (MAX_BODY_DEPTH, T2HTTPError, check_depth, prompt_text,
-                                    set_spec, t2_keys_in, translate)
+                                    set_mixture, t2_keys_in, translate)
 
 EXPERTS, BASE_NAMES = ["arith", "strings"], ["tiny"]
 
@@ -54,8 +55,10 @@ def test_adapt_modes_and_server_default():
     assert tr({"model": "other"}, "prompt").adapt is None
     body = tr({"model": "tiny", "t2_adapt": "prompt"}).body
     assert "vllm_xargs" not in body
-    set_spec(body, {"expert": "strings"})
-    assert json.loads(body["vllm_xargs"]["t2"]) == {"expert": "strings"}
+    set_mixture(body, Mixture(weights=(("strings", 1.0),)))
+    assert json.loads(body["vllm_xargs"]["t2"]) == {"alpha": {"strings": 1.0}}
+    set_mixture(body, Mixture())
+    assert "vllm_xargs" not in body
 
 
 @pytest.mark.parametrize("body, param, msg", [

@@ -32,7 +32,7 @@ from ..mixtures import ALPHA_FIELD, BASE, EXPERT_FIELD, Mixture, profile_name
 from .adapt import HEADER_ADAPT, HEADER_ADAPT_SKIPPED, HEADER_ALPHA, HEADER_EXPERT, \
     HEADER_MIXTURE, HEADER_RESTATE_MS, HEADER_RESTATED, restated_text
 from .translate import (ADAPT_KEY, ROUTES, T2HTTPError, body_too_deep, check_depth,
-                        prompt_text, set_prompt_text, set_spec, t2_keys_in, translate)
+                        prompt_text, set_mixture, set_prompt_text, t2_keys_in, translate)
 
 STATE_ATTR = "t2fast"
 #: t2fast's own routes (their bodies are not requests for a model).
@@ -55,8 +55,7 @@ class T2RequestMiddleware:
         send = _capping_errors(send)
         path = scope.get("path", "")
         route = next((r for r in ROUTES if path.endswith(r)), None)
-        ctype = dict(scope.get("headers", [])).get(b"content-type", b"")
-        if scope.get("method") != "POST" or (route is None and b"json" not in ctype):
+        if scope.get("method") != "POST" or (route is None and not _json_body(scope)):
             return await self.app(scope, receive, send)  # uploads etc.: not read
         raw = await _read_body(receive)
         try:
@@ -165,6 +164,7 @@ class T2Server:
         if mixture is None:
             mixture = self.parse(tr.spec, tr.key or ADAPT_KEY)
         headers[HEADER_MIXTURE] = mixture.key or BASE
+        set_mixture(tr.body, mixture)
         return tr.body, mixture, headers
 
     def parse(self, spec, key: str) -> Mixture:
@@ -213,7 +213,6 @@ class T2Server:
                                                    self.experts.names)
             spec = None if choice.expert is None else {EXPERT_FIELD: choice.expert}
             headers.update(choice.headers(adapt))
-        set_spec(body, spec)
         return body, spec, headers
 
 
@@ -226,6 +225,13 @@ def _vllm_model_names(scope) -> list[str] | None:
         return None
     models = getattr(scope["app"].state, "openai_serving_models", None)
     return list(getattr(models, "lora_requests", None) or {})
+
+
+def _json_body(scope) -> bool:
+    """Whether a request's body is JSON as the server reads it: its first ``content-type``
+    (the one Starlette reads), whatever its case, names a JSON media type."""
+    ctype = next((v for k, v in scope.get("headers", []) if k == b"content-type"), b"")
+    return b"json" in ctype.split(b";", 1)[0].lower()
 
 
 def _header_text(text: str) -> str:

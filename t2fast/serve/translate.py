@@ -32,7 +32,8 @@ from http import HTTPStatus
 
 from ..messages import cap_text, shown
 from ..mixtures import ADAPT_FIELD, ADAPT_KEY, ALPHA_FIELD, EXPERT_FIELD, FLAT_KEYS, \
-    PROFILE_PREFIX, REQUEST_KEY, looks_like_request_key, profile_name, request_spec, xargs_value
+    PROFILE_PREFIX, REQUEST_KEY, Mixture, looks_like_request_key, profile_name, request_spec, \
+    xargs_value
 
 XARGS = "vllm_xargs"
 T2_KEYS = (REQUEST_KEY, *FLAT_KEYS, ADAPT_KEY)
@@ -140,7 +141,7 @@ def translate(body, expert_names, base_names, default_adapt: str = "none") -> Tr
         out.adapt = _adapt_mode(xargs.pop(ADAPT_KEY), out.key)
     elif given:
         out.spec = request_spec(given[0], xargs.pop(given[0]))
-    elif model is None or model in base_names:
+    elif model in (None, "") or model in base_names:  # vLLM serves "" as the base model
         out.adapt = _adapt_mode(default_adapt, "the server's default adapt mode")
         out.adapt_is_default = out.adapt is not None
     if out.spec is not None:
@@ -202,13 +203,24 @@ def _adapt_mode(value, what: str) -> str | None:
     return None if value == "none" else value
 
 
-def set_spec(body: dict, spec) -> None:
-    """Put a mixture chosen by pass 1 into a translated body (None: the base model)."""
-    if spec is None:
-        return
+def set_mixture(body: dict, mixture: Mixture) -> None:
+    """Make ``mixture`` the engine's mixture of a translated body, by expert name (the key is
+    dropped for the base model).
+
+    The engine reads what the body carries after the request waited its turn: the mixture the
+    middleware checked, counted in flight and named in ``x-t2-mixture`` then stays the one
+    served, whatever experts were loaded or unloaded meanwhile (an α list read again would
+    index the bank as it is then).
+    """
     xargs = dict(body.get(XARGS) or {})
-    xargs[REQUEST_KEY] = xargs_value(spec)
-    body[XARGS] = xargs
+    if mixture.is_base:
+        xargs.pop(REQUEST_KEY, None)
+    else:
+        xargs[REQUEST_KEY] = xargs_value({ALPHA_FIELD: mixture.normal})
+    if xargs:
+        body[XARGS] = xargs
+    else:
+        body.pop(XARGS, None)
 
 
 def set_prompt_text(path: str, body: dict, text: str) -> None:
