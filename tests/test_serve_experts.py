@@ -125,3 +125,21 @@ def test_replace_waits_for_old_requests_and_holds_new_ones():
         assert ex.in_flight["math"] == 1
 
     asyncio.run(run())
+
+
+def test_an_unload_the_workers_refuse_leaves_the_bank_as_it_was():
+    class Refusing(FakeEngine):
+        async def collective_rpc(self, method, args=()):
+            if method == "t2_unload_experts":
+                return [{"error": "RuntimeError: no"}]
+            return await super().collective_rpc(method, args)
+
+    async def run():
+        ex = make(("math", "code"))
+        ex.engine_client = Refusing(["math", "code"])
+        with pytest.raises(T2HTTPError, match="t2_unload_experts failed in a worker"):
+            await ex.unload("math")
+        assert ex.names == ["math", "code"] and ex.parse({"expert": "math"}) == uses("math")
+        assert ex.paths["math"] == "math.safetensors"
+
+    asyncio.run(run())

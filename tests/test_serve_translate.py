@@ -207,6 +207,39 @@ def test_serve_command_line_parses_and_refuses_owned_vllm_options(tmp_path):
         vllm_arguments(args, extra)
 
 
+@pytest.mark.vllm    # vllm_arguments parses vLLM's own flags
+@pytest.mark.parametrize("given, files, named, classifier", [
+    (["arith", "strings"], ["arith", "strings", "classify"], {}, "classify"),
+    (["s=strings", "arith"], [], {"s": "strings", "arith": "arith", "classify": "classify"},
+     "classify"),
+    (["arith", "s=strings", "choice"], ["arith"],
+     {"s": "strings", "choice": "choice", "classify": "classify"}, "classify"),
+])
+def test_serve_loads_the_bank_in_the_order_given(given, files, named, classifier):
+    """α lists index the bank: the experts are loaded in the order given, a NAME= entry
+    where it stands (it came after every unnamed file), the classifier file last; the bank
+    holds them all, however many are named."""
+    from t2fast.cli import build_parser
+    from t2fast.serve.cli import vllm_arguments
+
+    def path(entry):
+        name, _, stem = entry.rpartition("=")
+        return (f"{name}=" if name else "") + f"experts/{stem}.safetensors"
+
+    args, extra = build_parser().parse_known_args(
+        ["serve", "tiny", "--experts", *map(path, given), "--classifier", path("classify"),
+         "--max-experts", "1"])
+    argv = vllm_arguments(args, extra)
+    config = json.loads(argv[argv.index("--additional-config") + 1])
+    stem = lambda p: p.rsplit("/", 1)[-1].removesuffix(".safetensors")  # noqa: E731
+    assert [stem(p) for p in config["t2fast"]["experts"]] == files
+    served = config["t2fast_serve"]
+    assert {n: stem(p) for n, p in served["named_experts"].items()} == named
+    assert list(served["named_experts"]) == list(named)
+    assert served["classifier"] == classifier
+    assert config["t2fast"]["max_experts"] == len(files) + len(named)
+
+
 @pytest.mark.vllm
 def test_owned_and_sized_options_are_no_prefix_of_another_vllm_option():
     """``option_given`` reads a prefix of an option as that option (argparse's abbreviation):

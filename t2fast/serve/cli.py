@@ -192,11 +192,11 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="'tiny' (the bundled model) or a Llama / Mistral / Qwen2 "
                                  "checkpoint (folder or hub name)")
     p.add_argument("--experts", nargs="+", default=[], metavar="[NAME=]PATH", type=expert_entry,
-                   help="expert files served from the start (bank order); NAME= serves one "
-                        "under another name")
+                   help="expert files served from the start, in bank order (the order of "
+                        "t2_alpha lists); NAME= serves one under another name")
     p.add_argument("--classifier", default=None, metavar="[NAME=]PATH|NAME",
                    help="classification expert for t2_adapt='classifier' (a file, loaded too, "
-                        "or the name of one of --experts)")
+                        "after --experts, or the name of one of --experts)")
     p.add_argument("--adapt", default="none", type=adapt_mode,
                    help="t2_adapt of requests that name no mixture: none (the base model), "
                         "prompt, classifier or profile:NAME")
@@ -291,6 +291,7 @@ def _named(entry: str) -> tuple[str | None, str]:
 
 def vllm_arguments(args, extra: list[str]) -> list[str]:
     """vLLM ``serve`` arguments for the parsed ``t2fast serve`` ones (``extra``: vLLM's own)."""
+    from ..vllm.config import T2Config
     from ..vllm.llm import engine_args
     from .config import SERVE_KEY, ServeConfig
 
@@ -310,24 +311,26 @@ def vllm_arguments(args, extra: list[str]) -> list[str]:
         served = ["--served-model-name", "tiny"]
         if option_given(extra, "--dtype") is None:  # the float32 weights it was trained in
             served += ["--dtype", "float32"]
-    files, named = [], {}
-    for entry in args.experts:
-        name, path = _named(entry)
-        if name is None:
-            files.append(path)
-        else:
-            named[name] = path
-    classifier = args.classifier
-    if classifier is not None and (Path(classifier).exists() or "=" in classifier):
-        name, path = _named(classifier)
-        if name is None:
-            from ..vllm.frontend import expert_file_name
+    from ..vllm.frontend import expert_file_name
 
-            name = expert_file_name(path)
+    entries, classifier = list(args.experts), args.classifier
+    if classifier is not None and (Path(classifier).exists() or "=" in classifier):
+        entries.append(classifier)          # the classification expert is the last in the bank
+        name, path = _named(classifier)
+        classifier = name or expert_file_name(path)
+    # the bank in the order given: the unnamed files before the first NAME= entry start with
+    # the engine, the others are loaded under their names once it runs (ServeConfig)
+    files, named = [], {}
+    for entry in entries:
+        name, path = _named(entry)
+        if name is None and not named:
             files.append(path)
         else:
-            named[name] = path
-        classifier = name
+            named[name or expert_file_name(path)] = path
+    settings = svf_settings(args, SERVE_SVF_FIELDS)
+    if named:                               # the bank holds every expert given
+        settings["max_experts"] = max(settings["max_experts"] or T2Config().max_experts,
+                                      len(files) + len(named))
     profiles = {}
     for entry in args.profiles:
         name, path = _named(entry)
@@ -340,7 +343,7 @@ def vllm_arguments(args, extra: list[str]) -> list[str]:
                             runtime_loading_root=None if args.runtime_loading_root is None
                             else str(Path(args.runtime_loading_root).resolve()),
                             named_experts=named, profiles=profiles, restate=args.restate)
-    kw = engine_args(model, files, **svf_settings(args, SERVE_SVF_FIELDS))  # checked before start
+    kw = engine_args(model, files, **settings)  # checked before start
     kw["additional_config"][SERVE_KEY] = serve_cfg.to_dict()
     out = [model, *served, "--host", args.host, "--port", str(args.port),
            "--hf-overrides", json.dumps(kw["hf_overrides"]),

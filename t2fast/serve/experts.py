@@ -206,7 +206,12 @@ class ServedExperts:
                 raise T2HTTPError(f"expert {name!r} is still used by {self.in_flight[name]} "
                                   f"request(s) after {DRAIN_TIMEOUT_S:.0f} s; not unloaded",
                                   param="name", status=HTTPStatus.CONFLICT)
-            self._check_order(await self._rpc("t2_unload_experts", [name]))
+            try:
+                results = await self._rpc("t2_unload_experts", [name])
+            except T2HTTPError:             # the workers still hold it: so does the bank
+                self._restore(names_before, name, digest)
+                raise
+            self._check_order(results)
             self.paths.pop(name, None)
         return {"id": name, "object": "model", "deleted": True}
 
