@@ -17,6 +17,7 @@ import importlib
 import json
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NoReturn
@@ -357,11 +358,22 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 #: ``TrainConfig`` fields whose flag is not ``--<field>``.
 TRAIN_FLAG_OF = {"cache_dir": "--no-cache", "progress": "--no-progress"}
+#: ``t2fast train`` options that apply to one objective, method or parameterization only:
+#: option → (field, the value it needs).
+TRAIN_OPTION_NEEDS = {
+    **{o: ("objective", "rl") for o in (
+        "--samples-per-prompt", "--temperature", "--top-k", "--kl-coef", "--unparsable-penalty",
+        "--logprob-reduction", "--baseline", "--log-kl")},
+    "--lora-rank": ("method", "lora"), "--lora-alpha": ("method", "lora"),
+    "--official-init": ("parameterization", "official"),
+}
 
 
 def _train_run(args) -> int:
+    from .tasks import get_task
     from .train import TrainConfig, Trainer
     from .train.config import ConfigError
+    from .train.trainer import run_examples
     _set_threads(args.threads)
     fields = {k: getattr(args, k) for k in (
         "task", "out", "method", "objective", "parameterization", *TRAIN_NUMBERS,
@@ -371,22 +383,39 @@ def _train_run(args) -> int:
     fields["progress"] = not args.no_progress
     fields["cache_dir"] = False if args.no_cache else None
     fields["extra"] = {"command": "t2fast " + " ".join(getattr(args, "_argv", []))}
+    for option, (field, value) in TRAIN_OPTION_NEEDS.items():
+        if _given(args, option) and fields[field] != value:
+            usage_error(args, option, f"applies to --{field} {value} only (the {field} here is "
+                                      f"{fields[field]})")
     try:
-        cfg = TrainConfig(**fields).validate()
+        cfg = TrainConfig(**fields).validate().check_files()
+        with warnings.catch_warnings():          # data that cannot train: said before
+            warnings.simplefilter("ignore")      # loading (the trainer warns of the rest)
+            run_examples(get_task(cfg.task), cfg)
     except ConfigError as e:
         field = re.match(r"TrainConfig\.(\w+)", str(e))
         if field is None:
             args._parser.error(str(e))
         name = field.group(1)
         usage_error(args, TRAIN_FLAG_OF.get(name, "--" + name.replace("_", "-")), str(e))
-    if cfg.method == "lora" and Path(cfg.out).is_file():
+    out = Path(cfg.out)
+    if cfg.method == "lora" and out.is_file():
         usage_error(args, "--out", f"--method lora writes an adapter folder, but {cfg.out!r} is "
                                    f"a file")
-    if cfg.resume and not cfg.checkpoint_path.exists():
-        usage_error(args, "--resume", f"there is no checkpoint at {str(cfg.checkpoint_path)!r}")
+    if cfg.method == "lora" and out.is_dir() and any(out.iterdir()) and \
+            not (out / "adapter_config.json").exists():
+        usage_error(args, "--out", f"{cfg.out!r} is a folder of other files (no "
+                                   f"adapter_config.json); --method lora writes its adapter "
+                                   f"into a new or an adapter folder")
     model, tok = _load(args)
     trainer = Trainer(cfg, model, tok)
     res = trainer.train()
+    if res.interrupted:
+        print(f"t2fast train: interrupted after step {res.steps_run} of {cfg.steps}; "
+              f"{res.out} holds the best step so far ({res.best_step}). The checkpoint "
+              f"{str(cfg.checkpoint_path)!r} continues the run: the same command with --resume",
+              file=sys.stderr)
+        return 130
     print(json.dumps({"out": res.out, "best_validation_accuracy": res.best_score,
                       "best_step": res.best_step, "steps_run": res.steps_run,
                       "stopped_early": res.stopped_early, "num_parameters": res.num_parameters,

@@ -1,9 +1,12 @@
 """The t2fast command line: train / eval / adapt on a random tiny model, errors, the registry."""
+import dataclasses
 import importlib.util
 import io
 import json
+import os
 import pathlib
 import re
+import signal
 import sys
 
 import pytest
@@ -629,3 +632,103 @@ def test_fewer_validation_examples_than_eval_n_are_used_with_a_warning(tmp_path)
                          str(tmp_path / "g.safetensors"), "--model", "random", "--threads", "1",
                          "--steps", "1", "--batch-size", "2", "--samples-per-prompt", "2",
                          "--no-progress", "--no-cache"]) == 0
+
+
+def test_train_refuses_files_that_would_destroy_each_other_or_an_earlier_run(
+        tmp_path, capsys, no_model):
+    """--log or --checkpoint on --out (the expert was overwritten or appended to); a new run
+    where an earlier one left its checkpoint (its log and expert were restarted silently)."""
+    out = tmp_path / "e.safetensors"
+    train = ["train", "--task", "arith", "--out", str(out), *MODEL]
+    err = _usage_error(capsys, [*train, "--log", str(out)], "--log")
+    assert "the same file as out" in err
+    _usage_error(capsys, [*train, "--checkpoint", str(out)], "--checkpoint")
+    _usage_error(capsys, [*train, "--log", str(tmp_path / "x"), "--checkpoint",
+                          str(tmp_path / "x")], "--checkpoint")
+    pathlib.Path(f"{out}.state.pt").write_bytes(b"")
+    err = _usage_error(capsys, train, "--resume")
+    assert "holds the checkpoint of an earlier run" in err and "with resume (--resume)" in err
+    _usage_error(capsys, [*train, "--checkpoint", str(tmp_path / "c.pt"), "--resume"],
+                 "--resume")
+
+
+def test_train_refuses_options_of_another_objective_or_method(tmp_path, capsys, no_model):
+    train = ["train", "--task", "arith", "--out", str(tmp_path / "e.safetensors"), *MODEL]
+    for given, option, why in (
+            (["--objective", "sft", "--kl-coef", "0.5"], "--kl-coef", "--objective rl only"),
+            (["--objective", "sft", "--temp", "0.3"], "--temperature", "--objective rl only"),
+            (["--objective", "sft", "--log-kl"], "--log-kl", "(the objective here is sft)"),
+            (["--lora-rank", "16"], "--lora-rank", "--method lora only"),
+            (["--official-init", "0.5"], "--official-init", "--parameterization official")):
+        assert why in _usage_error(capsys, [*train, *given], option)
+    # SFT draws no samples, so the RL baseline's need of two is no reason to refuse it
+    assert cli.main([*train, "--objective", "sft", "--samples-per-prompt", "1"]) == 2
+    assert "argument --samples-per-prompt: applies to --objective rl" in capsys.readouterr().err
+
+
+def test_train_says_what_the_data_lacks_before_loading_the_model(tmp_path, capsys, no_model):
+    data = _gsm8k_file(tmp_path / "g.jsonl", 12)
+    err = _usage_error(capsys, ["train", "--task", f"gsm8k@validation:{data}", "--out",
+                                str(tmp_path / "g.safetensors"), *MODEL], "--batch-size")
+    assert "has 0 distinct train examples: it is one file taken whole as its validation " \
+           "split" in err
+
+
+def test_sft_refuses_examples_without_a_reference_answer(monkeypatch):
+    from t2fast.tasks import get_task
+    from t2fast.train import TrainConfig
+    from t2fast.train.config import ConfigError
+    from t2fast.train.trainer import run_examples
+
+    task = get_task("arith")
+    blank = [dataclasses.replace(e, answer=" ") for e in task.examples("train", 40)]
+    monkeypatch.setattr(type(task), "examples", lambda self, split, n=None: blank)
+    with pytest.raises(ConfigError, match=r"objective='sft': 40 of the 40 training examples "
+                                          r"of task 'arith' have no reference answer"):
+        run_examples(task, TrainConfig(objective="sft", batch_size=4, train_n=None))
+    assert len(run_examples(task, TrainConfig(batch_size=4, train_n=None))[0]) == 40
+
+
+def test_lora_writes_beside_the_user_files_only_into_an_adapter_folder(tmp_path, capsys):
+    """--out FOLDER/ with a trailing separator: the log and checkpoint lie beside the folder
+    (they were hidden files in it); a folder of other files is refused (PEFT's model card
+    replaced the user's README.md)."""
+    pytest.importorskip("peft")
+    mine = tmp_path / "proj"
+    mine.mkdir()
+    (mine / "README.md").write_text("notes")
+    lora = ["train", "--task", "arith", "--method", "lora", *MODEL, "--steps", "1",
+            "--batch-size", "2", "--samples-per-prompt", "2", "--eval-n", "2", "--no-progress",
+            "--no-cache"]
+    assert "a folder of other files" in _usage_error(capsys, [*lora, "--out", str(mine)],
+                                                     "--out")
+    assert (mine / "README.md").read_text() == "notes"
+    assert cli.main([*lora, "--out", str(tmp_path / "ad") + os.sep]) == 0
+    assert (tmp_path / "ad.log.jsonl").exists() and not (tmp_path / "ad" / ".log.jsonl").exists()
+    (tmp_path / "ad" / "README.md").write_text("mine")   # an adapter folder's own notes stay
+    assert cli.main([*lora, "--out", str(tmp_path / "ad")]) == 0
+    assert (tmp_path / "ad" / "README.md").read_text() == "mine"
+
+
+def test_an_interrupted_train_keeps_its_checkpoint_and_says_how_to_resume(tmp_path, capsys,
+                                                                           monkeypatch):
+    from t2fast.train import Trainer
+
+    step = Trainer._step
+
+    def interrupting(self, bar):
+        step(self, bar)
+        os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(Trainer, "_step", interrupting)
+    out = tmp_path / "e.safetensors"
+    train = ["train", "--task", "arith", "--out", str(out), *MODEL, "--steps", "3",
+             "--batch-size", "2", "--samples-per-prompt", "2", "--eval-n", "2", "--no-progress",
+             "--no-cache"]
+    assert cli.main(train) == 130
+    err = capsys.readouterr().err
+    assert "SIGINT: stopping after this step" in err
+    assert "interrupted after step 1 of 3" in err and "the same command with --resume" in err
+    assert pathlib.Path(f"{out}.state.pt").exists() and out.exists()
+    monkeypatch.setattr(Trainer, "_step", step)
+    assert cli.main([*train, "--resume"]) == 0
+    assert not pathlib.Path(f"{out}.state.pt").exists()

@@ -73,7 +73,7 @@ def test_trainer_rejects_bad_inputs():
     m = small()
     with pytest.raises(ConfigError, match="both model and tokenizer"):
         Trainer(TrainConfig(task="arith"), m, None)
-    with pytest.raises(ConfigError, match="larger than"):
+    with pytest.raises(ConfigError, match="batch_size=8: a step takes that many"):
         Trainer(TrainConfig(task="arith", train_n=4, batch_size=8, cache_dir=False), m,
                 build_char_tokenizer())
     with pytest.raises(ValueError, match="no nn.Linear module matches"):

@@ -1,6 +1,8 @@
 """The training loop: the reward rises on a toy task, best checkpoint, early stopping, resume,
 logs, the SFT objective and the LoRA baseline."""
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from t2fast.experts import load_expert
 from t2fast.models import build_char_tokenizer, random_tiny_llama
 from t2fast.tasks.base import ScoreResult, Task
 from t2fast.train import TrainConfig, Trainer, train
+from t2fast.train.config import ConfigError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,12 +129,49 @@ def test_resume_continues_exactly(tmp_path, tok):
 def test_resume_checks_configuration(tmp_path, tok):
     cfg = toy_config(tmp_path, steps=2)
     train(cfg, small_model(), tok, task=DigitTask())
-    other = toy_config(tmp_path, steps=4, resume=True, batch_size=8)
-    with pytest.raises(ValueError, match="different configuration.*batch_size"):
-        train(other, small_model(), tok, task=DigitTask())
+    # the recipe may not change (the optimizer state would silently keep the old lr, the best
+    # score would compare other validation sets ...); the length and the bookkeeping may
+    for change in ({"batch_size": 8}, {"lr": 0.5}, {"kl_coef": 0.0}, {"eval_n": 3}):
+        other = toy_config(tmp_path, steps=4, resume=True, **change)
+        with pytest.raises(ValueError, match=f"another recipe \\({next(iter(change))}: "):
+            train(other, small_model(), tok, task=DigitTask())
+    with pytest.raises(ValueError, match="trained on another base model: the singular values"):
+        train(toy_config(tmp_path, steps=4, resume=True), small_model(seed=1), tok,
+              task=DigitTask())
+    assert train(toy_config(tmp_path, steps=4, resume=True, patience=3, progress=False),
+                 small_model(), tok, task=DigitTask()).steps_run == 4
+    # a new run may not restart the one its checkpoint holds
+    with pytest.raises(ConfigError, match="resume=False: .* holds the checkpoint of an earlier"):
+        Trainer(toy_config(tmp_path, steps=2), small_model(), tok, task=DigitTask())
     missing = toy_config(tmp_path / "none", steps=2, resume=True)
-    with pytest.raises(FileNotFoundError, match="checkpoint"):
+    with pytest.raises(ConfigError, match="resume=True: there is no checkpoint"):
         train(missing, small_model(), tok, task=DigitTask())
+
+
+def test_an_interrupted_run_stops_after_a_step_and_resumes_where_it_stopped(tmp_path, tok,
+                                                                           monkeypatch):
+    """Ctrl-C (SIGINT) or SIGTERM: the step in progress ends, the checkpoint is written, and
+    a resumed run logs each step once (the log loses the steps the checkpoint lacks)."""
+    full = toy_config(tmp_path / "a", steps=6, eval_every=3)
+    train(full, small_model(), tok, task=DigitTask())
+    part = toy_config(tmp_path / "b", steps=6, eval_every=3)
+    step = Trainer._step
+
+    def interrupting(self, bar):
+        step(self, bar)
+        if self.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(Trainer, "_step", interrupting)
+    res = train(part, small_model(), tok, task=DigitTask())
+    assert res.interrupted and res.steps_run == 4 and part.checkpoint_path.exists()
+    monkeypatch.setattr(Trainer, "_step", step)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL   # the handlers are put back
+    with part.log_path.open("a") as f:           # a step logged after the last checkpoint
+        f.write(json.dumps({"event": "step", "step": 5, "reward": 9.0}) + "\n")
+    part.resume = True
+    assert not train(part, small_model(), tok, task=DigitTask()).interrupted
+    assert [s["reward"] for s in steps_of(part.log_path)] == \
+        [s["reward"] for s in steps_of(full.log_path)]
 
 
 def test_early_stopping_keeps_best(tmp_path, tok):

@@ -207,7 +207,7 @@ class TrainConfig:
             self.svf_config()
         except SVFConfigError as exc:
             bad(exc.field, exc.why)
-        if self.baseline == "mean" and self.samples_per_prompt < 2:
+        if self.objective == "rl" and self.baseline == "mean" and self.samples_per_prompt < 2:
             bad("baseline", "'mean' subtracts the mean reward of a prompt's samples: needs "
                             "samples_per_prompt >= 2")
         if self.resume and not (self.checkpoint or self.out):
@@ -235,15 +235,48 @@ class TrainConfig:
 
     @property
     def log_path(self) -> Path | None:
+        """``log``, else ``<out>.log.jsonl`` beside ``out`` (a folder's too)."""
         if self.log:
             return Path(self.log)
-        return Path(str(self.out) + ".log.jsonl") if self.out else None
+        return Path(str(Path(self.out)) + ".log.jsonl") if self.out else None
 
     @property
     def checkpoint_path(self) -> Path | None:
+        """``checkpoint``, else ``<out>.state.pt`` beside ``out`` (a folder's too)."""
         if self.checkpoint:
             return Path(self.checkpoint)
-        return Path(str(self.out) + ".state.pt") if self.out else None
+        return Path(str(Path(self.out)) + ".state.pt") if self.out else None
+
+    def check_files(self) -> "TrainConfig":
+        """Raise :class:`ConfigError` when the run's files would destroy each other or an
+        earlier run: ``out``, the log and the checkpoint must be three paths; with ``resume``
+        the checkpoint must exist, and without it none may (a new run would start that
+        earlier run's log and expert anew: continue it with ``resume``, or delete it).
+        Returns self."""
+        files = {"out": self.out, "log": self.log_path, "checkpoint": self.checkpoint_path}
+        seen = {}
+        for name, path in files.items():
+            if path is None:
+                continue
+            key = Path(path).expanduser().resolve()
+            if key in seen:
+                raise ConfigError(f"TrainConfig.{name}={str(path)!r}: the same file as "
+                                  f"{seen[key]}; the run writes each of out, log and "
+                                  f"checkpoint, so they must differ")
+            seen[key] = name
+        ckpt = self.checkpoint_path
+        if ckpt is None:
+            return self
+        if self.resume and not ckpt.exists():
+            raise ConfigError(f"TrainConfig.resume=True: there is no checkpoint at "
+                              f"{str(ckpt)!r}")
+        if not self.resume and ckpt.exists():
+            raise ConfigError(f"TrainConfig.resume=False: {str(ckpt)!r} holds the checkpoint "
+                              f"of an earlier run into {self.out!r}, which a new run would "
+                              f"restart from scratch (its log and expert too); continue it "
+                              f"with resume (--resume), or delete the checkpoint to start "
+                              f"anew")
+        return self
 
     def svf_config(self) -> SVFConfig:
         """The :class:`t2fast.config.SVFConfig` of the adapted model (targets, layers, backend,

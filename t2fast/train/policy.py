@@ -129,6 +129,11 @@ class SVFPolicy:
         finally:
             self.handle.set_trainable_z(None)
 
+    @property
+    def fingerprint(self):
+        """The base model's :class:`t2fast.experts.Fingerprint` (a checkpoint's model)."""
+        return self.handle.fingerprint
+
     def state_dict(self) -> dict:
         return {k: v.detach().clone() for k, v in self.param.state_dict().items()}
 
@@ -162,6 +167,8 @@ class LoRAPolicy:
     """LoRA adapters (PEFT) on the same target matrices: the paper's baseline."""
 
     kind = "lora"
+    #: no fingerprint of the base model: a resumed LoRA run is not checked against it
+    fingerprint = None
 
     def __init__(self, peft_model):
         self.model = peft_model
@@ -231,10 +238,13 @@ class LoRAPolicy:
     def save(self, path, name: str, extra: dict | None = None) -> Path:
         import json
         path = Path(path)
+        card = path / "README.md"            # PEFT writes (or adds to) a model card there
+        mine = card.read_bytes() if card.is_file() else None
         self.model.save_pretrained(str(path))
-        card = path / "README.md"            # PEFT's empty model card
-        if card.exists():
-            card.unlink()
+        if mine is None:
+            card.unlink(missing_ok=True)
+        else:                                # the folder's own README stays as it was
+            card.write_bytes(mine)
         cfg_path = path / "adapter_config.json"
         if cfg_path.exists():
             cfg = json.loads(cfg_path.read_text())

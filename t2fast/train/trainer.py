@@ -16,10 +16,13 @@ Sampling uses a generator seeded from (seed, step), so a resumed run continues e
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..experts import Fingerprint
 from ..generation import generate
 from ..tasks import get_task
 from ..tasks.base import first_examples
@@ -69,6 +73,17 @@ class JSONLLogger:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
                     self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
 
+    def drop_after(self, step: int) -> None:
+        """Remove the records of steps after ``step`` (a resumed run goes on from its
+        checkpoint: the steps an interruption lost are run, and logged, again)."""
+        if not (self.path and self.path.exists()):
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines
+                if not isinstance(s := json.loads(line).get("step"), int) or s <= step]
+        if len(kept) < len(lines):
+            self.path.write_text("".join(kept))
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
@@ -84,6 +99,37 @@ class TrainResult:
     num_parameters: int
     wall_s: float
     evals: list[dict] = field(default_factory=list)
+    #: stopped by Ctrl-C / SIGTERM after a whole step, checkpointed: continue with resume
+    interrupted: bool = False
+
+
+class _StopRequests:
+    requested = False
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While training: the first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the
+    step in progress, checkpointed (``.requested``); a second Ctrl-C stops at once. Signals
+    are left alone outside the main thread."""
+    stop = _StopRequests()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def ask(signum, frame):
+        if stop.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.requested = True
+        print(f"t2fast train: {signal.Signals(signum).name}: stopping after this step, with a "
+              f"checkpoint to resume from (Ctrl-C again stops at once)", file=sys.stderr)
+
+    before = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 _BOOKKEEPING = ("log", "checkpoint", "tensorboard", "resume", "progress", "threads", "cache_dir",
@@ -118,12 +164,54 @@ def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919 + 17) % (2 ** 63 - 1)
 
 
+def _examples(task, split: str, n: int | None, field: str) -> list:
+    """The task's examples of ``split``: ``n`` of them (None: the task's default), all there
+    are when ``field`` is ``eval_n`` and the split has fewer (with a warning); ConfigError
+    when the split is empty or ``train_n`` asks for more than it has."""
+    if n is None:
+        return task.examples(split)
+    got = first_examples(task, split, n)
+    if len(got) < n:
+        why = task.shortfall(split, n, len(got))
+        if field == "train_n" or not got:
+            keeps = "; the trainer keeps the step that scores best on them" \
+                if field == "eval_n" else ""
+            raise ConfigError(f"{field} {n}: {why}{keeps}")
+        warnings.warn(f"{field} {n}: {why}; validating on those {len(got)}", stacklevel=4)
+    return got
+
+
+def run_examples(task, config: TrainConfig) -> tuple[list, list]:
+    """(training examples, validation examples) of a run: ConfigError, naming the option,
+    when the training split has fewer than ``batch_size``, when the validation split is
+    empty, or when SFT meets examples without a reference answer to learn."""
+    train = _examples(task, "train", config.train_n, "train_n")
+    if len(train) < config.batch_size:
+        raise ConfigError(f"TrainConfig.batch_size={config.batch_size}: a step takes that "
+                          f"many training examples: "
+                          f"{task.shortfall('train', config.batch_size, len(train))}")
+    if config.objective == "sft":
+        empty = sum(not e.answer.strip() for e in train)
+        if empty:
+            raise ConfigError(f"TrainConfig.objective='sft': {empty} of the {len(train)} "
+                              f"training examples of task {task.name!r} have no reference "
+                              f"answer to learn (SFT would train toward empty answers); give "
+                              f"answers in the data, or train with RL")
+    return train, _examples(task, config.eval_split, config.eval_n, "eval_n")
+
+
+#: What a resumed run may change: its length, its stopping rule and its bookkeeping (every
+#: other field is the recipe, which the checkpoint's optimizer and best score belong to).
+RESUMABLE = ("steps", "patience", "eval_every", "eval_batch_size", "out", "log", "checkpoint",
+             "resume", "tensorboard", "progress", "threads", "cache_dir", "backend", "extra")
+
+
 class Trainer:
     """Runs one :class:`TrainConfig`. ``model``/``tokenizer`` default to the bundled tiny model."""
 
     def __init__(self, config: TrainConfig, model=None, tokenizer=None, init_z=None,
                  task=None):
-        self.config = config.validate(check_task=task is None)
+        self.config = config.validate(check_task=task is None).check_files()
         if config.threads:
             torch.set_num_threads(config.threads)
         if (model is None) != (tokenizer is None):
@@ -137,11 +225,7 @@ class Trainer:
         self.policy = make_policy(model, config, init_z=init_z)
         self.model = self.policy.model
         self.max_new_tokens = max_new_tokens_for(config.task, config.max_new_tokens)
-        self.train_examples = self._examples("train", config.train_n, "train_n")
-        if len(self.train_examples) < config.batch_size:
-            raise ConfigError(f"batch_size {config.batch_size} is larger than the "
-                              f"{len(self.train_examples)} training examples")
-        self.eval_examples = self._examples(config.eval_split, config.eval_n, "eval_n")
+        self.train_examples, self.eval_examples = run_examples(self.task, config)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.lr,
                                            betas=tuple(config.betas),
                                            weight_decay=config.weight_decay)
@@ -257,22 +341,6 @@ class Trainer:
         self.logger.log(rec)
         return improved
 
-    def _examples(self, split: str, n: int | None, field: str) -> list:
-        """The task's examples of ``split``: ``n`` of them (None: the task's default), all
-        there are when ``field`` is ``eval_n`` and the split has fewer (with a warning);
-        ConfigError when the split is empty or ``train_n`` asks for more than it has."""
-        if n is None:
-            return self.task.examples(split)
-        got = first_examples(self.task, split, n)
-        if len(got) < n:
-            why = self.task.shortfall(split, n, len(got))
-            if field == "train_n" or not got:
-                keeps = "; the trainer keeps the step that scores best on them" \
-                    if field == "eval_n" else ""
-                raise ConfigError(f"{field} {n}: {why}{keeps}")
-            warnings.warn(f"{field} {n}: {why}; validating on those {len(got)}", stacklevel=3)
-        return got
-
     def _save_best(self) -> None:
         c = self.config
         if not c.out:
@@ -286,8 +354,6 @@ class Trainer:
         self.policy.save(c.out, c.expert_name, extra)
 
     # ---- checkpoints --------------------------------------------------------------------
-    _SAME = ("task", "method", "objective", "parameterization", "targets", "layers", "seed",
-             "batch_size", "samples_per_prompt", "lora_rank")
 
     def save_checkpoint(self, path=None) -> Path | None:
         path = Path(path) if path else self.config.checkpoint_path
@@ -300,7 +366,8 @@ class Trainer:
                  "best_score": self.best_score, "best_step": self.best_step,
                  "best_state": self.best_state, "evals_since_best": self.evals_since_best,
                  "evals_json": json.dumps(self.evals), "config_json": json.dumps(
-                     self.config.to_dict())}
+                     self.config.to_dict()), "fingerprint_json": json.dumps(
+                     fp.to_json() if (fp := self.policy.fingerprint) is not None else None)}
         tmp = path.with_suffix(path.suffix + ".tmp")
         torch.save(state, tmp)
         tmp.replace(path)
@@ -313,11 +380,18 @@ class Trainer:
         state = torch.load(path, map_location="cpu", weights_only=True)
         old = json.loads(state["config_json"])
         new = self.config.to_dict()
-        differ = [k for k in self._SAME if old.get(k) != new.get(k)]
+        differ = [k for k in new if k not in RESUMABLE and old.get(k) != new.get(k)]
         if differ:
-            changes = ", ".join(f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in differ)
-            raise ConfigError(f"checkpoint {path} was made with a different configuration "
-                              f"({changes})")
+            changes = ", ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in differ)
+            raise ConfigError(f"checkpoint {path} was made with another recipe ({changes}); "
+                              f"a resumed run may change only {', '.join(RESUMABLE[:4])} and "
+                              f"where it writes")
+        fp, now = json.loads(state.get("fingerprint_json", "null")), self.policy.fingerprint
+        if fp is not None and now is not None:
+            why = now.mismatch(Fingerprint(fp["shapes"], fp["sigma_sums"])) if \
+                fp["shapes"] == now.shapes else "its adapted matrices differ in name or shape"
+            if why:
+                raise ConfigError(f"checkpoint {path} was trained on another base model: {why}")
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -339,6 +413,7 @@ class Trainer:
         ckpt = c.checkpoint_path
         if c.resume and ckpt is not None and ckpt.exists():
             self.load_checkpoint()
+            self.logger.drop_after(self.step)       # the steps the checkpoint does not hold
             self.logger.log({"event": "resume", "step": self.step})
         elif c.resume:
             raise FileNotFoundError(f"resume=True but there is no checkpoint at {ckpt}")
@@ -354,30 +429,18 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=c.steps, initial=self.step, desc=f"train {c.task}",
                        file=sys.stderr, mininterval=2, dynamic_ncols=True)
+        interrupted = False
         try:
-            while self.step < c.steps:
-                if stop_at is not None and self.step >= stop_at:
-                    self.save_checkpoint()
-                    break
-                if c.patience is not None and self.evals_since_best >= c.patience:
-                    stopped_early = True
-                    break
-                t0 = time.perf_counter()
-                examples = self.batch_examples(self.step)
-                stats = self.rl_step(examples) if c.objective == "rl" else self.sft_step(examples)
-                self.step += 1
-                stats.update(event="step", step=self.step, step_s=time.perf_counter() - t0)
-                self.logger.log(stats)
-                if bar is not None:
-                    bar.update(1)
-                    show = {k: f"{stats[k]:.3f}" for k in ("reward", "kl", "loss")
-                            if stats.get(k) is not None}
-                    if self.evals:
-                        show["val"] = f"{self.evals[-1]['accuracy']:.3f}"
-                    bar.set_postfix(show, refresh=False)
-                if (c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps:
-                    self._eval_and_keep_best()
-                    self.save_checkpoint()
+            with stop_requests() as stop:
+                while self.step < c.steps:
+                    if stop.requested or (stop_at is not None and self.step >= stop_at):
+                        self.save_checkpoint()
+                        interrupted = stop.requested
+                        break
+                    if c.patience is not None and self.evals_since_best >= c.patience:
+                        stopped_early = True
+                        break
+                    self._step(bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -388,12 +451,34 @@ class Trainer:
             self.policy.load_state_dict(self.best_state)
         result = TrainResult(self.best_score, self.best_step, self.step, stopped_early,
                              c.out, self.policy.num_parameters(),
-                             time.perf_counter() - t_start, list(self.evals))
-        self.logger.log({"event": "done", "best": self.best_score, "best_step": self.best_step,
+                             time.perf_counter() - t_start, list(self.evals), interrupted)
+        self.logger.log({"event": "interrupted" if interrupted else "done",
+                         "best": self.best_score, "best_step": self.best_step,
                          "steps_run": self.step, "stopped_early": stopped_early,
-                         "wall_s": result.wall_s})
+                         "wall_s": result.wall_s, **({"step": self.step} if interrupted else {})})
         self.logger.close()
         return result
+
+
+    def _step(self, bar) -> None:
+        """One optimisation step, logged; then the evaluation and checkpoint it is due."""
+        c = self.config
+        t0 = time.perf_counter()
+        examples = self.batch_examples(self.step)
+        stats = self.rl_step(examples) if c.objective == "rl" else self.sft_step(examples)
+        self.step += 1
+        stats.update(event="step", step=self.step, step_s=time.perf_counter() - t0)
+        self.logger.log(stats)
+        if bar is not None:
+            bar.update(1)
+            show = {k: f"{stats[k]:.3f}" for k in ("reward", "kl", "loss")
+                    if stats.get(k) is not None}
+            if self.evals:
+                show["val"] = f"{self.evals[-1]['accuracy']:.3f}"
+            bar.set_postfix(show, refresh=False)
+        if (c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps:
+            self._eval_and_keep_best()
+            self.save_checkpoint()
 
 
 def train(config: TrainConfig, model=None, tokenizer=None, init_z=None, task=None
