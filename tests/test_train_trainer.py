@@ -166,8 +166,9 @@ def test_an_interrupted_run_stops_after_a_step_and_resumes_where_it_stopped(tmp_
     assert res.interrupted and res.steps_run == 4 and part.checkpoint_path.exists()
     monkeypatch.setattr(Trainer, "_step", step)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL   # the handlers are put back
-    with part.log_path.open("a") as f:           # a step logged after the last checkpoint
-        f.write(json.dumps({"event": "step", "step": 5, "reward": 9.0}) + "\n")
+    # a step logged after the last checkpoint, then the half-written line of a killed run
+    with part.log_path.open("a") as f:
+        f.write(json.dumps({"event": "step", "step": 5, "reward": 9.0}) + '\n{"event": "st')
     part.resume = True
     assert not train(part, small_model(), tok, task=DigitTask()).interrupted
     assert [s["reward"] for s in steps_of(part.log_path)] == \

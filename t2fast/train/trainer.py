@@ -41,6 +41,17 @@ from .policy import make_policy
 from .rollout import completion_logits, max_new_tokens_for, repeat_prompts, teacher_batch
 
 
+def _record_step(line: str) -> float:
+    """The step of a log line (-inf for a record of no step; +inf for a line that is no
+    record, such as the half-written last line of a killed run)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return math.inf
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else -math.inf
+
+
 class JSONLLogger:
     """Appends one JSON object per line; mirrors scalars to TensorBoard when it is installed.
     ``fresh``: start the file anew (a new run; a resumed one appends to its log)."""
@@ -79,8 +90,7 @@ class JSONLLogger:
         if not (self.path and self.path.exists()):
             return
         lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines
-                if not isinstance(s := json.loads(line).get("step"), int) or s <= step]
+        kept = [line for line in lines if _record_step(line) <= step]
         if len(kept) < len(lines):
             self.path.write_text("".join(kept))
 
