@@ -564,9 +564,8 @@ def train_all(jobs: int = 1) -> None:
 
     def run(item):
         out, argv = item
-        log = ROOT / (out + ".log.jsonl")
-        if log.exists():
-            log.unlink()                      # a fresh log per run
+        for stale in (out + ".log.jsonl", out + ".state.pt"):
+            (ROOT / stale).unlink(missing_ok=True)  # a fresh run: no log or checkpoint of another
         print(f"t2fast train --out {out} {' '.join(argv)}", flush=True)
         t0 = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "t2fast", "train", "--out", out, *argv,

@@ -575,15 +575,16 @@ CEM_OPTIONS = ("--shots", "--shot-set", "--cem-iterations", "--cem-population",
 def option_given(tokens, option: str, known=()) -> str | None:
     """The first of ``tokens`` (command-line words) that gives ``option``, or None.
 
-    Spellings: ``--x v``, ``--x=v``, a prefix as argparse accepts it (one that is not itself an
-    option in ``known``), and vLLM's own (``--x_y`` for ``--x-y``; ``--x.key v``, one key of a
-    JSON option).
+    Spellings: ``--x v``, ``--x=v``, a prefix as argparse accepts it (with ``known``, the
+    parser's option strings: a prefix of ``option`` alone; without, any prefix), and vLLM's
+    own (``--x_y`` for ``--x-y``; ``--x.key v``, one key of a JSON option).
     """
     for token in tokens:
         if not token.startswith("--") or len(token) <= 2:
             continue
         word = "--" + token[2:].split("=", 1)[0].split(".", 1)[0].replace("_", "-")
-        if word == option or (word not in known and option.startswith(word)):
+        if word == option or (option.startswith(word) and word not in known and (
+                not known or [k for k in known if k.startswith(word)] == [option])):
             return token
     return None
 

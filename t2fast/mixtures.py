@@ -271,7 +271,8 @@ def normal_form(alpha: torch.Tensor, expert_names) -> dict | None:
     with ``dtype=torch.float64`` so that the weights keep their given values.
 
     ``None`` for the base model, else ``{name: weight or [per-layer weights]}`` sorted by name,
-    zero weights dropped (``{"base": 0.0}`` for the explicitly asked-for all-zero mixture).
+    zero weights dropped (``"base": 0.0`` kept where some layer is all zero, which only naming
+    ``base`` allows: ``{"base": 0.0}`` for the all-zero mixture).
     Parsing the normal form gives the same α back.
     """
     a = alpha if alpha.dim() == 2 else alpha[None]
@@ -282,8 +283,8 @@ def normal_form(alpha: torch.Tensor, expert_names) -> dict | None:
         if all(w == 0.0 for w in ws):
             continue
         out[name] = ws[0] if all(w == ws[0] for w in ws) else ws
-    if not out:
-        return {BASE: 0.0}
+    if BASE not in out and bool((a == 0).all(dim=1).any()):
+        out[BASE] = 0.0     # all-zero layers are asked for by naming 'base' (see parse)
     if out == {BASE: 1.0}:
         return None
     return dict(sorted(out.items()))

@@ -647,7 +647,8 @@ def test_train_refuses_files_that_would_destroy_each_other_or_an_earlier_run(
                           str(tmp_path / "x")], "--checkpoint")
     pathlib.Path(f"{out}.state.pt").write_bytes(b"")
     err = _usage_error(capsys, train, "--resume")
-    assert "holds the checkpoint of an earlier run" in err and "with resume (--resume)" in err
+    assert "holds the checkpoint of an unfinished run into" in err and "that t2fast cannot " \
+        "read" in err and "with resume (--resume)" in err
     _usage_error(capsys, [*train, "--checkpoint", str(tmp_path / "c.pt"), "--resume"],
                  "--resume")
 

@@ -39,7 +39,8 @@ def test_per_layer_forms_agree():
 
 
 def test_normal_form_round_trip():
-    for spec in [{"math": 0.3}, [[1, 0], [0.5, 0.5]], {"base": 0}, {"base": 0.5, "code": 0.1}]:
+    for spec in [{"math": 0.3}, [[1, 0], [0.5, 0.5]], {"base": 0}, {"base": 0.5, "code": 0.1},
+                 {"base": 0, "math": [1.0, 0.0]}]:   # layer 1 zero: allowed as 'base' is named
         a = parse_mixture(spec, NAMES, num_layers=2, dtype=torch.float64)
         normal = normal_form(a, NAMES)
         assert torch.equal(parse_mixture(normal, NAMES, num_layers=2, dtype=torch.float64), a)

@@ -179,7 +179,7 @@ def test_serve_config():
 @pytest.mark.vllm    # t2fast.serve.cli.vllm_arguments parses vLLM's own flags
 def test_serve_command_line_parses_and_refuses_owned_vllm_options(tmp_path):
     from t2fast.cli import build_parser
-    from t2fast.serve.cli import _named, vllm_arguments
+    from t2fast.serve.cli import _named, vllm_arguments, vllm_parser
 
     f = tmp_path / "math.safetensors"
     f.write_bytes(b"")
@@ -193,10 +193,14 @@ def test_serve_command_line_parses_and_refuses_owned_vllm_options(tmp_path):
         vllm_arguments(args, ["--hf-overrides={}"])
     # vLLM's other spellings replace t2fast's value just as well (its parser appends the
     # dotted keys as one JSON value after every other), so they are refused too
+    known = vllm_parser()._option_string_actions
     for spelling in (["--hf_overrides", "{}"], ["--hf-overrides.rope_theta", "1e4"],
                      ["--additional-conf", "{}"], ["--worker_extension_cls=x"]):
         with pytest.raises(ValueError, match=f"itself \\(given as '{spelling[0]}'\\)"):
-            vllm_arguments(args, spelling)
+            vllm_arguments(args, spelling, known)
+    # a prefix of several vLLM options names none of them (vLLM refuses it as ambiguous)
+    bare, _ = build_parser().parse_known_args(["serve", "tiny"])
+    assert vllm_arguments(bare, ["--worker", "x"], known)[-2:] == ["--worker", "x"]
     args, extra = build_parser().parse_known_args(
         ["serve", "tiny", "--allow-runtime-loading", "--runtime-loading-root", str(tmp_path)])
     argv = vllm_arguments(args, extra)

@@ -140,8 +140,11 @@ def test_resume_checks_configuration(tmp_path, tok):
               task=DigitTask())
     assert train(toy_config(tmp_path, steps=4, resume=True, patience=3, progress=False),
                  small_model(), tok, task=DigitTask()).steps_run == 4
-    # a new run may not restart the one its checkpoint holds
-    with pytest.raises(ConfigError, match="resume=False: .* holds the checkpoint of an earlier"):
+    # a new run may replace a finished run's checkpoint, not restart an unfinished one
+    Trainer(toy_config(tmp_path, steps=2), small_model(), tok, task=DigitTask()).train(
+        stop_after=1)
+    with pytest.raises(ConfigError, match=r"resume=False: .* holds the checkpoint of an "
+                                          r"unfinished run into .* \(step 1 of 2\)"):
         Trainer(toy_config(tmp_path, steps=2), small_model(), tok, task=DigitTask())
     missing = toy_config(tmp_path / "none", steps=2, resume=True)
     with pytest.raises(ConfigError, match="resume=True: there is no checkpoint"):
@@ -173,6 +176,23 @@ def test_an_interrupted_run_stops_after_a_step_and_resumes_where_it_stopped(tmp_
     assert not train(part, small_model(), tok, task=DigitTask()).interrupted
     assert [s["reward"] for s in steps_of(part.log_path)] == \
         [s["reward"] for s in steps_of(full.log_path)]
+
+
+def test_signals_the_process_ignores_stay_ignored():
+    """Under nohup or in a background job SIGINT is ignored: a Ctrl-C meant for the shell
+    does not stop the training; SIGTERM still asks it to stop."""
+    from t2fast.train.trainer import stop_requests
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stop_requests() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_early_stopping_keeps_best(tmp_path, tok):

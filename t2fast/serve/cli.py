@@ -289,14 +289,15 @@ def _named(entry: str) -> tuple[str | None, str]:
     return name, str(Path(path).resolve())
 
 
-def vllm_arguments(args, extra: list[str]) -> list[str]:
-    """vLLM ``serve`` arguments for the parsed ``t2fast serve`` ones (``extra``: vLLM's own)."""
+def vllm_arguments(args, extra: list[str], known=()) -> list[str]:
+    """vLLM ``serve`` arguments for the parsed ``t2fast serve`` ones (``extra``: vLLM's own;
+    ``known``: its parser's option strings, which decide what an abbreviation names)."""
     from ..vllm.config import T2Config
     from ..vllm.llm import engine_args
     from .config import SERVE_KEY, ServeConfig
 
     for option in OWNED_VLLM_OPTIONS:
-        token = option_given(extra, option)
+        token = option_given(extra, option, known)
         if token is not None:
             given = "" if token.split("=", 1)[0] == option else f" (given as {token!r})"
             raise ValueError(f"t2fast serve sets {option} itself{given}: vLLM would replace "
@@ -309,7 +310,7 @@ def vllm_arguments(args, extra: list[str]) -> list[str]:
 
         model = str(tiny_model_path())
         served = ["--served-model-name", "tiny"]
-        if option_given(extra, "--dtype") is None:  # the float32 weights it was trained in
+        if option_given(extra, "--dtype", known) is None:  # the float32 weights it was trained in
             served += ["--dtype", "float32"]
     from ..vllm.frontend import expert_file_name
 
@@ -325,8 +326,12 @@ def vllm_arguments(args, extra: list[str]) -> list[str]:
         name, path = _named(entry)
         if name is None and not named:
             files.append(path)
-        else:
-            named[name or expert_file_name(path)] = path
+            continue
+        name = name or expert_file_name(path)
+        if name in named:                     # check_names says so first, on the CLI
+            raise ValueError(f"t2fast serve: {entry!r}: the expert name {name!r} is given "
+                             f"twice")
+        named[name] = path
     settings = svf_settings(args, SERVE_SVF_FIELDS)
     if named:                               # the bank holds every expert given
         settings["max_experts"] = max(settings["max_experts"] or T2Config().max_experts,
@@ -349,15 +354,15 @@ def vllm_arguments(args, extra: list[str]) -> list[str]:
            "--hf-overrides", json.dumps(kw["hf_overrides"]),
            "--additional-config", json.dumps(kw["additional_config"]),
            "--worker-extension-cls", kw["worker_extension_cls"]]
-    return out + cpu_defaults(extra) + list(extra)
+    return out + cpu_defaults(extra, known) + list(extra)
 
 
-def cpu_defaults(extra: list[str]) -> list[str]:
+def cpu_defaults(extra: list[str], known=()) -> list[str]:
     """On vLLM's CPU build, a KV cache sized to the machine unless ``extra`` sizes it
     (:func:`t2fast.vllm.environment.cpu_kv_cache_bytes`)."""
     from ..vllm.environment import KV_OPTIONS, cpu_kv_cache_bytes
 
-    size = cpu_kv_cache_bytes(any(option_given(extra, o) for o in KV_OPTIONS))
+    size = cpu_kv_cache_bytes(any(option_given(extra, o, known) for o in KV_OPTIONS))
     return [] if size is None else [KV_OPTIONS[0], str(size)]
 
 
@@ -394,7 +399,9 @@ def _run(args) -> int:
     import_vllm()
     check_plugins_installed()
     allowlist_plugins()
-    argv = vllm_arguments(args, list(getattr(args, "_extra", [])))
+    parser = vllm_parser()
+    argv = vllm_arguments(args, list(getattr(args, "_extra", [])),
+                          parser._option_string_actions)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s",
                                            "%m-%d %H:%M:%S"))
@@ -407,7 +414,7 @@ def _run(args) -> int:
     from vllm.logger import configure_logging_from_args
 
     cli_env_setup()
-    vargs = vllm_parser().parse_args(argv)
+    vargs = parser.parse_args(argv)
     if vargs.api_server_count not in (None, 1) or vargs.headless:
         raise ValueError("t2fast serve runs one API server process (the expert list lives "
                          "there); drop --api-server-count / --headless")

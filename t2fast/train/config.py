@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,21 @@ BASELINES = ("none", "mean")
 
 class ConfigError(ValueError):
     """A training or adaptation configuration is invalid."""
+
+
+def checkpoint_progress(path) -> tuple[int, int] | None:
+    """``(step, steps)`` of a training checkpoint, ``step == steps`` once its run finished
+    (all its steps, or stopped early); None when the file is no readable checkpoint."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        config = json.loads(state["config_json"])
+        step, steps, patience = int(state["step"]), int(config["steps"]), config["patience"]
+        stopped = patience is not None and int(state["evals_since_best"]) >= int(patience)
+    except Exception:  # noqa: BLE001 - any unreadable file is named as such
+        return None
+    return (steps, steps) if stopped else (min(step, steps), steps)
 
 
 def known_fields(cls, d: dict) -> dict:
@@ -250,15 +266,16 @@ class TrainConfig:
     def check_files(self) -> "TrainConfig":
         """Raise :class:`ConfigError` when the run's files would destroy each other or an
         earlier run: ``out``, the log and the checkpoint must be three paths; with ``resume``
-        the checkpoint must exist, and without it none may (a new run would start that
-        earlier run's log and expert anew: continue it with ``resume``, or delete it).
+        the checkpoint must exist, and without it none of an unfinished run may (a new run
+        would start that run's log and expert anew: continue it with ``resume``, or delete
+        it; a finished run's, kept, is replaced).
         Returns self."""
         files = {"out": self.out, "log": self.log_path, "checkpoint": self.checkpoint_path}
         seen = {}
         for name, path in files.items():
             if path is None:
                 continue
-            key = Path(path).expanduser().resolve()
+            key = os.path.normcase(Path(path).expanduser().resolve())
             if key in seen:
                 raise ConfigError(f"TrainConfig.{name}={str(path)!r}: the same file as "
                                   f"{seen[key]}; the run writes each of out, log and "
@@ -271,11 +288,16 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.resume=True: there is no checkpoint at "
                               f"{str(ckpt)!r}")
         if not self.resume and ckpt.exists():
-            raise ConfigError(f"TrainConfig.resume=False: {str(ckpt)!r} holds the checkpoint "
-                              f"of an earlier run into {self.out!r}, which a new run would "
-                              f"restart from scratch (its log and expert too); continue it "
-                              f"with resume (--resume), or delete the checkpoint to start "
-                              f"anew")
+            progress = checkpoint_progress(ckpt)
+            if progress is None or progress[0] < progress[1]:
+                what = "that t2fast cannot read" if progress is None else \
+                    f"(step {progress[0]} of {progress[1]})"
+                into = f" into {self.out!r}" if self.out else ""
+                raise ConfigError(f"TrainConfig.resume=False: {str(ckpt)!r} holds the "
+                                  f"checkpoint of an unfinished run{into} {what}, which a new "
+                                  f"run would restart from scratch (its log and expert too); "
+                                  f"continue it with resume (--resume), or delete the "
+                                  f"checkpoint to start anew")
         return self
 
     def svf_config(self) -> SVFConfig:

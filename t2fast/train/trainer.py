@@ -92,7 +92,9 @@ class JSONLLogger:
         lines = self.path.read_text().splitlines(keepends=True)
         kept = [line for line in lines if _record_step(line) <= step]
         if len(kept) < len(lines):
-            self.path.write_text("".join(kept))
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(self.path)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -120,26 +122,30 @@ class _StopRequests:
 @contextlib.contextmanager
 def stop_requests():
     """While training: the first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the
-    step in progress, checkpointed (``.requested``); a second Ctrl-C stops at once. Signals
-    are left alone outside the main thread."""
+    step in progress, checkpointed (``.requested``); a second one stops at once
+    (KeyboardInterrupt). Signals are left alone outside the main thread, and where ignored."""
     stop = _StopRequests()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def ask(signum, frame):
-        if stop.requested and signum == signal.SIGINT:
+        if stop.requested:
             raise KeyboardInterrupt
         stop.requested = True
         print(f"t2fast train: {signal.Signals(signum).name}: stopping after this step, with a "
               f"checkpoint to resume from (Ctrl-C again stops at once)", file=sys.stderr)
 
-    before = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # a signal the process ignores (SIGINT under nohup or in a background job) stays ignored
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    before = {sig: h for sig, h in before.items() if h is not signal.SIG_IGN}
+    for sig in before:
+        signal.signal(sig, ask)
     try:
         yield stop
     finally:
         for sig, handler in before.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 _BOOKKEEPING = ("log", "checkpoint", "tensorboard", "resume", "progress", "threads", "cache_dir",
@@ -210,10 +216,12 @@ def run_examples(task, config: TrainConfig) -> tuple[list, list]:
     return train, _examples(task, config.eval_split, config.eval_n, "eval_n")
 
 
-#: What a resumed run may change: its length, its stopping rule and its bookkeeping (every
-#: other field is the recipe, which the checkpoint's optimizer and best score belong to).
+#: What a resumed run may change: its length (the cosine decay is then spread over the new
+#: total from the step it resumes at), its stopping rule and its bookkeeping; every other
+#: field is the recipe, which the checkpoint's optimizer and best score belong to.
 RESUMABLE = ("steps", "patience", "eval_every", "eval_batch_size", "out", "log", "checkpoint",
-             "resume", "tensorboard", "progress", "threads", "cache_dir", "backend", "extra")
+             "resume", "tensorboard", "progress", "threads", "cache_dir", "backend", "extra",
+             "log_kl", "official_init")
 
 
 class Trainer:
