@@ -13,6 +13,7 @@ editing this file's parser code.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import re
@@ -600,6 +601,7 @@ def _adapt_check(args):
     returns (task or None, its examples, the cem shots, the shot set)."""
     from .adapt import CEMConfig, fewshot_examples
     from .tasks import extract_question, get_task
+    from .tasks.base import first_examples
     s = args.strategy
     if args.save_profile and s != "cem":
         usage_error(args, "--save-profile", "needs --strategy cem")
@@ -615,6 +617,9 @@ def _adapt_check(args):
     if args.adapt_template != "tiny" and s != "prompt":
         usage_error(args, "--adapt-template", "phrases the prompt strategy's pass 1; it needs "
                                               "--strategy prompt")
+    if args.restate and args.adapt_template != "tiny":      # as t2fast serve says
+        usage_error(args, "--restate", "asks the tiny world's 'step by step:' question; it "
+                                       "needs --adapt-template tiny")
     if args.prompt and not all(extract_question(p) for p in args.prompt):
         usage_error(args, "--prompt", "a prompt holds no question")
     if s == "cem" and not args.task:
@@ -630,8 +635,21 @@ def _adapt_check(args):
         usage_error(args, "--cem-check-shots", f"must leave some of the --shots {args.shots} to "
                                                f"search on")
     if s == "cem":
-        task_examples(args, task, "validation", args.shots * (shot_set + 1),
-                      "--shots" if args.shot_set is None else "--shot-set")
+        need = args.shots * (shot_set + 1)
+        have = len(first_examples(task, "validation", need))
+        if have < need:
+            usage_error(args, "--shot-set" if args.shot_set is not None else
+                        "--seed" if args.seed else "--shots",
+                        f"cem's shots are block {shot_set} (--shot-set, default --seed) of "
+                        f"--shots {args.shots} validation examples: "
+                        f"{task.shortfall('validation', need, have)}")
+        if args.split == "validation" and args.shots * shot_set < len(examples):
+            first = -(-len(examples) // args.shots)
+            usage_error(args, "--split", f"validation holds cem's shots (validation examples "
+                                         f"{args.shots * shot_set}-"
+                                         f"{args.shots * (shot_set + 1) - 1}), which the "
+                                         f"{len(examples)} questions asked would include; use "
+                                         f"--split test, or --shot-set {first} or later")
         shots = fewshot_examples(task, args.shots, shot_set)
         args.cem = CEMConfig(population=args.cem_population, iterations=args.cem_iterations,
                              elite_ratio=args.cem_elite_ratio, init_std=args.cem_std,
@@ -645,6 +663,11 @@ def _adapt_check(args):
     paths = list(args.experts) + ([args.classifier] if args.classifier else [])
     loaded = [load_expert(p) for p in paths]
     names = [e.name for e in loaded[:len(args.experts)]]
+    if args.classifier and loaded[:-1] and set(loaded[-1].z) != set(loaded[0].z):
+        usage_error(args, "--classifier", f"adapts {len(loaded[-1].z)} matrices and the "
+                                          f"--experts {len(loaded[0].z)}, not the same ones: "
+                                          f"one bank holds experts of the same matrices (train "
+                                          f"the classification expert on the experts' targets)")
     if s.startswith("expert:") and s.split(":", 1)[1] not in names:
         usage_error(args, "--strategy", f"{s!r} names none of the --experts {names}")
     return task, examples, shots, shot_set
@@ -694,7 +717,7 @@ def _adapt_run(args) -> int:
                 bar.update(1)
                 bar.set_postfix(best_score=f"{rec['best_score']:.3g}", refresh=False)
             res = fewshot_cem(handle, tok, scored_as, shots, args.cem, callback=step,
-                              max_rows=args.batch_size)
+                              max_rows=args.batch_size, max_new_tokens=args.max_new_tokens)
         extra["cem"] = res.to_dict()
         if args.save_profile:
             from .serve.profiles import save_profile
@@ -723,7 +746,10 @@ def _adapt_run(args) -> int:
                            progress=True)
     out = engine.run(prompts, strategy)
     summary = {"strategy": s, "restated": args.restate, "experts": experts,
-               "pass1_s": out.pass1_s, "pass2_s": out.pass2_s, **extra}
+               "model": args.model, "split": args.split if task else None,
+               "adapt_template": args.adapt_template, "classifier": args.classifier,
+               "max_new_tokens": mnt, "pass1_s": out.pass1_s, "pass2_s": out.pass2_s,
+               **({"cem_config": dataclasses.asdict(args.cem)} if s == "cem" else {}), **extra}
     if args.restate:
         done = sum(r is not None for r in strategy.last_restated)
         summary["restated_prompts"] = done
@@ -769,17 +795,18 @@ def _import_official_args(p: argparse.ArgumentParser) -> None:
 
 
 def _import_official_run(args) -> int:
-    from .official import import_official
+    from .mixtures import check_expert_name
+    from .official import default_expert_name, import_official
     _set_threads(args.threads)
-    if args.name is not None:
-        from .mixtures import check_expert_name
-        try:
-            check_expert_name(args.name)
-        except ValueError as e:
-            usage_error(args, "--name", str(e))
+    name = args.name or default_expert_name(args.checkpoint)
+    try:
+        check_expert_name(name, "--name" if args.name else
+                          f"the name taken from {args.checkpoint!r}")
+    except ValueError as e:
+        usage_error(args, "--name", str(e) + ("" if args.name else "; pass --name"))
     model, _ = load_model(args.model)
     norm = None if args.norm_coeffs is None else args.norm_coeffs == "true"
-    expert = import_official(args.checkpoint, model, args.name, args.max_mult,
+    expert = import_official(args.checkpoint, model, name, args.max_mult,
                              base_model=Path(args.model).name, norm_coeffs=norm)
     out = Path(args.out)
     if out.suffix == ".safetensors":

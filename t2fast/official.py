@@ -268,6 +268,14 @@ def _combined_masks(ckpt, targets, where, max_mult, norm_coeffs):
             for i, (t, n) in enumerate(zip(targets, flat))}
 
 
+def default_expert_name(checkpoint) -> str:
+    """The name an imported expert gets without ``name``: its run's folder for the official
+    file names (``policy_params.pt`` ...; the folder as resolved, also from inside it), else
+    the file's stem."""
+    path = Path(checkpoint)
+    return path.resolve().parent.name if path.stem in RUN_FILES else path.stem
+
+
 def import_official(checkpoint, model: nn.Module, name: str | None = None,
                     max_mult: float = 1.0, base_model: str = "", cache_dir=None,
                     progress: bool = True, norm_coeffs: bool | None = None) -> Expert:
@@ -301,7 +309,7 @@ def import_official(checkpoint, model: nn.Module, name: str | None = None,
             raise ValueError(f"{where}: {key} has length {mask.shape[0]} but {target} has rank "
                              f"{f.rank}")
         z[target] = rescaled_z(mask, f.S, target)
-    name = name or (path.parent.name if path.stem in RUN_FILES else path.stem)
+    name = name or default_expert_name(path)
     extra = {"source": "official Transformer² checkpoint", "file": path.name,
              "format": ckpt.kind}
     if ckpt.kind == "weighted-combination":

@@ -348,3 +348,14 @@ def test_alpha_is_float32_under_a_bf16_default_dtype():
             assert res.alpha.dtype == torch.float32, keep_base
     finally:
         torch.set_default_dtype(old)
+
+
+def test_a_scorer_of_another_space_is_named_rather_than_searched_in(patched):
+    """FewShotScorer reads α as absolute weights by default, CEMConfig searches the residual
+    space: together they failed with an all-zero mixture (or searched the wrong space)."""
+    handle, tok = patched
+    task = get_task("arith")
+    scorer = FewShotScorer(handle, tok, task, task.examples("validation", 2), max_new_tokens=4)
+    with pytest.raises(ConfigError, match=r"CEMConfig.space='residual', but the scorer reads "
+                                          r"α in the 'absolute' space"):
+        cem_search(scorer, (3,), CEMConfig(iterations=1, population=3))

@@ -733,3 +733,51 @@ def test_an_interrupted_train_keeps_its_checkpoint_and_says_how_to_resume(tmp_pa
     monkeypatch.setattr(Trainer, "_step", step)
     assert cli.main([*train, "--resume"]) == 0
     assert not pathlib.Path(f"{out}.state.pt").exists()
+
+
+def test_adapt_cem_options_reach_the_search_and_the_summary(experts, tmp_path, capsys,
+                                                             monkeypatch):
+    """--max-new-tokens is the shots' budget too; the JSON says what ran; the shots and the
+    questions asked never overlap; a --seed past the shot blocks is named."""
+    import t2fast.adapt
+    seen = []
+    real = t2fast.adapt.fewshot_cem
+    monkeypatch.setattr(t2fast.adapt, "fewshot_cem",
+                        lambda *a, **kw: seen.append(kw["max_new_tokens"]) or real(*a, **kw))
+    out = tmp_path / "c.json"
+    cem = ["adapt", *MODEL, "--experts", *map(str, experts), "--strategy", "cem", "--task",
+           "arith", "--n", "2", "--shots", "2", "--cem-iterations", "1", "--cem-population",
+           "2"]
+    assert cli.main([*cem, "--max-new-tokens", "3", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert seen == [3] and r["max_new_tokens"] == 3
+    assert r["split"] == "test" and r["model"] == "random:0:1" and r["classifier"] is None
+    assert r["cem_config"]["iterations"] == 1 and r["cem_config"]["space"] == "residual"
+    err = _usage_error(capsys, [*cem, "--split", "validation"], "--split")
+    assert "validation holds cem's shots (validation examples 0-1), which the 2 questions " \
+           "asked would include; use --split test, or --shot-set 1 or later" in err
+    assert cli.main([*cem, "--split", "validation", "--shot-set", "1"]) == 0
+    err = _usage_error(capsys, [*cem, "--shots", "20", "--seed", "30"], "--seed")
+    assert "cem's shots are block 30 (--shot-set, default --seed) of --shots 20" in err
+
+
+def test_adapt_refuses_a_classifier_of_other_matrices_and_paper_restatement(
+        experts, tmp_path, capsys, no_model):
+    from t2fast.experts import Expert
+    full = load_expert(experts[0])
+    mlp = tmp_path / "mlp.safetensors"
+    Expert("mlp", {n: z for n, z in full.z.items() if "mlp" in n}, full.base_model,
+           full.fingerprint).save(mlp)
+    err = _usage_error(capsys, ["adapt", *MODEL, "--experts", str(mlp), "--strategy",
+                                "classifier", "--classifier", str(experts[1]), "--task", "arith"],
+                       "--classifier")
+    assert "adapts 7 matrices and the --experts 3, not the same ones" in err
+    err = _usage_error(capsys, ["adapt", *MODEL, "--experts", *map(str, experts), "--restate",
+                                "--adapt-template", "paper", "--task", "arith"], "--restate")
+    assert "needs --adapt-template tiny" in err
+
+
+def test_the_paper_template_asks_the_bare_question():
+    from t2fast.adapt.prompt import paper_style_prompt
+    for prompt in ("Q: What is 2+2?\nA: ", "What is 2+2?"):
+        assert paper_style_prompt(prompt, ["math"]).endswith("Question: What is 2+2?\nCategory:")

@@ -179,6 +179,18 @@ def test_cli_import_official_writes_a_loadable_expert(tmp_path, capsys, monkeypa
     assert cli.main(["import-official", str(path), "--model", "random:0:2", "--out",
                      str(folder)]) == 0
     assert load_expert(folder).name == "math"
+    # run beside the checkpoint, as the README shows: the run's folder still names it
+    monkeypatch.chdir(path.parent)
+    assert cli.main(["import-official", path.name, "--model", "random:0:2", "--out",
+                     str(tmp_path / "here.safetensors")]) == 0
+    assert load_expert(tmp_path / "here.safetensors").name == "math"
+    bad = tmp_path / "my run"
+    bad.mkdir()
+    (bad / "policy_params.pt").write_bytes(path.read_bytes())
+    monkeypatch.setattr(cli, "load_model", lambda *a: pytest.fail("loaded before the check"))
+    assert cli.main(["import-official", str(bad / "policy_params.pt"), "--model", "random:0:2",
+                     "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "argument --name: the name taken from" in capsys.readouterr().err
 
 
 def test_cli_import_official_weighted_combination_needs_norm_coeffs(tmp_path, capsys,

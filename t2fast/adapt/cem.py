@@ -245,6 +245,11 @@ def cem_search(score_fn: Callable[[torch.Tensor], tuple], shape: Sequence[int],
     members are ranked by accuracy, then by tiebreak.
     """
     cfg = (config or CEMConfig()).validate()
+    space = getattr(score_fn, "space", cfg.space)
+    if space != cfg.space:
+        raise ConfigError(f"CEMConfig.space={cfg.space!r}, but the scorer reads α in the "
+                          f"{space!r} space; build it with space={cfg.space!r} (e.g. "
+                          f"FewShotScorer(..., space={cfg.space!r}), as fewshot_cem does)")
     shape = tuple(shape)
     K = shape[-1]
     g = torch.Generator().manual_seed(cfg.seed)

@@ -15,7 +15,7 @@ import re
 from typing import Callable, Sequence
 
 from ..generation import generate_texts
-from ..tasks import OTHER, classify_prompt
+from ..tasks import OTHER, classify_prompt, extract_question
 
 SYNONYMS = {"others": OTHER, "none": OTHER, "unknown": OTHER, "neither": OTHER}
 
@@ -31,9 +31,11 @@ def tiny_world_prompt(prompt: str, labels: Sequence[str]) -> str:
 
 
 def paper_style_prompt(prompt: str, labels: Sequence[str]) -> str:
-    """A paper-style adaptation prompt listing the categories, for instruction-tuned models."""
+    """A paper-style adaptation prompt listing the categories, for instruction-tuned models;
+    it asks the bare question (a task prompt's ``Q: ...\\nA:`` template removed, as a server
+    request's text is asked)."""
     return PAPER_STYLE_TEMPLATE.format(labels=", ".join(f"'{l}'" for l in labels), other=OTHER,
-                                       question=prompt.strip())
+                                       question=extract_question(prompt))
 
 
 #: How pass 1 phrases the question, by name (``t2fast adapt`` and ``t2fast serve``
