@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Callable, NoReturn
 
 from .cli_types import (DTYPES, attention, check_model_placement, choice_or_named, device,
-                        existing_file, existing_path, integer, model_spec, output_file,
-                        output_path, parse_random, real, task_name)
+                        existing_file, expert_path, integer, model_spec,
+                        output_file, output_path, parse_random, real, task_name)
 from .config import BACKENDS, SVFConfig
 from .targets import HALVES, PRESETS
 
@@ -442,7 +442,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                         "humaneval")
     add_model_argument(p)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--expert", default=None, type=existing_path("expert file or folder"),
+    g.add_argument("--expert", default=None, type=expert_path("expert file or folder"),
                    help="SVF expert file or folder (default: the base model)")
     g.add_argument("--lora", default=None, help="LoRA adapter folder (PEFT)")
     add_split_arguments(p)
@@ -510,11 +510,11 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
     c = CEMConfig()
     add_model_argument(p)
     p.add_argument("--experts", nargs="+", required=True,
-                   type=existing_path("expert file or folder"),
+                   type=expert_path("expert file or folder"),
                    help="expert files or folders (pass-2 experts)")
     p.add_argument("--strategy", default="prompt", type=strategy,
                    help=f"one of {', '.join(STRATEGIES)}, or expert:NAME")
-    p.add_argument("--classifier", default=None, type=existing_path("classifier expert"),
+    p.add_argument("--classifier", default=None, type=expert_path("classifier expert"),
                    help="classification expert file (needed by --strategy classifier)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--task", type=task_name, help="evaluate on this task's split")

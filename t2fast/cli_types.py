@@ -109,12 +109,27 @@ def existing_file(what: str = "file"):
     return parse
 
 
-def existing_path(what: str = "file or folder"):
-    """A file or folder that exists (``what`` names it in errors)."""
+def shipped_experts() -> dict:
+    """``{name: path}`` of the experts shipped for the bundled model (none: empty)."""
+    from .models import tiny_experts
+
+    try:
+        return tiny_experts()
+    except FileNotFoundError:
+        return {}
+
+
+def expert_path(what: str = "expert file or folder"):
+    """An expert file or folder that exists, or the name of one shipped for the bundled model
+    (``arith``, ``classify`` ...: its path; a path that exists wins)."""
     def parse(text: str) -> str:
-        if not Path(text).exists():
-            raise argparse.ArgumentTypeError(f"{what} {text!r} does not exist")
-        return text
+        if Path(text).exists():
+            return text
+        shipped = shipped_experts()
+        if text in shipped:
+            return str(shipped[text])
+        known = f" (or the name of a shipped expert: {', '.join(shipped)})" if shipped else ""
+        raise argparse.ArgumentTypeError(f"{what} {text!r} does not exist{known}")
     parse.__name__ = what
     return parse
 

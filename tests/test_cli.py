@@ -1,4 +1,5 @@
 """The t2fast command line: train / eval / adapt on a random tiny model, errors, the registry."""
+import argparse
 import dataclasses
 import importlib.util
 import io
@@ -781,3 +782,44 @@ def test_the_paper_template_asks_the_bare_question():
     from t2fast.adapt.prompt import paper_style_prompt
     for prompt in ("Q: What is 2+2?\nA: ", "What is 2+2?"):
         assert paper_style_prompt(prompt, ["math"]).endswith("Question: What is 2+2?\nCategory:")
+
+
+def test_shipped_experts_are_named_by_their_names(capsys):
+    """An installed wheel keeps the experts inside the package: the command line finds them
+    by name (a path that exists still wins), and an unknown one lists them."""
+    from t2fast.cli_types import expert_path
+    from t2fast.models import tiny_experts
+    from t2fast.serve.cli import expert_entry
+
+    shipped = tiny_experts()
+    parse = expert_path()
+    assert parse("arith") == str(shipped["arith"])
+    assert expert_entry("classify") == str(shipped["classify"])
+    assert expert_entry("math=arith") == f"math={shipped['arith']}"
+    with pytest.raises(argparse.ArgumentTypeError, match="or the name of a shipped expert: "
+                                                         "arith, choice, classify, strings"):
+        parse("algebra")
+    assert cli.main(["eval", "--task", "arith", "--n", "2", "--expert", "arith",
+                     "--threads", "1"]) == 0
+
+
+def test_demo_and_tiny_experts_outside_a_checkout(monkeypatch, tmp_path):
+    """Installed without its experts, the demo uses stand-ins (it raised), and nothing is
+    looked up in the folder above the package unless that folder is the project."""
+    import t2fast.models.tiny as tiny
+    from t2fast import demo
+    monkeypatch.setattr(tiny, "_EXPERT_DIRS", (tmp_path / "none",))
+    with pytest.raises(FileNotFoundError, match="no shipped experts"):
+        tiny.tiny_experts()
+    assert (tiny._CHECKOUT / "pyproject.toml").is_file()     # this test runs in a checkout
+    with pytest.raises(FileNotFoundError, match=r"no model.safetensors in .*none$"):
+        tiny.load_tiny(path=tmp_path / "none")
+    monkeypatch.setattr(demo, "tiny_experts", tiny.tiny_experts)
+
+    class Handle:
+        class decomposition:
+            factors = {}
+        def new_expert(self, name, z):
+            return name
+    experts, origin = demo._experts_for(Handle(), ["arith"])
+    assert experts == ["arith"] and origin["arith"].startswith("random stand-in")

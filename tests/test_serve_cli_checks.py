@@ -128,7 +128,7 @@ def test_the_server_error_is_printed_with_one_prefix(capsys, monkeypatch):
     message = ("t2fast serve: the classifier 'classify' is not among the loaded experts "
                "['arith']")
 
-    def start(args, extra):
+    def start(args, extra, known=()):
         raise ValueError(message)
     monkeypatch.setattr(environment, "import_vllm", lambda: None)
     monkeypatch.setattr(serve_cli, "check_plugins_installed", lambda: None)

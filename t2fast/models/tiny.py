@@ -58,9 +58,11 @@ def tiny_model_path() -> pathlib.Path:
 
 
 #: The shipped experts: in an installed wheel ``t2fast/assets/experts/`` (setup.py puts them
-#: there), in a source checkout the repository's ``experts/`` folder (their source).
+#: there), in a source checkout the repository's ``experts/`` folder (their source; the folder
+#: above the package counts only where it holds the project, not in site-packages).
+_CHECKOUT = pathlib.Path(__file__).resolve().parents[2]
 _EXPERT_DIRS = (_ASSET_DIR.parent / "experts",
-                pathlib.Path(__file__).resolve().parents[2] / "experts")
+                *((_CHECKOUT / "experts",) if (_CHECKOUT / "pyproject.toml").is_file() else ()))
 
 
 def tiny_experts() -> dict[str, pathlib.Path]:
@@ -158,8 +160,9 @@ def load_tiny(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
 
     path = pathlib.Path(path) if path is not None else tiny_model_path()
     if not (path / "model.safetensors").exists():
-        raise FileNotFoundError(
-            f"no bundled model at {path}; train it with `python scripts/train_tiny_model.py`")
+        bundled = path.resolve() == tiny_model_path()
+        raise FileNotFoundError(f"no model.safetensors in {path}" + (
+            " (the bundled model's folder: reinstall t2fast)" if bundled else ""))
     model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.to(device).eval(), tokenizer

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from ..cli import add_svf_arguments, option_given, register, svf_settings
-from ..cli_types import choice_or_named, integer
+from ..cli_types import choice_or_named, integer, shipped_experts
 
 ENDPOINT_GROUP = "vllm.endpoint_plugins"
 GENERAL_GROUP = "vllm.general_plugins"
@@ -39,11 +39,18 @@ HUB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*
 
 
 def expert_entry(text: str) -> str:
-    """A ``--experts`` entry: ``PATH`` or ``NAME=PATH`` of an expert file or folder."""
-    if not Path(_named(text)[1]).exists():
-        raise argparse.ArgumentTypeError(f"expected [NAME=]PATH of an existing expert file or "
-                                         f"folder, got {text!r}")
-    return text
+    """A ``--experts`` entry: ``PATH`` or ``NAME=PATH`` of an expert file or folder; PATH may
+    be the name of an expert shipped for the bundled model (``arith`` ...)."""
+    name, path = _named(text)
+    if Path(path).exists():
+        return text
+    plain = text if name is None else text.partition("=")[2]
+    shipped = shipped_experts()
+    if plain in shipped:
+        return str(shipped[plain]) if name is None else f"{name}={shipped[plain]}"
+    known = f" or the name of a shipped expert ({', '.join(shipped)})" if shipped else ""
+    raise argparse.ArgumentTypeError(f"expected [NAME=]PATH of an existing expert file or "
+                                     f"folder{known}, got {text!r}")
 
 
 def profile_entry(text: str) -> str:
