@@ -143,3 +143,16 @@ def test_an_unload_the_workers_refuse_leaves_the_bank_as_it_was():
         assert ex.paths["math"] == "math.safetensors"
 
     asyncio.run(run())
+
+
+def test_the_server_refuses_several_api_server_processes():
+    """Each API server process would hold its own expert list: loads and unloads in one would
+    leave the others' names and salts stale."""
+    from types import SimpleNamespace
+
+    from t2fast.serve.startup import build_server
+
+    engine = SimpleNamespace(input_processor=SimpleNamespace(
+        _t2fast_frontend=FrontEnd(num_layers=4, max_experts=3)))
+    with pytest.raises(ValueError, match="2 API server processes"):
+        asyncio.run(build_server(engine, SimpleNamespace(api_server_count=2)))

@@ -229,6 +229,21 @@ def test_every_response_names_its_mixture(app, fields, mixture, expert):
         assert r.json()["model"] == "arith"
 
 
+def test_beam_search_cannot_carry_a_mixture(tmp_path):
+    """vLLM's beam search rebuilds each step's sampling parameters without the request's
+    extra arguments: a mixture would be named in x-t2-mixture and not applied."""
+    app, _ = make_app(tmp_path, adapt="classifier")
+    beams = {"model": "tiny", "prompt": "Q: 1+1=?", "use_beam_search": True}
+    for fields in ({"t2_expert": "arith"}, {"model": "arith"}, {"t2_adapt": "prompt"}):
+        refused(call(app, "POST", "/v1/completions", {**beams, **fields}), 400,
+                "use_beam_search", "cannot carry a mixture")
+    r = call(app, "POST", "/v1/completions", {**beams, "t2_expert": "base"})
+    assert r.status_code == 200 and r.headers["x-t2-mixture"] == "base"
+    r = call(app, "POST", "/v1/completions", beams)       # the server's default adapt: skipped
+    assert r.status_code == 200 and r.headers["x-t2-mixture"] == "base"
+    assert "cannot carry a mixture" in r.headers["x-t2-adapt-skipped"]
+
+
 def test_unknown_model_404_lists_base_model_and_experts(tmp_path):
     app, server = make_app(tmp_path)
     message = refused(call(app, "POST", "/v1/completions", {"model": "nope", "prompt": "x"}),

@@ -376,8 +376,13 @@ def test_salt_depends_on_mixture_and_expert_contents():
     assert s_math != fe.salt(fe.parse({"alpha": [1, 1e-3]}))
     fe.add("math", "d1-retrained")
     assert fe.salt(fe.parse({"expert": "math"})) != s_math
-    assert combine_salt("user", "t2fast-x") == "user|t2fast-x"
-    assert combine_salt(None, None) is None and combine_salt("u", None) == "u"
+    assert combine_salt(None, None) is None and combine_salt("", None) is None
+    # every salted request's salt is a digest of (client salt, mixture salt): a client cannot
+    # give a base request a mixture's salt, nor a mixture request another's
+    salts = [combine_salt(None, s_math), combine_salt(s_math, None), combine_salt("u", s_math),
+             combine_salt(f"u|{s_math}", None), combine_salt("u", None)]
+    assert len(set(salts)) == len(salts) and all(s.startswith("t2fast-") for s in salts)
+    assert combine_salt("u", s_math) == combine_salt("u", s_math)
     with pytest.raises(ValueError, match=r"holds 4 experts \(max_experts\)"):
         for i in range(3):
             fe.add(f"e{i}", "d")
@@ -477,8 +482,17 @@ def test_pipeline_parallel_fails_clearly():
                                                           tensor_parallel_size=1))
     with pytest.raises(NotImplementedError, match="pipeline_parallel_size=2"):
         check_parallel(cfg)
-    check_parallel(SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=1,
-                                                                   tensor_parallel_size=2)))
+    tp2 = SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=2)
+    check_parallel(SimpleNamespace(parallel_config=tp2, lora_config=None,
+                                   speculative_config=SimpleNamespace(
+                                       enable_adaptive_verification=False)))
+    # refused at start-up: vLLM LoRA, and adaptive draft verification (it failed the engine
+    # in its first trimmed step)
+    with pytest.raises(NotImplementedError, match="LoRA adapters"):
+        check_parallel(SimpleNamespace(parallel_config=tp2, lora_config=object()))
+    with pytest.raises(NotImplementedError, match="adaptive draft verification"):
+        check_parallel(SimpleNamespace(parallel_config=tp2, speculative_config=SimpleNamespace(
+            enable_adaptive_verification=True)))
 
 
 def front_end(raw, names=("math", "code"), num_layers=2):
@@ -532,6 +546,14 @@ def test_step_metadata_token_map_alpha_table_and_modes():
     assert rt.slot_map[:3].tolist() == [0, 1, 0] and rt.worker_stats["rejected_in_worker"] == 2
     assert float(rt.alpha.abs().max()) <= 1.0
     assert rt.stats["factored"] == 2 and rt.stats["merged"] == 1 and rt.stats["base"] == 1
+    # a request ID back with other parameters (a streamed input's next chunk, a reused ID) is
+    # read anew: it kept the mixture of its first parameters
+    specs["b"] = (True, front_end({"expert": "code"}))
+    rt.prepare_step(["b"], specs.__getitem__, [1])
+    assert rt.alpha[0, rt.slot_map[0]].tolist() == [0, 0, 0, 1]
+    specs["b"] = (False, None)
+    rt.prepare_step(["b"], specs.__getitem__, [1])
+    assert rt.mode == "base"
 
 
 def test_v2_runner_hook_steps():
@@ -613,3 +635,28 @@ def test_llm_checks_max_experts_before_the_engine(world, monkeypatch):
     with pytest.raises(Started):
         LLM(str(world / "model"), files, max_experts=1)
     assert seen["additional_config"]["t2fast"]["max_experts"] == len(plan.FILE_EXPERTS)
+
+
+def test_llm_bank_holds_the_config_files_and_the_expert_objects(monkeypatch):
+    """experts=[Expert objects] beside config=T2Config(experts=[files]): the bank was sized
+    for the objects alone, and the engine started, then failed to load them."""
+    import vllm
+
+    from t2fast.experts import load_expert
+    from t2fast.models import tiny_experts, tiny_model_path
+    from t2fast.vllm import LLM
+    from t2fast.vllm.config import CONFIG_KEY, T2Config
+
+    started = {}
+
+    class Engine:
+        def __init__(self, **kwargs):
+            started.update(kwargs)
+    monkeypatch.setattr(vllm, "LLM", Engine)
+    monkeypatch.setattr(LLM, "_find_frontend", lambda self: None)
+    monkeypatch.setattr(LLM, "load_experts", lambda self, objects: None)
+    shipped = tiny_experts()
+    LLM(tiny_model_path(), experts=[load_expert(shipped["classify"])],
+        config=T2Config(experts=[str(shipped["arith"]), str(shipped["strings"])],
+                        max_experts=2))
+    assert started["additional_config"][CONFIG_KEY]["max_experts"] == 3

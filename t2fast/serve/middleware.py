@@ -148,8 +148,16 @@ class T2Server:
             return body, Mixture(), {}
         tr = translate(body, self.experts.names, self.experts.base_names, self.config.adapt)
         headers, mixture = {}, None
+        beams = T2HTTPError("use_beam_search serves the base model: vLLM's beam search drops "
+                            "a request's extra arguments, so it cannot carry a mixture; drop "
+                            "use_beam_search or the mixture", param="use_beam_search")
+        if body.get("use_beam_search") and (tr.via_model is not None or (
+                tr.spec is not None and not self.parse(tr.spec, tr.key).is_base)):
+            raise beams
         if tr.adapt is not None:
             try:
+                if body.get("use_beam_search"):
+                    raise beams
                 new_body, spec, headers = await self.pass1(route, tr.body, tr.adapt)
                 mixture = self.parse(spec, ADAPT_KEY)   # the choice may be gone meanwhile
                 tr.body, tr.spec = new_body, spec

@@ -28,6 +28,11 @@ async def build_server(engine_client, args) -> T2Server | None:
         logger.warning("t2fast: the served model is not a t2fast model; the t2fast endpoints "
                        "are inactive")
         return None
+    servers = getattr(args, "api_server_count", None) or 1
+    if servers > 1:      # each would keep its own expert list, and they would drift apart
+        raise ValueError(f"t2fast: {servers} API server processes (--api-server-count, or its "
+                         f"data-parallel default): the experts' list and the loads and unloads "
+                         f"live in one; run one API server (--api-server-count 1)")
     vllm_config = engine_client.vllm_config
     cfg = ServeConfig.from_vllm_config(vllm_config)
     base_names = list(args.served_model_name or [args.model])

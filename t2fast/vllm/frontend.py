@@ -197,9 +197,14 @@ class FrontEnd:
 
 
 def combine_salt(user_salt: str | None, t2_salt: str | None) -> str | None:
-    if t2_salt is None:
-        return user_salt
-    return t2_salt if not user_salt else f"{user_salt}|{t2_salt}"
+    """A request's prefix-cache salt: None for a base request without a salt of its own (the
+    base model's blocks are shared), else a digest of the pair. No salt a client sends can
+    therefore equal a mixture's (a base request salted ``t2fast-...`` would have stored base
+    KV under that mixture's salt, and the other way round)."""
+    if not user_salt and t2_salt is None:
+        return None
+    pair = json.dumps([user_salt or None, t2_salt]).encode()
+    return "t2fast-" + hashlib.sha256(pair).hexdigest()[:32]
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,9 +260,7 @@ def install_input_processor_hook() -> None:
             else:
                 extra[REQUEST_KEY] = mixture.envelope()
             sp.extra_args = extra or None
-        salt = fe.salt(mixture)
-        if salt is not None:
-            request.cache_salt = combine_salt(request.cache_salt, salt)
+        request.cache_salt = combine_salt(request.cache_salt, fe.salt(mixture))
         return request
 
     process_inputs._t2fast_hook = True

@@ -136,7 +136,8 @@ class LLM:
         given = kwargs.get("max_experts")
         cfg = T2Config.build(kwargs.get("config"), **({} if given is None else
                                                       {"max_experts": given}))  # checks it
-        kwargs["max_experts"] = max(cfg.max_experts, len(experts))
+        # the bank holds the files (these, else the config's) and the objects loaded after
+        kwargs["max_experts"] = max(cfg.max_experts, len(files or cfg.experts) + len(objects))
         args = engine_args(str(model), files, targets, layers, **kwargs)
         with startup_errors():
             self.llm = VLLM(**args)

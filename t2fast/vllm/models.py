@@ -19,13 +19,25 @@ from .runner import RUNTIME_ATTR, T2Runtime, install_runner_hooks
 
 
 def check_parallel(vllm_config) -> None:
-    """Tensor parallelism is supported (see :mod:`t2fast.vllm.layers`); pipeline parallelism is
-    not verified, so it is refused rather than left to chance."""
+    """Refuse, at start-up, what t2fast does not combine with: pipeline parallelism (not
+    verified; tensor parallelism is supported, see :mod:`t2fast.vllm.layers`), vLLM's LoRA
+    adapters (their deltas would bypass t2fast's layers and KV checks), and speculative
+    decoding with adaptive draft verification (a step's per-request token counts are then not
+    on the host, which every per-request mixture needs: refused in the first such step, it
+    failed every request in flight)."""
     pp = int(getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1) or 1)
     if pp > 1:
         raise NotImplementedError(
             f"t2fast: pipeline_parallel_size={pp} is not supported; use tensor parallelism "
             f"(tensor_parallel_size) to split the model")
+    if getattr(vllm_config, "lora_config", None) is not None:
+        raise NotImplementedError("t2fast: vLLM's LoRA adapters (--enable-lora) are not "
+                                  "combined with t2fast's experts; serve one or the other")
+    spec = getattr(vllm_config, "speculative_config", None)
+    if getattr(spec, "enable_adaptive_verification", False):
+        raise NotImplementedError("t2fast: speculative decoding with adaptive draft "
+                                  "verification is not supported (per-request mixtures need "
+                                  "each request's token count on the host); turn it off")
 
 
 @reports_startup_errors

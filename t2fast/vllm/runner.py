@@ -142,9 +142,13 @@ class T2Runtime(SVFRuntime):
         return None if missing else alpha
 
     def _request_mixture(self, req_id, raw_of):
-        if req_id in self._req:
-            return self._req[req_id]
+        """α of a request (None: the base model), placed once per spec object: a request ID
+        that comes back with other parameters (a streamed input's next chunk, an ID reused
+        after its request finished) is read anew."""
         present, raw = raw_of(req_id)
+        hit = self._req.get(req_id)
+        if hit is not None and hit[0] is raw:
+            return hit[1]
         mixture = Mixture()
         if present:
             try:
@@ -155,7 +159,8 @@ class T2Runtime(SVFRuntime):
                 self.worker_stats["rejected_in_worker"] += 1
                 logger.error("t2fast: request %s: %s; serving it with the base model", req_id,
                              exc)
-        alpha = self._req[req_id] = self.place_request(mixture)
+        alpha = self.place_request(mixture)
+        self._req[req_id] = (raw, alpha)
         return alpha
 
     def prepare_step(self, req_ids, raw_of, num_scheduled_tokens) -> None:
