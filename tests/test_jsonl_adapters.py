@@ -117,6 +117,22 @@ def test_humaneval_scoring(allow_code):
     assert task.score(even.answer, even).correct
 
 
+@pytest.mark.parametrize("escape", ["import sys\nsys.exit(0)", "exit()", "raise SystemExit",
+                                    "import os\nos._exit(0)",
+                                    "import atexit, os\natexit.register(os._exit, 0)"])
+def test_code_that_exits_before_the_tests_end_fails(allow_code, escape):
+    """Exit status 0 alone passed code that left before (or in spite of) the tests: an RL
+    reward for exiting early."""
+    mbpp = MBPPTask(FIX / "mbpp_sample.jsonl", split="test")
+    add = mbpp.examples("test")[0]
+    assert not mbpp.score(f"def add(a, b):\n    return 0\n{escape}\n", add).correct
+    humaneval = HumanEvalTask(FIX / "humaneval_sample.jsonl", split="test")
+    double = humaneval.examples("test")[0]
+    body = "\n".join("    " + line for line in escape.splitlines())
+    assert not humaneval.score(f"{body}\n", double).correct
+    assert humaneval.score(double.answer, double).correct
+
+
 def test_humaneval_timeout(allow_code):
     task = HumanEvalTask(FIX / "humaneval_sample.jsonl", split="test")
     task.timeout = 2.0

@@ -27,6 +27,7 @@ import json
 import os
 import pathlib
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -275,17 +276,19 @@ def check_code_execution_allowed(kind: str) -> None:
                          f"a throw-away machine)")
 
 
-def run_python(program: str, timeout: float = 10.0) -> bool:
+def run_python(program: str, timeout: float = 10.0, must_print: str | None = None) -> bool:
     """Run ``program`` in a fresh, isolated Python process (its own process group) in a
-    temporary folder; True when it exits with status 0 within ``timeout`` seconds. The whole
-    process group is killed afterwards, so nothing it started in that group outlives the call
-    (POSIX; a process that leaves the group, by ``setsid`` or a double fork, escapes)."""
+    temporary folder; True when it exits with status 0 within ``timeout`` seconds (and, with
+    ``must_print``, wrote that text to its standard output). The whole process group is killed
+    afterwards, so nothing it started in that group outlives the call (POSIX; a process that
+    leaves the group, by ``setsid`` or a double fork, escapes)."""
     with tempfile.TemporaryDirectory() as tmp:
-        file = pathlib.Path(tmp) / "program.py"
+        file, out = pathlib.Path(tmp) / "program.py", pathlib.Path(tmp) / "stdout"
         file.write_text(program, encoding="utf-8")
-        proc = subprocess.Popen([sys.executable, "-I", str(file)], cwd=tmp,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                stdin=subprocess.DEVNULL, start_new_session=os.name == "posix")
+        with out.open("wb") as sink:
+            proc = subprocess.Popen([sys.executable, "-I", str(file)], cwd=tmp, stdout=sink,
+                                    stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                    start_new_session=os.name == "posix")
         try:
             returncode = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -299,7 +302,11 @@ def run_python(program: str, timeout: float = 10.0) -> bool:
             else:
                 proc.kill()
             proc.wait()
-    return returncode == 0
+        if returncode != 0 or must_print is None:
+            return returncode == 0
+        with out.open("rb") as f:       # its last 64 KiB: enough for the line, whatever it
+            f.seek(max(0, out.stat().st_size - (64 << 10)))    # printed before
+            return must_print.encode() in f.read()
 
 
 class _CodeTask(JsonlTask):
@@ -318,13 +325,19 @@ class _CodeTask(JsonlTask):
         return code if code.strip() else None
 
     def score(self, generation: str, example: Example) -> ScoreResult:
+        """Correct when the program (the code, then the tests) runs to its end: a line the
+        harness prints after the last test, unknown to the code, must appear (exit status 0
+        alone passed code that exits early: ``sys.exit(0)``, ``os._exit(0)``, ``raise
+        SystemExit`` in the function under test)."""
         code = self.extract(generation, example)
         if code is None:
             return ScoreResult(False, False, None)
         program = self.program(code, example)
         if not compiles(program):
             return ScoreResult(False, False, code)
-        return ScoreResult(run_python(program, self.timeout), True, code)
+        done = f"t2fast-tests-passed-{secrets.token_hex(16)}"
+        return ScoreResult(run_python(f"{program}\nprint({done!r})\n", self.timeout, done),
+                           True, code)
 
 
 class MBPPTask(_CodeTask):
