@@ -49,6 +49,7 @@ def test_gsm8k_examples_and_references():
     (2, "It is 7 degrees", False, True),
     (3, "2.5 * 4 = 10.0", True, True),
     (0, "so 7 in all.\n\nQ: Tom has 5 apples", True, True),   # the next question it writes
+    (0, "He has 7 apples.\nQuestion: Sara has 2 pens", True, True),     # in another form
 ])
 def test_gsm8k_scoring(i, gen, correct, parsable):
     task = GSM8KTask(FIX / "gsm8k_sample.jsonl", split="test")
@@ -105,6 +106,8 @@ def test_mbpp_scoring(allow_code):
     assert not r.parsable and not r.correct
     assert not task.score("", add).parsable
     assert task.score("def rev(s):\n    return ''.join(reversed(s))", rev).correct
+    # the next question the model goes on to write is not code
+    assert task.score("def add(a, b):\n    return a + b\n\nQ: Write a function", add).correct
 
 
 def test_humaneval_scoring(allow_code):

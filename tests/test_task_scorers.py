@@ -168,6 +168,12 @@ def test_parse_number(text, value):
     ("The answer is 1,250 dollars. Check: 1250 = 1000 + 250", "1,250"),
     ("The answer is: $-12.", "-12"),
     ("no number here", None),
+    # a marker followed by words is no answer: the last number is (it took the first after it)
+    ("Answer: Tom has 3 apples and buys 4 more, so he has 7.", "7"),
+    ("The answer is found by adding 3 and 4, which gives 7.", "7"),
+    ("The answer isn't 8; 3 + 4 = 7. So 7.", "7"),
+    ("The answer is -$5.", "-5"), ("The answer is \u20135", "-5"),   # sign forms (was 5)
+    ("Between 3\u20135 of them; the answer is 4", "4"),
 ])
 def test_last_number(gen, expected):
     assert extract_last_number(gen) == expected

@@ -59,15 +59,22 @@ def extract_short_number(generation: str) -> str | None:
     return nums[0] if nums else None
 
 
+#: A sign written before a currency sign or as a dash (``-$5``, ``–5``): read as a minus.
+_SIGN_FORMS = re.compile(r"(?<![\w.])(?:[-\u2212\u2013]\s?\$|\u2013)(?=\d)")
+
+
 def extract_last_number(generation: str) -> str | None:
-    """GSM8K-style extraction (the paper's math scorer): the number after the last
-    "The answer is" marker if present, else the last number anywhere in the generation."""
-    marked = after_answer_marker(generation)
+    """GSM8K-style extraction (the paper's math scorer): the number right after the last
+    "The answer is" / "answer:" marker (``$`` and spaces between them allowed), else the last
+    number anywhere in the generation (a marker followed by words, "the answer is found by
+    adding 3 and 4: 7", does not take the first number after it)."""
+    text = _SIGN_FORMS.sub("-", generation)
+    marked = after_answer_marker(text)
     if marked is not None:
-        nums = find_numbers(marked)
-        if nums:
-            return nums[0]
-    nums = find_numbers(generation)
+        first = _NUMBER.match(marked.lstrip(" $"))
+        if first:
+            return first.group(0)
+    nums = find_numbers(text)
     return nums[-1] if nums else None
 
 

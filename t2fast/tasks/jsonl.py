@@ -155,10 +155,15 @@ class JsonlTask(Task):
         return len(self._examples)
 
 
+#: Where a generation goes on to write another question: the prompt template's ``Q:``, or
+#: the ``Question:`` many models write.
+_NEXT_QUESTION = re.compile(r"\n(?:" + re.escape(QUESTION_PREFIX.rstrip()) + r"|Question:)")
+
+
 def own_answer(generation: str) -> str:
     """A generation up to the next question it goes on to write (``"\nQ:"`` of the prompt
-    template): what follows answers another question, not this one."""
-    return generation.split("\n" + QUESTION_PREFIX.rstrip(), 1)[0]
+    template, or ``"\nQuestion:"``): what follows answers another question, not this one."""
+    return _NEXT_QUESTION.split(generation, maxsplit=1)[0]
 
 
 # --------------------------------------------------------------------------------- GSM8K
@@ -321,7 +326,7 @@ class _CodeTask(JsonlTask):
         raise NotImplementedError
 
     def extract(self, generation: str, example: Example | None = None) -> str | None:
-        code = extract_code(generation)
+        code = extract_code(own_answer(generation))   # not the next question it writes
         return code if code.strip() else None
 
     def score(self, generation: str, example: Example) -> ScoreResult:
