@@ -64,6 +64,22 @@ def test_arc_both_layouts():
     assert "B) the Sun" in exs[0].prompt and "C) salt" in exs[1].prompt
     assert exs[2].meta["labels"] == ["1", "2", "3", "4"]
     assert exs[3].meta["labels"][-1] == "E"
+    assert exs[0].prompt.endswith("Answer with the letter of the correct option.\nA: ")
+    assert exs[2].prompt.endswith("Answer with the number of the correct option.\nA: ")
+
+
+def test_arc_option_text_with_a_capital_letter_is_that_option(tmp_path):
+    """ "vitamin D" is option B's text, not label D."""
+    f = tmp_path / "a.jsonl"
+    f.write_text(json.dumps({"id": "v", "question": "Which vitamin does sunlight make?",
+                             "choices": {"label": list("ABCD"), "text": [
+                                 "vitamin A", "vitamin D", "vitamin C", "vitamin K"]},
+                             "answerKey": "B"}) + "\n")
+    task = ARCTask(f, split="test")
+    ex = task.examples("test")[0]
+    for gen in ("vitamin D", "The answer is vitamin D.", "Vitamin d"):
+        assert task.score(gen, ex).correct, gen
+    assert not task.score("vitamin C", ex).correct
 
 
 @pytest.mark.parametrize("i,gen,correct,parsable", [
@@ -81,6 +97,8 @@ def test_arc_both_layouts():
     (1, "A is right", True, True),            # option A, no other label
     (0, "Answer: b", True, True),             # a lower-case label after the marker
     (0, "B\nQ: Which is A) big", True, True),  # the next question it writes is not its answer
+    (0, "The Sun", True, True), (0, "The answer is the Sun.", True, True),   # text, any case
+    (2, "B", True, True), (2, "The answer is B", True, True),   # the second of options 1-4
 ])
 def test_arc_scoring(i, gen, correct, parsable):
     task = ARCTask(FIX / "arc_sample.jsonl", split="test")

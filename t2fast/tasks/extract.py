@@ -85,7 +85,8 @@ def numbers_equal(a: str | None, b: str | None) -> bool:
     return x is not None and y is not None and x == y
 
 
-_WORD_STRIP = "\"'`.,;:!?()[]{}"
+#: Punctuation around a one-word answer.
+WORD_STRIP = "\"'`.,;:!?()[]{}"
 #: After a bare "A": a lower-case word that makes it the article ("A good choice is C"), not
 #: a verb or conjunction that makes it option A ("A is correct", "A or B").
 _ARTICLE = re.compile(r" (?!(?:is|was|seems|looks|appears|would|should|could|must|might|"
@@ -100,7 +101,7 @@ def extract_word(generation: str) -> str | None:
     if marked is not None:
         line = marked
     for token in line.split():
-        token = token.strip(_WORD_STRIP)
+        token = token.strip(WORD_STRIP)
         if token:
             return token
     return None
@@ -132,7 +133,7 @@ def extract_choice(generation: str, labels: str | list[str] = "ABCD",
             if m and m.group(1).upper() in by_upper:
                 return by_upper[m.group(1).upper()]
     if option_texts is not None:
-        stripped = text.strip().strip(_WORD_STRIP)
+        stripped = text.strip().strip(WORD_STRIP)
         for label, option in zip(labels, option_texts):
             if stripped and stripped == str(option).strip():
                 return label

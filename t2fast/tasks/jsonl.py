@@ -36,7 +36,8 @@ from typing import Any, Iterable
 
 from .base import (DEFAULT_SEED, PROMPT_TEMPLATE, QUESTION_PREFIX, Example, ScoreResult, Task,
                    check_split, split_of)
-from .extract import extract_choice, extract_last_number, numbers_equal
+from .extract import (WORD_STRIP, after_answer_marker, extract_choice, extract_last_number,
+                      numbers_equal)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -119,8 +120,11 @@ class JsonlTask(Task):
             self._examples.append(ex)
 
     # -- conversion -----------------------------------------------------------------------
-    def to_example(self, question: str, answer: str, meta: dict[str, Any]) -> Example:
-        text = question + (("\n" + self.instruction) if self.instruction else "")
+    def to_example(self, question: str, answer: str, meta: dict[str, Any],
+                   instruction: str | None = None) -> Example:
+        """``instruction``: this example's, instead of the task's :attr:`instruction`."""
+        instruction = self.instruction if instruction is None else instruction
+        text = question + (("\n" + instruction) if instruction else "")
         return Example(prompt=self.template.format(question=text), answer=answer,
                        family=self.family, question=question, meta=meta)
 
@@ -231,13 +235,26 @@ class ARCTask(JsonlTask):
             raise ValueError(f"ARC record {record.get('id')!r}: answerKey {key!r} not among "
                              f"{labels}")
         options = "\n".join(f"{l}) {t}" for l, t in zip(labels, texts))
+        digits = all(l.isdigit() for l in labels)
         return self.to_example(f"{stem}\n{options}", key,
-                               {"labels": labels, "options": texts, "id": record.get("id")})
+                               {"labels": labels, "options": texts, "id": record.get("id")},
+                               self.instruction.replace("letter", "number") if digits else None)
 
     def extract(self, generation: str, example: Example | None = None) -> str | None:
+        """The option the answer names: its whole answer (after an "answer is" marker, if
+        any) as a label, as an option's text (any case: "vitamin D" is not option D), or, with
+        numbered options, as a letter (B: the second); else the first label it names."""
         labels = example.meta["labels"] if example is not None else list("ABCDE")
         texts = example.meta["options"] if example is not None else None
         generation = own_answer(generation)
+        said = (after_answer_marker(generation) or generation).strip().strip(WORD_STRIP)
+        said = said.split("\n", 1)[0].strip().strip(WORD_STRIP).casefold()
+        by_label = {l.casefold(): l for l in labels}
+        if all(l.isdigit() for l in labels):      # "B" for the second of options 1-4
+            by_label.update({chr(ord("a") + i): l for i, l in enumerate(labels)})
+        by_text = {str(t).strip().casefold(): l for l, t in zip(labels, texts or [])}
+        if said in by_label or said in by_text:
+            return by_label.get(said) or by_text[said]
         got = extract_choice(generation, labels, None, whole=True)
         if got is None and texts is not None:
             got = extract_choice(generation, labels, texts, whole=False)
