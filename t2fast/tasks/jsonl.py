@@ -1,16 +1,18 @@
 """Adapters for real data sets supplied by the user as JSONL files (nothing is downloaded).
 
 * ``GSM8KTask``: records ``{"question", "answer"}`` where the answer ends in ``#### N``. A
-  generation is scored like the paper's math evaluation: the number after the last "The answer
-  is", else the last number in the text, compared numerically.
+  generation is scored like the paper's math evaluation: the number right after the last "The
+  answer is", else the last number in the text, compared numerically.
 * ``ARCTask``: records in the Hugging Face layout ``{"question", "choices": {"text", "label"},
   "answerKey"}`` or the original one ``{"question": {"stem", "choices": [{"text", "label"}]},
-  "answerKey"}``. The answer is the option label; "the answer is X" wins, else the first
-  standalone label, else an option's full text.
+  "answerKey"}``. The answer is the option label: the whole answer (after "the answer is", if
+  any) as a label or as an option's text (any case; with numbered options a letter names the
+  option at its position), else the first standalone label, else an option's full text.
 * ``MBPPTask`` (``{"text", "code", "test_list", "test_setup_code"}``) and ``HumanEvalTask``
   (``{"prompt", "entry_point", "canonical_solution", "test"}``): the code of a generation (the
   first fenced code block, else the whole text) is run against the tests in a separate Python
-  process with a time limit; unparsable means no code that compiles. That runs model-written
+  process with a time limit, and passes when it runs past the last test (exiting early is a
+  failure); unparsable means no code that compiles. That runs model-written
   code on this machine, outside any sandbox (a temporary folder, a time limit, the process
   group killed afterwards): these tasks refuse to load unless ``T2FAST_ALLOW_CODE_EXECUTION=1``
   is set (run them in a container or a throw-away machine).
