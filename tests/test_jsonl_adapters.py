@@ -304,3 +304,28 @@ def test_code_tasks_may_repeat_a_question_with_another_solution(tmp_path, allow_
     path.write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "code": "add = int.__add__"})
                     + "\n")
     assert len(MBPPTask(path, split="test")) == 2
+
+
+def test_code_answers_in_the_forms_models_write(allow_code, tmp_path):
+    """A fence written ``` python; a HumanEval completion followed by the model's own main
+    block or a cut-off helper (the official stop sequences end it); a program's __main__
+    block; the sanitized MBPP layout (prompt, test_imports)."""
+    mbpp = MBPPTask(FIX / "mbpp_sample.jsonl", split="test")
+    add = mbpp.examples("test")[0]
+    assert mbpp.score("``` python\ndef add(a, b):\n    return a + b\n```", add).correct
+    assert mbpp.score("def add(a, b):\n    return a + b\nif __name__ == '__main__':\n"
+                      "    print(add(int(input()), 1))\n", add).correct
+    humaneval = HumanEvalTask(FIX / "humaneval_sample.jsonl", split="test")
+    double = humaneval.examples("test")[0]
+    for tail in ("\n\n\ndef main():\n    print(double(", "\nif __name__ == '__main__':\n"
+                 "    x = int(input())\n"):
+        assert humaneval.score(double.answer + tail, double).correct, tail
+    f = tmp_path / "sanitized.jsonl"
+    f.write_text(json.dumps({"task_id": 1, "prompt": "Write a function for the area of a "
+                             "circle.", "code": "import math\ndef area(r):\n    return "
+                             "math.pi * r * r", "test_imports": ["import math"],
+                             "test_list": ["assert math.isclose(area(1), math.pi)"]}) + "\n")
+    task = MBPPTask(f, split="test")
+    ex = task.examples("test")[0]
+    assert ex.question.startswith("Write a function for the area of a circle.")
+    assert task.score("def area(r):\n    return 3.141592653589793 * r * r", ex).correct

@@ -8,7 +8,8 @@
   "answerKey"}``. The answer is the option label: the whole answer (after "the answer is", if
   any) as a label or as an option's text (any case; with numbered options a letter names the
   option at its position), else the first standalone label, else an option's full text.
-* ``MBPPTask`` (``{"text", "code", "test_list", "test_setup_code"}``) and ``HumanEvalTask``
+* ``MBPPTask`` (``{"text", "code", "test_list", "test_setup_code"}``, or the sanitized layout's
+  ``{"prompt", "code", "test_list", "test_imports"}``) and ``HumanEvalTask``
   (``{"prompt", "entry_point", "canonical_solution", "test"}``): the code of a generation (the
   first fenced code block, else the whole text) is run against the tests in a separate Python
   process with a time limit, and passes when it runs past the last test (exiting early is a
@@ -270,7 +271,10 @@ class ARCTask(JsonlTask):
 
 
 # ------------------------------------------------------------------------- MBPP / HumanEval
-_FENCE = re.compile(r"```(?:[A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+_FENCE = re.compile(r"```[ \t]*(?:[A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+#: Where a HumanEval completion ends: the official harness's stop sequences (a new top-level
+#: statement after the function body).
+_COMPLETION_END = re.compile(r"\n(?=def |class |if |print|#)")
 
 
 def extract_code(generation: str) -> str:
@@ -302,7 +306,9 @@ def check_code_execution_allowed(kind: str) -> None:
 
 def run_python(program: str, timeout: float = 10.0, must_print: str | None = None) -> bool:
     """Run ``program`` in a fresh, isolated Python process (its own process group) in a
-    temporary folder; True when it exits with status 0 within ``timeout`` seconds (and, with
+    temporary folder, as a module not named ``__main__`` (a generation's ``if __name__ ==
+    "__main__":`` block, often reading input, does not run); True when it exits with status 0
+    within ``timeout`` seconds (and, with
     ``must_print``, wrote that text to its standard output). The whole process group is killed
     afterwards, so nothing it started in that group outlives the call (POSIX; a process that
     leaves the group, by ``setsid`` or a double fork, escapes)."""
@@ -310,7 +316,8 @@ def run_python(program: str, timeout: float = 10.0, must_print: str | None = Non
         file, out = pathlib.Path(tmp) / "program.py", pathlib.Path(tmp) / "stdout"
         file.write_text(program, encoding="utf-8")
         with out.open("wb") as sink:
-            proc = subprocess.Popen([sys.executable, "-I", str(file)], cwd=tmp, stdout=sink,
+            run = f"import runpy; runpy.run_path({str(file)!r}, run_name='__t2fast__')"
+            proc = subprocess.Popen([sys.executable, "-I", "-c", run], cwd=tmp, stdout=sink,
                                     stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                                     start_new_session=os.name == "posix")
         try:
@@ -372,10 +379,14 @@ class MBPPTask(_CodeTask):
         tests = field_of(record, "test_list", list)
         if not all(isinstance(t, str) for t in tests):
             raise ValueError("field 'test_list' must hold strings (assert statements)")
-        question = (f"{field_of(record, 'text').strip()}\nYour code should pass this test:\n"
-                    f"{tests[0]}")
+        imports = record.get("test_imports") or []        # the sanitized layout's
+        if not (isinstance(imports, list) and all(isinstance(i, str) for i in imports)):
+            raise ValueError("field 'test_imports' must hold strings (import statements)")
+        text = field_of(record, "text" if "text" in record else "prompt")   # sanitized: prompt
+        question = f"{text.strip()}\nYour code should pass this test:\n{tests[0]}"
+        setup = "\n".join([*imports, record.get("test_setup_code", "") or ""])
         return self.to_example(question, record.get("code", ""),
-                               {"tests": tests, "setup": record.get("test_setup_code", "") or "",
+                               {"tests": tests, "setup": setup,
                                 "task_id": record.get("task_id")})
 
     def program(self, code: str, example: Example) -> str:
@@ -401,8 +412,8 @@ class HumanEvalTask(_CodeTask):
         entry = example.meta["entry_point"]
         if re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE):
             body = example.meta["code_prompt"] + "\n" + code  # a whole function (redefines it)
-        else:
-            body = example.meta["code_prompt"] + code        # a completion of the prompt
+        else:                                            # a completion of the prompt
+            body = example.meta["code_prompt"] + _COMPLETION_END.split(code, maxsplit=1)[0]
         return f"{body}\n\n{example.meta['test']}\n\ncheck({entry})\n"
 
 
