@@ -5,6 +5,7 @@ the MODEL argument; and the server's own errors printed with one "t2fast serve:"
 No test starts vLLM: the start is replaced by a failure (:func:`no_start`)."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -134,6 +135,8 @@ def test_the_server_error_is_printed_with_one_prefix(capsys, monkeypatch):
     monkeypatch.setattr(serve_cli, "check_plugins_installed", lambda: None)
     monkeypatch.setattr(serve_cli, "allowlist_plugins", lambda: None)
     monkeypatch.setattr(serve_cli, "vllm_arguments", start)
+    monkeypatch.setattr(serve_cli, "vllm_parser",             # runs without vLLM too
+                        lambda: argparse.ArgumentParser(add_help=False))
     assert cli.main(["serve", "tiny", "--experts", ARITH]) == 2
     err = capsys.readouterr().err
     assert "t2fast serve: error: the classifier 'classify' is not among" in err, err
